@@ -1,0 +1,534 @@
+"""The ``agent`` command line: thin over the library.
+
+Every command takes ``--json`` (one JSON object on stdout, for scripts) and
+``--config``. Errors are mapped to exit codes in one place, ``main``, from the
+``exit_code`` on each error class (see the README's table).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agent import __version__
+from agent.config import AgentConfig, default_user, load_config
+from agent.errors import AgentError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+class _Ctx:
+    """What the group passes to its commands."""
+
+    def __init__(self) -> None:
+        self.config_path: Path | None = None
+        self.json = False
+        self.verbose = 0
+        self._config: AgentConfig | None = None
+
+    @property
+    def config(self) -> AgentConfig:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+            from agent.log import configure_logging
+
+            configure_logging(
+                self._config.log.model_copy(
+                    update={"console_level": "debug" if self.verbose > 1 else "info"}
+                )
+                if self.verbose
+                else self._config.log,
+                self._config.paths.state_dir,
+            )
+        return self._config
+
+
+_state = _Ctx()
+
+
+def _json_option(fn: F) -> F:
+    def set_json(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            _state.json = True
+        return value
+
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        expose_value=False,
+        callback=set_json,
+        is_eager=True,
+        help="Print one JSON object on stdout (for scripts).",
+    )(fn)
+
+
+def _emit(data: dict[str, Any], text: str | None = None) -> None:
+    """Print ``data`` as JSON in --json mode, else ``text``."""
+    if _state.json:
+        click.echo(json.dumps(data, default=str, indent=None))
+    elif text is not None:
+        click.echo(text)
+
+
+@contextmanager
+def _progress(enabled: bool = True) -> Iterator[Callable[[str, int], None] | None]:
+    """A progress slot: a rich bar on a terminal, plain lines otherwise, nothing in --json."""
+    if not enabled or _state.json:
+        yield None
+        return
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        bars: dict[str, Any] = {}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            transient=False,
+            console=None,
+        ) as prog:
+
+            def on_progress(message: str, pct: int) -> None:
+                if message not in bars:
+                    bars[message] = prog.add_task(message, total=100)
+                prog.update(bars[message], completed=pct)
+
+            yield on_progress
+        return
+    last: dict[str, int] = {}
+
+    def plain(message: str, pct: int) -> None:
+        step = pct // 10
+        if last.get(message) != step:
+            last[message] = step
+            click.echo(f"{message}: {pct}%", err=True)
+
+    yield plain
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agent")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file (default: $AGENT_CONFIG, else built-in defaults on a local folder store).",
+)
+@click.option("-v", "--verbose", count=True, help="Log to the console too (-vv: debug).")
+def cli(config_path: Path | None, verbose: int) -> None:
+    """Edit plant-design project stages kept in S3/R2, safely.
+
+    \b
+    agent open PROJEKT --user NAME --stage STAGE   lock, download, start the background agent
+    agent status                                   what is open, pending changes, errors
+    agent close                                    send the rest, commit, release the lock
+    agent abort                                    discard the session, release the lock
+    agent flush | doctor | lock show | lock unlock
+    """
+    _state.config_path = config_path
+    _state.verbose = verbose
+
+
+def _session_cls() -> Any:
+    from agent.session import PlantDesignSession
+
+    return PlantDesignSession
+
+
+@cli.command("open")
+@click.argument("projekt_id")
+@click.option("--user", default=None, help="Who edits (default: your login name).")
+@click.option("--stage", required=True, help="The stage to edit, e.g. planning.")
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Take the lock from yourself on another machine, or from a holder whose "
+    "heartbeat is stale (appears gone).",
+)
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Keep the agent attached to this terminal; Ctrl-C closes the session cleanly.",
+)
+@_json_option
+def open_cmd(
+    projekt_id: str, user: str | None, stage: str, take_over: bool, foreground: bool
+) -> None:
+    """Open an editing session: lock the stage, download it, start the background agent.
+
+    Prints the working folder. The background agent watches it and streams every
+    saved change to the store until `agent close` or `agent abort`.
+    """
+    config = _state.config
+    session = _session_cls()(config)
+    with _progress() as slot:
+        if slot is not None:
+            session.progress.connect(slot)
+        path = session.open(
+            projekt_id, user or default_user(), stage, take_over=take_over, watch=foreground
+        )
+    record = session.record
+    info = {
+        "path": str(path),
+        "projekt_id": projekt_id,
+        "stage": stage,
+        "session_id": record.session_id,
+        "state": "active",
+    }
+    if foreground:
+        _run_foreground(session, info)
+        return
+    session.detach()
+    from agent.daemon import spawn_agent
+
+    try:
+        record = spawn_agent(_state.config_path, record.session_id, config.paths.state_dir)
+    except AgentError:
+        # Nothing was edited yet: discard rather than leave a lock with no agent.
+        _session_cls().attach(config, session_id=record.session_id, to_discard=True).abort()
+        raise
+    info["agent_pid"] = record.agent_pid
+    _emit(info, str(path))
+
+
+def _run_foreground(session: Any, info: dict[str, Any]) -> None:
+    from agent.daemon import AgentServer
+
+    server = AgentServer(session, _state.config)
+    server.start()
+    _emit(info, f"{info['path']}\nwatching; Ctrl-C closes the session")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+        if not session.is_closed:
+            click.echo("closing ...", err=True)
+            report = session.close()
+            _emit({**report.as_dict(), "state": "closed"}, _close_text(report.as_dict()))
+
+
+@cli.command("_serve", hidden=True)
+@click.argument("session_id")
+def serve_cmd(session_id: str) -> None:
+    """Run the background agent of SESSION_ID (started by `agent open`)."""
+    from agent.daemon import AgentServer
+
+    config = _state.config
+    session = _session_cls().attach(config, session_id=session_id)
+    session.install_crash_handler()
+    session.start_streaming()
+    server = AgentServer(session, config)
+    server.start()
+    server.serve_forever()
+
+
+def _client(projekt_id: str | None, stage: str | None) -> Any:
+    from agent.daemon import AgentClient
+    from agent.records import SessionStore
+
+    config = _state.config
+    record = SessionStore(config.paths.state_dir).find_one(projekt_id, stage)
+    return AgentClient(record, config.paths.state_dir)
+
+
+def _close_text(report: dict[str, Any]) -> str:
+    return (
+        f"closed: {len(report['uploaded'])} uploaded, {len(report['deleted'])} deleted "
+        f"({report['bytes_uploaded']} bytes) in {report['seconds']:.1f}s"
+    )
+
+
+@cli.command("close")
+@click.argument("projekt_id", required=False)
+@click.option("--stage", default=None, help="Which session, when several are open.")
+@click.option(
+    "--allow-mass-delete",
+    is_flag=True,
+    help="Commit even if more than half of the stage's files were deleted.",
+)
+@_json_option
+def close_cmd(projekt_id: str | None, stage: str | None, allow_mass_delete: bool) -> None:
+    """Send what is left, commit the session and release the lock."""
+    client = _client(projekt_id, stage)
+    with _progress() as slot:
+        report = client.call(
+            "close", {"allow_mass_delete": allow_mass_delete}, on_progress=slot
+        )
+    _emit({**report, "state": "closed"}, _close_text(report))
+
+
+@cli.command("flush")
+@click.argument("projekt_id", required=False)
+@click.option("--stage", default=None, help="Which session, when several are open.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
+@_json_option
+def flush_cmd(projekt_id: str | None, stage: str | None, timeout: float) -> None:
+    """Wait until every saved change is in the store (nothing pending)."""
+    result = _client(projekt_id, stage).call("flush", {"timeout": timeout})
+    _emit(result, "flushed: nothing pending" if result["flushed"] else "still pending after timeout")
+    if not result["flushed"]:
+        raise click.exceptions.Exit(10)
+
+
+@cli.command("abort")
+@click.argument("projekt_id", required=False)
+@click.option("--stage", default=None, help="Which session, when several are open.")
+@_json_option
+def abort_cmd(projekt_id: str | None, stage: str | None) -> None:
+    """Discard the session's changes and release the lock."""
+    from agent.errors import AgentUnreachableError
+    from agent.platform import pid_alive
+
+    client = _client(projekt_id, stage)
+    record = client.record
+    try:
+        client.call("abort")
+    except AgentUnreachableError:
+        if record.agent_pid is not None and pid_alive(record.agent_pid):
+            raise
+        # The agent is gone; discarding needs no agent.
+        _session_cls().attach(_state.config, session_id=record.session_id, to_discard=True).abort()
+    _emit(
+        {"session_id": record.session_id, "state": "closed", "aborted": True},
+        f"aborted {record.projekt_id}/{record.stage}: changes discarded, lock released",
+    )
+
+
+@cli.command("status")
+@_json_option
+def status_cmd() -> None:
+    """Sessions open on this machine: state, lock, pending changes, last upload, errors."""
+    from agent.daemon import AgentClient
+    from agent.records import SessionStore
+
+    config = _state.config
+    rows: list[dict[str, Any]] = []
+    for r in SessionStore(config.paths.state_dir).all():
+        row: dict[str, Any] = {
+            "session_id": r.session_id,
+            "projekt_id": r.projekt_id,
+            "stage": r.stage,
+            "user": r.user,
+            "machine": r.machine,
+            "phase": r.phase,
+            "path": str(r.work_path),
+            "since": r.created_at.isoformat(),
+            "agent_pid": r.agent_pid,
+            "last_error": r.last_error,
+        }
+        try:
+            row.update(AgentClient(r, config.paths.state_dir).call("status"))
+            row["agent"] = "running"
+        except AgentError as exc:
+            row["agent"] = "not running"
+            row["agent_error"] = exc.format_message()
+        rows.append(row)
+    lines = [f"store: {_store_label(config)}"]
+    if not rows:
+        lines.append("no open sessions")
+    for row in rows:
+        lines.append(
+            f"{row['projekt_id']}/{row['stage']}  user={row['user']}  state={row.get('state', row['phase'])}"
+            f"  agent={row['agent']}  pending={row.get('pending', '?')}  path={row['path']}"
+        )
+        if row.get("heartbeat_age_seconds") is not None:
+            lines.append(f"  lock heartbeat {row['heartbeat_age_seconds']}s ago")
+        if row.get("last_upload_at"):
+            lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
+        if row["agent"] != "running":
+            lines.append("  the background agent is not running: `agent recover` resumes or discards")
+        if row.get("last_error"):
+            lines.append(f"  last error: {row['last_error']}")
+    _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
+
+
+@cli.command("recover")
+@click.argument("session_id", required=False)
+@click.option("--resume", "action", flag_value="resume", help="Resume the orphaned session.")
+@click.option("--discard", "action", flag_value="discard", help="Throw the session away.")
+@click.option("--yes", is_flag=True, help="Do not ask before discarding.")
+@click.option("--take-over", is_flag=True, help="Take the lock if its holder appears gone.")
+@_json_option
+def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over: bool) -> None:
+    """List sessions left by a crash; resume (--resume) or discard (--discard) one.
+
+    With no SESSION_ID the only orphaned session is meant.
+    """
+    config = _state.config
+    session = _session_cls()(config)
+    if action is None:
+        orphans = [o.as_dict() for o in session.find_orphans()]
+        lines = [
+            f"{o['session_id']}  {o['projekt_id']}/{o['stage']}  user={o['user']}  "
+            f"pending={len(o['pending'])}  crash={o['kind']}  backup={o['backup_path']}"
+            for o in orphans
+        ] or ["no orphaned sessions"]
+        if orphans:
+            lines.append("resume with `agent recover --resume [SESSION_ID]`, or --discard")
+        _emit({"orphans": orphans}, "\n".join(lines))
+        return
+    if action == "discard":
+        if not yes and not _state.json and sys.stdin.isatty():
+            click.confirm("Discard the session's unsaved changes for good?", abort=True)
+        elif not yes:
+            raise click.UsageError("discarding needs --yes when not asked on a terminal")
+        session.discard(session_id)
+        _emit({"discarded": True}, "discarded: staging, working folder and backup removed")
+        return
+    with _progress() as slot:
+        if slot is not None:
+            session.progress.connect(slot)
+        path = session.resume(session_id, take_over=take_over, watch=False)
+    record = session.record
+    session.detach()
+    from agent.daemon import spawn_agent
+
+    spawn_agent(_state.config_path, record.session_id, config.paths.state_dir)
+    _emit(
+        {"path": str(path), "session_id": record.session_id, "state": "active",
+         "conflicts": list(record.conflicts)},
+        str(path) + (f"\nconflicts kept twice: {', '.join(record.conflicts)}" if record.conflicts else ""),
+    )
+
+
+def _store_label(config: AgentConfig) -> str:
+    loc = config.store_location()
+    if loc.scheme == "file":
+        return f"file://{loc.path}"
+    label = f"s3://{loc.bucket}/{loc.prefix}".rstrip("/")
+    return f"{label} at {config.store.endpoint_url}" if config.store.endpoint_url else label
+
+
+@cli.command("doctor")
+@_json_option
+def doctor_cmd() -> None:
+    """Check the store: reachability, credentials, bucket, conditional writes, clock skew."""
+    from agent.doctor import run_checks
+
+    config = _state.config
+    checks = run_checks(config)
+    ok = all(c.ok for c in checks)
+    lines = [f"store: {_store_label(config)}"]
+    lines += [f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
+    _emit(
+        {"store": _store_label(config), "ok": ok, "checks": [c.as_dict() for c in checks]},
+        "\n".join(lines),
+    )
+    if not ok:
+        failed = next(c for c in checks if not c.ok)
+        raise click.exceptions.Exit(failed.exit_code)
+
+
+@cli.group("lock")
+def lock_group() -> None:
+    """Inspect or (as an operator) break a stage lock."""
+
+
+@lock_group.command("show")
+@click.argument("projekt_id")
+@click.option("--stage", required=True)
+@_json_option
+def lock_show(projekt_id: str, stage: str) -> None:
+    """Show who holds a stage's lock, since when, and its heartbeat."""
+    from agent.keys import StageKeys
+    from agent.lock import read_lock
+    from agent.store import open_store
+
+    keys = StageKeys(projekt_id, stage)
+    store = open_store(_state.config)
+    try:
+        status = read_lock(store, keys.lock, _state.config.lock)
+    finally:
+        store.close()
+    if status is None:
+        _emit({"key": keys.lock, "lock": None}, f"{keys.lock}: no lock object (never locked)")
+        return
+    _emit({"key": keys.lock, "lock": status.as_dict()}, "\n".join(status.describe()))
+
+
+@lock_group.command("unlock")
+@click.argument("projekt_id")
+@click.option("--stage", required=True)
+@click.option("--force", is_flag=True, help="Required: breaking someone's lock is explicit.")
+@click.option("--reason", default="operator unlock", show_default=True)
+@click.option("--operator", default=None, help="Who breaks it (default: your login name).")
+@_json_option
+def lock_unlock(
+    projekt_id: str, stage: str, force: bool, reason: str, operator: str | None
+) -> None:
+    """Break a stage lock (operator). Recorded in the lock body and the log."""
+    from agent.keys import StageKeys
+    from agent.lock import force_unlock
+    from agent.platform import machine_name
+    from agent.store import open_store
+
+    if not force:
+        raise click.UsageError(
+            "breaking a lock needs --force; the holder may lose the ability to commit. "
+            "See `agent lock show` first."
+        )
+    keys = StageKeys(projekt_id, stage)
+    store = open_store(_state.config)
+    try:
+        status = force_unlock(
+            store,
+            keys.lock,
+            operator=operator or default_user(),
+            machine=machine_name(),
+            reason=reason,
+        )
+    finally:
+        store.close()
+    _emit(
+        {"key": keys.lock, "lock": status.as_dict(), "unlocked": True},
+        f"{keys.lock}: released by {operator or default_user()} at "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map errors to exit codes (the only place that does)."""
+    try:
+        rc = cli.main(args=argv, prog_name="agent", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except AgentError as exc:
+        _report_error(type(exc).__name__, exc.format_message(), exc.exit_code)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence prints, logs and exits
+        import structlog
+
+        structlog.get_logger("agent.cli").exception("internal_error")
+        _report_error("InternalError", f"internal error: {exc!r} (details in the log)", EXIT_INTERNAL)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(0)
+
+
+def _report_error(kind: str, message: str, code: int) -> None:
+    if _state.json:
+        click.echo(json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}))
+    else:
+        click.echo(f"error: {message}", err=True)

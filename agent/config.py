@@ -1,0 +1,332 @@
+"""Configuration department: the only module that reads config files or the environment.
+
+Sources, highest priority first:
+
+1. ``AGENT_<SECTION>__<KEY>`` environment variables (``AGENT_STORE__URL=s3://bucket/prefix``);
+2. the TOML file named by ``--config`` or ``AGENT_CONFIG`` (see ``config/agent.example.toml``);
+3. the defaults below, which run on the embedded folder store with no credentials.
+
+Every model is frozen; callers hand each module only its own section.
+Credentials are never part of the config: boto3's usual chain (``AWS_*``
+variables, profiles) provides them, and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlparse
+
+import platformdirs
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from agent.errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "LockConfig",
+    "LogConfig",
+    "PathsConfig",
+    "RecoveryConfig",
+    "RetryConfig",
+    "StoreConfig",
+    "StoreLocation",
+    "TransferConfig",
+    "WatchConfig",
+    "default_user",
+    "env_flag",
+    "load_config",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def _parse_duration(value: object) -> object:
+    """Accept seconds as a number or strings such as ``"12h"``, ``"10m"``, ``"500ms"``."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("a duration like 30, '30s', '10m', '12h' or '500ms'")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    return value
+
+
+def _parse_size(value: object) -> object:
+    """Accept bytes as a number or strings such as ``"8MiB"``, ``"2 GiB"``."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError("a size like 1048576, '8MiB' or '2GiB'")
+        return int(float(match.group(1)) * _UNIT_BYTES[(match.group(2) or "b").lower()])
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StoreLocation(_Section):
+    """A parsed ``[store] url``."""
+
+    scheme: Literal["s3", "file"]
+    bucket: str = ""
+    prefix: str = ""
+    path: Path | None = None
+
+
+class StoreConfig(_Section):
+    """Where the projects live. ``url`` empty means the embedded folder store."""
+
+    url: str = ""
+    endpoint_url: str | None = None
+    region: str = "auto"
+    profile: str | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    connect_timeout: Seconds = 5.0
+    # SeaweedFS answers a contended conditional PUT's losers only after ~5 s.
+    read_timeout: Seconds = 30.0
+    verify_tls: bool = True
+
+    def location(self, base_dir: Path) -> StoreLocation:
+        """Parse ``url``; the empty default is ``file://<base_dir>/store``."""
+        if not self.url:
+            return StoreLocation(scheme="file", path=base_dir / "store")
+        parsed = urlparse(self.url)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ConfigError(
+                    f"store.url {self.url!r} names no bucket: use s3://BUCKET or s3://BUCKET/PREFIX"
+                )
+            return StoreLocation(
+                scheme="s3", bucket=parsed.netloc, prefix=parsed.path.strip("/")
+            )
+        if parsed.scheme == "file":
+            raw = unquote(parsed.path)
+            if parsed.netloc and parsed.netloc != "localhost":
+                raw = f"//{parsed.netloc}{raw}"  # UNC share on Windows
+            if re.match(r"^/[A-Za-z]:", raw):
+                raw = raw[1:]  # file:///C:/data -> C:/data
+            return StoreLocation(scheme="file", path=Path(raw))
+        raise ConfigError(
+            f"store.url {self.url!r} has scheme {parsed.scheme!r}: "
+            "use s3://BUCKET/PREFIX (R2, S3, MinIO, SeaweedFS) or file:///FOLDER"
+        )
+
+
+class TransferConfig(_Section):
+    """Parallel transfers and the local cache of committed files."""
+
+    workers: int = Field(default=10, ge=1, le=256)
+    multipart_threshold: Bytes = 64 * 1024**2
+    multipart_chunksize: Bytes = Field(default=16 * 1024**2, ge=5 * 1024**2)
+    cache_enabled: bool = True
+    cache_max_bytes: Bytes = 2 * 1024**3
+    # How long close waits for pending uploads before giving up (keeping the lock).
+    close_timeout: Seconds = 600.0
+
+
+class RetryConfig(_Section):
+    """Retries of transient store errors: exponential backoff with jitter."""
+
+    attempts: int = Field(default=6, ge=1, le=100)
+    initial_backoff: Seconds = 0.2
+    max_backoff: Seconds = 10.0
+    jitter: float = Field(default=0.5, ge=0)
+
+
+class LockConfig(_Section):
+    """The stage lock: expiry, staleness and heartbeat."""
+
+    ttl: Seconds = 12 * 3600.0
+    stale_after: Seconds = 600.0
+    heartbeat_interval: Seconds = 60.0
+
+
+DEFAULT_IGNORE = (
+    "~$*",
+    "~WRL*.tmp",
+    ".~lock.*#",
+    "*.tmp",
+    "*.swp",
+    "*.swx",
+    "*.swo",
+    "*~",
+    ".DS_Store",
+    "Thumbs.db",
+    "desktop.ini",
+    ".pdagent.*",
+)
+
+
+class WatchConfig(_Section):
+    """The watcher: debounce, per-path spacing, ignore rules, reconciliation."""
+
+    debounce: Seconds = 0.3
+    max_delay: Seconds = 2.0
+    min_interval_per_path: Seconds = 1.0
+    rescan_interval: Seconds = 600.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    extra_ignore: tuple[str, ...] = ()
+
+
+class PathsConfig(_Section):
+    """Folders the agent may write to. Everything lives under ``base_dir``."""
+
+    base_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("pd-session-agent", appauthor=False))
+    )
+
+    @property
+    def work_root(self) -> Path:
+        """Working copies: ``.app_temp/plant_design/<projekt>/<stage>``."""
+        return self.base_dir / ".app_temp" / "plant_design"
+
+    @property
+    def recovery_root(self) -> Path:
+        """Emergency backups after a crash."""
+        return self.base_dir / "persistent_data" / "plant_design" / "recovery"
+
+    @property
+    def state_dir(self) -> Path:
+        """Session records, journals, logs, the agent's authkeys."""
+        return self.base_dir / "state"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Content-addressed cache of committed files; safe to delete."""
+        return self.base_dir / "cache"
+
+
+class RecoveryConfig(_Section):
+    """Crash handling: how long the crash handler may take before the process exits."""
+
+    crash_timeout: Seconds = 5.0
+
+
+class LogConfig(_Section):
+    """Logging: JSON lines to ``state/agent.log``, readable lines on the console."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    console_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+
+class AgentConfig(BaseSettings):
+    """The whole configuration, validated and frozen."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AGENT_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    store: StoreConfig = StoreConfig()
+    transfer: TransferConfig = TransferConfig()
+    retry: RetryConfig = RetryConfig()
+    lock: LockConfig = LockConfig()
+    watch: WatchConfig = WatchConfig()
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    recovery: RecoveryConfig = RecoveryConfig()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment overrides the file; the file's values arrive as init kwargs."""
+        return (env_settings, init_settings)
+
+    def store_location(self) -> StoreLocation:
+        """The parsed store URL (defaults to the embedded folder store)."""
+        return self.store.location(self.paths.base_dir)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        env = "AGENT_" + "__".join(str(p).upper() for p in err["loc"])
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {err['msg']}{shown}  [file key {key} or env {env}]")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str | None = None, **overrides: Any) -> AgentConfig:
+    """Load the config: ``path`` (or ``AGENT_CONFIG``), then env overrides.
+
+    ``overrides`` are section dicts merged over the file (used by tests and callers
+    that build a config in code). A missing file named explicitly is an error;
+    no file at all means the defaults.
+    """
+    file_path = Path(path) if path else None
+    if file_path is None and os.environ.get("AGENT_CONFIG"):
+        file_path = Path(os.environ["AGENT_CONFIG"])
+    data: dict[str, Any] = {}
+    source = "defaults and AGENT_* environment"
+    if file_path is not None:
+        source = f"{file_path} and AGENT_* environment"
+        try:
+            data = tomllib.loads(file_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"config file {file_path} does not exist: fix --config / AGENT_CONFIG, "
+                "or start from config/agent.example.toml"
+            ) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {file_path} cannot be read: {exc}") from exc
+    for section, values in overrides.items():
+        merged = dict(data.get(section, {}))
+        merged.update(values)
+        data[section] = merged
+    try:
+        config = AgentConfig(**data)
+        config.store_location()  # reject a bad URL now, not at first use
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+    return config
+
+
+def default_user() -> str:
+    """The login name, used when ``--user`` is not given."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def env_flag(name: str) -> str | None:
+    """Read one ``AGENT_*`` process variable that is not configuration (e.g. the agent id)."""
+    return os.environ.get(name)

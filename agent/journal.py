@@ -1,0 +1,281 @@
+"""The durable change journal of one session: SQLite in WAL mode (stdlib ``sqlite3``).
+
+Two tables:
+
+* ``pending``: one row per path with work to do (``put`` or ``delete``),
+  coalesced: recording a path again replaces its op and bumps its ``seq``, so a
+  path saved ten times before upload is one row. ``synchronous=FULL``: when
+  ``record`` returns, the row is on disk.
+* ``staged``: what the session's staging prefix holds per path: a confirmed
+  ``put`` (with ETag, size, sha256, mtime) or a ``delete`` to apply at commit.
+  ``mark_done`` moves a pending row here only if its ``seq`` is unchanged, so a
+  change that arrived during the upload stays pending.
+
+Plus ``meta``, a small key-value table for session facts. A file that is not a
+journal, or is damaged, raises ``JournalCorruptError``; a journal locked by
+another process longer than the busy timeout too, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from agent.errors import JournalCorruptError
+
+__all__ = ["Entry", "Journal", "Op", "Staged"]
+
+Op = Literal["put", "delete"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending (
+    path TEXT PRIMARY KEY,
+    op TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+    seq INTEGER NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    recorded_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS staged (
+    path TEXT PRIMARY KEY,
+    op TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+    etag TEXT,
+    size INTEGER,
+    sha256 TEXT,
+    mtime_ns INTEGER
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+INSERT OR IGNORE INTO counter (id, seq) VALUES (1, 0);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A pending row."""
+
+    path: str
+    op: Op
+    seq: int
+    size: int | None
+    mtime_ns: int | None
+    recorded_at: float
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What staging holds for a path (or a delete to apply at commit)."""
+
+    op: Op
+    etag: str | None
+    size: int
+    sha256: str
+    mtime_ns: int | None
+
+
+class Journal:
+    """One session's journal. Thread-safe; one connection guarded by a lock."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
+        """Open or create the journal at ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise cls._corrupt(path, exc) from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {row}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise cls._corrupt(path, exc) from exc
+        return cls(path, conn)
+
+    @staticmethod
+    def _corrupt(path: Path, exc: BaseException) -> JournalCorruptError:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return JournalCorruptError(
+                f"the journal {path} is locked by another process (is a second agent running "
+                "for this session? `agent status`)"
+            )
+        return JournalCorruptError(
+            f"the journal {path} cannot be read ({exc}). The working folder still holds your "
+            "files: `agent recover --resume` rebuilds the pending list by comparing the folder "
+            "with the store"
+        )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._corrupt(self.path, exc) from exc
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return list(self._conn.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise self._corrupt(self.path, exc) from exc
+
+    # ----------------------------------------------------------------- writes
+
+    def record(self, path: str, op: Op, *, size: int | None = None, mtime_ns: int | None = None) -> int:
+        """Record pending work for ``path`` (coalesced); durable when it returns. Returns seq."""
+        with self._tx() as conn:
+            return self._upsert(conn, path, op, size, mtime_ns)
+
+    def record_many(self, items: Iterable[tuple[str, Op, int | None, int | None]]) -> None:
+        """Record several ``(path, op, size, mtime_ns)`` in one durable transaction."""
+        with self._tx() as conn:
+            for path, op, size, mtime_ns in items:
+                self._upsert(conn, path, op, size, mtime_ns)
+
+    @staticmethod
+    def _upsert(
+        conn: sqlite3.Connection, path: str, op: Op, size: int | None, mtime_ns: int | None
+    ) -> int:
+        conn.execute("UPDATE counter SET seq = seq + 1 WHERE id = 1")
+        (seq,) = conn.execute("SELECT seq FROM counter WHERE id = 1").fetchone()
+        conn.execute(
+            "INSERT INTO pending (path, op, seq, size, mtime_ns, recorded_at, attempts, last_error)"
+            " VALUES (?, ?, ?, ?, ?, ?, 0, NULL)"
+            " ON CONFLICT(path) DO UPDATE SET op=excluded.op, seq=excluded.seq, size=excluded.size,"
+            " mtime_ns=excluded.mtime_ns, recorded_at=excluded.recorded_at",
+            (path, op, seq, size, mtime_ns, time.time()),
+        )
+        return int(seq)
+
+    def mark_done(
+        self,
+        path: str,
+        seq: int,
+        *,
+        etag: str | None = None,
+        size: int | None = None,
+        sha256: str | None = None,
+        mtime_ns: int | None = None,
+        deleted: bool = False,
+    ) -> bool:
+        """Finish a pending row if its seq is unchanged; record what staging now holds.
+
+        ``etag`` given: staging holds a put. ``deleted``: a delete to apply at commit.
+        Neither: nothing to stage (the file equals the base). Returns False if a newer
+        change arrived meanwhile (the row stays pending).
+        """
+        with self._tx() as conn:
+            cur = conn.execute("DELETE FROM pending WHERE path = ? AND seq = ?", (path, seq))
+            if cur.rowcount == 0:
+                return False
+            if etag is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO staged (path, op, etag, size, sha256, mtime_ns)"
+                    " VALUES (?, 'put', ?, ?, ?, ?)",
+                    (path, etag, size or 0, sha256 or "", mtime_ns),
+                )
+            elif deleted:
+                conn.execute(
+                    "INSERT OR REPLACE INTO staged (path, op, etag, size, sha256, mtime_ns)"
+                    " VALUES (?, 'delete', NULL, 0, '', NULL)",
+                    (path,),
+                )
+            else:
+                conn.execute("DELETE FROM staged WHERE path = ?", (path,))
+            return True
+
+    def mark_failed(self, path: str, seq: int, error: str) -> None:
+        """Count a failed attempt; the row stays pending."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE pending SET attempts = attempts + 1, last_error = ? WHERE path = ? AND seq = ?",
+                (error[:500], path, seq),
+            )
+
+    def forget(self, path: str) -> None:
+        """Drop pending and staged state of ``path`` (a conflict took it over)."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM pending WHERE path = ?", (path,))
+            conn.execute("DELETE FROM staged WHERE path = ?", (path,))
+
+    def clear_staged(self) -> None:
+        """Forget every staged entry (after a commit made them the base)."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM staged")
+
+    def meta_set(self, key: str, value: str) -> None:
+        """Store a session fact."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------------ reads
+
+    def meta_get(self, key: str) -> str | None:
+        """Read a session fact."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def pending(self) -> list[Entry]:
+        """Pending rows in the order they were (last) recorded."""
+        rows = self._query(
+            "SELECT path, op, seq, size, mtime_ns, recorded_at, attempts, last_error"
+            " FROM pending ORDER BY seq"
+        )
+        return [Entry(*row) for row in rows]  # type: ignore[arg-type]
+
+    def pending_count(self) -> int:
+        """How many paths have work to do."""
+        return int(self._query("SELECT COUNT(*) FROM pending")[0][0])  # type: ignore[call-overload]
+
+    def staged(self) -> dict[str, Staged]:
+        """Everything staging holds (puts) or commit must delete."""
+        rows = self._query("SELECT path, op, etag, size, sha256, mtime_ns FROM staged ORDER BY path")
+        return {str(r[0]): Staged(*r[1:]) for r in rows}  # type: ignore[arg-type]
+
+    def staged_entry(self, path: str) -> Staged | None:
+        """What staging holds for one path."""
+        rows = self._query("SELECT op, etag, size, sha256, mtime_ns FROM staged WHERE path = ?", (path,))
+        return Staged(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the journal at ``dest`` (SQLite's online backup)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        target = sqlite3.connect(dest)
+        try:
+            with self._lock:
+                self._conn.backup(target)
+        finally:
+            target.close()
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,159 @@
+"""Session records on disk: ``<state>/sessions/<session_id>/``.
+
+A record is what lets another process (``agent close``, the background agent,
+crash recovery) continue a session: who, which stage, where the working copy
+is, the lock's ETag, the manifest the session started from, and the local
+snapshot of the copy as it was downloaded (``base.json``). Writes are atomic
+(temp + fsync + rename), so a crash never leaves half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent.errors import LocalFileError, SessionError
+from agent.keys import validate_name
+from agent.manifest import LocalEntry
+from agent.platform import write_private_file
+
+__all__ = ["Phase", "SessionRecord", "SessionStore"]
+
+log = structlog.get_logger(__name__)
+
+Phase = Literal["opening", "active", "committing", "closing", "aborting"]
+
+
+class SessionRecord(BaseModel):
+    """The durable facts of one open session."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    projekt_id: str
+    stage: str
+    user: str
+    machine: str
+    pid: int
+    work_path: Path
+    lock_etag: str | None = None
+    base_manifest_etag: str | None = None
+    phase: Phase = "opening"
+    created_at: datetime
+    updated_at: datetime
+    agent_pid: int | None = None
+    agent_address: str | None = None
+    last_error: str | None = None
+    conflicts: list[str] = []
+
+
+class SessionStore:
+    """Reads and writes session records under ``<state>/sessions``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "sessions"
+
+    def folder(self, session_id: str) -> Path:
+        """The folder of one session's record, journal and snapshot."""
+        return self.root / validate_name("session_id", session_id)
+
+    def save(self, record: SessionRecord) -> SessionRecord:
+        """Write ``record`` atomically (stamping ``updated_at``) and return what was written."""
+        record = record.model_copy(update={"updated_at": datetime.now(UTC)})
+        try:
+            write_private_file(
+                self.folder(record.session_id) / "session.json",
+                record.model_dump_json(indent=1).encode(),
+            )
+        except OSError as exc:
+            raise LocalFileError(
+                f"cannot write the session record under {self.root}: {exc.strerror or exc}"
+            ) from exc
+        return record
+
+    def load(self, session_id: str) -> SessionRecord:
+        """Read one record; a missing or broken one is a ``SessionError`` saying so."""
+        path = self.folder(session_id) / "session.json"
+        try:
+            return SessionRecord.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise SessionError(f"no session {session_id} on this machine") from exc
+        except (ValidationError, ValueError) as exc:
+            raise SessionError(
+                f"the session record {path} is damaged ({exc.__class__.__name__}); "
+                "run `agent recover` to resume or discard that session"
+            ) from exc
+
+    def all(self) -> Iterator[SessionRecord]:
+        """Every readable record (damaged ones are logged and skipped)."""
+        if not self.root.is_dir():
+            return
+        for entry in sorted(self.root.iterdir()):
+            if not (entry / "session.json").is_file():
+                continue
+            try:
+                yield self.load(entry.name)
+            except SessionError as exc:
+                log.warning("session_record_unreadable", path=str(entry), error=str(exc))
+
+    def find(self, projekt_id: str | None = None, stage: str | None = None) -> list[SessionRecord]:
+        """Records matching the given projekt/stage (None matches anything)."""
+        return [
+            r
+            for r in self.all()
+            if (projekt_id is None or r.projekt_id == projekt_id)
+            and (stage is None or r.stage == stage)
+        ]
+
+    def find_one(
+        self, projekt_id: str | None = None, stage: str | None = None, session_id: str | None = None
+    ) -> SessionRecord:
+        """The one record matching; a clear ``SessionError`` for none or several."""
+        if session_id is not None:
+            return self.load(session_id)
+        matches = self.find(projekt_id, stage)
+        if not matches:
+            what = f" on {projekt_id or '*'}/{stage or '*'}" if projekt_id or stage else ""
+            raise SessionError(
+                f"no open session{what} on this machine (`agent status` lists them)"
+            )
+        if len(matches) > 1:
+            names = ", ".join(f"{r.projekt_id}/{r.stage}" for r in matches)
+            raise SessionError(
+                f"several sessions are open ({names}): name one as PROJEKT --stage STAGE"
+            )
+        return matches[0]
+
+    def save_base(self, session_id: str, files: dict[str, LocalEntry]) -> None:
+        """Write the snapshot of the working copy as the session started."""
+        data = {rel: [e.size, e.mtime_ns, e.sha256] for rel, e in files.items()}
+        write_private_file(self.folder(session_id) / "base.json", json.dumps(data).encode())
+
+    def load_base(self, session_id: str) -> dict[str, LocalEntry]:
+        """Read the snapshot written by ``save_base`` (empty if there is none)."""
+        path = self.folder(session_id) / "base.json"
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
+        return {rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2]) for rel, v in raw.items()}
+
+    def remove(self, session_id: str) -> None:
+        """Delete a finished session's record folder."""
+        shutil.rmtree(self.folder(session_id), ignore_errors=True)
+
+
+def new_session_id() -> str:
+    """A sortable, unique session id: UTC time plus randomness."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{os.urandom(4).hex()}"

@@ -1,0 +1,76 @@
+"""The retry policy for store requests, built from ``RetryConfig`` (tenacity).
+
+Only ``TransientStoreError`` is retried (connection errors, timeouts, 5xx,
+throttling); 4xx and failed preconditions never are. Waits grow exponentially
+with jitter. ``sleep`` is injectable so tests assert the exact waits without
+waiting (tenacity's ``nap`` seam).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+from agent.config import RetryConfig
+from agent.errors import TransientStoreError
+
+__all__ = ["backoff", "call_with_retries", "make_retrying"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def backoff(config: RetryConfig) -> Callable[[RetryCallState], float]:
+    """Exponential wait with jitter: ``min(max, initial * 2**(n-1)) + uniform(0, jitter)``."""
+
+    def wait(state: RetryCallState) -> float:
+        exp = config.initial_backoff * 2 ** (state.attempt_number - 1)
+        return min(config.max_backoff, exp) + random.uniform(0, config.jitter)  # noqa: S311
+
+    return wait
+
+
+def make_retrying(
+    config: RetryConfig, *, sleep: Callable[[float], None] = time.sleep, what: str = ""
+) -> Retrying:
+    """A tenacity ``Retrying`` for one request (re-raises the last error)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "store_retry",
+            key=what,
+            attempt=state.attempt_number,
+            error=str(exc),
+            wait=round(state.next_action.sleep, 3) if state.next_action else None,
+        )
+
+    return Retrying(
+        stop=stop_after_attempt(config.attempts),
+        wait=backoff(config),
+        retry=retry_if_exception_type(TransientStoreError),
+        sleep=sleep,
+        reraise=True,
+        before_sleep=before_sleep,
+    )
+
+
+def call_with_retries(
+    fn: Callable[[], T],
+    config: RetryConfig,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    what: str = "",
+) -> T:
+    """Call ``fn`` under the policy; the last ``TransientStoreError`` is raised after the tries."""
+    return make_retrying(config, sleep=sleep, what=what)(fn)

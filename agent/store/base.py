@@ -1,0 +1,128 @@
+"""The store boundary: the ``ObjectStore`` protocol every backend implements.
+
+Keys given to a store are relative to its configured prefix (see ``agent.keys``);
+ETags are plain strings without the quotes S3 puts around them. Backends raise
+only ``agent.errors`` classes: ``NotFoundError`` for a missing object,
+``PreconditionFailedError`` when ``if_none_match``/``if_match`` did not hold
+(404, 409 and 412 on a conditional write all mean that), ``AccessDeniedError``,
+``BucketMissingError``, ``TransientStoreError`` (after the backend's own retries),
+``PermanentStoreError`` for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = ["ObjectData", "ObjectInfo", "ObjectStore", "ProgressFn", "WriteResult"]
+
+ProgressFn = Callable[[int], None]
+"""Called with byte deltas as a transfer proceeds; negative when a retry rewinds."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or HEAD says of one object."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ObjectData:
+    """A small object read whole (lock, manifest), with the store's clock."""
+
+    key: str
+    body: bytes
+    etag: str
+    server_time: datetime
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What the store confirmed for a write, with the store's clock (HTTP ``Date``)."""
+
+    etag: str
+    server_time: datetime
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """An S3-like object store with conditional writes."""
+
+    @property
+    def description(self) -> str:
+        """A human description (URL, endpoint) without credentials."""
+        ...
+
+    def get(self, key: str) -> ObjectData:
+        """Read a small object whole. ``NotFoundError`` if absent."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size and ETag of an object. ``NotFoundError`` if absent."""
+        ...
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> WriteResult:
+        """Write a small object in one request (never multipart).
+
+        ``if_none_match=True`` writes only if the key does not exist;
+        ``if_match=ETAG`` only if the current ETag is ``ETAG``.
+        Otherwise ``PreconditionFailedError``.
+        """
+        ...
+
+    def upload_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> WriteResult:
+        """Upload a local file (multipart above the configured threshold)."""
+        ...
+
+    def download_file(self, key: str, dest: Path, *, progress: ProgressFn | None = None) -> ObjectInfo:
+        """Write the object's bytes to ``dest`` (the caller passes a temp path and renames).
+
+        Returns size and ETag of what was read. ``NotFoundError`` if absent.
+        """
+        ...
+
+    def copy(self, src_key: str, dst_key: str) -> WriteResult:
+        """Server-side copy of ``src_key`` onto ``dst_key`` (any size)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete an object; a missing object is not an error."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete several objects; missing ones are not an error."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, recursively, in key order."""
+        ...
+
+    def server_time(self) -> datetime:
+        """The store's current clock (UTC), for judging lock expiry."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads."""
+        ...

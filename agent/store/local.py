@@ -1,0 +1,273 @@
+"""The embedded default store: a folder that keeps S3's promises.
+
+Put-if-absent, put-if-match and ETags (md5 of the content, kept in a sidecar so
+``head`` and ``list`` never re-hash), atomic writes (temp file, fsync, rename),
+safe across threads and processes (a ``filelock`` per key around every
+check-and-write). Layout: a key ``a/b/c`` is stored as ``objects/a.d/b.d/c.o``
+with ``c.o.etag`` beside it, so the key ``a/b`` (``a.d/b.o``) and the key
+``a/b/c`` can exist at once, as they can in S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from filelock import FileLock
+
+from agent.errors import BucketMissingError, NotFoundError, PermanentStoreError, PreconditionFailedError
+from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
+
+__all__ = ["LocalStore"]
+
+_CHUNK = 1024 * 1024
+_DIR, _OBJ, _ETAG = ".d", ".o", ".etag"
+
+
+def _encode(key: str) -> Path:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts) or "\\" in key or "\x00" in key:
+        raise PermanentStoreError(f"key {key!r} cannot be stored in a folder store")
+    return Path(*(p + _DIR for p in parts[:-1]), parts[-1] + _OBJ)
+
+
+def _decode(rel: Path) -> str:
+    parts = rel.parts
+    return "/".join([*(p[: -len(_DIR)] for p in parts[:-1]), parts[-1][: -len(_OBJ)]])
+
+
+class LocalStore:
+    """An ``ObjectStore`` in a local (or network-shared) folder."""
+
+    def __init__(self, root: Path, *, create: bool = False, multipart_threshold: int = 0) -> None:
+        self.root = root
+        if not root.is_dir():
+            if not create:
+                raise BucketMissingError(
+                    f"the store folder {root} does not exist: create it, or point store.url "
+                    "at an existing folder"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+        self._objects = root / "objects"
+        self._tmp = root / "tmp"
+        self._locks = root / "locks"
+        for folder in (self._objects, self._tmp, self._locks):
+            folder.mkdir(exist_ok=True)
+        del multipart_threshold  # a folder needs no multipart; accepted for a uniform factory
+
+    @property
+    def description(self) -> str:
+        """``file://`` URL of the folder."""
+        return self.root.resolve().as_uri()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _path(self, key: str) -> Path:
+        return self._objects / _encode(key)
+
+    def _lock(self, key: str) -> FileLock:
+        digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+        return FileLock(self._locks / f"{digest}.lock", timeout=60)
+
+    def _etag_of(self, path: Path) -> str:
+        try:
+            return (path.parent / (path.name + _ETAG)).read_text().strip()
+        except FileNotFoundError:
+            if not path.exists():
+                raise
+            return _md5_file(path)
+
+    def _write(self, key: str, fill: ProgressFn | None, source: Path | bytes) -> str:
+        """Write ``source`` to a temp file, fsync, then rename over the key; return the md5."""
+        target = self._path(key)
+        digest = hashlib.md5(usedforsecurity=False)
+        fd_path = self._tmp / f"{os.getpid()}-{os.urandom(6).hex()}.part"
+        try:
+            with fd_path.open("wb") as out:
+                if isinstance(source, bytes):
+                    out.write(source)
+                    digest.update(source)
+                    if fill:
+                        fill(len(source))
+                else:
+                    with source.open("rb") as src:
+                        while chunk := src.read(_CHUNK):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            if fill:
+                                fill(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            etag = digest.hexdigest()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            etag_tmp = fd_path.with_suffix(".etag")
+            etag_tmp.write_text(etag)
+            os.replace(fd_path, target)
+            os.replace(etag_tmp, target.parent / (target.name + _ETAG))
+            return etag
+        finally:
+            fd_path.unlink(missing_ok=True)
+            fd_path.with_suffix(".etag").unlink(missing_ok=True)
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(UTC)
+
+    # -------------------------------------------------------------- protocol
+
+    def get(self, key: str) -> ObjectData:
+        """Read an object whole."""
+        path = self._path(key)
+        with self._lock(key):
+            try:
+                body = path.read_bytes()
+                etag = self._etag_of(path)
+            except FileNotFoundError as exc:
+                raise NotFoundError(f"no object {key!r} in {self.description}") from exc
+        return ObjectData(key=key, body=body, etag=etag, server_time=self._now())
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size and ETag."""
+        path = self._path(key)
+        try:
+            st = path.stat()
+            etag = self._etag_of(path)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no object {key!r} in {self.description}") from exc
+        return ObjectInfo(
+            key=key, size=st.st_size, etag=etag, last_modified=datetime.fromtimestamp(st.st_mtime, UTC)
+        )
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> WriteResult:
+        """Write a small object, honouring the conditions under the key's file lock."""
+        path = self._path(key)
+        with self._lock(key):
+            if if_none_match and path.exists():
+                raise PreconditionFailedError(f"{key!r} already exists")
+            if if_match is not None:
+                try:
+                    current = self._etag_of(path)
+                except FileNotFoundError as exc:
+                    raise PreconditionFailedError(f"{key!r} does not exist") from exc
+                if current != if_match:
+                    raise PreconditionFailedError(f"{key!r} has changed (etag {current})")
+            etag = self._write(key, None, data)
+        return WriteResult(etag=etag, server_time=self._now())
+
+    def upload_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> WriteResult:
+        """Copy a local file in."""
+        with self._lock(key):
+            etag = self._write(key, progress, path)
+        return WriteResult(etag=etag, server_time=self._now())
+
+    def download_file(
+        self, key: str, dest: Path, *, progress: ProgressFn | None = None
+    ) -> ObjectInfo:
+        """Copy an object out to ``dest``."""
+        path = self._path(key)
+        with self._lock(key):
+            try:
+                etag = self._etag_of(path)
+                size = 0
+                with path.open("rb") as src, dest.open("wb") as out:
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+                        size += len(chunk)
+                        if progress:
+                            progress(len(chunk))
+            except FileNotFoundError as exc:
+                if not path.exists():
+                    raise NotFoundError(f"no object {key!r} in {self.description}") from exc
+                raise
+        return ObjectInfo(key=key, size=size, etag=etag)
+
+    def copy(self, src_key: str, dst_key: str) -> WriteResult:
+        """Copy one object onto another key."""
+        src = self._path(src_key)
+        if not src.exists():
+            raise NotFoundError(f"no object {src_key!r} in {self.description}")
+        with self._lock(dst_key):
+            etag = self._write(dst_key, None, src)
+        return WriteResult(etag=etag, server_time=self._now())
+
+    def delete(self, key: str) -> None:
+        """Delete; a missing object is fine."""
+        path = self._path(key)
+        with self._lock(key):
+            path.unlink(missing_ok=True)
+            (path.parent / (path.name + _ETAG)).unlink(missing_ok=True)
+        self._prune_dirs(path.parent)
+
+    def _prune_dirs(self, folder: Path) -> None:
+        while folder != self._objects and folder.is_relative_to(self._objects):
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete several objects."""
+        for key in keys:
+            self.delete(key)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, in key order."""
+        found: list[ObjectInfo] = []
+        folders = [seg + _DIR for seg in prefix.split("/")[:-1]]
+        start = self._objects.joinpath(*folders)
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                if not name.endswith(_OBJ):
+                    continue
+                full = Path(dirpath) / name
+                key = _decode(full.relative_to(self._objects))
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = full.stat()
+                    etag = self._etag_of(full)
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                found.append(ObjectInfo(key=key, size=st.st_size, etag=etag))
+        found.sort(key=lambda o: o.key)
+        yield from found
+
+    def server_time(self) -> datetime:
+        """The local clock (the folder has no other)."""
+        return self._now()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def wipe(self) -> None:
+        """Remove every object (tests and benchmarks)."""
+        shutil.rmtree(self._objects, ignore_errors=True)
+        self._objects.mkdir()
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

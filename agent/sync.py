@@ -1,0 +1,323 @@
+"""The streamer: watch the working copy, journal every change, send it to staging.
+
+::
+
+    watcher --dirty paths--> journal (durable, coalesced) --pending rows--> uploader pool
+                                                                     |
+                                       staging: {projekt}/.sessions/{id}/{path}
+
+A path the watcher reports is journalled as a ``put`` if it is a file, as a
+``delete`` if it is gone, before the watcher moves on. The uploader sends
+pending rows with the transfer pool; a row is done only when the store
+confirmed the object (its ETag is recorded in the journal's staged table). A
+failed upload stays pending and is retried with backoff. ``known`` is what the
+store holds for each path (the base copy updated by each confirmed upload),
+used by reconciliation scans to find what the events missed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.config import AgentConfig
+from agent.errors import AgentError
+from agent.ignore import IgnoreRules
+from agent.journal import Journal
+from agent.keys import StageKeys, local_path_for
+from agent.manifest import LocalEntry, Manifest, file_sha256
+from agent.snapshot import scan
+from agent.store.base import ObjectStore
+from agent.transfer import Transfers, Upload
+from agent.watcher import Watcher
+
+__all__ = ["Streamer"]
+
+log = structlog.get_logger(__name__)
+
+_MAX_BACKOFF = 30.0
+
+
+class Streamer:
+    """Keeps the session's staging prefix close behind the working folder."""
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        keys: StageKeys,
+        session_id: str,
+        store: ObjectStore,
+        journal: Journal,
+        config: AgentConfig,
+        base: Manifest,
+        known: dict[str, LocalEntry],
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.keys = keys
+        self.session_id = session_id
+        self.store = store
+        self.journal = journal
+        self.config = config
+        self.base = base
+        self.rules = IgnoreRules((*config.watch.ignore, *config.watch.extra_ignore))
+        self._known = dict(known)
+        for rel, staged in journal.staged().items():
+            if staged.op == "delete":
+                self._known.pop(rel, None)
+            elif staged.mtime_ns is not None:
+                self._known[rel] = LocalEntry(staged.size, staged.mtime_ns, staged.sha256)
+        self._known_lock = threading.Lock()
+        self._on_error = on_error
+        self._transfers = Transfers(store, config.transfer.workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: dict[str, Future[None]] = {}
+        self._flight_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._retry_at: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self._watcher: Watcher | None = None
+        self.uploads = 0
+        self.last_upload_at: datetime | None = None
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self, *, watch: bool = True) -> None:
+        """Reconcile once, start the uploader and (unless ``watch=False``) the watcher."""
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.config.transfer.workers, thread_name_prefix="pdagent-up"
+        )
+        self._thread = threading.Thread(target=self._run, name="pdagent-uploader", daemon=True)
+        self._thread.start()
+        if watch:
+            self.start_watching()
+        self.rescan("")
+
+    @property
+    def is_watching(self) -> bool:
+        """True while the watcher runs."""
+        return self._watcher is not None
+
+    def start_watching(self) -> None:
+        """Start the watcher (after ``start``, or again after ``stop_watching``)."""
+        if self._watcher is None:
+            self._watcher = Watcher(
+                self.root, self.config.watch, self.on_dirty, on_rescan=self.rescan
+            )
+            self._watcher.start()
+
+    def stop_watching(self) -> None:
+        """Stop the watcher (the uploader keeps going until ``stop``)."""
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def stop(self) -> None:
+        """Stop watcher and uploader; pending rows stay in the journal."""
+        self.stop_watching()
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # ---------------------------------------------------------------- intake
+
+    def on_dirty(self, paths: set[str]) -> None:
+        """Journal each path as a put (a file) or a delete (gone); wake the uploader."""
+        items: list[tuple[str, str, int | None, int | None]] = []
+        for rel in sorted(paths):
+            if self.rules.is_ignored(rel):
+                continue
+            try:
+                path = local_path_for(self.root, rel)
+            except AgentError:
+                log.warning("path_refused", path=rel)
+                continue
+            try:
+                st = path.stat()
+                is_file = path.is_file() and not path.is_symlink()
+            except OSError:
+                is_file = False
+            if is_file:
+                with self._known_lock:
+                    known = self._known.get(rel)
+                if known is not None and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    continue
+                items.append((rel, "put", st.st_size, st.st_mtime_ns))
+            elif self._is_tracked(rel):
+                items.append((rel, "delete", None, None))
+        if items:
+            self.journal.record_many(items)
+            self._wake.set()
+
+    def _is_tracked(self, rel: str) -> bool:
+        with self._known_lock:
+            if rel in self._known:
+                return True
+        return rel in self.base.files or self.journal.staged_entry(rel) is not None
+
+    def rescan(self, subtree: str = "") -> None:
+        """Compare a subtree with what the store holds; journal the differences."""
+        current = scan(self.root, self.rules, subtree)
+        prefix = f"{subtree}/" if subtree else ""
+        with self._known_lock:
+            known = {k: v for k, v in self._known.items() if not prefix or k.startswith(prefix) or k == subtree}
+        dirty = {
+            rel
+            for rel, st in current.items()
+            if (k := known.get(rel)) is None or (k.size, k.mtime_ns) != (st.size, st.mtime_ns)
+        }
+        dirty |= set(known) - set(current)
+        if dirty:
+            log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
+            self.on_dirty(dirty)
+
+    # -------------------------------------------------------------- uploader
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self._next_wait())
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._dispatch()
+            except AgentError as exc:
+                self._report(f"journal: {exc}")
+                self._stop.wait(1.0)
+
+    def _next_wait(self) -> float:
+        if not self._retry_at:
+            return 1.0
+        return max(0.01, min(self._retry_at.values()) - time.monotonic())
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        for entry in self.journal.pending():
+            with self._flight_lock:
+                if entry.path in self._in_flight:
+                    continue
+                if self._retry_at.get(entry.path, 0.0) > now:
+                    continue
+                assert self._pool is not None
+                fut = self._pool.submit(self._process, entry.path, entry.op, entry.seq, entry.attempts)
+                self._in_flight[entry.path] = fut
+            fut.add_done_callback(lambda _f, path=entry.path: self._finished(path))
+
+    def _finished(self, path: str) -> None:
+        with self._flight_lock:
+            self._in_flight.pop(path, None)
+        self._wake.set()
+        with self._idle:
+            self._idle.notify_all()
+
+    def _process(self, rel: str, op: str, seq: int, attempts: int) -> None:
+        try:
+            if op == "put":
+                self._put(rel, seq)
+            else:
+                self._delete(rel, seq)
+            self._retry_at.pop(rel, None)
+        except AgentError as exc:
+            delay = min(_MAX_BACKOFF, self.config.retry.initial_backoff * 2 ** min(attempts, 10))
+            delay *= 1 + random.random() * self.config.retry.jitter  # noqa: S311 - jitter
+            self._retry_at[rel] = time.monotonic() + delay
+            self.journal.mark_failed(rel, seq, str(exc))
+            self._report(f"{rel}: {exc}")
+            log.warning("stream_failed", path=rel, attempt=attempts + 1, error=str(exc), retry_in=round(delay, 2))
+
+    def _put(self, rel: str, seq: int) -> None:
+        path = local_path_for(self.root, rel)
+        if not path.is_file():
+            self.journal.record(rel, "delete") if self._is_tracked(rel) else self.journal.mark_done(rel, seq)
+            return
+        base = self.base.files.get(rel)
+        staged = self.journal.staged_entry(rel)
+        if base is not None and staged is None:
+            st = path.stat()
+            if st.st_size == base.size and file_sha256(path) == base.sha256:
+                self.journal.mark_done(rel, seq)
+                self._remember(rel, LocalEntry(st.st_size, st.st_mtime_ns, base.sha256))
+                return
+        [done] = self._transfers.upload(
+            [Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path)]
+        )
+        if self.journal.mark_done(
+            rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns
+        ):
+            self._remember(rel, LocalEntry(done.size, done.mtime_ns, done.sha256))
+        self.uploads += 1
+        self.last_upload_at = datetime.now(UTC)
+        log.info("streamed", path=rel, key=done.key, bytes=done.size, session_id=self.session_id)
+
+    def _delete(self, rel: str, seq: int) -> None:
+        staged = self.journal.staged_entry(rel)
+        if staged is not None and staged.op == "put":
+            self.store.delete(self.keys.staged(self.session_id, rel))
+        self.journal.mark_done(rel, seq, deleted=True)
+        with self._known_lock:
+            self._known.pop(rel, None)
+
+    def _remember(self, rel: str, entry: LocalEntry) -> None:
+        with self._known_lock:
+            self._known[rel] = entry
+
+    def _report(self, message: str) -> None:
+        self.last_error = message
+        if self._on_error is not None:
+            self._on_error(message)
+
+    # ----------------------------------------------------------------- flush
+
+    def flush(self, timeout: float) -> bool:
+        """Deliver what the watcher holds and wait until nothing is pending or in flight."""
+        deadline = time.monotonic() + timeout
+        if self._watcher is not None:
+            self._watcher.flush(timeout=max(0.0, deadline - time.monotonic()))
+        self._retry_at.clear()
+        self._wake.set()
+        with self._idle:
+            while True:
+                with self._flight_lock:
+                    busy = bool(self._in_flight)
+                if not busy and self.journal.pending_count() == 0:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.set()
+                self._idle.wait(timeout=min(remaining, 0.2))
+
+    def known(self) -> dict[str, LocalEntry]:
+        """What the store holds for each path, as far as this session knows."""
+        with self._known_lock:
+            return dict(self._known)
+
+    def status(self) -> dict[str, Any]:
+        """Counters for ``agent status``."""
+        with self._flight_lock:
+            in_flight = len(self._in_flight)
+        return {
+            "pending": self.journal.pending_count(),
+            "in_flight": in_flight,
+            "uploads": self.uploads,
+            "last_upload_at": self.last_upload_at.isoformat() if self.last_upload_at else None,
+            "last_error": self.last_error,
+            "watching": self._watcher is not None,
+        }

@@ -1,0 +1,297 @@
+"""Parallel downloads and uploads over an ``ObjectStore``, with progress.
+
+Downloads go to a recognisable temp name beside the target and are renamed only
+when complete and verified (size, and sha256 where the manifest knows it), so a
+working copy never holds a partial file. Uploads hash the file, send it, and
+redo the upload if the file changed while it was read. Retries of transient
+errors happen inside the store; here a failure cancels what has not started,
+waits for what is running, and raises the first error.
+"""
+
+from __future__ import annotations
+
+import errno
+import mimetypes
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+from agent.errors import AgentError, LocalFileError, PermanentStoreError, TransferError
+from agent.ignore import temp_name_for
+from agent.manifest import file_sha256
+from agent.store.base import ObjectInfo, ObjectStore
+
+__all__ = [
+    "Download",
+    "Progress",
+    "Transfers",
+    "Upload",
+    "Uploaded",
+    "content_type_for",
+    "local_file_error",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_MAX_UPLOAD_REDOS = 5
+_EXTRA_TYPES = {
+    ".dwg": "image/vnd.dwg",
+    ".dxf": "image/vnd.dxf",
+    ".step": "model/step",
+    ".stp": "model/step",
+    ".ifc": "application/x-step",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ".json": "application/json",
+    ".sqlite": "application/vnd.sqlite3",
+}
+
+
+def content_type_for(path: str) -> str:
+    """The Content-Type to store a file under (octet-stream when unknown)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _EXTRA_TYPES:
+        return _EXTRA_TYPES[suffix]
+    guessed, _ = mimetypes.guess_type(path, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def local_file_error(exc: OSError, path: Path, action: str) -> LocalFileError:
+    """Translate an OS error on a local file into a message that says what to do."""
+    hint = {
+        errno.ENOSPC: "the disk is full: free some space and try again",
+        errno.EACCES: "permission denied: check the folder's permissions",
+        errno.EPERM: "permission denied: check the folder's permissions",
+        errno.EROFS: "the file system is read-only",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return LocalFileError(f"cannot {action} {path}: {hint}")
+
+
+class Progress:
+    """Adds byte deltas from many threads and emits ``(message, percent)`` on change."""
+
+    def __init__(
+        self, message: str, total_bytes: int, emit: Callable[[str, int], None] | None
+    ) -> None:
+        self.message = message
+        self.total = max(total_bytes, 0)
+        self._emit = emit
+        self._done = 0
+        self._files = 0
+        self._last = -1
+        self._lock = threading.Lock()
+        self._report()
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes counted so far (may shrink when a retry rewinds)."""
+        return self._done
+
+    def add(self, delta: int) -> None:
+        """Count ``delta`` bytes (negative when a retry rewinds)."""
+        with self._lock:
+            self._done += delta
+        self._report()
+
+    def file_done(self) -> None:
+        """Count one finished file."""
+        with self._lock:
+            self._files += 1
+
+    def finish(self) -> None:
+        """Report 100 %."""
+        with self._lock:
+            self._done = self.total
+        self._report()
+
+    def _report(self) -> None:
+        if self._emit is None:
+            return
+        with self._lock:
+            pct = 100 if self.total == 0 else min(100, max(0, self._done * 100 // self.total))
+            if pct == self._last:
+                return
+            self._last = pct
+        self._emit(self.message, pct)
+
+
+@dataclass(frozen=True)
+class Download:
+    """One object to bring down to ``dest``."""
+
+    key: str
+    dest: Path
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One local file to send to ``key``."""
+
+    rel: str
+    key: str
+    src: Path
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """What the store confirmed for an upload."""
+
+    rel: str
+    key: str
+    etag: str
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+class Transfers:
+    """A pool of ``workers`` threads moving files between a folder and a store."""
+
+    def __init__(self, store: ObjectStore, workers: int) -> None:
+        self.store = store
+        self.workers = workers
+
+    def download(self, items: Sequence[Download], progress: Progress | None = None) -> list[str]:
+        """Download every item (temp + verify + rename); return the sha256 of each, in order."""
+        return self.map(items, lambda item: self._download_one(item, progress), progress)
+
+    def upload(self, items: Sequence[Upload], progress: Progress | None = None) -> list[Uploaded]:
+        """Upload every item; return what the store confirmed, in order."""
+        return self.map(items, lambda item: self._upload_one(item, progress), progress)
+
+    def map(
+        self, items: Sequence[T], fn: Callable[[T], R], progress: Progress | None = None
+    ) -> list[R]:
+        """Run ``fn`` over ``items`` on the pool; on a failure cancel the rest and raise it."""
+        if not items:
+            if progress is not None:
+                progress.finish()
+            return []
+        results: dict[int, R] = {}
+        with ThreadPoolExecutor(
+            max_workers=min(self.workers, len(items)), thread_name_prefix="pdagent-xfer"
+        ) as pool:
+            futures: dict[Future[R], int] = {
+                pool.submit(fn, item): index for index, item in enumerate(items)
+            }
+            done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+            failures = [f for f in done if f.exception() is not None]
+            if failures:
+                for fut in not_done:
+                    fut.cancel()
+                wait(not_done)
+                failures = [
+                    f for f in futures if not f.cancelled() and f.exception() is not None
+                ]
+                self._raise_first(failures, len(items))
+            for fut, index in futures.items():
+                results[index] = fut.result()
+        if progress is not None:
+            progress.finish()
+        return [results[i] for i in range(len(items))]
+
+    @staticmethod
+    def _raise_first(failures: Iterable[Future[R]], total: int) -> None:
+        errors = [f.exception() for f in failures]
+        first = errors[0]
+        log.error(
+            "transfer_failed", failed=len(errors), total=total, error=str(first), kind=type(first).__name__
+        )
+        if isinstance(first, AgentError):
+            raise first
+        raise TransferError(
+            f"{len(errors)} of {total} transfers failed; first: {first}",
+            failed=len(errors),
+            last_exception=first,
+        ) from first
+
+    def _download_one(self, item: Download, progress: Progress | None) -> str:
+        tmp = temp_name_for(item.dest)
+        sent = 0
+
+        def on_bytes(delta: int) -> None:
+            nonlocal sent
+            sent += delta
+            if progress is not None:
+                progress.add(delta)
+
+        try:
+            try:
+                item.dest.parent.mkdir(parents=True, exist_ok=True)
+                info: ObjectInfo = self.store.download_file(item.key, tmp, progress=on_bytes)
+                actual = tmp.stat().st_size
+                if actual != info.size or (item.size is not None and actual != item.size):
+                    raise PermanentStoreError(
+                        f"downloaded {item.key} has {actual} bytes, expected "
+                        f"{item.size if item.size is not None else info.size}; the object changed "
+                        "during the download or the transfer was cut: try again"
+                    )
+                digest = file_sha256(tmp)
+                if item.sha256 is not None and digest != item.sha256:
+                    raise PermanentStoreError(
+                        f"downloaded {item.key} does not match the manifest's sha256; the object "
+                        "was changed outside the agent. Nothing was overwritten; ask an operator."
+                    )
+                os.replace(tmp, item.dest)
+            except OSError as exc:
+                raise local_file_error(exc, item.dest, "write") from exc
+        except BaseException:
+            if progress is not None and sent:
+                progress.add(-sent)
+            tmp.unlink(missing_ok=True)
+            raise
+        if progress is not None:
+            progress.file_done()
+        return digest
+
+    def _upload_one(self, item: Upload, progress: Progress | None) -> Uploaded:
+        for _attempt in range(_MAX_UPLOAD_REDOS):
+            sent = 0
+
+            def on_bytes(delta: int) -> None:
+                nonlocal sent
+                sent += delta
+                if progress is not None:
+                    progress.add(delta)
+
+            try:
+                before = item.src.stat()
+                digest = file_sha256(item.src)
+                result = self.store.upload_file(
+                    item.key, item.src, content_type=content_type_for(item.rel), progress=on_bytes
+                )
+                after = item.src.stat()
+            except OSError as exc:
+                if progress is not None:
+                    progress.add(-sent)
+                raise local_file_error(exc, item.src, "read") from exc
+            if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+                if progress is not None:
+                    progress.file_done()
+                return Uploaded(
+                    rel=item.rel,
+                    key=item.key,
+                    etag=result.etag,
+                    size=after.st_size,
+                    sha256=digest,
+                    mtime_ns=after.st_mtime_ns,
+                )
+            log.info("upload_redo_file_changed", path=item.rel, key=item.key)
+            if progress is not None:
+                progress.add(-sent)
+        raise TransferError(
+            f"{item.src} kept changing while it was uploaded ({_MAX_UPLOAD_REDOS} tries); "
+            "close the program writing it and try again",
+            failed=1,
+        )

@@ -1,0 +1,133 @@
+"""The ``agent`` command as a user runs it: real subprocesses on the embedded store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def agent_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose agent writes only under tmp_path and reads no user config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
+    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
+    return env
+
+
+@pytest.fixture
+def run(agent_env: dict[str, str]) -> Run:
+    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=env or agent_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return _run
+
+
+def test_help_lists_the_commands_and_does_not_import_boto3(agent_env: dict[str, str]) -> None:
+    """--help works and the CLI's import path stays free of boto3 and watchdog."""
+    code = (
+        "import sys, agent.cli\n"
+        "from click.testing import CliRunner\n"
+        "r = CliRunner().invoke(agent.cli.cli, ['--help'])\n"
+        "print(r.output)\n"
+        "print('boto3' in sys.modules, 'watchdog' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=agent_env, capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("open", "close", "abort", "status", "doctor", "lock"):
+        assert command in out
+    assert out.strip().endswith("False False")
+
+
+def test_open_status_close_round_trip(run: Run, tmp_path: Path) -> None:
+    """open prints the folder, status --json lists the session, close commits and releases."""
+    opened = run("open", "Kraftwerk_1234567", "--user", "admin", "--stage", "planning", "--json")
+    assert 0 == opened.returncode, opened.stderr
+    info = json.loads(opened.stdout)
+    work = Path(info["path"])
+    assert work.is_dir()
+    assert str(tmp_path / "base") in str(work)
+    (work / "plan.txt").write_text("edited")
+    status = run("status", "--json")
+    assert 0 == status.returncode, status.stderr
+    sessions = json.loads(status.stdout)["sessions"]
+    assert ["Kraftwerk_1234567"] == [s["projekt_id"] for s in sessions]
+    closed = run("close", "--json")
+    assert 0 == closed.returncode, closed.stderr
+    assert ["plan.txt"] == json.loads(closed.stdout)["uploaded"]
+    lock = run("lock", "show", "Kraftwerk_1234567", "--stage", "planning", "--json")
+    assert "released" == json.loads(lock.stdout)["lock"]["body"]["state"]
+    assert [] == json.loads(run("status", "--json").stdout)["sessions"]
+
+
+def test_lock_held_has_its_own_exit_code_and_names_the_holder(
+    run: Run, agent_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A second user on another machine's folder gets exit 5 and the holder's name."""
+    assert 0 == run("open", "P1", "--user", "alice", "--stage", "detail").returncode
+    other = dict(agent_env, AGENT_PATHS__BASE_DIR=str(tmp_path / "other"))
+    other["AGENT_STORE__URL"] = (tmp_path / "base" / "store").as_uri()
+    denied = run("open", "P1", "--user", "bob", "--stage", "detail", env=other)
+    assert 5 == denied.returncode
+    assert "alice" in denied.stderr
+    assert 0 == run("abort").returncode
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (("open", "../evil", "--user", "a", "--stage", "planning"), 3, "projekt_id"),
+        (("open", "P", "--user", "a", "--stage", "plan/ning"), 3, "stage"),
+        (("close",), 15, "no open session"),
+        (("abort",), 15, "no open session"),
+        (("lock", "unlock", "P", "--stage", "planning"), 2, "--force"),
+    ],
+)
+def test_bad_input_exit_codes(run: Run, args: tuple[str, ...], code: int, text: str) -> None:
+    """Each kind of bad input has its documented exit code and a message naming the problem."""
+    result = run(*args)
+    assert code == result.returncode, result.stderr
+    assert text in result.stderr
+
+
+def test_json_errors_are_machine_readable(run: Run) -> None:
+    """With --json an error is one JSON object on stdout with type and exit code."""
+    result = run("close", "--json")
+    assert 15 == result.returncode
+    err = json.loads(result.stdout)["error"]
+    assert "SessionError" == err["type"]
+    assert 15 == err["exit_code"]
+
+
+def test_bad_config_value_is_exit_3_naming_the_key(run: Run, agent_env: dict[str, str]) -> None:
+    """A bad environment override is refused naming the key."""
+    env = dict(agent_env, AGENT_TRANSFER__WORKERS="zero")
+    result = run("status", env=env)
+    assert 3 == result.returncode
+    assert "transfer.workers" in result.stderr
+
+
+def test_doctor_passes_on_the_embedded_store(run: Run) -> None:
+    """doctor's checks all pass on the default folder store."""
+    result = run("doctor", "--json")
+    assert 0 == result.returncode, result.stdout + result.stderr
+    checks = json.loads(result.stdout)["checks"]
+    assert all(c["ok"] for c in checks)
+    assert any("conditional" in c["name"] for c in checks)

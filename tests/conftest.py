@@ -1,0 +1,150 @@
+"""Shared fixtures: real stores (folder and SeaweedFS), the non-conforming rclone server.
+
+The SeaweedFS server starts once per test session on free loopback ports; each
+test gets a fresh bucket and prefix. Credentials for the tests are set in the
+environment (monkeypatched), so the real boto3 credential chain is used and
+nothing from the machine's own AWS config leaks in.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from agent.config import AgentConfig, load_config
+from agent.store.base import ObjectStore
+from agent.store.local import LocalStore
+from tests.servers import RcloneS3Server, SeaweedServer, free_port
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AGENT_* or AWS_* variable from the machine reaches a test."""
+    for name in list(os.environ):
+        if name.startswith(("AGENT_", "AWS_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Each test starts with structlog's default configuration."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leaks() -> Iterator[None]:
+    """A test must stop every thread it started (watchers, uploaders, heartbeats)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [
+        t for t in threading.enumerate()
+        if t not in before and t.is_alive() and t.name.startswith("pdagent")
+    ]
+    for t in leaked:
+        t.join(timeout=5)
+    still = [t.name for t in leaked if t.is_alive()]
+    assert [] == still, f"threads left running: {still}"
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedServer]:
+    """One SeaweedFS server for the whole test session."""
+    server = SeaweedServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_server() -> Iterator[RcloneS3Server]:
+    """rclone's S3 server (ignores conditional writes), for the capability probe."""
+    server = RcloneS3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+def _bucket_name() -> str:
+    return f"pdt-{uuid.uuid4().hex[:20]}"
+
+
+@pytest.fixture
+def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh bucket; the environment (also set in-process) that points the agent at it."""
+    bucket = _bucket_name()
+    seaweed.create_bucket(bucket)
+    env = seaweed.env()
+    env["AGENT_STORE__URL"] = f"s3://{bucket}/t{uuid.uuid4().hex[:6]}"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, env[name])
+    return env
+
+
+def s3_config(env: dict[str, str], base_dir: Path, **sections: dict[str, object]) -> AgentConfig:
+    """An AgentConfig for the bucket in ``env`` (what a subprocess would load)."""
+    store = {"url": env["AGENT_STORE__URL"], "endpoint_url": env["AGENT_STORE__ENDPOINT_URL"],
+             "region": "us-east-1", **sections.pop("store", {})}
+    return load_config(
+        store=store,
+        paths={"base_dir": str(base_dir)},
+        retry={"attempts": 3, "initial_backoff": 0.05, "max_backoff": 0.2},
+        **sections,
+    )
+
+
+@pytest.fixture
+def s3_store(s3_env: dict[str, str], tmp_path: Path) -> Iterator[ObjectStore]:
+    """The real S3Store on a fresh SeaweedFS bucket and prefix."""
+    from agent.store import open_store
+
+    store = open_store(s3_config(s3_env, tmp_path / "s3cfg"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> LocalStore:
+    """The embedded folder store in a fresh folder."""
+    return LocalStore(tmp_path / "store", create=True)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest) -> ObjectStore:
+    """Each backend in turn: the contract both keep."""
+    name = "local_store" if request.param == "local" else "s3_store"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def rclone_store(rclone_server: RcloneS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+    """An S3Store pointed at rclone's non-conforming S3 server."""
+    from agent.store import open_store
+
+    bucket = _bucket_name()
+    rclone_server.create_bucket(bucket)
+    for name, value in rclone_server.env().items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    config = load_config(
+        store={"url": f"s3://{bucket}/p", "endpoint_url": rclone_server.endpoint, "region": "us-east-1"},
+        paths={"base_dir": str(tmp_path / "rc")},
+        retry={"attempts": 2, "initial_backoff": 0.05},
+    )
+    store = open_store(config)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def dead_endpoint() -> str:
+    """An http endpoint on a loopback port where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"

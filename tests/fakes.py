@@ -1,0 +1,139 @@
+"""Small fakes for unit tests only (integration tests use the real stores).
+
+``MemoryStore`` keeps objects in a dict with S3's conditional-write semantics;
+``FaultyStore`` wraps any store and makes chosen calls fail (s3transfer's
+``StreamWithError``, syncthing's ``errorfs.go``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.errors import NotFoundError, PreconditionFailedError
+from agent.store.base import ObjectData, ObjectInfo, ObjectStore, ProgressFn, WriteResult
+
+
+class MemoryStore:
+    """An in-memory ObjectStore with put-if-absent / put-if-match."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        """Where it is."""
+        return "memory://"
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def _now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def get(self, key: str) -> ObjectData:
+        """Read an object."""
+        self.calls.append(("get", key))
+        with self._lock:
+            if key not in self.objects:
+                raise NotFoundError(key)
+            data = self.objects[key]
+        return ObjectData(key=key, body=data, etag=self._etag(data), server_time=self._now())
+
+    def head(self, key: str) -> ObjectInfo:
+        """Stat an object."""
+        data = self.get(key).body
+        return ObjectInfo(key=key, size=len(data), etag=self._etag(data))
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> WriteResult:
+        """Write, honouring the conditions."""
+        self.calls.append(("put", key))
+        with self._lock:
+            current = self.objects.get(key)
+            if if_none_match and current is not None:
+                raise PreconditionFailedError(f"{key} exists")
+            if if_match is not None and (current is None or self._etag(current) != if_match):
+                raise PreconditionFailedError(f"{key} etag differs")
+            self.objects[key] = data
+        return WriteResult(etag=self._etag(data), server_time=self._now())
+
+    def upload_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> WriteResult:
+        """Upload a file."""
+        data = path.read_bytes()
+        if progress is not None:
+            progress(len(data))
+        return self.put_bytes(key, data)
+
+    def download_file(
+        self, key: str, dest: Path, *, progress: ProgressFn | None = None
+    ) -> ObjectInfo:
+        """Download to dest."""
+        self.calls.append(("download", key))
+        data = self.get(key).body
+        dest.write_bytes(data)
+        if progress is not None:
+            progress(len(data))
+        return ObjectInfo(key=key, size=len(data), etag=self._etag(data))
+
+    def copy(self, src_key: str, dst_key: str) -> WriteResult:
+        """Copy inside the store."""
+        return self.put_bytes(dst_key, self.get(src_key).body)
+
+    def delete(self, key: str) -> None:
+        """Delete; missing is fine."""
+        with self._lock:
+            self.objects.pop(key, None)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete several."""
+        for key in keys:
+            self.delete(key)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """List by prefix."""
+        with self._lock:
+            items = sorted((k, v) for k, v in self.objects.items() if k.startswith(prefix))
+        for key, data in items:
+            yield ObjectInfo(key=key, size=len(data), etag=self._etag(data))
+
+    def server_time(self) -> datetime:
+        """Now."""
+        return self._now()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class FaultyStore:
+    """Delegates to ``inner`` but lets a test make a method fail (``faults[name] = fn``)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.faults: dict[str, Callable[..., Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.faults:
+            return self.faults[name]
+        return getattr(self.inner, name)

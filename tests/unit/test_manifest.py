@@ -1,0 +1,69 @@
+"""The manifest and the open plan (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from agent.errors import InvalidNameError, PermanentStoreError
+from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
+
+
+def _m(**files: tuple[int, str]) -> Manifest:
+    return Manifest(
+        files={k.replace("__", "/"): ManifestEntry(size=s, sha256=h, etag="e") for k, (s, h) in files.items()}
+    )
+
+
+def test_roundtrip_is_stable_bytes() -> None:
+    """Equal manifests serialize to equal bytes and parse back."""
+    m = _m(a=(1, "h1"), b__c=(2, "h2"))
+    data = m.to_bytes()
+    assert data == Manifest.parse(data, key="k").to_bytes()
+    assert 3 == Manifest.parse(data, key="k").total_bytes
+
+
+def test_corrupt_manifest_is_reported_with_its_key() -> None:
+    """A body that is not a manifest names the key."""
+    with pytest.raises(PermanentStoreError, match="P/planning.manifest.json"):
+        Manifest.parse(b"{not json", key="P/planning.manifest.json")
+
+
+def test_manifest_with_escaping_path_is_refused() -> None:
+    """A manifest naming '../x' cannot make us write outside the folder."""
+    bad = b'{"files": {"../x": {"size": 1, "sha256": "h", "etag": "e"}}}'
+    with pytest.raises(InvalidNameError, match=r"\.\./x"):
+        Manifest.parse(bad, key="P/s.manifest.json")
+
+
+def test_plan_keeps_matching_downloads_changed_and_removes_extra() -> None:
+    """Unchanged cached files are kept, changed or missing ones downloaded, extras removed."""
+    manifest = _m(same=(3, "h1"), changed=(3, "new"), missing=(4, "h3"), touched=(3, "h4"))
+    snapshot = {
+        "same": LocalEntry(3, 100, "h1"),
+        "changed": LocalEntry(3, 100, "old"),
+        "touched": LocalEntry(3, 100, "h4"),
+        "extra": LocalEntry(1, 100, "x"),
+    }
+    current = {"same": (3, 100), "changed": (3, 100), "touched": (3, 999), "extra": (1, 100)}
+    plan = plan_open(manifest, snapshot, current)
+    assert ["same"] == plan.keep
+    assert ["changed", "missing", "touched"] == plan.download
+    assert ["extra"] == plan.remove
+    assert not plan.is_noop
+
+
+def test_plan_of_unchanged_cache_is_noop() -> None:
+    """A cache equal to the manifest needs nothing."""
+    manifest = _m(a=(1, "h"))
+    plan = plan_open(manifest, {"a": LocalEntry(1, 5, "h")}, {"a": (1, 5)})
+    assert plan.is_noop
+
+
+def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
+    """Chunked hashing equals hashing the whole content."""
+    data = b"x" * (3 * 1024 * 1024 + 17)
+    (tmp_path / "f").write_bytes(data)
+    assert hashlib.sha256(data).hexdigest() == file_sha256(tmp_path / "f")

@@ -1,0 +1,50 @@
+"""The transition table, without I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.errors import InvalidTransitionError, SessionError
+from agent.state import TRANSITIONS, SessionState, check_transition
+
+S = SessionState
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        [S.IDLE, S.ACQUIRING, S.DOWNLOADING, S.ACTIVE, S.UPLOADING, S.CLOSED],
+        [S.IDLE, S.ACQUIRING, S.RESTORING, S.ACTIVE, S.UPLOADING, S.CLOSED],
+        [S.ACTIVE, S.RECOVERING, S.CLOSED],
+    ],
+    ids=["online", "resume", "crash"],
+)
+def test_design_sequences_are_allowed(path: list[SessionState]) -> None:
+    """Every sequence DESIGN.md lists passes the table."""
+    for old, new in zip(path, path[1:], strict=False):
+        check_transition(old, new)
+
+
+@pytest.mark.parametrize("state", [s for s in S if s is not S.CLOSED])
+def test_abort_reaches_closed_from_any_open_state(state: SessionState) -> None:
+    """Abort: any state but CLOSED may go to CLOSED."""
+    check_transition(state, S.CLOSED)
+
+
+def test_closed_is_final() -> None:
+    """Nothing leaves CLOSED."""
+    assert frozenset() == TRANSITIONS[S.CLOSED]
+    with pytest.raises(InvalidTransitionError, match="from closed to acquiring"):
+        check_transition(S.CLOSED, S.ACQUIRING)
+
+
+def test_illegal_transition_is_a_session_error_naming_both_states() -> None:
+    """Skipping the download is refused with a SessionError naming both states."""
+    with pytest.raises(SessionError, match="from acquiring to active"):
+        check_transition(S.ACQUIRING, S.ACTIVE)
+
+
+def test_state_values_are_the_signal_contract() -> None:
+    """The int values sent by state_changed never change."""
+    assert [0, 1, 2, 3, 4, 5, 6, 7] == [int(s) for s in S]
+    assert "downloading" == str(S.DOWNLOADING)
