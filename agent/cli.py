@@ -124,7 +124,7 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int], None] | Non
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML config file (default: $AGENT_CONFIG, else built-in defaults on a local folder store).",
+    help="TOML config file (default: $AGENT_CONFIG, else built-in defaults).",
 )
 @click.option("-v", "--verbose", count=True, help="Log to the console too (-vv: debug).")
 def cli(config_path: Path | None, verbose: int) -> None:
@@ -263,9 +263,7 @@ def close_cmd(projekt_id: str | None, stage: str | None, allow_mass_delete: bool
     """Send what is left, commit the session and release the lock."""
     client = _client(projekt_id, stage)
     with _progress() as slot:
-        report = client.call(
-            "close", {"allow_mass_delete": allow_mass_delete}, on_progress=slot
-        )
+        report = client.call("close", {"allow_mass_delete": allow_mass_delete}, on_progress=slot)
     _emit({**report, "state": "closed"}, _close_text(report))
 
 
@@ -277,7 +275,9 @@ def close_cmd(projekt_id: str | None, stage: str | None, allow_mass_delete: bool
 def flush_cmd(projekt_id: str | None, stage: str | None, timeout: float) -> None:
     """Wait until every saved change is in the store (nothing pending)."""
     result = _client(projekt_id, stage).call("flush", {"timeout": timeout})
-    _emit(result, "flushed: nothing pending" if result["flushed"] else "still pending after timeout")
+    _emit(
+        result, "flushed: nothing pending" if result["flushed"] else "still pending after timeout"
+    )
     if not result["flushed"]:
         raise click.exceptions.Exit(10)
 
@@ -340,7 +340,8 @@ def status_cmd() -> None:
         lines.append("no open sessions")
     for row in rows:
         lines.append(
-            f"{row['projekt_id']}/{row['stage']}  user={row['user']}  state={row.get('state', row['phase'])}"
+            f"{row['projekt_id']}/{row['stage']}  user={row['user']}  "
+            f"state={row.get('state', row['phase'])}"
             f"  agent={row['agent']}  pending={row.get('pending', '?')}  path={row['path']}"
         )
         if row.get("heartbeat_age_seconds") is not None:
@@ -348,7 +349,9 @@ def status_cmd() -> None:
         if row.get("last_upload_at"):
             lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
         if row["agent"] != "running":
-            lines.append("  the background agent is not running: `agent recover` resumes or discards")
+            lines.append(
+                "  the background agent is not running: `agent recover` resumes or discards"
+            )
         if row.get("last_error"):
             lines.append(f"  last error: {row['last_error']}")
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
@@ -397,9 +400,14 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
 
     spawn_agent(_state.config_path, record.session_id, config.paths.state_dir)
     _emit(
-        {"path": str(path), "session_id": record.session_id, "state": "active",
-         "conflicts": list(record.conflicts)},
-        str(path) + (f"\nconflicts kept twice: {', '.join(record.conflicts)}" if record.conflicts else ""),
+        {
+            "path": str(path),
+            "session_id": record.session_id,
+            "state": "active",
+            "conflicts": list(record.conflicts),
+        },
+        str(path)
+        + (f"\nconflicts kept twice: {', '.join(record.conflicts)}" if record.conflicts else ""),
     )
 
 
@@ -522,7 +530,9 @@ def main(argv: list[str] | None = None) -> None:
         import structlog
 
         structlog.get_logger("agent.cli").exception("internal_error")
-        _report_error("InternalError", f"internal error: {exc!r} (details in the log)", EXIT_INTERNAL)
+        _report_error(
+            "InternalError", f"internal error: {exc!r} (details in the log)", EXIT_INTERNAL
+        )
         sys.exit(EXIT_INTERNAL)
     sys.exit(0)
 

@@ -120,9 +120,7 @@ class StoreConfig(_Section):
                 raise ConfigError(
                     f"store.url {self.url!r} names no bucket: use s3://BUCKET or s3://BUCKET/PREFIX"
                 )
-            return StoreLocation(
-                scheme="s3", bucket=parsed.netloc, prefix=parsed.path.strip("/")
-            )
+            return StoreLocation(scheme="s3", bucket=parsed.netloc, prefix=parsed.path.strip("/"))
         if parsed.scheme == "file":
             raw = unquote(parsed.path)
             if parsed.netloc and parsed.netloc != "localhost":
@@ -196,7 +194,9 @@ class PathsConfig(_Section):
     """Folders the agent may write to. Everything lives under ``base_dir``."""
 
     base_dir: Path = Field(
-        default_factory=lambda: Path(platformdirs.user_data_dir("pd-session-agent", appauthor=False))
+        default_factory=lambda: Path(
+            platformdirs.user_data_dir("pd-session-agent", appauthor=False)
+        )
     )
 
     @property

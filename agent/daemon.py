@@ -14,6 +14,7 @@ with any number of ``{"progress": [message, percent]}`` and then exactly one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import structlog
 from agent import errors
 from agent.config import AgentConfig
 from agent.errors import AgentError, AgentUnreachableError, SessionError
-from agent.platform import detach_popen_kwargs, pid_alive, write_private_file
+from agent.platform import pid_alive, spawn_detached, write_private_file
 from agent.records import SessionRecord, SessionStore
 
 __all__ = ["AgentClient", "AgentServer", "spawn_agent"]
@@ -66,7 +67,7 @@ class AgentServer:
         key = os.urandom(32)
         write_private_file(_authkey_path(self.records, record.session_id), key)
         self._listener = Listener(("127.0.0.1", 0), authkey=key)
-        host, port = self._listener.address  # type: ignore[misc]
+        host, port = self._listener.address
         address = f"{host}:{port}"
         self.session.publish_agent(os.getpid(), address)
         log.info("agent_listening", session_id=record.session_id, address=address)
@@ -118,7 +119,7 @@ class AgentServer:
                         }
                     }
                 )
-            except Exception as exc:  # noqa: BLE001 - report, keep serving
+            except Exception as exc:
                 log.exception("agent_request_failed", cmd=cmd)
                 finishing = False
                 conn.send({"error": {"type": "AgentError", "message": repr(exc), "exit_code": 1}})
@@ -127,10 +128,8 @@ class AgentServer:
 
     def _dispatch(self, cmd: str, args: dict[str, Any], conn: Connection) -> Any:
         def progress(message: str, pct: int) -> None:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send({"progress": [message, pct]})
-            except OSError:
-                pass
 
         if cmd == "ping":
             return {"pid": os.getpid()}
@@ -221,13 +220,7 @@ def spawn_agent(config_path: Path | None, session_id: str, state_dir: Path) -> S
     argv += ["_serve", session_id]
     log_path = SessionStore(state_dir).folder(session_id) / "agent.out"
     with log_path.open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            **detach_popen_kwargs(),  # type: ignore[arg-type]
-        )
+        proc = spawn_detached(argv, out)
     _SPAWNED.append(proc)
     records = SessionStore(state_dir)
     deadline = time.monotonic() + _READY_TIMEOUT

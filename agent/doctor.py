@@ -54,7 +54,12 @@ def _check_clock(store: ObjectStore) -> Check:
         return _fail("clock skew", exc)
     skew = (datetime.now(UTC) - remote).total_seconds()
     detail = f"local clock is {skew:+.1f}s from the store's (lock expiry uses the store's clock)"
-    return Check("clock skew", abs(skew) <= MAX_SKEW_SECONDS, detail, 0 if abs(skew) <= MAX_SKEW_SECONDS else 1)
+    return Check(
+        "clock skew",
+        abs(skew) <= MAX_SKEW_SECONDS,
+        detail,
+        0 if abs(skew) <= MAX_SKEW_SECONDS else 1,
+    )
 
 
 def _check_conditional(store: ObjectStore) -> Check:

@@ -149,7 +149,9 @@ class Journal:
 
     # ----------------------------------------------------------------- writes
 
-    def record(self, path: str, op: Op, *, size: int | None = None, mtime_ns: int | None = None) -> int:
+    def record(
+        self, path: str, op: Op, *, size: int | None = None, mtime_ns: int | None = None
+    ) -> int:
         """Record pending work for ``path`` (coalesced); durable when it returns. Returns seq."""
         with self._tx() as conn:
             return self._upsert(conn, path, op, size, mtime_ns)
@@ -216,7 +218,8 @@ class Journal:
         """Count a failed attempt; the row stays pending."""
         with self._tx() as conn:
             conn.execute(
-                "UPDATE pending SET attempts = attempts + 1, last_error = ? WHERE path = ? AND seq = ?",
+                "UPDATE pending SET attempts = attempts + 1, last_error = ?"
+                " WHERE path = ? AND seq = ?",
                 (error[:500], path, seq),
             )
 
@@ -253,16 +256,22 @@ class Journal:
 
     def pending_count(self) -> int:
         """How many paths have work to do."""
-        return int(self._query("SELECT COUNT(*) FROM pending")[0][0])  # type: ignore[call-overload]
+        count = self._query("SELECT COUNT(*) FROM pending")[0][0]
+        assert isinstance(count, int)
+        return count
 
     def staged(self) -> dict[str, Staged]:
         """Everything staging holds (puts) or commit must delete."""
-        rows = self._query("SELECT path, op, etag, size, sha256, mtime_ns FROM staged ORDER BY path")
+        rows = self._query(
+            "SELECT path, op, etag, size, sha256, mtime_ns FROM staged ORDER BY path"
+        )
         return {str(r[0]): Staged(*r[1:]) for r in rows}  # type: ignore[arg-type]
 
     def staged_entry(self, path: str) -> Staged | None:
         """What staging holds for one path."""
-        rows = self._query("SELECT op, etag, size, sha256, mtime_ns FROM staged WHERE path = ?", (path,))
+        rows = self._query(
+            "SELECT op, etag, size, sha256, mtime_ns FROM staged WHERE path = ?", (path,)
+        )
         return Staged(*rows[0]) if rows else None  # type: ignore[arg-type]
 
     def backup(self, dest: Path) -> None:

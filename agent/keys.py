@@ -47,7 +47,7 @@ def validate_name(kind: str, value: str) -> str:
             f"{kind} {value!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit (no '/', '\\', '..' or spaces)"
         )
-    if value.split(".")[0].upper() in _WINDOWS_RESERVED:
+    if value.split(".", maxsplit=1)[0].upper() in _WINDOWS_RESERVED:
         raise InvalidNameError(f"{kind} {value!r} is a reserved device name on Windows")
     return value
 

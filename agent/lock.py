@@ -277,7 +277,10 @@ class RemoteLock:
                     now = self.store.server_time()
                     body = self._body(now)
                     result = self.store.put_bytes(
-                        self.key, body.to_bytes(), if_none_match=True, content_type="application/json"
+                        self.key,
+                        body.to_bytes(),
+                        if_none_match=True,
+                        content_type="application/json",
                     )
                 else:
                     self._check_may_take(status, take_over)
@@ -285,18 +288,31 @@ class RemoteLock:
                     now = status.server_time
                     body = self._body(now, since=status.body.since if same else None)
                     result = self.store.put_bytes(
-                        self.key, body.to_bytes(), if_match=status.etag, content_type="application/json"
+                        self.key,
+                        body.to_bytes(),
+                        if_match=status.etag,
+                        content_type="application/json",
                     )
             except PreconditionFailedError:
                 log.info("lock_race_lost_rereading", key=self.key)
                 continue
             self._etag = result.etag
-            log.info("lock_acquired", key=self.key, user=self.holder.user, session_id=self.holder.session_id)
+            log.info(
+                "lock_acquired",
+                key=self.key,
+                user=self.holder.user,
+                session_id=self.holder.session_id,
+            )
             return LockStatus(
-                key=self.key, body=body, etag=result.etag, server_time=result.server_time,
+                key=self.key,
+                body=body,
+                etag=result.etag,
+                server_time=result.server_time,
                 stale_after=self.config.stale_after,
             )
-        raise LockHeldError(f"the lock {self.key} kept changing while we tried to take it; try again")
+        raise LockHeldError(
+            f"the lock {self.key} kept changing while we tried to take it; try again"
+        )
 
     def _is_mine(self, body: LockBody) -> bool:
         return body.user == self.holder.user and body.machine == self.holder.machine
@@ -311,7 +327,7 @@ class RemoteLock:
         if take_over:
             hint = (
                 "its holder's heartbeat is fresh, so --take-over is refused; an operator can "
-                f"break it with `agent lock unlock ... --force`"
+                "break it with `agent lock unlock ... --force`"
             )
         elif body.user == self.holder.user:
             hint = (
@@ -336,7 +352,9 @@ class RemoteLock:
         try:
             status = self.read()
         except LockCorruptError as exc:
-            raise LockLostError(f"{self.key} was overwritten with something that is not a lock") from exc
+            raise LockLostError(
+                f"{self.key} was overwritten with something that is not a lock"
+            ) from exc
         if status is None or status.etag != self._etag:
             raise self._lost(status)
         body = self._body(status.server_time, since=status.body.since)
@@ -355,7 +373,11 @@ class RemoteLock:
             return None
 
     def _lost(self, status: LockStatus | None) -> LockLostError:
-        now = "nobody" if status is None else f"{status.body.user} on {status.body.machine} ({status.body.state})"
+        now = (
+            "nobody"
+            if status is None
+            else f"{status.body.user} on {status.body.machine} ({status.body.state})"
+        )
         return LockLostError(
             f"the lock {self.key} was taken from this session (it now says: {now}); streaming "
             "stopped, the journal and the staged changes are kept. `agent recover` continues "
@@ -383,7 +405,13 @@ class RemoteLock:
 
 
 def force_unlock(
-    store: ObjectStore, key: str, *, operator: str, machine: str, reason: str, config: LockConfig | None = None
+    store: ObjectStore,
+    key: str,
+    *,
+    operator: str,
+    machine: str,
+    reason: str,
+    config: LockConfig | None = None,
 ) -> LockStatus:
     """An operator's explicit break: ``released`` by CAS, recording who and why."""
     config = config or LockConfig()
@@ -396,20 +424,41 @@ def force_unlock(
         old = LockBody.model_validate_json(data.body)
         previous = f"{old.user}@{old.machine} (session {old.session_id})"
         body = old.model_copy(
-            update={"state": "released", "broken_by": f"{operator}@{machine}", "broken_at": now,
-                    "broken_reason": reason, "previous_holder": previous}
+            update={
+                "state": "released",
+                "broken_by": f"{operator}@{machine}",
+                "broken_at": now,
+                "broken_reason": reason,
+                "previous_holder": previous,
+            }
         )
     except (ValidationError, ValueError):
         previous = "unreadable lock body"
         body = LockBody(
-            state="released", user=operator, machine=machine, since=now, expires=now, heartbeat_at=now,
-            broken_by=f"{operator}@{machine}", broken_at=now, broken_reason=reason,
+            state="released",
+            user=operator,
+            machine=machine,
+            since=now,
+            expires=now,
+            heartbeat_at=now,
+            broken_by=f"{operator}@{machine}",
+            broken_at=now,
+            broken_reason=reason,
             previous_holder=previous,
         )
-    result = store.put_bytes(key, body.to_bytes(), if_match=data.etag, content_type="application/json")
-    log.warning("lock_forced_unlock", key=key, operator=operator, previous_holder=previous, reason=reason)
-    return LockStatus(key=key, body=body, etag=result.etag, server_time=result.server_time,
-                      stale_after=config.stale_after)
+    result = store.put_bytes(
+        key, body.to_bytes(), if_match=data.etag, content_type="application/json"
+    )
+    log.warning(
+        "lock_forced_unlock", key=key, operator=operator, previous_holder=previous, reason=reason
+    )
+    return LockStatus(
+        key=key,
+        body=body,
+        etag=result.etag,
+        server_time=result.server_time,
+        stale_after=config.stale_after,
+    )
 
 
 class Heartbeat:

@@ -13,13 +13,15 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 __all__ = [
     "IS_WINDOWS",
-    "detach_popen_kwargs",
+    "detach_creationflags",
     "install_termination_handler",
     "machine_name",
     "pid_alive",
+    "spawn_detached",
     "termination_signals",
     "write_private_file",
 ]
@@ -75,12 +77,28 @@ def write_private_file(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def detach_popen_kwargs() -> dict[str, object]:
-    """``subprocess.Popen`` options that detach a child from our terminal and group."""
+def detach_creationflags() -> int:
+    """``Popen(creationflags=...)`` that detach a child from our console (Windows; else 0).
+
+    On POSIX, ``Popen(start_new_session=True)`` does the same; see ``spawn_detached``.
+    """
     if IS_WINDOWS:
-        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS  # type: ignore[attr-defined,unused-ignore]
-        return {"creationflags": flags, "close_fds": True}
-    return {"start_new_session": True, "close_fds": True}
+        flags: int = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS  # type: ignore[attr-defined,unused-ignore]
+        return flags
+    return 0
+
+
+def spawn_detached(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` detached from our terminal and process group, output to ``log``."""
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        close_fds=True,
+        start_new_session=not IS_WINDOWS,
+        creationflags=detach_creationflags(),
+    )
 
 
 def termination_signals() -> Sequence[signal.Signals]:

@@ -122,9 +122,7 @@ class SessionStore:
         matches = self.find(projekt_id, stage)
         if not matches:
             what = f" on {projekt_id or '*'}/{stage or '*'}" if projekt_id or stage else ""
-            raise SessionError(
-                f"no open session{what} on this machine (`agent status` lists them)"
-            )
+            raise SessionError(f"no open session{what} on this machine (`agent status` lists them)")
         if len(matches) > 1:
             names = ", ".join(f"{r.projekt_id}/{r.stage}" for r in matches)
             raise SessionError(

@@ -176,7 +176,7 @@ class CrashHandler:
     def _guarded(self, reason: str) -> None:
         try:
             self._save(reason)
-        except Exception:  # noqa: BLE001 - a crash handler must never raise
+        except Exception:
             log.exception("crash_save_failed", reason=reason)
 
 

@@ -35,7 +35,8 @@ def backoff(config: RetryConfig) -> Callable[[RetryCallState], float]:
 
     def wait(state: RetryCallState) -> float:
         exp = config.initial_backoff * 2 ** (state.attempt_number - 1)
-        return min(config.max_backoff, exp) + random.uniform(0, config.jitter)  # noqa: S311
+        jitter: float = random.uniform(0, config.jitter)  # noqa: S311 - not for security
+        return float(min(config.max_backoff, exp)) + jitter
 
     return wait
 

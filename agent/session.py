@@ -48,7 +48,7 @@ from agent.journal import Journal, Staged
 from agent.keys import StageKeys, local_path_for, validate_name
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
-from agent.platform import machine_name, pid_alive
+from agent.platform import machine_name
 from agent.records import SessionRecord, SessionStore, new_session_id
 from agent.recovery import CrashHandler, RecoveryInfo, copy_pending, find_orphans, write_info
 from agent.signals import Signal
@@ -97,7 +97,9 @@ class PlantDesignSession:
     during transfers; a Qt application connects them to its own signals.
     """
 
-    def __init__(self, config: AgentConfig | None = None, *, store: ObjectStore | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig | None = None, *, store: ObjectStore | None = None
+    ) -> None:
         self.config = config if config is not None else load_config()
         self.state_changed: Signal[int] = Signal("state_changed")
         self.progress: Signal[str, int] = Signal("progress")
@@ -196,7 +198,8 @@ class PlantDesignSession:
             rec = existing[0]
             raise PreviousCrashError(
                 f"a session on {projekt_id}/{stage} is already recorded on this machine "
-                f"(session {rec.session_id}, user {rec.user}, since {rec.created_at:%Y-%m-%d %H:%M} "
+                f"(session {rec.session_id}, user {rec.user}, "
+                f"since {rec.created_at:%Y-%m-%d %H:%M} "
                 "UTC): finish it with `agent close` or `agent abort`, or `agent recover` if it "
                 "crashed"
             )
@@ -243,7 +246,11 @@ class PlantDesignSession:
             self.records.save_base(session_id, base_files)
             self.record = self.records.save(
                 self.record.model_copy(
-                    update={"phase": "active", "base_manifest_etag": base_etag, "lock_etag": lock.etag}
+                    update={
+                        "phase": "active",
+                        "base_manifest_etag": base_etag,
+                        "lock_etag": lock.etag,
+                    }
                 )
             )
         except BaseException as exc:
@@ -273,8 +280,12 @@ class PlantDesignSession:
         manifest, etag = self._read_manifest(keys)
         if manifest is None:
             # No manifest yet: a stage written by the old module, or a new one.
-            sizes = {keys.rel_from_committed(o.key): o for o in self.store.list(keys.committed_prefix)}
-            expected = {rel: (o.size, None) for rel, o in sizes.items()}
+            sizes = {
+                keys.rel_from_committed(o.key): o for o in self.store.list(keys.committed_prefix)
+            }
+            expected: dict[str, tuple[int, str | None]] = {
+                rel: (o.size, None) for rel, o in sizes.items()
+            }
         else:
             expected = {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
         self._base_manifest = manifest
@@ -284,7 +295,9 @@ class PlantDesignSession:
         try:
             work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
+            raise LocalFileError(
+                f"cannot create the working folder {work}: {exc.strerror}"
+            ) from exc
         current = {rel: (s.size, s.mtime_ns) for rel, s in scan(work, self.rules).items()}
         wanted = Manifest(
             files={
@@ -305,9 +318,7 @@ class PlantDesignSession:
             for rel in plan.download
         ]
         total = sum(expected[rel][0] for rel in plan.download)
-        progress = Progress(
-            f"Downloading {len(items)} files", total, self.progress.emit
-        )
+        progress = Progress(f"Downloading {len(items)} files", total, self.progress.emit)
         digests = Transfers(self.store, self.config.transfer.workers).download(items, progress)
         files: dict[str, LocalEntry] = {}
         for rel in plan.keep:
@@ -318,7 +329,9 @@ class PlantDesignSession:
         if manifest is None and expected:
             self._base_manifest = Manifest(
                 files={
-                    rel: ManifestEntry(size=files[rel].size, sha256=files[rel].sha256, etag=sizes[rel].etag)
+                    rel: ManifestEntry(
+                        size=files[rel].size, sha256=files[rel].sha256, etag=sizes[rel].etag
+                    )
                     for rel in expected
                 }
             )
@@ -352,7 +365,8 @@ class PlantDesignSession:
         record = session.records.find_one(projekt_id, stage, session_id)
         if record.phase == "opening" and not to_discard:
             raise SessionError(
-                f"session {record.session_id} never finished opening; run `agent abort` to discard it"
+                f"session {record.session_id} never finished opening; "
+                "run `agent abort` to discard it"
             )
         session.record = record
         keys = StageKeys(record.projekt_id, record.stage)
@@ -517,10 +531,13 @@ class PlantDesignSession:
         files = dict(base.files)
         order = sorted(puts)
         results = Transfers(self.store, self.config.transfer.workers).map(
-            order, lambda rel: self.store.copy(keys.staged(record.session_id, rel), keys.committed(rel))
+            order,
+            lambda rel: self.store.copy(keys.staged(record.session_id, rel), keys.committed(rel)),
         )
         for rel, result in zip(order, results, strict=True):
-            files[rel] = ManifestEntry(size=puts[rel].size, sha256=puts[rel].sha256, etag=result.etag)
+            files[rel] = ManifestEntry(
+                size=puts[rel].size, sha256=puts[rel].sha256, etag=result.etag
+            )
         if deletes:
             self.store.delete_many([keys.committed(rel) for rel in deletes])
             for rel in deletes:
@@ -625,7 +642,9 @@ class PlantDesignSession:
 
     def start_streaming(self, *, watch: bool = True) -> None:
         """Start (or continue) watching the folder and streaming changes to staging."""
-        self._require(SessionState.ACTIVE, SessionState.DOWNLOADING, SessionState.RESTORING, action="stream")
+        self._require(
+            SessionState.ACTIVE, SessionState.DOWNLOADING, SessionState.RESTORING, action="stream"
+        )
         streamer = self._ensure_streamer(watch=watch)
         if watch and not streamer.is_watching:
             streamer.start_watching()
@@ -721,7 +740,10 @@ class PlantDesignSession:
         self._note_error(str(exc))
 
     def _note_error(self, message: str) -> None:
-        if self.record is not None and (self.records.folder(self.record.session_id) / "session.json").exists():
+        if (
+            self.record is not None
+            and (self.records.folder(self.record.session_id) / "session.json").exists()
+        ):
             self.record = self.records.save(self.record.model_copy(update={"last_error": message}))
 
     def _release_quietly(self) -> None:
@@ -800,7 +822,10 @@ class PlantDesignSession:
             self.config.paths.recovery_root, info.model_copy(update={"lock_released": released})
         )
         log.warning(
-            "crash_saved", session_id=record.session_id, reason=reason, pending=len(pending),
+            "crash_saved",
+            session_id=record.session_id,
+            reason=reason,
+            pending=len(pending),
             lock_released=released,
         )
         if self._streamer is not None:
@@ -839,7 +864,9 @@ class PlantDesignSession:
 
         return find_orphans(self.records, self.config.paths.recovery_root, pending_of)
 
-    def resume(self, session_id: str | None = None, *, take_over: bool = False, watch: bool = True) -> Path:
+    def resume(
+        self, session_id: str | None = None, *, take_over: bool = False, watch: bool = True
+    ) -> Path:
         """Continue an orphaned session: re-lock, restore the folder, replay the journal.
 
         IDLE -> ACQUIRING -> RESTORING -> ACTIVE. A commit a crash interrupted is
@@ -852,8 +879,9 @@ class PlantDesignSession:
         if session_id is None:
             if len(orphans) != 1:
                 raise SessionError(
-                    "no orphaned session to resume" if not orphans else
-                    f"{len(orphans)} orphaned sessions: name one ({', '.join(orphans)})"
+                    "no orphaned session to resume"
+                    if not orphans
+                    else f"{len(orphans)} orphaned sessions: name one ({', '.join(orphans)})"
                 )
             session_id = next(iter(orphans))
         if session_id not in orphans:
@@ -885,8 +913,12 @@ class PlantDesignSession:
         try:
             self.record = self.records.save(
                 record.model_copy(
-                    update={"pid": os.getpid(), "agent_pid": None, "agent_address": None,
-                            "lock_etag": lock.etag}
+                    update={
+                        "pid": os.getpid(),
+                        "agent_pid": None,
+                        "agent_address": None,
+                        "lock_etag": lock.etag,
+                    }
                 )
             )
             self._journal = Journal.open(self._journal_path(session_id))
@@ -946,20 +978,29 @@ class PlantDesignSession:
         base = current if current is not None else self._load_base_manifest_unchecked(keys)
         staged = self._journal.staged()
         missing_base = [
-            rel for rel in base.files
+            rel
+            for rel in base.files
             if not work.joinpath(*rel.split("/")).exists() and rel not in staged
         ]
         if not work.is_dir() or missing_base:
             work.mkdir(parents=True, exist_ok=True)
             items = [
-                Download(key=keys.committed(rel), dest=local_path_for(work, rel),
-                         size=base.files[rel].size, sha256=base.files[rel].sha256)
+                Download(
+                    key=keys.committed(rel),
+                    dest=local_path_for(work, rel),
+                    size=base.files[rel].size,
+                    sha256=base.files[rel].sha256,
+                )
                 for rel in missing_base
                 if not self._pending_delete(rel)
             ]
             items += [
-                Download(key=keys.staged(self.record.session_id, rel), dest=local_path_for(work, rel),
-                         size=st.size, sha256=st.sha256)
+                Download(
+                    key=keys.staged(self.record.session_id, rel),
+                    dest=local_path_for(work, rel),
+                    size=st.size,
+                    sha256=st.sha256,
+                )
                 for rel, st in staged.items()
                 if st.op == "put" and not work.joinpath(*rel.split("/")).exists()
             ]
@@ -1014,7 +1055,9 @@ class PlantDesignSession:
                     if file_sha256(local) == entry.sha256:
                         continue
                     p = Path(rel)
-                    mine = p.with_name(f"{p.stem}.conflict-{self.record.user}-{stamp}{p.suffix}").as_posix()
+                    mine = p.with_name(
+                        f"{p.stem}.conflict-{self.record.user}-{stamp}{p.suffix}"
+                    ).as_posix()
                     os.replace(local, local_path_for(work, mine))
                     conflicts.append(rel)
                 self._journal.forget(rel)
@@ -1024,26 +1067,39 @@ class PlantDesignSession:
             if rel not in ours:
                 local_path_for(work, rel).unlink(missing_ok=True)
         items = [
-            Download(key=keys.committed(rel), dest=local_path_for(work, rel),
-                     size=theirs.files[rel].size, sha256=theirs.files[rel].sha256)
+            Download(
+                key=keys.committed(rel),
+                dest=local_path_for(work, rel),
+                size=theirs.files[rel].size,
+                sha256=theirs.files[rel].sha256,
+            )
             for rel in downloads
         ]
         Transfers(self.store, self.config.transfer.workers).download(items)
         for rel in downloads:
-            st = local_path_for(work, rel).stat()
-            self._base_files[rel] = LocalEntry(st.st_size, st.st_mtime_ns, theirs.files[rel].sha256)
+            got = local_path_for(work, rel).stat()
+            self._base_files[rel] = LocalEntry(
+                got.st_size, got.st_mtime_ns, theirs.files[rel].sha256
+            )
         self.records.save_base(self.record.session_id, self._base_files)
         self._adopt_new_base(theirs, etag)
         self.record = self.records.save(
             self.record.model_copy(update={"conflicts": [*self.record.conflicts, *conflicts]})
         )
-        log.warning("merged_remote_commit", conflicts=conflicts, downloaded=len(downloads),
-                    committed_by=theirs.committed_by)
+        log.warning(
+            "merged_remote_commit",
+            conflicts=conflicts,
+            downloaded=len(downloads),
+            committed_by=theirs.committed_by,
+        )
 
     def _load_base_manifest_unchecked(self, keys: StageKeys) -> Manifest:
         """The base manifest as the session started (from the snapshot; etags unknown)."""
         return Manifest(
-            files={r: ManifestEntry(size=e.size, sha256=e.sha256, etag="") for r, e in self._base_files.items()}
+            files={
+                r: ManifestEntry(size=e.size, sha256=e.sha256, etag="")
+                for r, e in self._base_files.items()
+            }
         )
 
     def discard(self, session_id: str | None = None) -> None:
@@ -1054,8 +1110,9 @@ class PlantDesignSession:
         if session_id is None:
             if len(orphans) != 1:
                 raise SessionError(
-                    "no orphaned session to discard" if not orphans else
-                    f"{len(orphans)} orphaned sessions: name one ({', '.join(orphans)})"
+                    "no orphaned session to discard"
+                    if not orphans
+                    else f"{len(orphans)} orphaned sessions: name one ({', '.join(orphans)})"
                 )
             session_id = next(iter(orphans))
         if session_id not in orphans:
@@ -1063,11 +1120,24 @@ class PlantDesignSession:
         record = self.records.load(session_id)
         keys = StageKeys(record.projekt_id, record.stage)
         self._remove_staging_of(keys, session_id)
-        status = RemoteLock(self.store, keys.lock, Holder(
-            user=record.user, machine=machine_name(), pid=os.getpid(), session_id=session_id,
-            agent_version=__version__), self.config.lock)
+        status = RemoteLock(
+            self.store,
+            keys.lock,
+            Holder(
+                user=record.user,
+                machine=machine_name(),
+                pid=os.getpid(),
+                session_id=session_id,
+                agent_version=__version__,
+            ),
+            self.config.lock,
+        )
         current = status.read()
-        if current is not None and current.body.state == "held" and current.body.session_id == session_id:
+        if (
+            current is not None
+            and current.body.state == "held"
+            and current.body.session_id == session_id
+        ):
             status.adopt(current.etag)
             status.release()
         shutil.rmtree(record.work_path, ignore_errors=True)

@@ -18,7 +18,7 @@ Ts = TypeVarTuple("Ts")
 _log = structlog.get_logger("agent.signals")
 
 
-class Signal(Generic[Unpack[Ts]]):
+class Signal(Generic[*Ts]):
     """Connect callables, emit arguments to all of them in connection order."""
 
     def __init__(self, name: str) -> None:
@@ -37,7 +37,7 @@ class Signal(Generic[Unpack[Ts]]):
             if slot in self._slots:
                 self._slots.remove(slot)
 
-    def emit(self, *args: Unpack[Ts]) -> None:
+    def emit(self, *args: *Ts) -> None:
         """Call every connected slot with ``args`` (outside the internal lock)."""
         with self._lock:
             slots = list(self._slots)

@@ -31,7 +31,7 @@ import structlog
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.ignore import IgnoreRules
-from agent.journal import Journal
+from agent.journal import Journal, Op
 from agent.keys import StageKeys, local_path_for
 from agent.manifest import LocalEntry, Manifest, file_sha256
 from agent.snapshot import scan
@@ -140,7 +140,7 @@ class Streamer:
 
     def on_dirty(self, paths: set[str]) -> None:
         """Journal each path as a put (a file) or a delete (gone); wake the uploader."""
-        items: list[tuple[str, str, int | None, int | None]] = []
+        items: list[tuple[str, Op, int | None, int | None]] = []
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
@@ -157,7 +157,10 @@ class Streamer:
             if is_file:
                 with self._known_lock:
                     known = self._known.get(rel)
-                if known is not None and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                if known is not None and (known.size, known.mtime_ns) == (
+                    st.st_size,
+                    st.st_mtime_ns,
+                ):
                     continue
                 items.append((rel, "put", st.st_size, st.st_mtime_ns))
             elif self._is_tracked(rel):
@@ -177,7 +180,11 @@ class Streamer:
         current = scan(self.root, self.rules, subtree)
         prefix = f"{subtree}/" if subtree else ""
         with self._known_lock:
-            known = {k: v for k, v in self._known.items() if not prefix or k.startswith(prefix) or k == subtree}
+            known = {
+                k: v
+                for k, v in self._known.items()
+                if not prefix or k.startswith(prefix) or k == subtree
+            }
         dirty = {
             rel
             for rel, st in current.items()
@@ -216,9 +223,14 @@ class Streamer:
                 if self._retry_at.get(entry.path, 0.0) > now:
                     continue
                 assert self._pool is not None
-                fut = self._pool.submit(self._process, entry.path, entry.op, entry.seq, entry.attempts)
+                fut = self._pool.submit(
+                    self._process, entry.path, entry.op, entry.seq, entry.attempts
+                )
                 self._in_flight[entry.path] = fut
-            fut.add_done_callback(lambda _f, path=entry.path: self._finished(path))
+            fut.add_done_callback(self._done_callback(entry.path))
+
+    def _done_callback(self, path: str) -> Callable[[Future[None]], None]:
+        return lambda _future: self._finished(path)
 
     def _finished(self, path: str) -> None:
         with self._flight_lock:
@@ -240,12 +252,20 @@ class Streamer:
             self._retry_at[rel] = time.monotonic() + delay
             self.journal.mark_failed(rel, seq, str(exc))
             self._report(f"{rel}: {exc}")
-            log.warning("stream_failed", path=rel, attempt=attempts + 1, error=str(exc), retry_in=round(delay, 2))
+            log.warning(
+                "stream_failed",
+                path=rel,
+                attempt=attempts + 1,
+                error=str(exc),
+                retry_in=round(delay, 2),
+            )
 
     def _put(self, rel: str, seq: int) -> None:
         path = local_path_for(self.root, rel)
         if not path.is_file():
-            self.journal.record(rel, "delete") if self._is_tracked(rel) else self.journal.mark_done(rel, seq)
+            self.journal.record(rel, "delete") if self._is_tracked(rel) else self.journal.mark_done(
+                rel, seq
+            )
             return
         base = self.base.files.get(rel)
         staged = self.journal.staged_entry(rel)

@@ -191,9 +191,7 @@ class Transfers:
                 for fut in not_done:
                     fut.cancel()
                 wait(not_done)
-                failures = [
-                    f for f in futures if not f.cancelled() and f.exception() is not None
-                ]
+                failures = [f for f in futures if not f.cancelled() and f.exception() is not None]
                 self._raise_first(failures, len(items))
             for fut, index in futures.items():
                 results[index] = fut.result()
@@ -206,7 +204,11 @@ class Transfers:
         errors = [f.exception() for f in failures]
         first = errors[0]
         log.error(
-            "transfer_failed", failed=len(errors), total=total, error=str(first), kind=type(first).__name__
+            "transfer_failed",
+            failed=len(errors),
+            total=total,
+            error=str(first),
+            kind=type(first).__name__,
         )
         if isinstance(first, AgentError):
             raise first

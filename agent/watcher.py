@@ -102,7 +102,7 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self.watcher._on_event(event)  # noqa: SLF001 - the handler is the watcher's own part
+        self.watcher._on_event(event)
 
 
 class Watcher:
@@ -195,7 +195,7 @@ class Watcher:
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.root.joinpath(*rel.split("/")))
+            st = self.root.joinpath(*rel.split("/")).stat()
         except OSError:
             return None
         return (st.st_size, st.st_mtime_ns)
@@ -216,7 +216,7 @@ class Watcher:
                     next_reconcile = self._clock() + self.config.rescan_interval
                     if self._on_rescan is not None:
                         self._on_rescan("")
-            except Exception:  # noqa: BLE001 - a consumer bug must not kill the watcher
+            except Exception:
                 log.exception("watch_delivery_failed")
 
     def _deliver(self, *, force: bool) -> int:

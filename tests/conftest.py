@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -46,7 +47,8 @@ def _no_thread_leaks() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
     leaked = [
-        t for t in threading.enumerate()
+        t
+        for t in threading.enumerate()
         if t not in before and t.is_alive() and t.name.startswith("pdagent")
     ]
     for t in leaked:
@@ -89,10 +91,14 @@ def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     return env
 
 
-def s3_config(env: dict[str, str], base_dir: Path, **sections: dict[str, object]) -> AgentConfig:
+def s3_config(env: dict[str, str], base_dir: Path, **sections: Any) -> AgentConfig:
     """An AgentConfig for the bucket in ``env`` (what a subprocess would load)."""
-    store = {"url": env["AGENT_STORE__URL"], "endpoint_url": env["AGENT_STORE__ENDPOINT_URL"],
-             "region": "us-east-1", **sections.pop("store", {})}
+    store = {
+        "url": env["AGENT_STORE__URL"],
+        "endpoint_url": env["AGENT_STORE__ENDPOINT_URL"],
+        "region": "us-east-1",
+        **sections.pop("store", {}),
+    }
     return load_config(
         store=store,
         paths={"base_dir": str(base_dir)},
@@ -125,7 +131,9 @@ def store(request: pytest.FixtureRequest) -> ObjectStore:
 
 
 @pytest.fixture
-def rclone_store(rclone_server: RcloneS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+def rclone_store(
+    rclone_server: RcloneS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ObjectStore]:
     """An S3Store pointed at rclone's non-conforming S3 server."""
     from agent.store import open_store
 
@@ -135,7 +143,11 @@ def rclone_store(rclone_server: RcloneS3Server, tmp_path: Path, monkeypatch: pyt
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
     config = load_config(
-        store={"url": f"s3://{bucket}/p", "endpoint_url": rclone_server.endpoint, "region": "us-east-1"},
+        store={
+            "url": f"s3://{bucket}/p",
+            "endpoint_url": rclone_server.endpoint,
+            "region": "us-east-1",
+        },
         paths={"base_dir": str(tmp_path / "rc")},
         retry={"attempts": 2, "initial_backoff": 0.05},
     )

@@ -95,7 +95,10 @@ class S3Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self._log.open("ab") as log:
             self._proc = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -114,7 +117,9 @@ class S3Server:
         finally:
             client.close()  # type: ignore[attr-defined]
         self.stop()
-        raise RuntimeError(f"{self.name} did not answer within {timeout}s ({last}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.name} did not answer within {timeout}s ({last}):\n{self.log_tail()}"
+        )
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the server's output."""

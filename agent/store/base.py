@@ -96,7 +96,9 @@ class ObjectStore(Protocol):
         """Upload a local file (multipart above the configured threshold)."""
         ...
 
-    def download_file(self, key: str, dest: Path, *, progress: ProgressFn | None = None) -> ObjectInfo:
+    def download_file(
+        self, key: str, dest: Path, *, progress: ProgressFn | None = None
+    ) -> ObjectInfo:
         """Write the object's bytes to ``dest`` (the caller passes a temp path and renames).
 
         Returns size and ETag of what was read. ``NotFoundError`` if absent.

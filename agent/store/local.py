@@ -19,7 +19,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from agent.errors import BucketMissingError, NotFoundError, PermanentStoreError, PreconditionFailedError
+from agent.errors import (
+    BucketMissingError,
+    NotFoundError,
+    PermanentStoreError,
+    PreconditionFailedError,
+)
 from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
 
 __all__ = ["LocalStore"]
@@ -139,7 +144,10 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise NotFoundError(f"no object {key!r} in {self.description}") from exc
         return ObjectInfo(
-            key=key, size=st.st_size, etag=etag, last_modified=datetime.fromtimestamp(st.st_mtime, UTC)
+            key=key,
+            size=st.st_size,
+            etag=etag,
+            last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
         )
 
     def put_bytes(

@@ -90,7 +90,11 @@ class S3Store:
         self.transfer = transfer
         self._sleep = sleep
         try:
-            session = boto3.session.Session(profile_name=config.profile) if config.profile else boto3.session.Session()
+            session = (
+                boto3.session.Session(profile_name=config.profile)
+                if config.profile
+                else boto3.session.Session()
+            )
         except bexc.ProfileNotFound as exc:
             raise AccessDeniedError(f"AWS profile {config.profile!r} not found: {exc}") from exc
         self._client: Any = session.client(
@@ -142,13 +146,20 @@ class S3Store:
                 return TransientStoreError(f"the store answered {status} {code} for {where}")
             if code == "NoSuchBucket" or (not key and status == 404):
                 return BucketMissingError(
-                    f"the bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}: create "
+                    f"the bucket {self.bucket!r} does not exist at "
+                    f"{self.endpoint or 'AWS'}: create "
                     "it, or fix store.url"
                 )
-            if conditional and (status in (409, 412) or code in _PRECONDITION_CODES or status == 404):
-                return PreconditionFailedError(f"the condition on {where} did not hold ({status} {code})")
+            if conditional and (
+                status in (409, 412) or code in _PRECONDITION_CODES or status == 404
+            ):
+                return PreconditionFailedError(
+                    f"the condition on {where} did not hold ({status} {code})"
+                )
             if code in _PRECONDITION_CODES or status == 412:
-                return PreconditionFailedError(f"the condition on {where} did not hold ({status} {code})")
+                return PreconditionFailedError(
+                    f"the condition on {where} did not hold ({status} {code})"
+                )
             if status == 403 or code in _DENIED_CODES:
                 return AccessDeniedError(
                     f"access denied ({code or status}) for {where}: check the credentials "
@@ -157,7 +168,9 @@ class S3Store:
                 )
             if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
                 return NotFoundError(f"no object {where}")
-            return PermanentStoreError(f"the store refused {where}: {status} {code} {error.get('Message', '')}")
+            return PermanentStoreError(
+                f"the store refused {where}: {status} {code} {error.get('Message', '')}"
+            )
         if isinstance(
             exc,
             bexc.EndpointConnectionError
@@ -167,7 +180,9 @@ class S3Store:
             | bexc.ConnectionError
             | bexc.HTTPClientError,
         ):
-            return TransientStoreError(f"cannot reach {self.endpoint or 'the store'} for {key!r}: {exc}")
+            return TransientStoreError(
+                f"cannot reach {self.endpoint or 'the store'} for {key!r}: {exc}"
+            )
         if isinstance(exc, bexc.BotoCoreError):
             return PermanentStoreError(f"S3 client error for {where}: {exc}")
         if isinstance(exc, OSError):
@@ -180,7 +195,7 @@ class S3Store:
                 return fn()
             except StoreError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - translated at the boundary
+            except Exception as exc:
                 raise self._translate(exc, key, conditional=conditional) from exc
 
         return call_with_retries(once, self.retry, sleep=self._sleep, what=key)
@@ -204,7 +219,9 @@ class S3Store:
         def do() -> ObjectInfo:
             r = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
             return ObjectInfo(
-                key=key, size=int(r["ContentLength"]), etag=_unquote(r["ETag"]),
+                key=key,
+                size=int(r["ContentLength"]),
+                etag=_unquote(r["ETag"]),
                 last_modified=r.get("LastModified"),
             )
 
@@ -265,7 +282,9 @@ class S3Store:
                 rewind()
                 with path.open("rb") as fh:
                     data = fh.read()
-                r = self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+                r = self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, **extra
+                )
                 count(len(data))
                 return WriteResult(etag=_unquote(r["ETag"]), server_time=_date(r))
 
@@ -274,15 +293,21 @@ class S3Store:
         def big() -> WriteResult:
             rewind()
             self._client.upload_file(
-                str(path), self.bucket, self._key(key), ExtraArgs=extra or None,
-                Callback=count, Config=self._big,
+                str(path),
+                self.bucket,
+                self._key(key),
+                ExtraArgs=extra or None,
+                Callback=count,
+                Config=self._big,
             )
             r = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
             return WriteResult(etag=_unquote(r["ETag"]), server_time=_date(r))
 
         return self._call(key, big)
 
-    def download_file(self, key: str, dest: Path, *, progress: ProgressFn | None = None) -> ObjectInfo:
+    def download_file(
+        self, key: str, dest: Path, *, progress: ProgressFn | None = None
+    ) -> ObjectInfo:
         """Stream an object into ``dest``."""
 
         def do() -> ObjectInfo:
@@ -308,7 +333,8 @@ class S3Store:
 
         def do() -> WriteResult:
             r = self._client.copy_object(
-                Bucket=self.bucket, Key=self._key(dst_key),
+                Bucket=self.bucket,
+                Key=self._key(dst_key),
                 CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
             )
             return WriteResult(etag=_unquote(r["CopyObjectResult"]["ETag"]), server_time=_date(r))
@@ -333,7 +359,8 @@ class S3Store:
                 if errors:
                     first = errors[0]
                     raise PermanentStoreError(
-                        f"{len(errors)} deletes refused, first {first.get('Key')}: {first.get('Code')}"
+                        f"{len(errors)} deletes refused, first "
+                        f"{first.get('Key')}: {first.get('Code')}"
                     )
 
             self._call(batch[0], do)
@@ -350,7 +377,9 @@ class S3Store:
                 return
             for item in page.get("Contents", []):
                 yield ObjectInfo(
-                    key=item["Key"][strip:], size=int(item["Size"]), etag=_unquote(item["ETag"]),
+                    key=item["Key"][strip:],
+                    size=int(item["Size"]),
+                    etag=_unquote(item["ETag"]),
                     last_modified=item.get("LastModified"),
                 )
 

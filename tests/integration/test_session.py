@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ MakeSession = Callable[..., PlantDesignSession]
 def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
     """Sessions sharing one store; each ``machine`` gets its own base folder."""
 
-    def make(machine: str = "m1", **sections: dict[str, object]) -> PlantDesignSession:
+    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
         config: AgentConfig = load_config(
             paths={"base_dir": str(tmp_path / machine)},
             lock={"heartbeat_interval": 3600},
@@ -85,14 +86,16 @@ def test_online_lifecycle_commits_changes_and_emits_the_seed_sequence(
     report = session.close()
     assert ["a.txt", "new/c.txt"] == report.uploaded
     assert ["gone.txt"] == report.deleted
-    assert {"a.txt": b"alpha v2", "dir/b.dwg": b"bravo", "new/c.txt": b"charlie"} == _committed(store)
+    assert {"a.txt": b"alpha v2", "dir/b.dwg": b"bravo", "new/c.txt": b"charlie"} == _committed(
+        store
+    )
     manifest = Manifest.parse(store.get(KEYS.manifest).body, key=KEYS.manifest)
     assert {"a.txt", "dir/b.dwg", "new/c.txt"} == set(manifest.files)
     assert [] == list(store.list(f"{P}/.sessions/"))
     lock = json.loads(store.get(KEYS.lock).body)
     assert "released" == lock["state"]
-    S = SessionState
-    assert [S.ACQUIRING, S.DOWNLOADING, S.ACTIVE, S.UPLOADING, S.CLOSED] == states
+    s = SessionState
+    assert [s.ACQUIRING, s.DOWNLOADING, s.ACTIVE, s.UPLOADING, s.CLOSED] == states
     assert progress and 100 == progress[-1][1]
     assert not work.exists()
 
@@ -252,7 +255,9 @@ def test_someone_elses_commit_makes_close_a_conflict_not_an_overwrite(
     work = session.open(P, "admin", STAGE)
     (work / "a.txt").write_bytes(b"mine")
     base = store.get(KEYS.manifest).body
-    store.put_bytes(KEYS.manifest, base.replace(b'"version"', b'"committed_by": "intruder", "version"'))
+    store.put_bytes(
+        KEYS.manifest, base.replace(b'"version"', b'"committed_by": "intruder", "version"')
+    )
     with pytest.raises(ConflictError, match="nothing was overwritten"):
         session.close()
     assert SessionState.ACTIVE == session.state

@@ -40,8 +40,12 @@ def test_disabled_cache_removes_the_folder(tmp_path: Path) -> None:
 def test_prune_evicts_least_recent_copies_beyond_the_bound(tmp_path: Path) -> None:
     """Older stage copies go first once the total exceeds max_bytes."""
     cache = StageCache(tmp_path / "cache", max_bytes=150)
-    cache.put("P", "old", _folder(tmp_path / "a", {"f": b"x" * 100}), {"f": LocalEntry(100, 1, "h")})
-    cache.put("P", "new", _folder(tmp_path / "b", {"f": b"y" * 100}), {"f": LocalEntry(100, 1, "h")})
+    cache.put(
+        "P", "old", _folder(tmp_path / "a", {"f": b"x" * 100}), {"f": LocalEntry(100, 1, "h")}
+    )
+    cache.put(
+        "P", "new", _folder(tmp_path / "b", {"f": b"y" * 100}), {"f": LocalEntry(100, 1, "h")}
+    )
     assert {} == cache.take("P", "old", tmp_path / "c")
     assert "f" in cache.take("P", "new", tmp_path / "d")
 

@@ -13,7 +13,10 @@ from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, pla
 
 def _m(**files: tuple[int, str]) -> Manifest:
     return Manifest(
-        files={k.replace("__", "/"): ManifestEntry(size=s, sha256=h, etag="e") for k, (s, h) in files.items()}
+        files={
+            k.replace("__", "/"): ManifestEntry(size=s, sha256=h, etag="e")
+            for k, (s, h) in files.items()
+        }
     )
 
 
@@ -27,7 +30,7 @@ def test_roundtrip_is_stable_bytes() -> None:
 
 def test_corrupt_manifest_is_reported_with_its_key() -> None:
     """A body that is not a manifest names the key."""
-    with pytest.raises(PermanentStoreError, match="P/planning.manifest.json"):
+    with pytest.raises(PermanentStoreError, match=r"P/planning\.manifest\.json"):
         Manifest.parse(b"{not json", key="P/planning.manifest.json")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from agent.errors import InvalidTransitionError, SessionError
@@ -21,7 +23,7 @@ S = SessionState
 )
 def test_design_sequences_are_allowed(path: list[SessionState]) -> None:
     """Every sequence DESIGN.md lists passes the table."""
-    for old, new in zip(path, path[1:], strict=False):
+    for old, new in itertools.pairwise(path):
         check_transition(old, new)
 
 

@@ -25,7 +25,14 @@ def test_download_many_writes_every_file_and_reports_100_percent(tmp_path: Path)
     for i in range(30):
         data = bytes([i]) * (i * 100 + 1)
         store.put_bytes(f"k/{i}", data)
-        items.append(Download(key=f"k/{i}", dest=tmp_path / f"d{i % 3}" / f"f{i}", size=len(data), sha256=_sha(data)))
+        items.append(
+            Download(
+                key=f"k/{i}",
+                dest=tmp_path / f"d{i % 3}" / f"f{i}",
+                size=len(data),
+                sha256=_sha(data),
+            )
+        )
     seen: list[int] = []
     progress = Progress("dl", sum(d.size or 0 for d in items), lambda _m, p: seen.append(p))
     digests = Transfers(store, workers=4).download(items, progress)
@@ -57,7 +64,7 @@ def test_disk_full_is_a_local_file_error_and_leaves_no_partial_file(tmp_path: Pa
 
     store.faults["download_file"] = full
     with pytest.raises(LocalFileError, match="disk is full"):
-        Transfers(store, workers=2).download([Download(key="k", dest=tmp_path / "f")])  # type: ignore[arg-type]
+        Transfers(store, workers=2).download([Download(key="k", dest=tmp_path / "f")])
     assert [] == list(tmp_path.iterdir())
 
 
@@ -76,7 +83,7 @@ def test_first_failure_is_raised_and_others_are_not_left_half_written(tmp_path: 
     store.faults["download_file"] = flaky
     items = [Download(key=f"k/{i}", dest=tmp_path / str(i)) for i in range(10)]
     with pytest.raises(TransientStoreError):
-        Transfers(store, workers=3).download(items)  # type: ignore[arg-type]
+        Transfers(store, workers=3).download(items)
     for path in tmp_path.iterdir():
         assert b"data" == path.read_bytes()
 
@@ -89,7 +96,9 @@ def test_upload_is_redone_when_the_file_changes_while_read(tmp_path: Path) -> No
     src.write_bytes(b"v1")
     calls = 0
 
-    def racing(key: str, path: Path, *, content_type: str | None = None, progress: ProgressFn | None = None) -> WriteResult:
+    def racing(
+        key: str, path: Path, *, content_type: str | None = None, progress: ProgressFn | None = None
+    ) -> WriteResult:
         nonlocal calls
         calls += 1
         result = inner.upload_file(key, path, progress=progress)
@@ -98,7 +107,7 @@ def test_upload_is_redone_when_the_file_changes_while_read(tmp_path: Path) -> No
         return result
 
     store.faults["upload_file"] = racing
-    [done] = Transfers(store, workers=1).upload([Upload(rel="f.txt", key="s/f.txt", src=src)])  # type: ignore[arg-type]
+    [done] = Transfers(store, workers=1).upload([Upload(rel="f.txt", key="s/f.txt", src=src)])
     assert 2 == calls
     assert b"v2-longer" == inner.objects["s/f.txt"]
     assert _sha(b"v2-longer") == done.sha256
