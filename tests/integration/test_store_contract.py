@@ -1,0 +1,191 @@
+"""One contract, two backends: the folder store and S3 (SeaweedFS) keep the same promises."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.errors import (
+    AccessDeniedError,
+    BucketMissingError,
+    NotFoundError,
+    PreconditionFailedError,
+    TransientStoreError,
+)
+from agent.store.base import ObjectStore
+from agent.store.s3 import S3Store
+from tests.servers import SeaweedServer
+
+
+def test_put_get_head_roundtrip_with_etags(store: ObjectStore) -> None:
+    """What is put comes back with the same ETag from put, get, head and list."""
+    written = store.put_bytes("a/b.txt", b"hello", content_type="text/plain")
+    got = store.get("a/b.txt")
+    assert b"hello" == got.body
+    assert written.etag == got.etag == store.head("a/b.txt").etag
+    assert 5 == store.head("a/b.txt").size
+    assert [written.etag] == [o.etag for o in store.list("a/")]
+
+
+def test_put_if_absent_refuses_an_existing_key(store: ObjectStore) -> None:
+    """If-None-Match: the first put wins, the second is a precondition failure."""
+    store.put_bytes("lock.json", b"1", if_none_match=True)
+    with pytest.raises(PreconditionFailedError):
+        store.put_bytes("lock.json", b"2", if_none_match=True)
+    assert b"1" == store.get("lock.json").body
+
+
+def test_put_if_match_needs_the_current_etag(store: ObjectStore) -> None:
+    """If-Match with the current ETag writes; with a stale one it is refused."""
+    first = store.put_bytes("k", b"v1")
+    second = store.put_bytes("k", b"v2", if_match=first.etag)
+    with pytest.raises(PreconditionFailedError):
+        store.put_bytes("k", b"v3", if_match=first.etag)
+    assert b"v2" == store.get("k").body
+    assert second.etag == store.head("k").etag
+
+
+def test_put_if_match_on_a_missing_key_is_a_precondition_failure(store: ObjectStore) -> None:
+    """A 404 on a conditional write means the condition did not hold."""
+    with pytest.raises(PreconditionFailedError):
+        store.put_bytes("missing", b"x", if_match="0123456789abcdef0123456789abcdef")
+
+
+def test_missing_object_is_not_found_and_delete_is_idempotent(store: ObjectStore) -> None:
+    """get/head of a missing key raise NotFoundError; deleting it is fine."""
+    with pytest.raises(NotFoundError):
+        store.get("nope")
+    with pytest.raises(NotFoundError):
+        store.head("nope")
+    store.delete("nope")
+    store.delete_many(["nope", "nope2"])
+
+
+def test_list_is_recursive_ordered_and_keeps_to_the_prefix(store: ObjectStore) -> None:
+    """Listing returns keys under the prefix only, in order, including nested and sibling keys."""
+    for key in ["p/b", "p/a/x", "p/a", "q/z", "pp"]:
+        store.put_bytes(key, key.encode())
+    assert ["p/a", "p/a/x", "p/b"] == [o.key for o in store.list("p/")]
+    assert ["p/a", "p/a/x", "p/b", "pp"] == [o.key for o in store.list("p")]
+
+
+def test_file_roundtrip_above_the_multipart_threshold(store: ObjectStore, tmp_path: Path) -> None:
+    """A file larger than the multipart threshold uploads and downloads intact, with progress."""
+    data = os.urandom(6 * 1024 * 1024 + 123)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    if isinstance(store, S3Store):  # make the S3 path really go multipart
+        store.transfer = store.transfer.model_copy(
+            update={"multipart_threshold": 5 * 1024 * 1024, "multipart_chunksize": 5 * 1024 * 1024}
+        )
+        store._big.multipart_threshold = 5 * 1024 * 1024  # noqa: SLF001 - test knob
+        store._big.multipart_chunksize = 5 * 1024 * 1024  # noqa: SLF001
+    up: list[int] = []
+    store.upload_file("big/f.bin", src, progress=up.append)
+    assert len(data) == sum(up)
+    down: list[int] = []
+    dest = tmp_path / "out.bin"
+    info = store.download_file("big/f.bin", dest, progress=down.append)
+    assert hashlib.sha256(data).digest() == hashlib.sha256(dest.read_bytes()).digest()
+    assert len(data) == info.size == sum(down)
+
+
+def test_copy_and_delete_many(store: ObjectStore) -> None:
+    """Server-side copy duplicates content; delete_many removes every key."""
+    store.put_bytes("s/1", b"one")
+    copied = store.copy("s/1", "c/1")
+    assert b"one" == store.get("c/1").body
+    assert copied.etag == store.head("c/1").etag
+    store.delete_many(["s/1", "c/1"])
+    assert [] == list(store.list(""))
+
+
+def test_server_time_is_close_to_now(store: ObjectStore) -> None:
+    """The store's clock is within a minute of ours on one machine."""
+    assert abs((store.server_time() - datetime.now(UTC)).total_seconds()) < 60
+
+
+def test_missing_bucket_is_reported_by_name(
+    seaweed: SeaweedServer, tmp_path: Path, s3_env: dict[str, str]
+) -> None:
+    """A bucket that does not exist is a BucketMissingError naming it."""
+    config = load_config(
+        store={
+            "url": "s3://no-such-bucket-pdagent/x",
+            "endpoint_url": seaweed.endpoint,
+            "region": "us-east-1",
+        },
+        paths={"base_dir": str(tmp_path)},
+    )
+    store = S3Store(
+        config.store_location(), config.store, retry=config.retry, transfer=config.transfer
+    )
+    try:
+        with pytest.raises(BucketMissingError, match="no-such-bucket-pdagent"):
+            store.get("k")
+    finally:
+        store.close()
+
+
+def test_wrong_credentials_are_access_denied_and_not_retried(
+    seaweed: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_env: dict[str, str]
+) -> None:
+    """A 403 says to check the credentials and is tried exactly once."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    config = load_config(
+        store={
+            "url": s3_env["AGENT_STORE__URL"],
+            "endpoint_url": seaweed.endpoint,
+            "region": "us-east-1",
+        },
+        paths={"base_dir": str(tmp_path)},
+    )
+    waits: list[float] = []
+    store = S3Store(
+        config.store_location(),
+        config.store,
+        retry=config.retry,
+        transfer=config.transfer,
+        sleep=waits.append,
+    )
+    try:
+        with pytest.raises(AccessDeniedError, match="credentials"):
+            store.put_bytes("k", b"x")
+    finally:
+        store.close()
+    assert [] == waits
+
+
+def test_unreachable_endpoint_is_transient_after_exactly_the_configured_tries(
+    dead_endpoint: str, tmp_path: Path, s3_env: dict[str, str]
+) -> None:
+    """Nothing listening: TransientStoreError after `attempts` tries, with exponential waits."""
+    config = load_config(
+        store={
+            "url": "s3://bk1/x",
+            "endpoint_url": dead_endpoint,
+            "region": "us-east-1",
+            "connect_timeout": 1,
+        },
+        paths={"base_dir": str(tmp_path)},
+        retry={"attempts": 4, "initial_backoff": 0.5, "max_backoff": 1.5, "jitter": 0},
+    )
+    waits: list[float] = []
+    store = S3Store(
+        config.store_location(),
+        config.store,
+        retry=config.retry,
+        transfer=config.transfer,
+        sleep=waits.append,
+    )
+    try:
+        with pytest.raises(TransientStoreError, match="cannot reach"):
+            store.get("k")
+    finally:
+        store.close()
+    assert [0.5, 1.0, 1.5] == waits
