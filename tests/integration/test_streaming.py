@@ -1,0 +1,126 @@
+"""Watching + journal + streaming to staging, with real observers and both real stores."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.keys import StageKeys
+from agent.session import PlantDesignSession
+from agent.store.base import ObjectStore
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
+DEADLINE = 15.0
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def session(store: ObjectStore, tmp_path: Path) -> Iterator[PlantDesignSession]:
+    """An open, watching session with short debounce values."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m1")},
+        lock={"heartbeat_interval": 3600},
+        watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
+    )
+    s = PlantDesignSession(config, store=store)
+    s.open(P, "admin", STAGE)
+    yield s
+    if not s.is_closed:
+        s.abort()
+
+
+def _staged(store: ObjectStore, s: PlantDesignSession) -> dict[str, bytes]:
+    assert s.record is not None
+    prefix = KEYS.staging_prefix(s.record.session_id)
+    return {o.key[len(prefix) :]: store.get(o.key).body for o in store.list(prefix)}
+
+
+def test_a_saved_file_is_staged_without_close(
+    session: PlantDesignSession, store: ObjectStore
+) -> None:
+    """A save lands in the session's staging prefix on its own, and nothing is pending after."""
+    assert session.work_path is not None
+    (session.work_path / "plan.dwg").write_bytes(b"drawing v1")
+    assert _wait(lambda: _staged(store, session).get("plan.dwg") == b"drawing v1")
+    assert _wait(lambda: session.status()["pending"] == 0)
+    assert [] == [o.key for o in store.list(KEYS.committed_prefix)], "nothing committed yet"
+    report = session.close()
+    assert ["plan.dwg"] == report.uploaded
+    assert b"drawing v1" == store.get(KEYS.committed("plan.dwg")).body
+
+
+def test_word_save_streams_only_the_document(
+    session: PlantDesignSession, store: ObjectStore
+) -> None:
+    """Word's temp and owner files never reach staging or the committed copy."""
+    work = session.work_path
+    assert work is not None
+    (work / "report.docx").write_bytes(b"v1")
+    assert _wait(lambda: "report.docx" in _staged(store, session))
+    (work / "~$report.docx").write_bytes(b"owner")
+    (work / "~WRL0001.tmp").write_bytes(b"v2")
+    os.replace(work / "report.docx", work / "~WRL0002.tmp")
+    os.replace(work / "~WRL0001.tmp", work / "report.docx")
+    (work / "~WRL0002.tmp").unlink()
+    (work / "~$report.docx").unlink()
+    assert _wait(lambda: _staged(store, session) == {"report.docx": b"v2"})
+    assert session.flush(timeout=DEADLINE)
+    session.close()
+    assert [KEYS.committed("report.docx")] == [o.key for o in store.list(KEYS.committed_prefix)]
+    assert b"v2" == store.get(KEYS.committed("report.docx")).body
+
+
+def test_delete_and_move_while_streaming_are_applied_at_commit(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A deleted file is removed at commit; a moved one is a delete plus a put."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "seed")}, lock={"heartbeat_interval": 3600}
+    )
+    seed = PlantDesignSession(config, store=store)
+    work = seed.open(P, "seeder", STAGE, watch=False)
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (work / name).write_text(name)
+    seed.close()
+    config2 = load_config(
+        paths={"base_dir": str(tmp_path / "m2")},
+        lock={"heartbeat_interval": 3600},
+        watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
+    )
+    s = PlantDesignSession(config2, store=store)
+    work = s.open(P, "admin", STAGE)
+    (work / "a.txt").unlink()
+    (work / "sub").mkdir()
+    os.replace(work / "b.txt", work / "sub" / "b.txt")
+    assert s.flush(timeout=DEADLINE)
+    report = s.close()
+    assert ["a.txt", "b.txt"] == report.deleted
+    assert ["sub/b.txt"] == report.uploaded
+    committed = sorted(
+        o.key[len(KEYS.committed_prefix) :] for o in store.list(KEYS.committed_prefix)
+    )
+    assert ["c.txt", "d.txt", "sub/b.txt"] == committed
+
+
+def test_abort_removes_what_was_streamed(session: PlantDesignSession, store: ObjectStore) -> None:
+    """Abort deletes the staging prefix: streamed changes are really discarded."""
+    assert session.work_path is not None
+    (session.work_path / "x.txt").write_text("draft")
+    assert _wait(lambda: "x.txt" in _staged(store, session))
+    session.abort()
+    assert [] == list(store.list(f"{P}/.sessions/"))
+    assert [] == list(store.list(KEYS.committed_prefix))

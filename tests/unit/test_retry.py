@@ -1,0 +1,69 @@
+"""The retry policy: exact waits, transient errors only (tenacity with injected sleep)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import RetryConfig
+from agent.errors import AccessDeniedError, PreconditionFailedError, TransientStoreError
+from agent.retry import call_with_retries
+
+CFG = RetryConfig(attempts=5, initial_backoff=0.2, max_backoff=1.0, jitter=0)
+
+
+def test_transient_errors_are_retried_with_exponential_capped_waits() -> None:
+    """Waits double from initial_backoff and stop at max_backoff; success ends the loop."""
+    waits: list[float] = []
+    calls = 0
+
+    def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 5:
+            raise TransientStoreError("503")
+        return "ok"
+
+    assert "ok" == call_with_retries(flaky, CFG, sleep=waits.append)
+    assert [0.2, 0.4, 0.8, 1.0] == waits
+
+
+def test_last_transient_error_is_raised_after_all_attempts() -> None:
+    """After `attempts` tries the last TransientStoreError propagates."""
+    waits: list[float] = []
+
+    def down() -> None:
+        raise TransientStoreError("connection refused")
+
+    with pytest.raises(TransientStoreError, match="refused"):
+        call_with_retries(down, CFG, sleep=waits.append)
+    assert 4 == len(waits)
+
+
+@pytest.mark.parametrize("exc", [AccessDeniedError("403"), PreconditionFailedError("412")])
+def test_permanent_errors_are_never_retried(exc: Exception) -> None:
+    """403 and 412 fail at once."""
+    waits: list[float] = []
+    calls = 0
+
+    def refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise exc
+
+    with pytest.raises(type(exc)):
+        call_with_retries(refused, CFG, sleep=waits.append)
+    assert (1, []) == (calls, waits)
+
+
+def test_jitter_stays_within_its_bound() -> None:
+    """Jittered waits lie between the exponential value and that plus jitter."""
+    waits: list[float] = []
+    cfg = RetryConfig(attempts=4, initial_backoff=0.1, max_backoff=10, jitter=0.5)
+
+    def down() -> None:
+        raise TransientStoreError("x")
+
+    with pytest.raises(TransientStoreError):
+        call_with_retries(down, cfg, sleep=waits.append)
+    for wait, base in zip(waits, [0.1, 0.2, 0.4], strict=True):
+        assert base <= wait <= base + 0.5
