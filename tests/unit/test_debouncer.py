@@ -50,7 +50,7 @@ def test_continuous_events_on_a_stable_file_are_delivered_by_max_delay() -> None
     now = 0.0
     d.touch("x", now)
     d.due(now, fs.stat)
-    delivered = set()
+    delivered: set[str] = set()
     while now < 1.2 and not delivered:
         now += 0.1
         d.touch("x", now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 import sys
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from agent.journal import Journal
 
 
 @pytest.fixture
-def journal(tmp_path: Path) -> Journal:
+def journal(tmp_path: Path) -> Iterator[Journal]:
     """A fresh journal, closed after the test."""
     j = Journal.open(tmp_path / "j.sqlite")
-    yield j  # type: ignore[misc]
+    yield j
     j.close()
 
 
