@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,7 +105,7 @@ def test_a_record_survives_kill_9_right_after_it_returns(tmp_path: Path) -> None
 
 
 def test_a_file_that_is_not_a_journal_is_reported(tmp_path: Path) -> None:
-    """Garbage in place of the journal raises JournalCorruptError naming the file and the way out."""
+    """Garbage in place of the journal is JournalCorruptError naming the file and a way out."""
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(JournalCorruptError, match=r"bad\.sqlite.*agent recover"):
