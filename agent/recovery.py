@@ -101,13 +101,14 @@ def find_orphans(
     """Sessions on this machine whose process is gone, with what is pending."""
     found: list[RecoveryInfo] = []
     for record in records.all():
-        if _owner_alive(record):
-            continue
         try:
             info = read_info(recovery_root, record.session_id)
         except SessionError as exc:
             log.warning("recovery_info_damaged", session_id=record.session_id, error=str(exc))
             info = None
+        # A handled crash wrote its info file: orphaned even if the process is still exiting.
+        if info is None and _owner_alive(record):
+            continue
         if info is None:
             backup = recovery_root / record.session_id
             info = RecoveryInfo(

@@ -523,8 +523,8 @@ class PlantDesignSession:
             log.info("commit_nothing_changed", session_id=record.session_id)
             self._remove_staging(keys)
             return record.base_manifest_etag, base
+        self._check_base_unchanged(keys)  # someone else's commit: a conflict, not an overwrite
         self._lock.renew()  # fencing: prove we still hold the lock right before committing
-        self._check_base_unchanged(keys)
         self.record = self.records.save(
             record.model_copy(update={"phase": "committing", "lock_etag": self._lock.etag})
         )
@@ -891,6 +891,11 @@ class PlantDesignSession:
             )
         info = orphans[session_id]
         record = self.records.load(session_id)
+        if record.phase == "opening":
+            raise SessionError(
+                f"session {session_id} crashed while opening (nothing was edited yet): "
+                "discard it with `agent recover --discard` and open again"
+            )
         keys = StageKeys(record.projekt_id, record.stage)
         holder = Holder(
             user=record.user,
@@ -911,25 +916,7 @@ class PlantDesignSession:
         self._lock = lock
         self._set_state(SessionState.RESTORING)
         try:
-            self.record = self.records.save(
-                record.model_copy(
-                    update={
-                        "pid": os.getpid(),
-                        "agent_pid": None,
-                        "agent_address": None,
-                        "lock_etag": lock.etag,
-                    }
-                )
-            )
-            self._journal = Journal.open(self._journal_path(session_id))
-            self._base_files = self.records.load_base(session_id)
-            if self.record.phase == "committing":
-                self._finish_interrupted_commit(keys)
-            self._restore_folder(keys, info)
-            self._merge_remote(keys)
-            self.record = self.records.save(
-                self.record.model_copy(update={"phase": "active", "lock_etag": lock.etag})
-            )
+            self._restore(keys, record, info, lock)
         except BaseException as exc:
             log.error("resume_failed", session_id=session_id, error=str(exc))
             if self._journal is not None:
@@ -946,6 +933,52 @@ class PlantDesignSession:
         self._set_state(SessionState.ACTIVE)
         log.info("session_resumed", session_id=session_id, pending=len(info.pending))
         return self.record.work_path
+
+    def _restore(
+        self, keys: StageKeys, record: SessionRecord, info: RecoveryInfo, lock: RemoteLock
+    ) -> None:
+        """RESTORING: finish a cut commit, rebuild the folder, take in others' commits."""
+        self.record = self.records.save(
+            record.model_copy(
+                update={
+                    "pid": os.getpid(),
+                    "agent_pid": None,
+                    "agent_address": None,
+                    "lock_etag": lock.etag,
+                }
+            )
+        )
+        self._journal = self._open_journal_for_resume(record.session_id)
+        self._base_files = self.records.load_base(record.session_id)
+        if self.record.phase == "committing":
+            self._finish_interrupted_commit(keys)
+        self._restore_folder(keys, info)
+        self._merge_remote(keys)
+        self.record = self.records.save(
+            self.record.model_copy(update={"phase": "active", "lock_etag": lock.etag})
+        )
+
+    def _open_journal_for_resume(self, session_id: str) -> Journal:
+        """Open the journal; a damaged one is set aside and rebuilt from the folder.
+
+        Nothing is lost: the working folder is compared with the base snapshot by the
+        first rescan, so every change is journalled again (and re-sent if needed).
+        """
+        path = self._journal_path(session_id)
+        try:
+            return Journal.open(path)
+        except AgentError as exc:
+            aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S}")
+            for suffix in ("", "-wal", "-shm"):
+                part = path.with_name(path.name + suffix)
+                if part.exists():
+                    os.replace(part, aside.with_name(aside.name + suffix))
+            log.warning(
+                "journal_rebuilt", session_id=session_id, damaged=str(aside), error=str(exc)
+            )
+            if self.record is not None and self.record.phase == "committing":
+                self.record = self.records.save(self.record.model_copy(update={"phase": "active"}))
+            return Journal.open(path)
 
     def _finish_interrupted_commit(self, keys: StageKeys) -> None:
         """Redo a commit a crash cut (idempotent), then carry on from the new manifest."""

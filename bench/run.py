@@ -1,0 +1,436 @@
+"""Benchmarks: the agent beside s5cmd, rclone and the AWS CLI, on a SeaweedFS started here.
+
+Usage::
+
+    python bench/run.py                 # everything, 5 runs each
+    python bench/run.py --runs 3 --only core,stream,resume
+
+Prints markdown tables (medians of the runs; ratios to s5cmd or to a cold open).
+Nothing here is a test: speed is never asserted, only measured side by side.
+The agent's figures are library calls in this process (no interpreter start);
+the tools' figures are whole processes, as a user runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.config import AgentConfig, load_config  # noqa: E402
+from agent.keys import StageKeys  # noqa: E402
+from agent.session import PlantDesignSession  # noqa: E402
+from agent.store import open_store  # noqa: E402
+from agent.store.base import ObjectStore  # noqa: E402
+from tests.servers import SeaweedServer  # noqa: E402
+
+BUCKET = "bench"
+KiB, MiB = 1024, 1024 * 1024
+
+
+def median(values: list[float]) -> float:
+    """The median, or NaN for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def tool(name: str) -> str:
+    """A tool from this interpreter's bin folder (the venv), else PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def make_files(root: Path, count: int, size: int) -> None:
+    """``count`` random files of ``size`` bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (root / f"f{i:05d}.bin").write_bytes(os.urandom(size))
+
+
+class Bench:
+    """Shared state: the server, environment and a scratch folder."""
+
+    def __init__(self, server: SeaweedServer, scratch: Path, runs: int) -> None:
+        self.server = server
+        self.scratch = scratch
+        self.runs = runs
+        self.env = {**os.environ, **server.env()}
+        os.environ.update(server.env())
+        self.rows: dict[str, list[tuple[str, float, str]]] = {}
+
+    def config(self, name: str, **sections: object) -> AgentConfig:
+        """A config on the bench bucket with its own base folder."""
+        return load_config(
+            store={"url": f"s3://{BUCKET}/agent", "endpoint_url": self.server.endpoint,
+                   "region": "us-east-1"},
+            paths={"base_dir": str(self.scratch / "agent" / name)},
+            lock={"heartbeat_interval": 3600},
+            **sections,  # type: ignore[arg-type]
+        )
+
+    def sh(self, *argv: str) -> None:
+        """Run a tool quietly; fail loudly."""
+        result = subprocess.run(argv, env=self.env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {result.stderr[-2000:]}")
+
+    def add(self, table: str, label: str, seconds: float, note: str = "") -> None:
+        """Record one median."""
+        self.rows.setdefault(table, []).append((label, seconds, note))
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def seed_stage(bench: Bench, projekt: str, source: Path) -> None:
+    """Commit ``source`` as the stage's working copy through the agent."""
+    session = PlantDesignSession(bench.config(f"seed-{projekt}", transfer={"cache_enabled": False}))
+    work = session.open(projekt, "bench", "planning", watch=False)
+    for f in source.iterdir():
+        shutil.copyfile(f, work / f.name)
+    session.close()
+
+
+def agent_cycle(bench: Bench, projekt: str) -> tuple[list[float], list[float], list[float]]:
+    """Cold opens, full closes (every file changed) and re-opens of an unchanged copy."""
+    cold, close, reopen = [], [], []
+    name = f"cycle-{projekt}"
+    for _ in range(bench.runs):
+        config = bench.config(name)
+        shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
+        s = PlantDesignSession(config)
+        cold.append(timed(lambda s=s: s.open(projekt, "bench", "planning", watch=False)))
+        assert s.work_path is not None
+        for f in s.work_path.iterdir():
+            with f.open("r+b") as fh:
+                fh.write(os.urandom(16))
+        close.append(timed(s.close))
+        s2 = PlantDesignSession(config)
+        reopen.append(timed(lambda s2=s2: s2.open(projekt, "bench", "planning", watch=False)))
+        s2.close()
+    return cold, close, reopen
+
+
+def tool_cycle(bench: Bench, projekt: str, source: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Download and upload times of s5cmd, rclone and aws on the same data."""
+    ep = bench.server.endpoint
+    remote = f"s3://{BUCKET}/agent/{projekt}/planning"
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    rclone_flags = [
+        "--s3-provider", "Other", "--s3-endpoint", ep, "--s3-access-key-id", bench.server.access_key,
+        "--s3-secret-access-key", bench.server.secret_key, "--s3-region", "us-east-1",
+        "--config", os.devnull, "--transfers", "10", "--checkers", "10",
+    ]
+    cmds: dict[str, tuple[Callable[[Path], list[str]], Callable[[str], list[str]]]] = {
+        "s5cmd": (
+            lambda d: [tool("s5cmd"), "--endpoint-url", ep, "--numworkers", "10", "cp", f"{remote}/*", f"{d}/"],
+            lambda dst: [tool("s5cmd"), "--endpoint-url", ep, "--numworkers", "10", "cp", f"{source}/*", f"{dst}/"],
+        ),
+        "rclone": (
+            lambda d: [tool("rclone"), "copy", *rclone_flags, f":s3:{BUCKET}/agent/{projekt}/planning", str(d)],
+            lambda dst: [tool("rclone"), "copy", *rclone_flags, str(source), ":s3:" + dst.removeprefix("s3://")],
+        ),
+        "aws": (
+            lambda d: [tool("aws"), "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", ep, remote, str(d)],
+            lambda dst: [tool("aws"), "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", ep, str(source), dst],
+        ),
+    }
+    for name, (down, up) in cmds.items():
+        downs, ups = [], []
+        for run in range(bench.runs):
+            dest = bench.scratch / f"dl-{name}-{projekt}-{run}"
+            downs.append(timed(lambda dest=dest, down=down: bench.sh(*down(dest))))
+            shutil.rmtree(dest, ignore_errors=True)
+            target = f"s3://{BUCKET}/tools/{name}/{projekt}/{run}"
+            ups.append(timed(lambda target=target, up=up: bench.sh(*up(target))))
+        out[name] = (downs, ups)
+    return out
+
+
+def bench_core(bench: Bench) -> None:
+    """Issue 2: open / close / re-open beside s5cmd, rclone and aws."""
+    for projekt, count, size, label in (
+        ("Small", 1000, 64 * KiB, "1000 x 64 KiB"),
+        ("Big", 4, 64 * MiB, "4 x 64 MiB"),
+    ):
+        source = bench.scratch / f"src-{projekt}"
+        make_files(source, count, size)
+        seed_stage(bench, projekt, source)
+        cold, close, reopen = agent_cycle(bench, projekt)
+        tools = tool_cycle(bench, projekt, source)
+        s5_down, s5_up = (median(v) for v in tools["s5cmd"])
+        table = f"core: {label}"
+        bench.add(table, "agent open (cold)", median(cold), f"{median(cold) / s5_down:.2f} x s5cmd download")
+        bench.add(table, "agent close (all changed)", median(close), f"{median(close) / s5_up:.2f} x s5cmd upload")
+        bench.add(table, "agent re-open (unchanged)", median(reopen), f"{median(reopen) / median(cold):.3f} x cold open")
+        for name, (downs, ups) in tools.items():
+            bench.add(table, f"{name} download", median(downs), f"{median(downs) / s5_down:.2f} x s5cmd")
+            bench.add(table, f"{name} upload", median(ups), f"{median(ups) / s5_up:.2f} x s5cmd")
+
+
+# --------------------------------------------------------------------------- stream
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, step: float = 0.005) -> float:
+    """Poll ``predicate``; return when it became true (monotonic time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(step)
+    raise TimeoutError("condition not reached")
+
+
+def staged_keys(store: ObjectStore, prefix: str) -> set[str]:
+    """Keys under the staging prefix."""
+    return {o.key[len(prefix):] for o in store.list(prefix)}
+
+
+@contextmanager
+def watching_session(bench: Bench, projekt: str, name: str) -> Iterator[PlantDesignSession]:
+    """An open, watching session on ``projekt`` (aborted afterwards)."""
+    s = PlantDesignSession(bench.config(name))
+    s.open(projekt, "bench", "planning")
+    try:
+        yield s
+    finally:
+        if not s.is_closed:
+            s.abort()
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_stream(bench: Bench) -> None:
+    """Issue 3: save-to-staged latency, close with pending work, idle cost, streaming rate."""
+    table = "stream: save-to-staged latency (default debounce 0.3 s)"
+    store = open_store(bench.config("probe"))
+    with watching_session(bench, "Stream", "stream") as s:
+        assert s.record is not None and s.work_path is not None
+        prefix = StageKeys("Stream", "planning").staging_prefix(s.record.session_id)
+        single: list[float] = []
+        for i in range(10 * bench.runs // 5 or 10):
+            path = s.work_path / f"single{i}.txt"
+            path.write_bytes(os.urandom(4 * KiB))
+            t0 = time.monotonic()
+            single.append(wait_until(lambda i=i: f"single{i}.txt" in staged_keys(store, prefix)) - t0)
+        bench.add(table, "single save p50", pct(single, 0.5))
+        bench.add(table, "single save p99", pct(single, 0.99))
+        repeated: list[float] = []
+        for r in range(3):
+            path = s.work_path / f"repeat{r}.txt"
+            for k in range(20):
+                path.write_bytes(f"{k}".encode() * 100)
+                time.sleep(0.1)  # the scenario: one file saved 20 times in 2 s
+            t0 = time.monotonic()
+            final = f"{19}".encode() * 100
+            key = prefix + f"repeat{r}.txt"
+            repeated.append(wait_until(lambda key=key, final=final: _body_is(store, key, final)) - t0)
+        bench.add(table, "one file saved 20x in 2 s, p50", pct(repeated, 0.5))
+        batch: list[float] = []
+        t0 = time.monotonic()
+        for i in range(100):
+            (s.work_path / f"batch{i}.bin").write_bytes(os.urandom(16 * KiB))
+        t_written = time.monotonic()
+        pending = {f"batch{i}.bin" for i in range(100)}
+        while pending:
+            now_staged = staged_keys(store, prefix)
+            for name in list(pending):
+                if name in now_staged:
+                    batch.append(time.monotonic() - t_written)
+                    pending.discard(name)
+            time.sleep(0.005)
+        bench.add(table, "100 files at once p50", pct(batch, 0.5))
+        bench.add(table, "100 files at once p99", pct(batch, 0.99), f"written in {t_written - t0:.2f}s")
+    store.close()
+    bench_close_pending(bench)
+    bench_stream_rate(bench)
+
+
+def _body_is(store: ObjectStore, key: str, body: bytes) -> bool:
+    try:
+        return store.get(key).body == body
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+
+
+def bench_close_pending(bench: Bench) -> None:
+    """close on 10,000- and 100-file copies with 0, 10 and 1000 changes still pending."""
+    table = "stream: close with pending changes"
+    for projekt, count in (("Ten_k", 10_000), ("Hundred", 100)):
+        source = bench.scratch / f"src-{projekt}"
+        make_files(source, count, 1 * KiB)
+        seed_stage(bench, projekt, source)
+        for pending in (0, 10, 1000):
+            if pending > count:
+                continue
+            times = []
+            for _ in range(max(1, bench.runs // 2)):
+                s = PlantDesignSession(bench.config(f"close-{projekt}"))
+                work = s.open(projekt, "bench", "planning")
+                assert s.flush(timeout=120)
+                for i in range(pending):
+                    (work / f"f{i:05d}.bin").write_bytes(os.urandom(1 * KiB))
+                times.append(timed(s.close))
+            bench.add(table, f"{count} files, {pending} pending", median(times))
+
+
+def bench_stream_rate(bench: Bench) -> None:
+    """1000 x 64 KiB saved at once: streaming rate beside a bulk close of the same files."""
+    table = "stream: 1000 x 64 KiB saved at once"
+    stream_t, bulk_t = [], []
+    for run in range(max(1, bench.runs // 2)):
+        with watching_session(bench, "Rate", f"rate{run}") as s:
+            assert s.work_path is not None
+            t0 = time.monotonic()
+            for i in range(1000):
+                (s.work_path / f"r{i:04d}.bin").write_bytes(os.urandom(64 * KiB))
+            wait_until(lambda s=s: s.status().get("pending") == 0 and s.status().get("in_flight") == 0
+                       and s.status().get("uploads", 0) >= 1000, timeout=300, step=0.02)
+            stream_t.append(time.monotonic() - t0)
+        b = PlantDesignSession(bench.config(f"bulk{run}"))
+        work = b.open("Bulk", "bench", "planning", watch=False)
+        for i in range(1000):
+            (work / f"r{i:04d}.bin").write_bytes(os.urandom(64 * KiB))
+        bulk_t.append(timed(b.close))
+    bench.add(table, "streamed (write to all staged)", median(stream_t),
+              f"{median(bulk_t) / median(stream_t):.2f} x bulk rate")
+    bench.add(table, "bulk upload via close", median(bulk_t))
+    bench_idle(bench)
+
+
+def bench_idle(bench: Bench) -> None:
+    """CPU and memory of the background agent watching 10,000 files, idle for 10 s."""
+    table = "stream: idle background agent, 10,000 files"
+    env = {**bench.env, "AGENT_STORE__URL": f"s3://{BUCKET}/agent",
+           "AGENT_PATHS__BASE_DIR": str(bench.scratch / "agent" / "idle")}
+    opened = subprocess.run([sys.executable, "-m", "agent", "open", "Ten_k", "--user", "idle",
+                             "--stage", "planning", "--json"], env=env, capture_output=True, text=True, check=True)
+    import json
+
+    pid = int(json.loads(opened.stdout)["agent_pid"])
+    time.sleep(3)  # let start-up work finish before sampling idle cost
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    c0, t0 = cpu(), time.monotonic()
+    time.sleep(10)
+    c1, t1 = cpu(), time.monotonic()
+    rss = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS")).split()[1]) / 1024
+    subprocess.run([sys.executable, "-m", "agent", "abort"], env=env, capture_output=True, check=True)
+    bench.add(table, "CPU (% of one core)", 100 * (c1 - c0) / (t1 - t0))
+    bench.add(table, "resident memory (MiB)", rss)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def bench_resume(bench: Bench) -> None:
+    """Issue 4: resume a 10,000-file session with 10 and 1000 pending, beside opens."""
+    table = "resume: 10,000-file session"
+    import json
+    import signal
+
+    cold, reopen = [], []
+    for _ in range(max(1, bench.runs // 2)):
+        config = bench.config("resume-open")
+        shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
+        s = PlantDesignSession(config)
+        cold.append(timed(lambda s=s: s.open("Ten_k", "bench", "planning", watch=False)))
+        s.close()
+        s = PlantDesignSession(config)
+        reopen.append(timed(lambda s=s: s.open("Ten_k", "bench", "planning", watch=False)))
+        s.close()
+    bench.add(table, "cold open", median(cold))
+    bench.add(table, "re-open unchanged", median(reopen))
+    for pending in (10, 1000):
+        times, flushed = [], []
+        for run in range(max(1, bench.runs // 2)):
+            base = bench.scratch / "agent" / f"resume-{pending}-{run}"
+            env = {**bench.env, "AGENT_STORE__URL": f"s3://{BUCKET}/agent", "AGENT_PATHS__BASE_DIR": str(base)}
+            out = subprocess.run([sys.executable, "-m", "agent", "open", "Ten_k", "--user", "bench",
+                                  "--stage", "planning", "--json"], env=env, capture_output=True, text=True, check=True)
+            info = json.loads(out.stdout)
+            os.kill(int(info["agent_pid"]), signal.SIGKILL)
+            work = Path(info["path"])
+            for i in range(pending):
+                (work / f"f{i:05d}.bin").write_bytes(os.urandom(1 * KiB))
+            config = load_config(store={"url": f"s3://{BUCKET}/agent", "endpoint_url": bench.server.endpoint,
+                                        "region": "us-east-1"}, paths={"base_dir": str(base)},
+                                 lock={"heartbeat_interval": 3600})
+            s = PlantDesignSession(config)
+            t = time.perf_counter()
+            s.resume(watch=False)
+            times.append(time.perf_counter() - t)
+            s.flush(timeout=300)
+            flushed.append(time.perf_counter() - t)
+            s.abort()
+        bench.add(table, f"resume, {pending} pending (to ACTIVE)", median(times),
+                  f"{median(times) / median(reopen):.2f} x re-open unchanged")
+        bench.add(table, f"resume, {pending} pending (all replayed)", median(flushed),
+                  f"{median(flushed) / median(reopen):.2f} x re-open unchanged")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def print_tables(rows: dict[str, list[tuple[str, float, str]]], runs: int) -> None:
+    """Markdown tables."""
+    print(f"\nMedians of {runs} runs (seconds unless stated). Machine: {os.cpu_count()} cores.\n")
+    for table, items in rows.items():
+        print(f"### {table}\n")
+        print("| measurement | value | ratio |")
+        print("|---|---:|---|")
+        for label, value, note in items:
+            print(f"| {label} | {value:.3f} | {note} |")
+        print()
+
+
+def main() -> None:
+    """Run the selected benchmark groups and print their tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", default="core,stream,resume")
+    args = parser.parse_args()
+    groups = {"core": bench_core, "stream": bench_stream, "resume": bench_resume}
+    scratch = Path(tempfile.mkdtemp(prefix="pdagent-bench-"))
+    try:
+        with SeaweedServer(scratch / "seaweed") as server:
+            server.create_bucket(BUCKET)
+            bench = Bench(server, scratch, args.runs)  # type: ignore[arg-type]
+            for name in args.only.split(","):
+                started = time.monotonic()
+                groups[name](bench)
+                print(f"[{name} done in {time.monotonic() - started:.0f}s]", file=sys.stderr)
+                print_tables({k: v for k, v in bench.rows.items() if k.startswith(name)}, args.runs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _ = threading  # threads of the agent stop with its sessions
+
+
+if __name__ == "__main__":
+    main()
