@@ -138,8 +138,8 @@ class TransferConfig(_Section):
     """Parallel transfers and the local cache of committed files."""
 
     workers: int = Field(default=10, ge=1, le=256)
-    multipart_threshold: Bytes = 64 * 1024**2
-    multipart_chunksize: Bytes = Field(default=16 * 1024**2, ge=5 * 1024**2)
+    multipart_threshold: Bytes = 16 * 1024**2
+    multipart_chunksize: Bytes = Field(default=8 * 1024**2, ge=5 * 1024**2)
     cache_enabled: bool = True
     cache_max_bytes: Bytes = 2 * 1024**3
     # How long close waits for pending uploads before giving up (keeping the lock).

@@ -11,9 +11,15 @@ Two tables:
   ``mark_done`` moves a pending row here only if its ``seq`` is unchanged, so a
   change that arrived during the upload stays pending.
 
-Plus ``meta``, a small key-value table for session facts. A file that is not a
-journal, or is damaged, raises ``JournalCorruptError``; a journal locked by
-another process longer than the busy timeout too, never a silent hang.
+Plus ``meta``, a small key-value table for session facts (phase, base manifest
+ETag, last upload, last error). A file that is not a journal (another SQLite
+database, or not SQLite at all), or is damaged or truncated, raises
+``JournalCorruptError`` naming the file and the way forward; so does a journal
+that another process keeps locked longer than the busy timeout (never a silent
+hang). Using a journal after ``close`` raises ``SessionError``.
+
+The file is stamped with ``PRAGMA application_id`` so that a stray database is
+never mistaken for a journal (or silently extended with our tables).
 """
 
 from __future__ import annotations
@@ -27,13 +33,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import JournalCorruptError
+import structlog
+
+from agent.errors import JournalCorruptError, SessionError
 
 __all__ = ["Entry", "Journal", "Op", "Staged"]
 
+log = structlog.get_logger(__name__)
+
 Op = Literal["put", "delete"]
 
-_SCHEMA = """
+_OPS = frozenset({"put", "delete"})
+_APPLICATION_ID = 0x70644A31  # "pdJ1": marks the file as one of our journals
+_SCHEMA_VERSION = 1
+_TABLES = frozenset({"pending", "staged", "meta", "counter"})
+
+_SCHEMA = f"""
+BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS pending (
     path TEXT PRIMARY KEY,
     op TEXT NOT NULL CHECK (op IN ('put', 'delete')),
@@ -55,7 +71,10 @@ CREATE TABLE IF NOT EXISTS staged (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
 INSERT OR IGNORE INTO counter (id, seq) VALUES (1, 0);
-"""
+PRAGMA application_id = {_APPLICATION_ID};
+PRAGMA user_version = {_SCHEMA_VERSION};
+COMMIT;
+"""  # noqa: S608 - two int constants, no input
 
 
 @dataclass(frozen=True)
@@ -84,41 +103,70 @@ class Staged:
 
 
 class Journal:
-    """One session's journal. Thread-safe; one connection guarded by a lock."""
+    """One session's journal. Thread-safe: one connection guarded by a lock.
+
+    The watcher thread records, uploader threads mark done, the status reader
+    reads; each call is one short transaction. Another process may open the
+    same file (``agent status`` reads while the agent writes): WAL lets readers
+    run beside the writer, and a writer waits at most ``busy_timeout``.
+    """
 
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self._conn = conn
         self._lock = threading.RLock()
+        self._closed = False
 
     @classmethod
     def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
-        """Open or create the journal at ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open the journal at ``path``, creating it (and its folder) if it does not exist."""
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
             )
-        except sqlite3.Error as exc:
-            raise cls._corrupt(path, exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise cls._error(path, exc) from exc
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            row = conn.execute("PRAGMA quick_check").fetchone()
-            if row is None or row[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {row}")
+            cls._prepare(path, conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise cls._corrupt(path, exc) from exc
+            raise cls._error(path, exc) from exc
+        except JournalCorruptError:
+            conn.close()
+            raise
         return cls(path, conn)
 
     @staticmethod
-    def _corrupt(path: Path, exc: BaseException) -> JournalCorruptError:
+    def _prepare(path: Path, conn: sqlite3.Connection) -> None:
+        """Check that ``conn`` is a sound journal (or a new file) and set it up."""
+        (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        # app_id 0 with exactly our tables: a journal written before the stamp existed.
+        if app_id != _APPLICATION_ID and not (app_id == 0 and tables <= _TABLES):
+            raise JournalCorruptError(
+                f"{path} is not a journal of this agent (an unrelated SQLite database, "
+                f"application_id {app_id:#x}); it was left untouched. Move it away, then "
+                "`agent recover --resume` rebuilds the pending list from the working folder"
+            )
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            # A filesystem without shared memory (some network shares): still durable.
+            log.warning("journal_not_wal", path=str(path), mode=mode and mode[0])
+        conn.execute("PRAGMA synchronous=FULL")
+        if app_id != _APPLICATION_ID or tables != _TABLES:
+            conn.executescript(_SCHEMA)
+        row = conn.execute("PRAGMA quick_check").fetchone()
+        if row is None or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {row and row[0]}")
+
+    @staticmethod
+    def _error(path: Path, exc: BaseException) -> JournalCorruptError:
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             return JournalCorruptError(
-                f"the journal {path} is locked by another process (is a second agent running "
-                "for this session? `agent status`)"
+                f"the journal {path} stayed locked by another process beyond the busy timeout "
+                f"({exc}). Is a second agent running for this session? `agent status` shows it; "
+                "stop it, or wait and retry"
             )
         return JournalCorruptError(
             f"the journal {path} cannot be read ({exc}). The working folder still holds your "
@@ -126,40 +174,70 @@ class Journal:
             "with the store"
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionError(f"the journal {self.path} was already closed")
+
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; sqlite errors become ``JournalCorruptError``.
+
+        ``durable=False`` commits without its own fsync (``synchronous=NORMAL`` for this
+        one transaction; WAL keeps the order, so the next durable commit syncs it too):
+        for bookkeeping whose loss only means repeating work (``mark_done``,
+        ``mark_failed``), never for ``record``.
+        """
         with self._lock:
+            self._check_open()
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    yield self._conn
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._conn
+                    except BaseException:
+                        self._conn.execute("ROLLBACK")
+                        raise
+                    self._conn.execute("COMMIT")
+                finally:
+                    if not durable:
+                        self._conn.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
-                raise self._corrupt(self.path, exc) from exc
+                raise self._error(self.path, exc) from exc
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         with self._lock:
+            self._check_open()
             try:
                 return list(self._conn.execute(sql, args).fetchall())
             except sqlite3.Error as exc:
-                raise self._corrupt(self.path, exc) from exc
+                raise self._error(self.path, exc) from exc
 
     # ----------------------------------------------------------------- writes
 
     def record(
         self, path: str, op: Op, *, size: int | None = None, mtime_ns: int | None = None
     ) -> int:
-        """Record pending work for ``path`` (coalesced); durable when it returns. Returns seq."""
+        """Record pending work for ``path`` (coalesced); durable when it returns. Returns seq.
+
+        Recording a path that is already pending replaces its op, size and mtime and
+        gives it a new, higher seq (so an upload of the older state cannot mark it
+        done); ``attempts`` and ``last_error`` are kept, so the retry backoff goes on.
+        """
+        _check_op(op)
         with self._tx() as conn:
             return self._upsert(conn, path, op, size, mtime_ns)
 
     def record_many(self, items: Iterable[tuple[str, Op, int | None, int | None]]) -> None:
-        """Record several ``(path, op, size, mtime_ns)`` in one durable transaction."""
+        """Record several ``(path, op, size, mtime_ns)`` in one durable transaction (one fsync)."""
+        rows = list(items)
+        for _path, op, _size, _mtime in rows:
+            _check_op(op)
+        if not rows:
+            return
         with self._tx() as conn:
-            for path, op, size, mtime_ns in items:
+            for path, op, size, mtime_ns in rows:
                 self._upsert(conn, path, op, size, mtime_ns)
 
     @staticmethod
@@ -193,8 +271,11 @@ class Journal:
         ``etag`` given: staging holds a put. ``deleted``: a delete to apply at commit.
         Neither: nothing to stage (the file equals the base). Returns False if a newer
         change arrived meanwhile (the row stays pending).
+
+        Committed without an fsync (``synchronous=NORMAL``): losing a mark_done to a
+        power cut only means the row is sent again; ``record`` keeps its fsync.
         """
-        with self._tx() as conn:
+        with self._tx(durable=False) as conn:
             cur = conn.execute("DELETE FROM pending WHERE path = ? AND seq = ?", (path, seq))
             if cur.rowcount == 0:
                 return False
@@ -216,7 +297,7 @@ class Journal:
 
     def mark_failed(self, path: str, seq: int, error: str) -> None:
         """Count a failed attempt; the row stays pending."""
-        with self._tx() as conn:
+        with self._tx(durable=False) as conn:
             conn.execute(
                 "UPDATE pending SET attempts = attempts + 1, last_error = ?"
                 " WHERE path = ? AND seq = ?",
@@ -285,6 +366,20 @@ class Journal:
             target.close()
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection (idempotent); later calls raise ``SessionError``."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _check_op(op: str) -> None:
+    if op not in _OPS:
+        raise ValueError(f"journal op must be 'put' or 'delete', not {op!r}")

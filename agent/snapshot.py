@@ -1,20 +1,27 @@
-"""Pure-ish snapshots of a folder: ``path -> (size, mtime_ns)`` and their difference.
+"""Snapshots of a folder, ``path -> (size, mtime_ns)``, and their pure difference.
 
 Used by the reconciliation scan (the safety net for missed watch events), by
-``close``'s quick scan and by ``open`` when it reuses a cached copy. Symlinks,
-ignored names and our own temp files are skipped.
+``close``'s quick scan and by ``open`` when it reuses a cached copy. Only
+regular files are listed: symlinks, Windows junctions and other reparse points,
+ignored names (and everything in an ignored folder) and our own temp files are
+skipped. Paths are POSIX-style and relative to the root, whatever the platform.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from agent.ignore import IgnoreRules
 
 __all__ = ["FileStat", "diff", "scan"]
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,33 +32,74 @@ class FileStat:
     mtime_ns: int
 
 
+def _is_plain(st: os.stat_result) -> bool:
+    """Not a link and not a reparse point (a junction or OneDrive placeholder on Windows)."""
+    return not stat.S_ISLNK(st.st_mode) and not getattr(st, "st_reparse_tag", 0)
+
+
 def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileStat]:
-    """Every regular file below ``root/subtree``, keyed by POSIX path relative to ``root``."""
+    """Every regular file at or below ``root/subtree``, keyed by POSIX path relative to ``root``.
+
+    ``subtree`` may name a folder or a single file; if it is missing or ignored the
+    result is empty (the consumer reads that as "everything there is gone"). Files
+    that vanish during the walk are left out; unreadable folders are logged and
+    left out.
+    """
     out: dict[str, FileStat] = {}
-    start = root.joinpath(*subtree.split("/")) if subtree else root
+    start = root
+    if subtree:
+        if rules.is_ignored(subtree):
+            return out
+        start = root.joinpath(*subtree.split("/"))
+        try:
+            st = start.lstat()
+        except OSError:
+            return out
+        if not _is_plain(st):
+            return out
+        if stat.S_ISREG(st.st_mode):
+            return {subtree: FileStat(st.st_size, st.st_mtime_ns)}
     stack = [(start, subtree)]
     while stack:
         folder, rel_folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in entries:
-            rel = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
-            if rules.is_ignored(rel):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+        for rel, path, st in _entries(folder, rel_folder, rules):
             if stat.S_ISDIR(st.st_mode):
-                stack.append((Path(entry.path), rel))
+                stack.append((path, rel))
             elif stat.S_ISREG(st.st_mode):
                 out[rel] = FileStat(st.st_size, st.st_mtime_ns)
     return out
 
 
-def diff(old: dict[str, FileStat], new: dict[str, FileStat]) -> tuple[set[str], set[str]]:
-    """``(changed_or_added, removed)`` between two snapshots."""
+def _entries(
+    folder: Path, rel_folder: str, rules: IgnoreRules
+) -> list[tuple[str, Path, os.stat_result]]:
+    """The plain, not ignored entries of one folder with their ``lstat``."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        log.warning("scan_folder_unreadable", path=rel_folder or ".", error=str(exc))
+        return []
+    out = []
+    for entry in entries:
+        rel = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
+        if rules.is_ignored(rel):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("scan_file_unreadable", path=rel, error=str(exc))
+            continue
+        if _is_plain(st):
+            out.append((rel, Path(entry.path), st))
+    return out
+
+
+def diff(old: Mapping[str, FileStat], new: Mapping[str, FileStat]) -> tuple[set[str], set[str]]:
+    """``(changed_or_added, removed)`` from ``old`` to ``new``, comparing size and mtime."""
     changed = {rel for rel, st in new.items() if old.get(rel) != st}
-    return changed, set(old) - set(new)
+    return changed, set(old).difference(new)

@@ -80,7 +80,7 @@ class Streamer:
         self._on_error = on_error
         self._transfers = Transfers(store, config.transfer.workers)
         self._pool: ThreadPoolExecutor | None = None
-        self._in_flight: dict[str, Future[None]] = {}
+        self._in_flight: dict[str, Future[bool]] = {}
         self._flight_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -229,23 +229,25 @@ class Streamer:
                 self._in_flight[entry.path] = fut
             fut.add_done_callback(self._done_callback(entry.path))
 
-    def _done_callback(self, path: str) -> Callable[[Future[None]], None]:
-        return lambda _future: self._finished(path)
+    def _done_callback(self, path: str) -> Callable[[Future[bool]], None]:
+        return lambda future: self._finished(path, future)
 
-    def _finished(self, path: str) -> None:
+    def _finished(self, path: str, future: Future[bool]) -> None:
         with self._flight_lock:
             self._in_flight.pop(path, None)
-        self._wake.set()
+        # Re-read the journal only when this path still has work (a newer save came in
+        # during the upload): re-reading it after every upload made bursts quadratic.
+        if future.cancelled() or future.exception() is not None or future.result():
+            self._wake.set()
         with self._idle:
             self._idle.notify_all()
 
-    def _process(self, rel: str, op: str, seq: int, attempts: int) -> None:
+    def _process(self, rel: str, op: str, seq: int, attempts: int) -> bool:
+        """Send one row; True if the path still has pending work afterwards."""
         try:
-            if op == "put":
-                self._put(rel, seq)
-            else:
-                self._delete(rel, seq)
+            done = self._put(rel, seq) if op == "put" else self._delete(rel, seq)
             self._retry_at.pop(rel, None)
+            return not done
         except AgentError as exc:
             delay = min(_MAX_BACKOFF, self.config.retry.initial_backoff * 2 ** min(attempts, 10))
             delay *= 1 + random.random() * self.config.retry.jitter  # noqa: S311 - jitter
@@ -259,40 +261,46 @@ class Streamer:
                 error=str(exc),
                 retry_in=round(delay, 2),
             )
+            return True
 
-    def _put(self, rel: str, seq: int) -> None:
+    def _put(self, rel: str, seq: int) -> bool:
+        """Send a put row; True if the row is finished (no newer save arrived meanwhile)."""
         path = local_path_for(self.root, rel)
         if not path.is_file():
-            self.journal.record(rel, "delete") if self._is_tracked(rel) else self.journal.mark_done(
-                rel, seq
-            )
-            return
+            if self._is_tracked(rel):
+                self.journal.record(rel, "delete")
+                return False
+            return self.journal.mark_done(rel, seq)
         base = self.base.files.get(rel)
         staged = self.journal.staged_entry(rel)
         if base is not None and staged is None:
             st = path.stat()
             if st.st_size == base.size and file_sha256(path) == base.sha256:
-                self.journal.mark_done(rel, seq)
+                finished = self.journal.mark_done(rel, seq)
                 self._remember(rel, LocalEntry(st.st_size, st.st_mtime_ns, base.sha256))
-                return
-        [done] = self._transfers.upload(
-            [Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path)]
+                return finished
+        done = self._transfers.upload_one(
+            Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None
         )
-        if self.journal.mark_done(
+        finished = self.journal.mark_done(
             rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns
-        ):
+        )
+        if finished:
             self._remember(rel, LocalEntry(done.size, done.mtime_ns, done.sha256))
         self.uploads += 1
         self.last_upload_at = datetime.now(UTC)
         log.info("streamed", path=rel, key=done.key, bytes=done.size, session_id=self.session_id)
+        return finished
 
-    def _delete(self, rel: str, seq: int) -> None:
+    def _delete(self, rel: str, seq: int) -> bool:
+        """Apply a delete row; True if finished."""
         staged = self.journal.staged_entry(rel)
         if staged is not None and staged.op == "put":
             self.store.delete(self.keys.staged(self.session_id, rel))
-        self.journal.mark_done(rel, seq, deleted=True)
+        finished = self.journal.mark_done(rel, seq, deleted=True)
         with self._known_lock:
             self._known.pop(rel, None)
+        return finished
 
     def _remember(self, rel: str, entry: LocalEntry) -> None:
         with self._known_lock:

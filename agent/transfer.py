@@ -168,7 +168,7 @@ class Transfers:
 
     def upload(self, items: Sequence[Upload], progress: Progress | None = None) -> list[Uploaded]:
         """Upload every item; return what the store confirmed, in order."""
-        return self.map(items, lambda item: self._upload_one(item, progress), progress)
+        return self.map(items, lambda item: self.upload_one(item, progress), progress)
 
     def map(
         self, items: Sequence[T], fn: Callable[[T], R], progress: Progress | None = None
@@ -257,7 +257,8 @@ class Transfers:
             progress.file_done()
         return digest
 
-    def _upload_one(self, item: Upload, progress: Progress | None) -> Uploaded:
+    def upload_one(self, item: Upload, progress: Progress | None) -> Uploaded:
+        """Upload one file on the calling thread (redone if it changes while read)."""
         for _attempt in range(_MAX_UPLOAD_REDOS):
             sent = 0
 

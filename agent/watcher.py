@@ -2,23 +2,41 @@
 
 The only module that imports watchdog. ``Debouncer`` is the pure, clock-driven
 core (unit-tested without sleeping); ``Watcher`` is the thin adapter around a
-real observer.
+real observer and one delivery thread.
 
-A path is delivered when its file has been stable (same size and mtime) for
-``debounce`` seconds and either no event came for ``debounce`` seconds or it
-has been dirty for ``max_delay``; and never sooner than ``min_interval_per_path``
-after its previous delivery (R2 takes about one write per second per key). A
-missing file is delivered at once (the consumer turns it into a delete).
-Directory events ask the consumer to rescan that subtree; a periodic
-reconciliation asks for a rescan of everything.
+When a dirty path is delivered (``Debouncer.due``):
+
+* **quiet or overdue**: no event for it for ``debounce`` seconds, or it has been
+  dirty for ``max_delay`` seconds (events that never stop, e.g. an editor
+  touching a file it keeps open, do not hold it back forever);
+* **and stable**: its ``(size, mtime_ns)``, or its absence, has been the same for
+  at least ``debounce`` seconds. A file still being written waits however long
+  that takes, even past ``max_delay`` (the reconciliation scan is the backstop
+  for a file that never settles). A missing file is stable too: it is delivered
+  as missing and the consumer turns it into a delete. Because absence must
+  also last ``debounce``, the moment between "rename the old file away" and
+  "rename the new one in" of an editor's save is never delivered;
+* **and spaced**: at least ``min_interval_per_path`` seconds after the same
+  path's previous delivery (R2 takes about one write per second per key). It
+  stays dirty meanwhile.
+
+Paths due at the same tick are delivered together as one set, always from the
+one delivery thread, never concurrently. Directory events (created, deleted,
+moved: both sides), the loss of events (inotify queue overflow, a dead emitter
+thread) and every ``rescan_interval`` ask the consumer to rescan a subtree
+(``""`` is the whole root) instead: it compares the folder with what it knows.
+
+``flush`` is close's "now, please": see its docstring.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +44,10 @@ from typing import Any
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
 
 from agent.config import WatchConfig
+from agent.errors import LocalFileError
 from agent.ignore import IgnoreRules
 
 __all__ = ["Debouncer", "StatFn", "Watcher"]
@@ -37,18 +57,30 @@ log = structlog.get_logger(__name__)
 StatFn = Callable[[str], tuple[int, int] | None]
 """``rel_path -> (size, mtime_ns)``, or None when the file does not exist."""
 
+_IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+_HEALTH_INTERVAL = 2.0  # how often the delivery thread checks that the observer still runs
+_MAX_RETRY_DELAY = 5.0  # backoff cap when the consumer's callback keeps failing
+_STOP_DEADLINE = 10.0
+
 
 @dataclass
 class _Dirty:
     first_seen: float
     last_event: float
+    needs_stat: bool = True
+    observed: bool = False
     last_stat: tuple[int, int] | None = None
     stat_since: float = 0.0
-    checked: bool = False
 
 
 class Debouncer:
-    """Per-path quiet period, maximum delay, stability wait and spacing (pure)."""
+    """Per-path quiet period, maximum delay, stability wait and spacing (pure, clock-injected).
+
+    Not thread-safe: the ``Watcher`` calls it under its own lock. ``stat`` is only
+    called for paths that had an event since their last check or that are
+    otherwise ready, so a large dirty set waiting for its quiet period costs
+    nothing per tick.
+    """
 
     def __init__(self, debounce: float, max_delay: float, min_interval: float) -> None:
         self.debounce = debounce
@@ -63,38 +95,55 @@ class Debouncer:
         if d is None:
             self._dirty[path] = _Dirty(first_seen=now, last_event=now)
         else:
-            d.last_event = now
+            d.last_event = max(d.last_event, now)
+            d.needs_stat = True
 
     @property
     def dirty_count(self) -> int:
         """How many paths wait."""
         return len(self._dirty)
 
+    def is_dirty(self, path: str) -> bool:
+        """True while ``path`` waits for delivery."""
+        return path in self._dirty
+
+    def _spaced(self, path: str, now: float) -> bool:
+        last = self._delivered_at.get(path)
+        return last is None or now - last >= self.min_interval
+
     def due(self, now: float, stat: StatFn, *, force: bool = False) -> set[str]:
-        """The paths to deliver now (removed from the table). ``force`` skips quiet/spacing."""
+        """The paths to deliver at ``now``; they leave the table.
+
+        ``force`` (flush) skips the quiet period, ``max_delay`` and spacing, and
+        shortens the stability wait to "unchanged since the previous check": a
+        path is delivered on the second of two consecutive ``due`` calls that see
+        the same stat, so a file that changes between two calls keeps waiting.
+        """
         out: set[str] = set()
         for path, d in list(self._dirty.items()):
-            current = stat(path)
-            if not d.checked or current != d.last_stat:
-                d.last_stat, d.stat_since, d.checked = current, now, True
-                if current is not None and not force:
-                    continue
-            if current is not None and now - d.stat_since < self.debounce and not force:
-                continue  # still being written
-            quiet = now - d.last_event >= self.debounce
-            overdue = now - d.first_seen >= self.max_delay
-            if not force and not (quiet or overdue or current is None):
+            ready = force or (
+                (now - d.last_event >= self.debounce or now - d.first_seen >= self.max_delay)
+                and self._spaced(path, now)
+            )
+            if not ready and not d.needs_stat:
                 continue
-            last = self._delivered_at.get(path)
-            if not force and last is not None and now - last < self.min_interval:
+            current = stat(path)
+            d.needs_stat = False
+            if not d.observed or current != d.last_stat:
+                d.observed, d.last_stat, d.stat_since = True, current, now
+                continue
+            if not ready or (not force and now - d.stat_since < self.debounce):
                 continue
             out.add(path)
             del self._dirty[path]
             self._delivered_at[path] = now
-        if len(self._delivered_at) > 100_000:
-            horizon = now - self.min_interval
-            self._delivered_at = {p: t for p, t in self._delivered_at.items() if t >= horizon}
+        self._forget_old_deliveries(now)
         return out
+
+    def _forget_old_deliveries(self, now: float) -> None:
+        if len(self._delivered_at) > 4096 + 2 * len(self._dirty):
+            horizon = now - self.min_interval
+            self._delivered_at = {p: t for p, t in self._delivered_at.items() if t > horizon}
 
 
 class _Handler(FileSystemEventHandler):
@@ -105,8 +154,26 @@ class _Handler(FileSystemEventHandler):
         self.watcher._on_event(event)
 
 
+class _LostEventsHook(logging.Handler):
+    """watchdog reports a kernel queue overflow (and failed re-watches) only in its log."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        super().__init__(level=logging.WARNING)
+        self.watcher = watcher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().lower()
+        if "overflow" in message or record.levelno >= logging.ERROR:
+            self.watcher._request_rescan("", reason=message)
+
+
 class Watcher:
-    """A real watchdog observer on ``root`` feeding a ``Debouncer``."""
+    """A real watchdog observer on ``root`` feeding a ``Debouncer``; one delivery thread.
+
+    ``on_dirty(paths)`` and ``on_rescan(subtree)`` are called from that thread only.
+    If either raises, the paths (or subtree) are kept and offered again after a
+    growing delay (up to 5 s), so a briefly locked journal loses nothing.
+    """
 
     def __init__(
         self,
@@ -123,37 +190,99 @@ class Watcher:
         self._on_dirty = on_dirty
         self._on_rescan = on_rescan
         self._clock = clock
+        self._root_prefix = os.path.join(os.fspath(root), "")
         self._debouncer = Debouncer(config.debounce, config.max_delay, config.min_interval_per_path)
+        self._tick = min(max(config.debounce / 5, 0.01), 0.1)
+        # _lock guards the debouncer and the sets below; _cond is signalled after each pass.
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._rescans: set[str] = set()
+        self._retry_paths: set[str] = set()
+        self._retry_rescans: set[str] = set()
+        self._retry_at = 0.0
+        self._failures = 0
+        self._delivering = False
+        self._flushers = 0
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._observer: Any = None
+        self._hook: _LostEventsHook | None = None
         self._thread: threading.Thread | None = None
-        self._deliver_lock = threading.Lock()
+        self._started = False
 
     # ------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Start the observer and the delivery thread."""
-        self._observer = Observer()
-        self._observer.schedule(_Handler(self), str(self.root), recursive=True)
-        self._observer.start()
+        """Start the observer and the delivery thread.
+
+        Raises ``LocalFileError`` if the folder cannot be watched (missing, or the
+        inotify limits are exhausted and even polling fails).
+        """
+        if self._started:
+            raise RuntimeError("a Watcher starts once; create a new one to watch again")
+        self._started = True
+        self._observer = self._start_observer()
+        self._hook = _LostEventsHook(self)
+        logging.getLogger("watchdog").addHandler(self._hook)
         self._thread = threading.Thread(target=self._run, name="pdagent-watch", daemon=True)
         self._thread.start()
-        log.info("watching", path=str(self.root))
+        log.info("watching", path=str(self.root), observer=type(self._observer).__name__)
+
+    def _start_observer(self) -> Any:
+        try:
+            return self._schedule(Observer())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise LocalFileError(f"cannot watch {self.root}: {exc}") from exc
+            # inotify watch/instance limit: poll instead (slower, still correct).
+            log.warning("watch_limit_reached_polling", path=str(self.root), error=str(exc))
+        try:
+            return self._schedule(PollingObserver(timeout=max(1.0, self.config.debounce)))
+        except OSError as exc:
+            raise LocalFileError(
+                f"cannot watch {self.root}: {exc}. On Linux raise fs.inotify.max_user_watches "
+                "(sysctl) and start the agent again"
+            ) from exc
+
+    def _schedule(self, observer: Any) -> Any:
+        try:
+            observer.schedule(_Handler(self), os.fspath(self.root), recursive=True)
+            observer.start()
+        except BaseException:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(timeout=_STOP_DEADLINE)
+            raise
+        return observer
 
     def stop(self) -> None:
-        """Stop both threads (bounded waits)."""
+        """Stop the observer and the delivery thread (each join bounded by 10 s); idempotent.
+
+        What is still dirty is not delivered: call ``flush`` first if it matters.
+        """
         self._stop.set()
         self._kick.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=10)
-            self._observer = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        with self._cond:
+            self._cond.notify_all()
+        if self._hook is not None:
+            logging.getLogger("watchdog").removeHandler(self._hook)
+            self._hook = None
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            self._stop_observer(observer)
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_STOP_DEADLINE)
+            if thread.is_alive():
+                log.error("watch_thread_did_not_stop", path=str(self.root))
+
+    @staticmethod
+    def _stop_observer(observer: Any) -> None:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=_STOP_DEADLINE)
+            if observer.is_alive():
+                log.error("watch_observer_did_not_stop")
 
     def __enter__(self) -> Watcher:
         self.start()
@@ -166,84 +295,219 @@ class Watcher:
 
     def _rel(self, raw: str | bytes) -> str | None:
         path = os.fsdecode(raw)
-        try:
-            rel = os.path.relpath(path, self.root)
-        except ValueError:
+        if path.startswith(self._root_prefix):
+            rel = path[len(self._root_prefix) :]
+        else:
+            try:
+                rel = os.path.relpath(path, self.root)
+            except ValueError:
+                return None
+            if rel == ".":
+                rel = ""
+        if rel.startswith(".."):
             return None
-        if rel == "." or rel.startswith(".."):
-            return None
-        return rel.replace(os.sep, "/")
+        return rel.replace(os.sep, "/").strip("/")
 
     def _on_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
+        """Runs on the observer's thread: only bookkeeping, no I/O."""
+        kind = event.event_type
+        if kind in _IGNORED_EVENTS or (event.is_directory and kind in ("modified", "attrib")):
             return
-        paths = [event.src_path]
-        if getattr(event, "dest_path", None):
-            paths.append(event.dest_path)
+        raws = [event.src_path]
+        if getattr(event, "dest_path", ""):
+            raws.append(event.dest_path)
         now = self._clock()
         with self._lock:
-            for raw in paths:
+            was_idle = not self._debouncer.dirty_count and not self._rescans
+            for raw in raws:
                 rel = self._rel(raw)
-                if rel is None or self.rules.is_ignored(rel):
+                if rel is None or (rel and self.rules.is_ignored(rel)):
                     continue
                 if event.is_directory:
-                    if event.event_type != "modified":
-                        self._rescans.add(rel)
-                else:
+                    self._rescans.add(rel)  # "" when the root itself went away
+                elif rel:
                     self._debouncer.touch(rel, now)
+        if was_idle:
+            self._kick.set()
+
+    def _request_rescan(self, subtree: str, *, reason: str) -> None:
+        log.warning("watch_rescan_requested", path=str(self.root), subtree=subtree, reason=reason)
+        with self._lock:
+            self._rescans.add(subtree)
         self._kick.set()
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
-            st = self.root.joinpath(*rel.split("/")).stat()
+            st = os.stat(os.path.join(self.root, *rel.split("/")), follow_symlinks=False)
         except OSError:
             return None
         return (st.st_size, st.st_mtime_ns)
 
     # -------------------------------------------------------------- delivery
 
-    def _tick(self) -> float:
-        return max(0.01, min(self.config.debounce, self.config.min_interval_per_path) / 3)
+    def _idle_wait(self, now: float, next_reconcile: float, next_health: float) -> float:
+        with self._lock:
+            busy = self._debouncer.dirty_count or self._rescans or self._flushers
+            retrying = self._retry_paths or self._retry_rescans
+        if busy:
+            return self._tick
+        wake = min(next_reconcile, next_health)
+        if retrying:
+            wake = min(wake, self._retry_at)
+        return max(0.0, wake - now)
 
     def _run(self) -> None:
-        next_reconcile = self._clock() + self.config.rescan_interval
+        now = self._clock()
+        next_reconcile = now + self.config.rescan_interval
+        next_health = now + _HEALTH_INTERVAL
         while not self._stop.is_set():
-            self._kick.wait(self._tick())
+            self._kick.wait(self._idle_wait(self._clock(), next_reconcile, next_health))
             self._kick.clear()
-            try:
-                self._deliver(force=False)
-                if self._clock() >= next_reconcile:
-                    next_reconcile = self._clock() + self.config.rescan_interval
-                    if self._on_rescan is not None:
-                        self._on_rescan("")
-            except Exception:
-                log.exception("watch_delivery_failed")
+            if self._stop.is_set():
+                break
+            now = self._clock()
+            if now >= next_reconcile:
+                next_reconcile = now + self.config.rescan_interval
+                with self._lock:
+                    self._rescans.add("")
+            if now >= next_health:
+                next_health = now + _HEALTH_INTERVAL
+                self._check_observer()
+            self._deliver()
 
-    def _deliver(self, *, force: bool) -> int:
-        with self._deliver_lock:
-            with self._lock:
-                rescans, self._rescans = self._rescans, set()
-                due = self._debouncer.due(self._clock(), self._stat, force=force)
-            if self._on_rescan is not None:
-                for subtree in sorted(rescans):
+    def _deliver(self) -> None:
+        """One pass: take what is due (and due retries), hand it over, keep it on failure."""
+        with self._lock:
+            now = self._clock()
+            force = self._flushers > 0
+            paths = self._debouncer.due(now, self._stat, force=force)
+            rescans, self._rescans = self._rescans, set()
+            if self._retry_paths or self._retry_rescans:
+                if force or now >= self._retry_at:
+                    paths |= self._retry_paths
+                    rescans |= self._retry_rescans
+                    self._retry_paths, self._retry_rescans = set(), set()
+            self._delivering = bool(paths or rescans)
+        try:
+            if rescans and self._on_rescan is not None:
+                # "" covers everything: one rescan of the root instead of many.
+                for subtree in [""] if "" in rescans else sorted(rescans):
                     self._on_rescan(subtree)
-            if due:
-                self._on_dirty(due)
-            return len(due) + len(rescans)
+                    rescans.discard(subtree)
+                rescans.clear()
+            if paths:
+                self._on_dirty(paths)
+                paths = set()
+            self._failures = 0
+        except Exception:  # the consumer's error: keep the work, retry, never die
+            self._failures += 1
+            delay = min(_MAX_RETRY_DELAY, 0.1 * 2**self._failures)
+            log.exception("watch_delivery_failed", retry_in=delay, paths=len(paths))
+            with self._lock:
+                self._retry_paths |= paths
+                self._retry_rescans |= rescans
+                self._retry_at = self._clock() + delay
+        finally:
+            with self._cond:
+                self._delivering = False
+                self._cond.notify_all()
+
+    def _check_observer(self) -> None:
+        """Restart a dead observer (e.g. the root was deleted and made again) and rescan."""
+        observer = self._observer
+        if observer is None or self._stop.is_set():
+            return
+        emitters: Iterable[Any] = getattr(observer, "emitters", ())
+        if observer.is_alive() and all(e.is_alive() for e in emitters):
+            return
+        log.error("watch_observer_died", path=str(self.root))
+        self._stop_observer(observer)
+        try:
+            self._observer = self._start_observer() if self.root.is_dir() else None
+        except LocalFileError as exc:
+            log.error("watch_restart_failed", path=str(self.root), error=str(exc))
+            self._observer = None
+        if self._observer is None:
+            # Keep checking: the root may come back. A stub that reports itself dead.
+            self._observer = _DeadObserver()
+        with self._lock:
+            self._rescans.add("")
 
     def flush(self, timeout: float) -> bool:
-        """Deliver everything waiting now; True when nothing is left."""
-        deadline = self._clock() + timeout
-        while True:
-            self._deliver(force=True)
+        """Deliver everything dirty now, without quiet periods; True once nothing is left.
+
+        While a flush waits, the delivery thread ignores quiet periods, ``max_delay``
+        and per-path spacing, and delivers a path as soon as two consecutive checks
+        (one tick apart, about ``debounce / 5``) see the same size and mtime; a file
+        still changing between checks is held until it stops. Pending rescans and
+        failed deliveries are retried at once. Returns False if something is still
+        dirty (or its delivery still failing) after ``timeout`` seconds; it stays
+        dirty. On a watcher that was never started or is stopped, flush delivers
+        from the calling thread.
+        """
+        deadline = time.monotonic() + timeout
+        if self._thread is None:
+            return self._flush_inline(deadline)
+        with self._cond:
+            self._flushers += 1
+        self._kick.set()
+        try:
+            with self._cond:
+                while True:
+                    if self._nothing_left():
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._stop.is_set():
+                        return self._nothing_left()
+                    self._cond.wait(min(remaining, self._tick * 2))
+                    self._kick.set()
+        finally:
+            with self._cond:
+                self._flushers -= 1
+
+    def _flush_inline(self, deadline: float) -> bool:
+        with self._lock:
+            self._flushers += 1
+        try:
+            while True:
+                self._deliver()
+                with self._lock:
+                    if self._nothing_left():
+                        return True
+                if time.monotonic() >= deadline:
+                    return False
+                self._stop.wait(self._tick)
+        finally:
             with self._lock:
-                left = self._debouncer.dirty_count + len(self._rescans)
-            if not left or self._clock() >= deadline:
-                return not left
-            time.sleep(0.01)
+                self._flushers -= 1
+
+    def _nothing_left(self) -> bool:
+        """Call with ``_lock`` held."""
+        return not (
+            self._debouncer.dirty_count
+            or self._rescans
+            or self._retry_paths
+            or self._retry_rescans
+            or self._delivering
+        )
 
     @property
     def pending(self) -> int:
-        """Paths waiting for their quiet period."""
+        """Paths waiting for delivery (dirty, or kept after a failed delivery)."""
         with self._lock:
-            return self._debouncer.dirty_count
+            return self._debouncer.dirty_count + len(self._retry_paths)
+
+
+class _DeadObserver:
+    """Stands in for an observer that could not be restarted, so the health check retries."""
+
+    emitters: tuple[Any, ...] = ()
+
+    def is_alive(self) -> bool:
+        return False
+
+    def stop(self) -> None:
+        """Nothing runs."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Nothing runs."""

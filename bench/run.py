@@ -412,6 +412,10 @@ def print_tables(rows: dict[str, list[tuple[str, float, str]]], runs: int) -> No
 
 def main() -> None:
     """Run the selected benchmark groups and print their tables."""
+    from agent.config import LogConfig
+    from agent.log import configure_logging
+
+    configure_logging(LogConfig(console_level="warning"), None)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", default="core,stream,resume")

@@ -83,8 +83,6 @@ def test_file_roundtrip_above_the_multipart_threshold(store: ObjectStore, tmp_pa
         store.transfer = store.transfer.model_copy(
             update={"multipart_threshold": 5 * 1024 * 1024, "multipart_chunksize": 5 * 1024 * 1024}
         )
-        store._big.multipart_threshold = 5 * 1024 * 1024
-        store._big.multipart_chunksize = 5 * 1024 * 1024
     up: list[int] = []
     store.upload_file("big/f.bin", src, progress=up.append)
     assert len(data) == sum(up)

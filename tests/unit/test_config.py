@@ -38,7 +38,7 @@ def test_example_file_loads_and_means_what_it_says() -> None:
     config = load_config(ROOT / "config" / "agent.example.toml")
     loc = config.store_location()
     assert ("s3", "plant-projects", "projects") == (loc.scheme, loc.bucket, loc.prefix)
-    assert 64 * 1024**2 == config.transfer.multipart_threshold
+    assert 16 * 1024**2 == config.transfer.multipart_threshold
     assert 0.2 == config.retry.initial_backoff
     assert ("*.bak",) == config.watch.extra_ignore
 
