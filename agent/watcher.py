@@ -88,6 +88,7 @@ class Debouncer:
         self.min_interval = min_interval
         self._dirty: dict[str, _Dirty] = {}
         self._delivered_at: dict[str, float] = {}
+        self._next_prune = 0.0
 
     def touch(self, path: str, now: float) -> None:
         """An event for ``path`` arrived at ``now``."""
@@ -141,7 +142,8 @@ class Debouncer:
         return out
 
     def _forget_old_deliveries(self, now: float) -> None:
-        if len(self._delivered_at) > 4096 + 2 * len(self._dirty):
+        if now >= self._next_prune and len(self._delivered_at) > 4096:
+            self._next_prune = now + self.min_interval
             horizon = now - self.min_interval
             self._delivered_at = {p: t for p, t in self._delivered_at.items() if t > horizon}
 
@@ -190,7 +192,7 @@ class Watcher:
         self._on_dirty = on_dirty
         self._on_rescan = on_rescan
         self._clock = clock
-        self._root_prefix = os.path.join(os.fspath(root), "")
+        self._root_prefix = os.fspath(root).rstrip("/\\") + os.sep
         self._debouncer = Debouncer(config.debounce, config.max_delay, config.min_interval_per_path)
         self._tick = min(max(config.debounce / 5, 0.01), 0.1)
         # _lock guards the debouncer and the sets below; _cond is signalled after each pass.
@@ -206,6 +208,7 @@ class Watcher:
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._observer: Any = None
+        self._observer_lock = threading.Lock()  # start/stop/restart of the observer
         self._hook: _LostEventsHook | None = None
         self._thread: threading.Thread | None = None
         self._started = False
@@ -221,7 +224,8 @@ class Watcher:
         if self._started:
             raise RuntimeError("a Watcher starts once; create a new one to watch again")
         self._started = True
-        self._observer = self._start_observer()
+        with self._observer_lock:
+            self._observer = self._start_observer()
         self._hook = _LostEventsHook(self)
         logging.getLogger("watchdog").addHandler(self._hook)
         self._thread = threading.Thread(target=self._run, name="pdagent-watch", daemon=True)
@@ -267,9 +271,10 @@ class Watcher:
         if self._hook is not None:
             logging.getLogger("watchdog").removeHandler(self._hook)
             self._hook = None
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            self._stop_observer(observer)
+        with self._observer_lock:
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                self._stop_observer(observer)
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=_STOP_DEADLINE)
@@ -338,7 +343,7 @@ class Watcher:
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
-            st = os.stat(os.path.join(self.root, *rel.split("/")), follow_symlinks=False)
+            st = self.root.joinpath(*rel.split("/")).lstat()
         except OSError:
             return None
         return (st.st_size, st.st_mtime_ns)
@@ -382,11 +387,10 @@ class Watcher:
             force = self._flushers > 0
             paths = self._debouncer.due(now, self._stat, force=force)
             rescans, self._rescans = self._rescans, set()
-            if self._retry_paths or self._retry_rescans:
-                if force or now >= self._retry_at:
-                    paths |= self._retry_paths
-                    rescans |= self._retry_rescans
-                    self._retry_paths, self._retry_rescans = set(), set()
+            if (self._retry_paths or self._retry_rescans) and now >= self._retry_at:
+                paths |= self._retry_paths
+                rescans |= self._retry_rescans
+                self._retry_paths, self._retry_rescans = set(), set()
             self._delivering = bool(paths or rescans)
         try:
             if rescans and self._on_rescan is not None:
@@ -413,23 +417,30 @@ class Watcher:
                 self._cond.notify_all()
 
     def _check_observer(self) -> None:
-        """Restart a dead observer (e.g. the root was deleted and made again) and rescan."""
-        observer = self._observer
-        if observer is None or self._stop.is_set():
-            return
-        emitters: Iterable[Any] = getattr(observer, "emitters", ())
-        if observer.is_alive() and all(e.is_alive() for e in emitters):
-            return
-        log.error("watch_observer_died", path=str(self.root))
-        self._stop_observer(observer)
-        try:
-            self._observer = self._start_observer() if self.root.is_dir() else None
-        except LocalFileError as exc:
-            log.error("watch_restart_failed", path=str(self.root), error=str(exc))
-            self._observer = None
-        if self._observer is None:
-            # Keep checking: the root may come back. A stub that reports itself dead.
-            self._observer = _DeadObserver()
+        """Restart a dead observer (e.g. the root was deleted, or is back) and ask for a rescan."""
+        with self._observer_lock:
+            observer = self._observer
+            if observer is None or self._stop.is_set():
+                return
+            emitters: Iterable[Any] = getattr(observer, "emitters", ())
+            if observer.is_alive() and all(e.is_alive() for e in emitters):
+                return
+            dead_before = isinstance(observer, _DeadObserver)
+            if not dead_before:
+                log.error("watch_observer_died", path=str(self.root))
+                self._stop_observer(observer)
+            elif not self.root.is_dir():
+                return  # still gone; check again later
+            try:
+                self._observer = self._start_observer()
+            except LocalFileError as exc:
+                if not dead_before:
+                    log.error("watch_restart_failed", path=str(self.root), error=str(exc))
+                self._observer = _DeadObserver()
+                if dead_before:
+                    return
+            else:
+                log.info("watch_restarted", path=str(self.root))
         with self._lock:
             self._rescans.add("")
 
@@ -476,7 +487,7 @@ class Watcher:
                         return True
                 if time.monotonic() >= deadline:
                     return False
-                self._stop.wait(self._tick)
+                time.sleep(self._tick)  # no delivery thread to wait for
         finally:
             with self._lock:
                 self._flushers -= 1

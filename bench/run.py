@@ -24,16 +24,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.config import AgentConfig, load_config  # noqa: E402
-from agent.keys import StageKeys  # noqa: E402
-from agent.session import PlantDesignSession  # noqa: E402
-from agent.store import open_store  # noqa: E402
-from agent.store.base import ObjectStore  # noqa: E402
-from tests.servers import SeaweedServer  # noqa: E402
+from agent.config import AgentConfig, load_config
+from agent.keys import StageKeys
+from agent.session import PlantDesignSession
+from agent.store import open_store
+from agent.store.base import ObjectStore
+from tests.servers import SeaweedServer
 
 BUCKET = "bench"
 KiB, MiB = 1024, 1024 * 1024
@@ -78,8 +79,11 @@ class Bench:
     def config(self, name: str, **sections: object) -> AgentConfig:
         """A config on the bench bucket with its own base folder."""
         return load_config(
-            store={"url": f"s3://{BUCKET}/agent", "endpoint_url": self.server.endpoint,
-                   "region": "us-east-1"},
+            store={
+                "url": f"s3://{BUCKET}/agent",
+                "endpoint_url": self.server.endpoint,
+                "region": "us-east-1",
+            },
             paths={"base_dir": str(self.scratch / "agent" / name)},
             lock={"heartbeat_interval": 3600},
             **sections,  # type: ignore[arg-type]
@@ -116,50 +120,115 @@ def agent_cycle(bench: Bench, projekt: str) -> tuple[list[float], list[float], l
         config = bench.config(name)
         shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
         s = PlantDesignSession(config)
-        cold.append(timed(lambda s=s: s.open(projekt, "bench", "planning", watch=False)))
+        cold.append(timed(partial(s.open, projekt, "bench", "planning", watch=False)))
         assert s.work_path is not None
         for f in s.work_path.iterdir():
             with f.open("r+b") as fh:
                 fh.write(os.urandom(16))
         close.append(timed(s.close))
         s2 = PlantDesignSession(config)
-        reopen.append(timed(lambda s2=s2: s2.open(projekt, "bench", "planning", watch=False)))
+        reopen.append(timed(partial(s2.open, projekt, "bench", "planning", watch=False)))
         s2.close()
     return cold, close, reopen
 
 
-def tool_cycle(bench: Bench, projekt: str, source: Path) -> dict[str, tuple[list[float], list[float]]]:
+def tool_cycle(
+    bench: Bench, projekt: str, source: Path
+) -> dict[str, tuple[list[float], list[float]]]:
     """Download and upload times of s5cmd, rclone and aws on the same data."""
     ep = bench.server.endpoint
     remote = f"s3://{BUCKET}/agent/{projekt}/planning"
     out: dict[str, tuple[list[float], list[float]]] = {}
     rclone_flags = [
-        "--s3-provider", "Other", "--s3-endpoint", ep, "--s3-access-key-id", bench.server.access_key,
-        "--s3-secret-access-key", bench.server.secret_key, "--s3-region", "us-east-1",
-        "--config", os.devnull, "--transfers", "10", "--checkers", "10",
+        "--s3-provider",
+        "Other",
+        "--s3-endpoint",
+        ep,
+        "--s3-access-key-id",
+        bench.server.access_key,
+        "--s3-secret-access-key",
+        bench.server.secret_key,
+        "--s3-region",
+        "us-east-1",
+        "--config",
+        os.devnull,
+        "--transfers",
+        "10",
+        "--checkers",
+        "10",
     ]
     cmds: dict[str, tuple[Callable[[Path], list[str]], Callable[[str], list[str]]]] = {
         "s5cmd": (
-            lambda d: [tool("s5cmd"), "--endpoint-url", ep, "--numworkers", "10", "cp", f"{remote}/*", f"{d}/"],
-            lambda dst: [tool("s5cmd"), "--endpoint-url", ep, "--numworkers", "10", "cp", f"{source}/*", f"{dst}/"],
+            lambda d: [
+                tool("s5cmd"),
+                "--endpoint-url",
+                ep,
+                "--numworkers",
+                "10",
+                "cp",
+                f"{remote}/*",
+                f"{d}/",
+            ],
+            lambda dst: [
+                tool("s5cmd"),
+                "--endpoint-url",
+                ep,
+                "--numworkers",
+                "10",
+                "cp",
+                f"{source}/*",
+                f"{dst}/",
+            ],
         ),
         "rclone": (
-            lambda d: [tool("rclone"), "copy", *rclone_flags, f":s3:{BUCKET}/agent/{projekt}/planning", str(d)],
-            lambda dst: [tool("rclone"), "copy", *rclone_flags, str(source), ":s3:" + dst.removeprefix("s3://")],
+            lambda d: [
+                tool("rclone"),
+                "copy",
+                *rclone_flags,
+                f":s3:{BUCKET}/agent/{projekt}/planning",
+                str(d),
+            ],
+            lambda dst: [
+                tool("rclone"),
+                "copy",
+                *rclone_flags,
+                str(source),
+                ":s3:" + dst.removeprefix("s3://"),
+            ],
         ),
         "aws": (
-            lambda d: [tool("aws"), "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", ep, remote, str(d)],
-            lambda dst: [tool("aws"), "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", ep, str(source), dst],
+            lambda d: [
+                tool("aws"),
+                "s3",
+                "cp",
+                "--recursive",
+                "--only-show-errors",
+                "--endpoint-url",
+                ep,
+                remote,
+                str(d),
+            ],
+            lambda dst: [
+                tool("aws"),
+                "s3",
+                "cp",
+                "--recursive",
+                "--only-show-errors",
+                "--endpoint-url",
+                ep,
+                str(source),
+                dst,
+            ],
         ),
     }
     for name, (down, up) in cmds.items():
         downs, ups = [], []
         for run in range(bench.runs):
             dest = bench.scratch / f"dl-{name}-{projekt}-{run}"
-            downs.append(timed(lambda dest=dest, down=down: bench.sh(*down(dest))))
+            downs.append(timed(partial(bench.sh, *down(dest))))
             shutil.rmtree(dest, ignore_errors=True)
             target = f"s3://{BUCKET}/tools/{name}/{projekt}/{run}"
-            ups.append(timed(lambda target=target, up=up: bench.sh(*up(target))))
+            ups.append(timed(partial(bench.sh, *up(target))))
         out[name] = (downs, ups)
     return out
 
@@ -177,11 +246,28 @@ def bench_core(bench: Bench) -> None:
         tools = tool_cycle(bench, projekt, source)
         s5_down, s5_up = (median(v) for v in tools["s5cmd"])
         table = f"core: {label}"
-        bench.add(table, "agent open (cold)", median(cold), f"{median(cold) / s5_down:.2f} x s5cmd download")
-        bench.add(table, "agent close (all changed)", median(close), f"{median(close) / s5_up:.2f} x s5cmd upload")
-        bench.add(table, "agent re-open (unchanged)", median(reopen), f"{median(reopen) / median(cold):.3f} x cold open")
+        bench.add(
+            table,
+            "agent open (cold)",
+            median(cold),
+            f"{median(cold) / s5_down:.2f} x s5cmd download",
+        )
+        bench.add(
+            table,
+            "agent close (all changed)",
+            median(close),
+            f"{median(close) / s5_up:.2f} x s5cmd upload",
+        )
+        bench.add(
+            table,
+            "agent re-open (unchanged)",
+            median(reopen),
+            f"{median(reopen) / median(cold):.3f} x cold open",
+        )
         for name, (downs, ups) in tools.items():
-            bench.add(table, f"{name} download", median(downs), f"{median(downs) / s5_down:.2f} x s5cmd")
+            bench.add(
+                table, f"{name} download", median(downs), f"{median(downs) / s5_down:.2f} x s5cmd"
+            )
             bench.add(table, f"{name} upload", median(ups), f"{median(ups) / s5_up:.2f} x s5cmd")
 
 
@@ -200,7 +286,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, step: floa
 
 def staged_keys(store: ObjectStore, prefix: str) -> set[str]:
     """Keys under the staging prefix."""
-    return {o.key[len(prefix):] for o in store.list(prefix)}
+    return {o.key[len(prefix) :] for o in store.list(prefix)}
 
 
 @contextmanager
@@ -233,7 +319,7 @@ def bench_stream(bench: Bench) -> None:
             path = s.work_path / f"single{i}.txt"
             path.write_bytes(os.urandom(4 * KiB))
             t0 = time.monotonic()
-            single.append(wait_until(lambda i=i: f"single{i}.txt" in staged_keys(store, prefix)) - t0)
+            single.append(wait_until(partial(_has_key, store, prefix, f"single{i}.txt")) - t0)
         bench.add(table, "single save p50", pct(single, 0.5))
         bench.add(table, "single save p99", pct(single, 0.99))
         repeated: list[float] = []
@@ -245,7 +331,7 @@ def bench_stream(bench: Bench) -> None:
             t0 = time.monotonic()
             final = f"{19}".encode() * 100
             key = prefix + f"repeat{r}.txt"
-            repeated.append(wait_until(lambda key=key, final=final: _body_is(store, key, final)) - t0)
+            repeated.append(wait_until(partial(_body_is, store, key, final)) - t0)
         bench.add(table, "one file saved 20x in 2 s, p50", pct(repeated, 0.5))
         batch: list[float] = []
         t0 = time.monotonic()
@@ -261,10 +347,25 @@ def bench_stream(bench: Bench) -> None:
                     pending.discard(name)
             time.sleep(0.005)
         bench.add(table, "100 files at once p50", pct(batch, 0.5))
-        bench.add(table, "100 files at once p99", pct(batch, 0.99), f"written in {t_written - t0:.2f}s")
+        bench.add(
+            table, "100 files at once p99", pct(batch, 0.99), f"written in {t_written - t0:.2f}s"
+        )
     store.close()
     bench_close_pending(bench)
     bench_stream_rate(bench)
+
+
+def _drained(s: PlantDesignSession, uploads: int) -> bool:
+    st = s.status()
+    return (
+        st.get("pending") == 0
+        and st.get("in_flight") == 0
+        and int(str(st.get("uploads", 0))) >= uploads
+    )
+
+
+def _has_key(store: ObjectStore, prefix: str, name: str) -> bool:
+    return name in staged_keys(store, prefix)
 
 
 def _body_is(store: ObjectStore, key: str, body: bytes) -> bool:
@@ -305,16 +406,23 @@ def bench_stream_rate(bench: Bench) -> None:
             t0 = time.monotonic()
             for i in range(1000):
                 (s.work_path / f"r{i:04d}.bin").write_bytes(os.urandom(64 * KiB))
-            wait_until(lambda s=s: s.status().get("pending") == 0 and s.status().get("in_flight") == 0
-                       and s.status().get("uploads", 0) >= 1000, timeout=300, step=0.02)
+            wait_until(
+                partial(_drained, s, 1000),
+                timeout=300,
+                step=0.02,
+            )
             stream_t.append(time.monotonic() - t0)
         b = PlantDesignSession(bench.config(f"bulk{run}"))
         work = b.open("Bulk", "bench", "planning", watch=False)
         for i in range(1000):
             (work / f"r{i:04d}.bin").write_bytes(os.urandom(64 * KiB))
         bulk_t.append(timed(b.close))
-    bench.add(table, "streamed (write to all staged)", median(stream_t),
-              f"{median(bulk_t) / median(stream_t):.2f} x bulk rate")
+    bench.add(
+        table,
+        "streamed (write to all staged)",
+        median(stream_t),
+        f"{median(bulk_t) / median(stream_t):.2f} x bulk rate",
+    )
     bench.add(table, "bulk upload via close", median(bulk_t))
     bench_idle(bench)
 
@@ -322,10 +430,29 @@ def bench_stream_rate(bench: Bench) -> None:
 def bench_idle(bench: Bench) -> None:
     """CPU and memory of the background agent watching 10,000 files, idle for 10 s."""
     table = "stream: idle background agent, 10,000 files"
-    env = {**bench.env, "AGENT_STORE__URL": f"s3://{BUCKET}/agent",
-           "AGENT_PATHS__BASE_DIR": str(bench.scratch / "agent" / "idle")}
-    opened = subprocess.run([sys.executable, "-m", "agent", "open", "Ten_k", "--user", "idle",
-                             "--stage", "planning", "--json"], env=env, capture_output=True, text=True, check=True)
+    env = {
+        **bench.env,
+        "AGENT_STORE__URL": f"s3://{BUCKET}/agent",
+        "AGENT_PATHS__BASE_DIR": str(bench.scratch / "agent" / "idle"),
+    }
+    opened = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "open",
+            "Ten_k",
+            "--user",
+            "idle",
+            "--stage",
+            "planning",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import json
 
     pid = int(json.loads(opened.stdout)["agent_pid"])
@@ -339,9 +466,19 @@ def bench_idle(bench: Bench) -> None:
     c0, t0 = cpu(), time.monotonic()
     time.sleep(10)
     c1, t1 = cpu(), time.monotonic()
-    rss = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if line.startswith("VmRSS")).split()[1]) / 1024
-    subprocess.run([sys.executable, "-m", "agent", "abort"], env=env, capture_output=True, check=True)
+    rss = (
+        int(
+            next(
+                line
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS")
+            ).split()[1]
+        )
+        / 1024
+    )
+    subprocess.run(
+        [sys.executable, "-m", "agent", "abort"], env=env, capture_output=True, check=True
+    )
     bench.add(table, "CPU (% of one core)", 100 * (c1 - c0) / (t1 - t0))
     bench.add(table, "resident memory (MiB)", rss)
 
@@ -360,10 +497,10 @@ def bench_resume(bench: Bench) -> None:
         config = bench.config("resume-open")
         shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
         s = PlantDesignSession(config)
-        cold.append(timed(lambda s=s: s.open("Ten_k", "bench", "planning", watch=False)))
+        cold.append(timed(partial(s.open, "Ten_k", "bench", "planning", watch=False)))
         s.close()
         s = PlantDesignSession(config)
-        reopen.append(timed(lambda s=s: s.open("Ten_k", "bench", "planning", watch=False)))
+        reopen.append(timed(partial(s.open, "Ten_k", "bench", "planning", watch=False)))
         s.close()
     bench.add(table, "cold open", median(cold))
     bench.add(table, "re-open unchanged", median(reopen))
@@ -371,17 +508,43 @@ def bench_resume(bench: Bench) -> None:
         times, flushed = [], []
         for run in range(max(1, bench.runs // 2)):
             base = bench.scratch / "agent" / f"resume-{pending}-{run}"
-            env = {**bench.env, "AGENT_STORE__URL": f"s3://{BUCKET}/agent", "AGENT_PATHS__BASE_DIR": str(base)}
-            out = subprocess.run([sys.executable, "-m", "agent", "open", "Ten_k", "--user", "bench",
-                                  "--stage", "planning", "--json"], env=env, capture_output=True, text=True, check=True)
+            env = {
+                **bench.env,
+                "AGENT_STORE__URL": f"s3://{BUCKET}/agent",
+                "AGENT_PATHS__BASE_DIR": str(base),
+            }
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "open",
+                    "Ten_k",
+                    "--user",
+                    "bench",
+                    "--stage",
+                    "planning",
+                    "--json",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             info = json.loads(out.stdout)
             os.kill(int(info["agent_pid"]), signal.SIGKILL)
             work = Path(info["path"])
             for i in range(pending):
                 (work / f"f{i:05d}.bin").write_bytes(os.urandom(1 * KiB))
-            config = load_config(store={"url": f"s3://{BUCKET}/agent", "endpoint_url": bench.server.endpoint,
-                                        "region": "us-east-1"}, paths={"base_dir": str(base)},
-                                 lock={"heartbeat_interval": 3600})
+            config = load_config(
+                store={
+                    "url": f"s3://{BUCKET}/agent",
+                    "endpoint_url": bench.server.endpoint,
+                    "region": "us-east-1",
+                },
+                paths={"base_dir": str(base)},
+                lock={"heartbeat_interval": 3600},
+            )
             s = PlantDesignSession(config)
             t = time.perf_counter()
             s.resume(watch=False)
@@ -389,10 +552,18 @@ def bench_resume(bench: Bench) -> None:
             s.flush(timeout=300)
             flushed.append(time.perf_counter() - t)
             s.abort()
-        bench.add(table, f"resume, {pending} pending (to ACTIVE)", median(times),
-                  f"{median(times) / median(reopen):.2f} x re-open unchanged")
-        bench.add(table, f"resume, {pending} pending (all replayed)", median(flushed),
-                  f"{median(flushed) / median(reopen):.2f} x re-open unchanged")
+        bench.add(
+            table,
+            f"resume, {pending} pending (to ACTIVE)",
+            median(times),
+            f"{median(times) / median(reopen):.2f} x re-open unchanged",
+        )
+        bench.add(
+            table,
+            f"resume, {pending} pending (all replayed)",
+            median(flushed),
+            f"{median(flushed) / median(reopen):.2f} x re-open unchanged",
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -416,7 +587,9 @@ def main() -> None:
     from agent.log import configure_logging
 
     configure_logging(LogConfig(console_level="warning"), None)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", default="core,stream,resume")
     args = parser.parse_args()

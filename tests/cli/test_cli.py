@@ -131,3 +131,46 @@ def test_doctor_passes_on_the_embedded_store(run: Run) -> None:
     checks = json.loads(result.stdout)["checks"]
     assert all(c["ok"] for c in checks)
     assert any("conditional" in c["name"] for c in checks)
+
+
+def test_background_agent_streams_and_reports_through_status_and_flush(run: Run) -> None:
+    """A save is streamed by the background agent; flush waits; status shows nothing pending."""
+    info = json.loads(run("open", "P2", "--user", "admin", "--stage", "detail", "--json").stdout)
+    work = Path(info["path"])
+    (work / "a.dwg").write_bytes(b"drawing")
+    flushed = run("flush", "--json")
+    assert 0 == flushed.returncode, flushed.stderr
+    assert json.loads(flushed.stdout)["flushed"]
+    [row] = json.loads(run("status", "--json").stdout)["sessions"]
+    assert ("running", 0) == (row["agent"], row["pending"])
+    assert row["uploads"] >= 1
+    assert 0 == run("close").returncode
+
+
+def test_agent_refuses_a_wrong_key_and_a_dead_agent_points_at_recover(
+    run: Run, tmp_path: Path
+) -> None:
+    """The channel refuses a wrong authkey; with the agent gone, close says to run recover."""
+    import signal
+
+    from agent.platform import pid_alive
+
+    info = json.loads(run("open", "P3", "--user", "admin", "--stage", "detail", "--json").stdout)
+    key_file = next((tmp_path / "base" / "state" / "sessions").glob("*/authkey"))
+    good = key_file.read_bytes()
+    key_file.write_bytes(b"x" * 32)
+    refused = run("status", "--json")
+    [row] = json.loads(refused.stdout)["sessions"]
+    assert "refused our key" in row["agent_error"]
+    key_file.write_bytes(good)
+    os.kill(int(info["agent_pid"]), signal.SIGKILL)
+    deadline = 50
+    while pid_alive(int(info["agent_pid"])) and deadline:
+        import time
+
+        time.sleep(0.1)
+        deadline -= 1
+    closed = run("close")
+    assert 17 == closed.returncode
+    assert "agent recover" in closed.stderr
+    assert 0 == run("recover", "--discard", "--yes").returncode

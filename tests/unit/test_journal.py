@@ -129,3 +129,134 @@ def test_a_truncated_journal_is_reported(tmp_path: Path) -> None:
             j2.pending()
         finally:
             j2.close()
+
+
+def test_record_many_coalesces_within_and_across_batches(journal: Journal) -> None:
+    """A batch that names a path twice, or a path already pending, leaves one row each."""
+    journal.record("a", "put")
+    journal.record_many([("a", "put", 1, 1), ("b", "put", 2, 2), ("b", "delete", None, None)])
+    journal.record_many([])
+    rows = {r.path: r for r in journal.pending()}
+    assert {"a", "b"} == set(rows)
+    assert ("put", 1) == (rows["a"].op, rows["a"].size)
+    assert "delete" == rows["b"].op
+    assert [r.seq for r in journal.pending()] == sorted(r.seq for r in rows.values())
+
+
+def test_a_stale_failure_does_not_touch_a_newer_change(journal: Journal) -> None:
+    """mark_failed with an old seq leaves the newer row's counters alone."""
+    old = journal.record("a", "put")
+    journal.record("a", "put")
+    journal.mark_failed("a", old, "boom")
+    [row] = journal.pending()
+    assert (0, None) == (row.attempts, row.last_error)
+
+
+def test_an_unknown_op_is_refused(journal: Journal) -> None:
+    """Only put and delete can be recorded."""
+    with pytest.raises(ValueError, match=r"put.*delete"):
+        journal.record("a", "move")  # type: ignore[arg-type]
+    assert 0 == journal.pending_count()
+
+
+def test_meta_values_are_replaced_and_missing_keys_are_none(journal: Journal) -> None:
+    """meta_set overwrites; meta_get of an unknown key is None."""
+    assert journal.meta_get("phase") is None
+    journal.meta_set("phase", "OPENING")
+    journal.meta_set("phase", "ACTIVE")
+    journal.meta_set("base_etag", '"abc"')
+    assert ("ACTIVE", '"abc"') == (journal.meta_get("phase"), journal.meta_get("base_etag"))
+
+
+def test_staged_state_survives_reopening(tmp_path: Path) -> None:
+    """What staging holds is still known after the journal was closed and reopened."""
+    path = tmp_path / "s.sqlite"
+    with Journal.open(path) as j:
+        j.mark_done("a", j.record("a", "put"), etag='"e"', size=3, sha256="h", mtime_ns=9)
+        j.mark_done("b", j.record("b", "delete"), deleted=True)
+    with Journal.open(path) as again:
+        staged = again.staged()
+        assert ('"e"', 3, "h") == (staged["a"].etag, staged["a"].size, staged["a"].sha256)
+        assert "delete" == staged["b"].op
+        assert 0 == again.pending_count()
+
+
+def test_concurrent_recorders_and_uploaders_keep_the_table_consistent(journal: Journal) -> None:
+    """Threads recording and marking done at once lose no change and never crash."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [f"p{i}" for i in range(50)]
+
+    def recorder() -> None:
+        for _ in range(5):
+            for p in paths:
+                journal.record(p, "put")
+
+    def uploader() -> None:
+        for _ in range(20):
+            for row in journal.pending():
+                journal.mark_done(row.path, row.seq, etag="e", size=1, sha256="h")
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(recorder), pool.submit(uploader), pool.submit(uploader)]
+        for future in futures:
+            future.result(timeout=60)  # re-raises what the thread raised
+    for row in journal.pending():
+        assert journal.mark_done(row.path, row.seq, etag="e", size=1, sha256="h")
+    assert 0 == journal.pending_count()
+    assert set(paths) == set(journal.staged())
+
+
+def test_another_sqlite_database_is_not_taken_for_a_journal(tmp_path: Path) -> None:
+    """A foreign SQLite file is refused and left untouched."""
+    import sqlite3
+
+    path = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalCorruptError, match=r"other\.sqlite.*not a journal"):
+        Journal.open(path)
+    conn = sqlite3.connect(path)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+    assert {"users"} == tables
+
+
+def test_a_journal_locked_by_another_writer_fails_within_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """A writer that holds the journal longer than busy_timeout gives a clear error, no hang."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "l.sqlite"
+    Journal.open(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with Journal.open(path, busy_timeout=0.2) as j:
+            started = time.monotonic()
+            with pytest.raises(JournalCorruptError, match=r"l\.sqlite.*locked"):
+                j.record("a", "put")
+            assert time.monotonic() - started < 5
+            holder.execute("ROLLBACK")
+            assert 1 == j.record("a", "put")
+    finally:
+        holder.close()
+
+
+def test_using_a_closed_journal_is_a_session_error(tmp_path: Path) -> None:
+    """After close, calls raise SessionError rather than a misleading corruption error."""
+    from agent.errors import SessionError
+
+    j = Journal.open(tmp_path / "c.sqlite")
+    j.close()
+    j.close()
+    with pytest.raises(SessionError, match="closed"):
+        j.record("a", "put")
+    with pytest.raises(SessionError, match="closed"):
+        j.pending()

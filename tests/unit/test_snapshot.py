@@ -1,0 +1,89 @@
+"""Folder snapshots (size and mtime per file) and their pure difference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.config import DEFAULT_IGNORE
+from agent.ignore import IgnoreRules, temp_name_for
+from agent.snapshot import FileStat, diff, scan
+
+RULES = IgnoreRules(DEFAULT_IGNORE)
+
+
+def _tree(root: Path) -> None:
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "x.txt").write_bytes(b"123")
+    (root / "a" / "b" / "deep.step").write_bytes(b"12345")
+    (root / "a" / "~$x.docx").write_bytes(b"lock")
+    (root / "top.dwg").write_bytes(b"1")
+    temp_name_for(root / "top.dwg").write_bytes(b"half")
+
+
+def test_scan_lists_regular_files_with_posix_paths_size_and_mtime(tmp_path: Path) -> None:
+    """scan gives every file below the root, without ignored or temp files."""
+    _tree(tmp_path)
+    snap = scan(tmp_path, RULES)
+    assert ["a/b/deep.step", "a/x.txt", "top.dwg"] == sorted(snap)
+    st = (tmp_path / "a" / "x.txt").stat()
+    assert FileStat(3, st.st_mtime_ns) == snap["a/x.txt"]
+
+
+def test_scan_skips_symlinks_to_files_and_folders(tmp_path: Path) -> None:
+    """Links are never followed nor listed."""
+    _tree(tmp_path)
+    (tmp_path / "link.dwg").symlink_to(tmp_path / "top.dwg")
+    (tmp_path / "linkdir").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert "link.dwg" not in scan(tmp_path, RULES)
+    assert not any(p.startswith("linkdir") for p in scan(tmp_path, RULES))
+
+
+def test_scan_of_a_subtree_keeps_root_relative_paths(tmp_path: Path) -> None:
+    """A subtree scan lists only that folder, with paths relative to the root."""
+    _tree(tmp_path)
+    assert ["a/b/deep.step", "a/x.txt"] == sorted(scan(tmp_path, RULES, "a"))
+    assert ["a/b/deep.step"] == sorted(scan(tmp_path, RULES, "a/b"))
+
+
+def test_scan_of_a_subtree_that_is_a_file_lists_that_file(tmp_path: Path) -> None:
+    """A rescan of a path that is now a file reports the file, not an empty folder."""
+    _tree(tmp_path)
+    assert ["a/x.txt"] == list(scan(tmp_path, RULES, "a/x.txt"))
+
+
+def test_scan_of_a_missing_or_ignored_subtree_is_empty(tmp_path: Path) -> None:
+    """A subtree that vanished, or is ignored, has no files."""
+    _tree(tmp_path)
+    assert {} == scan(tmp_path, RULES, "gone")
+    assert {} == scan(tmp_path, RULES, "a/~$x.docx")
+    assert {} == scan(tmp_path / "nothing-here", RULES)
+
+
+def test_an_ignored_folder_is_not_entered(tmp_path: Path) -> None:
+    """Files inside an ignored folder are not listed."""
+    (tmp_path / "cache" / "deep").mkdir(parents=True)
+    (tmp_path / "cache" / "deep" / "f.bin").write_bytes(b"x")
+    (tmp_path / "keep.txt").write_bytes(b"x")
+    assert ["keep.txt"] == list(scan(tmp_path, IgnoreRules(["cache"])))
+
+
+def test_diff_reports_changed_added_and_removed() -> None:
+    """diff compares size and mtime."""
+    old = {"same": FileStat(1, 1), "changed": FileStat(1, 1), "gone": FileStat(1, 1)}
+    new = {"same": FileStat(1, 1), "changed": FileStat(1, 2), "added": FileStat(5, 5)}
+    assert ({"changed", "added"}, {"gone"}) == diff(old, new)
+
+
+def test_diff_of_two_scans_sees_an_edit_a_new_file_and_a_deletion(tmp_path: Path) -> None:
+    """Scanning before and after edits and diffing finds exactly the edits."""
+    _tree(tmp_path)
+    before = scan(tmp_path, RULES)
+    (tmp_path / "a" / "x.txt").write_bytes(b"1234")
+    os.utime(tmp_path / "top.dwg", ns=(1, 1))
+    (tmp_path / "a" / "b" / "deep.step").unlink()
+    (tmp_path / "new.txt").write_bytes(b"n")
+    (tmp_path / "ignored.tmp").write_bytes(b"n")
+    assert ({"a/x.txt", "top.dwg", "new.txt"}, {"a/b/deep.step"}) == diff(
+        before, scan(tmp_path, RULES)
+    )
