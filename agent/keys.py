@@ -22,6 +22,7 @@ from agent.errors import InvalidNameError
 
 __all__ = [
     "StageKeys",
+    "WorkFolder",
     "local_path_for",
     "validate_name",
     "validate_rel_path",
@@ -82,19 +83,45 @@ def validate_rel_path(rel: str, *, key: str | None = None) -> str:
     return rel
 
 
+class WorkFolder:
+    """Maps working-copy paths into one root, refusing any that would land outside.
+
+    Each parent folder is resolved once (symlinks followed) and remembered, so
+    mapping a thousand files in one folder costs one ``resolve``, not a thousand.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._resolved_root: Path | None = None
+        self._safe_parents: set[Path] = set()
+
+    def _inside(self, candidate: Path, rel: str, key: str | None) -> None:
+        if self._resolved_root is None:
+            self._resolved_root = self.root.resolve()
+        try:
+            candidate.resolve().relative_to(self._resolved_root)
+        except ValueError as exc:
+            raise InvalidNameError(
+                f"{'key ' + repr(key) if key else 'path ' + repr(rel)} resolves outside the "
+                f"working folder {self.root} (a symlink?); refused"
+            ) from exc
+
+    def path(self, rel: str, *, key: str | None = None) -> Path:
+        """The local path of ``rel``, or ``InvalidNameError`` if it would escape the root."""
+        validate_rel_path(rel, key=key)
+        target = self.root.joinpath(*PurePosixPath(rel).parts)
+        parent = target.parent
+        if parent not in self._safe_parents:
+            self._inside(parent, rel, key)
+            self._safe_parents.add(parent)
+        if target.is_symlink():
+            self._inside(target, rel, key)
+        return target
+
+
 def local_path_for(root: Path, rel: str, *, key: str | None = None) -> Path:
     """The local path of ``rel`` inside ``root``, or ``InvalidNameError`` if it would escape."""
-    validate_rel_path(rel, key=key)
-    target = root.joinpath(*PurePosixPath(rel).parts)
-    resolved_root = root.resolve()
-    try:
-        target.resolve().relative_to(resolved_root)
-    except ValueError as exc:
-        raise InvalidNameError(
-            f"{'key ' + repr(key) if key else 'path ' + repr(rel)} resolves outside the working "
-            f"folder {root} (a symlink?); refused"
-        ) from exc
-    return target
+    return WorkFolder(root).path(rel, key=key)
 
 
 @dataclass(frozen=True)

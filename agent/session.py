@@ -45,7 +45,7 @@ from agent.errors import (
 )
 from agent.ignore import IgnoreRules
 from agent.journal import Journal, Staged
-from agent.keys import StageKeys, local_path_for, validate_name
+from agent.keys import StageKeys, WorkFolder, local_path_for, validate_name
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.platform import machine_name
@@ -103,6 +103,9 @@ class PlantDesignSession:
         self.config = config if config is not None else load_config()
         self.state_changed: Signal[int] = Signal("state_changed")
         self.progress: Signal[str, int] = Signal("progress")
+        # Problems the user must know about while ACTIVE (lock lost, uploads failing).
+        self.error: Signal[str] = Signal("error")
+        self.lock_lost: LockLostError | None = None
         self._state = SessionState.IDLE
         self._state_since = time.monotonic()
         self._state_lock = threading.Lock()
@@ -289,8 +292,9 @@ class PlantDesignSession:
         else:
             expected = {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
         self._base_manifest = manifest
+        folder = WorkFolder(work)
         for rel in expected:
-            local_path_for(work, rel, key=keys.committed(rel))  # refuse escaping keys up front
+            folder.path(rel, key=keys.committed(rel))  # refuse escaping keys up front
         snapshot = self.cache.take(keys.projekt_id, keys.stage, work)
         try:
             work.mkdir(parents=True, exist_ok=True)
@@ -307,11 +311,11 @@ class PlantDesignSession:
         )
         plan = plan_open(wanted, snapshot, current)
         for rel in plan.remove:
-            local_path_for(work, rel).unlink(missing_ok=True)
+            folder.path(rel).unlink(missing_ok=True)
         items = [
             Download(
                 key=keys.committed(rel),
-                dest=local_path_for(work, rel, key=keys.committed(rel)),
+                dest=folder.path(rel, key=keys.committed(rel)),
                 size=expected[rel][0],
                 sha256=expected[rel][1],
             )
@@ -324,7 +328,7 @@ class PlantDesignSession:
         for rel in plan.keep:
             files[rel] = snapshot[rel]
         for rel, digest in zip(plan.download, digests, strict=True):
-            st = local_path_for(work, rel).stat()
+            st = folder.path(rel).stat()
             files[rel] = LocalEntry(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
         if manifest is None and expected:
             self._base_manifest = Manifest(
@@ -391,6 +395,8 @@ class PlantDesignSession:
         """Flush what is still pending, commit the staged changes, release the lock."""
         self._require(SessionState.ACTIVE, action="close")
         assert self.record is not None and self._lock is not None
+        if self.lock_lost is not None:
+            raise self.lock_lost
         started = time.monotonic()
         self._set_state(SessionState.UPLOADING)
         record = self.record
@@ -708,6 +714,8 @@ class PlantDesignSession:
             out["heartbeat_age_seconds"] = (
                 round(self._heartbeat.age(), 1) if self._heartbeat is not None else None
             )
+        if self.lock_lost is not None:
+            out["lock_lost"] = str(self.lock_lost)
         if self._streamer is not None:
             out.update(self._streamer.status())
         elif self._journal is not None:
@@ -736,8 +744,14 @@ class PlantDesignSession:
             self._heartbeat = None
 
     def _on_lock_lost(self, exc: LockLostError) -> None:
+        """Heartbeat CAS refused: stop streaming, keep journal and staging, tell everyone."""
         log.error("lock_lost", error=str(exc))
+        self.lock_lost = exc
+        if self._streamer is not None:
+            self._streamer.stop_watching()
+            self._streamer.pause()
         self._note_error(str(exc))
+        self.error.emit(str(exc))
 
     def _note_error(self, message: str) -> None:
         if (

@@ -83,6 +83,7 @@ class Streamer:
         self._in_flight: dict[str, Future[bool]] = {}
         self._flight_lock = threading.Lock()
         self._wake = threading.Event()
+        self._paused = False
         self._stop = threading.Event()
         self._idle = threading.Condition()
         self._retry_at: dict[str, float] = {}
@@ -123,6 +124,10 @@ class Streamer:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+
+    def pause(self) -> None:
+        """Stop sending (the lock is lost); rows stay pending in the journal."""
+        self._paused = True
 
     def stop(self) -> None:
         """Stop watcher and uploader; pending rows stay in the journal."""
@@ -215,6 +220,8 @@ class Streamer:
         return max(0.01, min(self._retry_at.values()) - time.monotonic())
 
     def _dispatch(self) -> None:
+        if self._paused:
+            return
         now = time.monotonic()
         for entry in self.journal.pending():
             with self._flight_lock:

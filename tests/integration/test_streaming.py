@@ -124,3 +124,26 @@ def test_abort_removes_what_was_streamed(session: PlantDesignSession, store: Obj
     session.abort()
     assert [] == list(store.list(f"{P}/.sessions/"))
     assert [] == list(store.list(KEYS.committed_prefix))
+
+
+def test_lost_lock_stops_streaming_and_close_refuses(
+    session: PlantDesignSession, store: ObjectStore
+) -> None:
+    """Heartbeat finds the lock taken: streaming stops, the error is signalled, close refuses."""
+    from agent.errors import LockLostError
+    from agent.lock import force_unlock
+
+    errors: list[str] = []
+    session.error.connect(errors.append)
+    assert session.work_path is not None
+    force_unlock(store, KEYS.lock, operator="op", machine="ops", reason="test")
+    assert session._lock is not None
+    with pytest.raises(LockLostError) as info:
+        session._lock.renew()
+    session._on_lock_lost(info.value)
+    (session.work_path / "late.txt").write_text("not sent")
+    assert errors and "taken from this session" in errors[0]
+    assert "lock_lost" in session.status()
+    with pytest.raises(LockLostError):
+        session.close()
+    assert "late.txt" not in _staged(store, session)
