@@ -59,7 +59,7 @@ def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileSta
             return out
         if stat.S_ISREG(st.st_mode):
             return {subtree: FileStat(st.st_size, st.st_mtime_ns)}
-    stack = [(start, subtree)]
+    stack: list[tuple[str, str]] = [(os.fspath(start), subtree)]
     while stack:
         folder, rel_folder = stack.pop()
         for rel, path, st in _entries(folder, rel_folder, rules):
@@ -71,8 +71,8 @@ def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileSta
 
 
 def _entries(
-    folder: Path, rel_folder: str, rules: IgnoreRules
-) -> list[tuple[str, Path, os.stat_result]]:
+    folder: str, rel_folder: str, rules: IgnoreRules
+) -> list[tuple[str, str, os.stat_result]]:
     """The plain, not ignored entries of one folder with their ``lstat``."""
     try:
         with os.scandir(folder) as it:
@@ -95,7 +95,7 @@ def _entries(
             log.warning("scan_file_unreadable", path=rel, error=str(exc))
             continue
         if _is_plain(st):
-            out.append((rel, Path(entry.path), st))
+            out.append((rel, entry.path, st))  # strings: 10,000 Path objects cost ~0.1 s
     return out
 
 

@@ -232,9 +232,11 @@ def test_flush_delivers_without_waiting_for_the_quiet_period(start_watcher: Star
     started = time.monotonic()
     while "a.dwg" not in c.present and time.monotonic() - started < DEADLINE:
         w.flush(DEADLINE)  # the event may not have reached the watcher yet
-    assert [True] == c.present["a.dwg"]
+    # created and modified can arrive on either side of a flush: one or two deliveries
+    assert c.present["a.dwg"]
+    assert all(c.present["a.dwg"])
     assert time.monotonic() - started < DEADLINE
-    assert 0 == w.pending
+    assert w.flush(DEADLINE)
 
 
 def test_a_failing_consumer_gets_the_same_paths_again(
