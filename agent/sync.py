@@ -17,6 +17,7 @@ used by reconciliation scans to find what the events missed.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -280,14 +281,17 @@ class Streamer:
             return self.journal.mark_done(rel, seq)
         base = self.base.files.get(rel)
         staged = self.journal.staged_entry(rel)
+        known: tuple[os.stat_result, str] | None = None
         if base is not None and staged is None:
             st = path.stat()
-            if st.st_size == base.size and file_sha256(path) == base.sha256:
-                finished = self.journal.mark_done(rel, seq)
-                self._remember(rel, LocalEntry(st.st_size, st.st_mtime_ns, base.sha256))
-                return finished
+            if st.st_size == base.size:
+                known = (st, file_sha256(path))
+                if known[1] == base.sha256:
+                    finished = self.journal.mark_done(rel, seq)
+                    self._remember(rel, LocalEntry(st.st_size, st.st_mtime_ns, base.sha256))
+                    return finished
         done = self._transfers.upload_one(
-            Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None
+            Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None, known=known
         )
         finished = self.journal.mark_done(
             rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns

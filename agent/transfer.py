@@ -257,8 +257,18 @@ class Transfers:
             progress.file_done()
         return digest
 
-    def upload_one(self, item: Upload, progress: Progress | None) -> Uploaded:
-        """Upload one file on the calling thread (redone if it changes while read)."""
+    def upload_one(
+        self,
+        item: Upload,
+        progress: Progress | None,
+        *,
+        known: tuple[os.stat_result, str] | None = None,
+    ) -> Uploaded:
+        """Upload one file on the calling thread (redone if it changes while read).
+
+        ``known`` is a ``(stat, sha256)`` the caller already computed, so a large file
+        is not hashed twice; it is trusted only while the file's stat still matches.
+        """
         for _attempt in range(_MAX_UPLOAD_REDOS):
             sent = 0
 
@@ -270,7 +280,14 @@ class Transfers:
 
             try:
                 before = item.src.stat()
-                digest = file_sha256(item.src)
+                if known is not None and (known[0].st_size, known[0].st_mtime_ns) == (
+                    before.st_size,
+                    before.st_mtime_ns,
+                ):
+                    digest = known[1]
+                else:
+                    digest = file_sha256(item.src)
+                known = None
                 result = self.store.upload_file(
                     item.key, item.src, content_type=content_type_for(item.rel), progress=on_bytes
                 )
