@@ -355,6 +355,12 @@ def bench_stream(bench: Bench) -> None:
     bench_stream_rate(bench)
 
 
+def _gone(pid: int) -> bool:
+    from agent.platform import pid_alive
+
+    return not pid_alive(pid)
+
+
 def _drained(s: PlantDesignSession, uploads: int) -> bool:
     st = s.status()
     return (
@@ -492,15 +498,18 @@ def bench_resume(bench: Bench) -> None:
     import json
     import signal
 
+    source = bench.scratch / "src-Resume"
+    make_files(source, 10_000, 1 * KiB)
+    seed_stage(bench, "Resume", source)
     cold, reopen = [], []
     for _ in range(max(1, bench.runs // 2)):
         config = bench.config("resume-open")
         shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
         s = PlantDesignSession(config)
-        cold.append(timed(partial(s.open, "Ten_k", "bench", "planning", watch=False)))
+        cold.append(timed(partial(s.open, "Resume", "bench", "planning", watch=False)))
         s.close()
         s = PlantDesignSession(config)
-        reopen.append(timed(partial(s.open, "Ten_k", "bench", "planning", watch=False)))
+        reopen.append(timed(partial(s.open, "Resume", "bench", "planning", watch=False)))
         s.close()
     bench.add(table, "cold open", median(cold))
     bench.add(table, "re-open unchanged", median(reopen))
@@ -519,7 +528,7 @@ def bench_resume(bench: Bench) -> None:
                     "-m",
                     "agent",
                     "open",
-                    "Ten_k",
+                    "Resume",
                     "--user",
                     "bench",
                     "--stage",
@@ -533,6 +542,7 @@ def bench_resume(bench: Bench) -> None:
             )
             info = json.loads(out.stdout)
             os.kill(int(info["agent_pid"]), signal.SIGKILL)
+            wait_until(partial(_gone, int(info["agent_pid"])), timeout=30, step=0.01)
             work = Path(info["path"])
             for i in range(pending):
                 (work / f"f{i:05d}.bin").write_bytes(os.urandom(1 * KiB))
