@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
+
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -164,12 +166,7 @@ def test_agent_refuses_a_wrong_key_and_a_dead_agent_points_at_recover(
     assert "refused our key" in row["agent_error"]
     key_file.write_bytes(good)
     os.kill(int(info["agent_pid"]), signal.SIGKILL)
-    deadline = 50
-    while pid_alive(int(info["agent_pid"])) and deadline:
-        import time
-
-        time.sleep(0.1)
-        deadline -= 1
+    assert wait_for(lambda: not pid_alive(int(info["agent_pid"])), timeout=10)
     closed = run("close")
     assert 17 == closed.returncode
     assert "agent recover" in closed.stderr

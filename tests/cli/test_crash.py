@@ -23,6 +23,7 @@ import pytest
 from agent.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.servers import SeaweedServer
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -98,12 +99,7 @@ def _local(work: Path) -> dict[str, bytes]:
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return wait_for(predicate, timeout)
 
 
 def _dead(pid: int) -> bool:
@@ -221,7 +217,6 @@ def test_crash_handler_finishes_in_time_when_the_store_is_unreachable(tmp_path: 
         work, pid = Path(opened["path"]), int(opened["agent_pid"])
         server.stop()
         (work / "unsaved.dwg").write_bytes(b"precious")
-        time.sleep(0.3)  # let the watcher journal the save (the scenario, not a sync)
         started = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         assert _wait(lambda: _dead(pid), timeout=20)
