@@ -33,7 +33,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.ignore import IgnoreRules
 from agent.journal import Journal, Op
-from agent.keys import StageKeys, local_path_for
+from agent.keys import StageKeys, WorkFolder
 from agent.manifest import LocalEntry, Manifest, file_sha256
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
@@ -64,6 +64,7 @@ class Streamer:
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.root = root
+        self._folder = WorkFolder(root)
         self.keys = keys
         self.session_id = session_id
         self.store = store
@@ -151,7 +152,7 @@ class Streamer:
             if self.rules.is_ignored(rel):
                 continue
             try:
-                path = local_path_for(self.root, rel)
+                path = self._folder.path(rel)
             except AgentError:
                 log.warning("path_refused", path=rel)
                 continue
@@ -273,7 +274,7 @@ class Streamer:
 
     def _put(self, rel: str, seq: int) -> bool:
         """Send a put row; True if the row is finished (no newer save arrived meanwhile)."""
-        path = local_path_for(self.root, rel)
+        path = self._folder.path(rel)
         if not path.is_file():
             if self._is_tracked(rel):
                 self.journal.record(rel, "delete")
