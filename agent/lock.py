@@ -238,8 +238,6 @@ class RemoteLock:
         self.holder = holder
         self.config = config
         self._etag: str | None = None
-        self._since: datetime | None = None
-        self._last_renewal: float | None = None
 
     @property
     def etag(self) -> str | None:

@@ -17,7 +17,7 @@ import atexit
 import shutil
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -196,8 +196,3 @@ def copy_pending(work: Path, backup: Path, pending: list[str]) -> list[str]:
         except OSError as exc:
             log.warning("backup_copy_failed", path=rel, error=str(exc))
     return copied
-
-
-def now_utc() -> datetime:
-    """The current UTC time (one place, so tests can read it)."""
-    return datetime.now(UTC)

@@ -1022,7 +1022,7 @@ class PlantDesignSession:
         assert self.record is not None and self._journal is not None
         work = self.record.work_path
         current, _etag = self._read_manifest(keys)
-        base = current if current is not None else self._load_base_manifest_unchecked(keys)
+        base = current if current is not None else self._load_base_manifest_unchecked()
         staged = self._journal.staged()
         missing_base = [
             rel
@@ -1083,7 +1083,7 @@ class PlantDesignSession:
         theirs, etag = self._read_manifest(keys)
         if etag == self.record.base_manifest_etag or theirs is None:
             return
-        base = self._load_base_manifest_unchecked(keys)
+        base = self._load_base_manifest_unchecked()
         work = self.record.work_path
         ours = set(self._journal.staged()) | {e.path for e in self._journal.pending()}
         for rel, st in scan(work, self.rules).items():
@@ -1140,7 +1140,7 @@ class PlantDesignSession:
             committed_by=theirs.committed_by,
         )
 
-    def _load_base_manifest_unchecked(self, keys: StageKeys) -> Manifest:
+    def _load_base_manifest_unchecked(self) -> Manifest:
         """The base manifest as the session started (from the snapshot; etags unknown)."""
         return Manifest(
             files={

@@ -86,7 +86,6 @@ class Progress:
         self.total = max(total_bytes, 0)
         self._emit = emit
         self._done = 0
-        self._files = 0
         self._last = -1
         self._lock = threading.Lock()
         self._report()
@@ -101,11 +100,6 @@ class Progress:
         with self._lock:
             self._done += delta
         self._report()
-
-    def file_done(self) -> None:
-        """Count one finished file."""
-        with self._lock:
-            self._files += 1
 
     def finish(self) -> None:
         """Report 100 %."""
@@ -253,8 +247,6 @@ class Transfers:
                 progress.add(-sent)
             tmp.unlink(missing_ok=True)
             raise
-        if progress is not None:
-            progress.file_done()
         return digest
 
     def upload_one(
@@ -297,8 +289,6 @@ class Transfers:
                     progress.add(-sent)
                 raise local_file_error(exc, item.src, "read") from exc
             if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
-                if progress is not None:
-                    progress.file_done()
                 return Uploaded(
                     rel=item.rel,
                     key=item.key,

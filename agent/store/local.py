@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,11 +265,6 @@ class LocalStore:
 
     def close(self) -> None:
         """Nothing to release."""
-
-    def wipe(self) -> None:
-        """Remove every object (tests and benchmarks)."""
-        shutil.rmtree(self._objects, ignore_errors=True)
-        self._objects.mkdir()
 
 
 def _md5_file(path: Path) -> str:
