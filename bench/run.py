@@ -355,6 +355,12 @@ def bench_stream(bench: Bench) -> None:
     bench_stream_rate(bench)
 
 
+def _cli_open(env: dict[str, str], projekt: str, user: str) -> subprocess.CompletedProcess[str]:
+    """``agent open PROJEKT --user USER --stage planning --json`` as a process."""
+    argv = [sys.executable, "-m", "agent", "open", projekt, "--user", user, "--stage", "planning"]
+    return subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True, check=True)
+
+
 def _gone(pid: int) -> bool:
     from agent.platform import pid_alive
 
@@ -441,24 +447,7 @@ def bench_idle(bench: Bench) -> None:
         "AGENT_STORE__URL": f"s3://{BUCKET}/agent",
         "AGENT_PATHS__BASE_DIR": str(bench.scratch / "agent" / "idle"),
     }
-    opened = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "open",
-            "Ten_k",
-            "--user",
-            "idle",
-            "--stage",
-            "planning",
-            "--json",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    opened = _cli_open(env, "Ten_k", "idle")
     import json
 
     pid = int(json.loads(opened.stdout)["agent_pid"])
@@ -522,24 +511,7 @@ def bench_resume(bench: Bench) -> None:
                 "AGENT_STORE__URL": f"s3://{BUCKET}/agent",
                 "AGENT_PATHS__BASE_DIR": str(base),
             }
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "agent",
-                    "open",
-                    "Resume",
-                    "--user",
-                    "bench",
-                    "--stage",
-                    "planning",
-                    "--json",
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            out = _cli_open(env, "Resume", "bench")
             info = json.loads(out.stdout)
             os.kill(int(info["agent_pid"]), signal.SIGKILL)
             wait_until(partial(_gone, int(info["agent_pid"])), timeout=30, step=0.01)

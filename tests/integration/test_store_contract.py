@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.config import AgentConfig, load_config
 from agent.errors import (
     AccessDeniedError,
     BucketMissingError,
@@ -108,6 +108,17 @@ def test_server_time_is_close_to_now(store: ObjectStore) -> None:
     assert abs((store.server_time() - datetime.now(UTC)).total_seconds()) < 60
 
 
+def _s3_store(config: AgentConfig, waits: list[float]) -> S3Store:
+    """An S3Store whose retry waits are recorded instead of slept."""
+    return S3Store(
+        config.store_location(),
+        config.store,
+        retry=config.retry,
+        transfer=config.transfer,
+        sleep=waits.append,
+    )
+
+
 def test_missing_bucket_is_reported_by_name(
     seaweed: SeaweedServer, tmp_path: Path, s3_env: dict[str, str]
 ) -> None:
@@ -144,13 +155,7 @@ def test_wrong_credentials_are_access_denied_and_not_retried(
         paths={"base_dir": str(tmp_path)},
     )
     waits: list[float] = []
-    store = S3Store(
-        config.store_location(),
-        config.store,
-        retry=config.retry,
-        transfer=config.transfer,
-        sleep=waits.append,
-    )
+    store = _s3_store(config, waits)
     try:
         with pytest.raises(AccessDeniedError, match="credentials"):
             store.put_bytes("k", b"x")
@@ -174,13 +179,7 @@ def test_unreachable_endpoint_is_transient_after_exactly_the_configured_tries(
         retry={"attempts": 4, "initial_backoff": 0.5, "max_backoff": 1.5, "jitter": 0},
     )
     waits: list[float] = []
-    store = S3Store(
-        config.store_location(),
-        config.store,
-        retry=config.retry,
-        transfer=config.transfer,
-        sleep=waits.append,
-    )
+    store = _s3_store(config, waits)
     try:
         with pytest.raises(TransientStoreError, match="cannot reach"):
             store.get("k")
