@@ -135,7 +135,14 @@ def cli(config_path: Path | None, verbose: int) -> None:
     agent status                                   what is open, pending changes, errors
     agent close                                    send the rest, commit, release the lock
     agent abort                                    discard the session, release the lock
+    agent recover [--resume | --discard]           after a crash: resume or discard
     agent flush | doctor | lock show | lock unlock
+
+    \b
+    Exit codes: 0 ok, 2 usage, 3 config/name, 4 lock, 5 lock held, 6 lock lost,
+    7 store refused, 8 store unreachable, 9 access denied, 10 transfer, 11 local
+    file, 12 journal, 13 conflict, 14 mass delete, 15 session, 16 previous crash,
+    17 agent gone, 70 internal error, 130 interrupted.
     """
     _state.config_path = config_path
     _state.verbose = verbose
