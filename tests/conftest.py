@@ -79,13 +79,23 @@ def _bucket_name() -> str:
     return f"pdt-{uuid.uuid4().hex[:20]}"
 
 
-@pytest.fixture
-def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A fresh bucket; the environment (also set in-process) that points the agent at it."""
+@pytest.fixture(scope="session")
+def shared_bucket(seaweed: SeaweedServer) -> str:
+    """One bucket for the test session: every bucket costs SeaweedFS volumes, and
+    `weed mini` answers 500 once a few dozen exist; tests get fresh prefixes instead."""
     bucket = _bucket_name()
     seaweed.create_bucket(bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_env(
+    seaweed: SeaweedServer, shared_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """A fresh prefix in the shared bucket; the environment that points the agent at it."""
+    bucket = shared_bucket
     env = seaweed.env()
-    env["AGENT_STORE__URL"] = f"s3://{bucket}/t{uuid.uuid4().hex[:6]}"
+    env["AGENT_STORE__URL"] = f"s3://{bucket}/t{uuid.uuid4().hex[:12]}"
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(name, env[name])
     return env
