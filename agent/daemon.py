@@ -58,6 +58,7 @@ class AgentServer:
         self.config = config
         self.records = SessionStore(config.paths.state_dir)
         self._listener: Listener | None = None
+        self._key: bytes | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -66,6 +67,7 @@ class AgentServer:
         record: SessionRecord = self.session.record
         key = os.urandom(32)
         write_private_file(_authkey_path(self.records, record.session_id), key)
+        self._key = key
         self._listener = Listener(("127.0.0.1", 0), authkey=key)
         host, port = self._listener.address
         address = f"{host}:{port}"
@@ -76,25 +78,41 @@ class AgentServer:
     def serve_forever(self) -> None:
         """Accept connections until a close/abort finished or ``shutdown`` is called."""
         assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn = self._listener.accept()
-            except AuthenticationError:
-                log.warning("agent_auth_refused")
-                continue
-            except OSError:
-                break  # listener closed by shutdown()
-            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn = self._listener.accept()
+                except AuthenticationError:
+                    log.warning("agent_auth_refused")
+                    continue
+                except OSError:
+                    break
+                if self._stop.is_set():
+                    conn.close()  # the wake-up call from shutdown()
+                    break
+                thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        finally:
+            self._listener.close()
         for thread in self._threads:
-            thread.join(timeout=30)
+            if thread is not threading.current_thread():
+                thread.join(timeout=30)
 
     def shutdown(self) -> None:
-        """Stop accepting; ``serve_forever`` returns."""
+        """Stop accepting; ``serve_forever`` returns.
+
+        Closing a socket does not wake a thread blocked in ``accept`` on Linux, so
+        shutdown connects to its own listener once to let the accept loop see the flag.
+        """
         self._stop.set()
-        if self._listener is not None:
-            self._listener.close()
+        if self._listener is None or self._key is None:
+            return
+        try:
+            with Client(self._listener.address, authkey=self._key):
+                pass
+        except (OSError, EOFError, AuthenticationError):
+            pass  # the listener is already closed: nothing to wake
 
     def _handle(self, conn: Connection) -> None:
         with conn:

@@ -1,0 +1,49 @@
+"""CLI tests run real background agents: none may outlive its test."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from agent.platform import pid_alive
+from tests.waiting import wait_for
+
+
+def _agents_under(folder: Path) -> list[int]:
+    """Live ``agent _serve`` processes whose base dir lies in ``folder`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"_serve" not in cmdline:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for var in environ:
+            if var.startswith(b"AGENT_PATHS__BASE_DIR=") and var.split(b"=", 1)[1].startswith(
+                os.fsencode(folder)
+            ):
+                found.append(int(entry.name))
+    return [pid for pid in found if pid_alive(pid)]
+
+
+def _gone(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left_running(tmp_path: Path) -> Iterator[None]:
+    """After closing, aborting or being killed, a test's background agents are gone."""
+    yield
+    left = [p for p in _agents_under(tmp_path) if not wait_for(partial(_gone, p), 10)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert [] == left, "background agents still running after the test"
