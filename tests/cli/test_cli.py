@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.servers import RcloneS3Server
 from tests.waiting import wait_for
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -171,3 +173,18 @@ def test_agent_refuses_a_wrong_key_and_a_dead_agent_points_at_recover(
     assert 17 == closed.returncode
     assert "agent recover" in closed.stderr
     assert 0 == run("recover", "--discard", "--yes").returncode
+
+
+def test_doctor_refuses_a_store_without_conditional_writes(
+    run: Run, agent_env: dict[str, str], rclone_server: RcloneS3Server
+) -> None:
+    """doctor against rclone's S3 server: exit 4, naming the missing mutual exclusion."""
+    bucket = f"doc-{uuid.uuid4().hex[:12]}"
+    rclone_server.create_bucket(bucket)
+    env = {**agent_env, **rclone_server.env(), "AGENT_STORE__URL": f"s3://{bucket}/p"}
+    result = run("doctor", "--json", env=env)
+    assert 4 == result.returncode, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["bucket and credentials"]["ok"]
+    assert not checks["conditional writes (locking)"]["ok"]
+    assert "no mutual exclusion" in checks["conditional writes (locking)"]["detail"]
