@@ -538,7 +538,9 @@ class PlantDesignSession:
         order = sorted(puts)
         results = Transfers(self.store, self.config.transfer.workers).map(
             order,
-            lambda rel: self.store.copy(keys.staged(record.session_id, rel), keys.committed(rel)),
+            lambda rel: self.store.copy(
+                keys.staged(record.session_id, rel), keys.committed(rel), src_etag=puts[rel].etag
+            ),
         )
         for rel, result in zip(order, results, strict=True):
             files[rel] = ManifestEntry(

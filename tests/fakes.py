@@ -97,7 +97,7 @@ class MemoryStore:
             progress(len(data))
         return ObjectInfo(key=key, size=len(data), etag=self._etag(data))
 
-    def copy(self, src_key: str, dst_key: str) -> WriteResult:
+    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
         """Copy inside the store."""
         return self.put_bytes(dst_key, self.get(src_key).body)
 

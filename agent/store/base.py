@@ -105,8 +105,12 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def copy(self, src_key: str, dst_key: str) -> WriteResult:
-        """Server-side copy of ``src_key`` onto ``dst_key`` (any size)."""
+    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
+        """Server-side copy of ``src_key`` onto ``dst_key``.
+
+        ``src_etag``, when the caller knows it, saves a request: a copy of a
+        single-part object has the same ETag (the MD5 of the content).
+        """
         ...
 
     def delete(self, key: str) -> None:

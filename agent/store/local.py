@@ -207,7 +207,7 @@ class LocalStore:
                 raise
         return ObjectInfo(key=key, size=size, etag=etag)
 
-    def copy(self, src_key: str, dst_key: str) -> WriteResult:
+    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
         """Copy one object onto another key."""
         src = self._path(src_key)
         if not src.exists():

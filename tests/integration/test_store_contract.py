@@ -99,7 +99,9 @@ def test_copy_and_delete_many(store: ObjectStore) -> None:
     copied = store.copy("s/1", "c/1")
     assert b"one" == store.get("c/1").body
     assert copied.etag == store.head("c/1").etag
-    store.delete_many(["s/1", "c/1"])
+    source = store.head("s/1").etag
+    assert store.copy("s/1", "c/2", src_etag=source).etag == store.head("c/2").etag
+    store.delete_many(["s/1", "c/1", "c/2"])
     assert [] == list(store.list(""))
 
 
