@@ -18,10 +18,12 @@ the session goes back to ACTIVE with the lock, the record and the folder intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,15 @@ import structlog
 
 from agent import __version__
 from agent.cache import StageCache
+from agent.commit import (
+    Commit,
+    CommitIntent,
+    Committed,
+    StagedCopy,
+    read_intent,
+    read_manifest,
+    remove_staging,
+)
 from agent.config import AgentConfig, load_config
 from agent.errors import (
     AgentError,
@@ -37,8 +48,6 @@ from agent.errors import (
     LocalFileError,
     LockLostError,
     MassDeleteError,
-    NotFoundError,
-    PreconditionFailedError,
     PreviousCrashError,
     SessionError,
     TransferError,
@@ -48,6 +57,7 @@ from agent.journal import Journal, Staged
 from agent.keys import StageKeys, WorkFolder, local_path_for, validate_name
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
+from agent.merge import plan_merge
 from agent.platform import machine_name
 from agent.records import SessionRecord, SessionStore, new_session_id
 from agent.recovery import CrashHandler, RecoveryInfo, copy_pending, find_orphans, write_info
@@ -56,13 +66,15 @@ from agent.snapshot import scan
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store
 from agent.sync import Streamer
-from agent.transfer import Download, Progress, Transfers
+from agent.transfer import Download, Progress, Transfers, Upload
 
 __all__ = ["CloseReport", "PlantDesignSession"]
 
 log = structlog.get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
+# How long `abort` waits for a running close (or resume) before refusing.
+_ABORT_WAIT = 2.0
 
 
 @dataclass
@@ -76,6 +88,8 @@ class CloseReport:
     manifest_etag: str | None = None
     seconds: float = 0.0
     conflicts: list[str] = field(default_factory=list)
+    changed_after_commit: list[str] = field(default_factory=list)
+    """Files saved after close's final scan: the folder was kept in place, not cached."""
 
     def as_dict(self) -> dict[str, object]:
         """For ``--json`` and the agent channel."""
@@ -87,6 +101,7 @@ class CloseReport:
             "manifest_etag": self.manifest_etag,
             "seconds": round(self.seconds, 3),
             "conflicts": self.conflicts,
+            "changed_after_commit": self.changed_after_commit,
         }
 
 
@@ -126,6 +141,10 @@ class PlantDesignSession:
         self._streamer: Streamer | None = None
         self._base_files: dict[str, LocalEntry] = {}
         self._crash: CrashHandler | None = None
+        # One verb at a time (open/close/abort/flush/resume/discard); status never waits.
+        self._verb_lock = threading.RLock()
+        # One writer of the session record: read-modify-write under this lock.
+        self._record_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
 
@@ -149,6 +168,27 @@ class PlantDesignSession:
             duration=round(duration, 3),
         )
         self.state_changed.emit(int(new))
+
+    @contextlib.contextmanager
+    def _verb(self, action: str, *, wait: float | None = None) -> Iterator[None]:
+        """Serialize the verbs; ``wait`` set: refuse after that many seconds instead."""
+        if not self._verb_lock.acquire(timeout=-1 if wait is None else wait):
+            raise SessionError(
+                f"cannot {action} now: another operation (a close that is committing, or a "
+                "resume) is running on this session; wait for it (`agent status` shows it) "
+                "and try again"
+            )
+        try:
+            yield
+        finally:
+            self._verb_lock.release()
+
+    def _update_record(self, **changes: object) -> SessionRecord:
+        """The one writer of the session record: apply ``changes`` to the latest and save."""
+        with self._record_lock:
+            assert self.record is not None
+            self.record = self.records.save(self.record.model_copy(update=changes))
+            return self.record
 
     @property
     def store(self) -> ObjectStore:
@@ -187,75 +227,85 @@ class PlantDesignSession:
         """Take the stage lock, bring the working copy down, return its folder.
 
         With ``watch`` (the default) the folder is watched and every saved change
-        streams to the session's staging prefix until ``close``/``abort``.
+        streams to the session's staging prefix until ``close``/``abort``. An
+        unfinished commit that someone left on the stage is finished first.
         """
-        if self._state is not SessionState.IDLE:
-            raise SessionError(
-                f"open() was already called on this session (it is {self._state}); "
-                "close or abort it, or create a new PlantDesignSession"
-            )
-        keys = StageKeys(projekt_id, stage)
-        validate_name("user", user)
-        existing = self.records.find(projekt_id, stage)
+        with self._verb("open"):
+            if self._state is not SessionState.IDLE:
+                raise SessionError(
+                    f"open() was already called on this session (it is {self._state}); "
+                    "close or abort it, or create a new PlantDesignSession"
+                )
+            keys = StageKeys(projekt_id, stage)
+            validate_name("user", user)
+            # One open per stage on this machine at a time: the record (phase
+            # "opening") exists before the lock is written, so a crash in between
+            # leaves something `agent recover` sees.
+            with self.records.stage_lock(projekt_id, stage):
+                self._check_no_local_session(keys)
+                return self._open_locked(keys, user, take_over=take_over, watch=watch)
+
+    def _check_no_local_session(self, keys: StageKeys) -> None:
+        existing = self.records.find(keys.projekt_id, keys.stage)
         if existing:
             rec = existing[0]
             raise PreviousCrashError(
-                f"a session on {projekt_id}/{stage} is already recorded on this machine "
-                f"(session {rec.session_id}, user {rec.user}, "
+                f"a session on {keys.projekt_id}/{keys.stage} is already recorded on this "
+                f"machine (session {rec.session_id}, user {rec.user}, "
                 f"since {rec.created_at:%Y-%m-%d %H:%M} "
                 "UTC): finish it with `agent close` or `agent abort`, or `agent recover` if it "
                 "crashed"
             )
-        work = self.config.paths.work_root / projekt_id / stage
+        work = self.config.paths.work_root / keys.projekt_id / keys.stage
         if work.exists() and any(work.iterdir()):
             raise SessionError(
                 f"the working folder {work} already holds files but no session is recorded for "
                 "it; it may hold unsaved work from a crash. Run `agent recover`, or move the "
                 "folder away, then open again"
             )
+
+    def _open_locked(self, keys: StageKeys, user: str, *, take_over: bool, watch: bool) -> Path:
+        work = self.config.paths.work_root / keys.projekt_id / keys.stage
         session_id = new_session_id()
-        holder = Holder(
-            user=user,
-            machine=machine_name(),
-            pid=os.getpid(),
-            session_id=session_id,
-            agent_version=__version__,
+        bound = log.bind(
+            session_id=session_id, projekt_id=keys.projekt_id, stage=keys.stage, user=user
         )
-        bound = log.bind(session_id=session_id, projekt_id=projekt_id, stage=stage, user=user)
         now = datetime.now(UTC)
-        self.record = SessionRecord(
-            session_id=session_id,
-            projekt_id=projekt_id,
-            stage=stage,
-            user=user,
-            machine=holder.machine,
-            pid=holder.pid,
-            work_path=work,
-            created_at=now,
-            updated_at=now,
+        self.record = self.records.save(
+            SessionRecord(
+                session_id=session_id,
+                projekt_id=keys.projekt_id,
+                stage=keys.stage,
+                user=user,
+                machine=machine_name(),
+                pid=os.getpid(),
+                work_path=work,
+                created_at=now,
+                updated_at=now,
+            )
         )
         self._set_state(SessionState.ACQUIRING)
-        lock = RemoteLock(self.store, keys.lock, holder, self.config.lock)
+        lock = RemoteLock(self.store, keys.lock, self._holder(self.record), self.config.lock)
         try:
             lock.acquire(take_over=take_over)
         except BaseException:
+            self.records.remove(session_id)
             self._set_state(SessionState.CLOSED)
             raise
         self._lock = lock
         self._set_state(SessionState.DOWNLOADING)
         try:
-            self.record = self.records.save(self.record.model_copy(update={"lock_etag": lock.etag}))
+            self._update_record(lock_etag=lock.etag)
+            finished = self._committer(keys, reupload=False).settle()[1]
+            if finished is not None:
+                bound.warning(
+                    "open_finished_unfinished_commit",
+                    of_session=finished.manifest.session_id,
+                    committed_by=finished.manifest.committed_by,
+                )
             base_etag, base_files = self._download(keys, work)
             self.records.save_base(session_id, base_files)
-            self.record = self.records.save(
-                self.record.model_copy(
-                    update={
-                        "phase": "active",
-                        "base_manifest_etag": base_etag,
-                        "lock_etag": lock.etag,
-                    }
-                )
-            )
+            self._update_record(phase="active", base_manifest_etag=base_etag, lock_etag=lock.etag)
         except BaseException as exc:
             bound.error("open_failed", error=str(exc))
             shutil.rmtree(work, ignore_errors=True)
@@ -272,15 +322,46 @@ class PlantDesignSession:
         bound.info("session_opened", path=str(work), files=len(base_files))
         return work
 
-    def _read_manifest(self, keys: StageKeys) -> tuple[Manifest | None, str | None]:
+    def _holder(self, record: SessionRecord) -> Holder:
+        """This process as the holder of ``record``'s lock."""
+        return Holder(
+            user=record.user,
+            machine=machine_name(),
+            pid=os.getpid(),
+            session_id=record.session_id,
+            agent_version=__version__,
+        )
+
+    def _committer(self, keys: StageKeys, *, reupload: bool) -> Commit:
+        """The commit protocol on ``keys``; ``reupload`` from this session's working folder."""
+        return Commit(
+            self.store,
+            keys,
+            workers=self.config.transfer.workers,
+            reupload=self._reupload if reupload else None,
+            progress=self.progress.emit,
+        )
+
+    def _reupload(self, rel: str, staged: StagedCopy) -> str | None:
+        """Send the local file again to staging if it still has the recorded content."""
+        assert self.record is not None
+        keys = StageKeys(self.record.projekt_id, self.record.stage)
         try:
-            data = self.store.get(keys.manifest)
-        except NotFoundError:
-            return None, None
-        return Manifest.parse(data.body, key=keys.manifest), data.etag
+            path = WorkFolder(self.record.work_path).path(rel)
+            if not path.is_file() or file_sha256(path) != staged.sha256:
+                return None
+        except (OSError, AgentError):
+            return None
+        done = Transfers(self.store, 1).upload_one(
+            Upload(rel=rel, key=keys.staged(self.record.session_id, rel), src=path), None
+        )
+        if done.sha256 != staged.sha256:
+            return None
+        log.warning("staged_object_sent_again", path=rel, etag=done.etag)
+        return done.etag
 
     def _download(self, keys: StageKeys, work: Path) -> tuple[str | None, dict[str, LocalEntry]]:
-        manifest, etag = self._read_manifest(keys)
+        manifest, etag = read_manifest(self.store, keys)
         if manifest is None:
             # No manifest yet: a stage written by the old module, or a new one.
             sizes = {
@@ -374,29 +455,31 @@ class PlantDesignSession:
             )
         session.record = record
         keys = StageKeys(record.projekt_id, record.stage)
-        holder = Holder(
-            user=record.user,
-            machine=record.machine,
-            pid=os.getpid(),
-            session_id=record.session_id,
-            agent_version=__version__,
-        )
+        holder = session._holder(record)
         session._lock = RemoteLock(session.store, keys.lock, holder, session.config.lock)
         if record.lock_etag:
             session._lock.adopt(record.lock_etag)
         session._base_files = session.records.load_base(record.session_id)
         session._journal = Journal.open(session._journal_path(record.session_id))
-        session._state = SessionState.ACTIVE
+        session._set_state(SessionState.ACTIVE)
         return session
 
     # ------------------------------------------------------------------ close
 
     def close(self, *, allow_mass_delete: bool = False) -> CloseReport:
-        """Flush what is still pending, commit the staged changes, release the lock."""
-        self._require(SessionState.ACTIVE, action="close")
+        """Flush what is still pending, commit the staged changes, release the lock.
+
+        On any failure the session goes back to ACTIVE with the lock held (a commit
+        that had started is finished by the next close, resume, abort or discard).
+        """
+        with self._verb("close"):
+            self._require(SessionState.ACTIVE, action="close")
+            if self.lock_lost is not None:
+                raise self.lock_lost
+            return self._close(allow_mass_delete)
+
+    def _close(self, allow_mass_delete: bool) -> CloseReport:
         assert self.record is not None and self._lock is not None
-        if self.lock_lost is not None:
-            raise self.lock_lost
         started = time.monotonic()
         self._set_state(SessionState.UPLOADING)
         record = self.record
@@ -407,28 +490,40 @@ class PlantDesignSession:
             streamer.stop_watching()
             streamer.rescan("")
             self._flush_or_raise(streamer)
-            base = self._load_base_manifest(keys)
-            puts, deletes = self._staged_changes(base)
-            self._check_mass_delete(base, deletes, allow_mass_delete)
-            manifest_etag, manifest = self._commit(keys, base, puts, deletes)
+            # From here on the lock keeper writes for close alone: the heartbeat rests.
+            self._stop_heartbeat()
+            self._lock.renew()  # fencing: prove we still hold the lock right before committing
+            puts, deletes, manifest, manifest_etag = self._commit(keys, allow_mass_delete)
+            self._lock.release()  # read back: the close fails unless it says `released`
         except BaseException as exc:
             log.error("close_failed", session_id=record.session_id, error=str(exc))
+            if isinstance(exc, LockLostError):
+                self._on_lock_lost(exc)
             self._note_error(str(exc))
-            if was_watching:
+            if self._lock.etag is not None and self.lock_lost is None:
+                self._start_heartbeat()
+            if was_watching and self.lock_lost is None:
                 streamer.start_watching()
             self._set_state(SessionState.ACTIVE)
             raise
+        changed_after = self._changed_since_commit(streamer, manifest)
         known = streamer.known()
         self._uninstall_crash_handler()
         self._stop_streaming()
-        self._stop_heartbeat()
-        self._release_quietly()
-        snapshot = {
-            rel: e
-            for rel, e in known.items()
-            if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
-        }
-        self.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
+        if changed_after:
+            log.warning(
+                "close_kept_folder_changed_after_commit",
+                paths=changed_after[:20],
+                count=len(changed_after),
+                path=str(record.work_path),
+            )
+        else:
+            snapshot = {
+                rel: e
+                for rel, e in known.items()
+                if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
+            }
+            self.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
         self.records.remove(record.session_id)
         shutil.rmtree(self.config.paths.recovery_root / record.session_id, ignore_errors=True)
         report = CloseReport(
@@ -439,6 +534,7 @@ class PlantDesignSession:
             manifest_etag=manifest_etag,
             seconds=time.monotonic() - started,
             conflicts=list(record.conflicts),
+            changed_after_commit=changed_after,
         )
         self._set_state(SessionState.CLOSED)
         self._close_store()
@@ -451,6 +547,20 @@ class PlantDesignSession:
             seconds=round(report.seconds, 3),
         )
         return report
+
+    def _changed_since_commit(self, streamer: Streamer, manifest: Manifest) -> list[str]:
+        """Paths saved after close's final scan (an autosave during a long commit)."""
+        known = streamer.known()
+        current = scan(streamer.root, self.rules)
+        changed = [
+            rel
+            for rel, st in current.items()
+            if rel not in manifest.files
+            or rel not in known
+            or (known[rel].size, known[rel].mtime_ns) != (st.size, st.mtime_ns)
+        ]
+        changed += [rel for rel in manifest.files if rel not in current]
+        return sorted(set(changed))
 
     def _flush_or_raise(self, streamer: Streamer) -> None:
         total = streamer.journal.pending_count()
@@ -467,32 +577,66 @@ class PlantDesignSession:
         if total:
             self.progress.emit(f"Uploading {total} changes", 100)
 
-    def _load_base_manifest(self, keys: StageKeys) -> Manifest:
+    def _commit(
+        self, keys: StageKeys, allow_mass_delete: bool
+    ) -> tuple[dict[str, Staged], list[str], Manifest, str | None]:
+        """The commit protocol (``agent.commit``) on this session's staged changes."""
+        assert self.record is not None and self._journal is not None
+        committer = self._committer(keys, reupload=True)
+        previous, finished = committer.settle()
+        if finished is not None and finished.manifest.session_id == self.record.session_id:
+            self._adopt_new_base(finished.manifest, finished.etag)
+        base = self._check_base(keys, previous)
+        puts, deletes = self._staged_changes(base)
+        self._check_mass_delete(base, deletes, allow_mass_delete)
+        if not puts and not deletes:
+            log.info("commit_nothing_changed", session_id=self.record.session_id)
+            remove_staging(self.store, keys, self.record.session_id)
+            self._journal.clear_staged()
+            return puts, deletes, base, self.record.base_manifest_etag
+        intent, intent_etag = committer.begin(
+            session_id=self.record.session_id,
+            user=self.record.user,
+            machine=self.record.machine,
+            base=base,
+            base_etag=self.record.base_manifest_etag,
+            copies={
+                rel: StagedCopy(size=p.size, sha256=p.sha256, etag=p.etag or "")
+                for rel, p in puts.items()
+            },
+            deletes=deletes,
+            previous=previous,
+        )
+        self._update_record(phase="committing", commit_id=intent.commit_id)
+        committed = committer.apply(intent, intent_etag)
+        self._journal.clear_staged()
+        self._adopt_new_base(committed.manifest, committed.etag)
+        return puts, deletes, committed.manifest, committed.etag
+
+    def _check_base(self, keys: StageKeys, intent: tuple[CommitIntent, str] | None) -> Manifest:
+        """The base manifest, if the stage still is at it (or at our own commit): fencing."""
         assert self.record is not None
-        if self._base_manifest is not None:
-            return self._base_manifest
-        if self.record.base_manifest_etag is None:
-            base_files = self.records.load_base(self.record.session_id)
-            manifest = Manifest(
-                files={
-                    rel: ManifestEntry(size=e.size, sha256=e.sha256, etag="")
-                    for rel, e in base_files.items()
-                }
+        current, etag = read_manifest(self.store, keys)
+        if etag != self.record.base_manifest_etag:
+            ours = (
+                current is not None
+                and etag is not None
+                and intent is not None
+                and intent[0].session_id == self.record.session_id
+                and current.commit_id == intent[0].commit_id
             )
-        else:
-            try:
-                data = self.store.get(keys.manifest)
-            except NotFoundError:
-                data = None
-            if data is None or data.etag != self.record.base_manifest_etag:
+            if not ours:
                 raise ConflictError(
                     f"{keys.projekt_id}/{keys.stage} was committed by someone else since this "
                     "session opened; nothing was overwritten. Your files are still in "
                     f"{self.record.work_path}; see `agent recover` for keeping both"
                 )
-            manifest = Manifest.parse(data.body, key=keys.manifest)
-        self._base_manifest = manifest
-        return manifest
+            assert current is not None
+            self._adopt_new_base(current, etag)  # our commit whose answer was lost
+        if current is not None:
+            self._base_manifest = current
+            return current
+        return self._base_manifest or self._load_base_manifest_unchecked()
 
     def _staged_changes(self, base: Manifest) -> tuple[dict[str, Staged], list[str]]:
         """What the commit applies: staged puts that differ from base, deletes of base files."""
@@ -519,114 +663,57 @@ class PlantDesignSession:
                 "--allow-mass-delete (library: close(allow_mass_delete=True))"
             )
 
-    def _commit(
-        self, keys: StageKeys, base: Manifest, puts: dict[str, Staged], deletes: list[str]
-    ) -> tuple[str | None, Manifest]:
-        """Make the staged changes the committed copy; the manifest goes last, fenced."""
-        assert self.record is not None and self._lock is not None
-        record = self.record
-        if not puts and not deletes:
-            log.info("commit_nothing_changed", session_id=record.session_id)
-            self._remove_staging(keys)
-            return record.base_manifest_etag, base
-        self._check_base_unchanged(keys)  # someone else's commit: a conflict, not an overwrite
-        self._lock.renew()  # fencing: prove we still hold the lock right before committing
-        self.record = self.records.save(
-            record.model_copy(update={"phase": "committing", "lock_etag": self._lock.etag})
-        )
-        files = dict(base.files)
-        order = sorted(puts)
-        results = Transfers(self.store, self.config.transfer.workers).map(
-            order,
-            lambda rel: self.store.copy(
-                keys.staged(record.session_id, rel), keys.committed(rel), src_etag=puts[rel].etag
-            ),
-        )
-        for rel, result in zip(order, results, strict=True):
-            files[rel] = ManifestEntry(
-                size=puts[rel].size, sha256=puts[rel].sha256, etag=result.etag
-            )
-        if deletes:
-            self.store.delete_many([keys.committed(rel) for rel in deletes])
-            for rel in deletes:
-                files.pop(rel, None)
-        manifest = Manifest(
-            files=files,
-            committed_at=datetime.now(UTC),
-            committed_by=record.user,
-            machine=record.machine,
-            session_id=record.session_id,
-        )
-        try:
-            written = self.store.put_bytes(
-                keys.manifest,
-                manifest.to_bytes(),
-                if_none_match=record.base_manifest_etag is None,
-                if_match=record.base_manifest_etag,
-                content_type="application/json",
-            )
-        except PreconditionFailedError as exc:
-            raise ConflictError(
-                f"someone else committed {keys.projekt_id}/{keys.stage} during this close; the "
-                "manifest was not overwritten. Your files are still in "
-                f"{record.work_path} and staged under {keys.staging_prefix(record.session_id)}"
-            ) from exc
-        self._remove_staging(keys)
-        log.info(
-            "session_committed",
-            session_id=record.session_id,
-            uploaded=len(puts),
-            deleted=len(deletes),
-            manifest_etag=written.etag,
-        )
-        return written.etag, manifest
-
-    def _remove_staging(self, keys: StageKeys) -> None:
-        assert self.record is not None
-        staged = [o.key for o in self.store.list(keys.staging_prefix(self.record.session_id))]
-        if staged:
-            self.store.delete_many(staged)
-
-    def _check_base_unchanged(self, keys: StageKeys) -> None:
-        """Refuse to touch committed keys if someone committed since our base (fencing)."""
-        assert self.record is not None
-        try:
-            current: str | None = self.store.head(keys.manifest).etag
-        except NotFoundError:
-            current = None
-        if current != self.record.base_manifest_etag:
-            raise ConflictError(
-                f"{keys.projekt_id}/{keys.stage} was committed by someone else since this session "
-                "opened; nothing was overwritten. Your files are still in "
-                f"{self.record.work_path}; see `agent recover` for keeping both"
-            )
-
     # ------------------------------------------------------------------ abort
 
     def abort(self) -> None:
-        """Discard the session: release the lock, remove staging and the working folder."""
-        if self._state is SessionState.CLOSED:
-            raise SessionError("cannot abort: this session is already closed")
-        if self._state is SessionState.IDLE or self.record is None:
-            raise SessionError("cannot abort: no session is open (call open() first)")
-        record = self.record
-        keys = StageKeys(record.projekt_id, record.stage)
-        self._uninstall_crash_handler()
-        self._stop_streaming()
-        self._stop_heartbeat()
-        try:
-            staged = [o.key for o in self.store.list(keys.staging_prefix(record.session_id))]
-            if staged:
-                self.store.delete_many(staged)
-        except AgentError as exc:
-            log.warning("abort_staging_left", session_id=record.session_id, error=str(exc))
-        self._release_quietly()
-        shutil.rmtree(record.work_path, ignore_errors=True)
-        self.records.remove(record.session_id)
-        shutil.rmtree(self.config.paths.recovery_root / record.session_id, ignore_errors=True)
-        self._set_state(SessionState.CLOSED)
-        self._close_store()
-        log.info("session_aborted", session_id=record.session_id)
+        """Discard the session: remove staging and the working folder, release the lock.
+
+        A commit of this session that a failure cut is finished first (a started
+        commit is only ever rolled forward). Never returns with the lock still held
+        by us: a release that cannot be confirmed raises, and nothing local is removed.
+        """
+        with self._verb("abort", wait=_ABORT_WAIT):
+            if self._state is SessionState.CLOSED:
+                raise SessionError("cannot abort: this session is already closed")
+            if self._state is SessionState.IDLE or self.record is None:
+                raise SessionError("cannot abort: no session is open (call open() first)")
+            record = self.record
+            keys = StageKeys(record.projekt_id, record.stage)
+            self._uninstall_crash_handler()
+            self._stop_streaming()
+            self._stop_heartbeat()
+            try:
+                if self._lock is not None and self.lock_lost is None:
+                    try:
+                        self._lock.renew()  # only the holder may finish a commit or release
+                    except LockLostError as exc:
+                        self.lock_lost = exc
+                if self._lock is not None and self.lock_lost is None:
+                    finished = self._committer(keys, reupload=True).settle()[1]
+                    if finished is not None:
+                        log.warning(
+                            "abort_finished_interrupted_commit",
+                            session_id=record.session_id,
+                            commit_id=finished.manifest.commit_id,
+                        )
+                try:
+                    remove_staging(self.store, keys, record.session_id)
+                except AgentError as exc:
+                    log.warning("abort_staging_left", session_id=record.session_id, error=str(exc))
+                if self._lock is not None and self.lock_lost is None:
+                    self._lock.release()
+            except BaseException as exc:
+                log.error("abort_failed", session_id=record.session_id, error=str(exc))
+                self._journal = Journal.open(self._journal_path(record.session_id))
+                if self._lock is not None and self._lock.etag is not None:
+                    self._start_heartbeat()
+                raise
+            shutil.rmtree(record.work_path, ignore_errors=True)
+            self.records.remove(record.session_id)
+            shutil.rmtree(self.config.paths.recovery_root / record.session_id, ignore_errors=True)
+            self._set_state(SessionState.CLOSED)
+            self._close_store()
+            log.info("session_aborted", session_id=record.session_id)
 
     # ---------------------------------------------------------------- helpers
 
@@ -635,9 +722,7 @@ class PlantDesignSession:
         self._stop_streaming()
         self._stop_heartbeat()
         if self.record is not None and self._lock is not None:
-            self.record = self.records.save(
-                self.record.model_copy(update={"lock_etag": self._lock.etag})
-            )
+            self._update_record(lock_etag=self._lock.etag)
         self._close_store()
 
     def _journal_path(self, session_id: str) -> Path:
@@ -695,8 +780,9 @@ class PlantDesignSession:
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every change seen so far is in staging (True) or ``timeout`` passed."""
-        self._require(SessionState.ACTIVE, action="flush")
-        return self._ensure_streamer(watch=False).flush(timeout)
+        with self._verb("flush"):
+            self._require(SessionState.ACTIVE, action="flush")
+            return self._ensure_streamer(watch=False).flush(timeout)
 
     def status(self) -> dict[str, object]:
         """What ``agent status`` shows: state, lock, pending changes, last upload, errors."""
@@ -728,10 +814,7 @@ class PlantDesignSession:
 
     def publish_agent(self, pid: int, address: str) -> None:
         """Record the background agent's pid and address in the session record."""
-        assert self.record is not None
-        self.record = self.records.save(
-            self.record.model_copy(update={"agent_pid": pid, "agent_address": address})
-        )
+        self._update_record(agent_pid=pid, agent_address=address)
 
     def _start_heartbeat(self) -> None:
         assert self._lock is not None
@@ -760,7 +843,7 @@ class PlantDesignSession:
             self.record is not None
             and (self.records.folder(self.record.session_id) / "session.json").exists()
         ):
-            self.record = self.records.save(self.record.model_copy(update={"last_error": message}))
+            self._update_record(last_error=message)
 
     def _release_quietly(self) -> None:
         if self._lock is None:
@@ -889,22 +972,14 @@ class PlantDesignSession:
         finished first; a file changed both here and in a commit by someone else
         is kept twice (theirs at its name, ours beside it).
         """
+        with self._verb("resume"):
+            return self._resume(session_id, take_over=take_over, watch=watch)
+
+    def _resume(self, session_id: str | None, *, take_over: bool, watch: bool) -> Path:
         if self._state is not SessionState.IDLE:
             raise SessionError(f"resume() needs a fresh session (this one is {self._state})")
+        session_id = self._pick_orphan(session_id, "resume")
         orphans = {o.session_id: o for o in self.find_orphans()}
-        if session_id is None:
-            if len(orphans) != 1:
-                raise SessionError(
-                    "no orphaned session to resume"
-                    if not orphans
-                    else f"{len(orphans)} orphaned sessions: name one ({', '.join(orphans)})"
-                )
-            session_id = next(iter(orphans))
-        if session_id not in orphans:
-            raise SessionError(
-                f"session {session_id} is not orphaned (its agent is running, or it does not "
-                "exist); `agent status` shows it"
-            )
         info = orphans[session_id]
         record = self.records.load(session_id)
         if record.phase == "opening":
@@ -913,16 +988,9 @@ class PlantDesignSession:
                 "discard it with `agent recover --discard` and open again"
             )
         keys = StageKeys(record.projekt_id, record.stage)
-        holder = Holder(
-            user=record.user,
-            machine=machine_name(),
-            pid=os.getpid(),
-            session_id=record.session_id,
-            agent_version=__version__,
-        )
         self.record = record
         self._set_state(SessionState.ACQUIRING)
-        lock = RemoteLock(self.store, keys.lock, holder, self.config.lock)
+        lock = RemoteLock(self.store, keys.lock, self._holder(record), self.config.lock)
         try:
             lock.acquire(take_over=take_over)
         except BaseException:
@@ -954,25 +1022,16 @@ class PlantDesignSession:
         self, keys: StageKeys, record: SessionRecord, info: RecoveryInfo, lock: RemoteLock
     ) -> None:
         """RESTORING: finish a cut commit, rebuild the folder, take in others' commits."""
-        self.record = self.records.save(
-            record.model_copy(
-                update={
-                    "pid": os.getpid(),
-                    "agent_pid": None,
-                    "agent_address": None,
-                    "lock_etag": lock.etag,
-                }
-            )
+        self._update_record(
+            pid=os.getpid(), agent_pid=None, agent_address=None, lock_etag=lock.etag
         )
         self._journal = self._open_journal_for_resume(record.session_id)
         self._base_files = self.records.load_base(record.session_id)
-        if self.record.phase == "committing":
-            self._finish_interrupted_commit(keys)
+        self._base_manifest = self.records.load_base_manifest(record.session_id)
+        self._finish_interrupted_commit(keys)
         self._restore_folder(keys, info)
         self._merge_remote(keys)
-        self.record = self.records.save(
-            self.record.model_copy(update={"phase": "active", "lock_etag": lock.etag})
-        )
+        self._update_record(phase="active", lock_etag=lock.etag)
 
     def _open_journal_for_resume(self, session_id: str) -> Journal:
         """Open the journal; a damaged one is set aside and rebuilt from the folder.
@@ -992,38 +1051,50 @@ class PlantDesignSession:
             log.warning(
                 "journal_rebuilt", session_id=session_id, damaged=str(aside), error=str(exc)
             )
-            if self.record is not None and self.record.phase == "committing":
-                self.record = self.records.save(self.record.model_copy(update={"phase": "active"}))
             return Journal.open(path)
 
-    def _finish_interrupted_commit(self, keys: StageKeys) -> None:
-        """Redo a commit a crash cut (idempotent), then carry on from the new manifest."""
+    def _finish_interrupted_commit(self, keys: StageKeys) -> Committed | None:
+        """Roll forward a commit a crash cut (ours, or anyone's left on the stage)."""
         assert self.record is not None and self._journal is not None
-        manifest, etag = self._read_manifest(keys)
-        if manifest is not None and manifest.session_id == self.record.session_id:
-            log.info("interrupted_commit_was_complete", session_id=self.record.session_id)
-        else:
-            base = self._load_base_manifest(keys)
-            puts, deletes = self._staged_changes(base)
-            self.record = self.records.save(self.record.model_copy(update={"phase": "active"}))
-            etag, manifest = self._commit(keys, base, puts, deletes)
-            log.info("interrupted_commit_finished", session_id=self.record.session_id)
-        assert manifest is not None
-        self._adopt_new_base(manifest, etag)
-        self._journal.clear_staged()
-        self._remove_staging(keys)
+        intent, finished = self._committer(keys, reupload=True).settle()
+        ours = intent is not None and intent[0].session_id == self.record.session_id
+        if finished is not None:
+            log.warning(
+                "interrupted_commit_finished",
+                session_id=self.record.session_id,
+                of_session=finished.manifest.session_id,
+            )
+        if ours and intent is not None:
+            manifest, etag = read_manifest(self.store, keys)
+            if manifest is not None and manifest.commit_id == intent[0].commit_id:
+                # Our commit is the stage now: it is our new base, its staged entries done.
+                self._adopt_new_base(manifest, etag)
+                self._journal.drop_staged(
+                    rel
+                    for rel, st in self._journal.staged().items()
+                    if (st.op == "delete" and rel not in manifest.files)
+                    or (
+                        st.op == "put"
+                        and rel in manifest.files
+                        and manifest.files[rel].sha256 == st.sha256
+                    )
+                )
+        if self.record.phase == "committing":
+            self._update_record(phase="active")
+        return finished
 
     def _adopt_new_base(self, manifest: Manifest, etag: str | None) -> None:
         """Make ``manifest`` the session's base (after our own or a merged commit)."""
         assert self.record is not None
         self._base_manifest = manifest
-        self.record = self.records.save(self.record.model_copy(update={"base_manifest_etag": etag}))
+        self.records.save_base_manifest(self.record.session_id, manifest)
+        self._update_record(base_manifest_etag=etag)
 
     def _restore_folder(self, keys: StageKeys, info: RecoveryInfo) -> None:
         """Make sure the working folder has every file of the session."""
         assert self.record is not None and self._journal is not None
         work = self.record.work_path
-        current, _etag = self._read_manifest(keys)
+        current, _etag = read_manifest(self.store, keys)
         base = current if current is not None else self._load_base_manifest_unchecked()
         staged = self._journal.staged()
         missing_base = [
@@ -1082,39 +1153,28 @@ class PlantDesignSession:
     def _merge_remote(self, keys: StageKeys) -> None:
         """Someone committed since our base: take their changes, keep both where we collide."""
         assert self.record is not None and self._journal is not None
-        theirs, etag = self._read_manifest(keys)
+        theirs, etag = read_manifest(self.store, keys)
         if etag == self.record.base_manifest_etag or theirs is None:
             return
-        base = self._load_base_manifest_unchecked()
+        base = self._base_manifest or self._load_base_manifest_unchecked()
         work = self.record.work_path
-        ours = set(self._journal.staged()) | {e.path for e in self._journal.pending()}
-        for rel, st in scan(work, self.rules).items():
-            known = self._base_files.get(rel)
-            if known is None or (known.size, known.mtime_ns) != (st.size, st.mtime_ns):
-                ours.add(rel)
+        plan = plan_merge(
+            {rel: (e.size, e.sha256) for rel, e in base.files.items()},
+            {rel: (e.size, e.sha256) for rel, e in theirs.files.items()},
+            self._our_changes(base),
+        )
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
-        conflicts: list[str] = []
-        downloads: list[str] = []
-        for rel, entry in theirs.files.items():
-            if base.files.get(rel) == entry:
-                continue
-            if rel in ours:
-                local = local_path_for(work, rel)
-                if local.exists():
-                    if file_sha256(local) == entry.sha256:
-                        continue
-                    p = Path(rel)
-                    mine = p.with_name(
-                        f"{p.stem}.conflict-{self.record.user}-{stamp}{p.suffix}"
-                    ).as_posix()
-                    os.replace(local, local_path_for(work, mine))
-                    conflicts.append(rel)
-                self._journal.forget(rel)
-                self.store.delete(keys.staged(self.record.session_id, rel))
-            downloads.append(rel)
-        for rel in set(base.files) - set(theirs.files):
-            if rel not in ours:
-                local_path_for(work, rel).unlink(missing_ok=True)
+        for rel in plan.conflicts:
+            p = Path(rel)
+            mine = p.with_name(f"{p.stem}.conflict-{self.record.user}-{stamp}{p.suffix}")
+            os.replace(local_path_for(work, rel), local_path_for(work, mine.as_posix()))
+        for rel in plan.forget:
+            self._journal.forget(rel)
+            self.store.delete(keys.staged(self.record.session_id, rel))
+        for rel in plan.remove:
+            local_path_for(work, rel).unlink(missing_ok=True)
+            self._base_files.pop(rel, None)
+        take = sorted({*plan.download, *plan.conflicts, *plan.revived})
         items = [
             Download(
                 key=keys.committed(rel),
@@ -1122,25 +1182,46 @@ class PlantDesignSession:
                 size=theirs.files[rel].size,
                 sha256=theirs.files[rel].sha256,
             )
-            for rel in downloads
+            for rel in take
         ]
         Transfers(self.store, self.config.transfer.workers).download(items)
-        for rel in downloads:
+        for rel in take:
             got = local_path_for(work, rel).stat()
             self._base_files[rel] = LocalEntry(
                 got.st_size, got.st_mtime_ns, theirs.files[rel].sha256
             )
         self.records.save_base(self.record.session_id, self._base_files)
         self._adopt_new_base(theirs, etag)
-        self.record = self.records.save(
-            self.record.model_copy(update={"conflicts": [*self.record.conflicts, *conflicts]})
-        )
+        self._update_record(conflicts=[*self.record.conflicts, *plan.conflicts])
         log.warning(
             "merged_remote_commit",
-            conflicts=conflicts,
-            downloaded=len(downloads),
+            conflicts=plan.conflicts,
+            downloaded=len(take),
+            kept_ours=plan.kept_ours,
+            revived=plan.revived,
             committed_by=theirs.committed_by,
         )
+
+    def _our_changes(self, base: Manifest) -> dict[str, str | None]:
+        """Every path this session changed, with its current sha256 (None: deleted here)."""
+        assert self.record is not None and self._journal is not None
+        work = self.record.work_path
+        candidates = set(self._journal.staged()) | {e.path for e in self._journal.pending()}
+        current = scan(work, self.rules)
+        for rel, st in current.items():
+            known = self._base_files.get(rel)
+            if known is None or (known.size, known.mtime_ns) != (st.size, st.mtime_ns):
+                candidates.add(rel)
+        candidates |= set(base.files) - set(current)
+        ours: dict[str, str | None] = {}
+        for rel in candidates:
+            local = local_path_for(work, rel)
+            sha = file_sha256(local) if local.is_file() else None
+            was = base.files.get(rel)
+            if (was is None and sha is None) or (was is not None and was.sha256 == sha):
+                continue  # changed and changed back: not a change
+            ours[rel] = sha
+        return ours
 
     def _load_base_manifest_unchecked(self) -> Manifest:
         """The base manifest as the session started (from the snapshot; etags unknown)."""
@@ -1152,51 +1233,54 @@ class PlantDesignSession:
         )
 
     def discard(self, session_id: str | None = None) -> None:
-        """Throw an orphaned session away: staging, folder, backup, and the lock if ours."""
-        if self._state is not SessionState.IDLE:
-            raise SessionError(f"discard() needs a fresh session (this one is {self._state})")
-        orphans = {o.session_id: o for o in self.find_orphans()}
+        """Throw an orphaned session away: staging, folder, backup, and the lock if ours.
+
+        A commit of that session that a crash cut is finished first (roll forward).
+        """
+        with self._verb("discard"):
+            if self._state is not SessionState.IDLE:
+                raise SessionError(f"discard() needs a fresh session (this one is {self._state})")
+            session_id = self._pick_orphan(session_id, "discard")
+            record = self.records.load(session_id)
+            self.record = record
+            keys = StageKeys(record.projekt_id, record.stage)
+            lock = RemoteLock(self.store, keys.lock, self._holder(record), self.config.lock)
+            found = read_intent(self.store, keys)
+            if found is not None and found[0].state != "done" and found[0].session_id == session_id:
+                lock.acquire()
+                self._committer(keys, reupload=True).settle()
+                log.warning("discard_finished_interrupted_commit", session_id=session_id)
+            else:
+                current = lock.read()
+                if (
+                    current is not None
+                    and current.body.state == "held"
+                    and current.body.session_id == session_id
+                ):
+                    lock.adopt(current.etag)
+            remove_staging(self.store, keys, session_id)
+            lock.release()
+            shutil.rmtree(record.work_path, ignore_errors=True)
+            shutil.rmtree(self.config.paths.recovery_root / session_id, ignore_errors=True)
+            self.records.remove(session_id)
+            self._set_state(SessionState.CLOSED)
+            self._close_store()
+            log.warning("session_discarded", session_id=session_id)
+
+    def _pick_orphan(self, session_id: str | None, action: str) -> str:
+        """The orphaned session to ``action``: the one named, or the only one."""
+        orphans = [o.session_id for o in self.find_orphans()]
         if session_id is None:
             if len(orphans) != 1:
                 raise SessionError(
-                    "no orphaned session to discard"
+                    f"no orphaned session to {action}"
                     if not orphans
                     else f"{len(orphans)} orphaned sessions: name one ({', '.join(orphans)})"
                 )
-            session_id = next(iter(orphans))
+            return orphans[0]
         if session_id not in orphans:
-            raise SessionError(f"session {session_id} is not orphaned; `agent status` shows it")
-        record = self.records.load(session_id)
-        keys = StageKeys(record.projekt_id, record.stage)
-        self._remove_staging_of(keys, session_id)
-        status = RemoteLock(
-            self.store,
-            keys.lock,
-            Holder(
-                user=record.user,
-                machine=machine_name(),
-                pid=os.getpid(),
-                session_id=session_id,
-                agent_version=__version__,
-            ),
-            self.config.lock,
-        )
-        current = status.read()
-        if (
-            current is not None
-            and current.body.state == "held"
-            and current.body.session_id == session_id
-        ):
-            status.adopt(current.etag)
-            status.release()
-        shutil.rmtree(record.work_path, ignore_errors=True)
-        shutil.rmtree(self.config.paths.recovery_root / session_id, ignore_errors=True)
-        self.records.remove(session_id)
-        self._set_state(SessionState.CLOSED)
-        self._close_store()
-        log.warning("session_discarded", session_id=session_id)
-
-    def _remove_staging_of(self, keys: StageKeys, session_id: str) -> None:
-        staged = [o.key for o in self.store.list(keys.staging_prefix(session_id))]
-        if staged:
-            self.store.delete_many(staged)
+            raise SessionError(
+                f"session {session_id} is not orphaned (its agent is running, or it does not "
+                "exist); `agent status` shows it"
+            )
+        return session_id

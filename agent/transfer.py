@@ -281,7 +281,11 @@ class Transfers:
                     digest = file_sha256(item.src)
                 known = None
                 result = self.store.upload_file(
-                    item.key, item.src, content_type=content_type_for(item.rel), progress=on_bytes
+                    item.key,
+                    item.src,
+                    content_type=content_type_for(item.rel),
+                    progress=on_bytes,
+                    metadata={"sha256": digest},
                 )
                 after = item.src.stat()
             except OSError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -70,7 +70,8 @@ def _quote(etag: str) -> str:
 
 
 def _unquote(etag: str) -> str:
-    return etag.strip('"')
+    """An ETag as we keep it: no quotes, no weak ``W/`` marker."""
+    return etag.removeprefix("W/").strip('"')
 
 
 def _date(response: dict[str, Any]) -> datetime:
@@ -130,7 +131,9 @@ class S3Store:
             verify=config.verify_tls,
             config=Config(
                 s3={"addressing_style": config.addressing_style},
-                retries={"max_attempts": 1, "mode": "standard"},
+                # One retry layer, ours: botocore's ``max_attempts`` counts *retries*
+                # (1 would resend once, unseen); ``total_max_attempts=1`` sends once.
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
                 max_pool_connections=transfer.workers + 4,
@@ -329,6 +332,7 @@ class S3Store:
                 size=int(r["ContentLength"]),
                 etag=_unquote(r["ETag"]),
                 last_modified=r.get("LastModified"),
+                metadata={str(k).lower(): str(v) for k, v in (r.get("Metadata") or {}).items()},
             )
 
         return self._call(key, do)
@@ -364,17 +368,21 @@ class S3Store:
         *,
         content_type: str | None = None,
         progress: ProgressFn | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> WriteResult:
         """Upload a file (obstore; multipart with parallel parts above the threshold)."""
         size = path.stat().st_size
-        attributes = {"Content-Type": content_type} if content_type else None
+        # obstore sends any key that is not a standard header as ``x-amz-meta-<key>``.
+        attributes: dict[str, str] = dict(metadata or {})
+        if content_type:
+            attributes["Content-Type"] = content_type
 
         def do() -> WriteResult:
             result = obstore.put(
                 self._data,
                 key,
                 path,
-                attributes=attributes,
+                attributes=attributes or None,
                 use_multipart=size > self.transfer.multipart_threshold,
                 chunk_size=self.transfer.multipart_chunksize,
                 max_concurrency=8,
@@ -409,19 +417,26 @@ class S3Store:
 
         return self._data_call(key, do)
 
-    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
-        """Server-side copy (obstore); the new ETag without a HEAD when it is knowable."""
+    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+        """Server-side CopyObject (metadata copied), the source pinned by its ETag if asked.
+
+        boto3, not obstore: obstore's copy cannot send ``x-amz-copy-source-if-match``.
+        A copy is idempotent, so a retry after a lost answer does no harm.
+        """
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(dst_key),
+            "CopySource": {"Bucket": self.bucket, "Key": self._key(src_key)},
+        }
+        if if_source_etag is not None:
+            args["CopySourceIfMatch"] = _quote(if_source_etag)
 
         def do() -> WriteResult:
-            obstore.copy(self._data, src_key, dst_key)
-            if src_etag and "-" not in src_etag:
-                return WriteResult(etag=src_etag, server_time=datetime.now(UTC))
-            meta = obstore.head(self._data, dst_key)
-            return WriteResult(
-                etag=_unquote(meta.get("e_tag") or ""), server_time=datetime.now(UTC)
-            )
+            r = self._client.copy_object(**args)
+            etag = (r.get("CopyObjectResult") or {}).get("ETag") or ""
+            return WriteResult(etag=_unquote(etag), server_time=_date(r))
 
-        return self._data_call(dst_key, do)
+        return self._call(src_key, do, conditional=if_source_etag is not None)
 
     def delete(self, key: str) -> None:
         """Delete an object (missing is fine)."""
