@@ -782,7 +782,11 @@ class PlantDesignSession:
         """Wait until every change seen so far is in staging (True) or ``timeout`` passed."""
         with self._verb("flush"):
             self._require(SessionState.ACTIVE, action="flush")
-            return self._ensure_streamer(watch=False).flush(timeout)
+            streamer = self._ensure_streamer(watch=False)
+            # A save whose event the watcher has not delivered yet is found by the
+            # rescan: flush never says "nothing pending" while a saved file is not sent.
+            streamer.rescan("")
+            return streamer.flush(timeout)
 
     def status(self) -> dict[str, object]:
         """What ``agent status`` shows: state, lock, pending changes, last upload, errors."""
