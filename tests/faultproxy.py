@@ -193,6 +193,7 @@ class Seen:
     rule: str | None
     action: str | None
     at: float
+    status: int | None  # the store's answer (also when it was lost); None if not forwarded yet
 
 
 @dataclass
@@ -468,7 +469,7 @@ class FaultProxy:
                     return rule
         return None
 
-    def _record(self, request: _Request, rule: Rule | None) -> None:
+    def _record(self, request: _Request, rule: Rule | None, status: int | None) -> None:
         seen = Seen(
             method=request.method,
             path=request.path,
@@ -481,6 +482,7 @@ class FaultProxy:
             rule=rule.name if rule is not None else None,
             action=rule.action.name if rule is not None else None,
             at=time.monotonic(),
+            status=status,
         )
         with self._lock:
             self._seen.append(seen)
@@ -501,20 +503,23 @@ class _Connection:
         request = proxy._read_request(self.client, self.stream)
         rule = proxy._choose(request)
         action = rule.action if rule is not None else None
-        proxy._record(request, rule)
         if isinstance(action, ResetBefore):
+            proxy._record(request, rule, None)
             self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
         if isinstance(action, Status):
+            proxy._record(request, rule, None)
             self.client.sendall(_error_response(action.code, request))
             return not request.close
         if isinstance(action, Delay):
             assert rule is not None
+            proxy._record(request, rule, None)
             proxy._deliver_late(request, action, rule)
             return False
         if self.upstream is None:
             self.upstream = _Upstream(proxy.upstream, proxy._track, proxy._untrack)
         answer, upstream_close = self.upstream.exchange(request)
+        proxy._record(request, rule, int(answer.split(b" ", 2)[1]))
         if upstream_close:
             self.upstream.close()
             self.upstream = None
