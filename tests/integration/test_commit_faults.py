@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -638,3 +640,143 @@ def test_resume_after_someone_elses_commit_of_another_file_keeps_our_edit(
     expected = {"a.txt": b"alice's edit", "b.txt": b"bob's edit"}
     assert expected == _assert_closed_cleanly(truth, sid)
     _other_user_sees(direct, truth, expected)
+
+
+# ------------------------------------------------------------------ stress
+# ``pytest -m stress tests/integration/test_commit_faults.py -s`` prints the seed;
+# ``PDAGENT_STRESS_SEED=<seed>`` replays the same fault draws (thread timing still varies).
+
+SESSIONS = 30
+USERS = ("alice", "bob", "carol")
+NAMES = tuple(f"dir{i % 2}/file{i}.txt" for i in range(6))
+
+
+class Faults:
+    """The random fault rules, switched on and off as a group."""
+
+    def __init__(self, proxy: FaultProxy, rng: random.Random) -> None:
+        self.proxy = proxy
+
+        def seeded() -> random.Random:
+            return random.Random(rng.getrandbits(64))
+
+        self.rules = [
+            Rule(LOSE_ANSWER, probability=0.1, rng=seeded(), times=None, name="lose"),
+            Rule(RESET_BEFORE, probability=0.08, rng=seeded(), times=None, name="reset"),
+            Rule(Status(503), probability=0.08, rng=seeded(), times=None, name="503"),
+            Rule(Status(500), probability=0.03, rng=seeded(), times=None, name="500"),
+            # delivered 0.5 s after the client (2 s timeout) gave up: late writes
+            Rule(Delay(2.5), method="PUT", probability=0.03, rng=seeded(), times=None, name="late"),
+        ]
+        self.on_since = 0
+        self.requests_with_faults_on = 0
+
+    def on(self) -> None:
+        """Start injecting."""
+        self.on_since = len(self.proxy.seen)
+        for rule in self.rules:
+            self.proxy.add(rule)
+
+    def off(self) -> None:
+        """Stop injecting (held requests are still delivered)."""
+        self.proxy.clear()
+        self.requests_with_faults_on += len(self.proxy.seen) - self.on_since
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No faults inside the block."""
+        self.off()
+        try:
+            yield
+        finally:
+            self.on()
+
+
+def _try(times: int, fn: Callable[[], object]) -> str | None:
+    """Call ``fn`` up to ``times`` times; None once it succeeds, else the last error."""
+    error = "not tried"
+    for _ in range(times):
+        try:
+            fn()
+            return None
+        except AgentError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    return error
+
+
+def _open_somehow(
+    via_proxy: MakeSession, faults: Faults, user: str, *, watch: bool
+) -> tuple[PlantDesignSession, Path] | str:
+    """Open with faults (3 tries, a fresh session each), then once without; else the error."""
+    error = ""
+    for attempt in range(4):
+        session = via_proxy(user)
+        try:
+            if attempt < 3:
+                return session, session.open(P, user, STAGE, watch=watch)
+            with faults.paused():
+                return session, session.open(P, user, STAGE, watch=watch)
+        except AgentError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    return error
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(
+    reason="issue 7: lost answers and late writes end in false errors, lost saves and "
+    "inconsistent stages (random: not strict)",
+    strict=False,
+)
+def test_random_faults_lose_no_save_and_leave_no_inconsistent_stage(
+    via_proxy: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """30 sessions with faults on over 20 % of requests: no saved byte lost, every stage whole."""
+    seed = int(os.environ.get("PDAGENT_STRESS_SEED") or random.SystemRandom().getrandbits(32))
+    print(f"\nstress seed: {seed} (PDAGENT_STRESS_SEED={seed} to replay)")
+    rng = random.Random(seed)
+    faults = Faults(fault_proxy, rng)
+    expected: dict[str, bytes] = {}
+    lost: list[str] = []
+    inconsistent: list[str] = []
+    stuck: list[str] = []
+    faults.on()
+    for n in range(SESSIONS):
+        user = rng.choice(USERS)
+        opened = _open_somehow(via_proxy, faults, user, watch=rng.random() < 0.5)
+        if isinstance(opened, str):
+            stuck.append(f"session {n}: {user} cannot open even without faults: {opened}")
+            continue
+        session, work = opened
+        edits = {
+            name: f"session {n} by {user}: {rng.random()}".encode() * rng.randint(1, 50)
+            for name in rng.sample(NAMES, rng.randint(1, 3))
+        }
+        _write(work, edits)
+        if _try(3, session.close) is not None:
+            with faults.paused():
+                if (error := _try(1, session.close)) is not None:
+                    stuck.append(f"session {n}: close fails even without faults: {error}")
+                    with contextlib.suppress(AgentError):
+                        session.abort()
+                    # Whether its edits landed is unknown (counted above): start from the store.
+                    expected = truth.committed()
+                    continue
+        expected.update(edits)
+        with faults.paused():
+            try:
+                committed = truth.assert_consistent()
+            except AssertionError as exc:
+                inconsistent.append(f"session {n}: {exc}")
+                continue
+            for rel, data in expected.items():
+                if committed.get(rel) != data:
+                    lost.append(f"session {n}: {rel} is not the last saved version")
+            expected = dict(committed)
+    faults.off()
+    fired = len(fault_proxy.faults())
+    share = fired / max(1, faults.requests_with_faults_on)
+    print(f"faults: {fired} of {faults.requests_with_faults_on} requests ({share:.0%})")
+    assert share >= 0.2
+    for problem in (*lost, *inconsistent, *stuck):
+        print(problem)
+    assert ([], [], []) == (lost, inconsistent, stuck), f"seed {seed}"
