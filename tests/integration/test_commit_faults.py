@@ -270,6 +270,25 @@ def test_open_takes_the_lock_when_the_answer_to_its_first_put_is_lost(
     _other_user_sees(direct, truth, {"a.txt": b"first"})
 
 
+def test_open_takes_a_released_lock_when_the_answer_to_its_take_is_lost(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """A lost answer to the If-Match take of a released lock still opens; close commits."""
+    _seed(direct, {"a.txt": b"v0"})
+    rule = fault_proxy.add(
+        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-Match",), body=HELD)
+    )
+    alice = via_proxy()
+    work = alice.open(P, "alice", STAGE, watch=False)
+    assert 1 == rule.fired
+    sid = _session_id(alice)
+    assert ("held", sid) == (truth.lock()["state"], truth.lock()["session_id"])
+    _write(work, {"a.txt": b"v1"})
+    alice.close()
+    assert {"a.txt": b"v1"} == _assert_closed_cleanly(truth, sid)
+    _other_user_sees(direct, truth, {"a.txt": b"v1"})
+
+
 @pytest.mark.xfail(
     reason="issue 7: the retried renewal gets 412 (the first landed): false lock loss, "
     "the heartbeat stops",
@@ -483,7 +502,11 @@ COPY_FAULTS: dict[str, Action] = {"status500": Status(500), "reset": RESET_BEFOR
 
 
 def _fail_mid_commit(
-    via_proxy: MakeSession, direct: MakeSession, fault_proxy: FaultProxy, fault: Action
+    via_proxy: MakeSession,
+    direct: MakeSession,
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    fault: Action,
 ) -> tuple[PlantDesignSession, str]:
     """Alice edits every file; her close dies after two server-side copies."""
     _seed(direct, FILES_V0)
@@ -499,6 +522,7 @@ def _fail_mid_commit(
         alice.close()
     assert rule.fired >= 1
     fault_proxy.remove(rule)
+    assert ("held", sid) == (truth.lock()["state"], truth.lock()["session_id"])
     return alice, sid
 
 
@@ -511,8 +535,7 @@ def test_retried_close_after_a_failed_commit_commits_everything(
     fault: str,
 ) -> None:
     """close after a close that failed mid-commit commits every edit; the lock is released."""
-    alice, sid = _fail_mid_commit(via_proxy, direct, fault_proxy, COPY_FAULTS[fault])
-    assert ("held", sid) == (truth.lock()["state"], truth.lock()["session_id"])
+    alice, sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     alice.close()
     assert FILES_V1 == _assert_closed_cleanly(truth, sid)
     _other_user_sees(direct, truth, FILES_V1)
@@ -532,7 +555,7 @@ def test_abort_after_a_failed_commit_leaves_a_consistent_stage(
     fault: str,
 ) -> None:
     """abort after a cut commit ends with the stage equal to one manifest, and free."""
-    alice, _sid = _fail_mid_commit(via_proxy, direct, fault_proxy, COPY_FAULTS[fault])
+    alice, _sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     alice.abort()
     truth.assert_consistent()
     assert "released" == truth.lock()["state"]
@@ -558,7 +581,7 @@ def test_discard_after_a_failed_commit_leaves_a_consistent_stage(
     fault: str,
 ) -> None:
     """discard of the orphan of a cut commit ends with a stage equal to one manifest."""
-    alice, sid = _fail_mid_commit(via_proxy, direct, fault_proxy, COPY_FAULTS[fault])
+    alice, sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     _crash(alice)
     via_proxy().discard(sid)
     truth.assert_consistent()
@@ -575,7 +598,7 @@ def test_resume_after_a_failed_commit_commits_everything(
     fault: str,
 ) -> None:
     """resume of the orphan of a cut commit finishes it; close leaves every edit committed."""
-    alice, sid = _fail_mid_commit(via_proxy, direct, fault_proxy, COPY_FAULTS[fault])
+    alice, sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     _crash(alice)
     again = via_proxy()
     again.resume(sid)
@@ -600,7 +623,7 @@ def test_another_users_open_after_a_failed_commit_sees_a_consistent_stage(
     fault: str,
 ) -> None:
     """Bob's open after Alice's process died mid-commit gets a stage equal to one manifest."""
-    alice, _sid = _fail_mid_commit(via_proxy, direct, fault_proxy, COPY_FAULTS[fault])
+    alice, _sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     _crash(alice)
     bob = direct("bob")
     work = bob.open(P, "bob", STAGE, watch=False)

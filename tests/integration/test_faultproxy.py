@@ -14,6 +14,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agent.config import load_config
+from tests.conftest import PROXY_READ_TIMEOUT, PROXY_RETRY, proxy_env
 from tests.faultproxy import LOSE_ANSWER, RESET_BEFORE, Delay, FaultProxy, Rule, Status
 from tests.servers import SeaweedServer
 from tests.waiting import wait_for
@@ -283,3 +285,15 @@ def test_every_and_probability_rules_are_deterministic() -> None:
     assert 40 <= sum(runs[0]) <= 80
     with pytest.raises(ValueError, match="seeded rng"):
         Rule(LOSE_ANSWER, probability=0.5)
+
+
+def test_proxy_env_points_a_loaded_config_at_the_proxy(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a CLI subprocess would load from ``proxy_env``: the proxy, short timeouts."""
+    for name, value in proxy_env(s3_env, fault_proxy).items():
+        monkeypatch.setenv(name, value)
+    config = load_config()
+    assert fault_proxy.endpoint == config.store.endpoint_url
+    assert PROXY_READ_TIMEOUT == config.store.read_timeout
+    assert PROXY_RETRY["attempts"] == config.retry.attempts
