@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import load_config
 from agent.keys import StageKeys
@@ -148,11 +149,15 @@ def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(
         (work / "before.txt").write_text("streamed")
         assert _wait(lambda: "before.txt" in _staged(s3_store, session))
         took = time.monotonic() - started
-        force_unlock(bob_store, KEYS.lock, operator="op", machine="ops", reason="test")
-        bob = Holder(user="bob", machine="m2", pid=1, session_id="s-bob", agent_version="t")
-        RemoteLock(bob_store, KEYS.lock, bob, config.lock).acquire()
-        assert _wait(lambda: bool(errors)), "the heartbeat never noticed the lock was taken"
+        with capture_logs() as logs:
+            force_unlock(bob_store, KEYS.lock, operator="op", machine="ops", reason="test")
+            bob = Holder(user="bob", machine="m2", pid=1, session_id="s-bob", agent_version="t")
+            RemoteLock(bob_store, KEYS.lock, bob, config.lock).acquire()
+            assert _wait(lambda: bool(errors)), "the heartbeat never noticed the lock was taken"
         assert "taken from this session" in errors[0]
+        assert [("error", errors[0])] == [
+            (e["log_level"], e["error"]) for e in logs if e["event"] == "lock_lost"
+        ]
         assert isinstance(session.lock_lost, LockLostError)
         assert "lock_lost" in session.status()
         (work / "late.txt").write_text("not sent")
