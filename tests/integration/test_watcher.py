@@ -196,8 +196,8 @@ def test_slowly_written_large_file_is_delivered_once_after_it_stops_changing(
         for _ in range(30):
             fh.write(os.urandom(64 * 1024))
             fh.flush()
-            time.sleep(0.05)  # the editor writing slowly is the scenario, not a wait
             last_write = time.monotonic()
+            time.sleep(0.05)  # the editor writing slowly is the scenario, not a wait
     assert last_write - started > WATCH.max_delay, "the write must outlast max_delay"
     assert c.wait_for(lambda: "big.bin" in c.present)
     assert w.flush(DEADLINE)
