@@ -44,14 +44,10 @@ def _reset_structlog() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """A test must stop every thread it started (watchers, uploaders, heartbeats)."""
+    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools)."""
     before = set(threading.enumerate())
     yield
-    leaked = [
-        t
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and t.name.startswith("pdagent")
-    ]
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     for t in leaked:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
