@@ -93,7 +93,7 @@ def emergency_save(s: PlantDesignSession, reason: str) -> None:
         lock_released=released,
     )
     if s._streamer is not None:
-        s._streamer.stop()
+        s._streamer.stop(wait=False)
         s._streamer = None
     if s._journal is not None:
         s._journal.close()

@@ -190,9 +190,10 @@ def test_sigterm_during_upload_backs_up_pending_and_releases_the_lock(
         assert _wait(lambda: proxy.held > 0), "no upload was started"
         os.kill(pid, signal.SIGTERM)
         assert _wait(lambda: "released" == json.loads(s3_store.get(KEYS.lock).body)["state"])
+        # Uploads are still held in flight: the agent must exit all the same.
+        assert _wait(lambda: _dead(pid), timeout=15), "a hung upload kept the agent alive"
     finally:
-        proxy.stop()  # the held uploads fail now, so the process can exit
-    assert _wait(lambda: _dead(pid), timeout=15)
+        proxy.stop()
     [orphan] = agent.json("recover")["orphans"]
     assert "handled" == orphan["kind"]
     assert names == set(orphan["pending"]), "every save was still in flight"

@@ -2,8 +2,7 @@
 
 The agent talks to SeaweedFS through ``FaultProxy``; every outcome is read straight
 from the bucket (``Truth``), never through the proxy. Each fault test first checks
-that its fault really fired. A test marked ``xfail`` shows what goes wrong today;
-the marker comes off with the fix.
+that its fault really fired (a test whose fault never fired would prove nothing).
 """
 
 from __future__ import annotations
@@ -295,11 +294,6 @@ def test_open_takes_a_released_lock_when_the_answer_to_its_take_is_lost(
     _other_user_sees(direct, truth, {"a.txt": b"v1"})
 
 
-@pytest.mark.xfail(
-    reason="issue 7: the retried renewal gets 412 (the first landed): false lock loss, "
-    "the heartbeat stops",
-    strict=True,
-)
 def test_heartbeat_survives_a_lost_answer_to_a_renewal(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
@@ -327,11 +321,6 @@ def test_heartbeat_survives_a_lost_answer_to_a_renewal(
     _other_user_sees(direct, truth)
 
 
-@pytest.mark.xfail(
-    reason="issue 7: the retried fencing renewal gets 412 (the first landed): close raises "
-    "a false LockLostError",
-    strict=True,
-)
 def test_close_commits_when_the_answer_to_its_fencing_renewal_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
@@ -387,10 +376,6 @@ def test_abort_releases_the_lock_when_the_answer_to_the_release_is_lost(
     _other_user_sees(direct, truth, {"a.txt": b"v0"})
 
 
-@pytest.mark.xfail(
-    reason="issue 7: the retried manifest PUT gets 412 and close reports a false conflict",
-    strict=True,
-)
 def test_close_recognises_its_own_manifest_when_the_answer_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
@@ -407,10 +392,6 @@ def test_close_recognises_its_own_manifest_when_the_answer_is_lost(
     _other_user_sees(direct, truth, {"a.txt": b"v1", "b.txt": b"b"})
 
 
-@pytest.mark.xfail(
-    reason="issue 7: the probe's retried put-if-absent gets 412, open fails, probe left behind",
-    strict=True,
-)
 def test_open_survives_a_lost_answer_to_the_capability_probe_and_leaves_no_probe(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
@@ -425,10 +406,6 @@ def test_open_survives_a_lost_answer_to_the_capability_probe_and_leaves_no_probe
     assert [] == [k for k in truth.listing() if "probe" in k]
 
 
-@pytest.mark.xfail(
-    reason="issue 7: no commit intent is written yet, so the fault never fires",
-    strict=True,
-)
 def test_close_commits_when_the_answer_to_the_commit_intent_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
@@ -448,11 +425,6 @@ def test_close_commits_when_the_answer_to_the_commit_intent_is_lost(
 # ------------------------------------------------------- late and foreign
 
 
-@pytest.mark.xfail(
-    reason="issue 7: the late staging PUT overwrites the newer save: the committed a.txt "
-    "holds the old bytes, the manifest describes the new ones",
-    strict=True,
-)
 def test_close_commits_newer_bytes_when_an_old_upload_arrives_late(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
@@ -475,11 +447,6 @@ def test_close_commits_newer_bytes_when_an_old_upload_arrives_late(
     _other_user_sees(direct, truth, {"a.txt": b"the newer, longer save"})
 
 
-@pytest.mark.xfail(
-    reason="issue 7: close copies the swapped staged object: the foreign bytes are committed "
-    "under a manifest that describes the user's",
-    strict=True,
-)
 def test_close_commits_the_users_bytes_when_a_staged_object_was_overwritten(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth
 ) -> None:
@@ -545,11 +512,6 @@ def test_retried_close_after_a_failed_commit_commits_everything(
     _other_user_sees(direct, truth, FILES_V1)
 
 
-@pytest.mark.xfail(
-    reason="issue 7: abort after a cut commit leaves committed files overwritten under the old "
-    "manifest",
-    strict=True,
-)
 @pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
 def test_abort_after_a_failed_commit_leaves_a_consistent_stage(
     via_proxy: MakeSession,
@@ -571,11 +533,6 @@ def _crash(alice: PlantDesignSession) -> None:
     alice.emergency_save("test")
 
 
-@pytest.mark.xfail(
-    reason="issue 7: discard after a cut commit leaves committed files overwritten under the "
-    "old manifest",
-    strict=True,
-)
 @pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
 def test_discard_after_a_failed_commit_leaves_a_consistent_stage(
     via_proxy: MakeSession,
@@ -613,11 +570,6 @@ def test_resume_after_a_failed_commit_commits_everything(
     _other_user_sees(direct, truth, FILES_V1)
 
 
-@pytest.mark.xfail(
-    reason="issue 7: the cut commit left f0.txt overwritten under the old manifest; bob's "
-    "open fails with PermanentStoreError",
-    strict=True,
-)
 @pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
 def test_another_users_open_after_a_failed_commit_sees_a_consistent_stage(
     via_proxy: MakeSession,
@@ -639,11 +591,6 @@ def test_another_users_open_after_a_failed_commit_sees_a_consistent_stage(
 # ----------------------------------------------------------------- resume
 
 
-@pytest.mark.xfail(
-    reason="issue 7: resume compares base entries without ETags with theirs by equality and "
-    "turns our edit into a conflict copy",
-    strict=True,
-)
 def test_resume_after_someone_elses_commit_of_another_file_keeps_our_edit(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth
 ) -> None:

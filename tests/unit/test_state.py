@@ -50,6 +50,7 @@ def test_illegal_transition_is_a_session_error_naming_both_states() -> None:
 # path), written out here so that an edge added to or dropped from agent/state.py shows.
 LEGAL = {
     (S.IDLE, S.ACQUIRING),
+    (S.IDLE, S.ACTIVE),  # attach: the background agent continues an open session
     (S.IDLE, S.CLOSED),
     (S.ACQUIRING, S.DOWNLOADING),
     (S.ACQUIRING, S.RESTORING),
