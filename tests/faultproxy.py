@@ -104,9 +104,11 @@ class Delay:
 
 @dataclass(frozen=True)
 class Status:
-    """Answer ``code`` with an S3 error body instead of forwarding."""
+    """Answer ``code`` with an S3 error body instead of forwarding (``s3_code`` overrides
+    the error code the body names, e.g. ``ConditionalRequestConflict`` for a 409)."""
 
     code: int
+    s3_code: str | None = None
     name: Literal["status"] = "status"
 
 
@@ -509,7 +511,7 @@ class _Connection:
             return False
         if isinstance(action, Status):
             proxy._record(request, rule, None)
-            self.client.sendall(_error_response(action.code, request))
+            self.client.sendall(_error_response(action.code, request, action.s3_code))
             return not request.close
         if isinstance(action, Delay):
             assert rule is not None
@@ -606,8 +608,9 @@ def _read_response(stream: IO[bytes], *, head_only: bool) -> tuple[bytes, bool]:
     return head + _read_exact(stream, length), close
 
 
-def _error_response(code: int, request: _Request) -> bytes:
+def _error_response(code: int, request: _Request, named: str | None = None) -> bytes:
     reason, s3_code, message = _STATUS_TEXT.get(code, ("Error", "InternalError", "Injected."))
+    s3_code = named or s3_code
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Error><Code>{s3_code}</Code><Message>{message} (injected by the test proxy)"

@@ -34,12 +34,14 @@ if TYPE_CHECKING:
 from agent.config import RetryConfig, StoreConfig, StoreLocation, TransferConfig
 from agent.errors import (
     AccessDeniedError,
+    AgentError,
     BucketMissingError,
     NotFoundError,
     PermanentStoreError,
     PreconditionFailedError,
     StoreError,
     TransientStoreError,
+    UnsafeStoreError,
 )
 from agent.retry import call_with_retries
 from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
@@ -53,14 +55,15 @@ _TRANSIENT_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "TooManyRequests",
+    # R2: two conditional writes on one key at once; the loser is told to retry.
+    "ConditionalRequestConflict",
     "InternalError",
     "ServiceUnavailable",
     "RequestLimitExceeded",
 }
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
-_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_PRECONDITION_CODES = {"PreconditionFailed"}
 _CHUNK = 1024 * 1024
 _DELETE_BATCH = 1000
 
@@ -240,7 +243,7 @@ class S3Store:
 
     # ------------------------------------------------------------- errors
 
-    def _translate(self, exc: Exception, key: str, *, conditional: bool = False) -> StoreError:
+    def _translate(self, exc: Exception, key: str, *, conditional: bool = False) -> AgentError:
         where = f"{key!r} in {self.description}"
         if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
             return AccessDeniedError(
@@ -248,38 +251,7 @@ class S3Store:
                 "AWS_SECRET_ACCESS_KEY, or store.profile"
             )
         if isinstance(exc, bexc.ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
-                return TransientStoreError(f"the store answered {status} {code} for {where}")
-            if code == "NoSuchBucket" or (not key and status == 404):
-                return BucketMissingError(
-                    f"the bucket {self.bucket!r} does not exist at "
-                    f"{self.endpoint or 'AWS'}: create "
-                    "it, or fix store.url"
-                )
-            if conditional and (
-                status in (409, 412) or code in _PRECONDITION_CODES or status == 404
-            ):
-                return PreconditionFailedError(
-                    f"the condition on {where} did not hold ({status} {code})"
-                )
-            if code in _PRECONDITION_CODES or status == 412:
-                return PreconditionFailedError(
-                    f"the condition on {where} did not hold ({status} {code})"
-                )
-            if status == 403 or code in _DENIED_CODES:
-                return AccessDeniedError(
-                    f"access denied ({code or status}) for {where}: check the credentials "
-                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.profile) and that they "
-                    f"may read and write bucket {self.bucket!r}"
-                )
-            if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
-                return NotFoundError(f"no object {where}")
-            return PermanentStoreError(
-                f"the store refused {where}: {status} {code} {error.get('Message', '')}"
-            )
+            return self._translate_answer(exc, key, where, conditional=conditional)
         if isinstance(
             exc,
             bexc.EndpointConnectionError
@@ -297,6 +269,53 @@ class S3Store:
         if isinstance(exc, OSError):
             return TransientStoreError(f"I/O error talking to the store for {where}: {exc}")
         raise exc
+
+    def _translate_answer(
+        self, exc: bexc.ClientError, key: str, where: str, *, conditional: bool
+    ) -> AgentError:
+        """An error answer from the store, by HTTP status and S3 error code."""
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code == "RequestTimeTooSkewed":
+            return PermanentStoreError(
+                f"the store refused {where} because this computer's clock is wrong "
+                "(RequestTimeTooSkewed): set the clock (enable time synchronisation) and "
+                "try again"
+            )
+        if conditional and (status == 501 or code == "NotImplemented"):
+            return UnsafeStoreError(
+                f"the store {self.description} does not implement conditional writes "
+                f"({status} {code}), so it cannot hold a lock: use a store with "
+                "conditional writes (R2, S3, MinIO, SeaweedFS)"
+            )
+        if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+            return TransientStoreError(f"the store answered {status} {code} for {where}")
+        if code == "NoSuchBucket" or (not key and status == 404):
+            return BucketMissingError(
+                f"the bucket {self.bucket!r} does not exist at "
+                f"{self.endpoint or 'AWS'}: create "
+                "it, or fix store.url"
+            )
+        if conditional and (status in (409, 412) or code in _PRECONDITION_CODES or status == 404):
+            return PreconditionFailedError(
+                f"the condition on {where} did not hold ({status} {code})"
+            )
+        if code in _PRECONDITION_CODES or status == 412:
+            return PreconditionFailedError(
+                f"the condition on {where} did not hold ({status} {code})"
+            )
+        if status == 403 or code in _DENIED_CODES:
+            return AccessDeniedError(
+                f"access denied ({code or status}) for {where}: check the credentials "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.profile) and that they "
+                f"may read and write bucket {self.bucket!r}"
+            )
+        if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+            return NotFoundError(f"no object {where}")
+        return PermanentStoreError(
+            f"the store refused {where}: {status} {code} {error.get('Message', '')}"
+        )
 
     def _call(self, key: str, fn: Callable[[], T], *, conditional: bool = False) -> T:
         def once() -> T:
