@@ -368,7 +368,9 @@ def status_cmd() -> None:
             lines.append(
                 "  the background agent is not running: `agent recover` resumes or discards"
             )
-        if row.get("last_error"):
+        if row.get("error"):
+            lines.append(f"  PROBLEM: {row['error']}")
+        elif row.get("last_error"):
             lines.append(f"  last error: {row['last_error']}")
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
 

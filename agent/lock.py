@@ -563,6 +563,8 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdagent-heartbeat", daemon=True)
         self.last_renewed = datetime.now(UTC)
+        self.last_error: str | None = None
+        """Why the last renewal failed; ``None`` once one succeeds again."""
 
     def start(self) -> None:
         """Start renewing."""
@@ -581,8 +583,10 @@ class Heartbeat:
                 return
             except AgentError as exc:
                 log.warning("heartbeat_failed", key=self.lock.key, error=str(exc))
+                self.last_error = str(exc)
                 continue
             self.last_renewed = datetime.now(UTC)
+            self.last_error = None
             if self._on_renewed is not None and self.lock.etag:
                 self._on_renewed(self.lock.etag)
 

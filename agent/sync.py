@@ -83,6 +83,8 @@ class Streamer:
         self._transfers = Transfers(store, config.transfer.workers)
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: dict[str, Future[bool]] = {}
+        self._started: dict[str, float] = {}  # path -> when its request began (monotonic)
+        self._failing_since: float | None = None  # first failure since the last success
         self._flight_lock = threading.Lock()
         self._wake = threading.Event()
         self._paused = False
@@ -257,11 +259,16 @@ class Streamer:
 
     def _process(self, rel: str, op: str, seq: int, attempts: int) -> bool:
         """Send one row; True if the path still has pending work afterwards."""
+        self._started[rel] = time.monotonic()
         try:
             done = self._put(rel, seq) if op == "put" else self._delete(rel, seq)
             self._retry_at.pop(rel, None)
+            self.last_error = None  # the store answers again: the condition has cleared
+            self._failing_since = None
             return not done
         except AgentError as exc:
+            if self._failing_since is None:
+                self._failing_since = self._started.get(rel, time.monotonic())
             delay = min(_MAX_BACKOFF, self.config.retry.initial_backoff * 2 ** min(attempts, 10))
             delay *= 1 + random.random() * self.config.retry.jitter  # noqa: S311 - jitter
             self._retry_at[rel] = time.monotonic() + delay
@@ -275,6 +282,15 @@ class Streamer:
                 retry_in=round(delay, 2),
             )
             return True
+        finally:
+            self._started.pop(rel, None)
+
+    def stalled_for(self) -> float:
+        """Seconds without a good answer: since uploads began failing, or the oldest in flight."""
+        since = [*self._started.values()]
+        if self._failing_since is not None:
+            since.append(self._failing_since)
+        return time.monotonic() - min(since) if since else 0.0
 
     def _put(self, rel: str, seq: int) -> bool:
         """Send a put row; True if the row is finished (no newer save arrived meanwhile)."""

@@ -141,6 +141,9 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
             streamer.start_watching()
         s._set_state(SessionState.ACTIVE)
         raise
+    # Committed and released: from here only local clean-up is left, which a crash
+    # recovery finishes (the record says so) instead of offering a resume.
+    s._update_record(phase="closing")
     changed_after = _changed_since_commit(s, streamer, manifest)
     known = streamer.known()
     s._uninstall_crash_handler()

@@ -44,7 +44,8 @@ def abort(s: PlantDesignSession) -> None:
             raise SessionError("cannot abort: this session is already closed")
         if s._state is SessionState.IDLE or s.record is None:
             raise SessionError("cannot abort: no session is open (call open() first)")
-        record = s.record
+        before = s.record.phase
+        record = s._update_record(phase="aborting")  # a crash from here on finishes the abort
         keys = StageKeys(record.projekt_id, record.stage)
         s._uninstall_crash_handler()
         s._stop_streaming()
@@ -71,6 +72,7 @@ def abort(s: PlantDesignSession) -> None:
                 s._lock.release()
         except BaseException as exc:
             log.error("abort_failed", session_id=record.session_id, error=str(exc))
+            s._update_record(phase=before)
             s._journal = Journal.open(s._journal_path(record.session_id))
             if s._lock is not None and s._lock.etag is not None:
                 s._start_heartbeat()

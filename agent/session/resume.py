@@ -68,7 +68,22 @@ def find_orphans(s: PlantDesignSession) -> list[RecoveryInfo]:
         finally:
             journal.close()
 
-    return orphans_on_disk(s.records, s.config.paths.recovery_root, pending_of)
+    found = orphans_on_disk(s.records, s.config.paths.recovery_root, pending_of)
+    orphans = []
+    for info in found:
+        try:
+            phase = s.records.load(info.session_id).phase
+        except AgentError:
+            phase = None
+        if phase == "closing":
+            # Committed and released before the process died: only the clean-up was cut.
+            # The folder stays where it is if the move into the cache had not happened.
+            s.records.remove(info.session_id)
+            shutil.rmtree(s.config.paths.recovery_root / info.session_id, ignore_errors=True)
+            log.info("close_cleanup_finished", session_id=info.session_id)
+            continue
+        orphans.append(info)
+    return orphans
 
 
 def resume(
@@ -95,6 +110,11 @@ def _resume(s: PlantDesignSession, session_id: str | None, *, take_over: bool, w
     orphans = {o.session_id: o for o in find_orphans(s)}
     info = orphans[session_id]
     record = s.records.load(session_id)
+    if record.phase == "aborting":
+        raise SessionError(
+            f"session {session_id} was being aborted when its process ended: finish the abort "
+            "with `agent recover --discard`"
+        )
     if record.phase == "opening":
         raise SessionError(
             f"session {session_id} crashed while opening (nothing was edited yet): "

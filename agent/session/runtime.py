@@ -113,14 +113,29 @@ def status(s: PlantDesignSession) -> dict[str, object]:
         out["heartbeat_age_seconds"] = (
             round(s._heartbeat.age(), 1) if s._heartbeat is not None else None
         )
+    problems: list[str] = []
     if s.lock_lost is not None:
         out["lock_lost"] = str(s.lock_lost)
+        problems.append(f"lock lost: {s.lock_lost}")
+    if s._heartbeat is not None and s._heartbeat.last_error is not None:
+        out["lock_error"] = s._heartbeat.last_error
+        problems.append(f"lock renewal failing: {s._heartbeat.last_error}")
     if s._streamer is not None:
         out.update(s._streamer.status())
-    elif s._journal is not None:
-        out["pending"] = s._journal.pending_count()
-    if s.record is not None and s.record.last_error and "last_error" not in out:
-        out["last_error"] = s.record.last_error
+        stalled = s._streamer.stalled_for()
+        if stalled > 2 * s.config.store.read_timeout:
+            out["store_stalled_seconds"] = round(stalled, 1)
+            problems.append(f"the store has not answered for {stalled:.0f} s")
+        if s._streamer.last_error:
+            problems.append(f"uploads failing: {s._streamer.last_error}")
+    else:
+        if s._journal is not None:
+            out["pending"] = s._journal.pending_count()
+        if s.record is not None and s.record.last_error:
+            out["last_error"] = s.record.last_error
+    # One line a user (or the host's status bar) can show; absent when all is well.
+    if problems:
+        out["error"] = "; ".join(problems)
     return out
 
 

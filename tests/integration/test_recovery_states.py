@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agent.commit import Commit, StagedCopy, read_intent, read_manifest
 from agent.config import AgentConfig, load_config
-from agent.errors import CommitBlockedError
+from agent.errors import CommitBlockedError, SessionError
 from agent.keys import StageKeys
 from agent.manifest import Manifest
 from agent.session import PlantDesignSession
@@ -306,3 +308,44 @@ def test_a_commit_cut_after_its_intent_is_finished_by_whoever_comes_next(
     bob = _other(store, tmp_path, "bob")
     assert b"saved work" == (bob.open(P, "bob", STAGE) / "plan.dwg").read_bytes()
     bob.abort()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(proc.stdout)
+
+
+def test_a_close_cut_after_its_release_is_not_offered_for_resume(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """Phase 'closing' (committed, released) of a dead process: recovery only cleans up."""
+    config = _config(tmp_path)
+    session = PlantDesignSession(config, store=store)
+    session.open(P, "admin", STAGE, watch=False)
+    session._stop_heartbeat()
+    session._update_record(phase="closing", pid=_dead_pid())
+    assert session.record is not None
+    sid = session.record.session_id
+    assert PlantDesignSession(config, store=store).check_previous_crash() is None
+    assert [] == [r.session_id for r in session.records.all() if r.session_id == sid]
+
+
+def test_an_abort_cut_by_a_crash_is_finished_by_discard_not_resumed(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """Phase 'aborting' of a dead process: resume refuses and says so; discard finishes it."""
+    config = _config(tmp_path)
+    session = PlantDesignSession(config, store=store)
+    session.open(P, "admin", STAGE, watch=False)
+    session._stop_heartbeat()
+    session._update_record(phase="aborting", pid=_dead_pid())
+    with pytest.raises(SessionError, match="being aborted"):
+        PlantDesignSession(config, store=store).resume()
+    PlantDesignSession(config, store=store).discard()
+    assert "released" == json.loads(store.get(KEYS.lock).body)["state"]
+    assert PlantDesignSession(config, store=store).check_previous_crash() is None

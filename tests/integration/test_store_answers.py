@@ -15,8 +15,9 @@ import pytest
 
 from agent.errors import PermanentStoreError, UnsafeStoreError
 from agent.session import PlantDesignSession
-from tests.conftest import proxy_config
-from tests.faultproxy import FaultProxy, Rule, Status
+from tests.conftest import PROXY_READ_TIMEOUT, proxy_config
+from tests.faultproxy import Delay, FaultProxy, Rule, Status
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 
@@ -74,3 +75,46 @@ def test_a_skewed_clock_says_fix_the_clock_and_is_not_retried(
     assert "unreachable" not in str(info.value)
     lock_writes = [r for r in fault_proxy.seen if r.method == "PUT" and "lock.json" in r.path]
     assert [] == lock_writes, json.dumps([r.path for r in lock_writes])
+
+
+def test_status_shows_a_hanging_store_while_it_lasts_and_clears_after(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Staging PUTs get no answer: status says so past 2x the timeout, and not once they flow."""
+    session = _session(s3_env, fault_proxy, tmp_path)
+    work = session.open(P, "admin", STAGE, watch=True)
+    rule = fault_proxy.add(Rule(Delay(60), method="PUT", path=r"/\.sessions/", times=None))
+    (work / "a.txt").write_text("saved while the store hangs")
+    wait_for(lambda: "the store has not answered" in str(session.status().get("error")), 60)
+    assert session.status()["store_stalled_seconds"] >= 2 * PROXY_READ_TIMEOUT  # type: ignore[operator]
+    fault_proxy.remove(rule)
+    rule.release()
+    assert session.flush(timeout=60)
+    status = session.status()
+    assert "error" not in status, status
+    assert status["last_error"] is None
+    session.abort()
+
+
+def test_status_shows_failing_lock_renewals_and_clears_when_they_succeed(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Heartbeat PUTs answered 500: status shows lock trouble; it clears after a renewal lands."""
+    session = PlantDesignSession(
+        proxy_config(
+            s3_env,
+            fault_proxy,
+            tmp_path / "m1",
+            lock={"heartbeat_interval": 0.3},
+            retry={"attempts": 1},
+        )
+    )
+    session.open(P, "admin", STAGE, watch=False)
+    rule = fault_proxy.add(
+        Rule(Status(500), method="PUT", path=r"\.lock\.json$", headers=("If-Match",), times=None)
+    )
+    wait_for(lambda: "lock renewal failing" in str(session.status().get("error")), 30)
+    fault_proxy.remove(rule)
+    wait_for(lambda: "error" not in session.status(), 30)
+    assert session.lock_lost is None
+    session.abort()
