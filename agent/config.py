@@ -21,7 +21,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
 
 import platformdirs
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,16 +56,6 @@ __all__ = [
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
-_UNIT_BYTES = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-}
 
 
 def _parse_duration(value: object) -> object:
@@ -70,18 +68,9 @@ def _parse_duration(value: object) -> object:
     return value
 
 
-def _parse_size(value: object) -> object:
-    """Accept bytes as a number or strings such as ``"8MiB"``, ``"2 GiB"``."""
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if not match:
-            raise ValueError("a size like 1048576, '8MiB' or '2GiB'")
-        return int(float(match.group(1)) * _UNIT_BYTES[(match.group(2) or "b").lower()])
-    return value
-
-
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
-Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+# Sizes as a number of bytes or with a unit ("8MiB", "2 GiB", "500kB"): pydantic's ByteSize.
+Bytes = Annotated[ByteSize, Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -138,10 +127,10 @@ class TransferConfig(_Section):
     """Parallel transfers and the local cache of committed files."""
 
     workers: int = Field(default=10, ge=1, le=256)
-    multipart_threshold: Bytes = 16 * 1024**2
-    multipart_chunksize: Bytes = Field(default=8 * 1024**2, ge=5 * 1024**2)
+    multipart_threshold: Bytes = ByteSize(16 * 1024**2)
+    multipart_chunksize: Bytes = Field(default=ByteSize(8 * 1024**2), ge=5 * 1024**2)
     cache_enabled: bool = True
-    cache_max_bytes: Bytes = 2 * 1024**3
+    cache_max_bytes: Bytes = ByteSize(2 * 1024**3)
     # How long close waits for pending uploads before giving up (keeping the lock).
     close_timeout: Seconds = 600.0
 
@@ -161,6 +150,17 @@ class LockConfig(_Section):
     ttl: Seconds = 12 * 3600.0
     stale_after: Seconds = 600.0
     heartbeat_interval: Seconds = 60.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LockConfig:
+        """``heartbeat_interval < stale_after < ttl``, or a held lock looks gone or expires."""
+        if not self.heartbeat_interval < self.stale_after < self.ttl:
+            raise ValueError(
+                "lock timings must satisfy heartbeat_interval < stale_after < ttl (got "
+                f"{self.heartbeat_interval:g} s, {self.stale_after:g} s, {self.ttl:g} s): "
+                "otherwise a lock that is being renewed looks abandoned, or expires"
+            )
+        return self
 
 
 DEFAULT_IGNORE = (

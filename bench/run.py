@@ -85,7 +85,7 @@ class Bench:
                 "region": "us-east-1",
             },
             paths={"base_dir": str(self.scratch / "agent" / name)},
-            lock={"heartbeat_interval": 3600},
+            lock={"heartbeat_interval": 3600, "stale_after": 7200},
             **sections,  # type: ignore[arg-type]
         )
 
@@ -525,7 +525,7 @@ def bench_resume(bench: Bench) -> None:
                     "region": "us-east-1",
                 },
                 paths={"base_dir": str(base)},
-                lock={"heartbeat_interval": 3600},
+                lock={"heartbeat_interval": 3600, "stale_after": 7200},
             )
             s = PlantDesignSession(config)
             t = time.perf_counter()

@@ -243,7 +243,14 @@ def test_resume_for_a_stage_now_locked_by_someone_else_keeps_the_recovery_data(
     agent: Agent, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     """kill -9, then someone takes the expired lock: resume refuses clearly, keeps everything."""
-    short = Agent(dict(agent.env, AGENT_LOCK__TTL="2"))
+    short = Agent(
+        dict(
+            agent.env,
+            AGENT_LOCK__TTL="2",
+            AGENT_LOCK__STALE_AFTER="1",
+            AGENT_LOCK__HEARTBEAT_INTERVAL="0.5",
+        )
+    )
     opened = short.json("open", P, "--user", "admin", "--stage", STAGE)
     work, pid = Path(opened["path"]), int(opened["agent_pid"])
     (work / "mine.txt").write_text("mine")
@@ -266,7 +273,14 @@ def test_fencing_a_stopped_holder_cannot_overwrite_a_newer_commit(
     agent: Agent, s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
 ) -> None:
     """SIGSTOP past the lock's expiry, another user commits, SIGCONT: close reports a conflict."""
-    slow = Agent(dict(agent.env, AGENT_LOCK__TTL="2", AGENT_LOCK__HEARTBEAT_INTERVAL="3600"))
+    slow = Agent(
+        dict(
+            agent.env,
+            AGENT_LOCK__TTL="2",
+            AGENT_LOCK__STALE_AFTER="1",
+            AGENT_LOCK__HEARTBEAT_INTERVAL="0.5",
+        )
+    )
     opened = slow.json("open", P, "--user", "admin", "--stage", STAGE)
     work, pid = Path(opened["path"]), int(opened["agent_pid"])
     (work / "shared.txt").write_text("admin's version")

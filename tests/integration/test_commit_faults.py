@@ -143,7 +143,7 @@ def via_proxy(
     made: list[PlantDesignSession] = []
 
     def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
-        sections.setdefault("lock", {"heartbeat_interval": 3600})
+        sections.setdefault("lock", {"heartbeat_interval": 3600, "stale_after": 7200})
         sections.setdefault("watch", FAST_WATCH)
         made.append(
             PlantDesignSession(proxy_config(s3_env, fault_proxy, tmp_path / machine, **sections))
@@ -161,7 +161,7 @@ def direct(s3_env: dict[str, str], tmp_path: Path) -> Iterator[MakeSession]:
     made: list[PlantDesignSession] = []
 
     def make(machine: str = "other", **sections: Any) -> PlantDesignSession:
-        sections.setdefault("lock", {"heartbeat_interval": 3600})
+        sections.setdefault("lock", {"heartbeat_interval": 3600, "stale_after": 7200})
         sections.setdefault("watch", FAST_WATCH)
         config: AgentConfig = s3_config(s3_env, tmp_path / machine, **sections)
         made.append(PlantDesignSession(config))

@@ -27,7 +27,7 @@ KEYS = StageKeys(P, STAGE)
 def _config(tmp_path: Path) -> AgentConfig:
     return load_config(
         paths={"base_dir": str(tmp_path / "m1")},
-        lock={"heartbeat_interval": 3600},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
         watch={"debounce": 0.05, "max_delay": 0.5, "min_interval_per_path": 0.1},
     )
 
@@ -76,7 +76,8 @@ def test_resume_keeps_both_versions_when_someone_else_committed(
 ) -> None:
     """A file changed here and in another user's commit is kept twice; theirs keeps its name."""
     seed_cfg = load_config(
-        paths={"base_dir": str(tmp_path / "seed")}, lock={"heartbeat_interval": 3600}
+        paths={"base_dir": str(tmp_path / "seed")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
     )
     seed = PlantDesignSession(seed_cfg, store=store)
     (seed.open(P, "seeder", STAGE, watch=False) / "plan.txt").write_text("v1")
@@ -88,7 +89,10 @@ def test_resume_keeps_both_versions_when_someone_else_committed(
     assert mine.flush(timeout=15)
     mine.emergency_save("test")  # releases the lock
     bob = PlantDesignSession(
-        load_config(paths={"base_dir": str(tmp_path / "bob")}, lock={"heartbeat_interval": 3600}),
+        load_config(
+            paths={"base_dir": str(tmp_path / "bob")},
+            lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        ),
         store=store,
     )
     (bob.open(P, "bob", STAGE, watch=False) / "plan.txt").write_text("bob's edit")
@@ -122,7 +126,10 @@ def test_discard_removes_staging_folder_backup_and_releases(
     assert not info.backup_path.exists()
     assert PlantDesignSession(config, store=store).check_previous_crash() is None
     other = PlantDesignSession(
-        load_config(paths={"base_dir": str(tmp_path / "o")}, lock={"heartbeat_interval": 3600}),
+        load_config(
+            paths={"base_dir": str(tmp_path / "o")},
+            lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        ),
         store=store,
     )
     other.open(P, "bob", STAGE, watch=False)
@@ -142,7 +149,10 @@ def test_resume_needs_a_fresh_session(store: ObjectStore, tmp_path: Path) -> Non
 
 def _other(store: ObjectStore, tmp_path: Path, name: str) -> PlantDesignSession:
     return PlantDesignSession(
-        load_config(paths={"base_dir": str(tmp_path / name)}, lock={"heartbeat_interval": 3600}),
+        load_config(
+            paths={"base_dir": str(tmp_path / name)},
+            lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        ),
         store=store,
     )
 

@@ -38,7 +38,7 @@ def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
     def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
         config: AgentConfig = load_config(
             paths={"base_dir": str(tmp_path / machine)},
-            lock={"heartbeat_interval": 3600},
+            lock={"heartbeat_interval": 3600, "stale_after": 7200},
             **sections,
         )
         return PlantDesignSession(config, store=store)
@@ -223,7 +223,10 @@ def test_key_with_drive_letter_is_refused_naming_the_key(
     """A committed key that maps to a drive letter (legal in S3) is refused; nothing written."""
     s3_store.put_bytes(KEYS.committed_prefix + "ok.txt", b"fine")
     s3_store.put_bytes(KEYS.committed_prefix + "C:/evil.txt", b"bad")
-    config = load_config(paths={"base_dir": str(tmp_path / "m")}, lock={"heartbeat_interval": 3600})
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+    )
     session = PlantDesignSession(config, store=s3_store)
     with pytest.raises(InvalidNameError, match="drive letter"):
         session.open(P, "admin", STAGE)

@@ -24,7 +24,9 @@ P, STAGE = "Kraftwerk_1234567", "planning"
 
 def _session(s3_env: dict[str, str], proxy: FaultProxy, tmp_path: Path) -> PlantDesignSession:
     return PlantDesignSession(
-        proxy_config(s3_env, proxy, tmp_path / "m1", lock={"heartbeat_interval": 3600})
+        proxy_config(
+            s3_env, proxy, tmp_path / "m1", lock={"heartbeat_interval": 3600, "stale_after": 7200}
+        )
     )
 
 

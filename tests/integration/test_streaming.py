@@ -32,7 +32,7 @@ def session(store: ObjectStore, tmp_path: Path) -> Iterator[PlantDesignSession]:
     """An open, watching session with short debounce values."""
     config = load_config(
         paths={"base_dir": str(tmp_path / "m1")},
-        lock={"heartbeat_interval": 3600},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
         watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
     )
     s = PlantDesignSession(config, store=store)
@@ -88,7 +88,8 @@ def test_delete_and_move_while_streaming_are_applied_at_commit(
 ) -> None:
     """A deleted file is removed at commit; a moved one is a delete plus a put."""
     config = load_config(
-        paths={"base_dir": str(tmp_path / "seed")}, lock={"heartbeat_interval": 3600}
+        paths={"base_dir": str(tmp_path / "seed")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
     )
     seed = PlantDesignSession(config, store=store)
     work = seed.open(P, "seeder", STAGE, watch=False)
@@ -97,7 +98,7 @@ def test_delete_and_move_while_streaming_are_applied_at_commit(
     seed.close()
     config2 = load_config(
         paths={"base_dir": str(tmp_path / "m2")},
-        lock={"heartbeat_interval": 3600},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
         watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
     )
     s = PlantDesignSession(config2, store=store)

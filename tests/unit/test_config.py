@@ -98,3 +98,28 @@ def test_file_url_with_windows_drive_parses() -> None:
     """file:///C:/data maps to C:/data."""
     config = load_config(store={"url": "file:///C:/data"})
     assert Path("C:/data") == config.store_location().path
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "stale", "ttl"),
+    [("10m", "5m", "12h"), ("1m", "13h", "12h"), ("1m", "12h", "12h")],
+)
+def test_lock_timings_out_of_order_are_refused_naming_all_three(
+    heartbeat: str, stale: str, ttl: str, tmp_path: Path
+) -> None:
+    """heartbeat_interval < stale_after < ttl, or a renewed lock would look gone or expire."""
+    with pytest.raises(ConfigError, match="heartbeat_interval < stale_after < ttl"):
+        load_config(
+            paths={"base_dir": str(tmp_path)},
+            lock={"heartbeat_interval": heartbeat, "stale_after": stale, "ttl": ttl},
+        )
+
+
+def test_sizes_take_units_through_pydantic_bytesize(tmp_path: Path) -> None:
+    """'16 MiB', '2GB' and plain integers all become byte counts."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path)},
+        transfer={"multipart_threshold": "16 MiB", "cache_max_bytes": "2GB"},
+    )
+    assert 16 * 1024**2 == config.transfer.multipart_threshold
+    assert 2_000_000_000 == config.transfer.cache_max_bytes

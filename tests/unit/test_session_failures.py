@@ -38,7 +38,9 @@ def test_disk_full_during_download_releases_the_lock_and_removes_the_folder(tmp_
         return inner.download_file(key, dest, progress=progress)
 
     store.faults["download_file"] = full
-    config = load_config(paths={"base_dir": str(tmp_path)}, lock={"heartbeat_interval": 3600})
+    config = load_config(
+        paths={"base_dir": str(tmp_path)}, lock={"heartbeat_interval": 3600, "stale_after": 7200}
+    )
     session = PlantDesignSession(config, store=store)
     with pytest.raises(LocalFileError, match="disk is full"):
         session.open("P1", "admin", "planning")
