@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -195,6 +196,12 @@ def read_lock(store: ObjectStore, key: str, config: LockConfig) -> LockStatus | 
 _SAFE: set[str] = set()
 _SAFE_LOCK = threading.Lock()
 
+# Sessions of this process whose lock keeper is live (acquired, not yet released or
+# given up). A lock held under our name and pid by a session *not* in here was left
+# behind by a session of this process that ended without its release landing (an
+# open that failed half-way while the store was failing): it may be re-entered.
+_LIVE: set[str] = set()
+
 
 def probe_conditional_writes(store: ObjectStore, key_prefix: str = ".pdagent-probe") -> None:
     """Refuse a store that does not honour ``If-None-Match`` and ``If-Match``.
@@ -276,6 +283,7 @@ class RemoteLock:
         """Continue with a lock another process of this session acquired."""
         with self._mutex:
             self._etag = etag
+            self._live(True)
 
     def read(self) -> LockStatus | None:
         """The lock as it is now."""
@@ -337,6 +345,7 @@ class RemoteLock:
                     self._note_clock(status.server_time)
                     if self._is_our_write(status) and status.body.state == "held":
                         self._etag, self._since = status.etag, status.body.since
+                        self._live(True)
                         return status
                     self._check_may_take(status, take_over)
                 same = (
@@ -356,6 +365,7 @@ class RemoteLock:
                     log.info("lock_race_lost_rereading", key=self.key)
                     continue
                 self._etag, self._since = result.etag, body.since
+                self._live(True)
                 log.info(
                     "lock_acquired",
                     key=self.key,
@@ -379,6 +389,9 @@ class RemoteLock:
             return False
         if body.session_id == self.holder.session_id:
             return True
+        if body.pid == os.getpid():
+            with _SAFE_LOCK:
+                return body.session_id not in _LIVE
         return body.pid is None or not pid_alive(body.pid)
 
     def _check_may_take(self, status: LockStatus, take_over: bool) -> None:
@@ -485,6 +498,20 @@ class RemoteLock:
                 )
             log.info("lock_released", key=self.key, session_id=self.holder.session_id)
             self._etag = None
+            self._live(False)
+
+    def _live(self, live: bool) -> None:
+        with _SAFE_LOCK:
+            (_LIVE.add if live else _LIVE.discard)(self.holder.session_id)
+
+    def abandon(self) -> None:
+        """This session ends without its release having landed (the store is failing).
+
+        The lock stays in the bucket until it expires, but this process may take it
+        again: a later open under our name re-enters instead of waiting for expiry.
+        """
+        with self._mutex:
+            self._live(False)
 
 
 def force_unlock(

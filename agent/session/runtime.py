@@ -179,3 +179,4 @@ def _release_quietly(s: PlantDesignSession) -> None:
         s._lock.release()
     except AgentError as exc:
         log.warning("lock_release_failed", error=str(exc))
+        s._lock.abandon()  # this process may take it again; the bucket's copy expires

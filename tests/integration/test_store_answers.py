@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import PermanentStoreError, UnsafeStoreError
+from agent.errors import AgentError, PermanentStoreError, UnsafeStoreError
 from agent.session import PlantDesignSession
 from tests.conftest import PROXY_READ_TIMEOUT, proxy_config
 from tests.faultproxy import Delay, FaultProxy, Rule, Status
@@ -120,3 +120,27 @@ def test_status_shows_failing_lock_renewals_and_clears_when_they_succeed(
     wait_for(lambda: "error" not in session.status(), 30)
     assert session.lock_lost is None
     session.abort()
+
+
+def test_an_open_that_failed_with_its_release_lost_does_not_lock_out_the_next_open(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Open fails half-way and its release fails too: the next open in this process re-enters."""
+    seeder = _session(s3_env, fault_proxy, tmp_path / "seed")
+    (seeder.open(P, "admin", STAGE, watch=False) / "a.txt").write_text("committed")
+    seeder.close()
+    broken = [
+        fault_proxy.add(Rule(Status(500), method="GET", path=r"/planning/a\.txt$", times=None)),
+        fault_proxy.add(
+            Rule(Status(500), method="PUT", path=r"\.lock\.json$", body=rb"released", times=None)
+        ),
+    ]
+    first = _session(s3_env, fault_proxy, tmp_path)
+    with pytest.raises(AgentError):
+        first.open(P, "admin", STAGE, watch=False)
+    assert all(rule.fired for rule in broken)
+    for rule in broken:
+        fault_proxy.remove(rule)
+    again = _session(s3_env, fault_proxy, tmp_path)
+    assert "committed" == (again.open(P, "admin", STAGE, watch=False) / "a.txt").read_text()
+    again.abort()
