@@ -1,12 +1,14 @@
 """Crash recovery with real processes and the real SeaweedFS server.
 
-The background agent is killed (SIGKILL at random moments, SIGTERM during an
-upload, SIGSTOP past its lock's expiry); ``agent recover`` must bring every
-saved change into the committed copy, byte for byte, or refuse to overwrite.
+The background agent is killed (SIGKILL at random moments and, through the fault
+proxy, inside each phase of the commit; SIGTERM during an upload; SIGSTOP past
+its lock's expiry); ``agent recover`` must bring every saved change into the
+committed copy, byte for byte, or refuse to overwrite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,6 +24,8 @@ import pytest
 
 from agent.keys import StageKeys
 from agent.store.base import ObjectStore
+from tests.conftest import proxy_env
+from tests.faultproxy import Delay, FaultProxy, Rule, Seen
 from tests.servers import HoldingProxy, SeaweedServer
 from tests.waiting import wait_for
 
@@ -349,3 +353,224 @@ def test_truncated_journal_is_rebuilt_from_the_folder(
     assert list(journal.parent.glob("journal.sqlite.damaged-*")), "the damaged journal is kept"
     agent.json("close")
     assert expected == _committed(s3_store)
+
+
+# ---------------------------------------------------------------------------
+# kill -9 at each phase of the commit, deterministically (issue 7)
+#
+# The fault proxy holds the one request that starts a phase; once it reports the
+# hold, the background agent is provably inside that phase and is killed there.
+# A held request is never released, so the store never sees it.
+
+_COPY = {"method": "PUT", "headers": ("x-amz-copy-source",)}
+_PHASES: dict[str, dict[str, Any]] = {
+    "1-intent-written": {**_COPY, "skip": 0},
+    "2-two-of-six-copied": {**_COPY, "skip": 2},
+    "3-copied-and-deleted": {"method": "PUT", "path": r"\.manifest\.json$"},
+    "4-manifest-written": {
+        "method": "PUT",
+        "path": r"\.commit\.json$",
+        "body": rb'"state":\s*"done"',
+    },
+    "5-intent-done": {"method": "POST", "query": ("delete",), "body": rb"\.sessions/"},
+    "6-staging-deleted": {
+        "method": "PUT",
+        "path": r"\.lock\.json$",
+        "body": rb'"state":\s*"released"',
+    },
+}
+# What the store had applied when the phase's request was held:
+# (copies, intent writes, committed deletes, manifest writes, staging deletes).
+_DONE_BEFORE = {
+    "1-intent-written": (0, 1, 0, 0, 0),
+    "2-two-of-six-copied": (2, 1, 0, 0, 0),
+    "3-copied-and-deleted": (6, 1, 1, 0, 0),
+    "4-manifest-written": (6, 1, 1, 1, 0),
+    "5-intent-done": (6, 2, 1, 1, 0),
+    "6-staging-deleted": (6, 2, 1, 1, 1),
+}
+_VERBS = ("resume-close", "discard", "other-open")
+_DEFAULT_CASES = {(phase, "resume-close") for phase in _PHASES} | {
+    (phase, verb)
+    for phase in ("2-two-of-six-copied", "4-manifest-written")
+    for verb in ("discard", "other-open")
+}
+_PHASES_TRIED: set[str] = set()
+_PHASES_HIT: set[str] = set()
+
+
+class _Bucket:
+    """Reads the bucket with a direct boto3 client to SeaweedFS (never through the proxy)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import boto3
+
+        url = env["AGENT_STORE__URL"].removeprefix("s3://")
+        self.bucket, prefix = url.split("/", 1)
+        self.root = f"{prefix}/{P}/"
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=env["AGENT_STORE__ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def keys(self, under: str) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        return [
+            o["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.root + under)
+            for o in page.get("Contents", [])
+        ]
+
+    def get(self, rel: str) -> bytes:
+        body = self.client.get_object(Bucket=self.bucket, Key=self.root + rel)["Body"]
+        return bytes(body.read())
+
+    def json(self, rel: str) -> dict[str, Any]:
+        return dict(json.loads(self.get(rel)))
+
+    def committed(self) -> dict[str, bytes]:
+        start = len(self.root + f"{STAGE}/")
+        return {k[start:]: self.get(k[len(self.root) :]) for k in self.keys(f"{STAGE}/")}
+
+
+def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int]:
+    """Counts of the close's requests the store answered 2xx (see ``_DONE_BEFORE``)."""
+    copies = intents = deletes = manifests = staging = 0
+    for s in seen:
+        if s.rule is not None or s.status is None or not 200 <= s.status < 300:
+            continue
+        if s.method == "PUT" and "x-amz-copy-source" in s.headers:
+            copies += 1
+        elif s.method == "PUT" and s.path.endswith(".commit.json"):
+            intents += 1
+        elif s.method == "PUT" and s.path.endswith(".manifest.json"):
+            manifests += 1
+        elif s.method == "DELETE" or (s.method == "POST" and "delete" in s.query):
+            if intents < 2:  # before the intent is marked done: the commit's deletes
+                deletes = 1
+            else:
+                staging = 1
+    return copies, intents, deletes, manifests, staging
+
+
+def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
+    """A committed base of four files, then a session that changes six and deletes two."""
+    opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
+    work = Path(opened["path"])
+    for i in range(4):
+        (work / f"base{i}.dwg").write_bytes(f"base {i} ".encode() + os.urandom(2048))
+    admin.json("close")
+    opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
+    work, pid = Path(opened["path"]), int(opened["agent_pid"])
+    (work / "base0.dwg").write_bytes(b"changed 0 " + os.urandom(4096))
+    (work / "base1.dwg").write_bytes(b"changed 1 " + os.urandom(4096))
+    (work / "base2.dwg").unlink()
+    (work / "base3.dwg").unlink()
+    for i in range(4):
+        (work / "new" / f"n{i}.dwg").parent.mkdir(exist_ok=True)
+        (work / "new" / f"n{i}.dwg").write_bytes(f"new {i} ".encode() + os.urandom(8192))
+    admin.run("flush")
+    return work, pid, _local(work)
+
+
+def _kill_in_phase(admin: Agent, proxy: FaultProxy, phase: str, pid: int) -> None:
+    """Hold the phase's first request in the proxy, kill -9 the agent while it waits."""
+    _PHASES_TRIED.add(phase)
+    rule = proxy.add(Rule(Delay(3600), name=phase, **_PHASES[phase]))
+    before = len(proxy.seen)
+    closing = admin.popen("close", "--json", "--allow-mass-delete")
+    try:
+        assert _wait(lambda: rule.fired > 0, timeout=60), f"the close never reached {phase}"
+        os.kill(pid, signal.SIGKILL)
+        assert _wait(lambda: _dead(pid))
+    finally:
+        if not _dead(pid):
+            os.kill(pid, signal.SIGKILL)
+        closing.communicate(timeout=60)
+    proxy.remove(rule)
+    assert 1 == rule.fired and not rule.delivered.is_set()
+    assert _DONE_BEFORE[phase] == _applied(proxy.seen[before:]), "killed in another phase"
+    _PHASES_HIT.add(phase)
+
+
+def _recover(verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str, bytes]) -> None:
+    """Recover the killed session as ``verb`` says (the second user is ``bob``)."""
+    if verb == "resume-close":
+        admin.json("recover", "--resume")
+        assert expected == _local(work), "resume must not change the user's files"
+        admin.json("close", "--allow-mass-delete")
+    elif verb == "discard":
+        admin.run("recover", "--discard", "--yes")
+    else:
+
+        def bob_opened() -> bool:
+            return (
+                0 == bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode
+            )
+
+        assert _wait(bob_opened, timeout=30), "the killed session's lock never expired"
+        bob.run("abort")
+
+
+def _kill_phase_trial(
+    phase: str, verb: str, s3_env: dict[str, str], proxy: FaultProxy, tmp_path: Path
+) -> None:
+    through = proxy_env(s3_env, proxy)
+    # A short lock (kept alive by a fast heartbeat) lets another user in soon after the kill.
+    admin = Agent(
+        _env(
+            tmp_path / "base",
+            through,
+            AGENT_TRANSFER__WORKERS="1",
+            AGENT_LOCK__TTL="4",
+            AGENT_LOCK__HEARTBEAT_INTERVAL="1",
+        )
+    )
+    bob = Agent(_env(tmp_path / "bob", through))
+    work, pid, expected = _start_session(admin)
+    _kill_in_phase(admin, proxy, phase, pid)
+    _recover(verb, admin, bob, work, expected)
+
+    bucket = _Bucket(s3_env)
+    manifest = bucket.json(f"{STAGE}.manifest.json")
+    committed = bucket.committed()
+    assert set(manifest["files"]) == set(committed), "the stage is not exactly one manifest"
+    for rel, entry in manifest["files"].items():
+        data = committed[rel]
+        assert (entry["size"], entry["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    intent = bucket.json(f"{STAGE}.commit.json")
+    assert ("done", manifest["commit_id"]) == (intent["state"], intent["commit_id"])
+    assert "released" == bucket.json(f"{STAGE}.lock.json")["state"]
+    # A started commit is only ever rolled forward: the new manifest, every saved byte.
+    assert expected == committed
+    if verb == "other-open":
+        # Another user finishes only an unfinished intent (a done one's staging is left to
+        # its session); the killed session's own discard then removes the rest.
+        admin.run("recover", "--discard", "--yes")
+        assert expected == bucket.committed()
+        assert "released" == bucket.json(f"{STAGE}.lock.json")["state"]
+    assert [] == bucket.keys(f".sessions/{intent['session_id']}/"), "staging left behind"
+
+
+def _case(phase: str, verb: str) -> Any:
+    marks = [] if (phase, verb) in _DEFAULT_CASES else [pytest.mark.stress]
+    return pytest.param(phase, verb, marks=marks, id=f"{phase}-{verb}")
+
+
+@pytest.mark.parametrize(("phase", "verb"), [_case(p, v) for p in _PHASES for v in _VERBS])
+def test_kill_9_in_each_commit_phase_is_rolled_forward(
+    phase: str, verb: str, s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """kill -9 while the proxy holds a commit phase's request; recovery finishes that commit."""
+    _kill_phase_trial(phase, verb, s3_env, fault_proxy, tmp_path)
+
+
+def test_kill_9_phase_trials_hit_every_commit_phase() -> None:
+    """Each phase trial that ran was killed inside its phase; the default ones cover all six."""
+    assert set(_PHASES) == {phase for phase, _verb in _DEFAULT_CASES}
+    if not _PHASES_TRIED:
+        pytest.skip("no kill-phase trial ran in this session")
+    assert _PHASES_TRIED == _PHASES_HIT
