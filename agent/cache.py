@@ -2,10 +2,11 @@
 
 After a successful close the working folder is *moved* (not copied) to
 ``<cache>/<projekt_id>/<stage>/files`` together with a snapshot of what each
-file is (size, mtime, sha256). The next ``open`` of that stage moves it back and
-downloads only what the manifest says changed, so re-opening an unchanged copy
-transfers nothing. Bounded by ``transfer.cache_max_bytes`` (least recently used
-stage copies go first); deleting the cache folder is always safe.
+file is (size, mtime, ctime, inode and the sha256 that was committed). The next
+``open`` of that stage moves it back and downloads only what the manifest says
+changed, so re-opening an unchanged copy transfers nothing. Bounded by
+``transfer.cache_max_bytes`` (least recently used stage copies go first);
+deleting the cache folder is always safe.
 """
 
 from __future__ import annotations
@@ -48,10 +49,7 @@ class StageCache:
             return {}
         try:
             raw = json.loads((entry / "snapshot.json").read_bytes())
-            snapshot = {
-                rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2])
-                for rel, v in raw["files"].items()
-            }
+            snapshot = {rel: LocalEntry.from_list(v) for rel, v in raw["files"].items()}
             dest.parent.mkdir(parents=True, exist_ok=True)
             _move(files, dest)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -76,7 +74,7 @@ class StageCache:
         try:
             shutil.rmtree(entry, ignore_errors=True)
             entry.mkdir(parents=True)
-            files = {rel: [e.size, e.mtime_ns, e.sha256] for rel, e in snapshot.items()}
+            files = {rel: e.to_list() for rel, e in snapshot.items()}
             (entry / "snapshot.json").write_text(
                 json.dumps({"cached_at_ns": time.time_ns(), "files": files})
             )

@@ -265,12 +265,14 @@ class Journal:
         sha256: str | None = None,
         mtime_ns: int | None = None,
         deleted: bool = False,
+        unchanged: bool = False,
     ) -> bool:
         """Finish a pending row if its seq is unchanged; record what staging now holds.
 
         ``etag`` given: staging holds a put. ``deleted``: a delete to apply at commit.
-        Neither: nothing to stage (the file equals the base). Returns False if a newer
-        change arrived meanwhile (the row stays pending).
+        ``unchanged``: the file equals what the store holds already; staging is left as
+        it is. None of these: nothing to stage (the file equals the base). Returns False
+        if a newer change arrived meanwhile (the row stays pending).
 
         Committed without an fsync (``synchronous=NORMAL``): losing a mark_done to a
         power cut only means the row is sent again; ``record`` keeps its fsync.
@@ -279,7 +281,9 @@ class Journal:
             cur = conn.execute("DELETE FROM pending WHERE path = ? AND seq = ?", (path, seq))
             if cur.rowcount == 0:
                 return False
-            if etag is not None:
+            if unchanged:
+                pass
+            elif etag is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO staged (path, op, etag, size, sha256, mtime_ns)"
                     " VALUES (?, 'put', ?, ?, ?, ?)",

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -47,7 +48,14 @@ from agent.ignore import IgnoreRules
 from agent.journal import Journal, Staged
 from agent.keys import StageKeys, WorkFolder, local_path_for, validate_name
 from agent.lock import Heartbeat, Holder, RemoteLock
-from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
+from agent.manifest import (
+    LocalEntry,
+    Manifest,
+    ManifestEntry,
+    file_sha256,
+    is_unchanged,
+    plan_open,
+)
 from agent.platform import machine_name
 from agent.records import SessionRecord, SessionStore, new_session_id
 from agent.recovery import CrashHandler, RecoveryInfo, copy_pending, find_orphans, write_info
@@ -302,14 +310,14 @@ class PlantDesignSession:
             raise LocalFileError(
                 f"cannot create the working folder {work}: {exc.strerror}"
             ) from exc
-        current = {rel: (s.size, s.mtime_ns) for rel, s in scan(work, self.rules).items()}
+        current = scan(work, self.rules)
         wanted = Manifest(
             files={
                 rel: ManifestEntry(size=size, sha256=sha or "", etag="")
                 for rel, (size, sha) in expected.items()
             }
         )
-        plan = plan_open(wanted, snapshot, current)
+        plan = plan_open(wanted, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
         for rel in plan.remove:
             folder.path(rel).unlink(missing_ok=True)
         items = [
@@ -326,10 +334,10 @@ class PlantDesignSession:
         digests = Transfers(self.store, self.config.transfer.workers).download(items, progress)
         files: dict[str, LocalEntry] = {}
         for rel in plan.keep:
-            files[rel] = snapshot[rel]
+            files[rel] = plan.kept[rel]
         for rel, digest in zip(plan.download, digests, strict=True):
             st = folder.path(rel).stat()
-            files[rel] = LocalEntry(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+            files[rel] = LocalEntry.from_stat(st, digest)
         if manifest is None and expected:
             self._base_manifest = Manifest(
                 files={
@@ -1061,7 +1069,7 @@ class PlantDesignSession:
                 if item.key.startswith(keys.committed_prefix):
                     rel = keys.rel_from_committed(item.key)
                     st = item.dest.stat()
-                    self._base_files[rel] = LocalEntry(st.st_size, st.st_mtime_ns, digest)
+                    self._base_files[rel] = LocalEntry.from_stat(st, digest)
             self.records.save_base(self.record.session_id, self._base_files)
         backup = info.backup_path
         if backup is not None and (backup / "files").is_dir():
@@ -1090,7 +1098,7 @@ class PlantDesignSession:
         ours = set(self._journal.staged()) | {e.path for e in self._journal.pending()}
         for rel, st in scan(work, self.rules).items():
             known = self._base_files.get(rel)
-            if known is None or (known.size, known.mtime_ns) != (st.size, st.mtime_ns):
+            if not is_unchanged(known, st, partial(file_sha256, local_path_for(work, rel))):
                 ours.add(rel)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
         conflicts: list[str] = []
@@ -1127,9 +1135,7 @@ class PlantDesignSession:
         Transfers(self.store, self.config.transfer.workers).download(items)
         for rel in downloads:
             got = local_path_for(work, rel).stat()
-            self._base_files[rel] = LocalEntry(
-                got.st_size, got.st_mtime_ns, theirs.files[rel].sha256
-            )
+            self._base_files[rel] = LocalEntry.from_stat(got, theirs.files[rel].sha256)
         self.records.save_base(self.record.session_id, self._base_files)
         self._adopt_new_base(theirs, etag)
         self.record = self.records.save(

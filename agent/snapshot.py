@@ -1,4 +1,4 @@
-"""Snapshots of a folder, ``path -> (size, mtime_ns)``, and their pure difference.
+"""Snapshots of a folder, ``path -> (size, mtime_ns, ctime_ns, inode)``, and their pure difference.
 
 Used by the reconciliation scan (the safety net for missed watch events), by
 ``close``'s quick scan and by ``open`` when it reuses a cached copy. Only
@@ -26,10 +26,37 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class FileStat:
-    """Size and modification time of one file."""
+    """The stat tuple that change detection compares (see ``manifest.LocalEntry``)."""
 
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        """The tuple of an ``lstat`` result."""
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+    @property
+    def st_size(self) -> int:
+        """As ``os.stat_result``."""
+        return self.size
+
+    @property
+    def st_mtime_ns(self) -> int:
+        """As ``os.stat_result``."""
+        return self.mtime_ns
+
+    @property
+    def st_ctime_ns(self) -> int:
+        """As ``os.stat_result``."""
+        return self.ctime_ns
+
+    @property
+    def st_ino(self) -> int:
+        """As ``os.stat_result``."""
+        return self.inode
 
 
 def _is_plain(st: os.stat_result) -> bool:
@@ -58,7 +85,7 @@ def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileSta
         if not _is_plain(st):
             return out
         if stat.S_ISREG(st.st_mode):
-            return {subtree: FileStat(st.st_size, st.st_mtime_ns)}
+            return {subtree: FileStat.of(st)}
     stack: list[tuple[str, str]] = [(os.fspath(start), subtree)]
     while stack:
         folder, rel_folder = stack.pop()
@@ -66,7 +93,7 @@ def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileSta
             if stat.S_ISDIR(st.st_mode):
                 stack.append((path, rel))
             elif stat.S_ISREG(st.st_mode):
-                out[rel] = FileStat(st.st_size, st.st_mtime_ns)
+                out[rel] = FileStat.of(st)
     return out
 
 
@@ -100,6 +127,10 @@ def _entries(
 
 
 def diff(old: Mapping[str, FileStat], new: Mapping[str, FileStat]) -> tuple[set[str], set[str]]:
-    """``(changed_or_added, removed)`` from ``old`` to ``new``, comparing size and mtime."""
+    """``(changed_or_added, removed)`` from ``old`` to ``new``, comparing the whole stat tuple.
+
+    Size and mtime alone miss ``cp -p``/``tar x``/``touch -r`` (issue 8): ctime and
+    inode are compared too.
+    """
     changed = {rel for rel, st in new.items() if old.get(rel) != st}
     return changed, set(old).difference(new)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from agent.keys import StageKeys, WorkFolder
 from agent.manifest import LocalEntry, Manifest, file_sha256
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
-from agent.transfer import Transfers, Upload
+from agent.transfer import Transfers, Upload, same_stat
 from agent.watcher import Watcher
 
 __all__ = ["Streamer"]
@@ -146,7 +147,13 @@ class Streamer:
     # ---------------------------------------------------------------- intake
 
     def on_dirty(self, paths: set[str]) -> None:
-        """Journal each path as a put (a file) or a delete (gone); wake the uploader."""
+        """Journal each path as a put (a file) or a delete (gone); wake the uploader.
+
+        A file whose stat tuple is the one of the content the store holds is skipped
+        (``LocalEntry.matches``); any other file is journalled and the uploader hashes
+        it, sending it only if the hash differs from what the store holds. Links and
+        special files are never files here: one that replaced a tracked file is a delete.
+        """
         items: list[tuple[str, Op, int | None, int | None]] = []
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
@@ -157,17 +164,13 @@ class Streamer:
                 log.warning("path_refused", path=rel)
                 continue
             try:
-                st = path.stat()
-                is_file = path.is_file() and not path.is_symlink()
+                st: os.stat_result | None = path.lstat()
             except OSError:
-                is_file = False
-            if is_file:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode):
                 with self._known_lock:
                     known = self._known.get(rel)
-                if known is not None and (known.size, known.mtime_ns) == (
-                    st.st_size,
-                    st.st_mtime_ns,
-                ):
+                if known is not None and known.matches(st):
                     continue
                 items.append((rel, "put", st.st_size, st.st_mtime_ns))
             elif self._is_tracked(rel):
@@ -193,9 +196,7 @@ class Streamer:
                 if not prefix or k.startswith(prefix) or k == subtree
             }
         dirty = {
-            rel
-            for rel, st in current.items()
-            if (k := known.get(rel)) is None or (k.size, k.mtime_ns) != (st.size, st.mtime_ns)
+            rel for rel, st in current.items() if (k := known.get(rel)) is None or not k.matches(st)
         }
         dirty |= set(known) - set(current)
         if dirty:
@@ -272,25 +273,47 @@ class Streamer:
             )
             return True
 
+    def _held(self, rel: str) -> tuple[str, int] | None:
+        """``(sha256, size)`` of what the store holds for ``rel`` (staged, else base)."""
+        staged = self.journal.staged_entry(rel)
+        if staged is not None:
+            return (staged.sha256, staged.size) if staged.op == "put" else None
+        base = self.base.files.get(rel)
+        return (base.sha256, base.size) if base is not None else None
+
     def _put(self, rel: str, seq: int) -> bool:
-        """Send a put row; True if the row is finished (no newer save arrived meanwhile)."""
+        """Send a put row; True if the row is finished (no newer save arrived meanwhile).
+
+        The file is hashed first when the store already holds something of its size:
+        equal content is not sent again (a ``touch``, a ``chmod``, a tool that rewrote
+        the same bytes), other content always is, whatever its size and mtime say.
+        """
         path = self._folder.path(rel)
-        if not path.is_file():
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             if self._is_tracked(rel):
                 self.journal.record(rel, "delete")
                 return False
             return self.journal.mark_done(rel, seq)
-        base = self.base.files.get(rel)
-        staged = self.journal.staged_entry(rel)
+        held = self._held(rel)
         known: tuple[os.stat_result, str] | None = None
-        if base is not None and staged is None:
-            st = path.stat()
-            if st.st_size == base.size:
-                known = (st, file_sha256(path))
-                if known[1] == base.sha256:
-                    finished = self.journal.mark_done(rel, seq)
-                    self._remember(rel, LocalEntry(st.st_size, st.st_mtime_ns, base.sha256))
-                    return finished
+        for _try in range(3):  # a file replaced while hashed is hashed again
+            if held is None or st.st_size != held[1]:
+                break
+            digest = file_sha256(path)
+            after = path.lstat()
+            if not same_stat(st, after):
+                st = after
+                continue
+            known = (st, digest)
+            if digest == held[0]:
+                finished = self.journal.mark_done(rel, seq, unchanged=True)
+                self._remember(rel, LocalEntry.from_stat(st, digest))
+                return finished
+            break
         done = self._transfers.upload_one(
             Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None, known=known
         )
@@ -298,7 +321,7 @@ class Streamer:
             rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns
         )
         if finished:
-            self._remember(rel, LocalEntry(done.size, done.mtime_ns, done.sha256))
+            self._remember(rel, done.entry())
         self.uploads += 1
         self.last_upload_at = datetime.now(UTC)
         log.info("streamed", path=rel, key=done.key, bytes=done.size, session_id=self.session_id)

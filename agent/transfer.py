@@ -24,7 +24,8 @@ import structlog
 
 from agent.errors import AgentError, LocalFileError, PermanentStoreError, TransferError
 from agent.ignore import temp_name_for
-from agent.manifest import file_sha256
+from agent.manifest import LocalEntry, file_sha256
+from agent.snapshot import FileStat
 from agent.store.base import ObjectInfo, ObjectStore
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Uploaded",
     "content_type_for",
     "local_file_error",
+    "same_stat",
 ]
 
 log = structlog.get_logger(__name__)
@@ -147,6 +149,14 @@ class Uploaded:
     size: int
     sha256: str
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+
+    def entry(self) -> LocalEntry:
+        """What the store now holds for this file, as change detection's entry."""
+        return LocalEntry.from_stat(
+            FileStat(self.size, self.mtime_ns, self.ctime_ns, self.inode), self.sha256
+        )
 
 
 class Transfers:
@@ -272,10 +282,7 @@ class Transfers:
 
             try:
                 before = item.src.stat()
-                if known is not None and (known[0].st_size, known[0].st_mtime_ns) == (
-                    before.st_size,
-                    before.st_mtime_ns,
-                ):
+                if known is not None and same_stat(known[0], before):
                     digest = known[1]
                 else:
                     digest = file_sha256(item.src)
@@ -288,7 +295,7 @@ class Transfers:
                 if progress is not None:
                     progress.add(-sent)
                 raise local_file_error(exc, item.src, "read") from exc
-            if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            if same_stat(before, after):
                 return Uploaded(
                     rel=item.rel,
                     key=item.key,
@@ -296,6 +303,8 @@ class Transfers:
                     size=after.st_size,
                     sha256=digest,
                     mtime_ns=after.st_mtime_ns,
+                    ctime_ns=after.st_ctime_ns,
+                    inode=after.st_ino,
                 )
             log.info("upload_redo_file_changed", path=item.rel, key=item.key)
             if progress is not None:
@@ -305,3 +314,13 @@ class Transfers:
             "close the program writing it and try again",
             failed=1,
         )
+
+
+def same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    """The same file, unchanged: size, mtime, ctime and inode all equal (issue 8)."""
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+        b.st_ino,
+    )

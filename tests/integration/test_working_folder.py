@@ -1,0 +1,152 @@
+"""The working folder with real tools (issue 8): every saved byte reaches the store.
+
+Real commands (``cp -p``, ``touch -r``, ``tar``), real watchdog observers and both
+real stores (the folder store and SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import AgentConfig, load_config
+from agent.keys import StageKeys
+from agent.session import PlantDesignSession
+from agent.store.base import ObjectStore
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
+DEADLINE = 20.0
+FAST_WATCH = {"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2}
+
+MakeSession = Callable[..., PlantDesignSession]
+
+
+@pytest.fixture
+def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
+    """Sessions sharing one store; each ``machine`` gets its own base folder."""
+
+    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
+        sections.setdefault("watch", FAST_WATCH)
+        config: AgentConfig = load_config(
+            paths={"base_dir": str(tmp_path / machine)},
+            lock={"heartbeat_interval": 3600},
+            **sections,
+        )
+        return PlantDesignSession(config, store=store)
+
+    return make
+
+
+def _write(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def _committed(store: ObjectStore) -> dict[str, bytes]:
+    return {
+        KEYS.rel_from_committed(o.key): store.get(o.key).body
+        for o in store.list(KEYS.committed_prefix)
+    }
+
+
+def _seed(make_session: MakeSession, files: dict[str, bytes]) -> None:
+    s = make_session("seed")
+    work = s.open(P, "seeder", STAGE, watch=False)
+    _write(work, files)
+    s.close()
+
+
+# ------------------------------------------------------------ change detection
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_cp_p_of_same_size_and_mtime_commits_the_new_bytes(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path, watch: bool
+) -> None:
+    """``cp -p`` of other bytes with the old size and mtime is committed, and cached as new."""
+    _seed(make_session, {"plan.dwg": b"drawing-v1"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=watch)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "plan.dwg").write_bytes(b"drawing-v2")
+    subprocess.run(["touch", "-r", str(work / "plan.dwg"), str(outside / "plan.dwg")], check=True)
+    subprocess.run(["cp", "-p", str(outside / "plan.dwg"), str(work / "plan.dwg")], check=True)
+    assert s.flush(timeout=DEADLINE)
+    report = s.close()
+    assert ["plan.dwg"] == report.uploaded
+    assert {"plan.dwg": b"drawing-v2"} == _committed(store)
+    again = make_session()
+    assert b"drawing-v2" == (again.open(P, "admin", STAGE) / "plan.dwg").read_bytes()
+    assert [] == again.close().uploaded
+
+
+def test_touch_r_restoring_the_mtime_after_an_edit_commits_the_edit(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """An in-place edit whose mtime is put back with ``touch -r`` still reaches the store."""
+    _seed(make_session, {"a.txt": b"alpha", "b.txt": b"bravo"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    ref = tmp_path / "ref"
+    ref.touch()
+    subprocess.run(["touch", "-r", str(work / "a.txt"), str(ref)], check=True)
+    (work / "a.txt").write_bytes(b"ALPHA")
+    subprocess.run(["touch", "-r", str(ref), str(work / "a.txt")], check=True)
+    report = s.close()
+    assert ["a.txt"] == report.uploaded
+    assert {"a.txt": b"ALPHA", "b.txt": b"bravo"} == _committed(store)
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_tar_x_of_a_reproducible_archive_over_the_tree_commits_every_file(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path, watch: bool
+) -> None:
+    """Extracting an archive with the same sizes and mtimes over a cached copy sends all 40."""
+    names = [f"dir{i % 4}/part{i:02d}.step" for i in range(40)]
+    stamp = 1_700_000_000
+    seed = make_session("seed")
+    work = seed.open(P, "seeder", STAGE, watch=False)
+    _write(work, {n: b"old-%02d" % i for i, n in enumerate(names)})
+    for n in names:
+        os.utime(work / n, (stamp, stamp))
+    seed.close()
+    s = make_session("seed")  # same machine: the closed copy comes back from the cache
+    work = s.open(P, "admin", STAGE, watch=watch)
+    assert all((work / n).stat().st_mtime_ns == stamp * 10**9 for n in names)
+    archive = tmp_path / "release.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i, n in enumerate(names):
+            data = b"new-%02d" % i
+            info = tarfile.TarInfo(n)
+            info.size, info.mtime = len(data), stamp
+            tar.addfile(info, io.BytesIO(data))
+    subprocess.run(["tar", "xf", str(archive), "-C", str(work)], check=True)
+    assert all((work / n).stat().st_mtime_ns == stamp * 10**9 for n in names)
+    report = s.close()
+    assert sorted(names) == report.uploaded
+    assert {n: b"new-%02d" % i for i, n in enumerate(names)} == _committed(store)
+
+
+def test_a_touched_file_with_the_same_bytes_is_not_uploaded(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """A new stat tuple with unchanged content is hashed, not sent."""
+    _seed(make_session, {"a.txt": b"alpha"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    shutil.copy2(work / "a.txt", work / "a.copy")
+    os.replace(work / "a.copy", work / "a.txt")
+    assert s.flush(timeout=DEADLINE)
+    assert 0 == s.status()["uploads"]
+    assert [] == s.close().uploaded
