@@ -33,7 +33,7 @@ import structlog
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.ignore import IgnoreRules
-from agent.journal import Journal, Op
+from agent.journal import Change, Journal
 from agent.keys import StageKeys, WorkFolder
 from agent.manifest import LocalEntry, Manifest, file_sha256
 from agent.snapshot import scan
@@ -154,7 +154,7 @@ class Streamer:
         it, sending it only if the hash differs from what the store holds. Links and
         special files are never files here: one that replaced a tracked file is a delete.
         """
-        items: list[tuple[str, Op, int | None, int | None]] = []
+        items: list[Change] = []
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
@@ -172,9 +172,9 @@ class Streamer:
                     known = self._known.get(rel)
                 if known is not None and known.matches(st):
                     continue
-                items.append((rel, "put", st.st_size, st.st_mtime_ns))
+                items.append((rel, "put", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             elif self._is_tracked(rel):
-                items.append((rel, "delete", None, None))
+                items.append((rel, "delete", None, None, None, None))
         if items:
             self.journal.record_many(items)
             self._wake.set()

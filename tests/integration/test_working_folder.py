@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from agent.config import AgentConfig, load_config
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -150,3 +152,93 @@ def test_a_touched_file_with_the_same_bytes_is_not_uploaded(
     assert s.flush(timeout=DEADLINE)
     assert 0 == s.status()["uploads"]
     assert [] == s.close().uploaded
+
+
+# ------------------------------------------------------------ folder operations
+
+FOLDER_FILES = 50
+MAX_UPLOADS_PER_FILE = 1.2
+
+
+def _source_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        f"pkg/sub{i % 5}/file{i:03d}.txt": (b"%03d " % i) * (200 + 37 * i)
+        for i in range(FOLDER_FILES)
+    }
+    _write(root, files)
+    return files
+
+
+def _count_uploads(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    sent: list[str] = []
+    real = store.upload_file
+
+    def counting(key: str, path: Path, **kw: Any) -> Any:
+        sent.append(key)
+        return real(key, path, **kw)
+
+    monkeypatch.setattr(store, "upload_file", counting)
+    return sent
+
+
+def _copy_with_zip(src: Path, dest: Path, tmp: Path) -> None:
+    archive = shutil.make_archive(str(tmp / "tree"), "zip", src)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(dest)  # noqa: S202 - our own archive, built just above
+
+
+def _clone_with_git(src: Path, dest: Path, _tmp: Path) -> None:
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(src)], check=True, env=env)
+    subprocess.run(["git", "-C", str(src), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", *ident, "-C", str(src), "commit", "-q", "-m", "x"], check=True, env=env)
+    subprocess.run(["git", "clone", "-q", str(src), str(dest / "repo")], check=True, env=env)
+
+
+FOLDER_OPS: dict[str, Callable[[Path, Path, Path], object]] = {
+    "cp -r": lambda src, dest, _tmp: subprocess.run(
+        ["cp", "-r", str(src / "pkg"), str(dest)], check=True
+    ),
+    "mv": lambda src, dest, _tmp: subprocess.run(["mv", str(src / "pkg"), str(dest)], check=True),
+    "unzip": _copy_with_zip,
+    "git clone": _clone_with_git,
+}
+
+
+@pytest.mark.parametrize("op", sorted(FOLDER_OPS))
+def test_a_folder_operation_uploads_each_file_about_once(
+    make_session: MakeSession,
+    store: ObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    op: str,
+) -> None:
+    """cp -r, mv, unzip and git clone of 50 files: at most 1.2 uploads per file reach staging."""
+    if op == "git clone" and shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    src = tmp_path / "src"
+    _source_tree(src)
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    sent = _count_uploads(store, monkeypatch)
+    try:
+        FOLDER_OPS[op](src, work, tmp_path)
+        expected = {
+            p.relative_to(work).as_posix()
+            for p in work.rglob("*")
+            if p.is_file() and ".git" not in p.parts
+        }
+        assert len(expected) >= FOLDER_FILES
+
+        def staged() -> set[str]:
+            return {k.split("/.sessions/", 1)[1].split("/", 1)[1] for k in list(sent)}
+
+        assert wait_for(lambda: expected <= staged(), DEADLINE)
+        assert s.flush(timeout=DEADLINE)
+        data_uploads = [k for k in sent if "/.git/" not in k]
+        assert len(data_uploads) <= MAX_UPLOADS_PER_FILE * len(expected), (
+            f"{len(data_uploads)} uploads for {len(expected)} files"
+        )
+    finally:
+        s.abort()
