@@ -8,6 +8,7 @@ manifest the session started from, so it is also the commit's fence.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ __all__ = [
     "ManifestEntry",
     "OpenPlan",
     "StatLike",
+    "fd_sha256",
     "file_sha256",
     "is_unchanged",
     "plan_open",
@@ -234,6 +236,16 @@ def plan_open(
             plan.download.append(rel)
     plan.remove = sorted(set(current) - set(manifest.files))
     return plan
+
+
+def fd_sha256(fd: int) -> str:
+    """The sha256 hex digest of an open file, from its start, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, _HASH_CHUNK):
+        digest.update(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

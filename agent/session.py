@@ -124,8 +124,9 @@ class PlantDesignSession:
             self.config.paths.cache_dir,
             max_bytes=self.config.transfer.cache_max_bytes,
             enabled=self.config.transfer.cache_enabled,
+            rules=IgnoreRules((*self.config.watch.ignore, *self.config.watch.extra_ignore)),
         )
-        self.rules = IgnoreRules((*self.config.watch.ignore, *self.config.watch.extra_ignore))
+        self.rules = self.cache.rules
         self.record: SessionRecord | None = None
         self._lock: RemoteLock | None = None
         self._heartbeat: Heartbeat | None = None
@@ -301,6 +302,7 @@ class PlantDesignSession:
             expected = {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
         self._base_manifest = manifest
         folder = WorkFolder(work)
+        folder.check_root()  # a linked work path would make downloads land outside (issue 8)
         for rel in expected:
             folder.path(rel, key=keys.committed(rel))  # refuse escaping keys up front
         snapshot = self.cache.take(keys.projekt_id, keys.stage, work)
@@ -319,7 +321,7 @@ class PlantDesignSession:
         )
         plan = plan_open(wanted, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
         for rel in plan.remove:
-            folder.path(rel).unlink(missing_ok=True)
+            folder.unlink(rel)
         items = [
             Download(
                 key=keys.committed(rel),
@@ -331,7 +333,8 @@ class PlantDesignSession:
         ]
         total = sum(expected[rel][0] for rel in plan.download)
         progress = Progress(f"Downloading {len(items)} files", total, self.progress.emit)
-        digests = Transfers(self.store, self.config.transfer.workers).download(items, progress)
+        transfers = Transfers(self.store, self.config.transfer.workers, folder=folder)
+        digests = transfers.download(items, progress)
         files: dict[str, LocalEntry] = {}
         for rel in plan.keep:
             files[rel] = plan.kept[rel]
@@ -1064,7 +1067,8 @@ class PlantDesignSession:
             progress = Progress(
                 f"Restoring {len(items)} files", sum(i.size or 0 for i in items), self.progress.emit
             )
-            digests = Transfers(self.store, self.config.transfer.workers).download(items, progress)
+            transfers = Transfers(self.store, self.config.transfer.workers, folder=WorkFolder(work))
+            digests = transfers.download(items, progress)
             for item, digest in zip(items, digests, strict=True):
                 if item.key.startswith(keys.committed_prefix):
                     rel = keys.rel_from_committed(item.key)
@@ -1078,7 +1082,7 @@ class PlantDesignSession:
                     continue
                 rel = src.relative_to(backup / "files").as_posix()
                 dest = local_path_for(work, rel)
-                if not dest.exists():
+                if not os.path.lexists(dest):  # a link there is never written through
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, dest)
                     log.info("restored_from_backup", path=rel)
@@ -1122,7 +1126,7 @@ class PlantDesignSession:
             downloads.append(rel)
         for rel in set(base.files) - set(theirs.files):
             if rel not in ours:
-                local_path_for(work, rel).unlink(missing_ok=True)
+                WorkFolder(work).unlink(rel)
         items = [
             Download(
                 key=keys.committed(rel),
@@ -1132,7 +1136,7 @@ class PlantDesignSession:
             )
             for rel in downloads
         ]
-        Transfers(self.store, self.config.transfer.workers).download(items)
+        Transfers(self.store, self.config.transfer.workers, folder=WorkFolder(work)).download(items)
         for rel in downloads:
             got = local_path_for(work, rel).stat()
             self._base_files[rel] = LocalEntry.from_stat(got, theirs.files[rel].sha256)

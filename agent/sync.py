@@ -31,11 +31,11 @@ from typing import Any
 import structlog
 
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, LocalFileError
 from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
 from agent.keys import StageKeys, WorkFolder
-from agent.manifest import LocalEntry, Manifest, file_sha256
+from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
 from agent.transfer import Transfers, Upload, same_stat
@@ -81,7 +81,7 @@ class Streamer:
                 self._known[rel] = LocalEntry(staged.size, staged.mtime_ns, staged.sha256)
         self._known_lock = threading.Lock()
         self._on_error = on_error
-        self._transfers = Transfers(store, config.transfer.workers)
+        self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: dict[str, Future[bool]] = {}
         self._flight_lock = threading.Lock()
@@ -158,15 +158,16 @@ class Streamer:
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
+            st: os.stat_result | None = None
             try:
-                path = self._folder.path(rel)
+                st = self._folder.path(rel).lstat()
+            except LocalFileError as exc:  # a folder on the way is a link: not followed
+                log.warning("not_synchronised", path=rel, reason=str(exc))
             except AgentError:
                 log.warning("path_refused", path=rel)
                 continue
-            try:
-                st: os.stat_result | None = path.lstat()
             except OSError:
-                st = None
+                pass
             if st is not None and stat.S_ISREG(st.st_mode):
                 with self._known_lock:
                     known = self._known.get(rel)
@@ -288,32 +289,34 @@ class Streamer:
         equal content is not sent again (a ``touch``, a ``chmod``, a tool that rewrote
         the same bytes), other content always is, whatever its size and mtime say.
         """
-        path = self._folder.path(rel)
         try:
-            st = path.lstat()
-        except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
+            path = self._folder.path(rel)
+            with self._folder.open_file(rel) as (fd, opened):
+                st = opened
+                held = self._held(rel)
+                known: tuple[os.stat_result, str] | None = None
+                for _try in range(3):  # a file written while hashed is hashed again
+                    if held is None or st.st_size != held[1]:
+                        break
+                    digest = fd_sha256(fd)
+                    after = os.fstat(fd)
+                    if not same_stat(st, after):
+                        st = after
+                        continue
+                    known = (st, digest)
+                    if digest == held[0]:
+                        finished = self.journal.mark_done(rel, seq, unchanged=True)
+                        self._remember(rel, LocalEntry.from_stat(st, digest))
+                        return finished
+                    break
+        except (FileNotFoundError, LocalFileError) as exc:
+            # Gone, or now a link or special file (never followed, never sent).
+            if isinstance(exc, LocalFileError):
+                log.warning("not_synchronised", path=rel, reason=str(exc))
             if self._is_tracked(rel):
                 self.journal.record(rel, "delete")
                 return False
             return self.journal.mark_done(rel, seq)
-        held = self._held(rel)
-        known: tuple[os.stat_result, str] | None = None
-        for _try in range(3):  # a file replaced while hashed is hashed again
-            if held is None or st.st_size != held[1]:
-                break
-            digest = file_sha256(path)
-            after = path.lstat()
-            if not same_stat(st, after):
-                st = after
-                continue
-            known = (st, digest)
-            if digest == held[0]:
-                finished = self.journal.mark_done(rel, seq, unchanged=True)
-                self._remember(rel, LocalEntry.from_stat(st, digest))
-                return finished
-            break
         done = self._transfers.upload_one(
             Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None, known=known
         )

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, load_config
+from agent.errors import LocalFileError
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
@@ -242,3 +243,123 @@ def test_a_folder_operation_uploads_each_file_about_once(
         )
     finally:
         s.abort()
+
+
+# ---------------------------------------------------------------------- links
+
+SECRET = b"outside the working folder"
+
+
+def _decoy(tmp_path: Path) -> Path:
+    decoy = tmp_path / "home" / "decoy"
+    decoy.mkdir(parents=True)
+    (decoy / "secret.txt").write_bytes(SECRET)
+    (decoy / "plan.dwg").write_bytes(SECRET)
+    return decoy
+
+
+def _decoy_unchanged(decoy: Path) -> bool:
+    return {"secret.txt": SECRET, "plan.dwg": SECRET} == {
+        p.name: p.read_bytes() for p in decoy.iterdir()
+    }
+
+
+def _store_holds_secret(store: ObjectStore) -> bool:
+    return any(store.get(o.key).body == SECRET for o in store.list(""))
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_a_folder_swapped_for_a_link_mid_session_uploads_nothing_from_outside(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path, watch: bool
+) -> None:
+    """A subfolder replaced by a link to an outside folder: nothing of it is read or sent."""
+    _seed(make_session, {"sub/a.txt": b"a", **{f"f{i}.txt": b"f" for i in range(4)}})
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=watch)
+    if watch:
+        (work / "sub" / "b.txt").write_bytes(b"b")
+        assert s.flush(timeout=DEADLINE)
+    shutil.rmtree(work / "sub")
+    (work / "sub").symlink_to(decoy, target_is_directory=True)
+    assert s.flush(timeout=DEADLINE)
+    report = s.close()
+    assert "sub/secret.txt" not in report.uploaded
+    assert not _store_holds_secret(store)
+    assert {f"f{i}.txt" for i in range(4)} == set(_committed(store))
+    assert _decoy_unchanged(decoy)
+
+
+def test_a_working_folder_that_is_a_link_is_refused(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A link pre-placed at the work path makes open fail clearly; nothing lands outside."""
+    _seed(make_session, {"plan.dwg": b"committed"})
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.config.paths.work_root / P / STAGE
+    work.parent.mkdir(parents=True)
+    empty = tmp_path / "home" / "empty"
+    empty.mkdir()
+    work.symlink_to(empty, target_is_directory=True)
+    with pytest.raises(LocalFileError, match="link"):
+        s.open(P, "admin", STAGE)
+    assert [] == list(empty.iterdir())
+    assert _decoy_unchanged(decoy)
+    other = make_session("m2")  # the lock was released
+    other.open(P, "bob", STAGE, watch=False)
+    other.abort()
+
+
+def test_a_link_in_a_closed_copy_is_never_written_through_at_the_next_open(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A link left in the closed copy is kept aside, and a co-worker's commit lands inside."""
+    _seed(make_session, {"a.txt": b"a"})
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=False)
+    (work / "docs").symlink_to(decoy, target_is_directory=True)
+    s.close()
+    coworker = make_session("m2")
+    w2 = coworker.open(P, "bob", STAGE, watch=False)
+    (w2 / "docs").mkdir()
+    (w2 / "docs" / "plan.dwg").write_bytes(b"bob's plan")
+    (w2 / "docs" / "new.txt").write_bytes(b"bob's note")
+    coworker.close()
+    again = make_session()
+    work = again.open(P, "admin", STAGE, watch=False)
+    assert not (work / "docs").is_symlink()
+    assert b"bob's plan" == (work / "docs" / "plan.dwg").read_bytes()
+    assert _decoy_unchanged(decoy)
+    assert [] == again.close().uploaded
+    assert _decoy_unchanged(decoy)
+    kept = list((s.config.paths.work_root / P).glob(f"{STAGE}.kept-*/docs"))
+    assert kept and kept[0].is_symlink()
+
+
+def test_a_crash_backup_never_copies_a_linked_files_target(
+    make_session: MakeSession, tmp_path: Path
+) -> None:
+    """A pending file replaced by a link before the crash is not backed up through the link."""
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=False)
+    (work / "draft.txt").write_bytes(b"draft")
+    (work / "sub").mkdir()
+    (work / "sub" / "plan.dwg").write_bytes(b"plan")
+    assert s._journal is not None
+    s._journal.record("draft.txt", "put")
+    s._journal.record("sub/plan.dwg", "put")
+    (work / "draft.txt").unlink()
+    (work / "draft.txt").symlink_to(decoy / "secret.txt")
+    shutil.rmtree(work / "sub")
+    (work / "sub").symlink_to(decoy, target_is_directory=True)
+    s.emergency_save("test")
+    backup = s.config.paths.recovery_root / s.record.session_id / "files"  # type: ignore[union-attr]
+    copied = [p for p in backup.rglob("*") if p.is_file()] if backup.exists() else []
+    assert all(p.read_bytes() != SECRET for p in copied)
+    assert _decoy_unchanged(decoy)
+    resumed = make_session()
+    resumed.discard()
+    assert _decoy_unchanged(decoy)
