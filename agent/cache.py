@@ -107,6 +107,15 @@ class StageCache:
         self.prune()
         return kept
 
+    def keep_unsynced(self, folder: Path) -> list[str]:
+        """Before a folder is thrown away (abort, discard): set aside what the store cannot hold.
+
+        Links, special files and names the store cannot hold go to ``<folder>.kept-<time>``.
+        """
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        return set_aside_unsynced(folder, {}, _aside_for(folder), self.rules, check_content=False)
+
     def prune(self) -> None:
         """Drop least recently cached stage copies until the cache fits ``max_bytes``."""
         if not self.root.is_dir():

@@ -33,6 +33,7 @@ __all__ = [
     "fd_path",
     "is_plain",
     "local_path_for",
+    "printable",
     "unsupported_reason",
     "validate_name",
     "validate_rel_path",
@@ -61,6 +62,11 @@ def validate_name(kind: str, value: str) -> str:
     if value.split(".", maxsplit=1)[0].upper() in _WINDOWS_RESERVED:
         raise InvalidNameError(f"{kind} {value!r} is a reserved device name on Windows")
     return value
+
+
+def printable(rel: str) -> str:
+    """``rel`` safe to print and to put in JSON: undecodable bytes shown as ``\\xNN``."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def unsupported_reason(rel: str) -> str | None:
@@ -119,6 +125,8 @@ _O_BINARY: int = getattr(os, "O_BINARY", 0)
 # Descriptor-relative opens (openat) without following links: Linux, macOS, the BSDs.
 HAS_DIR_FD = bool(_O_NOFOLLOW and _O_DIRECTORY and os.open in os.supports_dir_fd)
 _PROC_FD = Path("/proc/self/fd")
+_NAME_MAX = 255  # bytes in one name: ext4, APFS, NTFS (UTF-16 units there; close enough)
+_PATH_MAX = 4096 if os.name != "nt" else 32767
 
 
 def is_plain(st: os.stat_result) -> bool:
@@ -183,6 +191,7 @@ class WorkFolder:
         """
         validate_rel_path(rel, key=key)
         parts = PurePosixPath(rel).parts
+        self._check_local_name(rel, parts, key)
         current = self.root
         for part in ("", *parts[:-1]):
             current = current / part if part else current
@@ -197,6 +206,29 @@ class WorkFolder:
             if not stat.S_ISDIR(st.st_mode):
                 raise self._refuse(rel, key, current, "not a folder")
         return self.root.joinpath(*parts)
+
+    def _check_local_name(self, rel: str, parts: tuple[str, ...], key: str | None) -> None:
+        """Refuse (``InvalidNameError``, exit 3) a name this file system cannot hold."""
+        where = f"key {key!r}" if key else f"path {printable(rel)!r}"
+        problem = None
+        for part in parts:
+            size = len(os.fsencode(part))
+            if size > _NAME_MAX:
+                problem = f"a name of {size} bytes (the limit is {_NAME_MAX})"
+            elif os.name == "nt" and (
+                part.split(".", maxsplit=1)[0].upper() in _WINDOWS_RESERVED
+                or part.endswith((".", " "))
+            ):  # pragma: no cover - Windows
+                problem = f"{part!r}, a name Windows reserves or cannot keep"
+        total = len(os.fsencode(self.root)) + 1 + len(os.fsencode(rel))
+        if problem is None and total >= _PATH_MAX:
+            problem = f"a path of {total} bytes (the limit is {_PATH_MAX})"
+        if problem:
+            raise InvalidNameError(
+                f"{where} cannot be a local file here: it has {problem}. Nothing was written "
+                "for it; rename or remove that object in the store (or move the working "
+                "folder to a shorter path)."
+            )
 
     @contextmanager
     def open_dir(self, rel_dir: str, *, create: bool = False) -> Iterator[int]:

@@ -46,7 +46,7 @@ from agent.errors import (
 )
 from agent.ignore import IgnoreRules
 from agent.journal import Journal, Staged
-from agent.keys import StageKeys, WorkFolder, local_path_for, validate_name
+from agent.keys import StageKeys, WorkFolder, local_path_for, printable, validate_name
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.manifest import (
     LocalEntry,
@@ -84,6 +84,8 @@ class CloseReport:
     manifest_etag: str | None = None
     seconds: float = 0.0
     conflicts: list[str] = field(default_factory=list)
+    not_synchronised: list[str] = field(default_factory=list)
+    kept_aside: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """For ``--json`` and the agent channel."""
@@ -95,6 +97,8 @@ class CloseReport:
             "manifest_etag": self.manifest_etag,
             "seconds": round(self.seconds, 3),
             "conflicts": self.conflicts,
+            "not_synchronised": self.not_synchronised,
+            "kept_aside": self.kept_aside,
         }
 
 
@@ -293,7 +297,9 @@ class PlantDesignSession:
         if manifest is None:
             # No manifest yet: a stage written by the old module, or a new one.
             sizes = {
-                keys.rel_from_committed(o.key): o for o in self.store.list(keys.committed_prefix)
+                keys.rel_from_committed(o.key): o
+                for o in self.store.list(keys.committed_prefix)
+                if not o.key.endswith("/")  # a folder marker ("docs/") holds no file
             }
             expected: dict[str, tuple[int, str | None]] = {
                 rel: (o.size, None) for rel, o in sizes.items()
@@ -402,8 +408,14 @@ class PlantDesignSession:
 
     # ------------------------------------------------------------------ close
 
-    def close(self, *, allow_mass_delete: bool = False) -> CloseReport:
-        """Flush what is still pending, commit the staged changes, release the lock."""
+    def close(
+        self, *, allow_mass_delete: bool = False, skip_unsupported: bool = False
+    ) -> CloseReport:
+        """Flush what is still pending, commit the staged changes, release the lock.
+
+        A local file whose name the store cannot hold makes close refuse
+        (``LocalFileError``, exit 11) unless ``skip_unsupported``; it is never deleted.
+        """
         self._require(SessionState.ACTIVE, action="close")
         assert self.record is not None and self._lock is not None
         if self.lock_lost is not None:
@@ -418,6 +430,7 @@ class PlantDesignSession:
             streamer.stop_watching()
             streamer.rescan("")
             self._flush_or_raise(streamer)
+            unsupported = streamer.check_storable(skip=skip_unsupported)
             base = self._load_base_manifest(keys)
             puts, deletes = self._staged_changes(base)
             self._check_mass_delete(base, deletes, allow_mass_delete)
@@ -439,7 +452,7 @@ class PlantDesignSession:
             for rel, e in known.items()
             if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
         }
-        self.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
+        kept = self.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
         self.records.remove(record.session_id)
         shutil.rmtree(self.config.paths.recovery_root / record.session_id, ignore_errors=True)
         report = CloseReport(
@@ -450,6 +463,8 @@ class PlantDesignSession:
             manifest_etag=manifest_etag,
             seconds=time.monotonic() - started,
             conflicts=list(record.conflicts),
+            not_synchronised=sorted(printable(rel) for rel in unsupported),
+            kept_aside=[printable(rel) for rel in kept],
         )
         self._set_state(SessionState.CLOSED)
         self._close_store()
@@ -632,6 +647,7 @@ class PlantDesignSession:
         except AgentError as exc:
             log.warning("abort_staging_left", session_id=record.session_id, error=str(exc))
         self._release_quietly()
+        self.cache.keep_unsynced(record.work_path)
         shutil.rmtree(record.work_path, ignore_errors=True)
         self.records.remove(record.session_id)
         shutil.rmtree(self.config.paths.recovery_root / record.session_id, ignore_errors=True)
@@ -1199,6 +1215,7 @@ class PlantDesignSession:
         ):
             status.adopt(current.etag)
             status.release()
+        self.cache.keep_unsynced(record.work_path)
         shutil.rmtree(record.work_path, ignore_errors=True)
         shutil.rmtree(self.config.paths.recovery_root / session_id, ignore_errors=True)
         self.records.remove(session_id)

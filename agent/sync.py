@@ -34,18 +34,31 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, LocalFileError
 from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
-from agent.keys import StageKeys, WorkFolder
+from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
 from agent.transfer import Transfers, Upload, same_stat
 from agent.watcher import Watcher
 
-__all__ = ["Streamer"]
+__all__ = ["Streamer", "describe_unsupported"]
 
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF = 30.0
+
+
+def describe_unsupported(unsupported: dict[str, str]) -> str:
+    """Close's refusal: which local files the store cannot hold, and the two ways on."""
+    shown = [f"{printable(rel)} ({why})" for rel, why in sorted(unsupported.items())[:10]]
+    more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+    return (
+        f"{len(unsupported)} local files have names the store cannot hold: "
+        f"{'; '.join(shown)}{more}. Nothing was committed and the lock is kept. Rename them "
+        "(no backslash, control character or invalid UTF-8), or close with --skip-unsupported "
+        "(library: close(skip_unsupported=True)) to commit without them; they are then kept "
+        "beside the working folder, never deleted."
+    )
 
 
 class Streamer:
@@ -80,6 +93,7 @@ class Streamer:
             elif staged.mtime_ns is not None:
                 self._known[rel] = LocalEntry(staged.size, staged.mtime_ns, staged.sha256)
         self._known_lock = threading.Lock()
+        self._unsupported: dict[str, str] = {}
         self._on_error = on_error
         self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
@@ -158,6 +172,9 @@ class Streamer:
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
+            if (reason := unsupported_reason(rel)) is not None:
+                self._note_unsupported(rel, reason)
+                continue
             st: os.stat_result | None = None
             try:
                 st = self._folder.path(rel).lstat()
@@ -200,6 +217,8 @@ class Streamer:
             rel for rel, st in current.items() if (k := known.get(rel)) is None or not k.matches(st)
         }
         dirty |= set(known) - set(current)
+        with self._known_lock:
+            dirty |= {r for r in self._unsupported if r.startswith(prefix) or r == subtree}
         if dirty:
             log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
             self.on_dirty(dirty)
@@ -340,6 +359,33 @@ class Streamer:
             self._known.pop(rel, None)
         return finished
 
+    def _note_unsupported(self, rel: str, reason: str) -> None:
+        """A name the store cannot hold: remembered (for status and close) while it exists."""
+        try:
+            st = self.root.joinpath(*rel.split("/")).lstat()
+        except OSError:
+            st = None
+        with self._known_lock:
+            if st is None or stat.S_ISDIR(st.st_mode):
+                self._unsupported.pop(rel, None)
+                return
+            is_new = rel not in self._unsupported
+            self._unsupported[rel] = reason
+        if is_new:
+            log.warning("name_not_supported", path=printable(rel), reason=reason)
+
+    def unsupported(self) -> dict[str, str]:
+        """Local files whose names the store cannot hold (never sent, never deleted): reasons."""
+        with self._known_lock:
+            return dict(self._unsupported)
+
+    def check_storable(self, *, skip: bool) -> dict[str, str]:
+        """The unsupported names; unless ``skip``, any at all is a ``LocalFileError`` (close)."""
+        unsupported = self.unsupported()
+        if unsupported and not skip:
+            raise LocalFileError(describe_unsupported(unsupported))
+        return unsupported
+
     def _remember(self, rel: str, entry: LocalEntry) -> None:
         with self._known_lock:
             self._known[rel] = entry
@@ -386,4 +432,5 @@ class Streamer:
             "last_upload_at": self.last_upload_at.isoformat() if self.last_upload_at else None,
             "last_error": self.last_error,
             "watching": self._watcher is not None,
+            "unsupported": sorted(printable(r) for r in self.unsupported()),
         }

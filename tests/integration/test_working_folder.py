@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, load_config
-from agent.errors import LocalFileError
+from agent.errors import InvalidNameError, LocalFileError
 from agent.keys import StageKeys
+from agent.manifest import Manifest, ManifestEntry
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
 from tests.waiting import wait_for
@@ -363,3 +364,81 @@ def test_a_crash_backup_never_copies_a_linked_files_target(
     resumed = make_session()
     resumed.discard()
     assert _decoy_unchanged(decoy)
+
+
+# ---------------------------------------------------------------------- names
+
+ODD_NAMES = {b"back\\slash.txt": b"one", b"bell\x07.txt": b"two", b"latin1-\xe9t\xe9.txt": b"three"}
+
+
+def _write_odd_names(work: Path) -> None:
+    for name, data in ODD_NAMES.items():
+        (work / os.fsdecode(name)).write_bytes(data)  # not UTF-8: a surrogate-escaped str
+
+
+def _odd_names_in(folder: Path) -> dict[bytes, bytes]:
+    return {
+        os.fsencode(p.name): p.read_bytes()
+        for p in folder.iterdir()
+        if os.fsencode(p.name) in ODD_NAMES
+    }
+
+
+def test_a_name_the_store_cannot_hold_is_reported_refused_and_never_deleted(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """Status lists odd names, close refuses, --skip-unsupported commits the rest and keeps them."""
+    _seed(make_session, {"a.txt": b"a"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    (work / "b.txt").write_bytes(b"b")
+    _write_odd_names(work)
+    assert wait_for(lambda: 3 == len(s.status()["unsupported"]), DEADLINE)  # type: ignore[arg-type]
+    assert "latin1-\\xe9t\\xe9.txt" in s.status()["unsupported"]  # type: ignore[operator]
+    with pytest.raises(LocalFileError, match="cannot hold") as info:
+        s.close()
+    assert 11 == info.value.exit_code
+    assert "back\\slash.txt" in str(info.value)
+    assert ODD_NAMES == _odd_names_in(work)
+    assert {"a.txt": b"a"} == _committed(store), "nothing committed"
+    report = s.close(skip_unsupported=True)
+    assert ["b.txt"] == report.uploaded
+    assert 3 == len(report.not_synchronised) == len(report.kept_aside)
+    assert {"a.txt": b"a", "b.txt": b"b"} == _committed(store)
+    [kept] = (s.config.paths.work_root / P).glob(f"{STAGE}.kept-*")
+    assert ODD_NAMES == _odd_names_in(kept)
+    again = make_session()
+    work = again.open(P, "admin", STAGE, watch=False)
+    assert {} == _odd_names_in(work)
+    _write_odd_names(work)
+    again.abort()
+    assert ODD_NAMES == _odd_names_in(kept)
+    assert len(list((s.config.paths.work_root / P).glob(f"{STAGE}.kept-*"))) in (1, 2)
+
+
+def test_a_bucket_key_too_long_for_the_file_system_is_a_clear_error(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """A committed path with a 300-byte name refuses open naming the key (exit 3), lock freed."""
+    long_name = "x" * 300 + ".dwg"
+    manifest = Manifest(files={long_name: ManifestEntry(size=1, sha256="0" * 64, etag="e")})
+    store.put_bytes(KEYS.manifest, manifest.to_bytes(), if_none_match=True)
+    s = make_session()
+    with pytest.raises(InvalidNameError, match="cannot be a local file") as info:
+        s.open(P, "admin", STAGE)
+    assert 3 == info.value.exit_code
+    assert KEYS.committed(long_name)[:40] in str(info.value)
+    other = make_session("m2")
+    with pytest.raises(InvalidNameError):
+        other.open(P, "bob", STAGE)  # the lock was released: refused for the name again
+
+
+def test_a_folder_marker_key_is_ignored(s3_store: ObjectStore, tmp_path: Path) -> None:
+    """A ``docs/`` marker object (made by S3 consoles) does not stop the stage from opening."""
+    s3_store.put_bytes(KEYS.committed_prefix + "docs/", b"")
+    s3_store.put_bytes(KEYS.committed("docs/a.txt"), b"a")
+    config = load_config(paths={"base_dir": str(tmp_path / "m")}, lock={"heartbeat_interval": 3600})
+    s = PlantDesignSession(config, store=s3_store)
+    work = s.open(P, "admin", STAGE, watch=False)
+    assert b"a" == (work / "docs" / "a.txt").read_bytes()
+    s.abort()
