@@ -8,6 +8,8 @@ Every command takes ``--json`` (one JSON object on stdout, for scripts) and
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -238,7 +240,14 @@ def serve_cmd(session_id: str) -> None:
     session.start_streaming()
     server = AgentServer(session, config)
     server.start()
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except SystemExit as exc:
+        # The crash handler has saved what it could within its bound. An upload hung
+        # in flight must not keep this process (and so the session) alive: interpreter
+        # exit would wait for the transfer pool's threads.
+        logging.shutdown()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
 
 
 def _client(projekt_id: str | None, stage: str | None) -> Any:

@@ -24,7 +24,9 @@
     ├── MassDeleteError             exit 14  close would delete most files
     ├── SessionError                exit 15  no session / session already open
     │   └── PreviousCrashError      exit 16  an unfinished session is on disk
-    └── AgentUnreachableError       exit 17  the background agent does not answer
+    ├── AgentUnreachableError       exit 17  the background agent does not answer
+    ├── CommitBlockedError          exit 18  a started commit cannot be finished yet
+    └── IntegrityError              exit 19  copied/read bytes are not the recorded ones
 
     InvalidTransitionError(SessionError, RuntimeError)  illegal state move (a bug)
 
@@ -150,6 +152,22 @@ class ConflictError(AgentError):
     """Someone else committed to the stage since this session's base version."""
 
     exit_code = 13
+
+
+class CommitBlockedError(AgentError):
+    """A started commit cannot be finished: a staged object changed and no local copy matches.
+
+    Nothing was released: the lock (when ours) and the intent stay, so the commit can
+    still be finished once the inputs are back.
+    """
+
+    exit_code = 18
+
+
+class IntegrityError(AgentError):
+    """Bytes the store returned or copied are not the ones recorded (checksum mismatch)."""
+
+    exit_code = 19
 
 
 class MassDeleteError(AgentError):

@@ -343,6 +343,11 @@ class Journal:
             conn.execute("DELETE FROM pending WHERE path = ?", (path,))
             conn.execute("DELETE FROM staged WHERE path = ?", (path,))
 
+    def drop_staged(self, paths: Iterable[str]) -> None:
+        """Forget the staged entries of ``paths`` (a commit made them the base); pending stays."""
+        with self._tx() as conn:
+            conn.executemany("DELETE FROM staged WHERE path = ?", [(p,) for p in paths])
+
     def clear_staged(self) -> None:
         """Forget every staged entry (after a commit made them the base)."""
         with self._tx() as conn:

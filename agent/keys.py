@@ -5,6 +5,7 @@
     {projekt_id}/{stage}/{path}                  committed working copy
     {projekt_id}/{stage}.lock.json               the stage lock
     {projekt_id}/{stage}.manifest.json           committed manifest
+    {projekt_id}/{stage}.commit.json             commit intent (while a commit is applied)
     {projekt_id}/.sessions/{session_id}/{path}   changes streamed during a session
 
 The store applies the configured prefix; these keys are relative to it.
@@ -332,6 +333,11 @@ class StageKeys:
     def manifest(self) -> str:
         """``{projekt_id}/{stage}.manifest.json``."""
         return f"{self.projekt_id}/{self.stage}.manifest.json"
+
+    @property
+    def intent(self) -> str:
+        """``{projekt_id}/{stage}.commit.json``: the commit intent (roll-forward record)."""
+        return f"{self.projekt_id}/{self.stage}.commit.json"
 
     @property
     def committed_prefix(self) -> str:

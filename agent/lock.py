@@ -9,8 +9,10 @@ one CAS wins; the other re-reads and sees the winner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,17 +21,21 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent.cas import new_write_id, put_fenced, read_back, write_id_of
 from agent.config import LockConfig
 from agent.errors import (
     AgentError,
     LockCorruptError,
+    LockError,
     LockHeldError,
     LockLostError,
     NotFoundError,
     PreconditionFailedError,
+    StoreError,
     UnsafeStoreError,
 )
-from agent.store.base import ObjectStore
+from agent.platform import pid_alive
+from agent.store.base import ObjectStore, WriteResult
 
 __all__ = [
     "Heartbeat",
@@ -46,6 +52,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _CAS_ROUNDS = 8
+_REMEMBERED_WRITES = 32
+_DATE_RESOLUTION = timedelta(seconds=2)
 
 
 class LockBody(BaseModel):
@@ -66,6 +74,8 @@ class LockBody(BaseModel):
     broken_at: datetime | None = None
     broken_reason: str | None = None
     previous_holder: str | None = None
+    write_id: str | None = None
+    """Unique per write: how a writer recognises its own write when the answer was lost."""
 
     def to_bytes(self) -> bytes:
         """JSON as stored."""
@@ -189,27 +199,30 @@ _SAFE_LOCK = threading.Lock()
 def probe_conditional_writes(store: ObjectStore, key_prefix: str = ".pdagent-probe") -> None:
     """Refuse a store that does not honour ``If-None-Match`` and ``If-Match``.
 
-    Writes a probe object, then tries a second put-if-absent and a put with a wrong
-    ETag on it; both must be refused. The probe object is deleted afterwards.
+    Writes a probe object (with a write id, so a lost answer is resolved by reading
+    it back), then tries a second put-if-absent and a put with a wrong ETag on it;
+    both must be refused, which the read-back proves: the object must still hold the
+    first write. The probe object is deleted afterwards, whatever happened.
     """
-    import os
-
-    key = f"{key_prefix}/{os.urandom(8).hex()}.json"
-    first = store.put_bytes(key, b'{"probe": 1}', if_none_match=True)
+    key = f"{key_prefix}/{new_write_id()}.json"
     problems = []
     try:
-        try:
-            store.put_bytes(key, b'{"probe": 2}', if_none_match=True)
-            problems.append("a second If-None-Match put on the same key was accepted")
-        except PreconditionFailedError:
-            pass
-        try:
-            store.put_bytes(key, b'{"probe": 3}', if_match=first.etag + "0")
-            problems.append("a put with a wrong If-Match ETag was accepted")
-        except PreconditionFailedError:
-            pass
+        first_id = new_write_id()
+        first = put_fenced(store, key, _probe_body(first_id), first_id, if_none_match=True)
+        for what, kwargs in (
+            ("a second If-None-Match put on the same key", {"if_none_match": True}),
+            ("a put with a wrong If-Match ETag", {"if_match": first.etag + "0"}),
+        ):
+            with contextlib.suppress(PreconditionFailedError):
+                store.put_bytes(
+                    key, _probe_body(new_write_id()), content_type="application/json", **kwargs
+                )
+            current = read_back(store, key)
+            if current is None or write_id_of(current.body) != first_id:
+                problems.append(f"{what} was accepted")
     finally:
-        store.delete(key)
+        with contextlib.suppress(StoreError):
+            store.delete(key)
     if problems:
         raise UnsafeStoreError(
             f"the store {store.description} does not honour conditional writes ("
@@ -217,6 +230,10 @@ def probe_conditional_writes(store: ObjectStore, key_prefix: str = ".pdagent-pro
             + "), so a lock there gives no mutual exclusion: locking is refused. Use a store "
             "with conditional writes (R2, S3, MinIO, SeaweedFS)"
         )
+
+
+def _probe_body(write_id: str) -> bytes:
+    return json.dumps({"probe": True, "write_id": write_id}).encode()
 
 
 def ensure_store_is_safe(store: ObjectStore) -> None:
@@ -230,7 +247,14 @@ def ensure_store_is_safe(store: ObjectStore) -> None:
 
 
 class RemoteLock:
-    """One holder's handle on one stage lock."""
+    """One session's keeper of one stage lock: the only writer of its ETag.
+
+    Acquire, heartbeat renewals, close's fencing renewal and the release all go
+    through here one at a time (``_mutex``), so two writers of this process never
+    race on one ETag. Every write carries a fresh ``write_id``; the ids of our
+    recent writes are remembered, so a write of ours whose answer was lost is
+    recognised when it is read back (never a false "lock lost").
+    """
 
     def __init__(self, store: ObjectStore, key: str, holder: Holder, config: LockConfig) -> None:
         self.store = store
@@ -238,6 +262,10 @@ class RemoteLock:
         self.holder = holder
         self.config = config
         self._etag: str | None = None
+        self._since: datetime | None = None
+        self._clock_offset = timedelta(0)
+        self._sent: deque[str] = deque(maxlen=_REMEMBERED_WRITES)
+        self._mutex = threading.RLock()
 
     @property
     def etag(self) -> str | None:
@@ -246,13 +274,22 @@ class RemoteLock:
 
     def adopt(self, etag: str) -> None:
         """Continue with a lock another process of this session acquired."""
-        self._etag = etag
+        with self._mutex:
+            self._etag = etag
 
     def read(self) -> LockStatus | None:
         """The lock as it is now."""
         return read_lock(self.store, self.key, self.config)
 
-    def _body(self, now: datetime, since: datetime | None = None) -> LockBody:
+    def _store_now(self) -> datetime:
+        return datetime.now(UTC) + self._clock_offset
+
+    def _note_clock(self, server_time: datetime) -> None:
+        """Follow the store's clock (HTTP ``Date``); its 1 s resolution is not a skew."""
+        offset = server_time - datetime.now(UTC)
+        self._clock_offset = offset if abs(offset) > _DATE_RESOLUTION else timedelta(0)
+
+    def _body(self, now: datetime, write_id: str, since: datetime | None = None) -> LockBody:
         return LockBody(
             state="held",
             user=self.holder.user,
@@ -263,57 +300,86 @@ class RemoteLock:
             session_id=self.holder.session_id,
             pid=self.holder.pid,
             agent_version=self.holder.agent_version,
+            write_id=write_id,
+        )
+
+    def _put(self, body: LockBody, *, if_match: str | None) -> WriteResult:
+        """One fenced write; its id is remembered before it is sent."""
+        assert body.write_id is not None
+        self._sent.append(body.write_id)
+        result = put_fenced(
+            self.store,
+            self.key,
+            body.to_bytes(),
+            body.write_id,
+            if_match=if_match,
+            if_none_match=if_match is None,
+        )
+        self._note_clock(result.server_time)
+        return result
+
+    def _is_our_write(self, status: LockStatus | None) -> bool:
+        """The lock holds one of this handle's own writes (an answer we lost)."""
+        return (
+            status is not None
+            and status.body.session_id == self.holder.session_id
+            and status.body.write_id is not None
+            and status.body.write_id in self._sent
         )
 
     def acquire(self, *, take_over: bool = False) -> LockStatus:
         """Take the lock, re-enter it, or raise ``LockHeldError`` naming the holder."""
         ensure_store_is_safe(self.store)
-        for _ in range(_CAS_ROUNDS):
-            status = self.read()
-            try:
-                if status is None:
-                    now = self.store.server_time()
-                    body = self._body(now)
-                    result = self.store.put_bytes(
-                        self.key,
-                        body.to_bytes(),
-                        if_none_match=True,
-                        content_type="application/json",
-                    )
-                else:
+        with self._mutex:
+            for _ in range(_CAS_ROUNDS):
+                status = self.read()
+                if status is not None:
+                    self._note_clock(status.server_time)
+                    if self._is_our_write(status) and status.body.state == "held":
+                        self._etag, self._since = status.etag, status.body.since
+                        return status
                     self._check_may_take(status, take_over)
-                    same = status.body.state == "held" and self._is_mine(status.body)
-                    now = status.server_time
-                    body = self._body(now, since=status.body.since if same else None)
-                    result = self.store.put_bytes(
-                        self.key,
-                        body.to_bytes(),
-                        if_match=status.etag,
-                        content_type="application/json",
-                    )
-            except PreconditionFailedError:
-                log.info("lock_race_lost_rereading", key=self.key)
-                continue
-            self._etag = result.etag
-            log.info(
-                "lock_acquired",
-                key=self.key,
-                user=self.holder.user,
-                session_id=self.holder.session_id,
-            )
-            return LockStatus(
-                key=self.key,
-                body=body,
-                etag=result.etag,
-                server_time=result.server_time,
-                stale_after=self.config.stale_after,
-            )
+                same = (
+                    status is not None
+                    and status.body.state == "held"
+                    and status.body.session_id == self.holder.session_id
+                )
+                now = status.server_time if status is not None else self._store_now()
+                body = self._body(
+                    now,
+                    new_write_id(),
+                    since=status.body.since if same and status is not None else None,
+                )
+                try:
+                    result = self._put(body, if_match=status.etag if status else None)
+                except PreconditionFailedError:
+                    log.info("lock_race_lost_rereading", key=self.key)
+                    continue
+                self._etag, self._since = result.etag, body.since
+                log.info(
+                    "lock_acquired",
+                    key=self.key,
+                    user=self.holder.user,
+                    session_id=self.holder.session_id,
+                )
+                return LockStatus(
+                    key=self.key,
+                    body=body,
+                    etag=result.etag,
+                    server_time=result.server_time,
+                    stale_after=self.config.stale_after,
+                )
         raise LockHeldError(
             f"the lock {self.key} kept changing while we tried to take it; try again"
         )
 
     def _is_mine(self, body: LockBody) -> bool:
-        return body.user == self.holder.user and body.machine == self.holder.machine
+        """Held under our name on this machine by our session, or by a process that is gone."""
+        if body.user != self.holder.user or body.machine != self.holder.machine:
+            return False
+        if body.session_id == self.holder.session_id:
+            return True
+        return body.pid is None or not pid_alive(body.pid)
 
     def _check_may_take(self, status: LockStatus, take_over: bool) -> None:
         body = status.body
@@ -326,6 +392,11 @@ class RemoteLock:
             hint = (
                 "its holder's heartbeat is fresh, so --take-over is refused; an operator can "
                 "break it with `agent lock unlock ... --force`"
+            )
+        elif body.user == self.holder.user and body.machine == self.holder.machine:
+            hint = (
+                f"another session of yours on this machine holds it (session {body.session_id}, "
+                f"pid {body.pid}); finish that one with `agent close` or `agent abort`"
             )
         elif body.user == self.holder.user:
             hint = (
@@ -343,26 +414,32 @@ class RemoteLock:
             f"{', holder appears gone' if status.is_stale else ''}): {hint}"
         )
 
-    def renew(self) -> None:
-        """Rewrite heartbeat and expiry by CAS; ``LockLostError`` if it changed under us."""
+    def _cas(self, make: Callable[[datetime, str], LockBody]) -> LockBody:
+        """Write ``make(now, write_id)`` over our ETag; adopt our own lost write once."""
         if self._etag is None:
             raise LockLostError(f"{self.key}: this session never held the lock")
-        try:
-            status = self.read()
-        except LockCorruptError as exc:
-            raise LockLostError(
-                f"{self.key} was overwritten with something that is not a lock"
-            ) from exc
-        if status is None or status.etag != self._etag:
-            raise self._lost(status)
-        body = self._body(status.server_time, since=status.body.since)
-        try:
-            result = self.store.put_bytes(
-                self.key, body.to_bytes(), if_match=self._etag, content_type="application/json"
-            )
-        except PreconditionFailedError as exc:
-            raise self._lost(self._safe_read()) from exc
-        self._etag = result.etag
+        for _ in range(2):
+            body = make(self._store_now(), new_write_id())
+            try:
+                result = self._put(body, if_match=self._etag)
+            except PreconditionFailedError as exc:
+                status = self._safe_read()
+                if self._is_our_write(status) and status is not None:
+                    log.info("lock_adopted_own_lost_write", key=self.key, etag=status.etag)
+                    if body.state == "released" and status.body.state == "released":
+                        self._etag = status.etag
+                        return status.body
+                    self._etag = status.etag
+                    continue
+                raise self._lost(status) from exc
+            self._etag = result.etag
+            return body
+        raise self._lost(self._safe_read())
+
+    def renew(self) -> None:
+        """Rewrite heartbeat and expiry by CAS; ``LockLostError`` if it changed under us."""
+        with self._mutex:
+            self._cas(lambda now, wid: self._body(now, wid, since=self._since))
 
     def _safe_read(self) -> LockStatus | None:
         try:
@@ -383,23 +460,31 @@ class RemoteLock:
         )
 
     def release(self) -> None:
-        """Write ``state: released`` by CAS (never a delete)."""
-        if self._etag is None:
-            return
-        status = self._safe_read()
-        body = (
-            status.body.model_copy(update={"state": "released", "heartbeat_at": status.server_time})
-            if status is not None
-            else self._body(self.store.server_time())
-        )
-        try:
-            self.store.put_bytes(
-                self.key, body.to_bytes(), if_match=self._etag, content_type="application/json"
+        """Write ``state: released`` by CAS (never a delete) and read it back.
+
+        Raises ``LockError`` unless the lock in the bucket then says ``released``
+        with our write: a close never reports success with the lock still held.
+        """
+        with self._mutex:
+            if self._etag is None:
+                return
+            written = self._cas(
+                lambda now, wid: self._body(now, wid, since=self._since).model_copy(
+                    update={"state": "released", "expires": now}
+                )
             )
-        except PreconditionFailedError as exc:
-            raise self._lost(status) from exc
-        log.info("lock_released", key=self.key, session_id=self.holder.session_id)
-        self._etag = None
+            check = self.read()
+            if (
+                check is None
+                or check.body.state != "released"
+                or check.body.write_id != written.write_id
+            ):
+                raise LockError(
+                    f"the release of {self.key} was written but the lock now says "
+                    f"{check.body.state if check else 'nothing'}: check `agent lock show`"
+                )
+            log.info("lock_released", key=self.key, session_id=self.holder.session_id)
+            self._etag = None
 
 
 def force_unlock(
@@ -428,6 +513,7 @@ def force_unlock(
                 "broken_at": now,
                 "broken_reason": reason,
                 "previous_holder": previous,
+                "write_id": new_write_id(),
             }
         )
     except (ValidationError, ValueError):
@@ -443,10 +529,10 @@ def force_unlock(
             broken_at=now,
             broken_reason=reason,
             previous_holder=previous,
+            write_id=new_write_id(),
         )
-    result = store.put_bytes(
-        key, body.to_bytes(), if_match=data.etag, content_type="application/json"
-    )
+    assert body.write_id is not None
+    result = put_fenced(store, key, body.to_bytes(), body.write_id, if_match=data.etag)
     log.warning(
         "lock_forced_unlock", key=key, operator=operator, previous_holder=previous, reason=reason
     )

@@ -58,6 +58,15 @@ class Manifest(BaseModel):
     committed_by: str | None = None
     machine: str | None = None
     session_id: str | None = None
+    commit_id: str | None = None
+    """The commit that wrote this manifest: a close whose answer was lost knows its own."""
+    write_id: str | None = None
+
+    def same_files(self, other: Manifest) -> bool:
+        """Both name the same paths with the same size and sha256 (ETags aside)."""
+        return {r: (e.size, e.sha256) for r, e in self.files.items()} == {
+            r: (e.size, e.sha256) for r, e in other.files.items()
+        }
 
     @classmethod
     def parse(cls, data: bytes, *, key: str) -> Manifest:

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 import structlog
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import LocalFileError, SessionError
 from agent.keys import validate_name
-from agent.manifest import LocalEntry
+from agent.manifest import LocalEntry, Manifest
 from agent.platform import write_private_file
 
 __all__ = ["Phase", "SessionRecord", "SessionStore"]
@@ -53,6 +54,8 @@ class SessionRecord(BaseModel):
     agent_address: str | None = None
     last_error: str | None = None
     conflicts: list[str] = []
+    commit_id: str | None = None
+    """The commit this session started last (its intent names it)."""
 
 
 class SessionStore:
@@ -60,6 +63,14 @@ class SessionStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "sessions"
+        self._locks = state_dir / "stage-locks"
+
+    def stage_lock(self, projekt_id: str, stage: str) -> FileLock:
+        """A local file lock per stage: one ``open`` of a stage at a time on this machine."""
+        validate_name("projekt_id", projekt_id)
+        validate_name("stage", stage)
+        self._locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return FileLock(self._locks / f"{projekt_id}..{stage}.lock", timeout=60, mode=0o600)
 
     def folder(self, session_id: str) -> Path:
         """The folder of one session's record, journal and snapshot."""
@@ -145,6 +156,18 @@ class SessionStore:
         except ValueError as exc:
             raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
         return {rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2]) for rel, v in raw.items()}
+
+    def save_base_manifest(self, session_id: str, manifest: Manifest) -> None:
+        """Persist the manifest the session is based on (resume merges against it)."""
+        write_private_file(self.folder(session_id) / "base_manifest.json", manifest.to_bytes())
+
+    def load_base_manifest(self, session_id: str) -> Manifest | None:
+        """The persisted base manifest, ``None`` if the session never had one."""
+        path = self.folder(session_id) / "base_manifest.json"
+        try:
+            return Manifest.parse(path.read_bytes(), key=str(path))
+        except FileNotFoundError:
+            return None
 
     def remove(self, session_id: str) -> None:
         """Delete a finished session's record folder."""

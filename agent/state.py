@@ -32,7 +32,9 @@ class SessionState(IntEnum):
 S = SessionState
 
 TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
-    S.IDLE: frozenset({S.ACQUIRING, S.CLOSED}),
+    # IDLE -> ACTIVE: ``attach``, another process (the background agent) continues
+    # a session that is already open and holds its lock.
+    S.IDLE: frozenset({S.ACQUIRING, S.ACTIVE, S.CLOSED}),
     S.ACQUIRING: frozenset({S.DOWNLOADING, S.RESTORING, S.CLOSED}),
     S.DOWNLOADING: frozenset({S.ACTIVE, S.CLOSED}),
     S.RESTORING: frozenset({S.ACTIVE, S.CLOSED}),

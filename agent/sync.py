@@ -146,16 +146,20 @@ class Streamer:
         """Stop sending (the lock is lost); rows stay pending in the journal."""
         self._paused = True
 
-    def stop(self) -> None:
-        """Stop watcher and uploader; pending rows stay in the journal."""
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop watcher and uploader; pending rows stay in the journal.
+
+        ``wait=False`` (the crash path, which has seconds): do not wait for uploads
+        in flight; a hung request must not keep a terminating process alive.
+        """
         self.stop_watching()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=30 if wait else 1)
             self._thread = None
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
     # ---------------------------------------------------------------- intake

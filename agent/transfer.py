@@ -345,6 +345,7 @@ class Transfers:
                         via if via is not None else item.src,
                         content_type=content_type_for(item.rel),
                         progress=on_bytes,
+                        metadata={"sha256": digest},
                     )
                     after = os.fstat(fd) if fd >= 0 else item.src.stat()
             except OSError as exc:

@@ -21,6 +21,7 @@ import structlog
 from agent.config import AgentConfig, load_config
 from agent.store.base import ObjectStore
 from agent.store.local import LocalStore
+from tests.faultproxy import FaultProxy
 from tests.servers import RcloneS3Server, SeaweedServer, free_port
 
 
@@ -43,14 +44,10 @@ def _reset_structlog() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """A test must stop every thread it started (watchers, uploaders, heartbeats)."""
+    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools)."""
     before = set(threading.enumerate())
     yield
-    leaked = [
-        t
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and t.name.startswith("pdagent")
-    ]
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     for t in leaked:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
@@ -112,9 +109,51 @@ def s3_config(env: dict[str, str], base_dir: Path, **sections: Any) -> AgentConf
     return load_config(
         store=store,
         paths={"base_dir": str(base_dir)},
-        retry={"attempts": 3, "initial_backoff": 0.05, "max_backoff": 0.2},
+        retry=sections.pop("retry", {"attempts": 3, "initial_backoff": 0.05, "max_backoff": 0.2}),
         **sections,
     )
+
+
+# Through the fault proxy: short timeouts so a held request times out quickly, few
+# fast retries so a test that loses answers stays fast.
+PROXY_READ_TIMEOUT = 2.0
+PROXY_RETRY = {"attempts": 4, "initial_backoff": 0.01, "max_backoff": 0.05, "jitter": 0}
+
+
+@pytest.fixture
+def fault_proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session's SeaweedFS (no rules yet)."""
+    proxy = FaultProxy(seaweed.endpoint).start()
+    yield proxy
+    proxy.stop()
+
+
+def proxy_env(env: dict[str, str], proxy: FaultProxy) -> dict[str, str]:
+    """``env`` with the agent pointed at ``proxy`` (for a CLI subprocess)."""
+    return {
+        **env,
+        "AGENT_STORE__ENDPOINT_URL": proxy.endpoint,
+        "AGENT_STORE__READ_TIMEOUT": str(PROXY_READ_TIMEOUT),
+        "AGENT_STORE__CONNECT_TIMEOUT": "1",
+        "AGENT_RETRY__ATTEMPTS": str(PROXY_RETRY["attempts"]),
+        "AGENT_RETRY__INITIAL_BACKOFF": str(PROXY_RETRY["initial_backoff"]),
+        "AGENT_RETRY__MAX_BACKOFF": str(PROXY_RETRY["max_backoff"]),
+        "AGENT_RETRY__JITTER": "0",
+    }
+
+
+def proxy_config(
+    env: dict[str, str], proxy: FaultProxy, base_dir: Path, **sections: Any
+) -> AgentConfig:
+    """An AgentConfig for the bucket in ``env``, reached through ``proxy``."""
+    store = {
+        "endpoint_url": proxy.endpoint,
+        "read_timeout": PROXY_READ_TIMEOUT,
+        "connect_timeout": 1.0,
+        **sections.pop("store", {}),
+    }
+    retry = {**PROXY_RETRY, **sections.pop("retry", {})}
+    return s3_config(env, base_dir, store=store, retry=retry, **sections)
 
 
 @pytest.fixture

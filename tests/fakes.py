@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
@@ -50,7 +51,9 @@ class MemoryStore:
     def head(self, key: str) -> ObjectInfo:
         """Stat an object."""
         data = self.get(key).body
-        return ObjectInfo(key=key, size=len(data), etag=self._etag(data))
+        return ObjectInfo(
+            key=key, size=len(data), etag=self._etag(data), metadata=self.metadata.get(key, {})
+        )
 
     def put_bytes(
         self,
@@ -70,6 +73,7 @@ class MemoryStore:
             if if_match is not None and (current is None or self._etag(current) != if_match):
                 raise PreconditionFailedError(f"{key} etag differs")
             self.objects[key] = data
+            self.metadata.pop(key, None)
         return WriteResult(etag=self._etag(data), server_time=self._now())
 
     def upload_file(
@@ -79,12 +83,15 @@ class MemoryStore:
         *,
         content_type: str | None = None,
         progress: ProgressFn | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> WriteResult:
         """Upload a file."""
         data = path.read_bytes()
         if progress is not None:
             progress(len(data))
-        return self.put_bytes(key, data)
+        result = self.put_bytes(key, data)
+        self.metadata[key] = dict(metadata or {})
+        return result
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None
@@ -97,14 +104,20 @@ class MemoryStore:
             progress(len(data))
         return ObjectInfo(key=key, size=len(data), etag=self._etag(data))
 
-    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
-        """Copy inside the store."""
-        return self.put_bytes(dst_key, self.get(src_key).body)
+    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+        """Copy inside the store (metadata too), the source pinned if asked."""
+        source = self.get(src_key)
+        if if_source_etag is not None and source.etag != if_source_etag:
+            raise PreconditionFailedError(f"{src_key} etag differs")
+        result = self.put_bytes(dst_key, source.body)
+        self.metadata[dst_key] = dict(self.metadata.get(src_key, {}))
+        return result
 
     def delete(self, key: str) -> None:
         """Delete; missing is fine."""
         with self._lock:
             self.objects.pop(key, None)
+            self.metadata.pop(key, None)
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """Delete several."""

@@ -15,21 +15,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-__all__ = ["RcloneS3Server", "S3Server", "SeaweedServer", "free_port"]
+__all__ = ["HoldingProxy", "RcloneS3Server", "S3Server", "SeaweedServer", "free_port"]
 
 ACCESS_KEY = "pdagent-test-access"
 SECRET_KEY = "pdagent-test-secret-0123456789"
@@ -241,3 +245,96 @@ class RcloneS3Server(S3Server):
             "--config",
             os.devnull,
         ]
+
+
+class HoldingProxy:
+    """A loopback TCP proxy in front of a server that can hold requests in flight.
+
+    While ``holding`` is set, a request whose request line matches ``pattern`` is
+    neither forwarded nor answered (the client waits for its read timeout); what
+    came before it on the connection is forwarded. Everything else passes through.
+    ``endpoint`` replaces the server's endpoint; ``stop`` closes every connection
+    and joins every thread.
+    """
+
+    def __init__(self, upstream: str, pattern: bytes) -> None:
+        url = urlparse(upstream)
+        self._upstream = (url.hostname or "127.0.0.1", int(url.port or 80))
+        self._pattern = re.compile(pattern)
+        self.holding = threading.Event()
+        self.held = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
+        self._acceptor.start()
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name="test-proxy", daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            self._spawn(self._client_to_server, client, upstream)
+            self._spawn(self._pipe, upstream, client)
+
+    def _client_to_server(self, client: socket.socket, upstream: socket.socket) -> None:
+        tail, held = b"", False
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if held:
+                    continue  # swallowed: the held request never reaches the server
+                window = tail + data
+                match = self._pattern.search(window) if self.holding.is_set() else None
+                if match is None:
+                    upstream.sendall(data)
+                    tail = window[-512:]
+                    continue
+                upstream.sendall(data[: max(0, match.start() - len(tail))])
+                held = True
+                with self._lock:
+                    self.held += 1
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        """Close the listener and every connection; join the threads."""
+        self._stopped.set()
+        self._acceptor.join(timeout=10)
+        self._listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in threads:
+            thread.join(timeout=10)

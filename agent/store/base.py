@@ -11,8 +11,8 @@ only ``agent.errors`` classes: ``NotFoundError`` for a missing object,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -31,6 +31,8 @@ class ObjectInfo:
     size: int
     etag: str
     last_modified: datetime | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """User metadata (``x-amz-meta-*``, lower-case names); filled by ``head`` only."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,12 @@ class ObjectStore(Protocol):
         *,
         content_type: str | None = None,
         progress: ProgressFn | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> WriteResult:
-        """Upload a local file (multipart above the configured threshold)."""
+        """Upload a local file (multipart above the configured threshold).
+
+        ``metadata`` is stored as user metadata (staged objects carry their sha256).
+        """
         ...
 
     def download_file(
@@ -105,11 +111,12 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
-        """Server-side copy of ``src_key`` onto ``dst_key``.
+    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+        """Server-side copy of ``src_key`` onto ``dst_key`` (user metadata copied too).
 
-        ``src_etag``, when the caller knows it, saves a request: a copy of a
-        single-part object has the same ETag (the MD5 of the content).
+        ``if_source_etag`` pins the source (``x-amz-copy-source-if-match``): if the
+        source's ETag is another, ``PreconditionFailedError`` and nothing is copied.
+        A missing source is ``NotFoundError``.
         """
         ...
 

@@ -4,15 +4,17 @@ Put-if-absent, put-if-match and ETags (md5 of the content, kept in a sidecar so
 ``head`` and ``list`` never re-hash), atomic writes (temp file, fsync, rename),
 safe across threads and processes (a ``filelock`` per key around every
 check-and-write). Layout: a key ``a/b/c`` is stored as ``objects/a.d/b.d/c.o``
-with ``c.o.etag`` beside it, so the key ``a/b`` (``a.d/b.o``) and the key
-``a/b/c`` can exist at once, as they can in S3.
+with ``c.o.etag`` (and ``c.o.meta``, user metadata as JSON) beside it, so the
+key ``a/b`` (``a.d/b.o``) and the key ``a/b/c`` can exist at once, as in S3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
 __all__ = ["LocalStore"]
 
 _CHUNK = 1024 * 1024
-_DIR, _OBJ, _ETAG = ".d", ".o", ".etag"
+_DIR, _OBJ, _ETAG, _META = ".d", ".o", ".etag", ".meta"
 
 
 def _encode(key: str) -> Path:
@@ -85,7 +87,20 @@ class LocalStore:
                 raise
             return _md5_file(path)
 
-    def _write(self, key: str, fill: ProgressFn | None, source: Path | bytes) -> str:
+    def _metadata_of(self, path: Path) -> dict[str, str]:
+        try:
+            raw = json.loads((path.parent / (path.name + _META)).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+    def _write(
+        self,
+        key: str,
+        fill: ProgressFn | None,
+        source: Path | bytes,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
         """Write ``source`` to a temp file, fsync, then rename over the key; return the md5."""
         target = self._path(key)
         digest = hashlib.md5(usedforsecurity=False)
@@ -110,12 +125,15 @@ class LocalStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             etag_tmp = fd_path.with_suffix(".etag")
             etag_tmp.write_text(etag)
+            meta_tmp = fd_path.with_suffix(".meta")
+            meta_tmp.write_text(json.dumps(dict(metadata or {})))
             os.replace(fd_path, target)
             os.replace(etag_tmp, target.parent / (target.name + _ETAG))
+            os.replace(meta_tmp, target.parent / (target.name + _META))
             return etag
         finally:
-            fd_path.unlink(missing_ok=True)
-            fd_path.with_suffix(".etag").unlink(missing_ok=True)
+            for leftover in (fd_path, fd_path.with_suffix(".etag"), fd_path.with_suffix(".meta")):
+                leftover.unlink(missing_ok=True)
 
     @staticmethod
     def _now() -> datetime:
@@ -147,6 +165,7 @@ class LocalStore:
             size=st.st_size,
             etag=etag,
             last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
+            metadata=self._metadata_of(path),
         )
 
     def put_bytes(
@@ -180,10 +199,11 @@ class LocalStore:
         *,
         content_type: str | None = None,
         progress: ProgressFn | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> WriteResult:
         """Copy a local file in."""
         with self._lock(key):
-            etag = self._write(key, progress, path)
+            etag = self._write(key, progress, path, metadata)
         return WriteResult(etag=etag, server_time=self._now())
 
     def download_file(
@@ -207,13 +227,21 @@ class LocalStore:
                 raise
         return ObjectInfo(key=key, size=size, etag=etag)
 
-    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
-        """Copy one object onto another key."""
+    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+        """Copy one object (and its metadata) onto another key, the source pinned if asked."""
         src = self._path(src_key)
-        if not src.exists():
-            raise NotFoundError(f"no object {src_key!r} in {self.description}")
-        with self._lock(dst_key):
-            etag = self._write(dst_key, None, src)
+        with contextlib.ExitStack() as held:
+            for key in sorted({src_key, dst_key}):  # one order: no deadlock between copies
+                held.enter_context(self._lock(key))
+            try:
+                current = self._etag_of(src)
+            except FileNotFoundError as exc:
+                raise NotFoundError(f"no object {src_key!r} in {self.description}") from exc
+            if if_source_etag is not None and current != if_source_etag:
+                raise PreconditionFailedError(
+                    f"{src_key!r} has changed (etag {current}, expected {if_source_etag})"
+                )
+            etag = self._write(dst_key, None, src, self._metadata_of(src))
         return WriteResult(etag=etag, server_time=self._now())
 
     def delete(self, key: str) -> None:
@@ -222,6 +250,7 @@ class LocalStore:
         with self._lock(key):
             path.unlink(missing_ok=True)
             (path.parent / (path.name + _ETAG)).unlink(missing_ok=True)
+            (path.parent / (path.name + _META)).unlink(missing_ok=True)
         self._prune_dirs(path.parent)
 
     def _prune_dirs(self, folder: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -34,12 +34,14 @@ if TYPE_CHECKING:
 from agent.config import RetryConfig, StoreConfig, StoreLocation, TransferConfig
 from agent.errors import (
     AccessDeniedError,
+    AgentError,
     BucketMissingError,
     NotFoundError,
     PermanentStoreError,
     PreconditionFailedError,
     StoreError,
     TransientStoreError,
+    UnsafeStoreError,
 )
 from agent.retry import call_with_retries
 from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
@@ -53,14 +55,15 @@ _TRANSIENT_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "TooManyRequests",
+    # R2: two conditional writes on one key at once; the loser is told to retry.
+    "ConditionalRequestConflict",
     "InternalError",
     "ServiceUnavailable",
     "RequestLimitExceeded",
 }
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
-_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_PRECONDITION_CODES = {"PreconditionFailed"}
 _CHUNK = 1024 * 1024
 _DELETE_BATCH = 1000
 
@@ -70,7 +73,8 @@ def _quote(etag: str) -> str:
 
 
 def _unquote(etag: str) -> str:
-    return etag.strip('"')
+    """An ETag as we keep it: no quotes, no weak ``W/`` marker."""
+    return etag.removeprefix("W/").strip('"')
 
 
 def _date(response: dict[str, Any]) -> datetime:
@@ -130,7 +134,9 @@ class S3Store:
             verify=config.verify_tls,
             config=Config(
                 s3={"addressing_style": config.addressing_style},
-                retries={"max_attempts": 1, "mode": "standard"},
+                # One retry layer, ours: botocore's ``max_attempts`` counts *retries*
+                # (1 would resend once, unseen); ``total_max_attempts=1`` sends once.
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
                 max_pool_connections=transfer.workers + 4,
@@ -237,7 +243,7 @@ class S3Store:
 
     # ------------------------------------------------------------- errors
 
-    def _translate(self, exc: Exception, key: str, *, conditional: bool = False) -> StoreError:
+    def _translate(self, exc: Exception, key: str, *, conditional: bool = False) -> AgentError:
         where = f"{key!r} in {self.description}"
         if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
             return AccessDeniedError(
@@ -245,38 +251,7 @@ class S3Store:
                 "AWS_SECRET_ACCESS_KEY, or store.profile"
             )
         if isinstance(exc, bexc.ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
-                return TransientStoreError(f"the store answered {status} {code} for {where}")
-            if code == "NoSuchBucket" or (not key and status == 404):
-                return BucketMissingError(
-                    f"the bucket {self.bucket!r} does not exist at "
-                    f"{self.endpoint or 'AWS'}: create "
-                    "it, or fix store.url"
-                )
-            if conditional and (
-                status in (409, 412) or code in _PRECONDITION_CODES or status == 404
-            ):
-                return PreconditionFailedError(
-                    f"the condition on {where} did not hold ({status} {code})"
-                )
-            if code in _PRECONDITION_CODES or status == 412:
-                return PreconditionFailedError(
-                    f"the condition on {where} did not hold ({status} {code})"
-                )
-            if status == 403 or code in _DENIED_CODES:
-                return AccessDeniedError(
-                    f"access denied ({code or status}) for {where}: check the credentials "
-                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.profile) and that they "
-                    f"may read and write bucket {self.bucket!r}"
-                )
-            if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
-                return NotFoundError(f"no object {where}")
-            return PermanentStoreError(
-                f"the store refused {where}: {status} {code} {error.get('Message', '')}"
-            )
+            return self._translate_answer(exc, key, where, conditional=conditional)
         if isinstance(
             exc,
             bexc.EndpointConnectionError
@@ -294,6 +269,53 @@ class S3Store:
         if isinstance(exc, OSError):
             return TransientStoreError(f"I/O error talking to the store for {where}: {exc}")
         raise exc
+
+    def _translate_answer(
+        self, exc: bexc.ClientError, key: str, where: str, *, conditional: bool
+    ) -> AgentError:
+        """An error answer from the store, by HTTP status and S3 error code."""
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code == "RequestTimeTooSkewed":
+            return PermanentStoreError(
+                f"the store refused {where} because this computer's clock is wrong "
+                "(RequestTimeTooSkewed): set the clock (enable time synchronisation) and "
+                "try again"
+            )
+        if conditional and (status == 501 or code == "NotImplemented"):
+            return UnsafeStoreError(
+                f"the store {self.description} does not implement conditional writes "
+                f"({status} {code}), so it cannot hold a lock: use a store with "
+                "conditional writes (R2, S3, MinIO, SeaweedFS)"
+            )
+        if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+            return TransientStoreError(f"the store answered {status} {code} for {where}")
+        if code == "NoSuchBucket" or (not key and status == 404):
+            return BucketMissingError(
+                f"the bucket {self.bucket!r} does not exist at "
+                f"{self.endpoint or 'AWS'}: create "
+                "it, or fix store.url"
+            )
+        if conditional and (status in (409, 412) or code in _PRECONDITION_CODES or status == 404):
+            return PreconditionFailedError(
+                f"the condition on {where} did not hold ({status} {code})"
+            )
+        if code in _PRECONDITION_CODES or status == 412:
+            return PreconditionFailedError(
+                f"the condition on {where} did not hold ({status} {code})"
+            )
+        if status == 403 or code in _DENIED_CODES:
+            return AccessDeniedError(
+                f"access denied ({code or status}) for {where}: check the credentials "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or store.profile) and that they "
+                f"may read and write bucket {self.bucket!r}"
+            )
+        if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+            return NotFoundError(f"no object {where}")
+        return PermanentStoreError(
+            f"the store refused {where}: {status} {code} {error.get('Message', '')}"
+        )
 
     def _call(self, key: str, fn: Callable[[], T], *, conditional: bool = False) -> T:
         def once() -> T:
@@ -329,6 +351,7 @@ class S3Store:
                 size=int(r["ContentLength"]),
                 etag=_unquote(r["ETag"]),
                 last_modified=r.get("LastModified"),
+                metadata={str(k).lower(): str(v) for k, v in (r.get("Metadata") or {}).items()},
             )
 
         return self._call(key, do)
@@ -364,17 +387,21 @@ class S3Store:
         *,
         content_type: str | None = None,
         progress: ProgressFn | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> WriteResult:
         """Upload a file (obstore; multipart with parallel parts above the threshold)."""
         size = path.stat().st_size
-        attributes = {"Content-Type": content_type} if content_type else None
+        # obstore sends any key that is not a standard header as ``x-amz-meta-<key>``.
+        attributes: dict[str, str] = dict(metadata or {})
+        if content_type:
+            attributes["Content-Type"] = content_type
 
         def do() -> WriteResult:
             result = obstore.put(
                 self._data,
                 key,
                 path,
-                attributes=attributes,
+                attributes=attributes or None,
                 use_multipart=size > self.transfer.multipart_threshold,
                 chunk_size=self.transfer.multipart_chunksize,
                 max_concurrency=8,
@@ -409,19 +436,26 @@ class S3Store:
 
         return self._data_call(key, do)
 
-    def copy(self, src_key: str, dst_key: str, *, src_etag: str | None = None) -> WriteResult:
-        """Server-side copy (obstore); the new ETag without a HEAD when it is knowable."""
+    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+        """Server-side CopyObject (metadata copied), the source pinned by its ETag if asked.
+
+        boto3, not obstore: obstore's copy cannot send ``x-amz-copy-source-if-match``.
+        A copy is idempotent, so a retry after a lost answer does no harm.
+        """
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(dst_key),
+            "CopySource": {"Bucket": self.bucket, "Key": self._key(src_key)},
+        }
+        if if_source_etag is not None:
+            args["CopySourceIfMatch"] = _quote(if_source_etag)
 
         def do() -> WriteResult:
-            obstore.copy(self._data, src_key, dst_key)
-            if src_etag and "-" not in src_etag:
-                return WriteResult(etag=src_etag, server_time=datetime.now(UTC))
-            meta = obstore.head(self._data, dst_key)
-            return WriteResult(
-                etag=_unquote(meta.get("e_tag") or ""), server_time=datetime.now(UTC)
-            )
+            r = self._client.copy_object(**args)
+            etag = (r.get("CopyObjectResult") or {}).get("ETag") or ""
+            return WriteResult(etag=_unquote(etag), server_time=_date(r))
 
-        return self._data_call(dst_key, do)
+        return self._call(src_key, do, conditional=if_source_etag is not None)
 
     def delete(self, key: str) -> None:
         """Delete an object (missing is fine)."""

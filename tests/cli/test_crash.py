@@ -22,7 +22,7 @@ import pytest
 
 from agent.keys import StageKeys
 from agent.store.base import ObjectStore
-from tests.servers import SeaweedServer
+from tests.servers import HoldingProxy, SeaweedServer
 from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
@@ -177,16 +177,27 @@ def test_sigterm_during_upload_backs_up_pending_and_releases_the_lock(
     agent: Agent, s3_store: ObjectStore
 ) -> None:
     """SIGTERM: the handler backs up pending files, writes recovery info and releases the lock."""
-    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    work, pid = Path(opened["path"]), int(opened["agent_pid"])
-    for i in range(30):
-        (work / f"big{i}.bin").write_bytes(os.urandom(512 * 1024))
-    os.kill(pid, signal.SIGTERM)
-    assert _wait(lambda: _dead(pid), timeout=15)
+    # Staging PUTs are held in flight by a proxy, so the saves are surely still pending.
+    proxy = HoldingProxy(agent.env["AGENT_STORE__ENDPOINT_URL"], rb"PUT /\S*/\.sessions/\S* HTTP")
+    try:
+        held = Agent(dict(agent.env, AGENT_STORE__ENDPOINT_URL=proxy.endpoint))
+        opened = held.json("open", P, "--user", "admin", "--stage", STAGE)
+        work, pid = Path(opened["path"]), int(opened["agent_pid"])
+        proxy.holding.set()
+        names = {f"big{i}.bin" for i in range(30)}
+        for name in sorted(names):
+            (work / name).write_bytes(os.urandom(512 * 1024))
+        assert _wait(lambda: proxy.held > 0), "no upload was started"
+        os.kill(pid, signal.SIGTERM)
+        assert _wait(lambda: "released" == json.loads(s3_store.get(KEYS.lock).body)["state"])
+        # Uploads are still held in flight: the agent must exit all the same.
+        assert _wait(lambda: _dead(pid), timeout=15), "a hung upload kept the agent alive"
+    finally:
+        proxy.stop()
     [orphan] = agent.json("recover")["orphans"]
     assert "handled" == orphan["kind"]
+    assert names == set(orphan["pending"]), "every save was still in flight"
     assert orphan["lock_released"]
-    assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
     backup = Path(orphan["backup_path"])
     assert (backup / "recovery.json").is_file()
     assert (backup / "journal.sqlite").is_file()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
+from agent.commit import Commit, StagedCopy, read_intent, read_manifest
 from agent.config import AgentConfig, load_config
+from agent.errors import CommitBlockedError
 from agent.keys import StageKeys
+from agent.manifest import Manifest
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from agent.store.base import ObjectStore
@@ -131,3 +136,173 @@ def test_resume_needs_a_fresh_session(store: ObjectStore, tmp_path: Path) -> Non
     with pytest.raises(SessionError, match="active"):
         s.resume()
     s.abort()
+
+
+def _other(store: ObjectStore, tmp_path: Path, name: str) -> PlantDesignSession:
+    return PlantDesignSession(
+        load_config(paths={"base_dir": str(tmp_path / name)}, lock={"heartbeat_interval": 3600}),
+        store=store,
+    )
+
+
+def test_resume_after_someone_elses_commit_to_another_file_keeps_our_edit(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """We edit a.txt, bob edits only b.txt: resume takes b.txt, keeps a.txt, no conflict copy."""
+    seed = _other(store, tmp_path, "seed")
+    work0 = seed.open(P, "seeder", STAGE, watch=False)
+    (work0 / "a.txt").write_text("a1")
+    (work0 / "b.txt").write_text("b1")
+    seed.close()
+    config = _config(tmp_path)
+    mine = PlantDesignSession(config, store=store)
+    work = mine.open(P, "admin", STAGE)
+    (work / "a.txt").write_text("admin's a")
+    assert mine.flush(timeout=15)
+    mine.emergency_save("test")
+    bob = _other(store, tmp_path, "bob")
+    (bob.open(P, "bob", STAGE, watch=False) / "b.txt").write_text("bob's b")
+    bob.close()
+    again = PlantDesignSession(config, store=store)
+    again.resume()
+    assert "admin's a" == (work / "a.txt").read_text()
+    assert "bob's b" == (work / "b.txt").read_text()
+    assert [] == list(work.glob("*.conflict-*"))
+    report = again.close()
+    assert [] == report.conflicts
+    assert b"admin's a" == store.get(KEYS.committed("a.txt")).body
+    assert b"bob's b" == store.get(KEYS.committed("b.txt")).body
+
+
+def test_close_commits_the_users_bytes_when_a_staged_object_was_swapped(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A co-worker overwrites our staged object before close: our bytes are committed."""
+    session = PlantDesignSession(_config(tmp_path), store=store)
+    work = session.open(P, "admin", STAGE)
+    (work / "plan.dwg").write_bytes(b"the user's drawing")
+    assert session.flush(timeout=15)
+    assert session.record is not None
+    staged_key = KEYS.staged(session.record.session_id, "plan.dwg")
+    store.put_bytes(staged_key, b"a co-worker's bytes")  # the session id is public in the lock
+    session.close()
+    assert b"the user's drawing" == store.get(KEYS.committed("plan.dwg")).body
+    manifest = Manifest.parse(store.get(KEYS.manifest).body, key=KEYS.manifest)
+    assert hashlib.sha256(b"the user's drawing").hexdigest() == manifest.files["plan.dwg"].sha256
+    other = _other(store, tmp_path, "bob")
+    assert b"the user's drawing" == (other.open(P, "bob", STAGE) / "plan.dwg").read_bytes()
+    other.abort()
+
+
+def test_an_old_upload_arriving_late_does_not_replace_the_newer_save(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """The older bytes land on the staged key after the newer save: close commits the newer."""
+    session = PlantDesignSession(_config(tmp_path), store=store)
+    work = session.open(P, "admin", STAGE)
+    (work / "plan.dwg").write_bytes(b"version 1")
+    assert session.flush(timeout=15)
+    (work / "plan.dwg").write_bytes(b"version 2, the last save")
+    assert session.flush(timeout=15)
+    assert session.record is not None
+    # What a delayed retry of the first PUT does when it reaches the store last:
+    store.put_bytes(KEYS.staged(session.record.session_id, "plan.dwg"), b"version 1")
+    session.close()
+    assert b"version 2, the last save" == store.get(KEYS.committed("plan.dwg")).body
+
+
+def test_swapped_staging_of_a_crashed_session_blocks_others_until_its_owner_resumes(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A cut commit whose staging was swapped: bob's open refuses; our resume finishes it."""
+    config = _config(tmp_path)
+    mine = PlantDesignSession(config, store=store)
+    work = mine.open(P, "admin", STAGE)
+    (work / "plan.dwg").write_bytes(b"mine")
+    assert mine.flush(timeout=15)
+    assert mine.record is not None and mine._journal is not None
+    sid = mine.record.session_id
+    staged = mine._journal.staged()["plan.dwg"]
+    # The close process dies right after writing its intent (nothing copied yet) ...
+    Commit(store, KEYS, workers=1).begin(
+        session_id=sid,
+        user="admin",
+        machine="m1",
+        base=Manifest(),
+        base_etag=None,
+        copies={
+            "plan.dwg": StagedCopy(size=staged.size, sha256=staged.sha256, etag=staged.etag or "")
+        },
+        deletes=[],
+        previous=None,
+    )
+    mine.emergency_save("test")  # releases the lock, keeps the record
+    # ... and a co-worker swaps the staged object.
+    store.put_bytes(KEYS.staged(sid, "plan.dwg"), b"foreign")
+    bob = _other(store, tmp_path, "bob")
+    with pytest.raises(CommitBlockedError):
+        bob.open(P, "bob", STAGE)
+    assert "released" == json.loads(store.get(KEYS.lock).body)["state"]
+    again = PlantDesignSession(config, store=store)
+    again.resume()
+    assert b"mine" == store.get(KEYS.committed("plan.dwg")).body
+    again.close()
+    bob2 = _other(store, tmp_path, "bob2")
+    assert b"mine" == (bob2.open(P, "bob", STAGE) / "plan.dwg").read_bytes()
+    bob2.abort()
+
+
+@pytest.mark.parametrize("then", ["abort", "discard", "resume_close", "other_open"])
+def test_a_commit_cut_after_its_intent_is_finished_by_whoever_comes_next(
+    store: ObjectStore, tmp_path: Path, then: str
+) -> None:
+    """Intent written, nothing copied, process gone: every next verb rolls the commit forward."""
+    seed = _other(store, tmp_path, "seed")
+    (seed.open(P, "seeder", STAGE, watch=False) / "keep.txt").write_text("keep")
+    seed.close()
+    config = _config(tmp_path)
+    mine = PlantDesignSession(config, store=store)
+    work = mine.open(P, "admin", STAGE)
+    (work / "plan.dwg").write_bytes(b"saved work")
+    assert mine.flush(timeout=15)
+    assert mine.record is not None and mine._journal is not None
+    staged = mine._journal.staged()["plan.dwg"]
+    manifest, etag = read_manifest(store, KEYS)
+    assert manifest is not None
+    Commit(store, KEYS, workers=1).begin(
+        session_id=mine.record.session_id,
+        user="admin",
+        machine="m1",
+        base=manifest,
+        base_etag=etag,
+        copies={
+            "plan.dwg": StagedCopy(size=staged.size, sha256=staged.sha256, etag=staged.etag or "")
+        },
+        deletes=[],
+        previous=read_intent(store, KEYS),
+    )
+    if then == "abort":
+        mine.abort()
+    else:
+        mine.emergency_save("test")
+        if then == "discard":
+            PlantDesignSession(config, store=store).discard()
+        elif then == "resume_close":
+            again = PlantDesignSession(config, store=store)
+            again.resume()
+            again.close()
+        else:
+            carol = _other(store, tmp_path, "carol")
+            carol.open(P, "carol", STAGE)
+            carol.abort()
+    committed, _etag = read_manifest(store, KEYS)
+    assert committed is not None
+    assert {"keep.txt", "plan.dwg"} == set(committed.files)
+    for rel, entry in committed.files.items():
+        body = store.get(KEYS.committed(rel)).body
+        assert entry.sha256 == hashlib.sha256(body).hexdigest()
+    assert "done" == read_intent(store, KEYS)[0].state  # type: ignore[index]
+    assert "released" == json.loads(store.get(KEYS.lock).body)["state"]
+    bob = _other(store, tmp_path, "bob")
+    assert b"saved work" == (bob.open(P, "bob", STAGE) / "plan.dwg").read_bytes()
+    bob.abort()

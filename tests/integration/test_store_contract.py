@@ -100,9 +100,31 @@ def test_copy_and_delete_many(store: ObjectStore) -> None:
     assert b"one" == store.get("c/1").body
     assert copied.etag == store.head("c/1").etag
     source = store.head("s/1").etag
-    assert store.copy("s/1", "c/2", src_etag=source).etag == store.head("c/2").etag
+    assert store.copy("s/1", "c/2", if_source_etag=source).etag == store.head("c/2").etag
     store.delete_many(["s/1", "c/1", "c/2"])
     assert [] == list(store.list(""))
+
+
+def test_pinned_copy_refuses_a_changed_or_missing_source(store: ObjectStore) -> None:
+    """``if_source_etag`` copies only the pinned version: another is 412, none is 404."""
+    first = store.put_bytes("s/pin", b"mine")
+    store.put_bytes("s/pin", b"someone else's")
+    with pytest.raises(PreconditionFailedError):
+        store.copy("s/pin", "c/pin", if_source_etag=first.etag)
+    with pytest.raises(NotFoundError):
+        store.head("c/pin")
+    with pytest.raises((NotFoundError, PreconditionFailedError)):
+        store.copy("s/none", "c/none", if_source_etag=first.etag)
+
+
+def test_uploaded_metadata_is_kept_by_head_and_copy(store: ObjectStore, tmp_path: Path) -> None:
+    """User metadata (the staged sha256) comes back from HEAD, on the copy too."""
+    src = tmp_path / "m.bin"
+    src.write_bytes(b"content")
+    up = store.upload_file("s/m.bin", src, metadata={"sha256": "abc123"})
+    assert {"sha256": "abc123"} == dict(store.head("s/m.bin").metadata)
+    store.copy("s/m.bin", "c/m.bin", if_source_etag=up.etag)
+    assert "abc123" == store.head("c/m.bin").metadata.get("sha256")
 
 
 def test_server_time_is_close_to_now(store: ObjectStore) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import load_config
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
+from tests.conftest import s3_config
 from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
@@ -121,24 +125,50 @@ def test_abort_removes_what_was_streamed(session: PlantDesignSession, store: Obj
     assert [] == list(store.list(KEYS.committed_prefix))
 
 
-def test_lost_lock_stops_streaming_and_close_refuses(
-    session: PlantDesignSession, store: ObjectStore
+def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
 ) -> None:
-    """Heartbeat finds the lock taken: streaming stops, the error is signalled, close refuses."""
+    """Another client takes the lock: the heartbeat signals it, streaming stops, close refuses."""
     from agent.errors import LockLostError
-    from agent.lock import force_unlock
+    from agent.lock import Holder, RemoteLock, force_unlock
+    from agent.store import open_store
 
+    config = s3_config(
+        s3_env,
+        tmp_path / "m1",
+        lock={"heartbeat_interval": 0.1},
+        watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
+    )
+    session = PlantDesignSession(config, store=s3_store)
     errors: list[str] = []
     session.error.connect(errors.append)
-    assert session.work_path is not None
-    force_unlock(store, KEYS.lock, operator="op", machine="ops", reason="test")
-    assert session._lock is not None
-    with pytest.raises(LockLostError) as info:
-        session._lock.renew()
-    session._on_lock_lost(info.value)
-    (session.work_path / "late.txt").write_text("not sent")
-    assert errors and "taken from this session" in errors[0]
-    assert "lock_lost" in session.status()
-    with pytest.raises(LockLostError):
-        session.close()
-    assert "late.txt" not in _staged(store, session)
+    work = session.open(P, "admin", STAGE)
+    bob_store = open_store(s3_config(s3_env, tmp_path / "bob"))
+    try:
+        started = time.monotonic()
+        (work / "before.txt").write_text("streamed")
+        assert _wait(lambda: "before.txt" in _staged(s3_store, session))
+        took = time.monotonic() - started
+        with capture_logs() as logs:
+            force_unlock(bob_store, KEYS.lock, operator="op", machine="ops", reason="test")
+            bob = Holder(user="bob", machine="m2", pid=1, session_id="s-bob", agent_version="t")
+            RemoteLock(bob_store, KEYS.lock, bob, config.lock).acquire()
+            assert _wait(lambda: bool(errors)), "the heartbeat never noticed the lock was taken"
+        assert "taken from this session" in errors[0]
+        assert [("error", errors[0])] == [
+            (e["log_level"], e["error"]) for e in logs if e["event"] == "lock_lost"
+        ]
+        assert isinstance(session.lock_lost, LockLostError)
+        assert "lock_lost" in session.status()
+        (work / "late.txt").write_text("not sent")
+        # Long after a save would have been staged while streaming, it still is not.
+        window = max(3 * took, 2 * config.watch.max_delay)
+        assert not wait_for(lambda: "late.txt" in _staged(s3_store, session), timeout=window)
+        with pytest.raises(LockLostError):
+            session.close()
+        assert "late.txt" not in _staged(s3_store, session)
+        assert "bob" == json.loads(s3_store.get(KEYS.lock).body)["user"]
+    finally:
+        if not session.is_closed:
+            session.abort()
+        bob_store.close()

@@ -24,12 +24,14 @@ DEADLINE = 10.0
 
 
 class Collector:
-    """Records deliveries: each path with whether it existed when it was delivered."""
+    """Records deliveries: each path with whether it existed (and its size) when delivered."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.batches: list[set[str]] = []
         self.present: dict[str, list[bool]] = {}
+        self.sizes: dict[str, list[int | None]] = {}
+        self.times: dict[str, list[float]] = {}
         self.rescans: list[str] = []
         self.fail_next = 0
         self.threads: set[str] = set()
@@ -42,8 +44,15 @@ class Collector:
                 self.fail_next -= 1
                 raise RuntimeError("journal briefly unavailable")
             self.batches.append(set(paths))
+            now = time.monotonic()
             for p in paths:
-                self.present.setdefault(p, []).append((self.root / p).exists())
+                try:
+                    size: int | None = (self.root / p).stat().st_size
+                except FileNotFoundError:
+                    size = None
+                self.present.setdefault(p, []).append(size is not None)
+                self.sizes.setdefault(p, []).append(size)
+                self.times.setdefault(p, []).append(now)
             self._cond.notify_all()
 
     def on_rescan(self, subtree: str) -> None:
@@ -183,15 +192,18 @@ def test_slowly_written_large_file_is_delivered_once_after_it_stops_changing(
     """A file written in chunks for longer than max_delay is delivered once, after the last."""
     root, c, w = watched
     path = root / "big.bin"
+    started = time.monotonic()
     with path.open("wb") as fh:
         for _ in range(30):
             fh.write(os.urandom(64 * 1024))
             fh.flush()
+            last_write = time.monotonic()
             time.sleep(0.05)  # the editor writing slowly is the scenario, not a wait
-    finished = time.monotonic()
+    assert last_write - started > WATCH.max_delay, "the write must outlast max_delay"
     assert c.wait_for(lambda: "big.bin" in c.present)
-    assert time.monotonic() >= finished
     assert w.flush(DEADLINE)
+    assert c.times["big.bin"][0] >= last_write, "delivered while still being written"
+    assert [30 * 64 * 1024] == c.sizes["big.bin"]
     assert [True] == c.present["big.bin"]
 
 
@@ -215,14 +227,17 @@ def test_burst_of_1000_files_all_delivered_in_few_batches(
 def test_directory_rename_asks_for_a_rescan_of_both_sides(
     watched: tuple[Path, Collector, Watcher],
 ) -> None:
-    """A renamed folder is reported as rescans of its old and its new path."""
+    """A renamed folder is reported as rescans of both paths; its file arrives moved, present."""
     root, c, w = watched
     (root / "old").mkdir()
     _write_and_settle(c, w, root, "old/a.txt", b"a")
     os.replace(root / "old", root / "new")
     assert c.wait_for(lambda: {"old", "new"} <= set(c.rescans))
+    assert c.wait_for(lambda: "new/a.txt" in c.present), c.present
     assert w.flush(DEADLINE)
-    assert c.present.get("new/a.txt", [True])[-1] is True
+    assert {"old/a.txt", "new/a.txt"} == c.delivered
+    assert all(c.present["new/a.txt"])
+    assert [True, False] == c.present["old/a.txt"], "the old path is delivered as gone"
 
 
 def test_flush_delivers_without_waiting_for_the_quiet_period(start_watcher: Start) -> None:

@@ -94,15 +94,38 @@ def test_a_record_survives_kill_9_right_after_it_returns(tmp_path: Path) -> None
         "from agent.journal import Journal\n"
         f"j = Journal.open(Path({str(path)!r}))\n"
         "for i in range(50): j.record(f'f{i}', 'put')\n"
+        # kill -9 alone keeps what reached the OS; a power cut keeps only what was fsync'd
+        "print(j._conn.execute('PRAGMA synchronous').fetchone()[0], flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], check=False, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, timeout=60, capture_output=True, text=True
+    )
     assert proc.returncode != 0
+    assert "2" == proc.stdout.strip(), "the journal must commit with synchronous=FULL (fsync)"
     again = Journal.open(path)
     try:
         assert 50 == again.pending_count()
     finally:
         again.close()
+
+
+def _synchronous(journal: Journal) -> int:
+    """The journal connection's ``PRAGMA synchronous`` (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA)."""
+    (level,) = journal._conn.execute("PRAGMA synchronous").fetchone()
+    return int(level)
+
+
+def test_records_are_fsynced_on_commit(journal: Journal) -> None:
+    """The journal runs in WAL mode with synchronous=FULL, also after a non-durable mark_done."""
+    (mode,) = journal._conn.execute("PRAGMA journal_mode").fetchone()
+    assert "wal" == mode
+    assert 2 == _synchronous(journal), "synchronous must be FULL: WAL+NORMAL skips the fsync"
+    seq = journal.record("a", "put")
+    assert 2 == _synchronous(journal)
+    journal.mark_failed("a", seq, "timeout")
+    journal.mark_done("a", seq, etag="e", size=1, sha256="h")
+    assert 2 == _synchronous(journal), "a non-durable commit must not leave the fsync off"
 
 
 def test_a_file_that_is_not_a_journal_is_reported(tmp_path: Path) -> None:

@@ -46,6 +46,49 @@ def test_illegal_transition_is_a_session_error_naming_both_states() -> None:
         check_transition(S.ACQUIRING, S.ACTIVE)
 
 
+# DESIGN.md "Session states" plus a failed close going back to ACTIVE (or to the crash
+# path), written out here so that an edge added to or dropped from agent/state.py shows.
+LEGAL = {
+    (S.IDLE, S.ACQUIRING),
+    (S.IDLE, S.ACTIVE),  # attach: the background agent continues an open session
+    (S.IDLE, S.CLOSED),
+    (S.ACQUIRING, S.DOWNLOADING),
+    (S.ACQUIRING, S.RESTORING),
+    (S.ACQUIRING, S.CLOSED),
+    (S.DOWNLOADING, S.ACTIVE),
+    (S.DOWNLOADING, S.CLOSED),
+    (S.RESTORING, S.ACTIVE),
+    (S.RESTORING, S.CLOSED),
+    (S.ACTIVE, S.UPLOADING),
+    (S.ACTIVE, S.RECOVERING),
+    (S.ACTIVE, S.CLOSED),
+    (S.UPLOADING, S.ACTIVE),
+    (S.UPLOADING, S.RECOVERING),
+    (S.UPLOADING, S.CLOSED),
+    (S.RECOVERING, S.CLOSED),
+}
+
+
+def test_the_table_has_exactly_the_agreed_edges() -> None:
+    """TRANSITIONS lists exactly the agreed edges, for every state."""
+    assert set(S) == set(TRANSITIONS)
+    assert LEGAL == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), list(itertools.product(S, S)), ids=lambda s: str(s) if isinstance(s, S) else ""
+)
+def test_every_pair_of_states_is_allowed_or_refused_by_the_table(
+    old: SessionState, new: SessionState
+) -> None:
+    """check_transition passes each edge in TRANSITIONS and refuses any other pair, naming both."""
+    if new in TRANSITIONS[old]:
+        check_transition(old, new)
+    else:
+        with pytest.raises(InvalidTransitionError, match=f"from {old} to {new}"):
+            check_transition(old, new)
+
+
 def test_state_values_are_the_signal_contract() -> None:
     """The int values sent by state_changed never change."""
     assert [0, 1, 2, 3, 4, 5, 6, 7] == [int(s) for s in S]

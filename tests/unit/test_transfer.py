@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,16 @@ def test_upload_is_redone_when_the_file_changes_while_read(tmp_path: Path) -> No
     calls = 0
 
     def racing(
-        key: str, path: Path, *, content_type: str | None = None, progress: ProgressFn | None = None
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        progress: ProgressFn | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> WriteResult:
         nonlocal calls
         calls += 1
-        result = inner.upload_file(key, path, progress=progress)
+        result = inner.upload_file(key, path, progress=progress, metadata=metadata)
         if calls == 1:
             path.write_bytes(b"v2-longer")
         return result

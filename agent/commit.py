@@ -1,0 +1,371 @@
+"""The commit protocol: intent, pinned copies, deletes, fenced manifest, done.
+
+DESIGN.md "Staging and commit". ``begin`` writes ``{projekt_id}/{stage}.commit.json``
+(the *intent*: session, commit id, base manifest ETag, the new manifest, the
+copies with the staged ETag and sha256 each, the deletes) before any committed
+key is touched. ``apply`` then makes the stage equal the intent's manifest:
+
+1. copies with ``x-amz-copy-source-if-match`` on the staged ETag the journal
+   recorded, each result checked (the copied ETag, else the sha256 metadata); a
+   staged object that changed or vanished is re-uploaded by ``reupload`` from the
+   local file if that still has the recorded hash, otherwise ``CommitBlockedError``;
+2. deletes; 3. the manifest, ``If-Match`` the base, carrying the commit id;
+4. the intent marked ``done``; 5. staging deleted.
+
+Every step is idempotent, so ``apply`` is also the roll-forward: a retried close,
+resume, abort, discard and anyone's later open run it on an unfinished intent.
+Once an intent exists the commit is only ever finished, never abandoned, and
+staging is deleted only after the manifest is written, so the inputs are there.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent.cas import new_write_id, put_fenced
+from agent.errors import (
+    CommitBlockedError,
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    PermanentStoreError,
+    PreconditionFailedError,
+    StoreError,
+)
+from agent.keys import StageKeys
+from agent.manifest import Manifest, ManifestEntry
+from agent.store.base import ObjectStore, WriteResult
+from agent.transfer import Progress, Transfers
+
+__all__ = [
+    "Commit",
+    "CommitIntent",
+    "Committed",
+    "Reupload",
+    "StagedCopy",
+    "read_intent",
+    "read_manifest",
+    "remove_staging",
+]
+
+log = structlog.get_logger(__name__)
+
+_COPY_TRIES = 3
+
+
+class StagedCopy(BaseModel):
+    """One staged object the commit copies: what the journal recorded of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    size: int
+    sha256: str
+    etag: str
+
+
+class CommitIntent(BaseModel):
+    """``{projekt_id}/{stage}.commit.json``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: Literal["applying", "done"]
+    session_id: str
+    commit_id: str
+    write_id: str
+    user: str
+    machine: str
+    created_at: datetime
+    base_manifest_etag: str | None
+    manifest: Manifest
+    copies: dict[str, StagedCopy]
+    deletes: list[str]
+
+    def to_bytes(self) -> bytes:
+        """JSON as stored."""
+        return self.model_dump_json().encode()
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The manifest a commit wrote (or found already written) and its ETag."""
+
+    manifest: Manifest
+    etag: str
+
+
+Reupload = Callable[[str, StagedCopy], str | None]
+"""``(path, staged)`` -> the ETag of a fresh staged upload of the local file, or
+``None`` when the local file no longer has ``staged.sha256``."""
+
+
+def read_manifest(store: ObjectStore, keys: StageKeys) -> tuple[Manifest | None, str | None]:
+    """The committed manifest and its ETag, ``(None, None)`` for a stage without one."""
+    try:
+        data = store.get(keys.manifest)
+    except NotFoundError:
+        return None, None
+    return Manifest.parse(data.body, key=keys.manifest), data.etag
+
+
+def read_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str] | None:
+    """The commit intent of the stage and its ETag, ``None`` if no commit ever wrote one."""
+    try:
+        data = store.get(keys.intent)
+    except NotFoundError:
+        return None
+    try:
+        intent = CommitIntent.model_validate_json(data.body)
+    except (ValidationError, ValueError) as exc:
+        raise PermanentStoreError(
+            f"the commit intent {keys.intent} does not parse ({type(exc).__name__}); nobody can "
+            "commit to the stage until an operator restores it from the bucket's versioning "
+            "or removes it after checking the stage against its manifest"
+        ) from exc
+    return intent, data.etag
+
+
+def remove_staging(store: ObjectStore, keys: StageKeys, session_id: str) -> None:
+    """Delete everything under a session's staging prefix."""
+    staged = [o.key for o in store.list(keys.staging_prefix(session_id))]
+    if staged:
+        store.delete_many(staged)
+
+
+class Commit:
+    """Writes and applies commit intents on one stage (the caller holds the stage lock)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        keys: StageKeys,
+        *,
+        workers: int,
+        reupload: Reupload | None = None,
+        progress: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.workers = workers
+        self.reupload = reupload
+        self.progress = progress
+
+    # ----------------------------------------------------------------- settle
+
+    def settle(self) -> tuple[tuple[CommitIntent, str] | None, Committed | None]:
+        """Finish an unfinished intent if there is one (roll forward).
+
+        Returns the stage's intent as it now is (``done``, or ``None`` if the stage
+        never had one) and, when an unfinished commit was finished here, its result.
+        """
+        found = read_intent(self.store, self.keys)
+        if found is None or found[0].state == "done":
+            return found, None
+        intent, etag = found
+        log.warning(
+            "commit_rolled_forward",
+            key=self.keys.intent,
+            session_id=intent.session_id,
+            commit_id=intent.commit_id,
+        )
+        committed = self.apply(intent, etag)
+        return read_intent(self.store, self.keys), committed
+
+    # ------------------------------------------------------------------ begin
+
+    def begin(
+        self,
+        *,
+        session_id: str,
+        user: str,
+        machine: str,
+        base: Manifest,
+        base_etag: str | None,
+        copies: Mapping[str, StagedCopy],
+        deletes: Sequence[str],
+        previous: tuple[CommitIntent, str] | None,
+    ) -> tuple[CommitIntent, str]:
+        """Write the intent (over a finished previous one by CAS) and return it with its ETag."""
+        if previous is not None and previous[0].state != "done":
+            raise CommitBlockedError(
+                f"{self.keys.intent} holds an unfinished commit of session "
+                f"{previous[0].session_id}; it must be finished first"
+            )
+        files = dict(base.files)
+        for rel, item in copies.items():
+            files[rel] = ManifestEntry(size=item.size, sha256=item.sha256, etag=item.etag)
+        for rel in deletes:
+            files.pop(rel, None)
+        commit_id = uuid.uuid4().hex
+        now = datetime.now(UTC)
+        intent = CommitIntent(
+            state="applying",
+            session_id=session_id,
+            commit_id=commit_id,
+            write_id=new_write_id(),
+            user=user,
+            machine=machine,
+            created_at=now,
+            base_manifest_etag=base_etag,
+            manifest=Manifest(
+                files=files,
+                committed_at=now,
+                committed_by=user,
+                machine=machine,
+                session_id=session_id,
+                commit_id=commit_id,
+            ),
+            copies=dict(copies),
+            deletes=sorted(deletes),
+        )
+        written = put_fenced(
+            self.store,
+            self.keys.intent,
+            intent.to_bytes(),
+            intent.write_id,
+            if_match=previous[1] if previous else None,
+            if_none_match=previous is None,
+        )
+        log.info(
+            "commit_intent_written",
+            key=self.keys.intent,
+            session_id=session_id,
+            commit_id=commit_id,
+            copies=len(copies),
+            deletes=len(deletes),
+        )
+        return intent, written.etag
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, intent: CommitIntent, intent_etag: str) -> Committed:
+        """Finish ``intent`` (idempotent: safe to run again after any failure)."""
+        current, current_etag = read_manifest(self.store, self.keys)
+        if current is not None and current_etag and current.commit_id == intent.commit_id:
+            log.info("commit_manifest_already_written", commit_id=intent.commit_id)
+            committed = Committed(current, current_etag)
+        elif current_etag != intent.base_manifest_etag:
+            raise ConflictError(
+                f"{self.keys.projekt_id}/{self.keys.stage} holds a manifest that is neither the "
+                f"base of the unfinished commit {intent.commit_id} (session {intent.session_id}) "
+                "nor its result; nothing was changed. An operator must compare the stage with "
+                f"its manifest and remove {self.keys.intent}"
+            )
+        else:
+            committed = self._apply_changes(intent)
+        self._mark_done(intent, intent_etag)
+        try:
+            remove_staging(self.store, self.keys, intent.session_id)
+        except StoreError as exc:
+            log.warning("staging_left_after_commit", session_id=intent.session_id, error=str(exc))
+        return committed
+
+    def _apply_changes(self, intent: CommitIntent) -> Committed:
+        order = sorted(intent.copies)
+        progress = Progress(
+            f"Committing {len(order)} files",
+            sum(intent.copies[rel].size for rel in order),
+            self.progress,
+        )
+
+        def copy_one(rel: str) -> str:
+            etag = self._copy(intent, rel, intent.copies[rel])
+            progress.add(intent.copies[rel].size)
+            return etag
+
+        etags = Transfers(self.store, self.workers).map(order, copy_one, progress)
+        if intent.deletes:
+            self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
+        files = dict(intent.manifest.files)
+        for rel, etag in zip(order, etags, strict=True):
+            files[rel] = files[rel].model_copy(update={"etag": etag})
+        manifest = intent.manifest.model_copy(update={"files": files, "write_id": new_write_id()})
+        assert manifest.write_id is not None
+        try:
+            written = put_fenced(
+                self.store,
+                self.keys.manifest,
+                manifest.to_bytes(),
+                manifest.write_id,
+                if_match=intent.base_manifest_etag,
+                if_none_match=intent.base_manifest_etag is None,
+            )
+        except PreconditionFailedError as exc:
+            raise ConflictError(
+                f"someone else committed {self.keys.projekt_id}/{self.keys.stage} during this "
+                "commit; the manifest was not overwritten"
+            ) from exc
+        log.info(
+            "session_committed",
+            session_id=intent.session_id,
+            commit_id=intent.commit_id,
+            uploaded=len(order),
+            deleted=len(intent.deletes),
+            manifest_etag=written.etag,
+        )
+        return Committed(manifest, written.etag)
+
+    def _copy(self, intent: CommitIntent, rel: str, item: StagedCopy) -> str:
+        """Copy one staged object, pinned to the recorded ETag; the committed ETag."""
+        src = self.keys.staged(intent.session_id, rel)
+        dst = self.keys.committed(rel)
+        etag = item.etag
+        for _ in range(_COPY_TRIES):
+            try:
+                result = self.store.copy(src, dst, if_source_etag=etag)
+            except (PreconditionFailedError, NotFoundError):
+                log.warning("staged_object_changed", path=rel, key=src, expected_etag=etag)
+                already = self._committed_sha256(dst)
+                if already == item.sha256:
+                    return self.store.head(dst).etag
+                fresh = self.reupload(rel, item) if self.reupload is not None else None
+                if fresh is None:
+                    raise CommitBlockedError(
+                        f"the staged copy of {rel} ({src}) was changed or removed by someone "
+                        "else, and no local file with the recorded content is at hand; the "
+                        "commit is kept unfinished and the lock is kept. Run `agent close` (or "
+                        "`agent recover --resume`) on the machine of the session "
+                        f"{intent.session_id} to send the file again"
+                    ) from None
+                etag = fresh
+                continue
+            self._verify(dst, result, etag, item)
+            return result.etag
+        raise CommitBlockedError(
+            f"the staged copy of {rel} kept changing during the commit ({_COPY_TRIES} tries); "
+            "someone is writing to this session's staging prefix. The lock is kept"
+        )
+
+    def _committed_sha256(self, key: str) -> str | None:
+        try:
+            return self.store.head(key).metadata.get("sha256")
+        except NotFoundError:
+            return None
+
+    def _verify(self, dst: str, result: WriteResult, source_etag: str, item: StagedCopy) -> None:
+        """A single-part copy keeps the source's ETag (its MD5); else check the sha256 metadata."""
+        if result.etag == source_etag:
+            return
+        got = self._committed_sha256(dst)
+        if got != item.sha256:
+            raise IntegrityError(
+                f"the committed copy {dst} does not carry the recorded sha256 (got {got}, "
+                f"expected {item.sha256}); the lock is kept and the commit can be retried"
+            )
+
+    def _mark_done(self, intent: CommitIntent, intent_etag: str) -> None:
+        done = intent.model_copy(update={"state": "done", "write_id": new_write_id()})
+        try:
+            put_fenced(
+                self.store, self.keys.intent, done.to_bytes(), done.write_id, if_match=intent_etag
+            )
+        except StoreError as exc:
+            # The manifest is in, so the commit is complete; the next roll-forward sees
+            # its commit id on the manifest and only marks the intent done.
+            log.warning("commit_intent_not_marked_done", key=self.keys.intent, error=str(exc))

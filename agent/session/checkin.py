@@ -1,0 +1,344 @@
+"""Closing a session: flush, fence, commit through ``agent.commit``, release (``close``)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+
+from agent.commit import (
+    Commit,
+    CommitIntent,
+    StagedCopy,
+    read_manifest,
+    remove_staging,
+)
+from agent.errors import (
+    AgentError,
+    ConflictError,
+    LockLostError,
+    MassDeleteError,
+    TransferError,
+)
+from agent.journal import Staged
+from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.manifest import Manifest, ManifestEntry, fd_sha256, file_sha256, is_unchanged
+from agent.snapshot import scan
+from agent.state import SessionState
+from agent.sync import Streamer
+from agent.transfer import Transfers, Upload
+
+log = structlog.get_logger(__name__)
+
+_MASS_DELETE_FRACTION = 0.5
+# How long `abort` waits for a running close (or resume) before refusing.
+_ABORT_WAIT = 2.0
+
+
+if TYPE_CHECKING:
+    from agent.session import PlantDesignSession
+
+
+def _committer(s: PlantDesignSession, keys: StageKeys, *, reupload: bool) -> Commit:
+    """The commit protocol on ``keys``; ``reupload`` from this session's working folder."""
+    return Commit(
+        s.store,
+        keys,
+        workers=s.config.transfer.workers,
+        reupload=s._reupload if reupload else None,
+        progress=s.progress.emit,
+    )
+
+
+def _reupload(s: PlantDesignSession, rel: str, staged: StagedCopy) -> str | None:
+    """Send the local file again to staging if it still has the recorded content."""
+    assert s.record is not None
+    keys = StageKeys(s.record.projekt_id, s.record.stage)
+    folder = WorkFolder(s.record.work_path)
+    try:
+        path = folder.path(rel)
+        with folder.open_file(rel) as (fd, _st):
+            if fd_sha256(fd) != staged.sha256:
+                return None
+    except (OSError, AgentError):
+        return None
+    done = Transfers(s.store, 1, folder=folder).upload_one(
+        Upload(rel=rel, key=keys.staged(s.record.session_id, rel), src=path), None
+    )
+    if done.sha256 != staged.sha256:
+        return None
+    log.warning("staged_object_sent_again", path=rel, etag=done.etag)
+    return done.etag
+
+
+@dataclass
+class CloseReport:
+    """What a ``close`` did."""
+
+    session_id: str
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
+    manifest_etag: str | None = None
+    seconds: float = 0.0
+    conflicts: list[str] = field(default_factory=list)
+    changed_after_commit: list[str] = field(default_factory=list)
+    """Files saved after close's final scan: the folder was kept in place, not cached."""
+    not_synchronised: list[str] = field(default_factory=list)
+    """Local names the store cannot hold (closed with ``skip_unsupported``)."""
+    kept_aside: list[str] = field(default_factory=list)
+    """What the store does not hold, moved to ``<stage>.kept-<time>`` beside the folder."""
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``--json`` and the agent channel."""
+        return {
+            "session_id": self.session_id,
+            "uploaded": self.uploaded,
+            "deleted": self.deleted,
+            "bytes_uploaded": self.bytes_uploaded,
+            "manifest_etag": self.manifest_etag,
+            "seconds": round(self.seconds, 3),
+            "conflicts": self.conflicts,
+            "changed_after_commit": self.changed_after_commit,
+            "not_synchronised": self.not_synchronised,
+            "kept_aside": self.kept_aside,
+        }
+
+
+def close(
+    s: PlantDesignSession, *, allow_mass_delete: bool = False, skip_unsupported: bool = False
+) -> CloseReport:
+    """Flush what is still pending, commit the staged changes, release the lock.
+
+    On any failure the session goes back to ACTIVE with the lock held (a commit
+    that had started is finished by the next close, resume, abort or discard).
+    """
+    with s._verb("close"):
+        s._require(SessionState.ACTIVE, action="close")
+        if s.lock_lost is not None:
+            raise s.lock_lost
+        return _close(s, allow_mass_delete, skip_unsupported)
+
+
+def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: bool) -> CloseReport:
+    assert s.record is not None and s._lock is not None
+    started = time.monotonic()
+    s._set_state(SessionState.UPLOADING)
+    record = s.record
+    keys = StageKeys(record.projekt_id, record.stage)
+    streamer = s._ensure_streamer(watch=False)
+    was_watching = streamer.is_watching
+    try:
+        streamer.stop_watching()
+        streamer.rescan("")
+        _flush_or_raise(s, streamer)
+        unsupported = streamer.check_storable(skip=skip_unsupported)
+        # From here on the lock keeper writes for close alone: the heartbeat rests.
+        s._stop_heartbeat()
+        s._lock.renew()  # fencing: prove we still hold the lock right before committing
+        puts, deletes, manifest, manifest_etag = _commit(s, keys, allow_mass_delete)
+        s._lock.release()  # read back: the close fails unless it says `released`
+    except BaseException as exc:
+        log.error("close_failed", session_id=record.session_id, error=str(exc))
+        if isinstance(exc, LockLostError):
+            s._on_lock_lost(exc)
+        s._note_error(str(exc))
+        if s._lock.etag is not None and s.lock_lost is None:
+            s._start_heartbeat()
+        if was_watching and s.lock_lost is None:
+            streamer.start_watching()
+        s._set_state(SessionState.ACTIVE)
+        raise
+    changed_after = _changed_since_commit(s, streamer, manifest)
+    kept: list[str] = []
+    known = streamer.known()
+    s._uninstall_crash_handler()
+    s._stop_streaming()
+    if changed_after:
+        log.warning(
+            "close_kept_folder_changed_after_commit",
+            paths=changed_after[:20],
+            count=len(changed_after),
+            path=str(record.work_path),
+        )
+    else:
+        snapshot = {
+            rel: e
+            for rel, e in known.items()
+            if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
+        }
+        kept = s.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
+    s.records.remove(record.session_id)
+    shutil.rmtree(s.config.paths.recovery_root / record.session_id, ignore_errors=True)
+    report = CloseReport(
+        session_id=record.session_id,
+        uploaded=sorted(puts),
+        deleted=sorted(deletes),
+        bytes_uploaded=sum(p.size for p in puts.values()),
+        manifest_etag=manifest_etag,
+        seconds=time.monotonic() - started,
+        conflicts=list(record.conflicts),
+        changed_after_commit=changed_after,
+        not_synchronised=sorted(printable(rel) for rel in unsupported),
+        kept_aside=[printable(rel) for rel in kept],
+    )
+    s._set_state(SessionState.CLOSED)
+    s._close_store()
+    log.info(
+        "session_closed",
+        session_id=record.session_id,
+        uploaded=len(report.uploaded),
+        deleted=len(report.deleted),
+        bytes=report.bytes_uploaded,
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def _changed_since_commit(
+    s: PlantDesignSession, streamer: Streamer, manifest: Manifest
+) -> list[str]:
+    """Paths saved after close's final scan (an autosave during a long commit)."""
+    known = streamer.known()
+    current = scan(streamer.root, s.rules)
+    folder = WorkFolder(streamer.root)
+    changed = [
+        rel
+        for rel, st in current.items()
+        if unsupported_reason(rel) is None  # reported apart, kept aside by the cache
+        and (
+            rel not in manifest.files
+            or not is_unchanged(known.get(rel), st, partial(file_sha256, folder.path(rel)))
+        )
+    ]
+    changed += [rel for rel in manifest.files if rel not in current]
+    return sorted(set(changed))
+
+
+def _flush_or_raise(s: PlantDesignSession, streamer: Streamer) -> None:
+    total = streamer.journal.pending_count()
+    if total:
+        s.progress.emit(f"Uploading {total} changes", 0)
+    if not streamer.flush(timeout=s.config.transfer.close_timeout):
+        pending = streamer.journal.pending()
+        raise TransferError(
+            f"{len(pending)} changes could not be sent to the store "
+            f"(last error: {streamer.last_error or 'timed out'}). Nothing was committed and "
+            "the lock is kept; check the connection and run close again",
+            failed=len(pending),
+        )
+    if total:
+        s.progress.emit(f"Uploading {total} changes", 100)
+
+
+def _commit(
+    s: PlantDesignSession, keys: StageKeys, allow_mass_delete: bool
+) -> tuple[dict[str, Staged], list[str], Manifest, str | None]:
+    """The commit protocol (``agent.commit``) on this session's staged changes."""
+    assert s.record is not None and s._journal is not None
+    committer = _committer(s, keys, reupload=True)
+    previous, finished = committer.settle()
+    if finished is not None and finished.manifest.session_id == s.record.session_id:
+        _adopt_new_base(s, finished.manifest, finished.etag)
+    base = _check_base(s, keys, previous)
+    puts, deletes = _staged_changes(s, base)
+    _check_mass_delete(base, deletes, allow_mass_delete)
+    if not puts and not deletes:
+        log.info("commit_nothing_changed", session_id=s.record.session_id)
+        remove_staging(s.store, keys, s.record.session_id)
+        s._journal.clear_staged()
+        return puts, deletes, base, s.record.base_manifest_etag
+    intent, intent_etag = committer.begin(
+        session_id=s.record.session_id,
+        user=s.record.user,
+        machine=s.record.machine,
+        base=base,
+        base_etag=s.record.base_manifest_etag,
+        copies={
+            rel: StagedCopy(size=p.size, sha256=p.sha256, etag=p.etag or "")
+            for rel, p in puts.items()
+        },
+        deletes=deletes,
+        previous=previous,
+    )
+    s._update_record(phase="committing", commit_id=intent.commit_id)
+    committed = committer.apply(intent, intent_etag)
+    s._journal.clear_staged()
+    _adopt_new_base(s, committed.manifest, committed.etag)
+    return puts, deletes, committed.manifest, committed.etag
+
+
+def _check_base(
+    s: PlantDesignSession, keys: StageKeys, intent: tuple[CommitIntent, str] | None
+) -> Manifest:
+    """The base manifest, if the stage still is at it (or at our own commit): fencing."""
+    assert s.record is not None
+    current, etag = read_manifest(s.store, keys)
+    if etag != s.record.base_manifest_etag:
+        ours = (
+            current is not None
+            and etag is not None
+            and intent is not None
+            and intent[0].session_id == s.record.session_id
+            and current.commit_id == intent[0].commit_id
+        )
+        if not ours:
+            raise ConflictError(
+                f"{keys.projekt_id}/{keys.stage} was committed by someone else since this "
+                "session opened; nothing was overwritten. Your files are still in "
+                f"{s.record.work_path}; see `agent recover` for keeping both"
+            )
+        assert current is not None
+        _adopt_new_base(s, current, etag)  # our commit whose answer was lost
+    if current is not None:
+        s._base_manifest = current
+        return current
+    return s._base_manifest or _load_base_manifest_unchecked(s)
+
+
+def _staged_changes(s: PlantDesignSession, base: Manifest) -> tuple[dict[str, Staged], list[str]]:
+    """What the commit applies: staged puts that differ from base, deletes of base files."""
+    assert s._journal is not None
+    puts: dict[str, Staged] = {}
+    deletes: list[str] = []
+    for rel, staged in s._journal.staged().items():
+        if staged.op == "delete":
+            if rel in base.files:
+                deletes.append(rel)
+        elif base.files.get(rel) is None or base.files[rel].sha256 != staged.sha256:
+            puts[rel] = staged
+    return puts, sorted(deletes)
+
+
+def _check_mass_delete(base: Manifest, deletes: list[str], allowed: bool) -> None:
+    total = len(base.files)
+    if allowed or not deletes or total == 0:
+        return
+    if len(deletes) == total or len(deletes) > total * _MASS_DELETE_FRACTION:
+        raise MassDeleteError(
+            f"closing would delete {len(deletes)} of {total} files from the stage; "
+            "nothing was committed. If that is what you want, close again with "
+            "--allow-mass-delete (library: close(allow_mass_delete=True))"
+        )
+
+
+def _adopt_new_base(s: PlantDesignSession, manifest: Manifest, etag: str | None) -> None:
+    """Make ``manifest`` the session's base (after our own or a merged commit)."""
+    assert s.record is not None
+    s._base_manifest = manifest
+    s.records.save_base_manifest(s.record.session_id, manifest)
+    s._update_record(base_manifest_etag=etag)
+
+
+def _load_base_manifest_unchecked(s: PlantDesignSession) -> Manifest:
+    """The base manifest as the session started (from the snapshot; etags unknown)."""
+    return Manifest(
+        files={
+            r: ManifestEntry(size=e.size, sha256=e.sha256, etag="")
+            for r, e in s._base_files.items()
+        }
+    )

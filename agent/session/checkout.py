@@ -1,0 +1,223 @@
+"""Opening a session: lock, roll forward what others left, download (the ``open`` verb)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from agent.commit import (
+    read_manifest,
+)
+from agent.errors import (
+    LocalFileError,
+    PreviousCrashError,
+    SessionError,
+)
+from agent.journal import Journal
+from agent.keys import StageKeys, WorkFolder, validate_name
+from agent.lock import RemoteLock
+from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
+from agent.platform import machine_name
+from agent.records import SessionRecord, new_session_id
+from agent.snapshot import scan
+from agent.state import SessionState
+from agent.transfer import Download, Progress, Transfers
+
+log = structlog.get_logger(__name__)
+
+_MASS_DELETE_FRACTION = 0.5
+# How long `abort` waits for a running close (or resume) before refusing.
+_ABORT_WAIT = 2.0
+
+
+if TYPE_CHECKING:
+    from agent.session import PlantDesignSession
+
+
+def open(
+    s: PlantDesignSession,
+    projekt_id: str,
+    user: str,
+    stage: str,
+    *,
+    take_over: bool = False,
+    watch: bool = True,
+) -> Path:
+    """Take the stage lock, bring the working copy down, return its folder.
+
+    With ``watch`` (the default) the folder is watched and every saved change
+    streams to the session's staging prefix until ``close``/``abort``. An
+    unfinished commit that someone left on the stage is finished first.
+    """
+    with s._verb("open"):
+        if s._state is not SessionState.IDLE:
+            raise SessionError(
+                f"open() was already called on this session (it is {s._state}); "
+                "close or abort it, or create a new PlantDesignSession"
+            )
+        keys = StageKeys(projekt_id, stage)
+        validate_name("user", user)
+        # One open per stage on this machine at a time: the record (phase
+        # "opening") exists before the lock is written, so a crash in between
+        # leaves something `agent recover` sees.
+        with s.records.stage_lock(projekt_id, stage):
+            _check_no_local_session(s, keys)
+            return _open_locked(s, keys, user, take_over=take_over, watch=watch)
+
+
+def _check_no_local_session(s: PlantDesignSession, keys: StageKeys) -> None:
+    existing = s.records.find(keys.projekt_id, keys.stage)
+    if existing:
+        rec = existing[0]
+        raise PreviousCrashError(
+            f"a session on {keys.projekt_id}/{keys.stage} is already recorded on this "
+            f"machine (session {rec.session_id}, user {rec.user}, "
+            f"since {rec.created_at:%Y-%m-%d %H:%M} "
+            "UTC): finish it with `agent close` or `agent abort`, or `agent recover` if it "
+            "crashed"
+        )
+    work = s.config.paths.work_root / keys.projekt_id / keys.stage
+    if work.exists() and any(work.iterdir()):
+        raise SessionError(
+            f"the working folder {work} already holds files but no session is recorded for "
+            "it; it may hold unsaved work from a crash. Run `agent recover`, or move the "
+            "folder away, then open again"
+        )
+
+
+def _open_locked(
+    s: PlantDesignSession, keys: StageKeys, user: str, *, take_over: bool, watch: bool
+) -> Path:
+    work = s.config.paths.work_root / keys.projekt_id / keys.stage
+    session_id = new_session_id()
+    bound = log.bind(session_id=session_id, projekt_id=keys.projekt_id, stage=keys.stage, user=user)
+    now = datetime.now(UTC)
+    s.record = s.records.save(
+        SessionRecord(
+            session_id=session_id,
+            projekt_id=keys.projekt_id,
+            stage=keys.stage,
+            user=user,
+            machine=machine_name(),
+            pid=os.getpid(),
+            work_path=work,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    s._set_state(SessionState.ACQUIRING)
+    lock = RemoteLock(s.store, keys.lock, s._holder(s.record), s.config.lock)
+    try:
+        lock.acquire(take_over=take_over)
+    except BaseException:
+        s.records.remove(session_id)
+        s._set_state(SessionState.CLOSED)
+        raise
+    s._lock = lock
+    s._set_state(SessionState.DOWNLOADING)
+    try:
+        s._update_record(lock_etag=lock.etag)
+        finished = s._committer(keys, reupload=False).settle()[1]
+        if finished is not None:
+            bound.warning(
+                "open_finished_unfinished_commit",
+                of_session=finished.manifest.session_id,
+                committed_by=finished.manifest.committed_by,
+            )
+        base_etag, base_files = _download(s, keys, work)
+        s.records.save_base(session_id, base_files)
+        s._update_record(phase="active", base_manifest_etag=base_etag, lock_etag=lock.etag)
+    except BaseException as exc:
+        bound.error("open_failed", error=str(exc))
+        shutil.rmtree(work, ignore_errors=True)
+        s.records.remove(session_id)
+        s._release_quietly()
+        s._set_state(SessionState.CLOSED)
+        raise
+    s._start_heartbeat()
+    s._journal = Journal.open(s._journal_path(session_id))
+    s._base_files = base_files
+    if watch:
+        s.start_streaming()
+    s._set_state(SessionState.ACTIVE)
+    bound.info("session_opened", path=str(work), files=len(base_files))
+    return work
+
+
+def _download(
+    s: PlantDesignSession, keys: StageKeys, work: Path
+) -> tuple[str | None, dict[str, LocalEntry]]:
+    manifest, etag = read_manifest(s.store, keys)
+    if manifest is None:
+        # No manifest yet: a stage written by the old module, or a new one.
+        sizes = {
+            keys.rel_from_committed(o.key): o
+            for o in s.store.list(keys.committed_prefix)
+            if not o.key.endswith("/")  # a folder marker ("docs/") holds no file
+        }
+        expected: dict[str, tuple[int, str | None]] = {
+            rel: (o.size, None) for rel, o in sizes.items()
+        }
+    else:
+        expected = {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
+    s._base_manifest = manifest
+    folder = WorkFolder(work)
+    folder.check_root()  # a linked work path would make downloads land outside (issue 8)
+    for rel in expected:
+        folder.path(rel, key=keys.committed(rel))  # refuse escaping keys up front
+    snapshot = s.cache.take(keys.projekt_id, keys.stage, work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
+    current = scan(work, s.rules)
+    wanted = Manifest(
+        files={
+            rel: ManifestEntry(size=size, sha256=sha or "", etag="")
+            for rel, (size, sha) in expected.items()
+        }
+    )
+    plan = plan_open(wanted, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
+    for rel in plan.remove:
+        folder.unlink(rel)
+    items = [
+        Download(
+            key=keys.committed(rel),
+            dest=folder.path(rel, key=keys.committed(rel)),
+            size=expected[rel][0],
+            sha256=expected[rel][1],
+        )
+        for rel in plan.download
+    ]
+    total = sum(expected[rel][0] for rel in plan.download)
+    progress = Progress(f"Downloading {len(items)} files", total, s.progress.emit)
+    transfers = Transfers(s.store, s.config.transfer.workers, folder=folder)
+    digests = transfers.download(items, progress)
+    files: dict[str, LocalEntry] = {}
+    for rel in plan.keep:
+        files[rel] = plan.kept[rel]
+    for rel, digest in zip(plan.download, digests, strict=True):
+        st = folder.path(rel).stat()
+        files[rel] = LocalEntry.from_stat(st, digest)
+    if manifest is None and expected:
+        s._base_manifest = Manifest(
+            files={
+                rel: ManifestEntry(
+                    size=files[rel].size, sha256=files[rel].sha256, etag=sizes[rel].etag
+                )
+                for rel in expected
+            }
+        )
+    log.info(
+        "working_copy_ready",
+        downloaded=len(plan.download),
+        kept=len(plan.keep),
+        removed=len(plan.remove),
+        bytes=total,
+    )
+    return etag, files

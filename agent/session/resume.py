@@ -1,0 +1,340 @@
+"""After a crash: find orphans, re-lock, finish a cut commit, restore, merge theirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from agent.commit import (
+    Committed,
+    read_manifest,
+)
+from agent.errors import (
+    AgentError,
+    SessionError,
+)
+from agent.journal import Journal
+from agent.keys import StageKeys, WorkFolder, local_path_for, unsupported_reason
+from agent.lock import RemoteLock
+from agent.manifest import LocalEntry, Manifest, fd_sha256
+from agent.merge import plan_merge
+from agent.records import SessionRecord
+from agent.recovery import RecoveryInfo
+from agent.recovery import find_orphans as orphans_on_disk
+from agent.snapshot import scan
+from agent.state import SessionState
+from agent.transfer import Download, Progress, Transfers
+
+log = structlog.get_logger(__name__)
+
+_MASS_DELETE_FRACTION = 0.5
+# How long `abort` waits for a running close (or resume) before refusing.
+_ABORT_WAIT = 2.0
+
+
+if TYPE_CHECKING:
+    from agent.session import PlantDesignSession
+
+
+def check_previous_crash(s: PlantDesignSession) -> RecoveryInfo | None:
+    """An unfinished session on this machine whose process is gone, or ``None``.
+
+    The result carries ``projekt_id``, ``user``, ``stage``, ``backup_path`` and
+    the ``pending`` paths, for the host's resume / discard dialog.
+    """
+    orphans = find_orphans(s)
+    return orphans[0] if orphans else None
+
+
+def find_orphans(s: PlantDesignSession) -> list[RecoveryInfo]:
+    """Every orphaned session on this machine (``agent recover`` lists them)."""
+
+    def pending_of(record: SessionRecord) -> list[str]:
+        path = s._journal_path(record.session_id)
+        if not path.exists():
+            return []
+        try:
+            journal = Journal.open(path)
+        except AgentError as exc:
+            log.warning("journal_unreadable", session_id=record.session_id, error=str(exc))
+            return []
+        try:
+            return [e.path for e in journal.pending()]
+        finally:
+            journal.close()
+
+    return orphans_on_disk(s.records, s.config.paths.recovery_root, pending_of)
+
+
+def resume(
+    s: PlantDesignSession,
+    session_id: str | None = None,
+    *,
+    take_over: bool = False,
+    watch: bool = True,
+) -> Path:
+    """Continue an orphaned session: re-lock, restore the folder, replay the journal.
+
+    IDLE -> ACQUIRING -> RESTORING -> ACTIVE. A commit a crash interrupted is
+    finished first; a file changed both here and in a commit by someone else
+    is kept twice (theirs at its name, ours beside it).
+    """
+    with s._verb("resume"):
+        return _resume(s, session_id, take_over=take_over, watch=watch)
+
+
+def _resume(s: PlantDesignSession, session_id: str | None, *, take_over: bool, watch: bool) -> Path:
+    if s._state is not SessionState.IDLE:
+        raise SessionError(f"resume() needs a fresh session (this one is {s._state})")
+    session_id = s._pick_orphan(session_id, "resume")
+    orphans = {o.session_id: o for o in find_orphans(s)}
+    info = orphans[session_id]
+    record = s.records.load(session_id)
+    if record.phase == "opening":
+        raise SessionError(
+            f"session {session_id} crashed while opening (nothing was edited yet): "
+            "discard it with `agent recover --discard` and open again"
+        )
+    keys = StageKeys(record.projekt_id, record.stage)
+    s.record = record
+    s._set_state(SessionState.ACQUIRING)
+    lock = RemoteLock(s.store, keys.lock, s._holder(record), s.config.lock)
+    try:
+        lock.acquire(take_over=take_over)
+    except BaseException:
+        s.record = None
+        s._set_state(SessionState.CLOSED)
+        raise
+    s._lock = lock
+    s._set_state(SessionState.RESTORING)
+    try:
+        _restore(s, keys, record, info, lock)
+    except BaseException as exc:
+        log.error("resume_failed", session_id=session_id, error=str(exc))
+        if s._journal is not None:
+            s._journal.close()
+            s._journal = None
+        s._release_quietly()
+        s._set_state(SessionState.CLOSED)
+        raise
+    s._start_heartbeat()
+    if watch:
+        s.start_streaming()
+    else:
+        s._ensure_streamer(watch=False)
+    s._set_state(SessionState.ACTIVE)
+    log.info("session_resumed", session_id=session_id, pending=len(info.pending))
+    return s.record.work_path
+
+
+def _restore(
+    s: PlantDesignSession,
+    keys: StageKeys,
+    record: SessionRecord,
+    info: RecoveryInfo,
+    lock: RemoteLock,
+) -> None:
+    """RESTORING: finish a cut commit, rebuild the folder, take in others' commits."""
+    s._update_record(pid=os.getpid(), agent_pid=None, agent_address=None, lock_etag=lock.etag)
+    s._journal = _open_journal_for_resume(s, record.session_id)
+    s._base_files = s.records.load_base(record.session_id)
+    s._base_manifest = s.records.load_base_manifest(record.session_id)
+    _finish_interrupted_commit(s, keys)
+    _restore_folder(s, keys, info)
+    _merge_remote(s, keys)
+    s._update_record(phase="active", lock_etag=lock.etag)
+
+
+def _open_journal_for_resume(s: PlantDesignSession, session_id: str) -> Journal:
+    """Open the journal; a damaged one is set aside and rebuilt from the folder.
+
+    Nothing is lost: the working folder is compared with the base snapshot by the
+    first rescan, so every change is journalled again (and re-sent if needed).
+    """
+    path = s._journal_path(session_id)
+    try:
+        return Journal.open(path)
+    except AgentError as exc:
+        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S}")
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                os.replace(part, aside.with_name(aside.name + suffix))
+        log.warning("journal_rebuilt", session_id=session_id, damaged=str(aside), error=str(exc))
+        return Journal.open(path)
+
+
+def _finish_interrupted_commit(s: PlantDesignSession, keys: StageKeys) -> Committed | None:
+    """Roll forward a commit a crash cut (ours, or anyone's left on the stage)."""
+    assert s.record is not None and s._journal is not None
+    intent, finished = s._committer(keys, reupload=True).settle()
+    ours = intent is not None and intent[0].session_id == s.record.session_id
+    if finished is not None:
+        log.warning(
+            "interrupted_commit_finished",
+            session_id=s.record.session_id,
+            of_session=finished.manifest.session_id,
+        )
+    if ours and intent is not None:
+        manifest, etag = read_manifest(s.store, keys)
+        if manifest is not None and manifest.commit_id == intent[0].commit_id:
+            # Our commit is the stage now: it is our new base, its staged entries done.
+            s._adopt_new_base(manifest, etag)
+            s._journal.drop_staged(
+                rel
+                for rel, st in s._journal.staged().items()
+                if (st.op == "delete" and rel not in manifest.files)
+                or (
+                    st.op == "put"
+                    and rel in manifest.files
+                    and manifest.files[rel].sha256 == st.sha256
+                )
+            )
+    if s.record.phase == "committing":
+        s._update_record(phase="active")
+    return finished
+
+
+def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) -> None:
+    """Make sure the working folder has every file of the session."""
+    assert s.record is not None and s._journal is not None
+    work = s.record.work_path
+    current, _etag = read_manifest(s.store, keys)
+    base = current if current is not None else s._load_base_manifest_unchecked()
+    staged = s._journal.staged()
+    missing_base = [
+        rel
+        for rel in base.files
+        if not work.joinpath(*rel.split("/")).exists() and rel not in staged
+    ]
+    if not work.is_dir() or missing_base:
+        work.mkdir(parents=True, exist_ok=True)
+        items = [
+            Download(
+                key=keys.committed(rel),
+                dest=local_path_for(work, rel),
+                size=base.files[rel].size,
+                sha256=base.files[rel].sha256,
+            )
+            for rel in missing_base
+            if not _pending_delete(s, rel)
+        ]
+        items += [
+            Download(
+                key=keys.staged(s.record.session_id, rel),
+                dest=local_path_for(work, rel),
+                size=st.size,
+                sha256=st.sha256,
+            )
+            for rel, st in staged.items()
+            if st.op == "put" and not work.joinpath(*rel.split("/")).exists()
+        ]
+        progress = Progress(
+            f"Restoring {len(items)} files", sum(i.size or 0 for i in items), s.progress.emit
+        )
+        transfers = Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work))
+        digests = transfers.download(items, progress)
+        for item, digest in zip(items, digests, strict=True):
+            if item.key.startswith(keys.committed_prefix):
+                rel = keys.rel_from_committed(item.key)
+                st = item.dest.stat()
+                s._base_files[rel] = LocalEntry.from_stat(st, digest)
+        s.records.save_base(s.record.session_id, s._base_files)
+    backup = info.backup_path
+    if backup is not None and (backup / "files").is_dir():
+        for src in (backup / "files").rglob("*"):
+            if not src.is_file():
+                continue
+            rel = src.relative_to(backup / "files").as_posix()
+            dest = local_path_for(work, rel)
+            if not os.path.lexists(dest):  # a link there is never written through
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+                log.info("restored_from_backup", path=rel)
+
+
+def _pending_delete(s: PlantDesignSession, rel: str) -> bool:
+    assert s._journal is not None
+    return any(e.path == rel and e.op == "delete" for e in s._journal.pending())
+
+
+def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
+    """Someone committed since our base: take their changes, keep both where we collide."""
+    assert s.record is not None and s._journal is not None
+    theirs, etag = read_manifest(s.store, keys)
+    if etag == s.record.base_manifest_etag or theirs is None:
+        return
+    base = s._base_manifest or s._load_base_manifest_unchecked()
+    work = s.record.work_path
+    plan = plan_merge(
+        {rel: (e.size, e.sha256) for rel, e in base.files.items()},
+        {rel: (e.size, e.sha256) for rel, e in theirs.files.items()},
+        _our_changes(s, base),
+    )
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
+    for rel in plan.conflicts:
+        p = Path(rel)
+        mine = p.with_name(f"{p.stem}.conflict-{s.record.user}-{stamp}{p.suffix}")
+        os.replace(local_path_for(work, rel), local_path_for(work, mine.as_posix()))
+    for rel in plan.forget:
+        s._journal.forget(rel)
+        s.store.delete(keys.staged(s.record.session_id, rel))
+    for rel in plan.remove:
+        WorkFolder(work).unlink(rel)
+        s._base_files.pop(rel, None)
+    take = sorted({*plan.download, *plan.conflicts, *plan.revived})
+    items = [
+        Download(
+            key=keys.committed(rel),
+            dest=local_path_for(work, rel),
+            size=theirs.files[rel].size,
+            sha256=theirs.files[rel].sha256,
+        )
+        for rel in take
+    ]
+    Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work)).download(items)
+    for rel in take:
+        got = local_path_for(work, rel).stat()
+        s._base_files[rel] = LocalEntry.from_stat(got, theirs.files[rel].sha256)
+    s.records.save_base(s.record.session_id, s._base_files)
+    s._adopt_new_base(theirs, etag)
+    s._update_record(conflicts=[*s.record.conflicts, *plan.conflicts])
+    log.warning(
+        "merged_remote_commit",
+        conflicts=plan.conflicts,
+        downloaded=len(take),
+        kept_ours=plan.kept_ours,
+        revived=plan.revived,
+        committed_by=theirs.committed_by,
+    )
+
+
+def _our_changes(s: PlantDesignSession, base: Manifest) -> dict[str, str | None]:
+    """Every path this session changed, with its current sha256 (None: deleted here)."""
+    assert s.record is not None and s._journal is not None
+    work = s.record.work_path
+    candidates = set(s._journal.staged()) | {e.path for e in s._journal.pending()}
+    current = scan(work, s.rules)
+    for rel, st in current.items():
+        known = s._base_files.get(rel)
+        if unsupported_reason(rel) is None and (known is None or not known.matches(st)):
+            candidates.add(rel)  # hashed below: a changed stat tuple is only a candidate
+    candidates |= set(base.files) - set(current)
+    ours: dict[str, str | None] = {}
+    folder = WorkFolder(work)
+    for rel in candidates:
+        try:
+            with folder.open_file(rel) as (fd, _st):
+                sha: str | None = fd_sha256(fd)
+        except (OSError, AgentError):  # gone, or a link / special file: not a file here
+            sha = None
+        was = base.files.get(rel)
+        if (was is None and sha is None) or (was is not None and was.sha256 == sha):
+            continue  # changed and changed back: not a change
+        ours[rel] = sha
+    return ours

@@ -1,0 +1,166 @@
+"""While a session is open: streaming, heartbeat, flush, status, errors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from agent.errors import (
+    AgentError,
+    LockLostError,
+)
+from agent.keys import StageKeys
+from agent.lock import Heartbeat
+from agent.manifest import Manifest, ManifestEntry
+from agent.state import SessionState
+from agent.sync import Streamer
+
+log = structlog.get_logger(__name__)
+
+_MASS_DELETE_FRACTION = 0.5
+# How long `abort` waits for a running close (or resume) before refusing.
+_ABORT_WAIT = 2.0
+
+
+if TYPE_CHECKING:
+    from agent.session import PlantDesignSession
+
+
+def detach(s: PlantDesignSession) -> None:
+    """Stop streaming and the heartbeat, persist the lock's ETag: another process goes on."""
+    _stop_streaming(s)
+    _stop_heartbeat(s)
+    if s.record is not None and s._lock is not None:
+        s._update_record(lock_etag=s._lock.etag)
+    s._close_store()
+
+
+def start_streaming(s: PlantDesignSession, *, watch: bool = True) -> None:
+    """Start (or continue) watching the folder and streaming changes to staging."""
+    s._require(
+        SessionState.ACTIVE, SessionState.DOWNLOADING, SessionState.RESTORING, action="stream"
+    )
+    streamer = _ensure_streamer(s, watch=watch)
+    if watch and not streamer.is_watching:
+        streamer.start_watching()
+    if s._heartbeat is None:
+        _start_heartbeat(s)
+
+
+def _ensure_streamer(s: PlantDesignSession, *, watch: bool) -> Streamer:
+    if s._streamer is None:
+        assert s.record is not None and s._journal is not None
+        keys = StageKeys(s.record.projekt_id, s.record.stage)
+        base = s._base_manifest
+        if base is None:
+            base = Manifest(
+                files={
+                    rel: ManifestEntry(size=e.size, sha256=e.sha256, etag="")
+                    for rel, e in s._base_files.items()
+                }
+            )
+        s._streamer = Streamer(
+            root=s.record.work_path,
+            keys=keys,
+            session_id=s.record.session_id,
+            store=s.store,
+            journal=s._journal,
+            config=s.config,
+            base=base,
+            known=s._base_files,
+            on_error=s._note_error,
+        )
+        s._streamer.start(watch=watch)
+    return s._streamer
+
+
+def _stop_streaming(s: PlantDesignSession) -> None:
+    if s._streamer is not None:
+        s._streamer.stop()
+        s._streamer = None
+    if s._journal is not None:
+        s._journal.close()
+        s._journal = None
+
+
+def flush(s: PlantDesignSession, timeout: float = 60.0) -> bool:
+    """Wait until every change seen so far is in staging (True) or ``timeout`` passed."""
+    with s._verb("flush"):
+        s._require(SessionState.ACTIVE, action="flush")
+        streamer = _ensure_streamer(s, watch=False)
+        # A save whose event the watcher has not delivered yet is found by the
+        # rescan: flush never says "nothing pending" while a saved file is not sent.
+        streamer.rescan("")
+        return streamer.flush(timeout)
+
+
+def status(s: PlantDesignSession) -> dict[str, object]:
+    """What ``agent status`` shows: state, lock, pending changes, last upload, errors."""
+    record = s.record
+    out: dict[str, object] = {"state": str(s._state)}
+    if record is not None:
+        out.update(
+            session_id=record.session_id,
+            projekt_id=record.projekt_id,
+            stage=record.stage,
+            user=record.user,
+            path=str(record.work_path),
+            since=record.created_at.isoformat(),
+        )
+    if s._lock is not None:
+        out["lock_etag"] = s._lock.etag
+        out["heartbeat_age_seconds"] = (
+            round(s._heartbeat.age(), 1) if s._heartbeat is not None else None
+        )
+    if s.lock_lost is not None:
+        out["lock_lost"] = str(s.lock_lost)
+    if s._streamer is not None:
+        out.update(s._streamer.status())
+    elif s._journal is not None:
+        out["pending"] = s._journal.pending_count()
+    if s.record is not None and s.record.last_error and "last_error" not in out:
+        out["last_error"] = s.record.last_error
+    return out
+
+
+def publish_agent(s: PlantDesignSession, pid: int, address: str) -> None:
+    """Record the background agent's pid and address in the session record."""
+    s._update_record(agent_pid=pid, agent_address=address)
+
+
+def _start_heartbeat(s: PlantDesignSession) -> None:
+    assert s._lock is not None
+    s._heartbeat = Heartbeat(s._lock, s.config.lock.heartbeat_interval, on_lost=s._on_lock_lost)
+    s._heartbeat.start()
+
+
+def _stop_heartbeat(s: PlantDesignSession) -> None:
+    if s._heartbeat is not None:
+        s._heartbeat.stop()
+        s._heartbeat = None
+
+
+def _on_lock_lost(s: PlantDesignSession, exc: LockLostError) -> None:
+    """Heartbeat CAS refused: stop streaming, keep journal and staging, tell everyone."""
+    log.error("lock_lost", error=str(exc))
+    s.lock_lost = exc
+    if s._streamer is not None:
+        s._streamer.stop_watching()
+        s._streamer.pause()
+    _note_error(s, str(exc))
+    s.error.emit(str(exc))
+
+
+def _note_error(s: PlantDesignSession, message: str) -> None:
+    if s.record is not None and (s.records.folder(s.record.session_id) / "session.json").exists():
+        s._update_record(last_error=message)
+
+
+def _release_quietly(s: PlantDesignSession) -> None:
+    if s._lock is None:
+        return
+    try:
+        s._lock.release()
+    except AgentError as exc:
+        log.warning("lock_release_failed", error=str(exc))

@@ -1,0 +1,629 @@
+"""A fault-injecting HTTP/1.1 proxy between the agent and a real S3 server (issue 7).
+
+::
+
+    proxy = FaultProxy(seaweed.endpoint).start()
+    rule = proxy.add(Rule(LOSE_ANSWER, method="PUT", path=r"\\.lock\\.json$"))
+    ...                                   # point the agent at proxy.endpoint
+    assert 1 == rule.fired                # the fault was really injected
+    proxy.stop()
+
+The proxy reads each request completely from the client (``Content-Length`` or
+chunked body, answering ``Expect: 100-continue`` itself), then asks the rules,
+in the order they were added, whether one fires; the first that fires decides:
+
+- ``LOSE_ANSWER``: forward, read the whole upstream answer (so the store applied
+  it), close the client connection without replying;
+- ``Delay(seconds)``: reply nothing; after ``seconds`` (or ``rule.release()``),
+  forward upstream although the client has long given up ("delivered late"),
+  then close the client connection; ``rule.delivered`` is set then;
+- ``RESET_BEFORE``: reset the client connection, forward nothing;
+- ``Status(code)``: answer ``code`` with an S3 XML error body, forward nothing.
+
+A rule matches on method, a regex searched in the (unquoted) path, query
+parameters and headers that must be present (or absent), and a regex on the
+request body; it fires on matches ``skip+1 .. skip+times``, or on every
+``every``-th match, or with ``probability`` drawn from its seeded
+``random.Random``. Every request is recorded in ``proxy.seen`` with the rule
+that fired, so a test can check its fault was injected.
+
+Requests are relayed byte for byte (headers included), except that ``Expect``
+is dropped (the proxy already said 100 Continue); SigV4 does not sign it.
+Threads are named ``pdagent-proxy-*``, so the thread-leak check sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = [
+    "LOSE_ANSWER",
+    "RESET_BEFORE",
+    "Action",
+    "Delay",
+    "FaultProxy",
+    "LoseAnswer",
+    "ResetBefore",
+    "Rule",
+    "Seen",
+    "Status",
+]
+
+_MAX_HEAD = 64 * 1024
+_UPSTREAM_TIMEOUT = 60.0
+_RECORDED_HEADERS = (
+    "content-length",
+    "transfer-encoding",
+    "expect",
+    "if-match",
+    "if-none-match",
+    "x-amz-copy-source",
+    "x-amz-copy-source-if-match",
+    "content-encoding",
+)
+_STATUS_TEXT = {
+    429: ("Too Many Requests", "SlowDown", "Please reduce your request rate."),
+    500: ("Internal Server Error", "InternalError", "We encountered an internal error."),
+    501: ("Not Implemented", "NotImplemented", "A header you provided is not implemented."),
+    503: ("Service Unavailable", "SlowDown", "Please reduce your request rate."),
+}
+
+
+@dataclass(frozen=True)
+class LoseAnswer:
+    """Forward, let the store apply it, then hang up without replying."""
+
+    name: Literal["lose_answer"] = "lose_answer"
+
+
+@dataclass(frozen=True)
+class ResetBefore:
+    """Reset the client connection; the store never sees the request."""
+
+    name: Literal["reset_before"] = "reset_before"
+
+
+@dataclass(frozen=True)
+class Delay:
+    """Hold the request ``seconds`` (or until ``Rule.release``), then deliver it late."""
+
+    seconds: float
+    name: Literal["delay"] = "delay"
+
+
+@dataclass(frozen=True)
+class Status:
+    """Answer ``code`` with an S3 error body instead of forwarding (``s3_code`` overrides
+    the error code the body names, e.g. ``ConditionalRequestConflict`` for a 409)."""
+
+    code: int
+    s3_code: str | None = None
+    name: Literal["status"] = "status"
+
+
+Action = LoseAnswer | ResetBefore | Delay | Status
+LOSE_ANSWER = LoseAnswer()
+RESET_BEFORE = ResetBefore()
+
+
+@dataclass(eq=False)
+class Rule:
+    """When a fault fires, and which one (see the module docstring)."""
+
+    action: Action
+    method: str | None = None
+    path: str | None = None
+    query: tuple[str, ...] = ()
+    no_query: tuple[str, ...] = ()
+    headers: tuple[str, ...] = ()
+    no_headers: tuple[str, ...] = ()
+    body: bytes | None = None
+    skip: int = 0
+    times: int | None = 1
+    every: int | None = None
+    probability: float | None = None
+    rng: random.Random | None = None
+    name: str = ""
+    matched: int = 0
+    fired: int = 0
+    released: threading.Event = field(default_factory=threading.Event)
+    delivered: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.probability is not None and self.rng is None:
+            raise ValueError("a probability rule needs a seeded rng (random.Random(seed))")
+        if not self.name:
+            self.name = f"{self.action.name}:{self.method or '*'}:{self.path or '*'}"
+        self._path_re = re.compile(self.path) if self.path is not None else None
+        self._body_re = re.compile(self.body, re.DOTALL) if self.body is not None else None
+
+    def release(self) -> None:
+        """Deliver a held (``Delay``) request now."""
+        self.released.set()
+
+    def matches(self, request: _Request) -> bool:
+        """Whether the request is one this rule is about (whether it fires is separate)."""
+        if self.method is not None and request.method != self.method.upper():
+            return False
+        if self._path_re is not None and not self._path_re.search(request.path):
+            return False
+        if any(q not in request.query for q in self.query):
+            return False
+        if any(q in request.query for q in self.no_query):
+            return False
+        if any(h.lower() not in request.header_names for h in self.headers):
+            return False
+        if any(h.lower() in request.header_names for h in self.no_headers):
+            return False
+        return self._body_re is None or bool(self._body_re.search(request.body))
+
+    def decide(self) -> bool:
+        """Count one match and say whether the fault fires on it (caller holds the lock)."""
+        self.matched += 1
+        n = self.matched - self.skip
+        if n <= 0 or (self.times is not None and self.fired >= self.times):
+            return False
+        if self.every is not None and n % self.every != 0:
+            return False
+        if self.probability is not None:
+            assert self.rng is not None
+            if self.rng.random() >= self.probability:
+                return False
+        self.fired += 1
+        return True
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the proxy saw it, and what it did with it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    rule: str | None
+    action: str | None
+    at: float
+    status: int | None  # the store's answer (also when it was lost); None if not forwarded yet
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    head: bytes  # request line + headers as sent upstream (Expect removed), CRLFCRLF ended
+    raw_body: bytes  # as received (chunked framing kept)
+    body: bytes  # decoded
+    path: str
+    query: dict[str, list[str]]
+    headers: list[tuple[str, str]]
+    header_names: set[str]
+    close: bool
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+class _ClosedError(Exception):
+    """The peer closed the connection."""
+
+
+def _read_head(stream: IO[bytes]) -> bytes:
+    lines: list[bytes] = []
+    total = 0
+    while True:
+        line = stream.readline(_MAX_HEAD)
+        if not line:
+            if lines:
+                raise _ClosedError("connection closed inside a message head")
+            raise _ClosedError("connection closed")
+        if not lines and line in (b"\r\n", b"\n"):
+            continue  # tolerated stray CRLF between messages
+        lines.append(line)
+        total += len(line)
+        if total > _MAX_HEAD:
+            raise _ClosedError("message head too large")
+        if line in (b"\r\n", b"\n"):
+            return b"".join(lines)
+
+
+def _parse_headers(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    text = head.decode("latin-1")
+    first, *rest = text.split("\r\n")
+    headers = []
+    for line in rest:
+        if not line:
+            continue
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    return first, headers
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise _ClosedError(f"connection closed after {len(data)} of {n} body bytes")
+    return data
+
+
+def _read_chunked(stream: IO[bytes]) -> tuple[bytes, bytes]:
+    """A chunked body: (raw bytes with framing and trailers, decoded bytes)."""
+    raw: list[bytes] = []
+    decoded: list[bytes] = []
+    while True:
+        size_line = stream.readline(_MAX_HEAD)
+        if not size_line:
+            raise _ClosedError("connection closed inside a chunked body")
+        raw.append(size_line)
+        size = int(size_line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            while True:  # trailers, then the empty line
+                trailer = stream.readline(_MAX_HEAD)
+                if not trailer:
+                    raise _ClosedError("connection closed inside chunk trailers")
+                raw.append(trailer)
+                if trailer in (b"\r\n", b"\n"):
+                    return b"".join(raw), b"".join(decoded)
+        chunk = _read_exact(stream, size + 2)
+        raw.append(chunk)
+        decoded.append(chunk[:size])
+
+
+def _has_token(headers: list[tuple[str, str]], name: str, token: str) -> bool:
+    return any(
+        k.lower() == name and token in (p.strip().lower() for p in v.split(",")) for k, v in headers
+    )
+
+
+class FaultProxy:
+    """The proxy: ``start()``, add/remove rules at any time, ``stop()``."""
+
+    def __init__(self, upstream: str, *, host: str = "127.0.0.1") -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme != "http" or parts.hostname is None:
+            raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
+        self.upstream = (parts.hostname, parts.port or 80)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, 0))
+        self._listener.listen(128)
+        # A timeout lets the accept loop see ``_stopping`` (closing does not wake accept).
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self.endpoint = f"http://{host}:{self.port}"
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        self._seen: list[Seen] = []
+        self._threads: list[threading.Thread] = []
+        self._sockets: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._ids = itertools.count(1)
+        self._accepter = threading.Thread(
+            target=self._accept_loop, name="pdagent-proxy-accept", daemon=True
+        )
+
+    # ------------------------------------------------------------------ API
+
+    def start(self) -> FaultProxy:
+        """Accept connections in a background thread."""
+        self._accepter.start()
+        return self
+
+    def add(self, rule: Rule) -> Rule:
+        """Add a rule (after the existing ones); returns it for ``fired``/``release``."""
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def remove(self, rule: Rule) -> None:
+        """Remove a rule; a request it holds stays held until released or ``stop``."""
+        with self._lock:
+            if rule in self._rules:
+                self._rules.remove(rule)
+
+    def clear(self) -> None:
+        """Remove every rule."""
+        with self._lock:
+            self._rules.clear()
+
+    @property
+    def seen(self) -> list[Seen]:
+        """Every request so far, in arrival order (a copy)."""
+        with self._lock:
+            return list(self._seen)
+
+    def faults(self) -> list[Seen]:
+        """The requests on which a rule fired."""
+        return [s for s in self.seen if s.rule is not None]
+
+    def stop(self) -> None:
+        """Close every connection, drop held requests, and join every thread."""
+        self._stopping.set()  # held requests see it within 50 ms and are dropped
+        if self._accepter.is_alive():
+            self._accepter.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout=10)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------- machinery
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def _untrack(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._track(conn)
+            worker = threading.Thread(
+                target=self._serve,
+                args=(conn,),
+                name=f"pdagent-proxy-conn-{next(self._ids)}",
+                daemon=True,
+            )
+            with self._lock:
+                self._threads = [t for t in self._threads if t.is_alive()]
+                self._threads.append(worker)
+            worker.start()
+
+    def _serve(self, client: socket.socket) -> None:
+        conn = _Connection(client, self)
+        try:
+            while not self._stopping.is_set() and conn.handle_one():
+                pass
+        except (_ClosedError, OSError, ValueError):
+            return
+        finally:
+            conn.close()
+
+    def _deliver_late(self, request: _Request, action: Delay, rule: Rule) -> None:
+        """Hold, then deliver on a fresh connection; the client's own has timed out."""
+        deadline = time.monotonic() + action.seconds
+        while not rule.released.wait(0.05) and time.monotonic() < deadline:
+            if self._stopping.is_set():
+                return
+        if self._stopping.is_set():
+            return
+        late = _Upstream(self.upstream, self._track, self._untrack)
+        try:
+            late.exchange(request)
+        finally:
+            late.close()
+        rule.delivered.set()
+
+    def _read_request(self, client: socket.socket, stream: IO[bytes]) -> _Request:
+        head = _read_head(stream)
+        first, headers = _parse_headers(head)
+        method, target, _version = first.split(" ", 2)
+        lower = {k.lower() for k, _v in headers}
+        if _has_token(headers, "expect", "100-continue"):
+            client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if _has_token(headers, "transfer-encoding", "chunked"):
+            raw, body = _read_chunked(stream)
+        else:
+            length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+            raw = body = _read_exact(stream, length)
+        forwarded = [(k, v) for k, v in headers if k.lower() != "expect"]
+        out_head = (
+            first + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in forwarded) + "\r\n"
+        ).encode("latin-1")
+        split = urlsplit(target)
+        return _Request(
+            method=method.upper(),
+            target=target,
+            head=out_head,
+            raw_body=raw,
+            body=body,
+            path=unquote(split.path),
+            query=parse_qs(split.query, keep_blank_values=True),
+            headers=headers,
+            header_names=lower,
+            close=_has_token(headers, "connection", "close"),
+        )
+
+    def _choose(self, request: _Request) -> Rule | None:
+        with self._lock:
+            for rule in self._rules:
+                if rule.matches(request) and rule.decide():
+                    return rule
+        return None
+
+    def _record(self, request: _Request, rule: Rule | None, status: int | None) -> None:
+        seen = Seen(
+            method=request.method,
+            path=request.path,
+            query=request.query,
+            headers={
+                name: value
+                for name in _RECORDED_HEADERS
+                if (value := request.header(name)) is not None
+            },
+            rule=rule.name if rule is not None else None,
+            action=rule.action.name if rule is not None else None,
+            at=time.monotonic(),
+            status=status,
+        )
+        with self._lock:
+            self._seen.append(seen)
+
+
+class _Connection:
+    """One client connection and its upstream connection."""
+
+    def __init__(self, client: socket.socket, proxy: FaultProxy) -> None:
+        self.client = client
+        self.proxy = proxy
+        self.stream = client.makefile("rb")
+        self.upstream: _Upstream | None = None
+
+    def handle_one(self) -> bool:
+        """Serve one request; False when the client connection is done."""
+        proxy = self.proxy
+        request = proxy._read_request(self.client, self.stream)
+        rule = proxy._choose(request)
+        action = rule.action if rule is not None else None
+        if isinstance(action, ResetBefore):
+            proxy._record(request, rule, None)
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        if isinstance(action, Status):
+            proxy._record(request, rule, None)
+            self.client.sendall(_error_response(action.code, request, action.s3_code))
+            return not request.close
+        if isinstance(action, Delay):
+            assert rule is not None
+            proxy._record(request, rule, None)
+            proxy._deliver_late(request, action, rule)
+            return False
+        if self.upstream is None:
+            self.upstream = _Upstream(proxy.upstream, proxy._track, proxy._untrack)
+        answer, upstream_close = self.upstream.exchange(request)
+        proxy._record(request, rule, int(answer.split(b" ", 2)[1]))
+        if upstream_close:
+            self.upstream.close()
+            self.upstream = None
+        if isinstance(action, LoseAnswer):
+            return False  # the store applied it; the client hears nothing
+        self.client.sendall(answer)
+        return not (request.close or upstream_close)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stream.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.proxy._untrack(self.client)
+
+
+class _Upstream:
+    """One keep-alive connection to the upstream server."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        track: Callable[[socket.socket], None],
+        untrack: Callable[[socket.socket], None],
+    ) -> None:
+        self.address = address
+        self._track, self._untrack = track, untrack
+        self.sock: socket.socket | None = None
+        self.stream: IO[bytes] | None = None
+        self.used = False
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(self.address, timeout=_UPSTREAM_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._track(self.sock)
+        self.stream = self.sock.makefile("rb")
+        self.used = False
+
+    def exchange(self, request: _Request) -> tuple[bytes, bool]:
+        """Send the request, read the whole answer: (raw answer, upstream will close)."""
+        for attempt in (1, 2):
+            if self.sock is None:
+                self._connect()
+            assert self.sock is not None and self.stream is not None
+            reused = self.used
+            try:
+                self.sock.sendall(request.head + request.raw_body)
+                self.used = True
+                return _read_response(self.stream, head_only=request.method == "HEAD")
+            except (_ClosedError, ConnectionError):
+                # A kept-alive connection the server closed meanwhile: once more, fresh.
+                self.close()
+                if not reused or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.stream is not None:
+            with contextlib.suppress(OSError):
+                self.stream.close()
+            self.stream = None
+        if self.sock is not None:
+            self._untrack(self.sock)
+            self.sock = None
+
+
+def _read_response(stream: IO[bytes], *, head_only: bool) -> tuple[bytes, bool]:
+    while True:
+        head = _read_head(stream)
+        first, headers = _parse_headers(head)
+        code = int(first.split(" ", 2)[1])
+        if 100 <= code < 200:
+            continue  # interim answers (we never forward Expect, but be tolerant)
+        break
+    close = _has_token(headers, "connection", "close")
+    if head_only or code in (204, 304):
+        return head, close
+    if _has_token(headers, "transfer-encoding", "chunked"):
+        raw, _body = _read_chunked(stream)
+        return head + raw, close
+    length = next((int(v) for k, v in headers if k.lower() == "content-length"), None)
+    if length is None:
+        return head + stream.read(), True
+    return head + _read_exact(stream, length), close
+
+
+def _error_response(code: int, request: _Request, named: str | None = None) -> bytes:
+    reason, s3_code, message = _STATUS_TEXT.get(code, ("Error", "InternalError", "Injected."))
+    s3_code = named or s3_code
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{s3_code}</Code><Message>{message} (injected by the test proxy)"
+        f"</Message><Resource>{request.path}</Resource>"
+        "<RequestId>pdagent-proxy</RequestId></Error>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {code} {reason}\r\n"
+        "Content-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "x-amz-request-id: pdagent-proxy\r\n"
+        + ("Retry-After: 0\r\n" if code in (429, 503) else "")
+        + ("Connection: close\r\n" if request.close else "")
+        + "\r\n"
+    ).encode()
+    return head if request.method == "HEAD" else head + body

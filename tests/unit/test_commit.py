@@ -1,0 +1,311 @@
+"""The commit protocol and the lock keeper under lost answers and failures (in-memory store).
+
+The same cases run against the real server through the fault proxy in
+``tests/integration``; here every step boundary is hit deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cas import new_write_id, put_fenced
+from agent.commit import Commit, StagedCopy, read_intent, read_manifest
+from agent.config import LockConfig
+from agent.errors import (
+    CommitBlockedError,
+    LockLostError,
+    PreconditionFailedError,
+    TransientStoreError,
+)
+from agent.keys import StageKeys
+from agent.lock import Holder, RemoteLock
+from agent.manifest import Manifest, ManifestEntry
+from agent.store.base import WriteResult
+from tests.fakes import FaultyStore, MemoryStore
+
+KEYS = StageKeys("P1", "planning")
+SID = "20260101T000000-aaaaaaaa"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stage(store: MemoryStore, files: dict[str, bytes]) -> dict[str, StagedCopy]:
+    """Upload ``files`` to the session's staging prefix as the streamer would."""
+    out = {}
+    for rel, data in files.items():
+        key = KEYS.staged(SID, rel)
+        etag = store.put_bytes(key, data).etag
+        store.metadata[key] = {"sha256": _sha(data)}
+        out[rel] = StagedCopy(size=len(data), sha256=_sha(data), etag=etag)
+    return out
+
+
+def _begin(store: Any, copies: dict[str, StagedCopy], deletes: list[str] | None = None) -> Any:
+    commit = Commit(store, KEYS, workers=2)
+    return commit, commit.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=Manifest(),
+        base_etag=None,
+        copies=copies,
+        deletes=deletes or [],
+        previous=None,
+    )
+
+
+def _assert_stage_is_one_manifest(store: MemoryStore) -> Manifest:
+    """Every manifest entry's object has that content, and nothing else is committed."""
+    manifest, _etag = read_manifest(store, KEYS)
+    assert manifest is not None
+    committed = {k: v for k, v in store.objects.items() if k.startswith(KEYS.committed_prefix)}
+    assert {KEYS.committed(r) for r in manifest.files} == set(committed)
+    for rel, entry in manifest.files.items():
+        assert entry.sha256 == _sha(committed[KEYS.committed(rel)])
+    return manifest
+
+
+def test_a_commit_cut_after_some_copies_is_finished_by_the_next_settle() -> None:
+    """Copies fail half-way: the stage keeps its old manifest; settle() rolls forward."""
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    copies = _stage(inner, {f"f{i}.txt": f"v{i}".encode() for i in range(6)})
+    commit, (intent, etag) = _begin(store, copies)
+    done: list[str] = []
+
+    def flaky_copy(src: str, dst: str, *, if_source_etag: str | None = None) -> WriteResult:
+        if len(done) >= 2:
+            raise TransientStoreError("store went away")
+        done.append(dst)
+        return inner.copy(src, dst, if_source_etag=if_source_etag)
+
+    store.faults["copy"] = flaky_copy
+    with pytest.raises(TransientStoreError):
+        commit.apply(intent, etag)
+    assert (None, None) == read_manifest(inner, KEYS)
+    assert "applying" == read_intent(inner, KEYS)[0].state  # type: ignore[index]
+    del store.faults["copy"]
+    previous, finished = Commit(store, KEYS, workers=2).settle()
+    assert finished is not None
+    assert previous is not None and "done" == previous[0].state
+    assert set(copies) == set(_assert_stage_is_one_manifest(inner).files)
+    assert [] == [k for k in inner.objects if k.startswith(KEYS.staging_prefix(SID))]
+
+
+def test_a_lost_answer_to_the_manifest_put_is_our_commit_not_a_conflict() -> None:
+    """The manifest PUT lands but its answer is lost: the retry's 412 is resolved by read-back."""
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    commit, (intent, etag) = _begin(store, _stage(inner, {"a.txt": b"A"}))
+
+    def lose_answer(key: str, data: bytes, **kwargs: Any) -> WriteResult:
+        inner.put_bytes(key, data, **kwargs)
+        if key == KEYS.manifest:
+            raise TransientStoreError("answer lost")
+        return inner.put_bytes(key, data, **kwargs)  # pragma: no cover - not reached for others
+
+    def put(key: str, data: bytes, **kwargs: Any) -> WriteResult:
+        if key == KEYS.manifest:
+            return lose_answer(key, data, **kwargs)
+        return inner.put_bytes(key, data, **kwargs)
+
+    store.faults["put_bytes"] = put
+    committed = commit.apply(intent, etag)
+    assert intent.commit_id == committed.manifest.commit_id
+    assert ["a.txt"] == sorted(_assert_stage_is_one_manifest(inner).files)
+
+
+def test_a_swapped_staged_object_is_sent_again_from_the_local_file() -> None:
+    """Someone overwrites a staged object: the copy is refused and the local bytes re-sent."""
+    store = MemoryStore()
+    copies = _stage(store, {"a.txt": b"mine"})
+    store.put_bytes(KEYS.staged(SID, "a.txt"), b"foreign")
+    sent: list[str] = []
+
+    def reupload(rel: str, item: StagedCopy) -> str:
+        sent.append(rel)
+        return store.put_bytes(KEYS.staged(SID, rel), b"mine").etag
+
+    commit = Commit(store, KEYS, workers=1, reupload=reupload)
+    intent, etag = commit.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=Manifest(),
+        base_etag=None,
+        copies=copies,
+        deletes=[],
+        previous=None,
+    )
+    commit.apply(intent, etag)
+    assert ["a.txt"] == sent
+    assert b"mine" == store.objects[KEYS.committed("a.txt")]
+
+
+def test_a_swapped_staged_object_without_a_local_copy_blocks_the_commit() -> None:
+    """Nobody can re-send the bytes: CommitBlockedError, the committed stage untouched."""
+    store = MemoryStore()
+    store.put_bytes(KEYS.committed("a.txt"), b"old")
+    copies = _stage(store, {"a.txt": b"mine"})
+    store.put_bytes(KEYS.staged(SID, "a.txt"), b"foreign")
+    commit, (intent, etag) = _begin(store, copies)
+    with pytest.raises(CommitBlockedError, match="changed or removed by someone else"):
+        commit.apply(intent, etag)
+    assert b"old" == store.objects[KEYS.committed("a.txt")]
+    assert "applying" == read_intent(store, KEYS)[0].state  # type: ignore[index]
+
+
+def test_a_new_commit_refuses_to_start_over_an_unfinished_one() -> None:
+    """begin() over an intent that is still applying is refused: it must be finished first."""
+    store = MemoryStore()
+    _commit, (intent, etag) = _begin(store, _stage(store, {"a.txt": b"A"}))
+    with pytest.raises(CommitBlockedError, match="unfinished commit"):
+        Commit(store, KEYS, workers=1).begin(
+            session_id=SID,
+            user="alice",
+            machine="m1",
+            base=Manifest(),
+            base_etag=None,
+            copies={},
+            deletes=[],
+            previous=(intent, etag),
+        )
+
+
+def test_deletes_are_applied_and_the_manifest_drops_them() -> None:
+    """A delete in the intent removes the committed key and its manifest entry."""
+    store = MemoryStore()
+    store.put_bytes(KEYS.committed("gone.txt"), b"x")
+    base = Manifest(files={"gone.txt": ManifestEntry(size=1, sha256=_sha(b"x"), etag="e")})
+    commit = Commit(store, KEYS, workers=1)
+    intent, etag = commit.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=base,
+        base_etag=None,
+        copies={},
+        deletes=["gone.txt"],
+        previous=None,
+    )
+    assert {} == commit.apply(intent, etag).manifest.files
+    assert KEYS.committed("gone.txt") not in store.objects
+
+
+# --------------------------------------------------------------------- lock keeper
+
+
+def _keeper(store: Any, session: str = "s1") -> RemoteLock:
+    holder = Holder(user="alice", machine="m1", pid=1, session_id=session, agent_version="t")
+    return RemoteLock(store, KEYS.lock, holder, LockConfig())
+
+
+def _lose_answers_to(inner: MemoryStore, key: str, times: int) -> Callable[..., WriteResult]:
+    """A put_bytes that applies the write, then loses the answer ``times`` times."""
+    left = [times]
+
+    def put(k: str, data: bytes, **kwargs: Any) -> WriteResult:
+        result = inner.put_bytes(k, data, **kwargs)
+        if k == key and left[0] > 0:
+            left[0] -= 1
+            raise TransientStoreError("answer lost")
+        return result
+
+    return put
+
+
+@pytest.mark.parametrize("verb", ["acquire", "renew", "release"])
+def test_a_lost_answer_to_a_lock_write_is_recognised_as_ours(verb: str) -> None:
+    """The write landed, its answer did not: never a false 'lock lost' or 'held'."""
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    lock = _keeper(store)
+    if verb != "acquire":
+        lock.acquire()
+    store.faults["put_bytes"] = _lose_answers_to(inner, KEYS.lock, 1)
+    getattr(lock, verb)()
+    status = lock.read()
+    assert status is not None
+    assert ("released" if verb == "release" else "held") == status.body.state
+    if verb != "release":
+        assert status.etag == lock.etag
+        del store.faults["put_bytes"]
+        lock.renew()  # and the next write goes on from the adopted ETag
+
+
+def test_a_renewal_whose_outcome_stayed_unknown_is_adopted_at_the_next_one() -> None:
+    """Answer lost and the read-back failed too: the next renewal finds our write, not a loss."""
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    lock = _keeper(store)
+    lock.acquire()
+    store.faults["put_bytes"] = _lose_answers_to(inner, KEYS.lock, 1)
+    store.faults["get"] = lambda key: (_ for _ in ()).throw(TransientStoreError("down"))
+    with pytest.raises(TransientStoreError):
+        lock.renew()
+    del store.faults["get"], store.faults["put_bytes"]
+    lock.renew()
+    status = lock.read()
+    assert status is not None and status.etag == lock.etag
+
+
+def test_heartbeat_and_fencing_renewals_in_parallel_never_lose_the_lock() -> None:
+    """Two threads renewing the one keeper: serialized, no false LockLostError."""
+    store = MemoryStore()
+    lock = _keeper(store)
+    lock.acquire()
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(50):
+                lock.renew()
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, name=f"pdagent-test-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [] == errors
+
+
+def test_someone_elses_write_is_a_real_lock_loss() -> None:
+    """An operator's forced write in between: LockLostError, not adopted."""
+    store = MemoryStore()
+    lock = _keeper(store)
+    lock.acquire()
+    other = _keeper(store, session="s2")
+    current = other.read()
+    assert current is not None
+    body = current.body.model_copy(update={"session_id": "s2", "write_id": new_write_id()})
+    assert body.write_id is not None
+    put_fenced(store, KEYS.lock, body.to_bytes(), body.write_id, if_match=current.etag)
+    with pytest.raises(LockLostError):
+        lock.renew()
+
+
+def test_put_fenced_raises_for_someone_elses_write() -> None:
+    """A 412 whose read-back holds another write id is a real precondition failure."""
+    store = MemoryStore()
+    wid = new_write_id()
+    store.put_bytes(KEYS.manifest, b'{"write_id": "theirs"}')
+    with pytest.raises(PreconditionFailedError):
+        put_fenced(
+            store, KEYS.manifest, f'{{"write_id": "{wid}"}}'.encode(), wid, if_none_match=True
+        )
+
+
+def test_put_fenced_demands_the_write_id_in_the_body(tmp_path: Path) -> None:
+    """A body that does not carry its write id is a programming error."""
+    with pytest.raises(ValueError, match="write_id"):
+        put_fenced(MemoryStore(), "k", b"{}", new_write_id())
