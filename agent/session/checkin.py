@@ -147,7 +147,9 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
         if isinstance(exc, LockLostError):
             s._on_lock_lost(exc)
         s._note_error(str(exc))
-        if s._lock.etag is not None and s.lock_lost is None:
+        # A failure before the heartbeat rested (flush, unsupported names) keeps it running:
+        # starting another would leave the first one running unseen.
+        if s._heartbeat is None and s._lock.etag is not None and s.lock_lost is None:
             s._start_heartbeat()
         if was_watching and s.lock_lost is None:
             streamer.start_watching()
