@@ -2,10 +2,11 @@
 
 After a successful close the working folder is *moved* (not copied) to
 ``<cache>/<projekt_id>/<stage>/files`` together with a snapshot of what each
-file is (size, mtime, sha256). The next ``open`` of that stage moves it back and
-downloads only what the manifest says changed, so re-opening an unchanged copy
-transfers nothing. Bounded by ``transfer.cache_max_bytes`` (least recently used
-stage copies go first); deleting the cache folder is always safe.
+file is (size, mtime, ctime, inode and the sha256 that was committed). The next
+``open`` of that stage moves it back and downloads only what the manifest says
+changed, so re-opening an unchanged copy transfers nothing. Bounded by
+``transfer.cache_max_bytes`` (least recently used stage copies go first);
+deleting the cache folder is always safe.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
+from functools import partial
 from pathlib import Path
 
 import structlog
 
-from agent.keys import validate_name
-from agent.manifest import LocalEntry
+from agent.ignore import IgnoreRules
+from agent.keys import is_plain, unsupported_reason, validate_name
+from agent.manifest import LocalEntry, file_sha256, is_unchanged
 
-__all__ = ["StageCache"]
+__all__ = ["StageCache", "set_aside_unsynced"]
 
 log = structlog.get_logger(__name__)
 
@@ -29,10 +33,18 @@ log = structlog.get_logger(__name__)
 class StageCache:
     """Moves whole stage copies in and out of the cache folder."""
 
-    def __init__(self, root: Path, *, max_bytes: int, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        enabled: bool = True,
+        rules: IgnoreRules | None = None,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.enabled = enabled and max_bytes > 0
+        self.rules = rules if rules is not None else IgnoreRules(())
 
     def _entry(self, projekt_id: str, stage: str) -> Path:
         return self.root / validate_name("projekt_id", projekt_id) / validate_name("stage", stage)
@@ -41,6 +53,8 @@ class StageCache:
         """Move a cached copy to ``dest`` (which must not exist); return its snapshot.
 
         Returns an empty snapshot (and leaves ``dest`` absent) when nothing is cached.
+        A link, special file or unstorable name found in the cached copy (a cache
+        written before issue 8) is set aside beside ``dest`` first, never put in place.
         """
         entry = self._entry(projekt_id, stage)
         files = entry / "files"
@@ -48,11 +62,9 @@ class StageCache:
             return {}
         try:
             raw = json.loads((entry / "snapshot.json").read_bytes())
-            snapshot = {
-                rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2])
-                for rel, v in raw["files"].items()
-            }
+            snapshot = {rel: LocalEntry.from_list(v) for rel, v in raw["files"].items()}
             dest.parent.mkdir(parents=True, exist_ok=True)
+            set_aside_unsynced(files, snapshot, _aside_for(dest), self.rules, check_content=False)
             _move(files, dest)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             log.warning("cache_entry_unusable", projekt_id=projekt_id, stage=stage, error=str(exc))
@@ -64,19 +76,25 @@ class StageCache:
 
     def put(
         self, projekt_id: str, stage: str, folder: Path, snapshot: dict[str, LocalEntry]
-    ) -> None:
+    ) -> list[str]:
         """Move ``folder`` into the cache with its snapshot, then prune to the size bound.
 
-        When the cache is disabled (or the move fails) the folder is simply removed.
+        What the store does not hold is never cached nor deleted: links, special files,
+        names the store cannot hold, and files not in ``snapshot`` (or changed since)
+        are first moved to ``<folder>.kept-<time>`` beside it, and their paths
+        returned. When the cache is disabled (or the move fails) the rest is removed.
         """
+        kept = set_aside_unsynced(
+            folder, snapshot, _aside_for(folder), self.rules, check_content=True
+        )
         if not self.enabled:
             shutil.rmtree(folder, ignore_errors=True)
-            return
+            return kept
         entry = self._entry(projekt_id, stage)
         try:
             shutil.rmtree(entry, ignore_errors=True)
             entry.mkdir(parents=True)
-            files = {rel: [e.size, e.mtime_ns, e.sha256] for rel, e in snapshot.items()}
+            files = {rel: e.to_list() for rel, e in snapshot.items()}
             (entry / "snapshot.json").write_text(
                 json.dumps({"cached_at_ns": time.time_ns(), "files": files})
             )
@@ -85,8 +103,18 @@ class StageCache:
             log.warning("cache_put_failed", projekt_id=projekt_id, stage=stage, error=str(exc))
             shutil.rmtree(entry, ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
-            return
+            return kept
         self.prune()
+        return kept
+
+    def keep_unsynced(self, folder: Path) -> list[str]:
+        """Before a folder is thrown away (abort, discard): set aside what the store cannot hold.
+
+        Links, special files and names the store cannot hold go to ``<folder>.kept-<time>``.
+        """
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        return set_aside_unsynced(folder, {}, _aside_for(folder), self.rules, check_content=False)
 
     def prune(self) -> None:
         """Drop least recently cached stage copies until the cache fits ``max_bytes``."""
@@ -107,6 +135,65 @@ class StageCache:
             shutil.rmtree(path, ignore_errors=True)
             used -= size
             log.info("cache_evicted", path=str(path), bytes=size)
+
+
+def _aside_for(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def set_aside_unsynced(
+    folder: Path,
+    snapshot: dict[str, LocalEntry],
+    aside: Path,
+    rules: IgnoreRules,
+    *,
+    check_content: bool,
+) -> list[str]:
+    """Move what the store does not hold out of ``folder`` into ``aside``; the moved paths.
+
+    Walked with ``lstat`` (links are moved as links, never followed): links,
+    special files, names the store cannot hold, and (``check_content``) regular
+    files that are not in ``snapshot`` or changed since it was taken. Ignored names
+    (editor lock files) are not judged: they stay. ``aside`` is made only if needed.
+    """
+    moved: list[str] = []
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(folder / rel_dir if rel_dir else folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if rules.is_ignored(rel):
+                continue  # never sent, so never judged: stays with the copy
+            unstorable = unsupported_reason(rel) is not None
+            if is_plain(st) and stat.S_ISDIR(st.st_mode) and not unstorable:
+                stack.append(rel)
+                continue
+            if is_plain(st) and stat.S_ISREG(st.st_mode) and not unstorable:
+                if not check_content:
+                    continue
+                known = snapshot.get(rel)
+                if is_unchanged(known, st, partial(file_sha256, Path(entry.path))):
+                    continue
+            target = aside.joinpath(*rel.split("/"))
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Path(entry.path).rename(target)
+            except OSError as exc:
+                log.error("set_aside_failed", path=rel, error=str(exc))
+                continue
+            moved.append(rel)
+    if moved:
+        log.warning("kept_aside", folder=str(aside), paths=sorted(moved))
+    return sorted(moved)
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -260,10 +260,17 @@ def _client(projekt_id: str | None, stage: str | None) -> Any:
 
 
 def _close_text(report: dict[str, Any]) -> str:
-    return (
+    text = (
         f"closed: {len(report['uploaded'])} uploaded, {len(report['deleted'])} deleted "
         f"({report['bytes_uploaded']} bytes) in {report['seconds']:.1f}s"
     )
+    if report.get("not_synchronised"):
+        text += "\nnot synchronised (name not storable): " + ", ".join(report["not_synchronised"])
+    if report.get("kept_aside"):
+        text += "\nkept beside the working folder (not in the store): " + ", ".join(
+            report["kept_aside"]
+        )
+    return text
 
 
 @cli.command("close")
@@ -274,12 +281,24 @@ def _close_text(report: dict[str, Any]) -> str:
     is_flag=True,
     help="Commit even if more than half of the stage's files were deleted.",
 )
+@click.option(
+    "--skip-unsupported",
+    is_flag=True,
+    help="Commit even if some local names cannot be stored (they are kept aside, not sent).",
+)
 @_json_option
-def close_cmd(projekt_id: str | None, stage: str | None, allow_mass_delete: bool) -> None:
-    """Send what is left, commit the session and release the lock."""
+def close_cmd(
+    projekt_id: str | None, stage: str | None, allow_mass_delete: bool, skip_unsupported: bool
+) -> None:
+    """Send what is left, commit the session and release the lock.
+
+    Refuses (exit 11) while a local file has a name the store cannot hold, unless
+    --skip-unsupported.
+    """
     client = _client(projekt_id, stage)
+    args = {"allow_mass_delete": allow_mass_delete, "skip_unsupported": skip_unsupported}
     with _progress() as slot:
-        report = client.call("close", {"allow_mass_delete": allow_mass_delete}, on_progress=slot)
+        report = client.call("close", args, on_progress=slot)
     _emit({**report, "state": "closed"}, _close_text(report))
 
 
@@ -372,6 +391,11 @@ def status_cmd() -> None:
             lines.append(f"  PROBLEM: {row['error']}")
         elif row.get("last_error"):
             lines.append(f"  last error: {row['last_error']}")
+        if row.get("unsupported"):
+            lines.append(
+                "  not synchronised (name not storable; close refuses until renamed): "
+                + ", ".join(row["unsupported"])
+            )
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
 
 

@@ -158,7 +158,10 @@ class AgentServer:
         if cmd == "close":
             self.session.progress.connect(progress)
             try:
-                report = self.session.close(allow_mass_delete=bool(args.get("allow_mass_delete")))
+                report = self.session.close(
+                    allow_mass_delete=bool(args.get("allow_mass_delete")),
+                    skip_unsupported=bool(args.get("skip_unsupported")),
+                )
             finally:
                 self.session.progress.disconnect(progress)
             return report.as_dict()

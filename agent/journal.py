@@ -4,7 +4,10 @@ Two tables:
 
 * ``pending``: one row per path with work to do (``put`` or ``delete``),
   coalesced: recording a path again replaces its op and bumps its ``seq``, so a
-  path saved ten times before upload is one row. ``synchronous=FULL``: when
+  path saved ten times before upload is one row. Recording a row identical to
+  the pending one (same op; for a put the same size, mtime, ctime and inode) is
+  a no-op that keeps its ``seq``, so an upload already under way still counts
+  (a folder copy reports each file several times; issue 8). ``synchronous=FULL``: when
   ``record`` returns, the row is on disk.
 * ``staged``: what the session's staging prefix holds per path: a confirmed
   ``put`` (with ETag, size, sha256, mtime) or a ``delete`` to apply at commit.
@@ -37,11 +40,15 @@ import structlog
 
 from agent.errors import JournalCorruptError, SessionError
 
-__all__ = ["Entry", "Journal", "Op", "Staged"]
+__all__ = ["Change", "Entry", "Journal", "Op", "ShortChange", "Staged"]
 
 log = structlog.get_logger(__name__)
 
 Op = Literal["put", "delete"]
+Change = tuple[str, Op, int | None, int | None, int | None, int | None]
+"""``(path, op, size, mtime_ns, ctime_ns, inode)``: one change to record."""
+ShortChange = tuple[str, Op, int | None, int | None]
+"""``(path, op, size, mtime_ns)``: a change without ctime and inode (never a no-op put)."""
 
 _OPS = frozenset({"put", "delete"})
 _APPLICATION_ID = 0x70644A31  # "pdJ1": marks the file as one of our journals
@@ -58,7 +65,9 @@ CREATE TABLE IF NOT EXISTS pending (
     mtime_ns INTEGER,
     recorded_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    ctime_ns INTEGER,
+    inode INTEGER
 );
 CREATE TABLE IF NOT EXISTS staged (
     path TEXT PRIMARY KEY,
@@ -156,6 +165,10 @@ class Journal:
         conn.execute("PRAGMA synchronous=FULL")
         if app_id != _APPLICATION_ID or tables != _TABLES:
             conn.executescript(_SCHEMA)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(pending)")}
+        if "inode" not in columns:  # a journal from before issue 8
+            conn.execute("ALTER TABLE pending ADD COLUMN ctime_ns INTEGER")
+            conn.execute("ALTER TABLE pending ADD COLUMN inode INTEGER")
         row = conn.execute("PRAGMA quick_check").fetchone()
         if row is None or row[0] != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {row and row[0]}")
@@ -217,41 +230,57 @@ class Journal:
     # ----------------------------------------------------------------- writes
 
     def record(
-        self, path: str, op: Op, *, size: int | None = None, mtime_ns: int | None = None
+        self,
+        path: str,
+        op: Op,
+        *,
+        size: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+        inode: int | None = None,
     ) -> int:
         """Record pending work for ``path`` (coalesced); durable when it returns. Returns seq.
 
         Recording a path that is already pending replaces its op, size and mtime and
         gives it a new, higher seq (so an upload of the older state cannot mark it
         done); ``attempts`` and ``last_error`` are kept, so the retry backoff goes on.
+        A record identical to the pending row changes nothing and returns its seq.
         """
         _check_op(op)
         with self._tx() as conn:
-            return self._upsert(conn, path, op, size, mtime_ns)
+            return self._upsert(conn, (path, op, size, mtime_ns, ctime_ns, inode))
 
-    def record_many(self, items: Iterable[tuple[str, Op, int | None, int | None]]) -> None:
-        """Record several ``(path, op, size, mtime_ns)`` in one durable transaction (one fsync)."""
-        rows = list(items)
-        for _path, op, _size, _mtime in rows:
+    def record_many(self, items: Iterable[Change | ShortChange]) -> None:
+        """Record several changes in one durable transaction (one fsync).
+
+        Each item is ``(path, op, size, mtime_ns, ctime_ns, inode)``, or the first four.
+        """
+        rows: list[Change] = [(*item, None, None) if len(item) == 4 else item for item in items]
+        for _path, op, *_rest in rows:
             _check_op(op)
         if not rows:
             return
         with self._tx() as conn:
-            for path, op, size, mtime_ns in rows:
-                self._upsert(conn, path, op, size, mtime_ns)
+            for row in rows:
+                self._upsert(conn, row)
 
     @staticmethod
-    def _upsert(
-        conn: sqlite3.Connection, path: str, op: Op, size: int | None, mtime_ns: int | None
-    ) -> int:
+    def _upsert(conn: sqlite3.Connection, row: Change) -> int:
+        path, op, size, mtime_ns, ctime_ns, inode = row
+        current = conn.execute(
+            "SELECT seq, op, size, mtime_ns, ctime_ns, inode FROM pending WHERE path = ?", (path,)
+        ).fetchone()
+        if current is not None and _identical(tuple(current[1:]), row[1:]):
+            return int(current[0])
         conn.execute("UPDATE counter SET seq = seq + 1 WHERE id = 1")
         (seq,) = conn.execute("SELECT seq FROM counter WHERE id = 1").fetchone()
         conn.execute(
-            "INSERT INTO pending (path, op, seq, size, mtime_ns, recorded_at, attempts, last_error)"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, NULL)"
+            "INSERT INTO pending (path, op, seq, size, mtime_ns, ctime_ns, inode, recorded_at,"
+            " attempts, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)"
             " ON CONFLICT(path) DO UPDATE SET op=excluded.op, seq=excluded.seq, size=excluded.size,"
-            " mtime_ns=excluded.mtime_ns, recorded_at=excluded.recorded_at",
-            (path, op, seq, size, mtime_ns, time.time()),
+            " mtime_ns=excluded.mtime_ns, ctime_ns=excluded.ctime_ns, inode=excluded.inode,"
+            " recorded_at=excluded.recorded_at",
+            (path, op, seq, size, mtime_ns, ctime_ns, inode, time.time()),
         )
         return int(seq)
 
@@ -265,12 +294,14 @@ class Journal:
         sha256: str | None = None,
         mtime_ns: int | None = None,
         deleted: bool = False,
+        unchanged: bool = False,
     ) -> bool:
         """Finish a pending row if its seq is unchanged; record what staging now holds.
 
         ``etag`` given: staging holds a put. ``deleted``: a delete to apply at commit.
-        Neither: nothing to stage (the file equals the base). Returns False if a newer
-        change arrived meanwhile (the row stays pending).
+        ``unchanged``: the file equals what the store holds already; staging is left as
+        it is. None of these: nothing to stage (the file equals the base). Returns False
+        if a newer change arrived meanwhile (the row stays pending).
 
         Committed without an fsync (``synchronous=NORMAL``): losing a mark_done to a
         power cut only means the row is sent again; ``record`` keeps its fsync.
@@ -279,7 +310,9 @@ class Journal:
             cur = conn.execute("DELETE FROM pending WHERE path = ? AND seq = ?", (path, seq))
             if cur.rowcount == 0:
                 return False
-            if etag is not None:
+            if unchanged:
+                pass
+            elif etag is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO staged (path, op, etag, size, sha256, mtime_ns)"
                     " VALUES (?, 'put', ?, ?, ?, ?)",
@@ -383,6 +416,15 @@ class Journal:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _identical(pending: tuple[object, ...], new: tuple[object, ...]) -> bool:
+    """``(op, size, mtime_ns, ctime_ns, inode)`` of a pending row and of a new record."""
+    if pending[0] != new[0]:
+        return False
+    if new[0] == "delete":
+        return True
+    return None not in new and pending == new
 
 
 def _check_op(op: str) -> None:

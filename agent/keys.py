@@ -9,22 +9,33 @@
     {projekt_id}/.sessions/{session_id}/{path}   changes streamed during a session
 
 The store applies the configured prefix; these keys are relative to it.
-Every relative path is checked here before it becomes a key or a local path.
+Every relative path is checked here before it becomes a key or a local path,
+and ``WorkFolder`` reaches local paths without ever following a link.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from agent.errors import InvalidNameError
+from agent.errors import InvalidNameError, LocalFileError
 
 __all__ = [
+    "HAS_DIR_FD",
     "StageKeys",
     "WorkFolder",
+    "fd_path",
+    "is_plain",
     "local_path_for",
+    "printable",
+    "unsupported_reason",
     "validate_name",
     "validate_rel_path",
 ]
@@ -52,6 +63,29 @@ def validate_name(kind: str, value: str) -> str:
     if value.split(".", maxsplit=1)[0].upper() in _WINDOWS_RESERVED:
         raise InvalidNameError(f"{kind} {value!r} is a reserved device name on Windows")
     return value
+
+
+def printable(rel: str) -> str:
+    """``rel`` safe to print and to put in JSON: undecodable bytes shown as ``\\xNN``."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unsupported_reason(rel: str) -> str | None:
+    """Why the store cannot hold a local path (a name our keys refuse), or None if it can.
+
+    Backslashes, control characters and names that are not valid UTF-8 (kept by
+    Python as surrogate escapes) cannot become keys.
+    """
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    try:
+        validate_rel_path(rel)
+    except InvalidNameError as exc:
+        text = str(exc)
+        return text[text.find("(") + 1 : text.find(")")] if "(" in text else text
+    return None
 
 
 def validate_rel_path(rel: str, *, key: str | None = None) -> str:
@@ -84,44 +118,198 @@ def validate_rel_path(rel: str, *, key: str | None = None) -> str:
     return rel
 
 
-class WorkFolder:
-    """Maps working-copy paths into one root, refusing any that would land outside.
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
+# Descriptor-relative opens (openat) without following links: Linux, macOS, the BSDs.
+HAS_DIR_FD = bool(_O_NOFOLLOW and _O_DIRECTORY and os.open in os.supports_dir_fd)
+_PROC_FD = Path("/proc/self/fd")
+_NAME_MAX = 255  # bytes in one name: ext4, APFS, NTFS (UTF-16 units there; close enough)
+_PATH_MAX = 4096 if os.name != "nt" else 32767
 
-    Each parent folder is resolved once (symlinks followed) and remembered, so
-    mapping a thousand files in one folder costs one ``resolve``, not a thousand.
+
+def is_plain(st: os.stat_result) -> bool:
+    """Not a link and not a reparse point (a junction or OneDrive placeholder on Windows)."""
+    return not stat.S_ISLNK(st.st_mode) and not getattr(st, "st_reparse_tag", 0)
+
+
+def fd_path(fd: int) -> Path | None:
+    """A path that reopens exactly the file or folder ``fd`` refers to (Linux's /proc), or None.
+
+    Handing this to a library that wants a path (the store's upload and download)
+    keeps it on the object we opened without following links, whatever happens to
+    the names meanwhile.
+    """
+    path = _PROC_FD / str(fd)
+    return path if _PROC_FD.is_dir() else None
+
+
+class WorkFolder:
+    """Maps working-copy paths into one root and opens them without following links.
+
+    Nothing outside the root is ever read or written: every check happens at the
+    moment of use (``lstat`` of each folder on the way, or, where the platform has
+    them, descriptor-relative opens with ``O_NOFOLLOW``), never from a cached
+    answer. A link, junction or special file anywhere on the way is refused with
+    ``LocalFileError``; a link as the last component is never followed (reads
+    refuse it, writes replace it).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._resolved_root: Path | None = None
-        self._safe_parents: set[Path] = set()
 
-    def _inside(self, candidate: Path, rel: str, key: str | None) -> None:
-        if self._resolved_root is None:
-            self._resolved_root = self.root.resolve()
-        try:
-            candidate.resolve().relative_to(self._resolved_root)
-        except ValueError as exc:
-            raise InvalidNameError(
-                f"{'key ' + repr(key) if key else 'path ' + repr(rel)} resolves outside the "
-                f"working folder {self.root} (a symlink?); refused"
-            ) from exc
+    def _refuse(self, rel: str, key: str | None, where: Path, what: str) -> LocalFileError:
+        name = f"key {key!r}" if key else f"path {rel!r}"
+        return LocalFileError(
+            f"{name} would be reached through {where}, which is {what}; refused: links and "
+            f"special files are never followed, so nothing outside the working folder "
+            f"{self.root} is read or written. Replace the link with a real folder."
+        )
+
+    def check_root(self) -> None:
+        """The working folder (and its project folder) exist as real folders, not links."""
+        for folder in (self.root.parent, self.root):
+            try:
+                st = folder.lstat()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise LocalFileError(f"cannot read {folder}: {exc.strerror}") from exc
+            if not is_plain(st) or not stat.S_ISDIR(st.st_mode):
+                raise LocalFileError(
+                    f"the working folder path {folder} is a link or not a folder; refused, so "
+                    "that nothing outside the working folder is written. Remove it (or move it "
+                    "away) and open again."
+                )
 
     def path(self, rel: str, *, key: str | None = None) -> Path:
-        """The local path of ``rel``, or ``InvalidNameError`` if it would escape the root."""
+        """The local path of ``rel``; refused if it is not a safe name or its folders are links.
+
+        The folders on the way are checked now, with ``lstat`` (nothing is cached); the
+        last component may itself be a link: callers ``lstat`` it and never follow it.
+        """
         validate_rel_path(rel, key=key)
-        target = self.root.joinpath(*PurePosixPath(rel).parts)
-        parent = target.parent
-        if parent not in self._safe_parents:
-            self._inside(parent, rel, key)
-            self._safe_parents.add(parent)
-        if target.is_symlink():
-            self._inside(target, rel, key)
-        return target
+        parts = PurePosixPath(rel).parts
+        self._check_local_name(rel, parts, key)
+        current = self.root
+        for part in ("", *parts[:-1]):
+            current = current / part if part else current
+            try:
+                st = current.lstat()
+            except FileNotFoundError:
+                break  # created later, by us, as a real folder
+            except OSError as exc:
+                raise LocalFileError(f"cannot read {current}: {exc.strerror}") from exc
+            if not is_plain(st):
+                raise self._refuse(rel, key, current, "a link (outside the working folder?)")
+            if not stat.S_ISDIR(st.st_mode):
+                raise self._refuse(rel, key, current, "not a folder")
+        return self.root.joinpath(*parts)
+
+    def _check_local_name(self, rel: str, parts: tuple[str, ...], key: str | None) -> None:
+        """Refuse (``InvalidNameError``, exit 3) a name this file system cannot hold."""
+        where = f"key {key!r}" if key else f"path {printable(rel)!r}"
+        problem = None
+        for part in parts:
+            size = len(os.fsencode(part))
+            if size > _NAME_MAX:
+                problem = f"a name of {size} bytes (the limit is {_NAME_MAX})"
+            elif os.name == "nt" and (
+                part.split(".", maxsplit=1)[0].upper() in _WINDOWS_RESERVED
+                or part.endswith((".", " "))
+            ):  # pragma: no cover - Windows
+                problem = f"{part!r}, a name Windows reserves or cannot keep"
+        total = len(os.fsencode(self.root)) + 1 + len(os.fsencode(rel))
+        if problem is None and total >= _PATH_MAX:
+            problem = f"a path of {total} bytes (the limit is {_PATH_MAX})"
+        if problem:
+            raise InvalidNameError(
+                f"{where} cannot be a local file here: it has {problem}. Nothing was written "
+                "for it; rename or remove that object in the store (or move the working "
+                "folder to a shorter path)."
+            )
+
+    @contextmanager
+    def open_dir(self, rel_dir: str, *, create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder ``rel_dir`` ("" is the root), walked with O_NOFOLLOW.
+
+        With ``create`` missing folders are made (each inside the previous descriptor).
+        Only where ``HAS_DIR_FD``.
+        """
+        parts = PurePosixPath(rel_dir).parts if rel_dir else ()
+        flags = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+        try:
+            fd = os.open(self.root, flags)
+        except OSError as exc:
+            raise self._translate(exc, rel_dir, self.root) from exc
+        try:
+            for part in parts:
+                if create:
+                    with suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fd)
+                try:
+                    child = os.open(part, flags, dir_fd=fd)
+                except OSError as exc:
+                    raise self._translate(exc, rel_dir, self.root / rel_dir) from exc
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _translate(self, exc: OSError, rel: str, where: Path) -> OSError | LocalFileError:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            return self._refuse(rel, None, where, "a link or not a folder")
+        return exc
+
+    @contextmanager
+    def open_file(self, rel: str) -> Iterator[tuple[int, os.stat_result]]:
+        """Open a regular file for reading without following any link; ``(fd, fstat)``.
+
+        ``FileNotFoundError`` if it is gone; ``LocalFileError`` if it (or a folder on
+        the way) is a link or not a regular file (a FIFO is opened non-blocking, so it
+        cannot hang us, and refused).
+        """
+        self.path(rel)  # validates; and the only check where descriptors are missing
+        head, _, name = rel.rpartition("/")
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY
+        if HAS_DIR_FD:
+            with self.open_dir(head) as dfd:
+                try:
+                    fd = os.open(name, flags, dir_fd=dfd)
+                except OSError as exc:
+                    raise self._translate(exc, rel, self.root / rel) from exc
+        else:  # pragma: no cover - Windows: lstat right before the open
+            target = self.root / rel
+            if not is_plain(target.lstat()):
+                raise self._refuse(rel, None, target, "a link")
+            fd = os.open(target, flags)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._refuse(rel, None, self.root / rel, "not a regular file")
+            yield fd, st
+        finally:
+            os.close(fd)
+
+    def unlink(self, rel: str) -> None:
+        """Remove the file (or link) ``rel`` if present, never following a link on the way."""
+        self.path(rel)
+        head, _, name = rel.rpartition("/")
+        if not HAS_DIR_FD:  # pragma: no cover - Windows
+            (self.root / rel).unlink(missing_ok=True)
+            return
+        try:
+            with self.open_dir(head) as dfd:
+                os.unlink(name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
 
 
 def local_path_for(root: Path, rel: str, *, key: str | None = None) -> Path:
-    """The local path of ``rel`` inside ``root``, or ``InvalidNameError`` if it would escape."""
+    """The local path of ``rel`` inside ``root`` (its folders checked now, never followed)."""
     return WorkFolder(root).path(rel, key=key)
 
 

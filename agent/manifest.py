@@ -8,10 +8,14 @@ manifest the session started from, so it is also the commit's fence.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import os
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,7 +27,10 @@ __all__ = [
     "Manifest",
     "ManifestEntry",
     "OpenPlan",
+    "StatLike",
+    "fd_sha256",
     "file_sha256",
+    "is_unchanged",
     "plan_open",
 ]
 
@@ -90,22 +97,115 @@ class Manifest(BaseModel):
         return sum(e.size for e in self.files.values())
 
 
+class StatLike(Protocol):
+    """What change detection reads from a stat: ``os.stat_result`` or ``snapshot.FileStat``."""
+
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ctime_ns(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+
+
+# A stat taken this soon after the file's last change may not see a write made in the
+# same clock tick (same size, mtime and ctime, other bytes: git's "racily clean"). Such
+# an entry keeps no ctime, so the next check hashes the file instead of trusting it.
+_RACY_NS = 20_000_000  # above the coarsest kernel tick (HZ=100: 10 ms)
+
+
 @dataclass(frozen=True)
 class LocalEntry:
-    """What we know of a local file: its stat and, once hashed, its sha256."""
+    """What we know of a local file: its stat tuple and the sha256 of its content.
+
+    A file is judged unchanged only when ``(size, mtime_ns, ctime_ns, inode)`` are all
+    the ones recorded (``matches``). ``cp -p``, ``tar x``, ``unzip -o`` and ``touch -r``
+    put the old size and mtime back, but not the ctime nor (for a new file) the inode.
+    When only those differ (``same_size_and_mtime``) the caller hashes the file and
+    compares with ``sha256``. An entry whose ctime or inode is unknown (written by an
+    older agent, or racily recorded) never matches, so the file is hashed once.
+    """
 
     size: int
     mtime_ns: int
     sha256: str
+    ctime_ns: int | None = None
+    inode: int | None = None
+
+    @classmethod
+    def from_stat(cls, st: StatLike, sha256: str, *, now_ns: int | None = None) -> LocalEntry:
+        """The entry of a file whose content (as of ``st``) hashes to ``sha256``."""
+        now = time.time_ns() if now_ns is None else now_ns
+        racy = now - st.st_ctime_ns < _RACY_NS
+        return cls(
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            sha256=sha256,
+            ctime_ns=None if racy else st.st_ctime_ns,
+            inode=st.st_ino,
+        )
+
+    def matches(self, st: StatLike) -> bool:
+        """True only if the whole stat tuple is the recorded one (the file is unchanged)."""
+        return (
+            self.ctime_ns is not None
+            and self.size == st.st_size
+            and self.mtime_ns == st.st_mtime_ns
+            and self.ctime_ns == st.st_ctime_ns
+            and self.inode == st.st_ino
+        )
+
+    def same_size_and_mtime(self, st: StatLike) -> bool:
+        """True if size and mtime are the recorded ones: hash to know whether it changed."""
+        return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
+
+    def to_list(self) -> list[int | str | None]:
+        """Compact JSON form: ``[size, mtime_ns, sha256, ctime_ns, inode]``."""
+        return [self.size, self.mtime_ns, self.sha256, self.ctime_ns, self.inode]
+
+    @classmethod
+    def from_list(cls, raw: list[object]) -> LocalEntry:
+        """Read ``to_list``'s form (or the older ``[size, mtime_ns, sha256]``)."""
+        size, mtime_ns, sha256, *rest = raw
+        ctime_ns = rest[0] if len(rest) > 0 else None
+        inode = rest[1] if len(rest) > 1 else None
+        if not (
+            isinstance(size, int)
+            and isinstance(mtime_ns, int)
+            and isinstance(sha256, str)
+            and (ctime_ns is None or isinstance(ctime_ns, int))
+            and (inode is None or isinstance(inode, int))
+        ):
+            raise TypeError(f"not a local entry: {raw!r}")
+        return cls(size, mtime_ns, sha256, ctime_ns, inode)
+
+
+def is_unchanged(entry: LocalEntry | None, st: StatLike, hasher: Callable[[], str]) -> bool:
+    """The one change test: stat tuple equal, or same size and mtime and the same sha256.
+
+    ``hasher`` is called (the file read) only when size and mtime are equal but ctime or
+    inode are not.
+    """
+    if entry is None:
+        return False
+    if entry.matches(st):
+        return True
+    return entry.same_size_and_mtime(st) and hasher() == entry.sha256
 
 
 @dataclass
 class OpenPlan:
-    """What ``open`` must do to make a local folder equal a manifest."""
+    """What ``open`` must do to make a local folder equal a manifest.
+
+    ``kept`` holds the refreshed entry of each kept file (its current stat).
+    """
 
     download: list[str] = field(default_factory=list)
     keep: list[str] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
+    kept: dict[str, LocalEntry] = field(default_factory=dict)
 
     @property
     def is_noop(self) -> bool:
@@ -116,15 +216,17 @@ class OpenPlan:
 def plan_open(
     manifest: Manifest,
     local: Mapping[str, LocalEntry],
-    current: Mapping[str, tuple[int, int]],
+    current: Mapping[str, StatLike],
+    hasher: Callable[[str], str] | None = None,
 ) -> OpenPlan:
     """Compare a cached copy with the manifest.
 
     ``local`` is the snapshot recorded when the copy was cached (with hashes);
-    ``current`` is a fresh ``path -> (size, mtime_ns)`` scan of the folder. A file
-    is kept only if its stat still matches the snapshot and the snapshot's sha256
-    equals the manifest's; everything else in the manifest is downloaded, and
-    local files that the manifest does not name are removed.
+    ``current`` is a fresh scan of the folder (``path -> stat``). A file is kept only
+    if it is unchanged since the snapshot (``is_unchanged``: the stat tuple, or, when
+    only ctime/inode moved, ``hasher(path)``; without a hasher such a file is
+    downloaded) and the snapshot's sha256 equals the manifest's; everything else in
+    the manifest is downloaded, and local files the manifest does not name are removed.
     """
     plan = OpenPlan()
     for rel, entry in sorted(manifest.files.items()):
@@ -133,15 +235,26 @@ def plan_open(
         if (
             snap is not None
             and now is not None
-            and now == (snap.size, snap.mtime_ns)
             and snap.sha256 == entry.sha256
             and snap.size == entry.size
+            and is_unchanged(snap, now, partial(hasher, rel) if hasher else str)
         ):
             plan.keep.append(rel)
+            plan.kept[rel] = LocalEntry.from_stat(now, snap.sha256)
         else:
             plan.download.append(rel)
     plan.remove = sorted(set(current) - set(manifest.files))
     return plan
+
+
+def fd_sha256(fd: int) -> str:
+    """The sha256 hex digest of an open file, from its start, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, _HASH_CHUNK):
+        digest.update(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -14,6 +14,7 @@ recorded process being gone.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -24,7 +25,8 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.errors import SessionError
+from agent.errors import AgentError, SessionError
+from agent.keys import WorkFolder
 from agent.platform import install_termination_handler, machine_name, pid_alive, write_private_file
 from agent.records import SessionRecord, SessionStore
 
@@ -182,17 +184,27 @@ class CrashHandler:
 
 
 def copy_pending(work: Path, backup: Path, pending: list[str]) -> list[str]:
-    """Copy the pending files (those that exist) from ``work`` to ``backup``; return copied."""
+    """Copy the pending files (those that exist) from ``work`` to ``backup``; return copied.
+
+    Each file is opened without following links (``WorkFolder.open_file``): a pending
+    path that is now a link, or lies behind one, or is a special file is skipped, so
+    a crash backup never copies what a link points to (issue 8).
+    """
+    folder = WorkFolder(work)
     copied = []
     for rel in pending:
-        src = work.joinpath(*rel.split("/"))
-        if not src.is_file():
-            continue
         dst = backup / "files" / Path(*rel.split("/"))
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            with folder.open_file(rel) as (fd, st):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with os.fdopen(os.dup(fd), "rb") as src, dst.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             copied.append(rel)
+        except FileNotFoundError:
+            continue
+        except AgentError as exc:
+            log.warning("backup_skipped", path=rel, error=str(exc))
         except OSError as exc:
             log.warning("backup_copy_failed", path=rel, error=str(exc))
     return copied

@@ -1,4 +1,4 @@
-"""Snapshots of a folder, ``path -> (size, mtime_ns)``, and their pure difference.
+"""Snapshots of a folder, ``path -> (size, mtime_ns, ctime_ns, inode)``, and their pure difference.
 
 Used by the reconciliation scan (the safety net for missed watch events), by
 ``close``'s quick scan and by ``open`` when it reuses a cached copy. Only
@@ -9,6 +9,7 @@ skipped. Paths are POSIX-style and relative to the root, whatever the platform.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Mapping
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import structlog
 
+from agent.errors import AgentError
 from agent.ignore import IgnoreRules
+from agent.keys import HAS_DIR_FD, WorkFolder, is_plain
 
 __all__ = ["FileStat", "diff", "scan"]
 
@@ -26,24 +29,48 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class FileStat:
-    """Size and modification time of one file."""
+    """The stat tuple that change detection compares (see ``manifest.LocalEntry``)."""
 
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        """The tuple of an ``lstat`` result."""
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
-def _is_plain(st: os.stat_result) -> bool:
-    """Not a link and not a reparse point (a junction or OneDrive placeholder on Windows)."""
-    return not stat.S_ISLNK(st.st_mode) and not getattr(st, "st_reparse_tag", 0)
+    @property
+    def st_size(self) -> int:
+        """As ``os.stat_result``."""
+        return self.size
+
+    @property
+    def st_mtime_ns(self) -> int:
+        """As ``os.stat_result``."""
+        return self.mtime_ns
+
+    @property
+    def st_ctime_ns(self) -> int:
+        """As ``os.stat_result``."""
+        return self.ctime_ns
+
+    @property
+    def st_ino(self) -> int:
+        """As ``os.stat_result``."""
+        return self.inode
 
 
 def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileStat]:
     """Every regular file at or below ``root/subtree``, keyed by POSIX path relative to ``root``.
 
-    ``subtree`` may name a folder or a single file; if it is missing or ignored the
-    result is empty (the consumer reads that as "everything there is gone"). Files
-    that vanish during the walk are left out; unreadable folders are logged and
-    left out.
+    ``subtree`` may name a folder or a single file; if it is missing, ignored or
+    reached through a link the result is empty (the consumer reads that as
+    "everything there is gone"). Files that vanish during the walk are left out;
+    unreadable folders are logged and left out. Where the platform allows, folders
+    are walked by descriptor with ``O_NOFOLLOW``: a folder swapped for a link
+    during the walk is not entered.
     """
     out: dict[str, FileStat] = {}
     start = root
@@ -52,28 +79,63 @@ def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileSta
             return out
         start = root.joinpath(*subtree.split("/"))
         try:
+            WorkFolder(root).path(subtree)
             st = start.lstat()
-        except OSError:
+        except (OSError, AgentError):
             return out
-        if not _is_plain(st):
+        if not is_plain(st):
             return out
         if stat.S_ISREG(st.st_mode):
-            return {subtree: FileStat(st.st_size, st.st_mtime_ns)}
-    stack: list[tuple[str, str]] = [(os.fspath(start), subtree)]
-    while stack:
+            return {subtree: FileStat.of(st)}
+    if HAS_DIR_FD:
+        try:
+            with WorkFolder(root).open_dir(subtree) as fd:
+                _walk_fd(fd, subtree, rules, out)
+        except (OSError, AgentError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("scan_folder_unreadable", path=subtree or ".", error=str(exc))
+        return out
+    stack: list[tuple[str, str]] = [(os.fspath(start), subtree)]  # pragma: no cover - Windows
+    while stack:  # pragma: no cover - Windows
         folder, rel_folder = stack.pop()
         for rel, path, st in _entries(folder, rel_folder, rules):
             if stat.S_ISDIR(st.st_mode):
                 stack.append((path, rel))
             elif stat.S_ISREG(st.st_mode):
-                out[rel] = FileStat(st.st_size, st.st_mtime_ns)
+                out[rel] = FileStat.of(st)
     return out
 
 
+_DIR_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_DIRECTORY", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _walk_fd(fd: int, rel_folder: str, rules: IgnoreRules, out: dict[str, FileStat]) -> None:
+    """Depth first from an open folder descriptor; at most one descriptor per level is open."""
+    for rel, name, st in _entries(fd, rel_folder, rules):
+        if stat.S_ISREG(st.st_mode):
+            out[rel] = FileStat.of(st)
+        elif stat.S_ISDIR(st.st_mode):
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:  # gone, or swapped for a link since the listing
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    log.warning("scan_folder_unreadable", path=rel, error=str(exc))
+                continue
+            try:
+                _walk_fd(child, rel, rules, out)
+            finally:
+                os.close(child)
+
+
 def _entries(
-    folder: str, rel_folder: str, rules: IgnoreRules
+    folder: str | int, rel_folder: str, rules: IgnoreRules
 ) -> list[tuple[str, str, os.stat_result]]:
-    """The plain, not ignored entries of one folder with their ``lstat``."""
+    """The plain, not ignored entries of one folder (path or descriptor) with their ``lstat``."""
     try:
         with os.scandir(folder) as it:
             entries = list(it)
@@ -94,12 +156,16 @@ def _entries(
         except OSError as exc:
             log.warning("scan_file_unreadable", path=rel, error=str(exc))
             continue
-        if _is_plain(st):
+        if is_plain(st):
             out.append((rel, entry.path, st))  # strings: 10,000 Path objects cost ~0.1 s
     return out
 
 
 def diff(old: Mapping[str, FileStat], new: Mapping[str, FileStat]) -> tuple[set[str], set[str]]:
-    """``(changed_or_added, removed)`` from ``old`` to ``new``, comparing size and mtime."""
+    """``(changed_or_added, removed)`` from ``old`` to ``new``, comparing the whole stat tuple.
+
+    Size and mtime alone miss ``cp -p``/``tar x``/``touch -r`` (issue 8): ctime and
+    inode are compared too.
+    """
     changed = {rel for rel, st in new.items() if old.get(rel) != st}
     return changed, set(old).difference(new)

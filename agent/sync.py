@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -30,21 +31,34 @@ from typing import Any
 import structlog
 
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, LocalFileError
 from agent.ignore import IgnoreRules
-from agent.journal import Journal, Op
-from agent.keys import StageKeys, WorkFolder
-from agent.manifest import LocalEntry, Manifest, file_sha256
+from agent.journal import Change, Journal
+from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
-from agent.transfer import Transfers, Upload
+from agent.transfer import Transfers, Upload, same_stat
 from agent.watcher import Watcher
 
-__all__ = ["Streamer"]
+__all__ = ["Streamer", "describe_unsupported"]
 
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF = 30.0
+
+
+def describe_unsupported(unsupported: dict[str, str]) -> str:
+    """Close's refusal: which local files the store cannot hold, and the two ways on."""
+    shown = [f"{printable(rel)} ({why})" for rel, why in sorted(unsupported.items())[:10]]
+    more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+    return (
+        f"{len(unsupported)} local files have names the store cannot hold: "
+        f"{'; '.join(shown)}{more}. Nothing was committed and the lock is kept. Rename them "
+        "(no backslash, control character or invalid UTF-8), or close with --skip-unsupported "
+        "(library: close(skip_unsupported=True)) to commit without them; they are then kept "
+        "beside the working folder, never deleted."
+    )
 
 
 class Streamer:
@@ -79,8 +93,9 @@ class Streamer:
             elif staged.mtime_ns is not None:
                 self._known[rel] = LocalEntry(staged.size, staged.mtime_ns, staged.sha256)
         self._known_lock = threading.Lock()
+        self._unsupported: dict[str, str] = {}
         self._on_error = on_error
-        self._transfers = Transfers(store, config.transfer.workers)
+        self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: dict[str, Future[bool]] = {}
         self._started: dict[str, float] = {}  # path -> when its request began (monotonic)
@@ -152,32 +167,38 @@ class Streamer:
     # ---------------------------------------------------------------- intake
 
     def on_dirty(self, paths: set[str]) -> None:
-        """Journal each path as a put (a file) or a delete (gone); wake the uploader."""
-        items: list[tuple[str, Op, int | None, int | None]] = []
+        """Journal each path as a put (a file) or a delete (gone); wake the uploader.
+
+        A file whose stat tuple is the one of the content the store holds is skipped
+        (``LocalEntry.matches``); any other file is journalled and the uploader hashes
+        it, sending it only if the hash differs from what the store holds. Links and
+        special files are never files here: one that replaced a tracked file is a delete.
+        """
+        items: list[Change] = []
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
+            if (reason := unsupported_reason(rel)) is not None:
+                self._note_unsupported(rel, reason)
+                continue
+            st: os.stat_result | None = None
             try:
-                path = self._folder.path(rel)
+                st = self._folder.path(rel).lstat()
+            except LocalFileError as exc:  # a folder on the way is a link: not followed
+                log.warning("not_synchronised", path=rel, reason=str(exc))
             except AgentError:
                 log.warning("path_refused", path=rel)
                 continue
-            try:
-                st = path.stat()
-                is_file = path.is_file() and not path.is_symlink()
             except OSError:
-                is_file = False
-            if is_file:
+                pass
+            if st is not None and stat.S_ISREG(st.st_mode):
                 with self._known_lock:
                     known = self._known.get(rel)
-                if known is not None and (known.size, known.mtime_ns) == (
-                    st.st_size,
-                    st.st_mtime_ns,
-                ):
+                if known is not None and known.matches(st):
                     continue
-                items.append((rel, "put", st.st_size, st.st_mtime_ns))
+                items.append((rel, "put", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             elif self._is_tracked(rel):
-                items.append((rel, "delete", None, None))
+                items.append((rel, "delete", None, None, None, None))
         if items:
             self.journal.record_many(items)
             self._wake.set()
@@ -199,11 +220,11 @@ class Streamer:
                 if not prefix or k.startswith(prefix) or k == subtree
             }
         dirty = {
-            rel
-            for rel, st in current.items()
-            if (k := known.get(rel)) is None or (k.size, k.mtime_ns) != (st.size, st.mtime_ns)
+            rel for rel, st in current.items() if (k := known.get(rel)) is None or not k.matches(st)
         }
         dirty |= set(known) - set(current)
+        with self._known_lock:
+            dirty |= {r for r in self._unsupported if r.startswith(prefix) or r == subtree}
         if dirty:
             log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
             self.on_dirty(dirty)
@@ -292,25 +313,49 @@ class Streamer:
             since.append(self._failing_since)
         return time.monotonic() - min(since) if since else 0.0
 
+    def _held(self, rel: str) -> tuple[str, int] | None:
+        """``(sha256, size)`` of what the store holds for ``rel`` (staged, else base)."""
+        staged = self.journal.staged_entry(rel)
+        if staged is not None:
+            return (staged.sha256, staged.size) if staged.op == "put" else None
+        base = self.base.files.get(rel)
+        return (base.sha256, base.size) if base is not None else None
+
     def _put(self, rel: str, seq: int) -> bool:
-        """Send a put row; True if the row is finished (no newer save arrived meanwhile)."""
-        path = self._folder.path(rel)
-        if not path.is_file():
+        """Send a put row; True if the row is finished (no newer save arrived meanwhile).
+
+        The file is hashed first when the store already holds something of its size:
+        equal content is not sent again (a ``touch``, a ``chmod``, a tool that rewrote
+        the same bytes), other content always is, whatever its size and mtime say.
+        """
+        try:
+            path = self._folder.path(rel)
+            with self._folder.open_file(rel) as (fd, opened):
+                st = opened
+                held = self._held(rel)
+                known: tuple[os.stat_result, str] | None = None
+                for _try in range(3):  # a file written while hashed is hashed again
+                    if held is None or st.st_size != held[1]:
+                        break
+                    digest = fd_sha256(fd)
+                    after = os.fstat(fd)
+                    if not same_stat(st, after):
+                        st = after
+                        continue
+                    known = (st, digest)
+                    if digest == held[0]:
+                        finished = self.journal.mark_done(rel, seq, unchanged=True)
+                        self._remember(rel, LocalEntry.from_stat(st, digest))
+                        return finished
+                    break
+        except (FileNotFoundError, LocalFileError) as exc:
+            # Gone, or now a link or special file (never followed, never sent).
+            if isinstance(exc, LocalFileError):
+                log.warning("not_synchronised", path=rel, reason=str(exc))
             if self._is_tracked(rel):
                 self.journal.record(rel, "delete")
                 return False
             return self.journal.mark_done(rel, seq)
-        base = self.base.files.get(rel)
-        staged = self.journal.staged_entry(rel)
-        known: tuple[os.stat_result, str] | None = None
-        if base is not None and staged is None:
-            st = path.stat()
-            if st.st_size == base.size:
-                known = (st, file_sha256(path))
-                if known[1] == base.sha256:
-                    finished = self.journal.mark_done(rel, seq)
-                    self._remember(rel, LocalEntry(st.st_size, st.st_mtime_ns, base.sha256))
-                    return finished
         done = self._transfers.upload_one(
             Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None, known=known
         )
@@ -318,7 +363,7 @@ class Streamer:
             rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns
         )
         if finished:
-            self._remember(rel, LocalEntry(done.size, done.mtime_ns, done.sha256))
+            self._remember(rel, done.entry())
         self.uploads += 1
         self.last_upload_at = datetime.now(UTC)
         log.info("streamed", path=rel, key=done.key, bytes=done.size, session_id=self.session_id)
@@ -333,6 +378,33 @@ class Streamer:
         with self._known_lock:
             self._known.pop(rel, None)
         return finished
+
+    def _note_unsupported(self, rel: str, reason: str) -> None:
+        """A name the store cannot hold: remembered (for status and close) while it exists."""
+        try:
+            st = self.root.joinpath(*rel.split("/")).lstat()
+        except OSError:
+            st = None
+        with self._known_lock:
+            if st is None or stat.S_ISDIR(st.st_mode):
+                self._unsupported.pop(rel, None)
+                return
+            is_new = rel not in self._unsupported
+            self._unsupported[rel] = reason
+        if is_new:
+            log.warning("name_not_supported", path=printable(rel), reason=reason)
+
+    def unsupported(self) -> dict[str, str]:
+        """Local files whose names the store cannot hold (never sent, never deleted): reasons."""
+        with self._known_lock:
+            return dict(self._unsupported)
+
+    def check_storable(self, *, skip: bool) -> dict[str, str]:
+        """The unsupported names; unless ``skip``, any at all is a ``LocalFileError`` (close)."""
+        unsupported = self.unsupported()
+        if unsupported and not skip:
+            raise LocalFileError(describe_unsupported(unsupported))
+        return unsupported
 
     def _remember(self, rel: str, entry: LocalEntry) -> None:
         with self._known_lock:
@@ -380,4 +452,5 @@ class Streamer:
             "last_upload_at": self.last_upload_at.isoformat() if self.last_upload_at else None,
             "last_error": self.last_error,
             "watching": self._watcher is not None,
+            "unsupported": sorted(printable(r) for r in self.unsupported()),
         }

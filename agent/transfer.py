@@ -14,8 +14,9 @@ import errno
 import mimetypes
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,7 +25,9 @@ import structlog
 
 from agent.errors import AgentError, LocalFileError, PermanentStoreError, TransferError
 from agent.ignore import temp_name_for
-from agent.manifest import file_sha256
+from agent.keys import HAS_DIR_FD, WorkFolder, fd_path
+from agent.manifest import LocalEntry, fd_sha256, file_sha256
+from agent.snapshot import FileStat
 from agent.store.base import ObjectInfo, ObjectStore
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "Uploaded",
     "content_type_for",
     "local_file_error",
+    "same_stat",
 ]
 
 log = structlog.get_logger(__name__)
@@ -43,6 +47,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _MAX_UPLOAD_REDOS = 5
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 _EXTRA_TYPES = {
     ".dwg": "image/vnd.dwg",
     ".dxf": "image/vnd.dxf",
@@ -147,14 +152,25 @@ class Uploaded:
     size: int
     sha256: str
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+
+    def entry(self) -> LocalEntry:
+        """What the store now holds for this file, as change detection's entry."""
+        return LocalEntry.from_stat(
+            FileStat(self.size, self.mtime_ns, self.ctime_ns, self.inode), self.sha256
+        )
 
 
 class Transfers:
     """A pool of ``workers`` threads moving files between a folder and a store."""
 
-    def __init__(self, store: ObjectStore, workers: int) -> None:
+    def __init__(self, store: ObjectStore, workers: int, folder: WorkFolder | None = None) -> None:
         self.store = store
         self.workers = workers
+        # With a folder, downloads below its root and every upload go through its
+        # descriptors: no link on the way is followed (issue 8).
+        self.folder = folder
 
     def download(self, items: Sequence[Download], progress: Progress | None = None) -> list[str]:
         """Download every item (temp + verify + rename); return the sha256 of each, in order."""
@@ -213,7 +229,6 @@ class Transfers:
         ) from first
 
     def _download_one(self, item: Download, progress: Progress | None) -> str:
-        tmp = temp_name_for(item.dest)
         sent = 0
 
         def on_bytes(delta: int) -> None:
@@ -224,29 +239,74 @@ class Transfers:
 
         try:
             try:
-                item.dest.parent.mkdir(parents=True, exist_ok=True)
-                info: ObjectInfo = self.store.download_file(item.key, tmp, progress=on_bytes)
-                actual = tmp.stat().st_size
-                if actual != info.size or (item.size is not None and actual != item.size):
-                    raise PermanentStoreError(
-                        f"downloaded {item.key} has {actual} bytes, expected "
-                        f"{item.size if item.size is not None else info.size}; the object changed "
-                        "during the download or the transfer was cut: try again"
-                    )
-                digest = file_sha256(tmp)
-                if item.sha256 is not None and digest != item.sha256:
-                    raise PermanentStoreError(
-                        f"downloaded {item.key} does not match the manifest's sha256; the object "
-                        "was changed outside the agent. Nothing was overwritten; ask an operator."
-                    )
-                os.replace(tmp, item.dest)
+                rel = self._rel_in_folder(item.dest)
+                if rel is not None and HAS_DIR_FD:
+                    return self._download_by_fd(item, rel, on_bytes)
+                if rel is not None and self.folder is not None:
+                    self.folder.path(rel)  # no descriptors (Windows): lstat the way now
+                return self._download_by_path(item, on_bytes)
             except OSError as exc:
                 raise local_file_error(exc, item.dest, "write") from exc
         except BaseException:
             if progress is not None and sent:
                 progress.add(-sent)
+            raise
+
+    def _rel_in_folder(self, dest: Path) -> str | None:
+        if self.folder is None:
+            return None
+        try:
+            return dest.relative_to(self.folder.root).as_posix()
+        except ValueError:
+            return None
+
+    def _download_by_fd(self, item: Download, rel: str, on_bytes: Callable[[int], None]) -> str:
+        """Into the folder's descriptors: folders made inside it, the temp renamed by fd."""
+        assert self.folder is not None
+        head, _, name = rel.rpartition("/")
+        with self.folder.open_dir(head, create=True) as dfd:
+            tmp_name = temp_name_for(Path(name)).name
+            via = fd_path(dfd)
+            tmp = via / tmp_name if via is not None else item.dest.with_name(tmp_name)
+            try:
+                info: ObjectInfo = self.store.download_file(item.key, tmp, progress=on_bytes)
+                fd = os.open(tmp_name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=dfd)
+                try:
+                    digest = self._verify(item, info, os.fstat(fd).st_size, fd_sha256(fd))
+                finally:
+                    os.close(fd)
+                os.replace(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp_name, dir_fd=dfd)
+                raise
+        return digest
+
+    def _download_by_path(self, item: Download, on_bytes: Callable[[int], None]) -> str:
+        tmp = temp_name_for(item.dest)
+        try:
+            item.dest.parent.mkdir(parents=True, exist_ok=True)
+            info: ObjectInfo = self.store.download_file(item.key, tmp, progress=on_bytes)
+            digest = self._verify(item, info, tmp.stat().st_size, file_sha256(tmp))
+            os.replace(tmp, item.dest)
+        except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return digest
+
+    @staticmethod
+    def _verify(item: Download, info: ObjectInfo, actual: int, digest: str) -> str:
+        if actual != info.size or (item.size is not None and actual != item.size):
+            raise PermanentStoreError(
+                f"downloaded {item.key} has {actual} bytes, expected "
+                f"{item.size if item.size is not None else info.size}; the object changed "
+                "during the download or the transfer was cut: try again"
+            )
+        if item.sha256 is not None and digest != item.sha256:
+            raise PermanentStoreError(
+                f"downloaded {item.key} does not match the manifest's sha256; the object "
+                "was changed outside the agent. Nothing was overwritten; ask an operator."
+            )
         return digest
 
     def upload_one(
@@ -260,6 +320,8 @@ class Transfers:
 
         ``known`` is a ``(stat, sha256)`` the caller already computed, so a large file
         is not hashed twice; it is trusted only while the file's stat still matches.
+        With a ``folder`` the file is opened once without following links and the
+        store reads that very file (through /proc/self/fd where there is one).
         """
         for _attempt in range(_MAX_UPLOAD_REDOS):
             sent = 0
@@ -271,28 +333,26 @@ class Transfers:
                     progress.add(delta)
 
             try:
-                before = item.src.stat()
-                if known is not None and (known[0].st_size, known[0].st_mtime_ns) == (
-                    before.st_size,
-                    before.st_mtime_ns,
-                ):
-                    digest = known[1]
-                else:
-                    digest = file_sha256(item.src)
-                known = None
-                result = self.store.upload_file(
-                    item.key,
-                    item.src,
-                    content_type=content_type_for(item.rel),
-                    progress=on_bytes,
-                    metadata={"sha256": digest},
-                )
-                after = item.src.stat()
+                with self._opened(item) as (fd, before):
+                    if known is not None and same_stat(known[0], before):
+                        digest = known[1]
+                    else:
+                        digest = fd_sha256(fd) if fd >= 0 else file_sha256(item.src)
+                    known = None
+                    via = fd_path(fd) if fd >= 0 else None
+                    result = self.store.upload_file(
+                        item.key,
+                        via if via is not None else item.src,
+                        content_type=content_type_for(item.rel),
+                        progress=on_bytes,
+                        metadata={"sha256": digest},
+                    )
+                    after = os.fstat(fd) if fd >= 0 else item.src.stat()
             except OSError as exc:
                 if progress is not None:
                     progress.add(-sent)
                 raise local_file_error(exc, item.src, "read") from exc
-            if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            if same_stat(before, after):
                 return Uploaded(
                     rel=item.rel,
                     key=item.key,
@@ -300,6 +360,8 @@ class Transfers:
                     size=after.st_size,
                     sha256=digest,
                     mtime_ns=after.st_mtime_ns,
+                    ctime_ns=after.st_ctime_ns,
+                    inode=after.st_ino,
                 )
             log.info("upload_redo_file_changed", path=item.rel, key=item.key)
             if progress is not None:
@@ -309,3 +371,22 @@ class Transfers:
             "close the program writing it and try again",
             failed=1,
         )
+
+    @contextmanager
+    def _opened(self, item: Upload) -> Iterator[tuple[int, os.stat_result]]:
+        """``(fd, fstat)`` of the file through the folder, or ``(-1, stat)`` without one."""
+        if self.folder is None:
+            yield -1, item.src.stat()
+            return
+        with self.folder.open_file(item.rel) as opened:
+            yield opened
+
+
+def same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    """The same file, unchanged: size, mtime, ctime and inode all equal (issue 8)."""
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+        b.st_ino,
+    )

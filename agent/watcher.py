@@ -25,6 +25,8 @@ one delivery thread, never concurrently. Directory events (created, deleted,
 moved: both sides), the loss of events (inotify queue overflow, a dead emitter
 thread) and every ``rescan_interval`` ask the consumer to rescan a subtree
 (``""`` is the whole root) instead: it compares the folder with what it knows.
+Those rescans are debounced too (``Debouncer.request_rescan``): one rescan per
+subtree once no event happened inside it for ``debounce`` seconds.
 
 ``flush`` is close's "now, please": see its docstring.
 """
@@ -61,6 +63,7 @@ _IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 _HEALTH_INTERVAL = 2.0  # how often the delivery thread checks that the observer still runs
 _MAX_RETRY_DELAY = 5.0  # backoff cap when the consumer's callback keeps failing
 _STOP_DEADLINE = 10.0
+_RESCAN_MAX_DELAY_FACTOR = 10  # a busy subtree is rescanned after max_delay * 10 at the latest
 
 
 @dataclass
@@ -71,6 +74,17 @@ class _Dirty:
     observed: bool = False
     last_stat: tuple[int, int] | None = None
     stat_since: float = 0.0
+
+
+def _inside(subtree: str, other: str) -> bool:
+    """True if ``subtree`` lies strictly inside ``other`` ("" is the root)."""
+    return subtree != other and (not other or subtree.startswith(other + "/"))
+
+
+@dataclass
+class _Rescan:
+    first_seen: float
+    last_event: float
 
 
 class Debouncer:
@@ -89,6 +103,8 @@ class Debouncer:
         self._dirty: dict[str, _Dirty] = {}
         self._delivered_at: dict[str, float] = {}
         self._next_prune = 0.0
+        self._rescans: dict[str, _Rescan] = {}
+        self.rescan_max_delay = max_delay * _RESCAN_MAX_DELAY_FACTOR
 
     def touch(self, path: str, now: float) -> None:
         """An event for ``path`` arrived at ``now``."""
@@ -98,6 +114,52 @@ class Debouncer:
         else:
             d.last_event = max(d.last_event, now)
             d.needs_stat = True
+        self._quieten(path, now)
+
+    def request_rescan(self, subtree: str, now: float) -> None:
+        """A directory event (or lost events) asks for a rescan of ``subtree`` ("" = all).
+
+        The rescan is debounced like a path, but its quiet period restarts with every
+        event anywhere inside the subtree: a ``cp -r`` or ``git clone`` is rescanned
+        once, after it finished, instead of at its first folder event while its files
+        are still being written (which sent many files twice; issue 8).
+        """
+        r = self._rescans.get(subtree)
+        if r is None:
+            self._rescans[subtree] = _Rescan(first_seen=now, last_event=now)
+        else:
+            r.last_event = max(r.last_event, now)
+        self._quieten(subtree, now)
+
+    def _quieten(self, path: str, now: float) -> None:
+        for subtree, r in self._rescans.items():
+            if not subtree or path == subtree or path.startswith(subtree + "/"):
+                r.last_event = max(r.last_event, now)
+
+    @property
+    def rescan_count(self) -> int:
+        """How many subtrees wait for a rescan."""
+        return len(self._rescans)
+
+    def due_rescans(self, now: float, *, force: bool = False) -> set[str]:
+        """The subtrees to rescan at ``now`` (quiet for ``debounce``, or waiting too long).
+
+        "Too long" is ``max_delay`` times 10: a subtree that never quietens is still
+        rescanned now and then. ``force`` (flush) takes them all. A subtree inside
+        another pending one (due or not) is covered by it and dropped: the parent's
+        rescan, when due, walks it too.
+        """
+        due = {
+            subtree
+            for subtree, r in self._rescans.items()
+            if force
+            or now - r.last_event >= self.debounce
+            or now - r.first_seen >= self.rescan_max_delay
+        }
+        covered = {s for s in self._rescans if any(_inside(s, o) for o in self._rescans)}
+        for subtree in due | covered:
+            del self._rescans[subtree]
+        return due - covered
 
     @property
     def dirty_count(self) -> int:
@@ -198,7 +260,6 @@ class Watcher:
         # _lock guards the debouncer and the sets below; _cond is signalled after each pass.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._rescans: set[str] = set()
         self._retry_paths: set[str] = set()
         self._retry_rescans: set[str] = set()
         self._retry_at = 0.0
@@ -323,13 +384,13 @@ class Watcher:
             raws.append(event.dest_path)
         now = self._clock()
         with self._lock:
-            was_idle = not self._debouncer.dirty_count and not self._rescans
+            was_idle = not self._debouncer.dirty_count and not self._debouncer.rescan_count
             for raw in raws:
                 rel = self._rel(raw)
                 if rel is None or (rel and self.rules.is_ignored(rel)):
                     continue
                 if event.is_directory:
-                    self._rescans.add(rel)  # "" when the root itself went away
+                    self._debouncer.request_rescan(rel, now)  # "" when the root went away
                 elif rel:
                     self._debouncer.touch(rel, now)
         if was_idle:
@@ -338,7 +399,7 @@ class Watcher:
     def _request_rescan(self, subtree: str, *, reason: str) -> None:
         log.warning("watch_rescan_requested", path=str(self.root), subtree=subtree, reason=reason)
         with self._lock:
-            self._rescans.add(subtree)
+            self._debouncer.request_rescan(subtree, self._clock())
         self._kick.set()
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
@@ -352,7 +413,7 @@ class Watcher:
 
     def _idle_wait(self, now: float, next_reconcile: float, next_health: float) -> float:
         with self._lock:
-            busy = self._debouncer.dirty_count or self._rescans or self._flushers
+            busy = self._debouncer.dirty_count or self._debouncer.rescan_count or self._flushers
             retrying = self._retry_paths or self._retry_rescans
         if busy:
             return self._tick
@@ -374,7 +435,7 @@ class Watcher:
             if now >= next_reconcile:
                 next_reconcile = now + self.config.rescan_interval
                 with self._lock:
-                    self._rescans.add("")
+                    self._debouncer.request_rescan("", now)
             if now >= next_health:
                 next_health = now + _HEALTH_INTERVAL
                 self._check_observer()
@@ -386,7 +447,7 @@ class Watcher:
             now = self._clock()
             force = self._flushers > 0
             paths = self._debouncer.due(now, self._stat, force=force)
-            rescans, self._rescans = self._rescans, set()
+            rescans = self._debouncer.due_rescans(now, force=force)
             if (self._retry_paths or self._retry_rescans) and now >= self._retry_at:
                 paths |= self._retry_paths
                 rescans |= self._retry_rescans
@@ -442,7 +503,7 @@ class Watcher:
             else:
                 log.info("watch_restarted", path=str(self.root))
         with self._lock:
-            self._rescans.add("")
+            self._debouncer.request_rescan("", self._clock())
 
     def flush(self, timeout: float) -> bool:
         """Deliver everything dirty now, without quiet periods; True once nothing is left.
@@ -496,7 +557,7 @@ class Watcher:
         """Call with ``_lock`` held."""
         return not (
             self._debouncer.dirty_count
-            or self._rescans
+            or self._debouncer.rescan_count
             or self._retry_paths
             or self._retry_rescans
             or self._delivering

@@ -3,7 +3,7 @@
 Usage::
 
     python bench/run.py                 # everything, 5 runs each
-    python bench/run.py --runs 3 --only core,stream,resume
+    python bench/run.py --runs 3 --only core,stream,resume,folder
 
 Prints markdown tables (medians of the runs; ratios to s5cmd or to a cold open).
 Nothing here is a test: speed is never asserted, only measured side by side.
@@ -548,6 +548,91 @@ def bench_resume(bench: Bench) -> None:
         )
 
 
+# --------------------------------------------------------------------------- folder
+
+
+def _folder_tree(root: Path, count: int) -> None:
+    """``count`` files of 4 KiB in 20 subfolders of ``root/pkg``."""
+    for i in range(count):
+        path = root / "pkg" / f"sub{i % 20:02d}" / f"f{i:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(4 * KiB))
+
+
+def _git_clone(src: Path, dest: Path) -> None:
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    if not (src / ".git").exists():
+        subprocess.run(["git", "init", "-q", str(src)], check=True, env=env)
+        subprocess.run(["git", "-C", str(src), "add", "-A"], check=True, env=env)
+        ident = ["-c", "user.name=b", "-c", "user.email=b@b"]
+        subprocess.run(
+            ["git", *ident, "-C", str(src), "commit", "-q", "-m", "x"], check=True, env=env
+        )
+    subprocess.run(["git", "clone", "-q", str(src), str(dest / "repo")], check=True, env=env)
+
+
+def _counting(real: Callable[..., object], sent: list[str]) -> Callable[..., object]:
+    def counting(key: str, path: Path, **kw: object) -> object:
+        sent.append(key)
+        return real(key, path, **kw)
+
+    return counting
+
+
+def bench_folder(bench: Bench) -> None:
+    """Issue 8: folder operations into a watched copy: uploads per file, time to all staged."""
+    import zipfile
+
+    from agent.transfer import Transfers, Upload
+
+    table = "folder: 2000 x 4 KiB into a watched copy"
+    count = 2000
+    src = bench.scratch / "folder-src"
+    _folder_tree(src, count)
+    archive = shutil.make_archive(str(bench.scratch / "folder"), "zip", src)
+    ops: dict[str, Callable[[Path], object]] = {
+        "cp -r": lambda dest: subprocess.run(["cp", "-r", str(src / "pkg"), str(dest)], check=True),
+        "mv": lambda dest: subprocess.run(
+            ["mv", str(bench.scratch / "folder-mv" / "pkg"), str(dest)], check=True
+        ),
+        "unzip": lambda dest: zipfile.ZipFile(archive).extractall(dest),
+    }
+    if shutil.which("git"):
+        ops["git clone"] = lambda dest: _git_clone(src, dest)
+    store = open_store(bench.config("folder-probe"))
+    files = [p for p in (src / "pkg").rglob("*") if p.is_file()]
+    bulk_runs = []
+    for run in range(max(1, bench.runs // 2)):
+        items = [Upload(rel=p.name, key=f"bulk{run}/{p.name}", src=p) for p in files]
+        bulk_runs.append(timed(partial(Transfers(store, 10).upload, items)))
+    bulk = median(bulk_runs)
+    bench.add(table, "bulk upload of the same files (agent transfers)", bulk)
+    for name, op in ops.items():
+        per_file, staged = [], []
+        for run in range(max(1, bench.runs // 2)):
+            if name == "mv":
+                shutil.rmtree(bench.scratch / "folder-mv", ignore_errors=True)
+                shutil.copytree(src / "pkg", bench.scratch / "folder-mv" / "pkg")
+            with watching_session(bench, "Folder", f"folder-{name}-{run}") as s:
+                assert s.work_path is not None
+                sent: list[str] = []
+                s.store.upload_file = _counting(s.store.upload_file, sent)  # type: ignore[method-assign,assignment]
+                op(s.work_path)
+                t_exit = time.monotonic()
+                n = sum(1 for p in s.work_path.rglob("*") if p.is_file() and ".git" not in p.parts)
+                wait_until(partial(_drained, s, n), timeout=600, step=0.02)
+                staged.append(time.monotonic() - t_exit)
+                s.flush(60)
+                per_file.append(len([k for k in sent if "/.git/" not in k]) / n)
+        bench.add(
+            table,
+            f"{name}: tool exit to all staged",
+            median(staged),
+            f"{median(staged) / bulk:.2f} x bulk; {median(per_file):.2f} uploads per file",
+        )
+    store.close()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -573,9 +658,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--only", default="core,stream,resume")
+    parser.add_argument("--only", default="core,stream,resume,folder")
     args = parser.parse_args()
-    groups = {"core": bench_core, "stream": bench_stream, "resume": bench_resume}
+    groups = {
+        "core": bench_core,
+        "stream": bench_stream,
+        "resume": bench_resume,
+        "folder": bench_folder,
+    }
     scratch = Path(tempfile.mkdtemp(prefix="pdagent-bench-"))
     try:
         with SeaweedServer(scratch / "seaweed") as server:

@@ -88,8 +88,9 @@ class PlantDesignSession:
             self.config.paths.cache_dir,
             max_bytes=self.config.transfer.cache_max_bytes,
             enabled=self.config.transfer.cache_enabled,
+            rules=IgnoreRules((*self.config.watch.ignore, *self.config.watch.extra_ignore)),
         )
-        self.rules = IgnoreRules((*self.config.watch.ignore, *self.config.watch.extra_ignore))
+        self.rules = self.cache.rules
         self.record: SessionRecord | None = None
         self._lock: RemoteLock | None = None
         self._heartbeat: Heartbeat | None = None
@@ -236,13 +237,19 @@ class PlantDesignSession:
         session._set_state(SessionState.ACTIVE)
         return session
 
-    def close(self, *, allow_mass_delete: bool = False) -> CloseReport:
+    def close(
+        self, *, allow_mass_delete: bool = False, skip_unsupported: bool = False
+    ) -> CloseReport:
         """Flush what is still pending, commit the staged changes, release the lock.
 
         On any failure the session goes back to ACTIVE with the lock held (a commit
         that had started is finished by the next close, resume, abort or discard).
+        A local file whose name the store cannot hold makes close refuse
+        (``LocalFileError``, exit 11) unless ``skip_unsupported``; it is never deleted.
         """
-        return checkin.close(self, allow_mass_delete=allow_mass_delete)
+        return checkin.close(
+            self, allow_mass_delete=allow_mass_delete, skip_unsupported=skip_unsupported
+        )
 
     def abort(self) -> None:
         """Discard the session: remove staging and the working folder, release the lock.

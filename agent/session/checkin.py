@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -24,8 +25,8 @@ from agent.errors import (
     TransferError,
 )
 from agent.journal import Staged
-from agent.keys import StageKeys, WorkFolder
-from agent.manifest import Manifest, ManifestEntry, file_sha256
+from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.manifest import Manifest, ManifestEntry, fd_sha256, file_sha256, is_unchanged
 from agent.snapshot import scan
 from agent.state import SessionState
 from agent.sync import Streamer
@@ -57,13 +58,15 @@ def _reupload(s: PlantDesignSession, rel: str, staged: StagedCopy) -> str | None
     """Send the local file again to staging if it still has the recorded content."""
     assert s.record is not None
     keys = StageKeys(s.record.projekt_id, s.record.stage)
+    folder = WorkFolder(s.record.work_path)
     try:
-        path = WorkFolder(s.record.work_path).path(rel)
-        if not path.is_file() or file_sha256(path) != staged.sha256:
-            return None
+        path = folder.path(rel)
+        with folder.open_file(rel) as (fd, _st):
+            if fd_sha256(fd) != staged.sha256:
+                return None
     except (OSError, AgentError):
         return None
-    done = Transfers(s.store, 1).upload_one(
+    done = Transfers(s.store, 1, folder=folder).upload_one(
         Upload(rel=rel, key=keys.staged(s.record.session_id, rel), src=path), None
     )
     if done.sha256 != staged.sha256:
@@ -85,6 +88,10 @@ class CloseReport:
     conflicts: list[str] = field(default_factory=list)
     changed_after_commit: list[str] = field(default_factory=list)
     """Files saved after close's final scan: the folder was kept in place, not cached."""
+    not_synchronised: list[str] = field(default_factory=list)
+    """Local names the store cannot hold (closed with ``skip_unsupported``)."""
+    kept_aside: list[str] = field(default_factory=list)
+    """What the store does not hold, moved to ``<stage>.kept-<time>`` beside the folder."""
 
     def as_dict(self) -> dict[str, object]:
         """For ``--json`` and the agent channel."""
@@ -97,10 +104,14 @@ class CloseReport:
             "seconds": round(self.seconds, 3),
             "conflicts": self.conflicts,
             "changed_after_commit": self.changed_after_commit,
+            "not_synchronised": self.not_synchronised,
+            "kept_aside": self.kept_aside,
         }
 
 
-def close(s: PlantDesignSession, *, allow_mass_delete: bool = False) -> CloseReport:
+def close(
+    s: PlantDesignSession, *, allow_mass_delete: bool = False, skip_unsupported: bool = False
+) -> CloseReport:
     """Flush what is still pending, commit the staged changes, release the lock.
 
     On any failure the session goes back to ACTIVE with the lock held (a commit
@@ -110,10 +121,10 @@ def close(s: PlantDesignSession, *, allow_mass_delete: bool = False) -> CloseRep
         s._require(SessionState.ACTIVE, action="close")
         if s.lock_lost is not None:
             raise s.lock_lost
-        return _close(s, allow_mass_delete)
+        return _close(s, allow_mass_delete, skip_unsupported)
 
 
-def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
+def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: bool) -> CloseReport:
     assert s.record is not None and s._lock is not None
     started = time.monotonic()
     s._set_state(SessionState.UPLOADING)
@@ -125,6 +136,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
         streamer.stop_watching()
         streamer.rescan("")
         _flush_or_raise(s, streamer)
+        unsupported = streamer.check_storable(skip=skip_unsupported)
         # From here on the lock keeper writes for close alone: the heartbeat rests.
         s._stop_heartbeat()
         s._lock.renew()  # fencing: prove we still hold the lock right before committing
@@ -135,7 +147,9 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
         if isinstance(exc, LockLostError):
             s._on_lock_lost(exc)
         s._note_error(str(exc))
-        if s._lock.etag is not None and s.lock_lost is None:
+        # A failure before the heartbeat rested (flush, unsupported names) keeps it running:
+        # starting another would leave the first one running unseen.
+        if s._heartbeat is None and s._lock.etag is not None and s.lock_lost is None:
             s._start_heartbeat()
         if was_watching and s.lock_lost is None:
             streamer.start_watching()
@@ -145,6 +159,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
     # recovery finishes (the record says so) instead of offering a resume.
     s._update_record(phase="closing")
     changed_after = _changed_since_commit(s, streamer, manifest)
+    kept: list[str] = []
     known = streamer.known()
     s._uninstall_crash_handler()
     s._stop_streaming()
@@ -161,7 +176,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
             for rel, e in known.items()
             if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
         }
-        s.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
+        kept = s.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
     s.records.remove(record.session_id)
     shutil.rmtree(s.config.paths.recovery_root / record.session_id, ignore_errors=True)
     report = CloseReport(
@@ -173,6 +188,8 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool) -> CloseReport:
         seconds=time.monotonic() - started,
         conflicts=list(record.conflicts),
         changed_after_commit=changed_after,
+        not_synchronised=sorted(printable(rel) for rel in unsupported),
+        kept_aside=[printable(rel) for rel in kept],
     )
     s._set_state(SessionState.CLOSED)
     s._close_store()
@@ -193,12 +210,15 @@ def _changed_since_commit(
     """Paths saved after close's final scan (an autosave during a long commit)."""
     known = streamer.known()
     current = scan(streamer.root, s.rules)
+    folder = WorkFolder(streamer.root)
     changed = [
         rel
         for rel, st in current.items()
-        if rel not in manifest.files
-        or rel not in known
-        or (known[rel].size, known[rel].mtime_ns) != (st.size, st.mtime_ns)
+        if unsupported_reason(rel) is None  # reported apart, kept aside by the cache
+        and (
+            rel not in manifest.files
+            or not is_unchanged(known.get(rel), st, partial(file_sha256, folder.path(rel)))
+        )
     ]
     changed += [rel for rel in manifest.files if rel not in current]
     return sorted(set(changed))

@@ -21,7 +21,7 @@ from agent.errors import (
 from agent.journal import Journal
 from agent.keys import StageKeys, WorkFolder, validate_name
 from agent.lock import RemoteLock
-from agent.manifest import LocalEntry, Manifest, ManifestEntry, plan_open
+from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.platform import machine_name
 from agent.records import SessionRecord, new_session_id
 from agent.snapshot import scan
@@ -155,7 +155,11 @@ def _download(
     manifest, etag = read_manifest(s.store, keys)
     if manifest is None:
         # No manifest yet: a stage written by the old module, or a new one.
-        sizes = {keys.rel_from_committed(o.key): o for o in s.store.list(keys.committed_prefix)}
+        sizes = {
+            keys.rel_from_committed(o.key): o
+            for o in s.store.list(keys.committed_prefix)
+            if not o.key.endswith("/")  # a folder marker ("docs/") holds no file
+        }
         expected: dict[str, tuple[int, str | None]] = {
             rel: (o.size, None) for rel, o in sizes.items()
         }
@@ -163,6 +167,7 @@ def _download(
         expected = {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
     s._base_manifest = manifest
     folder = WorkFolder(work)
+    folder.check_root()  # a linked work path would make downloads land outside (issue 8)
     for rel in expected:
         folder.path(rel, key=keys.committed(rel))  # refuse escaping keys up front
     snapshot = s.cache.take(keys.projekt_id, keys.stage, work)
@@ -170,16 +175,16 @@ def _download(
         work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
-    current = {rel: (st.size, st.mtime_ns) for rel, st in scan(work, s.rules).items()}
+    current = scan(work, s.rules)
     wanted = Manifest(
         files={
             rel: ManifestEntry(size=size, sha256=sha or "", etag="")
             for rel, (size, sha) in expected.items()
         }
     )
-    plan = plan_open(wanted, snapshot, current)
+    plan = plan_open(wanted, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
     for rel in plan.remove:
-        folder.path(rel).unlink(missing_ok=True)
+        folder.unlink(rel)
     items = [
         Download(
             key=keys.committed(rel),
@@ -191,13 +196,14 @@ def _download(
     ]
     total = sum(expected[rel][0] for rel in plan.download)
     progress = Progress(f"Downloading {len(items)} files", total, s.progress.emit)
-    digests = Transfers(s.store, s.config.transfer.workers).download(items, progress)
+    transfers = Transfers(s.store, s.config.transfer.workers, folder=folder)
+    digests = transfers.download(items, progress)
     files: dict[str, LocalEntry] = {}
     for rel in plan.keep:
-        files[rel] = snapshot[rel]
+        files[rel] = plan.kept[rel]
     for rel, digest in zip(plan.download, digests, strict=True):
         st = folder.path(rel).stat()
-        files[rel] = LocalEntry(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+        files[rel] = LocalEntry.from_stat(st, digest)
     if manifest is None and expected:
         s._base_manifest = Manifest(
             files={

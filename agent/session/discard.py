@@ -77,6 +77,7 @@ def abort(s: PlantDesignSession) -> None:
             if s._lock is not None and s._lock.etag is not None:
                 s._start_heartbeat()
             raise
+        s.cache.keep_unsynced(record.work_path)  # links and unstorable names are kept
         shutil.rmtree(record.work_path, ignore_errors=True)
         s.records.remove(record.session_id)
         shutil.rmtree(s.config.paths.recovery_root / record.session_id, ignore_errors=True)
@@ -113,6 +114,7 @@ def discard(s: PlantDesignSession, session_id: str | None = None) -> None:
                 lock.adopt(current.etag)
         remove_staging(s.store, keys, session_id)
         lock.release()
+        s.cache.keep_unsynced(record.work_path)  # links and unstorable names are kept
         shutil.rmtree(record.work_path, ignore_errors=True)
         shutil.rmtree(s.config.paths.recovery_root / session_id, ignore_errors=True)
         s.records.remove(session_id)

@@ -19,9 +19,9 @@ from agent.errors import (
     SessionError,
 )
 from agent.journal import Journal
-from agent.keys import StageKeys, local_path_for
+from agent.keys import StageKeys, WorkFolder, local_path_for, unsupported_reason
 from agent.lock import RemoteLock
-from agent.manifest import LocalEntry, Manifest, file_sha256
+from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.merge import plan_merge
 from agent.records import SessionRecord
 from agent.recovery import RecoveryInfo
@@ -257,12 +257,13 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
         progress = Progress(
             f"Restoring {len(items)} files", sum(i.size or 0 for i in items), s.progress.emit
         )
-        digests = Transfers(s.store, s.config.transfer.workers).download(items, progress)
+        transfers = Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work))
+        digests = transfers.download(items, progress)
         for item, digest in zip(items, digests, strict=True):
             if item.key.startswith(keys.committed_prefix):
                 rel = keys.rel_from_committed(item.key)
                 st = item.dest.stat()
-                s._base_files[rel] = LocalEntry(st.st_size, st.st_mtime_ns, digest)
+                s._base_files[rel] = LocalEntry.from_stat(st, digest)
         s.records.save_base(s.record.session_id, s._base_files)
     backup = info.backup_path
     if backup is not None and (backup / "files").is_dir():
@@ -271,7 +272,7 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
                 continue
             rel = src.relative_to(backup / "files").as_posix()
             dest = local_path_for(work, rel)
-            if not dest.exists():
+            if not os.path.lexists(dest):  # a link there is never written through
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest)
                 log.info("restored_from_backup", path=rel)
@@ -304,7 +305,7 @@ def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
         s._journal.forget(rel)
         s.store.delete(keys.staged(s.record.session_id, rel))
     for rel in plan.remove:
-        local_path_for(work, rel).unlink(missing_ok=True)
+        WorkFolder(work).unlink(rel)
         s._base_files.pop(rel, None)
     take = sorted({*plan.download, *plan.conflicts, *plan.revived})
     items = [
@@ -316,10 +317,10 @@ def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
         )
         for rel in take
     ]
-    Transfers(s.store, s.config.transfer.workers).download(items)
+    Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work)).download(items)
     for rel in take:
         got = local_path_for(work, rel).stat()
-        s._base_files[rel] = LocalEntry(got.st_size, got.st_mtime_ns, theirs.files[rel].sha256)
+        s._base_files[rel] = LocalEntry.from_stat(got, theirs.files[rel].sha256)
     s.records.save_base(s.record.session_id, s._base_files)
     s._adopt_new_base(theirs, etag)
     s._update_record(conflicts=[*s.record.conflicts, *plan.conflicts])
@@ -341,13 +342,17 @@ def _our_changes(s: PlantDesignSession, base: Manifest) -> dict[str, str | None]
     current = scan(work, s.rules)
     for rel, st in current.items():
         known = s._base_files.get(rel)
-        if known is None or (known.size, known.mtime_ns) != (st.size, st.mtime_ns):
-            candidates.add(rel)
+        if unsupported_reason(rel) is None and (known is None or not known.matches(st)):
+            candidates.add(rel)  # hashed below: a changed stat tuple is only a candidate
     candidates |= set(base.files) - set(current)
     ours: dict[str, str | None] = {}
+    folder = WorkFolder(work)
     for rel in candidates:
-        local = local_path_for(work, rel)
-        sha = file_sha256(local) if local.is_file() else None
+        try:
+            with folder.open_file(rel) as (fd, _st):
+                sha: str | None = fd_sha256(fd)
+        except (OSError, AgentError):  # gone, or a link / special file: not a file here
+            sha = None
         was = base.files.get(rel)
         if (was is None and sha is None) or (was is not None and was.sha256 == sha):
             continue  # changed and changed back: not a change

@@ -8,6 +8,7 @@ before it asserts on what was (and was not) delivered.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -307,3 +308,18 @@ def test_an_inotify_overflow_asks_for_a_full_rescan(
         "Inotify queue overflowed; filesystem events were lost"
     )
     assert c.wait_for(lambda: "" in c.rescans)
+
+
+def test_a_copied_folder_tree_is_rescanned_once_after_the_copy(
+    watched: tuple[Path, Collector, Watcher], tmp_path: Path
+) -> None:
+    """cp -r of a tree with 5 subfolders asks for about one rescan, not one per folder event."""
+    root, c, w = watched
+    src = tmp_path / "src" / "pkg"
+    for i in range(25):
+        (src / f"sub{i % 5}").mkdir(parents=True, exist_ok=True)
+        (src / f"sub{i % 5}" / f"f{i}.txt").write_bytes(b"x" * i)
+    subprocess.run(["cp", "-r", str(src), str(root)], check=True)
+    assert c.wait_for(lambda: "pkg" in c.rescans or "" in c.rescans)
+    assert w.flush(DEADLINE)
+    assert len([r for r in c.rescans if r.startswith("pkg")]) <= 2, c.rescans

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.cache import StageCache
-from agent.manifest import LocalEntry
+from agent.ignore import IgnoreRules
+from agent.manifest import LocalEntry, file_sha256
 
 
 def _folder(root: Path, files: dict[str, bytes]) -> Path:
@@ -15,11 +16,16 @@ def _folder(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
+def _snap(root: Path, *rels: str) -> dict[str, LocalEntry]:
+    """The true snapshot of ``rels`` (what a close would hand over)."""
+    return {r: LocalEntry.from_stat((root / r).stat(), file_sha256(root / r)) for r in rels}
+
+
 def test_put_then_take_moves_the_copy_back_with_its_snapshot(tmp_path: Path) -> None:
     """A cached copy comes back at the new place with the snapshot it was stored with."""
     cache = StageCache(tmp_path / "cache", max_bytes=10_000)
     work = _folder(tmp_path / "w1", {"a.txt": b"abc", "d/b.txt": b"xy"})
-    snap = {"a.txt": LocalEntry(3, 1, "h1"), "d/b.txt": LocalEntry(2, 2, "h2")}
+    snap = _snap(work, "a.txt", "d/b.txt")
     cache.put("P", "planning", work, snap)
     assert not work.exists()
     dest = tmp_path / "w2"
@@ -32,7 +38,7 @@ def test_disabled_cache_removes_the_folder(tmp_path: Path) -> None:
     """With the cache off, put just removes the working folder."""
     cache = StageCache(tmp_path / "cache", max_bytes=10_000, enabled=False)
     work = _folder(tmp_path / "w", {"a": b"1"})
-    cache.put("P", "s", work, {"a": LocalEntry(1, 1, "h")})
+    cache.put("P", "s", work, _snap(work, "a"))
     assert not work.exists()
     assert {} == cache.take("P", "s", tmp_path / "x")
 
@@ -40,12 +46,10 @@ def test_disabled_cache_removes_the_folder(tmp_path: Path) -> None:
 def test_prune_evicts_least_recent_copies_beyond_the_bound(tmp_path: Path) -> None:
     """Older stage copies go first once the total exceeds max_bytes."""
     cache = StageCache(tmp_path / "cache", max_bytes=150)
-    cache.put(
-        "P", "old", _folder(tmp_path / "a", {"f": b"x" * 100}), {"f": LocalEntry(100, 1, "h")}
-    )
-    cache.put(
-        "P", "new", _folder(tmp_path / "b", {"f": b"y" * 100}), {"f": LocalEntry(100, 1, "h")}
-    )
+    old = _folder(tmp_path / "a", {"f": b"x" * 100})
+    cache.put("P", "old", old, _snap(old, "f"))
+    new = _folder(tmp_path / "b", {"f": b"y" * 100})
+    cache.put("P", "new", new, _snap(new, "f"))
     assert {} == cache.take("P", "old", tmp_path / "c")
     assert "f" in cache.take("P", "new", tmp_path / "d")
 
@@ -53,7 +57,48 @@ def test_prune_evicts_least_recent_copies_beyond_the_bound(tmp_path: Path) -> No
 def test_damaged_snapshot_is_dropped_not_trusted(tmp_path: Path) -> None:
     """A cache entry whose snapshot does not parse is removed and reported as a miss."""
     cache = StageCache(tmp_path / "cache", max_bytes=10_000)
-    cache.put("P", "s", _folder(tmp_path / "w", {"f": b"1"}), {"f": LocalEntry(1, 1, "h")})
+    work = _folder(tmp_path / "w", {"f": b"1"})
+    cache.put("P", "s", work, _snap(work, "f"))
     (tmp_path / "cache" / "P" / "s" / "snapshot.json").write_text("{broken")
     assert {} == cache.take("P", "s", tmp_path / "x")
     assert not (tmp_path / "cache" / "P" / "s").exists()
+
+
+def test_put_sets_aside_links_odd_names_and_uncommitted_files_never_deleting_them(
+    tmp_path: Path,
+) -> None:
+    """Only what the snapshot vouches for is cached; the rest is kept beside the folder."""
+    outside = tmp_path / "decoy"
+    outside.mkdir()
+    (outside / "home.txt").write_bytes(b"mine")
+    work = _folder(tmp_path / "w", {"a.txt": b"abc", "new.txt": b"not committed"})
+    (work / "docs").symlink_to(outside, target_is_directory=True)
+    (work / "odd\\name.txt").write_bytes(b"odd")
+    (work / "~$lock.docx").write_bytes(b"editor lock")
+    cache = StageCache(tmp_path / "cache", max_bytes=10_000, rules=IgnoreRules(["~$*"]))
+    kept = cache.put("P", "s", work, _snap(work, "a.txt"))
+    assert ["docs", "new.txt", "odd\\name.txt"] == kept
+    [aside] = tmp_path.glob("w.kept-*")
+    assert (aside / "docs").is_symlink()
+    assert b"not committed" == (aside / "new.txt").read_bytes()
+    assert b"odd" == (aside / "odd\\name.txt").read_bytes()
+    assert b"mine" == (outside / "home.txt").read_bytes()
+    dest = tmp_path / "w2"
+    assert ["a.txt"] == list(cache.take("P", "s", dest))
+    assert ["a.txt", "~$lock.docx"] == sorted(p.name for p in dest.iterdir())
+
+
+def test_take_never_puts_a_link_from_an_older_cache_in_place(tmp_path: Path) -> None:
+    """A cached copy holding a link (cached before issue 8) comes back without it."""
+    outside = tmp_path / "decoy"
+    outside.mkdir()
+    cache = StageCache(tmp_path / "cache", max_bytes=10_000)
+    work = _folder(tmp_path / "w", {"a.txt": b"abc"})
+    cache.put("P", "s", work, _snap(work, "a.txt"))
+    files = tmp_path / "cache" / "P" / "s" / "files"
+    (files / "docs").symlink_to(outside, target_is_directory=True)
+    dest = tmp_path / "w2"
+    cache.take("P", "s", dest)
+    assert not (dest / "docs").exists()
+    assert not (dest / "docs").is_symlink()
+    assert list(tmp_path.glob("w2.kept-*/docs"))

@@ -186,3 +186,41 @@ def test_force_holds_a_file_that_changes_between_checks() -> None:
         fs.files["w"] = (i, i)
         assert set() == d.due(i * 0.02, fs.stat, force=True)
     assert {"w"} == d.due(0.2, fs.stat, force=True)
+
+
+def test_a_folder_rescan_waits_until_nothing_inside_it_changes() -> None:
+    """A folder event's rescan is delivered once, a quiet period after the last event inside."""
+    d = Debouncer(debounce=0.3, max_delay=2.0, min_interval=1.0)
+    d.request_rescan("pkg", 0.0)
+    for i in range(10):  # a cp -r still writing files into the new folder
+        d.touch(f"pkg/sub/f{i}.txt", 0.1 * (i + 1))
+        assert set() == d.due_rescans(0.1 * (i + 1))
+    d.touch("elsewhere.txt", 1.2)
+    assert set() == d.due_rescans(1.2)
+    assert {"pkg"} == d.due_rescans(1.31)
+    assert 0 == d.rescan_count
+    assert set() == d.due_rescans(5.0)
+
+
+def test_a_subtree_that_never_quietens_is_rescanned_after_ten_max_delays() -> None:
+    """Events that never stop delay a rescan to 10 x max_delay, not forever."""
+    d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=1.0)
+    d.request_rescan("log", 0.0)
+    now = 0.0
+    while now < 9.9:
+        now = round(now + 0.1, 6)
+        d.touch("log/app.log", now)
+        assert set() == d.due_rescans(now)
+    d.touch("log/app.log", 10.0)
+    assert {"log"} == d.due_rescans(10.0)
+
+
+def test_rescans_inside_a_due_rescan_are_covered_by_it() -> None:
+    """A rescan of the root or of a parent folder makes its subfolders' rescans redundant."""
+    d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=1.0)
+    for sub in ("a", "a/b", "c"):
+        d.request_rescan(sub, 0.0)
+    assert {"a", "c"} == d.due_rescans(1.0)
+    d.request_rescan("x", 2.0)
+    d.request_rescan("", 2.0)
+    assert {""} == d.due_rescans(2.0, force=True)

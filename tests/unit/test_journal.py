@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -283,3 +284,37 @@ def test_using_a_closed_journal_is_a_session_error(tmp_path: Path) -> None:
         j.record("a", "put")
     with pytest.raises(SessionError, match="closed"):
         j.pending()
+
+
+def test_recording_an_identical_pending_row_keeps_its_seq(journal: Journal) -> None:
+    """The same put (same stat tuple) or delete again is a no-op; an upload under way counts."""
+    seq = journal.record("a", "put", size=1, mtime_ns=2, ctime_ns=3, inode=4)
+    assert seq == journal.record("a", "put", size=1, mtime_ns=2, ctime_ns=3, inode=4)
+    journal.record_many([("a", "put", 1, 2, 3, 4)])
+    assert journal.mark_done("a", seq, etag="e", size=1, sha256="h")
+    gone = journal.record("b", "delete")
+    assert gone == journal.record("b", "delete")
+
+
+def test_a_record_with_another_ctime_or_unknown_stat_bumps_the_seq(journal: Journal) -> None:
+    """Only a fully known, equal stat tuple is identical: a cp -p (new ctime) is new work."""
+    seq = journal.record("a", "put", size=1, mtime_ns=2, ctime_ns=3, inode=4)
+    newer = journal.record("a", "put", size=1, mtime_ns=2, ctime_ns=5, inode=4)
+    assert newer > seq
+    assert journal.record("a", "put") > newer
+    assert not journal.mark_done("a", seq, etag="e", size=1, sha256="h")
+
+
+def test_a_journal_from_before_the_stat_columns_is_upgraded(tmp_path: Path) -> None:
+    """An older journal's pending table gains ctime_ns and inode and keeps its rows."""
+    path = tmp_path / "old.sqlite"
+    with Journal.open(path) as j:
+        j.record("kept", "put", size=1, mtime_ns=1)
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE pending DROP COLUMN inode")
+    conn.execute("ALTER TABLE pending DROP COLUMN ctime_ns")
+    conn.close()
+    with Journal.open(path) as j:
+        assert ["kept"] == [e.path for e in j.pending()]
+        seq = j.record("new", "put", size=1, mtime_ns=1, ctime_ns=1, inode=1)
+        assert seq == j.record("new", "put", size=1, mtime_ns=1, ctime_ns=1, inode=1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from agent.errors import InvalidNameError
-from agent.keys import StageKeys, local_path_for, validate_name, validate_rel_path
+from agent.errors import InvalidNameError, LocalFileError
+from agent.keys import StageKeys, WorkFolder, local_path_for, validate_name, validate_rel_path
 
 
 def test_key_layout_matches_design() -> None:
@@ -49,10 +51,55 @@ def test_escaping_paths_are_refused_naming_the_key(bad: str, why: str) -> None:
 
 
 def test_local_path_stays_inside_root(tmp_path: Path) -> None:
-    """A valid relative path maps inside the root; a symlink escape is refused."""
+    """A valid relative path maps inside the root; a path through a symlink is refused."""
     assert tmp_path / "a" / "b.txt" == local_path_for(tmp_path, "a/b.txt")
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
     outside.mkdir()
     (tmp_path / "link").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(InvalidNameError, match="outside the working folder"):
+    with pytest.raises(LocalFileError, match="link"):
         local_path_for(tmp_path, "link/x.txt")
+
+
+def test_a_folder_swapped_for_a_link_after_a_first_check_is_refused(tmp_path: Path) -> None:
+    """Nothing is cached: a folder that was checked once and then became a link is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret")
+    root = tmp_path / "work"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "secret.txt").write_bytes(b"inside")
+    folder = WorkFolder(root)
+    folder.path("sub/secret.txt")
+    with folder.open_file("sub/secret.txt") as (fd, _st):
+        assert b"inside" == os.read(fd, 100)
+    shutil.rmtree(root / "sub")
+    (root / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(LocalFileError, match="link"):
+        folder.path("sub/secret.txt")
+    with pytest.raises(LocalFileError, match="link"), folder.open_file("sub/secret.txt"):
+        pass
+    with pytest.raises(LocalFileError, match="link"), folder.open_dir("sub", create=True):
+        pass
+    folder.unlink("sub")  # removes the link itself, never what it points to
+    assert b"secret" == (outside / "secret.txt").read_bytes()
+
+
+def test_open_file_refuses_a_linked_file_and_a_fifo(tmp_path: Path) -> None:
+    """The last component is never followed, and a FIFO cannot hang the reader."""
+    (tmp_path / "target.txt").write_bytes(b"t")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "target.txt")
+    os.mkfifo(tmp_path / "pipe")
+    folder = WorkFolder(tmp_path)
+    for rel in ("link.txt", "pipe"):
+        with pytest.raises(LocalFileError), folder.open_file(rel):
+            pass
+
+
+def test_a_working_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    """check_root refuses a work path (or its project folder) that is a link."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "P").mkdir()
+    (tmp_path / "P" / "stage").symlink_to(tmp_path / "real", target_is_directory=True)
+    with pytest.raises(LocalFileError, match="link"):
+        WorkFolder(tmp_path / "P" / "stage").check_root()
+    WorkFolder(tmp_path / "P" / "other").check_root()  # not there yet: fine

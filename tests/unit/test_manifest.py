@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from agent.errors import InvalidNameError, PermanentStoreError
-from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
+from agent.manifest import (
+    LocalEntry,
+    Manifest,
+    ManifestEntry,
+    file_sha256,
+    is_unchanged,
+    plan_open,
+)
+from agent.snapshot import FileStat
 
 
 def _m(**files: tuple[int, str]) -> Manifest:
@@ -45,12 +53,17 @@ def test_plan_keeps_matching_downloads_changed_and_removes_extra() -> None:
     """Unchanged cached files are kept, changed or missing ones downloaded, extras removed."""
     manifest = _m(same=(3, "h1"), changed=(3, "new"), missing=(4, "h3"), touched=(3, "h4"))
     snapshot = {
-        "same": LocalEntry(3, 100, "h1"),
-        "changed": LocalEntry(3, 100, "old"),
-        "touched": LocalEntry(3, 100, "h4"),
-        "extra": LocalEntry(1, 100, "x"),
+        "same": LocalEntry(3, 100, "h1", 0, 0),
+        "changed": LocalEntry(3, 100, "old", 0, 0),
+        "touched": LocalEntry(3, 100, "h4", 0, 0),
+        "extra": LocalEntry(1, 100, "x", 0, 0),
     }
-    current = {"same": (3, 100), "changed": (3, 100), "touched": (3, 999), "extra": (1, 100)}
+    current = {
+        "same": FileStat(3, 100),
+        "changed": FileStat(3, 100),
+        "touched": FileStat(3, 999),
+        "extra": FileStat(1, 100),
+    }
     plan = plan_open(manifest, snapshot, current)
     assert ["same"] == plan.keep
     assert ["changed", "missing", "touched"] == plan.download
@@ -61,7 +74,7 @@ def test_plan_keeps_matching_downloads_changed_and_removes_extra() -> None:
 def test_plan_of_unchanged_cache_is_noop() -> None:
     """A cache equal to the manifest needs nothing."""
     manifest = _m(a=(1, "h"))
-    plan = plan_open(manifest, {"a": LocalEntry(1, 5, "h")}, {"a": (1, 5)})
+    plan = plan_open(manifest, {"a": LocalEntry(1, 5, "h", 7, 8)}, {"a": FileStat(1, 5, 7, 8)})
     assert plan.is_noop
 
 
@@ -70,3 +83,31 @@ def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
     data = b"x" * (3 * 1024 * 1024 + 17)
     (tmp_path / "f").write_bytes(data)
     assert hashlib.sha256(data).hexdigest() == file_sha256(tmp_path / "f")
+
+
+def test_plan_hashes_a_cached_file_whose_ctime_or_inode_moved() -> None:
+    """Same size and mtime but another inode: kept only if the content still hashes the same."""
+    manifest = _m(same=(3, "h1"), swapped=(3, "h2"))
+    snapshot = {"same": LocalEntry(3, 100, "h1", 7, 1), "swapped": LocalEntry(3, 100, "h2", 7, 2)}
+    current = {"same": FileStat(3, 100, 9, 11), "swapped": FileStat(3, 100, 9, 12)}
+    contents = {"same": "h1", "swapped": "other bytes"}
+    plan = plan_open(manifest, snapshot, current, hasher=contents.__getitem__)
+    assert ["same"] == plan.keep
+    assert ["swapped"] == plan.download
+    assert FileStat(3, 100, 9, 11).st_ino == plan.kept["same"].inode
+
+
+def test_entry_without_ctime_never_matches_by_stat_alone() -> None:
+    """An entry from an older agent (no ctime/inode) is confirmed by hashing, not trusted."""
+    old = LocalEntry(3, 100, "h")
+    assert not old.matches(FileStat(3, 100, 5, 6))
+    assert is_unchanged(old, FileStat(3, 100, 5, 6), lambda: "h")
+    assert not is_unchanged(old, FileStat(3, 100, 5, 6), lambda: "x")
+    assert not is_unchanged(old, FileStat(4, 100, 5, 6), lambda: "h")
+
+
+def test_entry_recorded_right_after_a_write_is_racy_and_not_trusted() -> None:
+    """A stat taken in the same instant as the write keeps no ctime (a same-tick write hides)."""
+    st = FileStat(3, 100, 1_000_000_000, 6)
+    assert not LocalEntry.from_stat(st, "h", now_ns=1_000_000_001).matches(st)
+    assert LocalEntry.from_stat(st, "h", now_ns=2_000_000_000).matches(st)

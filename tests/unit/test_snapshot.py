@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from agent.config import DEFAULT_IGNORE
@@ -27,7 +28,7 @@ def test_scan_lists_regular_files_with_posix_paths_size_and_mtime(tmp_path: Path
     snap = scan(tmp_path, RULES)
     assert ["a/b/deep.step", "a/x.txt", "top.dwg"] == sorted(snap)
     st = (tmp_path / "a" / "x.txt").stat()
-    assert FileStat(3, st.st_mtime_ns) == snap["a/x.txt"]
+    assert FileStat(3, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == snap["a/x.txt"]
 
 
 def test_scan_skips_symlinks_to_files_and_folders(tmp_path: Path) -> None:
@@ -87,3 +88,19 @@ def test_diff_of_two_scans_sees_an_edit_a_new_file_and_a_deletion(tmp_path: Path
     assert ({"a/x.txt", "top.dwg", "new.txt"}, {"a/b/deep.step"}) == diff(
         before, scan(tmp_path, RULES)
     )
+
+
+def test_diff_sees_new_bytes_behind_a_restored_size_and_mtime(tmp_path: Path) -> None:
+    """A file rewritten with its old size and mtime put back (``touch -r``) is changed."""
+    (tmp_path / "a.txt").write_bytes(b"old!")
+    (tmp_path / "ref").write_bytes(b"")
+    subprocess.run(["touch", "-r", str(tmp_path / "a.txt"), str(tmp_path / "ref")], check=True)
+    before = scan(tmp_path, RULES)
+    (tmp_path / "a.txt").write_bytes(b"new!")
+    subprocess.run(["touch", "-r", str(tmp_path / "ref"), str(tmp_path / "a.txt")], check=True)
+    after = scan(tmp_path, RULES)
+    assert (before["a.txt"].size, before["a.txt"].mtime_ns) == (
+        after["a.txt"].size,
+        after["a.txt"].mtime_ns,
+    )
+    assert ({"a.txt"}, set()) == diff(before, after)

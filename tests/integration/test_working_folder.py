@@ -1,0 +1,444 @@
+"""The working folder with real tools (issue 8): every saved byte reaches the store.
+
+Real commands (``cp -p``, ``touch -r``, ``tar``), real watchdog observers and both
+real stores (the folder store and SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import AgentConfig, load_config
+from agent.errors import InvalidNameError, LocalFileError
+from agent.keys import StageKeys
+from agent.manifest import Manifest, ManifestEntry
+from agent.session import PlantDesignSession
+from agent.store.base import ObjectStore
+from tests.waiting import wait_for
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
+DEADLINE = 20.0
+FAST_WATCH = {"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2}
+
+MakeSession = Callable[..., PlantDesignSession]
+
+
+@pytest.fixture
+def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
+    """Sessions sharing one store; each ``machine`` gets its own base folder."""
+
+    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
+        sections.setdefault("watch", FAST_WATCH)
+        config: AgentConfig = load_config(
+            paths={"base_dir": str(tmp_path / machine)},
+            lock={"heartbeat_interval": 3600},
+            **sections,
+        )
+        return PlantDesignSession(config, store=store)
+
+    return make
+
+
+def _write(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def _committed(store: ObjectStore) -> dict[str, bytes]:
+    return {
+        KEYS.rel_from_committed(o.key): store.get(o.key).body
+        for o in store.list(KEYS.committed_prefix)
+    }
+
+
+def _seed(make_session: MakeSession, files: dict[str, bytes]) -> None:
+    s = make_session("seed")
+    work = s.open(P, "seeder", STAGE, watch=False)
+    _write(work, files)
+    s.close()
+
+
+# ------------------------------------------------------------ change detection
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_cp_p_of_same_size_and_mtime_commits_the_new_bytes(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path, watch: bool
+) -> None:
+    """``cp -p`` of other bytes with the old size and mtime is committed, and cached as new."""
+    _seed(make_session, {"plan.dwg": b"drawing-v1"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=watch)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "plan.dwg").write_bytes(b"drawing-v2")
+    subprocess.run(["touch", "-r", str(work / "plan.dwg"), str(outside / "plan.dwg")], check=True)
+    subprocess.run(["cp", "-p", str(outside / "plan.dwg"), str(work / "plan.dwg")], check=True)
+    assert s.flush(timeout=DEADLINE)
+    report = s.close()
+    assert ["plan.dwg"] == report.uploaded
+    assert {"plan.dwg": b"drawing-v2"} == _committed(store)
+    again = make_session()
+    assert b"drawing-v2" == (again.open(P, "admin", STAGE) / "plan.dwg").read_bytes()
+    assert [] == again.close().uploaded
+
+
+def test_touch_r_restoring_the_mtime_after_an_edit_commits_the_edit(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """An in-place edit whose mtime is put back with ``touch -r`` still reaches the store."""
+    _seed(make_session, {"a.txt": b"alpha", "b.txt": b"bravo"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    ref = tmp_path / "ref"
+    ref.touch()
+    subprocess.run(["touch", "-r", str(work / "a.txt"), str(ref)], check=True)
+    (work / "a.txt").write_bytes(b"ALPHA")
+    subprocess.run(["touch", "-r", str(ref), str(work / "a.txt")], check=True)
+    report = s.close()
+    assert ["a.txt"] == report.uploaded
+    assert {"a.txt": b"ALPHA", "b.txt": b"bravo"} == _committed(store)
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_tar_x_of_a_reproducible_archive_over_the_tree_commits_every_file(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path, watch: bool
+) -> None:
+    """Extracting an archive with the same sizes and mtimes over a cached copy sends all 40."""
+    names = [f"dir{i % 4}/part{i:02d}.step" for i in range(40)]
+    stamp = 1_700_000_000
+    seed = make_session("seed")
+    work = seed.open(P, "seeder", STAGE, watch=False)
+    _write(work, {n: b"old-%02d" % i for i, n in enumerate(names)})
+    for n in names:
+        os.utime(work / n, (stamp, stamp))
+    seed.close()
+    s = make_session("seed")  # same machine: the closed copy comes back from the cache
+    work = s.open(P, "admin", STAGE, watch=watch)
+    assert all((work / n).stat().st_mtime_ns == stamp * 10**9 for n in names)
+    archive = tmp_path / "release.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i, n in enumerate(names):
+            data = b"new-%02d" % i
+            info = tarfile.TarInfo(n)
+            info.size, info.mtime = len(data), stamp
+            tar.addfile(info, io.BytesIO(data))
+    subprocess.run(["tar", "xf", str(archive), "-C", str(work)], check=True)
+    assert all((work / n).stat().st_mtime_ns == stamp * 10**9 for n in names)
+    report = s.close()
+    assert sorted(names) == report.uploaded
+    assert {n: b"new-%02d" % i for i, n in enumerate(names)} == _committed(store)
+
+
+def test_a_touched_file_with_the_same_bytes_is_not_uploaded(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """A new stat tuple with unchanged content is hashed, not sent."""
+    _seed(make_session, {"a.txt": b"alpha"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    shutil.copy2(work / "a.txt", work / "a.copy")
+    os.replace(work / "a.copy", work / "a.txt")
+    assert s.flush(timeout=DEADLINE)
+    assert 0 == s.status()["uploads"]
+    assert [] == s.close().uploaded
+
+
+# ------------------------------------------------------------ folder operations
+
+FOLDER_FILES = 50
+MAX_UPLOADS_PER_FILE = 1.2
+
+
+def _source_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        f"pkg/sub{i % 5}/file{i:03d}.txt": (b"%03d " % i) * (200 + 37 * i)
+        for i in range(FOLDER_FILES)
+    }
+    _write(root, files)
+    return files
+
+
+def _count_uploads(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    sent: list[str] = []
+    real = store.upload_file
+
+    def counting(key: str, path: Path, **kw: Any) -> Any:
+        sent.append(key)
+        return real(key, path, **kw)
+
+    monkeypatch.setattr(store, "upload_file", counting)
+    return sent
+
+
+def _copy_with_zip(src: Path, dest: Path, tmp: Path) -> None:
+    archive = shutil.make_archive(str(tmp / "tree"), "zip", src)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(dest)  # noqa: S202 - our own archive, built just above
+
+
+def _clone_with_git(src: Path, dest: Path, _tmp: Path) -> None:
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(src)], check=True, env=env)
+    subprocess.run(["git", "-C", str(src), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", *ident, "-C", str(src), "commit", "-q", "-m", "x"], check=True, env=env)
+    subprocess.run(["git", "clone", "-q", str(src), str(dest / "repo")], check=True, env=env)
+
+
+FOLDER_OPS: dict[str, Callable[[Path, Path, Path], object]] = {
+    "cp -r": lambda src, dest, _tmp: subprocess.run(
+        ["cp", "-r", str(src / "pkg"), str(dest)], check=True
+    ),
+    "mv": lambda src, dest, _tmp: subprocess.run(["mv", str(src / "pkg"), str(dest)], check=True),
+    "unzip": _copy_with_zip,
+    "git clone": _clone_with_git,
+}
+
+
+@pytest.mark.parametrize("op", sorted(FOLDER_OPS))
+def test_a_folder_operation_uploads_each_file_about_once(
+    make_session: MakeSession,
+    store: ObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    op: str,
+) -> None:
+    """cp -r, mv, unzip and git clone of 50 files: at most 1.2 uploads per file reach staging."""
+    if op == "git clone" and shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    src = tmp_path / "src"
+    _source_tree(src)
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    sent = _count_uploads(store, monkeypatch)
+    try:
+        FOLDER_OPS[op](src, work, tmp_path)
+        expected = {
+            p.relative_to(work).as_posix()
+            for p in work.rglob("*")
+            if p.is_file() and ".git" not in p.parts
+        }
+        assert len(expected) >= FOLDER_FILES
+
+        def staged() -> set[str]:
+            return {k.split("/.sessions/", 1)[1].split("/", 1)[1] for k in list(sent)}
+
+        assert wait_for(lambda: expected <= staged(), DEADLINE)
+        assert s.flush(timeout=DEADLINE)
+        data_uploads = [k for k in sent if "/.git/" not in k]
+        assert len(data_uploads) <= MAX_UPLOADS_PER_FILE * len(expected), (
+            f"{len(data_uploads)} uploads for {len(expected)} files"
+        )
+    finally:
+        s.abort()
+
+
+# ---------------------------------------------------------------------- links
+
+SECRET = b"outside the working folder"
+
+
+def _decoy(tmp_path: Path) -> Path:
+    decoy = tmp_path / "home" / "decoy"
+    decoy.mkdir(parents=True)
+    (decoy / "secret.txt").write_bytes(SECRET)
+    (decoy / "plan.dwg").write_bytes(SECRET)
+    return decoy
+
+
+def _decoy_unchanged(decoy: Path) -> bool:
+    return {"secret.txt": SECRET, "plan.dwg": SECRET} == {
+        p.name: p.read_bytes() for p in decoy.iterdir()
+    }
+
+
+def _store_holds_secret(store: ObjectStore) -> bool:
+    return any(store.get(o.key).body == SECRET for o in store.list(""))
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_a_folder_swapped_for_a_link_mid_session_uploads_nothing_from_outside(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path, watch: bool
+) -> None:
+    """A subfolder replaced by a link to an outside folder: nothing of it is read or sent."""
+    _seed(make_session, {"sub/a.txt": b"a", **{f"f{i}.txt": b"f" for i in range(4)}})
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=watch)
+    if watch:
+        (work / "sub" / "b.txt").write_bytes(b"b")
+        assert s.flush(timeout=DEADLINE)
+    shutil.rmtree(work / "sub")
+    (work / "sub").symlink_to(decoy, target_is_directory=True)
+    assert s.flush(timeout=DEADLINE)
+    report = s.close()
+    assert "sub/secret.txt" not in report.uploaded
+    assert not _store_holds_secret(store)
+    assert {f"f{i}.txt" for i in range(4)} == set(_committed(store))
+    assert _decoy_unchanged(decoy)
+
+
+def test_a_working_folder_that_is_a_link_is_refused(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A link pre-placed at the work path makes open fail clearly; nothing lands outside."""
+    _seed(make_session, {"plan.dwg": b"committed"})
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.config.paths.work_root / P / STAGE
+    work.parent.mkdir(parents=True)
+    empty = tmp_path / "home" / "empty"
+    empty.mkdir()
+    work.symlink_to(empty, target_is_directory=True)
+    with pytest.raises(LocalFileError, match="link"):
+        s.open(P, "admin", STAGE)
+    assert [] == list(empty.iterdir())
+    assert _decoy_unchanged(decoy)
+    other = make_session("m2")  # the lock was released
+    other.open(P, "bob", STAGE, watch=False)
+    other.abort()
+
+
+def test_a_link_in_a_closed_copy_is_never_written_through_at_the_next_open(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A link left in the closed copy is kept aside, and a co-worker's commit lands inside."""
+    _seed(make_session, {"a.txt": b"a"})
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=False)
+    (work / "docs").symlink_to(decoy, target_is_directory=True)
+    s.close()
+    coworker = make_session("m2")
+    w2 = coworker.open(P, "bob", STAGE, watch=False)
+    (w2 / "docs").mkdir()
+    (w2 / "docs" / "plan.dwg").write_bytes(b"bob's plan")
+    (w2 / "docs" / "new.txt").write_bytes(b"bob's note")
+    coworker.close()
+    again = make_session()
+    work = again.open(P, "admin", STAGE, watch=False)
+    assert not (work / "docs").is_symlink()
+    assert b"bob's plan" == (work / "docs" / "plan.dwg").read_bytes()
+    assert _decoy_unchanged(decoy)
+    assert [] == again.close().uploaded
+    assert _decoy_unchanged(decoy)
+    kept = list((s.config.paths.work_root / P).glob(f"{STAGE}.kept-*/docs"))
+    assert kept and kept[0].is_symlink()
+
+
+def test_a_crash_backup_never_copies_a_linked_files_target(
+    make_session: MakeSession, tmp_path: Path
+) -> None:
+    """A pending file replaced by a link before the crash is not backed up through the link."""
+    decoy = _decoy(tmp_path)
+    s = make_session()
+    work = s.open(P, "admin", STAGE, watch=False)
+    (work / "draft.txt").write_bytes(b"draft")
+    (work / "sub").mkdir()
+    (work / "sub" / "plan.dwg").write_bytes(b"plan")
+    assert s._journal is not None
+    s._journal.record("draft.txt", "put")
+    s._journal.record("sub/plan.dwg", "put")
+    (work / "draft.txt").unlink()
+    (work / "draft.txt").symlink_to(decoy / "secret.txt")
+    shutil.rmtree(work / "sub")
+    (work / "sub").symlink_to(decoy, target_is_directory=True)
+    s.emergency_save("test")
+    backup = s.config.paths.recovery_root / s.record.session_id / "files"  # type: ignore[union-attr]
+    copied = [p for p in backup.rglob("*") if p.is_file()] if backup.exists() else []
+    assert all(p.read_bytes() != SECRET for p in copied)
+    assert _decoy_unchanged(decoy)
+    resumed = make_session()
+    resumed.discard()
+    assert _decoy_unchanged(decoy)
+
+
+# ---------------------------------------------------------------------- names
+
+ODD_NAMES = {b"back\\slash.txt": b"one", b"bell\x07.txt": b"two", b"latin1-\xe9t\xe9.txt": b"three"}
+
+
+def _write_odd_names(work: Path) -> None:
+    for name, data in ODD_NAMES.items():
+        (work / os.fsdecode(name)).write_bytes(data)  # not UTF-8: a surrogate-escaped str
+
+
+def _odd_names_in(folder: Path) -> dict[bytes, bytes]:
+    return {
+        os.fsencode(p.name): p.read_bytes()
+        for p in folder.iterdir()
+        if os.fsencode(p.name) in ODD_NAMES
+    }
+
+
+def test_a_name_the_store_cannot_hold_is_reported_refused_and_never_deleted(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """Status lists odd names, close refuses, --skip-unsupported commits the rest and keeps them."""
+    _seed(make_session, {"a.txt": b"a"})
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    (work / "b.txt").write_bytes(b"b")
+    _write_odd_names(work)
+    assert wait_for(lambda: 3 == len(s.status()["unsupported"]), DEADLINE)  # type: ignore[arg-type]
+    assert "latin1-\\xe9t\\xe9.txt" in s.status()["unsupported"]  # type: ignore[operator]
+    with pytest.raises(LocalFileError, match="cannot hold") as info:
+        s.close()
+    assert 11 == info.value.exit_code
+    assert "back\\slash.txt" in str(info.value)
+    assert ODD_NAMES == _odd_names_in(work)
+    assert {"a.txt": b"a"} == _committed(store), "nothing committed"
+    report = s.close(skip_unsupported=True)
+    assert ["b.txt"] == report.uploaded
+    assert 3 == len(report.not_synchronised) == len(report.kept_aside)
+    assert {"a.txt": b"a", "b.txt": b"b"} == _committed(store)
+    [kept] = (s.config.paths.work_root / P).glob(f"{STAGE}.kept-*")
+    assert ODD_NAMES == _odd_names_in(kept)
+    again = make_session()
+    work = again.open(P, "admin", STAGE, watch=False)
+    assert {} == _odd_names_in(work)
+    _write_odd_names(work)
+    again.abort()
+    assert ODD_NAMES == _odd_names_in(kept)
+    assert len(list((s.config.paths.work_root / P).glob(f"{STAGE}.kept-*"))) in (1, 2)
+
+
+def test_a_bucket_key_too_long_for_the_file_system_is_a_clear_error(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """A committed path with a 300-byte name refuses open naming the key (exit 3), lock freed."""
+    long_name = "x" * 300 + ".dwg"
+    manifest = Manifest(files={long_name: ManifestEntry(size=1, sha256="0" * 64, etag="e")})
+    store.put_bytes(KEYS.manifest, manifest.to_bytes(), if_none_match=True)
+    s = make_session()
+    with pytest.raises(InvalidNameError, match="cannot be a local file") as info:
+        s.open(P, "admin", STAGE)
+    assert 3 == info.value.exit_code
+    assert KEYS.committed(long_name)[:40] in str(info.value)
+    other = make_session("m2")
+    with pytest.raises(InvalidNameError):
+        other.open(P, "bob", STAGE)  # the lock was released: refused for the name again
+
+
+def test_a_folder_marker_key_is_ignored(s3_store: ObjectStore, tmp_path: Path) -> None:
+    """A ``docs/`` marker object (made by S3 consoles) does not stop the stage from opening."""
+    s3_store.put_bytes(KEYS.committed_prefix + "docs/", b"")
+    s3_store.put_bytes(KEYS.committed("docs/a.txt"), b"a")
+    config = load_config(paths={"base_dir": str(tmp_path / "m")}, lock={"heartbeat_interval": 3600})
+    s = PlantDesignSession(config, store=s3_store)
+    work = s.open(P, "admin", STAGE, watch=False)
+    assert b"a" == (work / "docs" / "a.txt").read_bytes()
+    s.abort()
