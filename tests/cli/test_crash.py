@@ -526,6 +526,7 @@ def _kill_phase_trial(
             through,
             AGENT_TRANSFER__WORKERS="1",
             AGENT_LOCK__TTL="4",
+            AGENT_LOCK__STALE_AFTER="2",
             AGENT_LOCK__HEARTBEAT_INTERVAL="1",
         )
     )
