@@ -42,7 +42,7 @@ def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
         sections.setdefault("watch", FAST_WATCH)
         config: AgentConfig = load_config(
             paths={"base_dir": str(tmp_path / machine)},
-            lock={"heartbeat_interval": 3600},
+            lock={"heartbeat_interval": 3600, "stale_after": 7200},
             **sections,
         )
         return PlantDesignSession(config, store=store)
@@ -437,7 +437,10 @@ def test_a_folder_marker_key_is_ignored(s3_store: ObjectStore, tmp_path: Path) -
     """A ``docs/`` marker object (made by S3 consoles) does not stop the stage from opening."""
     s3_store.put_bytes(KEYS.committed_prefix + "docs/", b"")
     s3_store.put_bytes(KEYS.committed("docs/a.txt"), b"a")
-    config = load_config(paths={"base_dir": str(tmp_path / "m")}, lock={"heartbeat_interval": 3600})
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+    )
     s = PlantDesignSession(config, store=s3_store)
     work = s.open(P, "admin", STAGE, watch=False)
     assert b"a" == (work / "docs" / "a.txt").read_bytes()
