@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -34,6 +35,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
 from agent.errors import ConfigError
@@ -71,6 +73,10 @@ def _parse_duration(value: object) -> object:
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 # Sizes as a number of bytes or with a unit ("8MiB", "2 GiB", "500kB"): pydantic's ByteSize.
 Bytes = Annotated[ByteSize, Field(ge=0)]
+
+# The TOML file of the config being built: set by ``load_config`` for the duration of
+# one ``AgentConfig(...)`` call, read by pydantic-settings' TOML source below.
+_TOML_FILE: ContextVar[Path | None] = ContextVar("agent_config_toml_file", default=None)
 
 
 class _Section(BaseModel):
@@ -261,8 +267,12 @@ class AgentConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment overrides the file; the file's values arrive as init kwargs."""
-        return (env_settings, init_settings)
+        """Environment over code overrides over the TOML file; each merged per section."""
+        toml_file = _TOML_FILE.get()
+        if toml_file is None:
+            return (env_settings, init_settings)
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=toml_file, deep_merge=True)
+        return (env_settings, init_settings, toml)
 
     def store_location(self) -> StoreLocation:
         """The parsed store URL (defaults to the embedded folder store)."""
@@ -288,32 +298,28 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> AgentConfig
     no file at all means the defaults.
     """
     file_path = Path(path) if path else None
-    if file_path is None and os.environ.get("AGENT_CONFIG"):
-        file_path = Path(os.environ["AGENT_CONFIG"])
-    data: dict[str, Any] = {}
+    if file_path is None and env_flag("AGENT_CONFIG"):
+        file_path = Path(env_flag("AGENT_CONFIG") or "")
     source = "defaults and AGENT_* environment"
     if file_path is not None:
         source = f"{file_path} and AGENT_* environment"
-        try:
-            data = tomllib.loads(file_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
+        if not file_path.is_file():
             raise ConfigError(
                 f"config file {file_path} does not exist: fix --config / AGENT_CONFIG, "
                 "or start from config/agent.example.toml"
-            ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"config file {file_path} cannot be read: {exc}") from exc
-    for section, values in overrides.items():
-        merged = dict(data.get(section, {}))
-        merged.update(values)
-        data[section] = merged
+            )
+    token = _TOML_FILE.set(file_path)
     try:
-        config = AgentConfig(**data)
+        config = AgentConfig(**overrides)
         config.store_location()  # reject a bad URL now, not at first use
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file_path} cannot be read: {exc}") from exc
+    finally:
+        _TOML_FILE.reset(token)
     return config
 
 

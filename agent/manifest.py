@@ -34,8 +34,6 @@ __all__ = [
     "plan_open",
 ]
 
-_HASH_CHUNK = 1024 * 1024
-
 
 class ManifestEntry(BaseModel):
     """One committed file."""
@@ -248,19 +246,15 @@ def plan_open(
 
 
 def fd_sha256(fd: int) -> str:
-    """The sha256 hex digest of an open file, from its start, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """The sha256 hex digest of an open file, from its start (``hashlib.file_digest``)."""
     os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, _HASH_CHUNK):
-        digest.update(chunk)
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     os.lseek(fd, 0, os.SEEK_SET)
-    return digest.hexdigest()
+    return digest
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """The sha256 hex digest of a file (``hashlib.file_digest``)."""
     with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

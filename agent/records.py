@@ -143,7 +143,7 @@ class SessionStore:
 
     def save_base(self, session_id: str, files: dict[str, LocalEntry]) -> None:
         """Write the snapshot of the working copy as the session started."""
-        data = {rel: [e.size, e.mtime_ns, e.sha256] for rel, e in files.items()}
+        data = {rel: e.to_list() for rel, e in files.items()}
         write_private_file(self.folder(session_id) / "base.json", json.dumps(data).encode())
 
     def load_base(self, session_id: str) -> dict[str, LocalEntry]:
@@ -151,11 +151,11 @@ class SessionStore:
         path = self.folder(session_id) / "base.json"
         try:
             raw = json.loads(path.read_bytes())
+            return {rel: LocalEntry.from_list(v) for rel, v in raw.items()}
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
-        return {rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2]) for rel, v in raw.items()}
 
     def save_base_manifest(self, session_id: str, manifest: Manifest) -> None:
         """Persist the manifest the session is based on (resume merges against it)."""

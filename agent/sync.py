@@ -18,7 +18,6 @@ used by reconciliation scans to find what the events missed.
 from __future__ import annotations
 
 import os
-import random
 import stat
 import threading
 import time
@@ -36,6 +35,7 @@ from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import LocalEntry, Manifest, fd_sha256
+from agent.retry import backoff, delay_after
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
 from agent.transfer import Transfers, Upload, same_stat
@@ -84,6 +84,7 @@ class Streamer:
         self.store = store
         self.journal = journal
         self.config = config
+        self._backoff = backoff(config.retry, cap=_MAX_BACKOFF)
         self.base = base
         self.rules = IgnoreRules((*config.watch.ignore, *config.watch.extra_ignore))
         self._known = dict(known)
@@ -290,8 +291,7 @@ class Streamer:
         except AgentError as exc:
             if self._failing_since is None:
                 self._failing_since = self._started.get(rel, time.monotonic())
-            delay = min(_MAX_BACKOFF, self.config.retry.initial_backoff * 2 ** min(attempts, 10))
-            delay *= 1 + random.random() * self.config.retry.jitter  # noqa: S311 - jitter
+            delay = delay_after(self._backoff, attempts + 1)
             self._retry_at[rel] = time.monotonic() + delay
             self.journal.mark_failed(rel, seq, str(exc))
             self._report(f"{rel}: {exc}")

@@ -257,31 +257,24 @@ def _assert_closed_cleanly(truth: Truth, session_id: str) -> dict[str, bytes]:
 # ------------------------------------------------------------ lost answers
 
 
-def test_open_takes_the_lock_when_the_answer_to_its_first_put_is_lost(
-    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+@pytest.mark.parametrize(
+    "case",
+    [(False, "If-None-Match", None), (True, "If-Match", HELD)],
+    ids=["put-if-absent", "take-a-released-lock"],
+)
+def test_open_takes_the_lock_when_the_answer_to_its_put_is_lost(
+    via_proxy: MakeSession,
+    direct: MakeSession,
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    case: tuple[bool, str, bytes | None],
 ) -> None:
-    """A lost answer to the lock's put-if-absent still opens the session, and close commits."""
+    """A lost answer to the lock's conditional put still opens the session; close commits."""
+    released_lock_there, condition, body = case
+    if released_lock_there:
+        _seed(direct, {"a.txt": b"v0"})
     rule = fault_proxy.add(
-        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-None-Match",))
-    )
-    alice = via_proxy()
-    work = alice.open(P, "alice", STAGE, watch=False)
-    assert 1 == rule.fired
-    sid = _session_id(alice)
-    assert ("held", sid) == (truth.lock()["state"], truth.lock()["session_id"])
-    _write(work, {"a.txt": b"first"})
-    alice.close()
-    assert {"a.txt": b"first"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"first"})
-
-
-def test_open_takes_a_released_lock_when_the_answer_to_its_take_is_lost(
-    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
-) -> None:
-    """A lost answer to the If-Match take of a released lock still opens; close commits."""
-    _seed(direct, {"a.txt": b"v0"})
-    rule = fault_proxy.add(
-        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-Match",), body=HELD)
+        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=(condition,), body=body)
     )
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE, watch=False)
