@@ -68,6 +68,8 @@ class StagedCopy(BaseModel):
     size: int
     sha256: str
     etag: str
+    executable: bool | None = None
+    """The file's executable bit; ``None`` (a platform without one) keeps the base's."""
 
 
 class CommitIntent(BaseModel):
@@ -199,7 +201,13 @@ class Commit:
             )
         files = dict(base.files)
         for rel, item in copies.items():
-            files[rel] = ManifestEntry(size=item.size, sha256=item.sha256, etag=item.etag)
+            executable = item.executable
+            if executable is None:
+                was = base.files.get(rel)
+                executable = was.executable if was is not None else False
+            files[rel] = ManifestEntry(
+                size=item.size, sha256=item.sha256, etag=item.etag, executable=executable
+            )
         for rel in deletes:
             files.pop(rel, None)
         commit_id = uuid.uuid4().hex

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from agent.errors import InvalidNameError, LocalFileError
+from agent.platform import set_executable
 
 __all__ = [
     "HAS_DIR_FD",
@@ -293,6 +294,12 @@ class WorkFolder:
             yield fd, st
         finally:
             os.close(fd)
+
+    def set_executable(self, rel: str, executable: bool) -> os.stat_result:
+        """Give ``rel`` the executable bit or take it away (never through a link); its stat."""
+        with self.open_file(rel) as (fd, _st):
+            set_executable(fd, executable)
+            return os.fstat(fd)
 
     def unlink(self, rel: str) -> None:
         """Remove the file (or link) ``rel`` if present, never following a link on the way."""

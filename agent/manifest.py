@@ -17,10 +17,17 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from agent.errors import PermanentStoreError
 from agent.keys import validate_rel_path
+from agent.platform import executable_bit
 
 __all__ = [
     "LocalEntry",
@@ -43,6 +50,15 @@ class ManifestEntry(BaseModel):
     size: int
     sha256: str
     etag: str
+    executable: bool = False
+    """The file's executable bit (POSIX), restored on download; omitted from JSON if False."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        if not self.executable:
+            data.pop("executable", None)
+        return data
 
 
 class Manifest(BaseModel):
@@ -106,6 +122,8 @@ class StatLike(Protocol):
     def st_ctime_ns(self) -> int: ...
     @property
     def st_ino(self) -> int: ...
+    @property
+    def st_mode(self) -> int: ...
 
 
 # A stat taken this soon after the file's last change may not see a write made in the
@@ -131,6 +149,8 @@ class LocalEntry:
     sha256: str
     ctime_ns: int | None = None
     inode: int | None = None
+    executable: bool | None = None
+    """The executable bit; ``None`` where the platform has none (never compared)."""
 
     @classmethod
     def from_stat(cls, st: StatLike, sha256: str, *, now_ns: int | None = None) -> LocalEntry:
@@ -143,6 +163,7 @@ class LocalEntry:
             sha256=sha256,
             ctime_ns=None if racy else st.st_ctime_ns,
             inode=st.st_ino,
+            executable=executable_bit(st.st_mode),
         )
 
     def matches(self, st: StatLike) -> bool:
@@ -153,15 +174,21 @@ class LocalEntry:
             and self.mtime_ns == st.st_mtime_ns
             and self.ctime_ns == st.st_ctime_ns
             and self.inode == st.st_ino
+            and self.same_mode(st)
         )
+
+    def same_mode(self, st: StatLike) -> bool:
+        """The executable bit is the recorded one (or unknown on either side)."""
+        now = executable_bit(st.st_mode)
+        return self.executable is None or now is None or self.executable == now
 
     def same_size_and_mtime(self, st: StatLike) -> bool:
         """True if size and mtime are the recorded ones: hash to know whether it changed."""
         return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
 
-    def to_list(self) -> list[int | str | None]:
-        """Compact JSON form: ``[size, mtime_ns, sha256, ctime_ns, inode]``."""
-        return [self.size, self.mtime_ns, self.sha256, self.ctime_ns, self.inode]
+    def to_list(self) -> list[int | str | bool | None]:
+        """Compact JSON form: ``[size, mtime_ns, sha256, ctime_ns, inode, executable]``."""
+        return [self.size, self.mtime_ns, self.sha256, self.ctime_ns, self.inode, self.executable]
 
     @classmethod
     def from_list(cls, raw: list[object]) -> LocalEntry:
@@ -169,15 +196,17 @@ class LocalEntry:
         size, mtime_ns, sha256, *rest = raw
         ctime_ns = rest[0] if len(rest) > 0 else None
         inode = rest[1] if len(rest) > 1 else None
+        executable = rest[2] if len(rest) > 2 else None
         if not (
             isinstance(size, int)
             and isinstance(mtime_ns, int)
             and isinstance(sha256, str)
             and (ctime_ns is None or isinstance(ctime_ns, int))
             and (inode is None or isinstance(inode, int))
+            and (executable is None or isinstance(executable, bool))
         ):
             raise TypeError(f"not a local entry: {raw!r}")
-        return cls(size, mtime_ns, sha256, ctime_ns, inode)
+        return cls(size, mtime_ns, sha256, ctime_ns, inode, executable)
 
 
 def is_unchanged(entry: LocalEntry | None, st: StatLike, hasher: Callable[[], str]) -> bool:
@@ -190,6 +219,8 @@ def is_unchanged(entry: LocalEntry | None, st: StatLike, hasher: Callable[[], st
         return False
     if entry.matches(st):
         return True
+    if not entry.same_mode(st):  # a chmod +x alone is a change to commit
+        return False
     return entry.same_size_and_mtime(st) and hasher() == entry.sha256
 
 

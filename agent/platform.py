@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -27,6 +28,29 @@ __all__ = [
 ]
 
 IS_WINDOWS = sys.platform == "win32"
+
+
+def executable_bit(st_mode: int) -> bool | None:
+    """Whether a file's mode says "executable"; ``None`` where files have no such bit.
+
+    On Windows the bit does not exist: ``None`` means "unknown", so an edit made
+    there keeps the flag the commit had (it is never cleared by accident).
+    """
+    if IS_WINDOWS:
+        return None
+    return bool(st_mode & stat.S_IXUSR)
+
+
+def set_executable(fd: int, executable: bool) -> None:
+    """Give the open file ``fd`` the executable bit where it is readable (as git does),
+    or take it away. Nothing on Windows."""
+    if IS_WINDOWS:
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    readable = mode & (stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    wanted = mode | (readable >> 2) if executable else mode & ~0o111
+    if wanted != mode:
+        os.fchmod(fd, wanted)
 
 
 def machine_name() -> str:

@@ -35,6 +35,7 @@ from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import LocalEntry, Manifest, fd_sha256
+from agent.platform import executable_bit
 from agent.retry import backoff, delay_after
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
@@ -313,13 +314,15 @@ class Streamer:
             since.append(self._failing_since)
         return time.monotonic() - min(since) if since else 0.0
 
-    def _held(self, rel: str) -> tuple[str, int] | None:
-        """``(sha256, size)`` of what the store holds for ``rel`` (staged, else base)."""
+    def _held(self, rel: str) -> tuple[str, int, bool | None] | None:
+        """``(sha256, size, executable)`` the store holds for ``rel`` (staged, else base)."""
         staged = self.journal.staged_entry(rel)
         if staged is not None:
-            return (staged.sha256, staged.size) if staged.op == "put" else None
+            if staged.op != "put":
+                return None
+            return (staged.sha256, staged.size, staged.executable)
         base = self.base.files.get(rel)
-        return (base.sha256, base.size) if base is not None else None
+        return (base.sha256, base.size, base.executable) if base is not None else None
 
     def _put(self, rel: str, seq: int) -> bool:
         """Send a put row; True if the row is finished (no newer save arrived meanwhile).
@@ -343,7 +346,8 @@ class Streamer:
                         st = after
                         continue
                     known = (st, digest)
-                    if digest == held[0]:
+                    mode_kept = held[2] is None or executable_bit(st.st_mode) in (None, held[2])
+                    if digest == held[0] and mode_kept:
                         finished = self.journal.mark_done(rel, seq, unchanged=True)
                         self._remember(rel, LocalEntry.from_stat(st, digest))
                         return finished
@@ -360,7 +364,13 @@ class Streamer:
             Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None, known=known
         )
         finished = self.journal.mark_done(
-            rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns
+            rel,
+            seq,
+            etag=done.etag,
+            size=done.size,
+            sha256=done.sha256,
+            mtime_ns=done.mtime_ns,
+            executable=executable_bit(done.mode),
         )
         if finished:
             self._remember(rel, done.entry())

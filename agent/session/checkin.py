@@ -264,7 +264,9 @@ def _commit(
         base=base,
         base_etag=s.record.base_manifest_etag,
         copies={
-            rel: StagedCopy(size=p.size, sha256=p.sha256, etag=p.etag or "")
+            rel: StagedCopy(
+                size=p.size, sha256=p.sha256, etag=p.etag or "", executable=p.executable
+            )
             for rel, p in puts.items()
         },
         deletes=deletes,
@@ -314,9 +316,16 @@ def _staged_changes(s: PlantDesignSession, base: Manifest) -> tuple[dict[str, St
         if staged.op == "delete":
             if rel in base.files:
                 deletes.append(rel)
-        elif base.files.get(rel) is None or base.files[rel].sha256 != staged.sha256:
+        elif _differs(base.files.get(rel), staged):
             puts[rel] = staged
     return puts, sorted(deletes)
+
+
+def _differs(committed: ManifestEntry | None, staged: Staged) -> bool:
+    """The staged put changes the file: other bytes, or another executable bit."""
+    if committed is None or committed.sha256 != staged.sha256:
+        return True
+    return staged.executable is not None and staged.executable != committed.executable
 
 
 def _check_mass_delete(base: Manifest, deletes: list[str], allowed: bool) -> None:

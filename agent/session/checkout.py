@@ -199,10 +199,14 @@ def _download(
     transfers = Transfers(s.store, s.config.transfer.workers, folder=folder)
     digests = transfers.download(items, progress)
     files: dict[str, LocalEntry] = {}
+    wanted_x = {rel: e.executable for rel, e in (manifest.files if manifest else {}).items()}
     for rel in plan.keep:
-        files[rel] = plan.kept[rel]
+        kept = plan.kept[rel]
+        if kept.executable is not None and kept.executable != wanted_x.get(rel, False):
+            kept = LocalEntry.from_stat(folder.set_executable(rel, wanted_x[rel]), kept.sha256)
+        files[rel] = kept
     for rel, digest in zip(plan.download, digests, strict=True):
-        st = folder.path(rel).stat()
+        st = folder.set_executable(rel, wanted_x.get(rel, False))
         files[rel] = LocalEntry.from_stat(st, digest)
     if manifest is None and expected:
         s._base_manifest = Manifest(
