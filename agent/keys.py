@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -69,6 +69,17 @@ def validate_name(kind: str, value: str) -> str:
 def printable(rel: str) -> str:
     """``rel`` safe to print and to put in JSON: undecodable bytes shown as ``\\xNN``."""
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def case_collisions(rels: Iterable[str]) -> list[list[str]]:
+    """Groups of paths that differ only in case (``A.dwg``/``a.dwg``, ``Docs/x``/``docs/x``).
+
+    The store tells them apart; a case-folding file system (Windows, macOS) cannot.
+    """
+    groups: dict[str, list[str]] = {}
+    for rel in rels:
+        groups.setdefault(rel.casefold(), []).append(rel)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
 
 
 def unsupported_reason(rel: str) -> str | None:

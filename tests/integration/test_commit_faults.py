@@ -415,6 +415,32 @@ def test_close_commits_when_the_answer_to_the_commit_intent_is_lost(
     _other_user_sees(direct, truth, {"a.txt": b"v1", "new.txt": b"new"})
 
 
+def test_force_unlock_retries_when_a_live_heartbeat_renews_in_between(
+    via_proxy: MakeSession,
+    s3_env: dict[str, str],
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    """An operator's break that meets a renewal (412) reads again and succeeds."""
+    from agent.lock import force_unlock
+    from agent.store import open_store
+
+    alice = via_proxy()
+    alice.open(P, "alice", STAGE, watch=False)
+    rule = fault_proxy.add(
+        Rule(Status(412), method="PUT", path=LOCK_PATH, headers=("If-Match",), times=2)
+    )
+    operator_store = open_store(proxy_config(s3_env, fault_proxy, tmp_path / "op"))
+    status = force_unlock(
+        operator_store, f"{P}/{STAGE}.lock.json", operator="op", machine="ops", reason="t"
+    )
+    assert 2 == rule.fired
+    assert ("released", "op@ops") == (status.body.state, status.body.broken_by)
+    assert ("released", "op@ops") == (truth.lock()["state"], truth.lock()["broken_by"])
+    alice.abort()
+
+
 # ------------------------------------------------------- late and foreign
 
 

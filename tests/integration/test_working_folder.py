@@ -546,3 +546,53 @@ def test_a_git_repository_round_trips_with_its_modes_and_passes_fsck(
         assert status.stdout.splitlines() == [" D link.txt"]
     finally:
         bob.abort()
+
+
+# ------------------------------------------------------------------ name case
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_a_case_only_rename_commits_one_file_under_the_new_name(
+    make_session: MakeSession, store: ObjectStore, watch: bool
+) -> None:
+    """A.dwg -> a.dwg: the stage holds a.dwg alone, with the bytes, never two files or none."""
+    _seed(make_session, {"A.dwg": b"drawing", "other.txt": b"o"})
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=watch)
+    (work / "A.dwg").rename(work / "a.dwg")
+    if watch:
+        assert alice.flush(timeout=DEADLINE)
+    alice.close()
+    assert _committed(store) == {"a.dwg": b"drawing", "other.txt": b"o"}
+
+
+def test_keys_differing_only_in_case_open_as_two_files_on_a_case_sensitive_folder(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """Where the file system keeps case apart, both keys come down and close keeps both."""
+    _seed(make_session, {"Plan.dwg": b"upper", "plan.dwg": b"lower"})
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=False)
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == {
+        "Plan.dwg": b"upper",
+        "plan.dwg": b"lower",
+    }
+    alice.close()
+    assert _committed(store) == {"Plan.dwg": b"upper", "plan.dwg": b"lower"}
+
+
+def test_rsyncs_temp_file_renamed_into_place_leaves_no_error_and_no_stray_key(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """rsync writes ``.name.XXXXXX`` and renames it over ``name``: only ``name`` is committed."""
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE)
+    for i in range(20):
+        temp = work / f".file{i}.txt.Ab{i:04d}"
+        temp.write_bytes(b"x" * (i + 1) * 1000)
+        temp.rename(work / f"file{i}.txt")
+    assert alice.flush(timeout=DEADLINE)
+    status = alice.status()
+    assert (status.get("last_error"), status.get("error")) == (None, None), status
+    alice.close()
+    assert _committed(store) == {f"file{i}.txt": b"x" * (i + 1) * 1000 for i in range(20)}
