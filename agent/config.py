@@ -42,6 +42,7 @@ from agent.errors import ConfigError
 
 __all__ = [
     "AgentConfig",
+    "HistoryConfig",
     "LockConfig",
     "LogConfig",
     "PathsConfig",
@@ -226,6 +227,21 @@ class PathsConfig(_Section):
         return self.base_dir / "cache"
 
 
+class HistoryConfig(_Section):
+    """Version history: which commits (and the file versions they need) are kept.
+
+    A commit is pruned only when it is older than ``keep_days`` *and* not among the
+    newest ``keep_commits``; ``0`` for either means "no limit" on that count, so
+    ``keep_days = 0`` or ``keep_commits = 0`` keeps everything. A replaced version
+    younger than ``grace`` is never deleted (a commit may be copying it right now).
+    """
+
+    keep_days: float = Field(default=90, ge=0)
+    keep_commits: int = Field(default=50, ge=0)
+    grace: Seconds = 24 * 3600.0
+    prune_on_close: bool = True
+
+
 class RecoveryConfig(_Section):
     """Crash handling: how long the crash handler may take before the process exits."""
 
@@ -256,6 +272,7 @@ class AgentConfig(BaseSettings):
     watch: WatchConfig = WatchConfig()
     paths: PathsConfig = Field(default_factory=PathsConfig)
     recovery: RecoveryConfig = RecoveryConfig()
+    history: HistoryConfig = HistoryConfig()
     log: LogConfig = LogConfig()
 
     @classmethod

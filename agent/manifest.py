@@ -39,6 +39,7 @@ __all__ = [
     "file_sha256",
     "is_unchanged",
     "plan_open",
+    "summarize",
 ]
 
 
@@ -74,6 +75,10 @@ class Manifest(BaseModel):
     session_id: str | None = None
     commit_id: str | None = None
     """The commit that wrote this manifest: a close whose answer was lost knows its own."""
+    parent_commit_id: str | None = None
+    """The commit this one was based on (version history)."""
+    seq: int = 0
+    """1 for a stage's first commit with history, parent's + 1 after (0: before history)."""
     write_id: str | None = None
 
     def same_files(self, other: Manifest) -> bool:
@@ -109,6 +114,22 @@ class Manifest(BaseModel):
     def total_bytes(self) -> int:
         """Sum of the committed files' sizes."""
         return sum(e.size for e in self.files.values())
+
+
+def summarize(base: Manifest, new: Manifest) -> tuple[int, int, int, int]:
+    """``(added, changed, removed, bytes written)`` from ``base`` to ``new``."""
+    added = changed = written = 0
+    for rel, entry in new.files.items():
+        was = base.files.get(rel)
+        if was is None:
+            added += 1
+        elif (was.sha256, was.executable) != (entry.sha256, entry.executable):
+            changed += 1
+        else:
+            continue
+        written += entry.size
+    removed = sum(1 for rel in base.files if rel not in new.files)
+    return added, changed, removed, written
 
 
 class StatLike(Protocol):

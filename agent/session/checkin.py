@@ -27,6 +27,7 @@ from agent.errors import (
 from agent.journal import Staged
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import Manifest, ManifestEntry, fd_sha256, file_sha256, is_unchanged
+from agent.session import versions
 from agent.snapshot import scan
 from agent.state import SessionState
 from agent.sync import Streamer
@@ -179,6 +180,8 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
         kept = s.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
     s.records.remove(record.session_id)
     shutil.rmtree(s.config.paths.recovery_root / record.session_id, ignore_errors=True)
+    if puts or deletes:
+        versions.prune_after_close(s, keys)
     report = CloseReport(
         session_id=record.session_id,
         uploaded=sorted(puts),

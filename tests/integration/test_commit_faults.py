@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.keys import CommitInfo
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from tests.conftest import proxy_config, s3_config
@@ -605,6 +606,51 @@ def test_another_users_open_after_a_failed_commit_sees_a_consistent_stage(
     committed = truth.assert_consistent()
     assert committed == _folder(work)
     bob.abort()
+
+
+@pytest.mark.parametrize("finish", ["abort", "close"])
+def test_a_commit_cut_after_its_copies_began_still_keeps_the_replaced_versions(
+    via_proxy: MakeSession,
+    *,
+    direct: MakeSession,
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+    finish: str,
+) -> None:
+    """History (issue 11): the versions a cut commit replaced are kept once it is finished."""
+    _seed(direct, FILES_V0)
+    alice = via_proxy()
+    work = alice.open(P, "alice", STAGE)
+    _write(work, FILES_V1)
+    assert alice.flush(timeout=15)
+    # Copies onto committed keys fail after two; the keep copies (to .objects/) pass.
+    rule = fault_proxy.add(
+        Rule(
+            Status(500),
+            method="PUT",
+            path=rf"/{P}/{STAGE}/",
+            headers=("x-amz-copy-source",),
+            skip=2,
+            times=None,
+        )
+    )
+    with pytest.raises(AgentError):
+        alice.close()
+    assert rule.fired >= 1
+    fault_proxy.remove(rule)
+    if finish == "abort":
+        alice.abort()
+    else:
+        alice.close()
+    assert FILES_V1 == truth.assert_consistent()  # rolled forward either way
+    reader = direct("reader")
+    commits = reader.history(P, STAGE)
+    assert [c.seq for c in commits if isinstance(c, CommitInfo)] == [1, 2]
+    for rel, data in FILES_V0.items():
+        out = tmp_path / "shown" / rel
+        reader.show(P, STAGE, commit="#1", path=rel, output=out)
+        assert out.read_bytes() == data
 
 
 # ----------------------------------------------------------------- resume
