@@ -27,6 +27,7 @@ never mistaken for a journal (or silently extended with our tables).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -39,6 +40,7 @@ from typing import Literal
 import structlog
 
 from agent.errors import JournalCorruptError, SessionError
+from agent.platform import create_private_file, make_private_dirs
 
 __all__ = ["Change", "Entry", "Journal", "Op", "ShortChange", "Staged"]
 
@@ -130,7 +132,7 @@ class Journal:
     def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
         """Open the journal at ``path``, creating it (and its folder) if it does not exist."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
             conn = sqlite3.connect(
                 path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
             )
@@ -395,7 +397,7 @@ class Journal:
 
     def backup(self, dest: Path) -> None:
         """A consistent copy of the journal at ``dest`` (SQLite's online backup)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(dest)
         target = sqlite3.connect(dest)
         try:
             with self._lock:
@@ -430,3 +432,17 @@ def _identical(pending: tuple[object, ...], new: tuple[object, ...]) -> bool:
 def _check_op(op: str) -> None:
     if op not in _OPS:
         raise ValueError(f"journal op must be 'put' or 'delete', not {op!r}")
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 in a 0700 folder before SQLite opens it.
+
+    SQLite would create it with the umask's mode; its ``-wal``/``-shm`` files take
+    the database file's mode, so the whole journal stays owner-only (issue 9).
+    """
+    make_private_dirs(path.parent)
+    try:
+        fd = create_private_file(path)
+    except FileExistsError:
+        return
+    os.close(fd)
