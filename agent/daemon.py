@@ -92,10 +92,7 @@ MAX_PENDING = 128
 """Connections still sending their request; beyond this the oldest is dropped."""
 WORKERS = 4
 _HEADER = struct.Struct(">I")
-_WRONG_TOKEN = (
-    "the agent refused the request: wrong token (the token file does not belong to "
-    "this agent)"
-)
+_REFUSED = "the agent refused the request: wrong token (the token file is not this agent's)"
 # Spawned agents outlive us by design; keeping their Popen objects alive stops
 # Popen.__del__ from warning that a child is "still running".
 _SPAWNED: list[subprocess.Popen[bytes]] = []
@@ -322,7 +319,7 @@ class AgentServer:
             return
         if not hmac.compare_digest(str(request.get("token", "")).encode(), self._token.encode()):
             with contextlib.suppress(OSError, ProtocolError):
-                pending.sock.send(_error_frame("AgentUnreachableError", _WRONG_TOKEN, 17))
+                pending.sock.send(_error_frame("AgentUnreachableError", _REFUSED, 17))
             self._drop(sel, pending, "control_auth_refused")
             return
         cmd = request.get("cmd")
