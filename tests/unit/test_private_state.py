@@ -168,3 +168,19 @@ def test_a_record_naming_another_session_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(SessionError, match="names session"):
         store.load("20260101T000000-00000000")
+
+
+def test_crash_backup_folders_are_private(loose_umask: None, tmp_path: Path) -> None:
+    """The recovery copy of pending files lives in 0700 folders whatever the umask."""
+    from agent.recovery import copy_pending
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "a.txt").write_text("pending")
+    backup = tmp_path / "recovery" / "sid"
+    assert ["sub/a.txt"] == copy_pending(work, backup, ["sub/a.txt"])
+    assert (0o700, 0o700, 0o700) == (
+        _mode(backup),
+        _mode(backup / "files"),
+        _mode(backup / "files" / "sub"),
+    )
