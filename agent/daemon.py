@@ -240,7 +240,10 @@ class AgentServer:
             if self._path is not None:
                 with contextlib.suppress(OSError):
                     self._path.unlink()
-            self._pool.shutdown(wait=True)
+            # After close/abort (or shutdown) the running requests finish; leaving on an
+            # exception (the crash handler's SystemExit) must not wait for a long close.
+            orderly = self._stop.is_set()
+            self._pool.shutdown(wait=orderly, cancel_futures=not orderly)
             self._wake_r.close()
             self._wake_w.close()
 
