@@ -453,13 +453,19 @@ class AgentClient:
             raise self._gone("was never started")
         path = Path(address)
         expected = control_path(self.paths, self.record.session_id)
-        if path != expected:
+        # The runtime folder may differ between the shell that opened the session and
+        # this one (XDG_RUNTIME_DIR set or not): any private folder of ours will do,
+        # and the listener's uid is checked once connected.
+        if path.name != expected.name or not path.is_absolute():
             raise AgentUnreachableError(
                 f"the session record {self.record.session_id} names the agent address "
-                f"{address!r}, not this session's socket {expected}: the record is not "
+                f"{address!r}, not this session's socket {expected.name}: the record is not "
                 "trusted. `agent recover` resumes or discards the session"
             )
-        problem = check_private_dir(path.parent) if path.parent.exists() else None
+        try:
+            problem = check_private_dir(path.parent)
+        except FileNotFoundError as exc:
+            raise self._gone("left no control socket") from exc
         if problem is not None:
             raise InsecureStateError(
                 f"the control folder {path.parent} {problem}: refusing to talk through it"
@@ -578,6 +584,7 @@ def spawn_agent(config_path: Path | None, session_id: str, config: AgentConfig) 
         argv += ["--config", str(config_path)]
     argv += ["_serve", session_id]
     records = SessionStore(config.paths.state_dir)
+    _private_control_dir(config.paths)  # refuse here (exit 20), not in the detached child
     log_path = records.folder(session_id) / "agent.out"
     fd = open_private_append(log_path)
     with os.fdopen(fd, "ab") as out:

@@ -389,3 +389,22 @@ def test_status_says_the_agent_does_not_respond_when_it_is_stopped(
     assert "does not respond" in row["agent_error"]
     assert wait_for(lambda: pid_alive(opened.pid), 5)
     opened.assert_unharmed()
+
+
+def test_a_control_folder_others_can_write_to_is_refused(
+    run: Run, agent_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A runtime folder that is not private: open refuses with exit 20 and keeps no lock."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pdt-run-"))
+    try:
+        folder.chmod(0o777)
+        env = dict(agent_env, AGENT_PATHS__RUNTIME_DIR=str(folder))
+        refused = run("open", "Secure_2", "--user", "alice", "--stage", "planning", env=env)
+        assert 20 == refused.returncode, refused.stderr
+        assert str(folder) in refused.stderr
+        shown = run("lock", "show", "Secure_2", "--stage", "planning", "--json")
+        assert "released" == json.loads(shown.stdout)["lock"]["body"]["state"]
+    finally:
+        folder.rmdir()
