@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -206,6 +207,21 @@ class PathsConfig(_Section):
         )
     )
 
+    runtime_dir: Path | None = None
+    """Where the background agents' control sockets live (0700). Default:
+    ``$XDG_RUNTIME_DIR/pd-session-agent``, else ``<tmp>/pd-session-agent-<uid>``."""
+
+    @property
+    def control_dir(self) -> Path:
+        """The owner-only folder of the control sockets (short, so a socket path fits)."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and Path(xdg).is_dir():
+            return Path(xdg) / "pd-session-agent"
+        uid = os.geteuid() if hasattr(os, "geteuid") else 0
+        return Path(tempfile.gettempdir()) / f"pd-session-agent-{uid}"
+
     @property
     def work_root(self) -> Path:
         """Working copies: ``.app_temp/plant_design/<projekt>/<stage>``."""
@@ -218,7 +234,7 @@ class PathsConfig(_Section):
 
     @property
     def state_dir(self) -> Path:
-        """Session records, journals, logs, the agent's authkeys."""
+        """Session records, journals, logs, the agents' tokens: owner-only (issue 9)."""
         return self.base_dir / "state"
 
     @property
@@ -249,7 +265,7 @@ class RecoveryConfig(_Section):
 
 
 class LogConfig(_Section):
-    """Logging: JSON lines to ``state/agent.log``, readable lines on the console."""
+    """Logging: JSON lines to ``state/logs/<time>-<pid>.log``, readable lines on the console."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     console_level: Literal["debug", "info", "warning", "error"] = "warning"

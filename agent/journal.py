@@ -27,6 +27,7 @@ never mistaken for a journal (or silently extended with our tables).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -39,6 +40,7 @@ from typing import Literal, cast
 import structlog
 
 from agent.errors import JournalCorruptError, SessionError
+from agent.platform import create_private_file, make_private_dirs
 
 __all__ = ["Change", "Entry", "Journal", "Op", "ShortChange", "Staged"]
 
@@ -132,7 +134,7 @@ class Journal:
     def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
         """Open the journal at ``path``, creating it (and its folder) if it does not exist."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
             conn = sqlite3.connect(
                 path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
             )
@@ -403,7 +405,7 @@ class Journal:
 
     def backup(self, dest: Path) -> None:
         """A consistent copy of the journal at ``dest`` (SQLite's online backup)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(dest)
         target = sqlite3.connect(dest)
         try:
             with self._lock:
@@ -451,3 +453,17 @@ def _staged(row: tuple[object, ...]) -> Staged:
         mtime_ns=cast("int | None", mtime_ns),
         executable=None if executable is None else bool(executable),
     )
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 in a 0700 folder before SQLite opens it.
+
+    SQLite would create it with the umask's mode; its ``-wal``/``-shm`` files take
+    the database file's mode, so the whole journal stays owner-only (issue 9).
+    """
+    make_private_dirs(path.parent)
+    try:
+        fd = create_private_file(path)
+    except FileExistsError:
+        return
+    os.close(fd)

@@ -237,6 +237,14 @@ class Transfers:
             sent += delta
             if progress is not None:
                 progress.add(delta)
+            # The object is bucket input: stop at the manifest's size instead of
+            # reading whatever size someone put there (issue 9).
+            if delta > 0 and item.size is not None and sent > item.size:
+                raise PermanentStoreError(
+                    f"{item.key} is larger than the manifest says ({item.size} bytes): the "
+                    "download was stopped. The object was changed outside the agent; nothing "
+                    "was overwritten, ask an operator"
+                )
 
         try:
             try:

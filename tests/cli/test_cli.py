@@ -155,18 +155,18 @@ def test_background_agent_streams_and_reports_through_status_and_flush(run: Run)
 def test_agent_refuses_a_wrong_key_and_a_dead_agent_points_at_recover(
     run: Run, tmp_path: Path
 ) -> None:
-    """The channel refuses a wrong authkey; with the agent gone, close says to run recover."""
+    """The channel refuses a wrong token; with the agent gone, close says to run recover."""
     import signal
 
     from agent.platform import pid_alive
 
     info = json.loads(run("open", "P3", "--user", "admin", "--stage", "detail", "--json").stdout)
-    key_file = next((tmp_path / "base" / "state" / "sessions").glob("*/authkey"))
+    key_file = next((tmp_path / "base" / "state" / "sessions").glob("*/token"))
     good = key_file.read_bytes()
-    key_file.write_bytes(b"x" * 32)
+    key_file.write_bytes(b"x" * 64)
     refused = run("status", "--json")
     [row] = json.loads(refused.stdout)["sessions"]
-    assert "refused our key" in row["agent_error"]
+    assert "wrong token" in row["agent_error"]
     key_file.write_bytes(good)
     os.kill(int(info["agent_pid"]), signal.SIGKILL)
     assert wait_for(lambda: not pid_alive(int(info["agent_pid"])), timeout=10)
