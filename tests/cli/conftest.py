@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -12,6 +14,34 @@ import pytest
 
 from agent.platform import pid_alive
 from tests.waiting import wait_for
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+"""``run("status", "--json")``: the ``agent`` command in a subprocess, never raising."""
+
+
+@pytest.fixture
+def agent_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose agent writes only under tmp_path and reads no user config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
+    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
+    return env
+
+
+@pytest.fixture
+def run(agent_env: dict[str, str]) -> Run:
+    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=env or agent_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return _run
 
 
 def _agents_under(folder: Path) -> list[int]:
