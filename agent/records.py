@@ -183,7 +183,13 @@ class SessionStore:
             return {}
         except ValueError as exc:
             raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
-        return {rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2]) for rel, v in raw.items()}
+        try:
+            return {
+                str(rel): LocalEntry(size=int(v[0]), mtime_ns=int(v[1]), sha256=str(v[2]))
+                for rel, v in raw.items()
+            }
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise SessionError(f"the session snapshot {path} is damaged: {exc!r}") from exc
 
     def save_base_manifest(self, session_id: str, manifest: Manifest) -> None:
         """Persist the manifest the session is based on (resume merges against it)."""
