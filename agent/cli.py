@@ -404,6 +404,11 @@ def status_cmd() -> None:
                 "  not synchronised (name not storable; close refuses until renamed): "
                 + ", ".join(row["unsupported"])
             )
+        if row.get("waiting"):
+            lines.append(
+                "  waiting (held by another program or not readable; sent when free): "
+                + ", ".join(row["waiting"])
+            )
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
 
 

@@ -27,7 +27,8 @@
     ├── AgentUnreachableError       exit 17  the background agent does not answer
     ├── CommitBlockedError          exit 18  a started commit cannot be finished yet
     ├── IntegrityError              exit 19  copied/read bytes are not the recorded ones
-    └── InsecureStateError          exit 20  the state folder is not private to this user
+    ├── InsecureStateError          exit 20  the state folder is not private to this user
+    └── VersionNotFoundError        exit 21  history holds no such commit or version
 
     InvalidTransitionError(SessionError, RuntimeError)  illegal state move (a bug)
 
@@ -176,6 +177,12 @@ class InsecureStateError(AgentError):
     by others: its records and tokens cannot be trusted, so the agent refuses to start."""
 
     exit_code = 20
+
+
+class VersionNotFoundError(AgentError):
+    """A commit or file version the history does not hold (never existed, or pruned)."""
+
+    exit_code = 21
 
 
 class MassDeleteError(AgentError):

@@ -543,6 +543,9 @@ class RemoteLock:
             self._live(False)
 
 
+_FORCE_TRIES = 5
+
+
 def force_unlock(
     store: ObjectStore,
     key: str,
@@ -552,7 +555,35 @@ def force_unlock(
     reason: str,
     config: LockConfig | None = None,
 ) -> LockStatus:
-    """An operator's explicit break: ``released`` by CAS, recording who and why."""
+    """An operator's explicit break: ``released`` by CAS, recording who and why.
+
+    A live holder's heartbeat may renew between our read and our write: read again
+    and retry (a few times) instead of failing on the first 412.
+    """
+    for attempt in range(1, _FORCE_TRIES + 1):
+        try:
+            return _force_unlock_once(
+                store, key, operator=operator, machine=machine, reason=reason, config=config
+            )
+        except PreconditionFailedError as exc:
+            if attempt == _FORCE_TRIES:
+                raise LockError(
+                    f"the lock {key} changed {_FORCE_TRIES} times while it was being broken "
+                    "(its holder is renewing it right now); try again, or ask its holder to close"
+                ) from exc
+            log.info("lock_forced_unlock_retry", key=key, attempt=attempt)
+    raise AssertionError("unreachable")
+
+
+def _force_unlock_once(
+    store: ObjectStore,
+    key: str,
+    *,
+    operator: str,
+    machine: str,
+    reason: str,
+    config: LockConfig | None = None,
+) -> LockStatus:
     config = config or LockConfig()
     try:
         data = store.get(key)

@@ -48,6 +48,62 @@ __all__ = [
 IS_WINDOWS = sys.platform == "win32"
 
 
+def executable_bit(st_mode: int) -> bool | None:
+    """Whether a file's mode says "executable"; ``None`` where files have no such bit.
+
+    On Windows the bit does not exist: ``None`` means "unknown", so an edit made
+    there keeps the flag the commit had (it is never cleared by accident).
+    """
+    if IS_WINDOWS:
+        return None
+    return bool(st_mode & stat.S_IXUSR)
+
+
+def set_executable(fd: int, executable: bool) -> None:
+    """Give the open file ``fd`` the executable bit where it is readable (as git does),
+    or take it away. Nothing on Windows."""
+    if IS_WINDOWS:
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    readable = mode & (stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    wanted = mode | (readable >> 2) if executable else mode & ~0o111
+    if wanted != mode:
+        os.fchmod(fd, wanted)
+
+
+def folds_case(folder: Path) -> bool:
+    """Whether ``folder``'s file system treats ``A.dwg`` and ``a.dwg`` as one name.
+
+    Probed, not guessed from the OS (Windows and macOS folders usually fold case, a
+    Linux one can too): a fresh lower-case name is created and looked up in upper case.
+    """
+    probe = folder / f".pdagent.case-{os.urandom(4).hex()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.close(fd)
+    try:
+        return os.path.lexists(folder / probe.name.upper())
+    finally:
+        probe.unlink()
+
+
+_SHARING_VIOLATIONS = frozenset({32, 33})  # ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION
+
+
+def held_by_another_program(exc: BaseException) -> bool:
+    """The file cannot be read now because a program holds it (or its mode denies us).
+
+    Windows: the editor opened it without sharing (a sharing or lock violation).
+    POSIX: ``EACCES``/``EPERM`` (a file being written by a tool that set mode 000, or
+    another user's file). Both pass: the upload waits and retries.
+    """
+    for err in (exc, exc.__cause__):
+        if isinstance(err, PermissionError):
+            return True
+        if isinstance(err, OSError) and getattr(err, "winerror", None) in _SHARING_VIOLATIONS:
+            return True
+    return False
+
+
 def machine_name() -> str:
     """This machine's name as recorded in locks (the host name)."""
     return socket.gethostname() or "unknown-host"

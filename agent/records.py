@@ -171,7 +171,7 @@ class SessionStore:
 
     def save_base(self, session_id: str, files: dict[str, LocalEntry]) -> None:
         """Write the snapshot of the working copy as the session started."""
-        data = {rel: [e.size, e.mtime_ns, e.sha256] for rel, e in files.items()}
+        data = {rel: e.to_list() for rel, e in files.items()}
         write_private_file(self.folder(session_id) / "base.json", json.dumps(data).encode())
 
     def load_base(self, session_id: str) -> dict[str, LocalEntry]:
@@ -179,17 +179,11 @@ class SessionStore:
         path = self.folder(session_id) / "base.json"
         try:
             raw = json.loads(path.read_bytes())
+            return {rel: LocalEntry.from_list(v) for rel, v in raw.items()}
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
-        try:
-            return {
-                str(rel): LocalEntry(size=int(v[0]), mtime_ns=int(v[1]), sha256=str(v[2]))
-                for rel, v in raw.items()
-            }
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
-            raise SessionError(f"the session snapshot {path} is damaged: {exc!r}") from exc
 
     def save_base_manifest(self, session_id: str, manifest: Manifest) -> None:
         """Persist the manifest the session is based on (resume merges against it)."""
