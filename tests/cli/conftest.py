@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -20,11 +22,19 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
-def agent_env(tmp_path: Path) -> dict[str, str]:
-    """An environment whose agent writes only under tmp_path and reads no user config."""
+def agent_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """An environment whose agent writes only under tmp_path and reads no user config.
+
+    The control sockets go to a runtime folder of this test's own (short, under
+    /tmp, so a socket path fits), so a test that opens it up touches no other run,
+    and no socket outlives the test.
+    """
+    runtime = Path(tempfile.mkdtemp(prefix="pdr-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
     env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
-    return env
+    env["AGENT_PATHS__RUNTIME_DIR"] = str(runtime)
+    yield env
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

@@ -143,6 +143,8 @@ def test_two_hundred_connections_of_random_bytes_leave_the_agent_serving(
             except OSError:
                 pass  # dropped while we were still sending: that is the point
     opened.assert_unharmed()
+    logged = "".join(p.read_text() for p in (opened.base / "state" / "logs").glob("*.log"))
+    assert "control_client_bad_request" in logged
 
 
 def test_a_silent_connection_does_not_stall_status(opened: Opened, run: Run) -> None:
