@@ -8,39 +8,21 @@ needs (checked by restoring each kept commit).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, load_config
 from agent.errors import VersionNotFoundError
 from agent.history import FileVersion
 from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
+from tests.integration.conftest import MakeSession
 from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-
-MakeSession = Callable[..., PlantDesignSession]
-
-
-@pytest.fixture
-def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
-    """Sessions sharing one store; each ``machine`` gets its own base folder."""
-
-    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
-        config: AgentConfig = load_config(
-            paths={"base_dir": str(tmp_path / machine)},
-            lock={"heartbeat_interval": 3600, "stale_after": 7200},
-            **sections,
-        )
-        return PlantDesignSession(config, store=store)
-
-    return make
 
 
 def _commit(
