@@ -48,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF = 30.0
 _MAX_WAIT_BACKOFF = 5.0
+_FULL_PASS_INTERVAL = 1.0  # a full read of the pending rows at least this often
 
 
 def describe_unsupported(unsupported: dict[str, str]) -> str:
@@ -113,6 +114,9 @@ class Streamer:
         self._stop = threading.Event()
         self._idle = threading.Condition()
         self._retry_at: dict[str, float] = {}
+        self._redo: set[str] = set()  # finished with newer work waiting: dispatch again
+        self._seen_seq = 0  # the highest journal seq the dispatcher has read
+        self._full_pass = True  # read every pending row at the next dispatch
         self._thread: threading.Thread | None = None
         self._watcher: Watcher | None = None
         self.uploads = 0
@@ -239,13 +243,21 @@ class Streamer:
     # -------------------------------------------------------------- uploader
 
     def _run(self) -> None:
+        last_full = 0.0
         while not self._stop.is_set():
-            self._wake.wait(timeout=self._next_wait())
+            woken = self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
             if self._stop.is_set():
                 break
+            now = time.monotonic()
+            with self._flight_lock:
+                full, self._full_pass = self._full_pass or not woken, False
+                full = full or any(at <= now for at in self._retry_at.values())
+            full = full or now - last_full >= _FULL_PASS_INTERVAL
             try:
-                self._dispatch()
+                self._dispatch(full=full)
+                if full:
+                    last_full = now
             except Exception as exc:  # the loop outlives any one failure
                 self._report(f"uploader: {exc}")
                 log.exception("uploader_loop_failed")
@@ -258,11 +270,26 @@ class Streamer:
             soonest = min(self._retry_at.values())
         return max(0.01, soonest - time.monotonic())
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, *, full: bool = True) -> None:
+        """Submit pending rows that are not in flight nor waiting for a retry.
+
+        ``full`` reads every pending row; otherwise only the rows recorded since the
+        last read and the paths whose upload finished with newer work waiting: during
+        a burst of 2,000 files a full read after each wake-up made dispatch quadratic.
+        """
         if self._paused:
             return
         now = time.monotonic()
-        for entry in self.journal.pending():
+        with self._flight_lock:
+            redo, self._redo = self._redo, set()
+        if full:
+            entries = self.journal.pending()
+        else:
+            entries = self.journal.pending_since(self._seen_seq)
+            entries += self.journal.pending_for(sorted(redo))
+        if entries:
+            self._seen_seq = max(self._seen_seq, *(e.seq for e in entries))
+        for entry in entries:
             with self._flight_lock:
                 if entry.path in self._in_flight:
                     continue
@@ -279,11 +306,14 @@ class Streamer:
         return lambda future: self._finished(path, future)
 
     def _finished(self, path: str, future: Future[bool]) -> None:
+        # Look at this path again only when it still has work (a newer save came in
+        # during the upload): re-reading the journal after every upload made bursts slow.
+        again = future.cancelled() or future.exception() is not None or future.result()
         with self._flight_lock:
             self._in_flight.pop(path, None)
-        # Re-read the journal only when this path still has work (a newer save came in
-        # during the upload): re-reading it after every upload made bursts quadratic.
-        if future.cancelled() or future.exception() is not None or future.result():
+            if again:
+                self._redo.add(path)
+        if again:
             self._wake.set()
         with self._idle:
             self._idle.notify_all()
@@ -476,7 +506,9 @@ class Streamer:
         deadline = time.monotonic() + timeout
         if self._watcher is not None:
             self._watcher.flush(timeout=max(0.0, deadline - time.monotonic()))
-        self._retry_at.clear()
+        with self._flight_lock:
+            self._retry_at.clear()
+            self._full_pass = True
         self._wake.set()
         with self._idle:
             while True:

@@ -338,3 +338,30 @@ def test_readers_on_other_threads_see_committed_rows_while_a_writer_holds_the_lo
     journal.close()
     with pytest.raises(SessionError):
         journal.pending_count()
+
+
+def test_concurrent_mark_done_calls_each_get_their_own_answer(tmp_path: Path) -> None:
+    """Group commit: 200 marks from 10 threads, each row finished exactly once, results kept."""
+    import threading
+
+    journal = Journal.open(tmp_path / "j.sqlite")
+    seqs = {f"f{i}": journal.record(f"f{i}", "put", size=1, mtime_ns=1) for i in range(200)}
+    results: dict[str, bool] = {}
+    stale: dict[str, bool] = {}
+
+    def worker(names: list[str]) -> None:
+        for name in names:
+            results[name] = journal.mark_done(name, seqs[name], etag="e", size=1, sha256="s")
+            stale[name] = journal.mark_done(name, seqs[name], etag="e")  # already finished
+
+    names = sorted(seqs)
+    threads = [threading.Thread(target=worker, args=(names[i::10],)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(results.values()) and len(results) == 200
+    assert not any(stale.values())
+    assert journal.pending_count() == 0
+    assert len(journal.staged()) == 200
+    journal.close()
