@@ -98,6 +98,8 @@ class StoreConfig(_Section):
     # SeaweedFS answers a contended conditional PUT's losers only after ~5 s.
     read_timeout: Seconds = 30.0
     verify_tls: bool = True
+    # Keys per listing request (S3's maximum is 1000); smaller only to test paging.
+    list_page_size: int = Field(default=1000, ge=1, le=1000)
 
     def location(self, base_dir: Path) -> StoreLocation:
         """Parse ``url``; the empty default is ``file://<base_dir>/store``."""

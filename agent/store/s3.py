@@ -13,6 +13,7 @@ on transient errors only; every error is translated here into ``agent.errors``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -126,6 +127,7 @@ class S3Store:
         self.retry = retry
         self.transfer = transfer
         self._sleep = sleep
+        self._page_size = config.list_page_size
         session = _session(config.profile)
         self._client: Any = session.client(
             "s3",
@@ -482,15 +484,23 @@ class S3Store:
             self._call(batch[0], do)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under ``prefix`` (keys relative to the store prefix)."""
-        paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))
-        iterator = iter(pages)
+        """Every object under ``prefix`` (keys relative to the store prefix), or an error.
+
+        An explicit continuation-token loop, each page its own retried request: a
+        transient error on page 2 retries page 2, and a listing that cannot be
+        finished raises instead of ending short (issue 12; botocore's paginator,
+        once its generator died, silently ended the listing).
+        """
         strip = len(self.prefix)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._key(prefix),
+            "MaxKeys": self._page_size,
+        }
         while True:
-            page = self._call(prefix, lambda: next(iterator, None))
-            if page is None:
-                return
+            page: dict[str, Any] = self._call(
+                prefix, functools.partial(self._client.list_objects_v2, **args)
+            )
             for item in page.get("Contents", []):
                 yield ObjectInfo(
                     key=item["Key"][strip:],
@@ -498,6 +508,15 @@ class S3Store:
                     etag=_unquote(item["ETag"]),
                     last_modified=item.get("LastModified"),
                 )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated"):
+                return
+            if not token:
+                raise PermanentStoreError(
+                    f"the store cut the listing of {prefix!r} in {self.description} short "
+                    "(truncated, without a continuation token)"
+                )
+            args["ContinuationToken"] = token
 
     def server_time(self) -> datetime:
         """The store's clock, from the ``Date`` of a HEAD on the bucket."""
