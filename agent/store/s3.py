@@ -12,11 +12,14 @@ on transient errors only; every error is translated here into ``agent.errors``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -84,6 +87,54 @@ def _date(response: dict[str, Any]) -> datetime:
         with contextlib.suppress(TypeError, ValueError):
             return parsedate_to_datetime(header).astimezone(UTC)
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class _ObstoreAnswer:
+    """What an obstore error says in its structured part (``Debug source``)."""
+
+    status: int | None = None
+    code: str = ""
+    message: str = ""
+    http_kind: str | None = None
+
+
+# The structured part of an obstore error is Rust's pretty ``Debug``: one field a
+# line. Strings in it (the path, the body) are Debug-escaped, so a key cannot
+# forge a line; the URI is percent-encoded. So these anchored lines are facts.
+_DEBUG_MARK = "\n\nDebug source:\n"
+_STATUS_LINE = re.compile(r"^\s*status: (\d{3}),$", re.MULTILINE)
+_HTTP_KIND = re.compile(r"^\s*HttpError \{\n\s*kind: (\w+),$", re.MULTILINE)
+_BODY_LINE = re.compile(r"^\s*body: Some\(\n\s*(\".*\"),$", re.MULTILINE)
+_XML_CODE = re.compile(r"<Code>([A-Za-z0-9_.-]{1,100})</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]{0,300})</Message>")
+
+
+def _is_obstore_error(exc: BaseException) -> bool:
+    return isinstance(exc, oexc.BaseError) or (
+        isinstance(exc, FileNotFoundError) and exc.errno is None and _DEBUG_MARK in str(exc)
+    )
+
+
+def _obstore_answer(exc: BaseException) -> _ObstoreAnswer:
+    text = str(exc)
+    _, mark, debug = text.rpartition(_DEBUG_MARK)
+    if not mark:
+        return _ObstoreAnswer()
+    status = _STATUS_LINE.search(debug)
+    if status is None:
+        kind = _HTTP_KIND.search(debug)
+        return _ObstoreAnswer(http_kind=kind.group(1) if kind else None)
+    code = message = ""
+    body = _BODY_LINE.search(debug, status.end())
+    if body is not None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            xml = str(ast.literal_eval(body.group(1)))
+            if found := _XML_CODE.search(xml):
+                code = found.group(1)
+            if found := _XML_MESSAGE.search(xml):
+                message = found.group(1)
+    return _ObstoreAnswer(status=int(status.group(1)), code=code, message=message)
 
 
 _LOADER: Any = None
@@ -181,55 +232,41 @@ class S3Store:
             **kwargs,
         )
 
-    def _translate_data(self, exc: Exception, key: str) -> StoreError:
-        """obstore's errors, in the same terms as botocore's."""
+    def _translate_data(self, exc: Exception, key: str) -> AgentError:
+        """obstore's errors, by HTTP status and S3 error code as botocore's are.
+
+        Never by searching the message text: it holds the key and the URL, and a
+        permanent error on ``preset.dwg`` is not a connection "reset" (issue 12).
+        The status and the error kind are read from the error's structured part.
+        """
         where = f"{key!r} in {self.description}"
-        text = str(exc)
-        if isinstance(exc, oexc.NotFoundError):
-            if "NoSuchBucket" in text:
-                return BucketMissingError(
-                    f"the bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}"
-                )
-            return NotFoundError(f"no object {where}")
+        answer = _obstore_answer(exc)
+        if answer.status is not None:
+            return self._translate_status(
+                answer.status, answer.code, answer.message, key, where, conditional=False
+            )
+        if answer.http_kind is not None:
+            return TransientStoreError(
+                f"cannot reach {self.endpoint or 'the store'} for {key!r} "
+                f"({answer.http_kind.lower()} error)"
+            )
         if isinstance(exc, oexc.PreconditionError | oexc.AlreadyExistsError):
             return PreconditionFailedError(f"the condition on {where} did not hold")
-        if isinstance(exc, oexc.PermissionDeniedError | oexc.UnauthenticatedError) or (
-            "403 Forbidden" in text or "SignatureDoesNotMatch" in text
-        ):
-            return AccessDeniedError(
-                f"access denied for {where}: check the credentials (AWS_ACCESS_KEY_ID / "
-                f"AWS_SECRET_ACCESS_KEY or store.profile) and that they may use {self.bucket!r}"
-            )
-        if "NoSuchBucket" in text:
-            return BucketMissingError(
-                f"the bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}"
-            )
-        if isinstance(exc, oexc.BaseError) and any(
-            marker in text
-            for marker in (
-                "status code: 5",
-                "429",
-                "SlowDown",
-                "connect",
-                "timed out",
-                "error sending request",
-                "Connection",
-                "reset",
-                "broken pipe",
-            )
-        ):
-            return TransientStoreError(f"cannot reach {self.endpoint or 'the store'} for {key!r}")
-        if isinstance(exc, oexc.BaseError):
-            return PermanentStoreError(f"the store refused {where}: {text.splitlines()[0][:300]}")
-        if isinstance(exc, OSError):
-            raise exc  # a local file problem: the caller translates it
-        raise exc
+        if isinstance(exc, oexc.PermissionDeniedError | oexc.UnauthenticatedError):
+            return self._translate_status(403, "", "", key, where, conditional=False)
+        if isinstance(exc, oexc.NotFoundError | FileNotFoundError):
+            return NotFoundError(f"no object {where}")
+        return PermanentStoreError(f"the store refused {where}: {str(exc).splitlines()[0][:300]}")
 
     def _data_call(self, key: str, fn: Callable[[], T]) -> T:
         def once() -> T:
             try:
                 return fn()
             except oexc.BaseError as exc:
+                raise self._translate_data(exc, key) from exc
+            except FileNotFoundError as exc:
+                if not _is_obstore_error(exc):
+                    raise  # a local file: the caller translates it
                 raise self._translate_data(exc, key) from exc
 
         return call_with_retries(once, self.retry, sleep=self._sleep, what=key)
@@ -279,6 +316,13 @@ class S3Store:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(error.get("Message", ""))
+        return self._translate_status(status, code, message, key, where, conditional=conditional)
+
+    def _translate_status(
+        self, status: int, code: str, message: str, key: str, where: str, *, conditional: bool
+    ) -> AgentError:
+        """An error answer, by HTTP status and S3 error code (both engines come here)."""
         if code == "RequestTimeTooSkewed":
             return PermanentStoreError(
                 f"the store refused {where} because this computer's clock is wrong "
@@ -315,9 +359,7 @@ class S3Store:
             )
         if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
             return NotFoundError(f"no object {where}")
-        return PermanentStoreError(
-            f"the store refused {where}: {status} {code} {error.get('Message', '')}"
-        )
+        return PermanentStoreError(f"the store refused {where}: {status} {code} {message}")
 
     def _call(self, key: str, fn: Callable[[], T], *, conditional: bool = False) -> T:
         def once() -> T:
