@@ -318,7 +318,7 @@ class Commit:
         etag = item.etag
         for _ in range(_COPY_TRIES):
             try:
-                result = self.store.copy(src, dst, if_source_etag=etag)
+                result = self.store.copy(src, dst, if_source_etag=etag, size=item.size)
             except (PreconditionFailedError, NotFoundError):
                 log.warning("staged_object_changed", path=rel, key=src, expected_etag=etag)
                 already = self._committed_sha256(dst)

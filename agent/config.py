@@ -131,6 +131,14 @@ class TransferConfig(_Section):
     workers: int = Field(default=10, ge=1, le=256)
     multipart_threshold: Bytes = ByteSize(16 * 1024**2)
     multipart_chunksize: Bytes = Field(default=ByteSize(8 * 1024**2), ge=5 * 1024**2)
+    # Server-side copies above this go as parallel UploadPartCopy parts of
+    # ``copy_chunksize`` (CopyObject stops at 5 GiB, and one long copy can
+    # outlast a WAN's idle timeout).
+    copy_limit: Bytes = ByteSize(1024**3)
+    copy_chunksize: Bytes = Field(default=ByteSize(128 * 1024**2), ge=5 * 1024**2)
+    # Requests in flight for transfers, process-wide (R2 answers a wide fan-out with
+    # 5xx and bucket-wide throttling); each file's parallel parts come out of it.
+    max_requests: int = Field(default=32, ge=1, le=1024)
     cache_enabled: bool = True
     cache_max_bytes: Bytes = ByteSize(2 * 1024**3)
     # How long close waits for pending uploads before giving up (keeping the lock).

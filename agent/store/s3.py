@@ -19,8 +19,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +31,7 @@ import botocore.exceptions as bexc
 import botocore.session
 import obstore
 import obstore.exceptions as oexc
+import structlog
 from botocore.config import Config
 
 if TYPE_CHECKING:
@@ -70,6 +72,68 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 _PRECONDITION_CODES = {"PreconditionFailed"}
 _CHUNK = 1024 * 1024
 _DELETE_BATCH = 1000
+# R2 and S3 allow 10,000 parts; 9,000 leaves room, and parts stay equal-sized.
+_MAX_PARTS = 9000
+_NO_WHOLE_REQUEST_LIMIT = timedelta(days=7)
+
+log = structlog.get_logger(__name__)
+
+
+def part_size(size: int, configured: int) -> int:
+    """The part size for one file: ``max(configured, ceil(size / 9000))``, all parts equal."""
+    return max(configured, -(-size // _MAX_PARTS))
+
+
+def part_ranges(size: int, part: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of ``part`` bytes (the last one shorter) covering ``size``."""
+    return [(start, min(start + part, size)) for start in range(0, size, part)]
+
+
+class RequestSlots:
+    """A weighted semaphore: how many transfer requests are in flight, process-wide.
+
+    One instance per process (``REQUEST_SLOTS``); each file's parallel parts take
+    one slot each, so 10 workers x 8 parts never become 80 requests at once.
+    Lock and manifest requests do not queue here: a lock renewal must never wait
+    behind a slow bulk transfer.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._cond = threading.Condition()
+        self._capacity = capacity
+        self._used = 0
+        self.peak = 0
+        """The most slots in use at once so far (tests reset it)."""
+
+    @property
+    def capacity(self) -> int:
+        """How many slots there are."""
+        return self._capacity
+
+    def resize(self, capacity: int) -> None:
+        """Set the number of slots (the config's ``transfer.max_requests``)."""
+        with self._cond:
+            self._capacity = capacity
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, weight: int = 1) -> Iterator[None]:
+        """Take ``weight`` slots (at most all of them) for the duration of a request."""
+        with self._cond:
+            weight = max(1, min(weight, self._capacity))
+            while self._used + weight > self._capacity:
+                self._cond.wait()
+            self._used += weight
+            self.peak = max(self.peak, self._used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= weight
+                self._cond.notify_all()
+
+
+REQUEST_SLOTS = RequestSlots(32)
 
 
 def _quote(etag: str) -> str:
@@ -81,11 +145,22 @@ def _unquote(etag: str) -> str:
     return etag.removeprefix("W/").strip('"')
 
 
+_WARNED_NO_DATE = threading.Event()
+
+
 def _date(response: dict[str, Any]) -> datetime:
+    """The store's clock from the answer's ``Date``; the local clock, with a warning, if none."""
     header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     if header:
         with contextlib.suppress(TypeError, ValueError):
             return parsedate_to_datetime(header).astimezone(UTC)
+    if not _WARNED_NO_DATE.is_set():
+        _WARNED_NO_DATE.set()
+        log.warning(
+            "store_sent_no_date",
+            detail="the store's answers carry no usable Date header; lock expiry is judged "
+            "by this computer's clock, so keep it synchronised",
+        )
     return datetime.now(UTC)
 
 
@@ -137,6 +212,26 @@ def _obstore_answer(exc: BaseException) -> _ObstoreAnswer:
     return _ObstoreAnswer(status=int(status.group(1)), code=code, message=message)
 
 
+def _run_parallel(workers: int, calls: Sequence[Callable[[], None]]) -> None:
+    """Run ``calls`` on ``workers`` threads; on a failure cancel the rest and raise it."""
+    if len(calls) == 1 or workers == 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(calls)), thread_name_prefix="pdagent-part"
+    ) as pool:
+        futures: list[Future[None]] = [pool.submit(call) for call in calls]
+        _done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in not_done:
+            fut.cancel()
+        wait(not_done)
+        for fut in futures:
+            error = None if fut.cancelled() else fut.exception()
+            if error is not None:
+                raise error
+
+
 _LOADER: Any = None
 _LOADER_LOCK = threading.Lock()
 
@@ -179,6 +274,9 @@ class S3Store:
         self.transfer = transfer
         self._sleep = sleep
         self._page_size = config.list_page_size
+        REQUEST_SLOTS.resize(transfer.max_requests)
+        # Parallel parts of one file: the process-wide slots shared by the workers.
+        self._per_file = max(1, min(8, transfer.max_requests // transfer.workers))
         session = _session(config.profile)
         self._client: Any = session.client(
             "s3",
@@ -206,9 +304,14 @@ class S3Store:
         from obstore.auth.boto3 import Boto3CredentialProvider
         from obstore.store import S3Store as ObjectStoreS3
 
+        # WAN timeouts (issue 12): a short connect timeout and an idle timeout (no
+        # byte for ``read_timeout``); obstore's ``timeout`` bounds the *whole*
+        # request, body included, so it is set far out of the way: a 500 MB file
+        # over 100 Mbit/s takes 40 s and must not be cut at 30.
         options: ClientConfig = {
-            "timeout": f"{int(config.read_timeout)}s",
-            "connect_timeout": f"{int(config.connect_timeout)}s",
+            "timeout": _NO_WHOLE_REQUEST_LIMIT,
+            "read_timeout": timedelta(seconds=config.read_timeout),
+            "connect_timeout": timedelta(seconds=config.connect_timeout),
             "pool_max_idle_per_host": str(self.transfer.workers + 4),
         }
         if config.endpoint_url and config.endpoint_url.startswith("http://"):
@@ -258,10 +361,13 @@ class S3Store:
             return NotFoundError(f"no object {where}")
         return PermanentStoreError(f"the store refused {where}: {str(exc).splitlines()[0][:300]}")
 
-    def _data_call(self, key: str, fn: Callable[[], T]) -> T:
+    def _data_call(self, key: str, fn: Callable[[], T], *, weight: int = 1) -> T:
+        """One obstore request (``weight`` parallel parts), retried, in request slots."""
+
         def once() -> T:
             try:
-                return fn()
+                with REQUEST_SLOTS.hold(weight):
+                    return fn()
             except oexc.BaseError as exc:
                 raise self._translate_data(exc, key) from exc
             except FileNotFoundError as exc:
@@ -361,9 +467,16 @@ class S3Store:
             return NotFoundError(f"no object {where}")
         return PermanentStoreError(f"the store refused {where}: {status} {code} {message}")
 
-    def _call(self, key: str, fn: Callable[[], T], *, conditional: bool = False) -> T:
+    def _call(
+        self, key: str, fn: Callable[[], T], *, conditional: bool = False, bulk: bool = False
+    ) -> T:
+        """One boto3 request, retried; a ``bulk`` one (copies) takes a request slot."""
+
         def once() -> T:
             try:
+                if bulk:
+                    with REQUEST_SLOTS.hold():
+                        return fn()
                 return fn()
             except StoreError:
                 raise
@@ -440,31 +553,44 @@ class S3Store:
         if content_type:
             attributes["Content-Type"] = content_type
 
+        multipart = size > self.transfer.multipart_threshold
+        chunk = part_size(size, self.transfer.multipart_chunksize)
+        parallel = min(self._per_file, len(part_ranges(size, chunk))) if multipart else 1
+
         def do() -> WriteResult:
             result = obstore.put(
                 self._data,
                 key,
                 path,
                 attributes=attributes or None,
-                use_multipart=size > self.transfer.multipart_threshold,
-                chunk_size=self.transfer.multipart_chunksize,
-                max_concurrency=8,
+                use_multipart=multipart,
+                chunk_size=chunk,
+                max_concurrency=parallel,
             )
             if progress is not None:
                 progress(size)
             return WriteResult(etag=_unquote(result["e_tag"] or ""), server_time=datetime.now(UTC))
 
-        return self._data_call(key, do)
+        return self._data_call(key, do, weight=parallel)
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None
     ) -> ObjectInfo:
-        """Stream an object into ``dest`` (obstore)."""
+        """Stream an object into ``dest`` (obstore); a large one as parallel ranged GETs.
 
-        def do() -> ObjectInfo:
+        The first GET learns the size: a small object is streamed from it; for one
+        above the multipart threshold that answer is dropped and the object is read
+        as equal ranges into ``dest``, each range its own retried request pinned to
+        the ETag, so a failure re-reads one range, not the file.
+        """
+
+        def first() -> ObjectInfo | tuple[int, str]:
             written = 0
             try:
                 result = obstore.get(self._data, key)
+                meta = result.meta
+                if int(meta["size"]) > self.transfer.multipart_threshold:
+                    return int(meta["size"]), str(meta.get("e_tag") or "")
                 with dest.open("wb") as out:
                     for chunk in result.stream(min_chunk_size=_CHUNK):
                         out.write(chunk)
@@ -475,17 +601,74 @@ class S3Store:
                 if written and progress is not None:
                     progress(-written)
                 raise
-            meta = result.meta
             return ObjectInfo(key=key, size=written, etag=_unquote(meta.get("e_tag") or ""))
 
-        return self._data_call(key, do)
+        got = self._data_call(key, first)
+        if isinstance(got, ObjectInfo):
+            return got
+        size, etag = got
+        self._download_ranges(key, dest, size, etag, progress)
+        return ObjectInfo(key=key, size=size, etag=_unquote(etag))
 
-    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
-        """Server-side CopyObject (metadata copied), the source pinned by its ETag if asked.
+    def _download_ranges(
+        self, key: str, dest: Path, size: int, etag: str, progress: ProgressFn | None
+    ) -> None:
+        ranges = part_ranges(size, part_size(size, self.transfer.multipart_chunksize))
+        lock = threading.Lock()
+        with dest.open("wb") as out:
+            out.truncate(size)
 
-        boto3, not obstore: obstore's copy cannot send ``x-amz-copy-source-if-match``.
-        A copy is idempotent, so a retry after a lost answer does no harm.
+            def read_range(start: int, end: int) -> None:
+                def do() -> None:
+                    pos = start
+                    try:
+                        result = obstore.get(
+                            self._data, key, options={"range": (start, end), "if_match": etag}
+                        )
+                        for chunk in result.stream(min_chunk_size=_CHUNK):
+                            with lock:
+                                out.seek(pos)
+                                out.write(chunk)
+                            pos += len(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    except BaseException:
+                        if pos > start and progress is not None:
+                            progress(start - pos)
+                        raise
+                    if pos != end:
+                        if progress is not None:
+                            progress(start - pos)
+                        raise TransientStoreError(
+                            f"the range {start}-{end} of {key!r} was cut at {pos}"
+                        )
+
+                self._data_call(key, do)
+
+            _run_parallel(
+                self._per_file, [functools.partial(read_range, start, end) for start, end in ranges]
+            )
+
+    def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        *,
+        if_source_etag: str | None = None,
+        size: int | None = None,
+    ) -> WriteResult:
+        """Server-side copy (metadata copied), the source pinned by its ETag if asked.
+
+        Up to ``transfer.copy_limit`` one CopyObject; above it UploadPartCopy in
+        parallel equal parts (CopyObject stops at 5 GiB, and one long copy can sit
+        silent past a WAN's idle timeout). boto3, not obstore: obstore's copy cannot
+        send ``x-amz-copy-source-if-match``. A copy is idempotent, so a retry after
+        a lost answer does no harm.
         """
+        if size is None and self.transfer.copy_limit < 5 * 1024**3:
+            size = self.head(src_key).size
+        if size is not None and size > self.transfer.copy_limit:
+            return self._copy_parts(src_key, dst_key, if_source_etag, size)
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._key(dst_key),
@@ -499,7 +682,77 @@ class S3Store:
             etag = (r.get("CopyObjectResult") or {}).get("ETag") or ""
             return WriteResult(etag=_unquote(etag), server_time=_date(r))
 
-        return self._call(src_key, do, conditional=if_source_etag is not None)
+        return self._call(src_key, do, conditional=if_source_etag is not None, bulk=True)
+
+    def _copy_parts(
+        self, src_key: str, dst_key: str, if_source_etag: str | None, size: int
+    ) -> WriteResult:
+        """A multipart copy: the source's metadata and type carried over, parts in parallel."""
+        conditional = if_source_etag is not None
+        head = self._call(
+            src_key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(src_key))
+        )
+        current = _unquote(head["ETag"])
+        if if_source_etag is not None and current != _unquote(if_source_etag):
+            raise PreconditionFailedError(
+                f"the condition on {src_key!r} in {self.description} did not hold "
+                f"(its ETag is {current}, expected {if_source_etag})"
+            )
+        pin = _quote(current)
+        create: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(dst_key),
+            "Metadata": dict(head.get("Metadata") or {}),
+        }
+        if head.get("ContentType"):
+            create["ContentType"] = head["ContentType"]
+        upload_id = self._call(
+            dst_key, lambda: self._client.create_multipart_upload(**create)["UploadId"]
+        )
+        ranges = part_ranges(size, part_size(size, self.transfer.copy_chunksize))
+        etags: dict[int, str] = {}
+
+        def copy_part(number: int, start: int, end: int) -> None:
+            def do() -> None:
+                r = self._client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=self._key(dst_key),
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+                    CopySourceRange=f"bytes={start}-{end - 1}",
+                    CopySourceIfMatch=pin,
+                )
+                etags[number] = r["CopyPartResult"]["ETag"]
+
+            self._call(src_key, do, conditional=conditional, bulk=True)
+
+        try:
+            _run_parallel(
+                self._per_file,
+                [
+                    functools.partial(copy_part, n, start, end)
+                    for n, (start, end) in enumerate(ranges, 1)
+                ],
+            )
+            parts = [{"PartNumber": n, "ETag": etags[n]} for n in range(1, len(ranges) + 1)]
+            r = self._call(
+                dst_key,
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self._key(dst_key),
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(dst_key), UploadId=upload_id
+                )
+            raise
+        log.info("store_copied_in_parts", key=dst_key, parts=len(ranges), bytes=size)
+        return WriteResult(etag=_unquote(r.get("ETag") or ""), server_time=_date(r))
 
     def delete(self, key: str) -> None:
         """Delete an object (missing is fine)."""

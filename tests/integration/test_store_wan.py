@@ -6,17 +6,23 @@ Everything runs against the real SeaweedFS through the fault proxy, which inject
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.errors import NotFoundError, PermanentStoreError, TransientStoreError
+from agent.errors import (
+    NotFoundError,
+    PermanentStoreError,
+    PreconditionFailedError,
+    TransientStoreError,
+)
 from agent.store import open_store
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_config
-from tests.faultproxy import FaultProxy, Rule, Status
+from tests.faultproxy import FaultProxy, Rule, Status, Throttle
 
 
 @pytest.fixture
@@ -95,3 +101,111 @@ def test_a_download_of_a_missing_object_is_not_found(
     """obstore's 404 (a FileNotFoundError) is the store's NotFoundError, not a local file error."""
     with pytest.raises(NotFoundError):
         wan_store.download_file("cad/none.dwg", tmp_path / "out")
+
+
+MiB = 1024 * 1024
+
+
+def _big_store(
+    s3_env: dict[str, str], proxy: FaultProxy, tmp_path: Path, **transfer: Any
+) -> ObjectStore:
+    """Through the proxy, with multipart from 1 MiB and 5 MiB parts (the smallest S3 allows)."""
+    config = proxy_config(
+        s3_env,
+        proxy,
+        tmp_path / "big",
+        transfer={"multipart_threshold": MiB, "multipart_chunksize": 5 * MiB, **transfer},
+    )
+    return open_store(config)
+
+
+def test_a_download_slower_than_the_read_timeout_overall_still_finishes(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """1 MiB at 256 KiB/s takes twice the 2 s read timeout: the idle timeout never fires."""
+    store = _big_store(s3_env, fault_proxy, tmp_path)
+    try:
+        data = os.urandom(MiB)
+        store.put_bytes("slow/plan.dwg", data)
+        rule = fault_proxy.add(
+            Rule(Throttle(256 * 1024), method="GET", path=r"plan\.dwg$", times=None)
+        )
+        info = store.download_file("slow/plan.dwg", tmp_path / "out")
+        assert 1 == rule.fired, "the download was cut and sent again"
+        assert data == (tmp_path / "out").read_bytes()
+        assert len(data) == info.size
+    finally:
+        store.close()
+
+
+def test_a_large_download_is_read_in_ranges_and_a_failed_range_alone_is_read_again(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """11 MiB in three ranged GETs; a 500 on the second range re-reads that range only."""
+    store = _big_store(s3_env, fault_proxy, tmp_path)
+    try:
+        data = os.urandom(11 * MiB)
+        (tmp_path / "src").write_bytes(data)
+        store.upload_file("big/model.step", tmp_path / "src")
+        rule = fault_proxy.add(
+            Rule(Status(500), method="GET", path=r"model\.step$", headers=("Range",), skip=1)
+        )
+        moved: list[int] = []
+        info = store.download_file("big/model.step", tmp_path / "out", progress=moved.append)
+        assert 1 == rule.fired
+        ranged = [s for s in fault_proxy.seen if s.method == "GET" and s.rule is None]
+        assert 1 + 3 == len(ranged), "one GET for the size, then three ranges, none twice"
+        assert data == (tmp_path / "out").read_bytes()
+        assert (len(data), len(data)) == (info.size, sum(moved))
+    finally:
+        store.close()
+
+
+def test_a_copy_above_the_copy_limit_goes_in_parts_with_metadata_and_pinned_source(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """copy_limit 1 MiB: an 11 MiB copy is three UploadPartCopy parts; metadata and bytes kept."""
+    store = _big_store(s3_env, fault_proxy, tmp_path, copy_limit=MiB, copy_chunksize=5 * MiB)
+    try:
+        data = os.urandom(11 * MiB)
+        (tmp_path / "src").write_bytes(data)
+        sent = store.upload_file(
+            "stage/a.dwg", tmp_path / "src", metadata={"sha256": "abc"}, content_type="image/x"
+        )
+        with pytest.raises(PreconditionFailedError):
+            store.copy("stage/a.dwg", "main/a.dwg", if_source_etag="0" * 32, size=len(data))
+        store.copy("stage/a.dwg", "main/a.dwg", if_source_etag=sent.etag, size=len(data))
+        parts = [
+            s
+            for s in fault_proxy.seen
+            if s.method == "PUT" and "partNumber" in s.query and "x-amz-copy-source" in s.headers
+        ]
+        assert 3 == len(parts)
+        assert all(sent.etag in p.headers["x-amz-copy-source-if-match"] for p in parts)
+        assert "abc" == store.head("main/a.dwg").metadata.get("sha256")
+        store.download_file("main/a.dwg", tmp_path / "out")
+        assert data == (tmp_path / "out").read_bytes()
+    finally:
+        store.close()
+
+
+def test_requests_in_flight_never_exceed_the_process_wide_limit(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """max_requests 2 with 4 workers: ranged parts of four files never run more than 2 at once."""
+    from agent.store.s3 import REQUEST_SLOTS
+    from agent.transfer import Download, Transfers
+
+    store = _big_store(s3_env, fault_proxy, tmp_path, max_requests=2, workers=4)
+    try:
+        data = os.urandom(6 * MiB)
+        (tmp_path / "src").write_bytes(data)
+        for i in range(4):
+            store.upload_file(f"many/{i}.dwg", tmp_path / "src")
+        REQUEST_SLOTS.peak = 0
+        items = [Download(f"many/{i}.dwg", tmp_path / "dl" / f"{i}.dwg") for i in range(4)]
+        Transfers(store, 4).download(items)
+        assert 2 == REQUEST_SLOTS.peak
+        assert all(data == item.dest.read_bytes() for item in items)
+    finally:
+        store.close()
