@@ -160,6 +160,9 @@ class LockConfig(_Section):
     ttl: Seconds = 12 * 3600.0
     stale_after: Seconds = 600.0
     heartbeat_interval: Seconds = 60.0
+    # R2 takes about one write a second to one key and answers more with 429: the
+    # lock keeper spaces its writes of the lock key at least this far apart.
+    write_gap: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)] = 1.0
 
     @model_validator(mode="after")
     def _ordered(self) -> LockConfig:

@@ -209,3 +209,15 @@ def test_requests_in_flight_never_exceed_the_process_wide_limit(
         assert all(data == item.dest.read_bytes() for item in items)
     finally:
         store.close()
+
+
+def test_the_capability_probe_writes_each_probe_key_once_and_is_refused_once(
+    wan_store: ObjectStore, fault_proxy: FaultProxy
+) -> None:
+    """R2's one write a second per key: the probe uses a key per step, never three writes to one."""
+    from agent.lock import probe_conditional_writes
+
+    probe_conditional_writes(wan_store)
+    puts = [s.path for s in fault_proxy.seen if s.method == "PUT" and "pdagent-probe" in s.path]
+    assert 4 == len(puts)
+    assert {2} == {puts.count(p) for p in puts}, puts
