@@ -58,6 +58,9 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _COPY_TRIES = 3
+# Server-side copies cost the client no bandwidth, only a round trip each: a wider
+# pool than the transfers' (the store's request slots still cap what is in flight).
+COPY_POOL_FACTOR = 3
 
 
 class StagedCopy(BaseModel):
@@ -279,7 +282,8 @@ class Commit:
             progress.add(intent.copies[rel].size)
             return etag
 
-        etags = Transfers(self.store, self.workers).map(order, copy_one, progress)
+        pool = Transfers(self.store, self.workers * COPY_POOL_FACTOR)
+        etags = pool.map(order, copy_one, progress)
         if intent.deletes:
             self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
         files = dict(intent.manifest.files)

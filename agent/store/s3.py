@@ -290,7 +290,8 @@ class S3Store:
                 retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
-                max_pool_connections=transfer.workers + 4,
+                # Commit copies run COPY_POOL_FACTOR x workers wide (agent.commit).
+                max_pool_connections=transfer.workers * 3 + 4,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
                 tcp_keepalive=True,
@@ -578,10 +579,10 @@ class S3Store:
     ) -> ObjectInfo:
         """Stream an object into ``dest`` (obstore); a large one as parallel ranged GETs.
 
-        The first GET learns the size: a small object is streamed from it; for one
-        above the multipart threshold that answer is dropped and the object is read
-        as equal ranges into ``dest``, each range its own retried request pinned to
-        the ETag, so a failure re-reads one range, not the file.
+        The first GET learns the size: a small object is streamed from it whole; of
+        one above the multipart threshold it gives the first part only, and the rest
+        is read as equal ranges into ``dest`` in parallel, each range its own retried
+        request pinned to the ETag, so a failure re-reads one range, not the file.
         """
 
         def first() -> ObjectInfo | tuple[int, str]:
@@ -589,8 +590,10 @@ class S3Store:
             try:
                 result = obstore.get(self._data, key)
                 meta = result.meta
-                if int(meta["size"]) > self.transfer.multipart_threshold:
-                    return int(meta["size"]), str(meta.get("e_tag") or "")
+                size = int(meta["size"])
+                if size > self.transfer.multipart_threshold:
+                    self._first_part(key, result, dest, size, progress)
+                    return size, str(meta.get("e_tag") or "")
                 with dest.open("wb") as out:
                     for chunk in result.stream(min_chunk_size=_CHUNK):
                         out.write(chunk)
@@ -610,13 +613,39 @@ class S3Store:
         self._download_ranges(key, dest, size, etag, progress)
         return ObjectInfo(key=key, size=size, etag=_unquote(etag))
 
+    def _first_part(
+        self, key: str, result: Any, dest: Path, size: int, progress: ProgressFn | None
+    ) -> None:
+        """Write the first part of a large object from the first GET's answer; drop the rest."""
+        part = part_size(size, self.transfer.multipart_chunksize)
+        written = 0
+        try:
+            with dest.open("wb") as out:
+                out.truncate(size)
+                for chunk in result.stream(min_chunk_size=_CHUNK):
+                    take = memoryview(chunk)[: part - written]
+                    out.write(take)
+                    written += len(take)
+                    if progress is not None:
+                        progress(len(take))
+                    if written >= part:
+                        break  # the rest of this answer is dropped with it
+        except BaseException:
+            if written and progress is not None:
+                progress(-written)
+            raise
+        if written < part:
+            if progress is not None:
+                progress(-written)
+            raise TransientStoreError(f"the download of {key!r} was cut after {written} bytes")
+
     def _download_ranges(
         self, key: str, dest: Path, size: int, etag: str, progress: ProgressFn | None
     ) -> None:
-        ranges = part_ranges(size, part_size(size, self.transfer.multipart_chunksize))
+        """All ranges but the first (``download_file``'s first GET wrote that one)."""
+        ranges = part_ranges(size, part_size(size, self.transfer.multipart_chunksize))[1:]
         lock = threading.Lock()
-        with dest.open("wb") as out:
-            out.truncate(size)
+        with dest.open("r+b") as out:
 
             def read_range(start: int, end: int) -> None:
                 def do() -> None:
