@@ -282,7 +282,8 @@ class Commit:
             progress.add(intent.copies[rel].size)
             return etag
 
-        pool = Transfers(self.store, self.workers * COPY_POOL_FACTOR)
+        # ``workers = 1`` stays one at a time (serial transfers, as the crash tests use).
+        pool = Transfers(self.store, self.workers * COPY_POOL_FACTOR if self.workers > 1 else 1)
         etags = pool.map(order, copy_one, progress)
         if intent.deletes:
             self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
