@@ -75,6 +75,7 @@ _DELETE_BATCH = 1000
 # R2 and S3 allow 10,000 parts; 9,000 leaves room, and parts stay equal-sized.
 _MAX_PARTS = 9000
 _NO_WHOLE_REQUEST_LIMIT = timedelta(days=7)
+_PARTS_PER_FILE = 8
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +116,22 @@ class RequestSlots:
         with self._cond:
             self._capacity = capacity
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold_up_to(self, most: int) -> Iterator[int]:
+        """Take between 1 and ``most`` slots, as many as are free; yields how many."""
+        with self._cond:
+            while self._used >= self._capacity:
+                self._cond.wait()
+            weight = max(1, min(most, self._capacity - self._used))
+            self._used += weight
+            self.peak = max(self.peak, self._used)
+        try:
+            yield weight
+        finally:
+            with self._cond:
+                self._used -= weight
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def hold(self, weight: int = 1) -> Iterator[None]:
@@ -275,8 +292,8 @@ class S3Store:
         self._sleep = sleep
         self._page_size = config.list_page_size
         REQUEST_SLOTS.resize(transfer.max_requests)
-        # Parallel parts of one file: the process-wide slots shared by the workers.
-        self._per_file = max(1, min(8, transfer.max_requests // transfer.workers))
+        # Parallel parts of one file; each part takes one of the process-wide slots.
+        self._per_file = min(_PARTS_PER_FILE, transfer.max_requests)
         session = _session(config.profile)
         self._client: Any = session.client(
             "s3",
@@ -363,10 +380,12 @@ class S3Store:
         return PermanentStoreError(f"the store refused {where}: {str(exc).splitlines()[0][:300]}")
 
     def _data_call(self, key: str, fn: Callable[[], T], *, weight: int = 1) -> T:
-        """One obstore request (``weight`` parallel parts), retried, in request slots."""
+        """One obstore request (``weight`` slots; 0: ``fn`` takes its own), retried."""
 
         def once() -> T:
             try:
+                if weight == 0:  # ``fn`` takes its own slots
+                    return fn()
                 with REQUEST_SLOTS.hold(weight):
                     return fn()
             except oexc.BaseError as exc:
@@ -556,23 +575,26 @@ class S3Store:
 
         multipart = size > self.transfer.multipart_threshold
         chunk = part_size(size, self.transfer.multipart_chunksize)
-        parallel = min(self._per_file, len(part_ranges(size, chunk))) if multipart else 1
+        parts = min(_PARTS_PER_FILE, len(part_ranges(size, chunk))) if multipart else 1
 
         def do() -> WriteResult:
-            result = obstore.put(
-                self._data,
-                key,
-                path,
-                attributes=attributes or None,
-                use_multipart=multipart,
-                chunk_size=chunk,
-                max_concurrency=parallel,
-            )
+            # As many parallel parts as request slots are free (at least one): a file
+            # alone goes wide, ten files at once share the process-wide slots.
+            with REQUEST_SLOTS.hold_up_to(parts) as parallel:
+                result = obstore.put(
+                    self._data,
+                    key,
+                    path,
+                    attributes=attributes or None,
+                    use_multipart=multipart,
+                    chunk_size=chunk,
+                    max_concurrency=parallel,
+                )
             if progress is not None:
                 progress(size)
             return WriteResult(etag=_unquote(result["e_tag"] or ""), server_time=datetime.now(UTC))
 
-        return self._data_call(key, do, weight=parallel)
+        return self._data_call(key, do, weight=0)
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None
