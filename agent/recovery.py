@@ -27,7 +27,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import AgentError, SessionError
 from agent.keys import WorkFolder
-from agent.platform import install_termination_handler, machine_name, pid_alive, write_private_file
+from agent.platform import (
+    install_termination_handler,
+    machine_name,
+    make_private_dirs,
+    pid_alive,
+    write_private_file,
+)
 from agent.records import SessionRecord, SessionStore
 
 __all__ = ["CrashHandler", "RecoveryInfo", "find_orphans", "read_info", "write_info"]
@@ -196,7 +202,7 @@ def copy_pending(work: Path, backup: Path, pending: list[str]) -> list[str]:
         dst = backup / "files" / Path(*rel.split("/"))
         try:
             with folder.open_file(rel) as (fd, st):
-                dst.parent.mkdir(parents=True, exist_ok=True)
+                make_private_dirs(dst.parent)  # the backup is private state (issue 9)
                 with os.fdopen(os.dup(fd), "rb") as src, dst.open("wb") as out:
                     shutil.copyfileobj(src, out)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
