@@ -145,13 +145,14 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     agent abort                                    discard the session, release the lock
     agent recover [--resume | --discard]           after a crash: resume or discard
     agent flush | doctor | lock show | lock unlock
+    agent history | show | restore                 versions: list, look at, bring back
 
     \b
     Exit codes: 0 ok, 2 usage, 3 config/name, 4 lock, 5 lock held, 6 lock lost,
     7 store refused, 8 store unreachable, 9 access denied, 10 transfer, 11 local
     file, 12 journal, 13 conflict, 14 mass delete, 15 session, 16 previous crash,
     17 agent gone, 18 commit blocked, 19 integrity, 20 insecure state folder,
-    70 internal error, 130 interrupted.
+    21 no such version, 70 internal error, 130 interrupted.
     """
     state = ctx.ensure_object(_Ctx)
     state.config_path = config_path
@@ -598,3 +599,7 @@ def _report_error(state: _Ctx, kind: str, message: str, code: int) -> None:
         click.echo(json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}))
     else:
         click.echo(f"error: {printable_lines(message)}", err=True)
+
+
+# Commands in their own modules register themselves on ``cli`` when imported.
+from agent import cli_history  # noqa: E402, F401
