@@ -350,6 +350,44 @@ def abort_cmd(projekt_id: str | None, stage: str | None) -> None:
     )
 
 
+def _status_lines(row: dict[str, Any]) -> list[str]:
+    """The text of one session in ``agent status``."""
+    lines: list[str] = []
+    lines.append(
+        f"{row['projekt_id']}/{row['stage']}  user={row['user']}  "
+        f"state={row.get('state', row['phase'])}"
+        f"  agent={row['agent']}  pending={row.get('pending', '?')}  path={row['path']}"
+    )
+    if row.get("heartbeat_age_seconds") is not None:
+        lines.append(f"  lock heartbeat {row['heartbeat_age_seconds']}s ago")
+    if row.get("last_upload_at"):
+        lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
+    if row["agent"] != "running":
+        lines.append("  the background agent is not running: `agent recover` resumes or discards")
+    if row.get("error"):
+        lines.append(f"  PROBLEM: {row['error']}")
+    elif row.get("last_error"):
+        lines.append(f"  last error: {row['last_error']}")
+    if row.get("unsupported"):
+        lines.append(
+            "  not synchronised (name not storable; close refuses until renamed): "
+            + ", ".join(row["unsupported"])
+        )
+    if row.get("watch_mode") == "polling":
+        lines.append(
+            "  watching by polling: the system's file-watch limit is reached (Linux: raise "
+            "fs.inotify.max_user_watches); saves are still seen, a little later"
+        )
+    elif row.get("watch_mode") == "stopped":
+        lines.append("  PROBLEM: the folder is not being watched (retrying); close still scans")
+    if row.get("waiting"):
+        lines.append(
+            "  waiting (held by another program or not readable; sent when free): "
+            + ", ".join(row["waiting"])
+        )
+    return lines
+
+
 @cli.command("status")
 @_json_option
 def status_cmd() -> None:
@@ -383,33 +421,7 @@ def status_cmd() -> None:
     if not rows:
         lines.append("no open sessions")
     for row in rows:
-        lines.append(
-            f"{row['projekt_id']}/{row['stage']}  user={row['user']}  "
-            f"state={row.get('state', row['phase'])}"
-            f"  agent={row['agent']}  pending={row.get('pending', '?')}  path={row['path']}"
-        )
-        if row.get("heartbeat_age_seconds") is not None:
-            lines.append(f"  lock heartbeat {row['heartbeat_age_seconds']}s ago")
-        if row.get("last_upload_at"):
-            lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
-        if row["agent"] != "running":
-            lines.append(
-                "  the background agent is not running: `agent recover` resumes or discards"
-            )
-        if row.get("error"):
-            lines.append(f"  PROBLEM: {row['error']}")
-        elif row.get("last_error"):
-            lines.append(f"  last error: {row['last_error']}")
-        if row.get("unsupported"):
-            lines.append(
-                "  not synchronised (name not storable; close refuses until renamed): "
-                + ", ".join(row["unsupported"])
-            )
-        if row.get("waiting"):
-            lines.append(
-                "  waiting (held by another program or not readable; sent when free): "
-                + ", ".join(row["waiting"])
-            )
+        lines += _status_lines(row)
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
 
 

@@ -1,7 +1,8 @@
-"""``agent history`` / ``show`` / ``restore`` / ``history prune`` (issue 11).
+"""``agent history`` / ``show`` / ``restore`` / ``history prune`` / ``locks`` (issue 11).
 
 Registered on the ``agent`` group by ``agent.cli``; thin over
-``PlantDesignSession.history``, ``show``, ``restore`` and ``prune_history``.
+``PlantDesignSession.history``, ``show``, ``restore``, ``prune_history`` and
+``list_locks``.
 """
 
 from __future__ import annotations
@@ -150,3 +151,31 @@ def restore_cmd(
         f"restored {len(report.written)} files, removed {len(report.removed)} from commit "
         f"#{report.restored_from.seq}; committed as {report.commit_id}",
     )
+
+
+@cli.command("locks")
+@click.argument("projekt_ids", nargs=-1)
+@_json_option
+def locks_cmd(projekt_ids: tuple[str, ...]) -> None:
+    """Every stage lock (of PROJEKT_IDS, or of every project): who works on what.
+
+    Held, released, expired or corrupt; holder, machine, since, heartbeat age, and
+    "appears gone" when the holder's heartbeat is older than lock.stale_after.
+    """
+    session = _session_cls()(_obj().config)
+    rows = session.list_locks(list(projekt_ids))
+    lines = []
+    for r in rows:
+        where = f"{r.projekt_id}/{r.stage}"
+        if r.state == "corrupt":
+            lines.append(f"{where}  CORRUPT: {r.problem}")
+        elif r.state == "released":
+            lines.append(f"{where}  free (last: {r.user} on {r.machine})")
+        else:
+            gone = "  APPEARS GONE" if r.appears_gone else ""
+            since = r.since.strftime("%Y-%m-%d %H:%M") if r.since else "?"
+            lines.append(
+                f"{where}  {r.state} by {r.user} on {r.machine} since {since}, "
+                f"heartbeat {r.heartbeat_age_seconds:.0f}s ago{gone}"
+            )
+    _emit({"locks": [r.as_dict() for r in rows]}, "\n".join(lines) or "no stage locks")

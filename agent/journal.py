@@ -124,11 +124,20 @@ class Journal:
     run beside the writer, and a writer waits at most ``busy_timeout``.
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, busy_timeout: float = 10.0) -> None:
         self.path = path
         self._conn = conn
         self._lock = threading.RLock()
         self._closed = False
+        self._busy_timeout = busy_timeout
+        # Reads go through a connection per thread, so ten uploaders asking "what does
+        # staging hold" never queue behind a writer's fsync (WAL lets readers run beside
+        # the writer). Without WAL (some network shares) all share the one connection.
+        mode = conn.execute("PRAGMA journal_mode").fetchone()
+        self._wal = mode is not None and str(mode[0]).lower() == "wal"
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
@@ -148,7 +157,7 @@ class Journal:
         except JournalCorruptError:
             conn.close()
             raise
-        return cls(path, conn)
+        return cls(path, conn, busy_timeout=busy_timeout)
 
     @staticmethod
     def _prepare(path: Path, conn: sqlite3.Connection) -> None:
@@ -227,12 +236,35 @@ class Journal:
                 raise self._error(self.path, exc) from exc
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            self._check_open()
-            try:
-                return list(self._conn.execute(sql, args).fetchall())
-            except sqlite3.Error as exc:
-                raise self._error(self.path, exc) from exc
+        if not self._wal:
+            with self._lock:
+                self._check_open()
+                try:
+                    return list(self._conn.execute(sql, args).fetchall())
+                except sqlite3.Error as exc:
+                    raise self._error(self.path, exc) from exc
+        self._check_open()
+        try:
+            return list(self._reader().execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise self._error(self.path, exc) from exc
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (opened on first use, closed with the journal)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                check_same_thread=False,  # used by this thread only; closed by close()
+                isolation_level=None,
+            )
+            conn.execute("PRAGMA query_only=ON")
+            with self._readers_lock:
+                self._check_open()
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
 
     # ----------------------------------------------------------------- writes
 
@@ -420,6 +452,10 @@ class Journal:
                 return
             self._closed = True
             self._conn.close()
+            with self._readers_lock:
+                for reader in self._readers:
+                    reader.close()
+                self._readers.clear()
 
     def __enter__(self) -> Journal:
         return self

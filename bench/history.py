@@ -6,10 +6,12 @@ fast ``agent history`` answers. Run through ``bench/run.py --only history``.
   this process, alternately, so the ratio is read in one run.
 * ``history()`` of a stage with 1,000 commits (library call, and ``agent history
   --json`` as a process).
+* ``list_locks()`` over 1,000 stage locks in 100 projects.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 STAGE_FILES = 10_000
 CHANGED = 10
 COMMITS = 1_000
+LOCK_PROJECTS = 100
+STAGES_PER_PROJECT = 10
 
 
 @contextmanager
@@ -123,3 +127,28 @@ def bench_history(bench: Bench) -> None:
     table = "history: listing a stage with 1,000 commits"
     bench.add(table, "history() (library call)", _median(calls), "target < 1 s")
     bench.add(table, "`agent history --json` (whole process)", _median(cli), "target < 1 s")
+
+    board = open_store(bench.config("locks-seed"))
+    now = board.server_time()
+    lock = json.dumps(
+        {
+            "state": "held",
+            "user": "bench",
+            "machine": "m",
+            "since": now.isoformat(),
+            "expires": (now + timedelta(hours=12)).isoformat(),
+            "heartbeat_at": now.isoformat(),
+        }
+    ).encode()
+    for p in range(LOCK_PROJECTS):
+        for st in range(STAGES_PER_PROJECT):
+            board.put_bytes(f"Locks_{p:03d}/stage{st:02d}.lock.json", lock)
+    board.close()
+    viewer = PlantDesignSession(bench.config("locks-view"))
+    projects = [f"Locks_{p:03d}" for p in range(LOCK_PROJECTS)]
+    assert len(viewer.list_locks(projects)) == LOCK_PROJECTS * STAGES_PER_PROJECT
+    board_times = [_timed(lambda: viewer.list_locks(projects)) for _ in range(bench.runs)]
+    all_times = [_timed(viewer.list_locks) for _ in range(bench.runs)]
+    table = "history: `agent locks` over 1,000 stages (100 projects)"
+    bench.add(table, "list_locks(100 named projects)", _median(board_times), "target < 1 s")
+    bench.add(table, "list_locks() (every project in the bucket)", _median(all_times), "")

@@ -75,3 +75,16 @@ def test_prune_dry_run_reports_and_deletes_nothing(run: Run) -> None:
     assert 0 == out.returncode, out.stderr
     plan = json.loads(out.stdout)
     assert (plan["dry_run"], plan["commits"], plan["kept_commits"]) == (True, [], 2)
+
+
+def test_agent_locks_shows_who_works_on_what(run: Run) -> None:
+    _session(run, "alice", {"plan.dwg": b"x"})
+    opened = run("open", P, "--user", "bob", "--stage", "design", "--json")
+    assert 0 == opened.returncode, opened.stderr
+    out = run("locks", "--json")
+    assert 0 == out.returncode, out.stderr
+    rows = {(r["stage"], r["state"], r["user"]) for r in json.loads(out.stdout)["locks"]}
+    assert rows == {("planning", "released", "alice"), ("design", "held", "bob")}
+    text = run("locks", P).stdout
+    assert f"{P}/design  held by bob" in text and f"{P}/planning  free" in text
+    assert 0 == run("abort").returncode

@@ -221,3 +221,17 @@ def test_the_capability_probe_writes_each_probe_key_once_and_is_refused_once(
     puts = [s.path for s in fault_proxy.seen if s.method == "PUT" and "pdagent-probe" in s.path]
     assert 4 == len(puts)
     assert {2} == {puts.count(p) for p in puts}, puts
+
+
+def test_a_500_on_the_second_page_of_a_level_listing_still_lists_the_whole_level(
+    wan_store: ObjectStore, fault_proxy: FaultProxy
+) -> None:
+    """``list_level`` pages the same way: page 2 answered 500 once, every entry listed."""
+    keys = _put_keys(wan_store, 5)
+    for sub in ("a", "b", "c"):
+        wan_store.put_bytes(f"list/{sub}/x.dwg", b"x")
+    rule = fault_proxy.add(Rule(Status(500), method="GET", query=("continuation-token",)))
+    objects, subs = wan_store.list_level("list/")
+    assert 1 == rule.fired
+    assert keys == [o.key for o in objects]
+    assert ["list/a/", "list/b/", "list/c/"] == subs

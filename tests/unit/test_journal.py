@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import JournalCorruptError
+from agent.errors import JournalCorruptError, SessionError
 from agent.journal import Journal
 
 
@@ -318,3 +318,23 @@ def test_a_journal_from_before_the_stat_columns_is_upgraded(tmp_path: Path) -> N
         assert ["kept"] == [e.path for e in j.pending()]
         seq = j.record("new", "put", size=1, mtime_ns=1, ctime_ns=1, inode=1)
         assert seq == j.record("new", "put", size=1, mtime_ns=1, ctime_ns=1, inode=1)
+
+
+def test_readers_on_other_threads_see_committed_rows_while_a_writer_holds_the_lock(
+    tmp_path: Path,
+) -> None:
+    """Reads use a connection per thread (WAL): they see commits and never wait on the lock."""
+    import threading
+
+    journal = Journal.open(tmp_path / "j.sqlite")
+    journal.record("a.txt", "put", size=1, mtime_ns=1)
+    seen: list[int] = []
+    with journal._lock:  # a writer in the middle of its transaction (e.g. an fsync)
+        reader = threading.Thread(target=lambda: seen.append(journal.pending_count()))
+        reader.start()
+        reader.join(timeout=5)
+        assert not reader.is_alive(), "a read waited for the writer's lock"
+    assert seen == [1]
+    journal.close()
+    with pytest.raises(SessionError):
+        journal.pending_count()
