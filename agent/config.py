@@ -106,6 +106,8 @@ class StoreConfig(_Section):
     # SeaweedFS answers a contended conditional PUT's losers only after ~5 s.
     read_timeout: Seconds = 30.0
     verify_tls: bool = True
+    # Keys per listing request (S3's maximum is 1000); smaller only to test paging.
+    list_page_size: int = Field(default=1000, ge=1, le=1000)
 
     def location(self, base_dir: Path) -> StoreLocation:
         """Parse ``url``; the empty default is ``file://<base_dir>/store``."""
@@ -137,6 +139,14 @@ class TransferConfig(_Section):
     workers: int = Field(default=10, ge=1, le=256)
     multipart_threshold: Bytes = ByteSize(16 * 1024**2)
     multipart_chunksize: Bytes = Field(default=ByteSize(8 * 1024**2), ge=5 * 1024**2)
+    # Server-side copies above this go as parallel UploadPartCopy parts of
+    # ``copy_chunksize`` (CopyObject stops at 5 GiB, and one long copy can
+    # outlast a WAN's idle timeout).
+    copy_limit: Bytes = ByteSize(1024**3)
+    copy_chunksize: Bytes = Field(default=ByteSize(128 * 1024**2), ge=5 * 1024**2)
+    # Requests in flight for transfers, process-wide (R2 answers a wide fan-out with
+    # 5xx and bucket-wide throttling); each file's parallel parts come out of it.
+    max_requests: int = Field(default=32, ge=1, le=1024)
     cache_enabled: bool = True
     cache_max_bytes: Bytes = ByteSize(2 * 1024**3)
     # How long close waits for pending uploads before giving up (keeping the lock).
@@ -158,6 +168,9 @@ class LockConfig(_Section):
     ttl: Seconds = 12 * 3600.0
     stale_after: Seconds = 600.0
     heartbeat_interval: Seconds = 60.0
+    # R2 takes about one write a second to one key and answers more with 429: the
+    # lock keeper spaces its writes of the lock key at least this far apart.
+    write_gap: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)] = 1.0
 
     @model_validator(mode="after")
     def _ordered(self) -> LockConfig:

@@ -13,11 +13,12 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -236,15 +237,21 @@ def probe_conditional_writes(store: ObjectStore, key_prefix: str = ".pdagent-pro
     both must be refused, which the read-back proves: the object must still hold the
     first write. The probe object is deleted afterwards, whatever happened.
     """
-    key = f"{key_prefix}/{new_write_id()}.json"
+    # One key per step (R2 takes about one write a second to one key): each key is
+    # written once, then refused once, with the other key's write in between.
+    keys = [f"{key_prefix}/{new_write_id()}.json" for _ in range(2)]
     problems = []
     try:
-        first_id = new_write_id()
-        first = put_fenced(store, key, _probe_body(first_id), first_id, if_none_match=True)
-        for what, kwargs in (
+        ids = [new_write_id() for _ in keys]
+        firsts = [
+            put_fenced(store, key, _probe_body(wid), wid, if_none_match=True)
+            for key, wid in zip(keys, ids, strict=True)
+        ]
+        steps: list[tuple[str, dict[str, Any]]] = [
             ("a second If-None-Match put on the same key", {"if_none_match": True}),
-            ("a put with a wrong If-Match ETag", {"if_match": first.etag + "0"}),
-        ):
+            ("a put with a wrong If-Match ETag", {"if_match": firsts[1].etag + "0"}),
+        ]
+        for key, first_id, (what, kwargs) in zip(keys, ids, steps, strict=True):
             with contextlib.suppress(PreconditionFailedError):
                 store.put_bytes(
                     key, _probe_body(new_write_id()), content_type="application/json", **kwargs
@@ -253,8 +260,9 @@ def probe_conditional_writes(store: ObjectStore, key_prefix: str = ".pdagent-pro
             if current is None or write_id_of(current.body) != first_id:
                 problems.append(f"{what} was accepted")
     finally:
-        with contextlib.suppress(StoreError):
-            store.delete(key)
+        for key in keys:
+            with contextlib.suppress(StoreError):
+                store.delete(key)
     if problems:
         raise UnsafeStoreError(
             f"the store {store.description} does not honour conditional writes ("
@@ -288,7 +296,16 @@ class RemoteLock:
     recognised when it is read back (never a false "lock lost").
     """
 
-    def __init__(self, store: ObjectStore, key: str, holder: Holder, config: LockConfig) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        holder: Holder,
+        config: LockConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.key = key
         self.holder = holder
@@ -298,6 +315,8 @@ class RemoteLock:
         self._clock_offset = timedelta(0)
         self._sent: deque[str] = deque(maxlen=_REMEMBERED_WRITES)
         self._mutex = threading.RLock()
+        self._sleep, self._clock = sleep, clock
+        self._last_write: float | None = None
 
     @property
     def etag(self) -> str | None:
@@ -339,6 +358,12 @@ class RemoteLock:
     def _put(self, body: LockBody, *, if_match: str | None) -> WriteResult:
         """One fenced write; its id is remembered before it is sent."""
         assert body.write_id is not None
+        if self._last_write is not None:
+            # R2: about one write a second per key; closer writes are answered 429.
+            wait = self._last_write + self.config.write_gap - self._clock()
+            if wait > 0:
+                self._sleep(wait)
+        self._last_write = self._clock()
         self._sent.append(body.write_id)
         result = put_fenced(
             self.store,

@@ -33,6 +33,9 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    # The lock keeper's 1 s between lock writes is R2's limit, not SeaweedFS's; tests of
+    # the spacing itself set lock.write_gap (issue 12).
+    monkeypatch.setenv("AGENT_LOCK__WRITE_GAP", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -104,7 +104,14 @@ class MemoryStore:
             progress(len(data))
         return ObjectInfo(key=key, size=len(data), etag=self._etag(data))
 
-    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+    def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        *,
+        if_source_etag: str | None = None,
+        size: int | None = None,
+    ) -> WriteResult:
         """Copy inside the store (metadata too), the source pinned if asked."""
         source = self.get(src_key)
         if if_source_etag is not None and source.etag != if_source_etag:

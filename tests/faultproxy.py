@@ -18,7 +18,10 @@ in the order they were added, whether one fires; the first that fires decides:
   forward upstream although the client has long given up ("delivered late"),
   then close the client connection; ``rule.delivered`` is set then;
 - ``RESET_BEFORE``: reset the client connection, forward nothing;
-- ``Status(code)``: answer ``code`` with an S3 XML error body, forward nothing.
+- ``Status(code)``: answer ``code`` with an S3 XML error body, forward nothing;
+- ``Throttle(bytes_per_second)``: forward, then send the store's answer to the
+  client at that rate (a slow office link: no pause is longer than a fraction
+  of a second, but the whole answer takes as long as the rate says).
 
 A rule matches on method, a regex searched in the (unquoted) path, query
 parameters and headers that must be present (or absent), and a regex on the
@@ -58,6 +61,7 @@ __all__ = [
     "Rule",
     "Seen",
     "Status",
+    "Throttle",
 ]
 
 _MAX_HEAD = 64 * 1024
@@ -112,7 +116,15 @@ class Status:
     name: Literal["status"] = "status"
 
 
-Action = LoseAnswer | ResetBefore | Delay | Status
+@dataclass(frozen=True)
+class Throttle:
+    """Relay the store's answer to the client at ``bytes_per_second``."""
+
+    bytes_per_second: int
+    name: Literal["throttle"] = "throttle"
+
+
+Action = LoseAnswer | ResetBefore | Delay | Status | Throttle
 LOSE_ANSWER = LoseAnswer()
 RESET_BEFORE = ResetBefore()
 
@@ -527,8 +539,24 @@ class _Connection:
             self.upstream = None
         if isinstance(action, LoseAnswer):
             return False  # the store applied it; the client hears nothing
-        self.client.sendall(answer)
+        if isinstance(action, Throttle):
+            self._send_slowly(answer, action.bytes_per_second)
+        else:
+            self.client.sendall(answer)
         return not (request.close or upstream_close)
+
+    def _send_slowly(self, answer: bytes, rate: int) -> None:
+        """Send in slices of a tenth of a second's worth, keeping to ``rate`` overall."""
+        step = max(1, rate // 10)
+        started = time.monotonic()
+        for offset in range(0, len(answer), step):
+            if self.proxy._stopping.is_set():
+                raise _ClosedError("proxy stopping")
+            self.client.sendall(answer[offset : offset + step])
+            due = started + (offset + step) / rate
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -115,12 +115,20 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+    def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        *,
+        if_source_etag: str | None = None,
+        size: int | None = None,
+    ) -> WriteResult:
         """Server-side copy of ``src_key`` onto ``dst_key`` (user metadata copied too).
 
         ``if_source_etag`` pins the source (``x-amz-copy-source-if-match``): if the
         source's ETag is another, ``PreconditionFailedError`` and nothing is copied.
-        A missing source is ``NotFoundError``.
+        A missing source is ``NotFoundError``. ``size`` (the source's, when the
+        caller knows it) lets a backend pick a multipart copy without asking.
         """
         ...
 

@@ -227,8 +227,16 @@ class LocalStore:
                 raise
         return ObjectInfo(key=key, size=size, etag=etag)
 
-    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
+    def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        *,
+        if_source_etag: str | None = None,
+        size: int | None = None,
+    ) -> WriteResult:
         """Copy one object (and its metadata) onto another key, the source pinned if asked."""
+        del size  # a folder copies any size in one go
         src = self._path(src_key)
         with contextlib.ExitStack() as held:
             for key in sorted({src_key, dst_key}):  # one order: no deadlock between copies

@@ -12,12 +12,16 @@ on transient errors only; every error is translated here into ``agent.errors``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +31,7 @@ import botocore.exceptions as bexc
 import botocore.session
 import obstore
 import obstore.exceptions as oexc
+import structlog
 from botocore.config import Config
 
 if TYPE_CHECKING:
@@ -67,6 +72,85 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 _PRECONDITION_CODES = {"PreconditionFailed"}
 _CHUNK = 1024 * 1024
 _DELETE_BATCH = 1000
+# R2 and S3 allow 10,000 parts; 9,000 leaves room, and parts stay equal-sized.
+_MAX_PARTS = 9000
+_NO_WHOLE_REQUEST_LIMIT = timedelta(days=7)
+_PARTS_PER_FILE = 8
+
+log = structlog.get_logger(__name__)
+
+
+def part_size(size: int, configured: int) -> int:
+    """The part size for one file: ``max(configured, ceil(size / 9000))``, all parts equal."""
+    return max(configured, -(-size // _MAX_PARTS))
+
+
+def part_ranges(size: int, part: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of ``part`` bytes (the last one shorter) covering ``size``."""
+    return [(start, min(start + part, size)) for start in range(0, size, part)]
+
+
+class RequestSlots:
+    """A weighted semaphore: how many transfer requests are in flight, process-wide.
+
+    One instance per process (``REQUEST_SLOTS``); each file's parallel parts take
+    one slot each, so 10 workers x 8 parts never become 80 requests at once.
+    Lock and manifest requests do not queue here: a lock renewal must never wait
+    behind a slow bulk transfer.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._cond = threading.Condition()
+        self._capacity = capacity
+        self._used = 0
+        self.peak = 0
+        """The most slots in use at once so far (tests reset it)."""
+
+    @property
+    def capacity(self) -> int:
+        """How many slots there are."""
+        return self._capacity
+
+    def resize(self, capacity: int) -> None:
+        """Set the number of slots (the config's ``transfer.max_requests``)."""
+        with self._cond:
+            self._capacity = capacity
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold_up_to(self, most: int) -> Iterator[int]:
+        """Take between 1 and ``most`` slots, as many as are free; yields how many."""
+        with self._cond:
+            while self._used >= self._capacity:
+                self._cond.wait()
+            weight = max(1, min(most, self._capacity - self._used))
+            self._used += weight
+            self.peak = max(self.peak, self._used)
+        try:
+            yield weight
+        finally:
+            with self._cond:
+                self._used -= weight
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, weight: int = 1) -> Iterator[None]:
+        """Take ``weight`` slots (at most all of them) for the duration of a request."""
+        with self._cond:
+            weight = max(1, min(weight, self._capacity))
+            while self._used + weight > self._capacity:
+                self._cond.wait()
+            self._used += weight
+            self.peak = max(self.peak, self._used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= weight
+                self._cond.notify_all()
+
+
+REQUEST_SLOTS = RequestSlots(32)
 
 
 def _quote(etag: str) -> str:
@@ -78,12 +162,91 @@ def _unquote(etag: str) -> str:
     return etag.removeprefix("W/").strip('"')
 
 
+_WARNED_NO_DATE = threading.Event()
+
+
 def _date(response: dict[str, Any]) -> datetime:
+    """The store's clock from the answer's ``Date``; the local clock, with a warning, if none."""
     header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     if header:
         with contextlib.suppress(TypeError, ValueError):
             return parsedate_to_datetime(header).astimezone(UTC)
+    if not _WARNED_NO_DATE.is_set():
+        _WARNED_NO_DATE.set()
+        log.warning(
+            "store_sent_no_date",
+            detail="the store's answers carry no usable Date header; lock expiry is judged "
+            "by this computer's clock, so keep it synchronised",
+        )
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class _ObstoreAnswer:
+    """What an obstore error says in its structured part (``Debug source``)."""
+
+    status: int | None = None
+    code: str = ""
+    message: str = ""
+    http_kind: str | None = None
+
+
+# The structured part of an obstore error is Rust's pretty ``Debug``: one field a
+# line. Strings in it (the path, the body) are Debug-escaped, so a key cannot
+# forge a line; the URI is percent-encoded. So these anchored lines are facts.
+_DEBUG_MARK = "\n\nDebug source:\n"
+_STATUS_LINE = re.compile(r"^\s*status: (\d{3}),$", re.MULTILINE)
+_HTTP_KIND = re.compile(r"^\s*HttpError \{\n\s*kind: (\w+),$", re.MULTILINE)
+_BODY_LINE = re.compile(r"^\s*body: Some\(\n\s*(\".*\"),$", re.MULTILINE)
+_XML_CODE = re.compile(r"<Code>([A-Za-z0-9_.-]{1,100})</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]{0,300})</Message>")
+
+
+def _is_obstore_error(exc: BaseException) -> bool:
+    return isinstance(exc, oexc.BaseError) or (
+        isinstance(exc, FileNotFoundError) and exc.errno is None and _DEBUG_MARK in str(exc)
+    )
+
+
+def _obstore_answer(exc: BaseException) -> _ObstoreAnswer:
+    text = str(exc)
+    _, mark, debug = text.rpartition(_DEBUG_MARK)
+    if not mark:
+        return _ObstoreAnswer()
+    status = _STATUS_LINE.search(debug)
+    if status is None:
+        kind = _HTTP_KIND.search(debug)
+        return _ObstoreAnswer(http_kind=kind.group(1) if kind else None)
+    code = message = ""
+    body = _BODY_LINE.search(debug, status.end())
+    if body is not None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            xml = str(ast.literal_eval(body.group(1)))
+            if found := _XML_CODE.search(xml):
+                code = found.group(1)
+            if found := _XML_MESSAGE.search(xml):
+                message = found.group(1)
+    return _ObstoreAnswer(status=int(status.group(1)), code=code, message=message)
+
+
+def _run_parallel(workers: int, calls: Sequence[Callable[[], None]]) -> None:
+    """Run ``calls`` on ``workers`` threads; on a failure cancel the rest and raise it."""
+    if len(calls) == 1 or workers == 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(calls)), thread_name_prefix="pdagent-part"
+    ) as pool:
+        futures: list[Future[None]] = [pool.submit(call) for call in calls]
+        _done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in not_done:
+            fut.cancel()
+        wait(not_done)
+        for fut in futures:
+            error = None if fut.cancelled() else fut.exception()
+            if error is not None:
+                raise error
 
 
 _LOADER: Any = None
@@ -127,6 +290,10 @@ class S3Store:
         self.retry = retry
         self.transfer = transfer
         self._sleep = sleep
+        self._page_size = config.list_page_size
+        REQUEST_SLOTS.resize(transfer.max_requests)
+        # Parallel parts of one file; each part takes one of the process-wide slots.
+        self._per_file = min(_PARTS_PER_FILE, transfer.max_requests)
         session = _session(config.profile)
         self._client: Any = session.client(
             "s3",
@@ -140,7 +307,8 @@ class S3Store:
                 retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
-                max_pool_connections=transfer.workers + 4,
+                # Commit copies run COPY_POOL_FACTOR x workers wide (agent.commit).
+                max_pool_connections=transfer.workers * 3 + 4,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
                 tcp_keepalive=True,
@@ -154,9 +322,14 @@ class S3Store:
         from obstore.auth.boto3 import Boto3CredentialProvider
         from obstore.store import S3Store as ObjectStoreS3
 
+        # WAN timeouts (issue 12): a short connect timeout and an idle timeout (no
+        # byte for ``read_timeout``); obstore's ``timeout`` bounds the *whole*
+        # request, body included, so it is set far out of the way: a 500 MB file
+        # over 100 Mbit/s takes 40 s and must not be cut at 30.
         options: ClientConfig = {
-            "timeout": f"{int(config.read_timeout)}s",
-            "connect_timeout": f"{int(config.connect_timeout)}s",
+            "timeout": _NO_WHOLE_REQUEST_LIMIT,
+            "read_timeout": timedelta(seconds=config.read_timeout),
+            "connect_timeout": timedelta(seconds=config.connect_timeout),
             "pool_max_idle_per_host": str(self.transfer.workers + 4),
         }
         if config.endpoint_url and config.endpoint_url.startswith("http://"):
@@ -180,55 +353,46 @@ class S3Store:
             **kwargs,
         )
 
-    def _translate_data(self, exc: Exception, key: str) -> StoreError:
-        """obstore's errors, in the same terms as botocore's."""
+    def _translate_data(self, exc: Exception, key: str) -> AgentError:
+        """obstore's errors, by HTTP status and S3 error code as botocore's are.
+
+        Never by searching the message text: it holds the key and the URL, and a
+        permanent error on ``preset.dwg`` is not a connection "reset" (issue 12).
+        The status and the error kind are read from the error's structured part.
+        """
         where = f"{key!r} in {self.description}"
-        text = str(exc)
-        if isinstance(exc, oexc.NotFoundError):
-            if "NoSuchBucket" in text:
-                return BucketMissingError(
-                    f"the bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}"
-                )
-            return NotFoundError(f"no object {where}")
+        answer = _obstore_answer(exc)
+        if answer.status is not None:
+            return self._translate_status(
+                answer.status, answer.code, answer.message, key, where, conditional=False
+            )
+        if answer.http_kind is not None:
+            return TransientStoreError(
+                f"cannot reach {self.endpoint or 'the store'} for {key!r} "
+                f"({answer.http_kind.lower()} error)"
+            )
         if isinstance(exc, oexc.PreconditionError | oexc.AlreadyExistsError):
             return PreconditionFailedError(f"the condition on {where} did not hold")
-        if isinstance(exc, oexc.PermissionDeniedError | oexc.UnauthenticatedError) or (
-            "403 Forbidden" in text or "SignatureDoesNotMatch" in text
-        ):
-            return AccessDeniedError(
-                f"access denied for {where}: check the credentials (AWS_ACCESS_KEY_ID / "
-                f"AWS_SECRET_ACCESS_KEY or store.profile) and that they may use {self.bucket!r}"
-            )
-        if "NoSuchBucket" in text:
-            return BucketMissingError(
-                f"the bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}"
-            )
-        if isinstance(exc, oexc.BaseError) and any(
-            marker in text
-            for marker in (
-                "status code: 5",
-                "429",
-                "SlowDown",
-                "connect",
-                "timed out",
-                "error sending request",
-                "Connection",
-                "reset",
-                "broken pipe",
-            )
-        ):
-            return TransientStoreError(f"cannot reach {self.endpoint or 'the store'} for {key!r}")
-        if isinstance(exc, oexc.BaseError):
-            return PermanentStoreError(f"the store refused {where}: {text.splitlines()[0][:300]}")
-        if isinstance(exc, OSError):
-            raise exc  # a local file problem: the caller translates it
-        raise exc
+        if isinstance(exc, oexc.PermissionDeniedError | oexc.UnauthenticatedError):
+            return self._translate_status(403, "", "", key, where, conditional=False)
+        if isinstance(exc, oexc.NotFoundError | FileNotFoundError):
+            return NotFoundError(f"no object {where}")
+        return PermanentStoreError(f"the store refused {where}: {str(exc).splitlines()[0][:300]}")
 
-    def _data_call(self, key: str, fn: Callable[[], T]) -> T:
+    def _data_call(self, key: str, fn: Callable[[], T], *, weight: int = 1) -> T:
+        """One obstore request (``weight`` slots; 0: ``fn`` takes its own), retried."""
+
         def once() -> T:
             try:
-                return fn()
+                if weight == 0:  # ``fn`` takes its own slots
+                    return fn()
+                with REQUEST_SLOTS.hold(weight):
+                    return fn()
             except oexc.BaseError as exc:
+                raise self._translate_data(exc, key) from exc
+            except FileNotFoundError as exc:
+                if not _is_obstore_error(exc):
+                    raise  # a local file: the caller translates it
                 raise self._translate_data(exc, key) from exc
 
         return call_with_retries(once, self.retry, sleep=self._sleep, what=key)
@@ -278,6 +442,13 @@ class S3Store:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(error.get("Message", ""))
+        return self._translate_status(status, code, message, key, where, conditional=conditional)
+
+    def _translate_status(
+        self, status: int, code: str, message: str, key: str, where: str, *, conditional: bool
+    ) -> AgentError:
+        """An error answer, by HTTP status and S3 error code (both engines come here)."""
         if code == "RequestTimeTooSkewed":
             return PermanentStoreError(
                 f"the store refused {where} because this computer's clock is wrong "
@@ -314,13 +485,18 @@ class S3Store:
             )
         if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
             return NotFoundError(f"no object {where}")
-        return PermanentStoreError(
-            f"the store refused {where}: {status} {code} {error.get('Message', '')}"
-        )
+        return PermanentStoreError(f"the store refused {where}: {status} {code} {message}")
 
-    def _call(self, key: str, fn: Callable[[], T], *, conditional: bool = False) -> T:
+    def _call(
+        self, key: str, fn: Callable[[], T], *, conditional: bool = False, bulk: bool = False
+    ) -> T:
+        """One boto3 request, retried; a ``bulk`` one (copies) takes a request slot."""
+
         def once() -> T:
             try:
+                if bulk:
+                    with REQUEST_SLOTS.hold():
+                        return fn()
                 return fn()
             except StoreError:
                 raise
@@ -397,36 +573,49 @@ class S3Store:
         if content_type:
             attributes["Content-Type"] = content_type
 
+        multipart = size > self.transfer.multipart_threshold
+        chunk = part_size(size, self.transfer.multipart_chunksize)
+        parts = min(_PARTS_PER_FILE, len(part_ranges(size, chunk))) if multipart else 1
+
         def do() -> WriteResult:
-            result = obstore.put(
-                self._data,
-                key,
-                path,
-                attributes=attributes or None,
-                use_multipart=size > self.transfer.multipart_threshold,
-                chunk_size=self.transfer.multipart_chunksize,
-                max_concurrency=8,
-            )
+            # As many parallel parts as request slots are free (at least one): a file
+            # alone goes wide, ten files at once share the process-wide slots.
+            with REQUEST_SLOTS.hold_up_to(parts) as parallel:
+                result = obstore.put(
+                    self._data,
+                    key,
+                    path,
+                    attributes=attributes or None,
+                    use_multipart=multipart,
+                    chunk_size=chunk,
+                    max_concurrency=parallel,
+                )
             if progress is not None:
                 progress(size)
             return WriteResult(etag=_unquote(result["e_tag"] or ""), server_time=datetime.now(UTC))
 
-        return self._data_call(key, do)
+        return self._data_call(key, do, weight=0)
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None
     ) -> ObjectInfo:
-        """Stream an object into ``dest`` (obstore)."""
+        """Stream an object into ``dest`` (obstore); a large one as parallel ranged GETs.
 
-        def do() -> ObjectInfo:
+        The first GET learns the size: a small object is streamed from it whole; of
+        one above the multipart threshold it gives the first part only, and the rest
+        is read as equal ranges into ``dest`` in parallel, each range its own retried
+        request pinned to the ETag, so a failure re-reads one range, not the file.
+        """
+
+        def first() -> ObjectInfo | tuple[int, str]:
             written = 0
             try:
-                try:
-                    result = obstore.get(self._data, key)
-                except FileNotFoundError as exc:
-                    # obstore raises its 404 as the builtin FileNotFoundError: the object
-                    # is missing in the store (exit 7), not a local file problem (issue 9).
-                    raise NotFoundError(f"no object {key!r} in {self.description}") from exc
+                result = obstore.get(self._data, key)
+                meta = result.meta
+                size = int(meta["size"])
+                if size > self.transfer.multipart_threshold:
+                    self._first_part(key, result, dest, size, progress)
+                    return size, str(meta.get("e_tag") or "")
                 with dest.open("wb") as out:
                     for chunk in result.stream(min_chunk_size=_CHUNK):
                         out.write(chunk)
@@ -437,17 +626,100 @@ class S3Store:
                 if written and progress is not None:
                     progress(-written)
                 raise
-            meta = result.meta
             return ObjectInfo(key=key, size=written, etag=_unquote(meta.get("e_tag") or ""))
 
-        return self._data_call(key, do)
+        got = self._data_call(key, first)
+        if isinstance(got, ObjectInfo):
+            return got
+        size, etag = got
+        self._download_ranges(key, dest, size, etag, progress)
+        return ObjectInfo(key=key, size=size, etag=_unquote(etag))
 
-    def copy(self, src_key: str, dst_key: str, *, if_source_etag: str | None = None) -> WriteResult:
-        """Server-side CopyObject (metadata copied), the source pinned by its ETag if asked.
+    def _first_part(
+        self, key: str, result: Any, dest: Path, size: int, progress: ProgressFn | None
+    ) -> None:
+        """Write the first part of a large object from the first GET's answer; drop the rest."""
+        part = part_size(size, self.transfer.multipart_chunksize)
+        written = 0
+        try:
+            with dest.open("wb") as out:
+                out.truncate(size)
+                for chunk in result.stream(min_chunk_size=_CHUNK):
+                    take = memoryview(chunk)[: part - written]
+                    out.write(take)
+                    written += len(take)
+                    if progress is not None:
+                        progress(len(take))
+                    if written >= part:
+                        break  # the rest of this answer is dropped with it
+        except BaseException:
+            if written and progress is not None:
+                progress(-written)
+            raise
+        if written < part:
+            if progress is not None:
+                progress(-written)
+            raise TransientStoreError(f"the download of {key!r} was cut after {written} bytes")
 
-        boto3, not obstore: obstore's copy cannot send ``x-amz-copy-source-if-match``.
-        A copy is idempotent, so a retry after a lost answer does no harm.
+    def _download_ranges(
+        self, key: str, dest: Path, size: int, etag: str, progress: ProgressFn | None
+    ) -> None:
+        """All ranges but the first (``download_file``'s first GET wrote that one)."""
+        ranges = part_ranges(size, part_size(size, self.transfer.multipart_chunksize))[1:]
+        lock = threading.Lock()
+        with dest.open("r+b") as out:
+
+            def read_range(start: int, end: int) -> None:
+                def do() -> None:
+                    pos = start
+                    try:
+                        result = obstore.get(
+                            self._data, key, options={"range": (start, end), "if_match": etag}
+                        )
+                        for chunk in result.stream(min_chunk_size=_CHUNK):
+                            with lock:
+                                out.seek(pos)
+                                out.write(chunk)
+                            pos += len(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    except BaseException:
+                        if pos > start and progress is not None:
+                            progress(start - pos)
+                        raise
+                    if pos != end:
+                        if progress is not None:
+                            progress(start - pos)
+                        raise TransientStoreError(
+                            f"the range {start}-{end} of {key!r} was cut at {pos}"
+                        )
+
+                self._data_call(key, do)
+
+            _run_parallel(
+                self._per_file, [functools.partial(read_range, start, end) for start, end in ranges]
+            )
+
+    def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        *,
+        if_source_etag: str | None = None,
+        size: int | None = None,
+    ) -> WriteResult:
+        """Server-side copy (metadata copied), the source pinned by its ETag if asked.
+
+        Up to ``transfer.copy_limit`` one CopyObject; above it UploadPartCopy in
+        parallel equal parts (CopyObject stops at 5 GiB, and one long copy can sit
+        silent past a WAN's idle timeout). boto3, not obstore: obstore's copy cannot
+        send ``x-amz-copy-source-if-match``. A copy is idempotent, so a retry after
+        a lost answer does no harm.
         """
+        if size is None and self.transfer.copy_limit < 5 * 1024**3:
+            size = self.head(src_key).size
+        if size is not None and size > self.transfer.copy_limit:
+            return self._copy_parts(src_key, dst_key, if_source_etag, size)
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._key(dst_key),
@@ -461,7 +733,77 @@ class S3Store:
             etag = (r.get("CopyObjectResult") or {}).get("ETag") or ""
             return WriteResult(etag=_unquote(etag), server_time=_date(r))
 
-        return self._call(src_key, do, conditional=if_source_etag is not None)
+        return self._call(src_key, do, conditional=if_source_etag is not None, bulk=True)
+
+    def _copy_parts(
+        self, src_key: str, dst_key: str, if_source_etag: str | None, size: int
+    ) -> WriteResult:
+        """A multipart copy: the source's metadata and type carried over, parts in parallel."""
+        conditional = if_source_etag is not None
+        head = self._call(
+            src_key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(src_key))
+        )
+        current = _unquote(head["ETag"])
+        if if_source_etag is not None and current != _unquote(if_source_etag):
+            raise PreconditionFailedError(
+                f"the condition on {src_key!r} in {self.description} did not hold "
+                f"(its ETag is {current}, expected {if_source_etag})"
+            )
+        pin = _quote(current)
+        create: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(dst_key),
+            "Metadata": dict(head.get("Metadata") or {}),
+        }
+        if head.get("ContentType"):
+            create["ContentType"] = head["ContentType"]
+        upload_id = self._call(
+            dst_key, lambda: self._client.create_multipart_upload(**create)["UploadId"]
+        )
+        ranges = part_ranges(size, part_size(size, self.transfer.copy_chunksize))
+        etags: dict[int, str] = {}
+
+        def copy_part(number: int, start: int, end: int) -> None:
+            def do() -> None:
+                r = self._client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=self._key(dst_key),
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+                    CopySourceRange=f"bytes={start}-{end - 1}",
+                    CopySourceIfMatch=pin,
+                )
+                etags[number] = r["CopyPartResult"]["ETag"]
+
+            self._call(src_key, do, conditional=conditional, bulk=True)
+
+        try:
+            _run_parallel(
+                self._per_file,
+                [
+                    functools.partial(copy_part, n, start, end)
+                    for n, (start, end) in enumerate(ranges, 1)
+                ],
+            )
+            parts = [{"PartNumber": n, "ETag": etags[n]} for n in range(1, len(ranges) + 1)]
+            r = self._call(
+                dst_key,
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self._key(dst_key),
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(dst_key), UploadId=upload_id
+                )
+            raise
+        log.info("store_copied_in_parts", key=dst_key, parts=len(ranges), bytes=size)
+        return WriteResult(etag=_unquote(r.get("ETag") or ""), server_time=_date(r))
 
     def delete(self, key: str) -> None:
         """Delete an object (missing is fine)."""
@@ -488,15 +830,23 @@ class S3Store:
             self._call(batch[0], do)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under ``prefix`` (keys relative to the store prefix)."""
-        paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix))
-        iterator = iter(pages)
+        """Every object under ``prefix`` (keys relative to the store prefix), or an error.
+
+        An explicit continuation-token loop, each page its own retried request: a
+        transient error on page 2 retries page 2, and a listing that cannot be
+        finished raises instead of ending short (issue 12; botocore's paginator,
+        once its generator died, silently ended the listing).
+        """
         strip = len(self.prefix)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._key(prefix),
+            "MaxKeys": self._page_size,
+        }
         while True:
-            page = self._call(prefix, lambda: next(iterator, None))
-            if page is None:
-                return
+            page: dict[str, Any] = self._call(
+                prefix, functools.partial(self._client.list_objects_v2, **args)
+            )
             for item in page.get("Contents", []):
                 yield ObjectInfo(
                     key=item["Key"][strip:],
@@ -504,6 +854,15 @@ class S3Store:
                     etag=_unquote(item["ETag"]),
                     last_modified=item.get("LastModified"),
                 )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated"):
+                return
+            if not token:
+                raise PermanentStoreError(
+                    f"the store cut the listing of {prefix!r} in {self.description} short "
+                    "(truncated, without a continuation token)"
+                )
+            args["ContinuationToken"] = token
 
     def server_time(self) -> datetime:
         """The store's clock, from the ``Date`` of a HEAD on the bucket."""
@@ -523,6 +882,7 @@ class S3Store:
             "Bucket": self.bucket,
             "Prefix": self._key(prefix),
             "Delimiter": "/",
+            "MaxKeys": self._page_size,
         }
         objects: list[ObjectInfo] = []
         subs: list[str] = []

@@ -35,7 +35,8 @@ def _holder(user: str = "alice", machine: str = "m1", session: str = "s1") -> Ho
 
 
 def _lock(store: ObjectStore, user: str = "alice", machine: str = "m1", **cfg: float) -> RemoteLock:
-    return RemoteLock(store, KEY, _holder(user, machine, f"s-{user}-{machine}"), LockConfig(**cfg))
+    config = LockConfig(**{"write_gap": 0, **cfg})  # R2's 1 s spacing: not on the bed
+    return RemoteLock(store, KEY, _holder(user, machine, f"s-{user}-{machine}"), config)
 
 
 def _body(store: ObjectStore) -> dict[str, Any]:

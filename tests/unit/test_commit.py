@@ -81,7 +81,9 @@ def test_a_commit_cut_after_some_copies_is_finished_by_the_next_settle() -> None
     commit, (intent, etag) = _begin(store, copies)
     done: list[str] = []
 
-    def flaky_copy(src: str, dst: str, *, if_source_etag: str | None = None) -> WriteResult:
+    def flaky_copy(
+        src: str, dst: str, *, if_source_etag: str | None = None, size: int | None = None
+    ) -> WriteResult:
         if len(done) >= 2:
             raise TransientStoreError("store went away")
         done.append(dst)
@@ -205,7 +207,7 @@ def test_deletes_are_applied_and_the_manifest_drops_them() -> None:
 
 def _keeper(store: Any, session: str = "s1") -> RemoteLock:
     holder = Holder(user="alice", machine="m1", pid=1, session_id=session, agent_version="t")
-    return RemoteLock(store, KEYS.lock, holder, LockConfig())
+    return RemoteLock(store, KEYS.lock, holder, LockConfig(write_gap=0))
 
 
 def _lose_answers_to(inner: MemoryStore, key: str, times: int) -> Callable[..., WriteResult]:
