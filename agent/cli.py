@@ -429,7 +429,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
             click.confirm("Discard the session's unsaved changes for good?", abort=True)
         elif not yes:
             raise click.UsageError("discarding needs --yes when not asked on a terminal")
-        session.discard(session_id)
+        session.discard(session_id, confirm_loss=True)  # confirmed above
         _emit({"discarded": True}, "discarded: staging, working folder and backup removed")
         return
     with _progress() as slot:
