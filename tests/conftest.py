@@ -8,6 +8,7 @@ nothing from the machine's own AWS config leaks in.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import uuid
@@ -44,9 +45,14 @@ def _reset_structlog() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools)."""
+    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools).
+
+    Sessions the test dropped are collected first: the crash hooks' relay thread
+    stops when the last session that registered them is gone.
+    """
     before = set(threading.enumerate())
     yield
+    gc.collect()
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     for t in leaked:
         t.join(timeout=5)

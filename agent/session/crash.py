@@ -30,6 +30,7 @@ One ``CrashHooks`` per process serves every session in it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import signal
 import threading
 import time
@@ -220,7 +221,8 @@ class CrashHooks:
         self._reader.close() if self._reader is not None else None
         self._writer.close()
         self._reader = self._writer = None
-        log.debug("crash_hooks_removed")
+        with contextlib.suppress(Exception):  # also at interpreter shutdown (a collected session)
+            log.debug("crash_hooks_removed")
 
     def _start_relay(self) -> None:
         self._relay = threading.Thread(
