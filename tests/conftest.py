@@ -25,6 +25,9 @@ from agent.store.local import LocalStore
 from tests.faultproxy import FaultProxy
 from tests.servers import RcloneS3Server, SeaweedServer, free_port
 
+# Qt tests (pytest-qt, the Qt host children) draw nowhere: no display is needed.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:

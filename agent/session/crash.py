@@ -112,6 +112,7 @@ class CrashHooks:
         self._handled_at = -1e9
         self._restore_requested = False
         self._tokens = 0
+        self._in_signal = False  # a signal is being handled: the handler restores at its end
         self._warned = False
         # Set by an event loop that reads the wake-up socket itself (agent.qt).
         self._loop_reader: Callable[[int | None], None] | None = None
@@ -175,7 +176,7 @@ class CrashHooks:
             if on_main_thread():
                 self._uninstall()
                 return
-            if self._restore_requested:
+            if self._restore_requested or self._in_signal:
                 return
             for signum in self._previous:
                 if current_handler(signum) is self._handler:
@@ -319,6 +320,7 @@ class CrashHooks:
     def _after_signal(self, signum: int) -> None:
         """On the relay: save now, then let the main thread chain, or do the default action."""
         seen = time.monotonic()
+        self._in_signal = True
         self.run(_signal_name(signum))
         deadline = time.monotonic() + _CHAIN_GRACE
         while time.monotonic() < deadline:
@@ -326,6 +328,7 @@ class CrashHooks:
                 return
             time.sleep(0.02)
         previous = (self._previous or {}).get(signum, signal.SIG_DFL)
+        self._in_signal = False
         if self._terminator is not None:
             self._terminator(signum)
         elif is_default_action(previous):
@@ -342,7 +345,11 @@ class CrashHooks:
                     self._uninstall()
             return
         self._handled_at = time.monotonic()
-        self.run(_signal_name(signum))
+        self._in_signal = True
+        try:
+            self.run(_signal_name(signum))
+        finally:
+            self._in_signal = False
         previous = (self._previous or {}).get(signum, signal.SIG_DFL)
         terminator = self._terminator
         with self._lock:
