@@ -55,8 +55,9 @@ def _no_thread_leaks() -> Iterator[None]:
     """
     before = set(threading.enumerate())
     yield
-    gc.collect()
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    if any(t.name == "pdagent-crash-relay" for t in leaked):
+        gc.collect()
     for t in leaked:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
