@@ -10,6 +10,8 @@ Modes:
 * ``qt-seed``: a QApplication idling in ``exec()`` with no Python timer; the
   session made and opened on the GUI thread with only the seed's calls.
 * ``qt-worker-open``: the same, but ``open()`` runs on a worker thread.
+* ``qt-adapter``: ``agent.qt.SessionAdapter`` (open on its worker; the crash
+  handling on the GUI thread's ``QSocketNotifier``); prints ``about-to-quit``.
 * ``qt-own-handler``: the host's own wake-up fd + ``QSocketNotifier`` and its own
   SIGTERM handler (``app.quit()``); prints ``host-handler`` and ``about-to-quit``.
 * ``plain-idle``: a plain Python host blocked in ``Event.wait()``.
@@ -61,6 +63,17 @@ def _qt_host(mode: str) -> int:
 
         signal.signal(signal.SIGTERM, host_handler)
         app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+    if mode == "qt-adapter":
+        from agent.qt import SessionAdapter
+
+        adapter = SessionAdapter()
+        adapter.finished.connect(lambda name, path: _say(ready=str(path)))
+        adapter.failed.connect(lambda name, exc: _say(failed=str(exc)))
+        app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+        adapter.open(P, "admin", STAGE)
+        app.exec()
+        _say(event="exited")
+        return 0
     session = PlantDesignSession()
     if mode == "qt-worker-open":
         opened: list[Path] = []

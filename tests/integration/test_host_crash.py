@@ -185,6 +185,24 @@ def test_a_qt_hosts_own_sigterm_handler_is_chained_and_it_quits_cleanly(
     _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
 
 
+@pytest.mark.usefixtures("qt")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_the_qt_adapter_saves_on_the_gui_thread_then_quits_the_app(
+    sig: signal.Signals,
+    host_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    hosts: list[Host],
+) -> None:
+    """Through agent.qt: the notifier wakes the loop, save, then app.quit(): aboutToQuit, 0."""
+    h, work = _start(hosts, "qt-adapter", host_env, tmp_path / "m")
+    _edit(work)
+    h.proc.send_signal(sig)
+    assert 0 == h.finish(), h.stderr()
+    assert ["about-to-quit", "exited"] == [line["event"] for line in h.lines if "event" in line]
+    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_each_termination_signal_saves_a_plain_python_host(
     sig: signal.Signals,
