@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import shiboken6
 from PySide6.QtCore import (
     QCoreApplication,
     QObject,
@@ -105,10 +106,10 @@ class _CrashNotifier(QObject):
         crash.hooks().use_event_loop(self._watch, self._terminate)
 
     def _watch(self, fd: int | None) -> None:
-        if self._notifier is not None:
-            self._notifier.setEnabled(False)
-            self._notifier.deleteLater()
-            self._notifier = None
+        old, self._notifier = self._notifier, None
+        if old is not None and shiboken6.isValid(old):  # gone already at interpreter exit
+            old.setEnabled(False)
+            old.deleteLater()
         if fd is not None:
             self._notifier = QSocketNotifier(fd, QSocketNotifier.Type.Read, self)
             self._notifier.activated.connect(self._ready)
