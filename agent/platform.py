@@ -34,6 +34,7 @@ __all__ = [
     "machine_name",
     "on_main_thread",
     "open_wakeup_channel",
+    "peek_wakeup",
     "pid_alive",
     "set_handler",
     "set_termination_handlers",
@@ -186,6 +187,17 @@ def forward_wakeup(fd: int, data: bytes) -> None:
                 sock.detach()
         else:
             os.write(fd, data)
+
+
+def peek_wakeup(reader: socket.socket) -> bytes:
+    """The bytes waiting in a wake-up channel, left unread (b"" where it cannot peek)."""
+    flags = getattr(socket, "MSG_DONTWAIT", 0)
+    if not flags:
+        return b""  # pragma: no cover - Windows
+    try:
+        return reader.recv(64, socket.MSG_PEEK | flags)
+    except OSError:
+        return b""
 
 
 def is_default_action(handler: SignalHandler) -> bool:

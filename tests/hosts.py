@@ -17,6 +17,8 @@ Modes:
 * ``plain-idle``: a plain Python host blocked in ``Event.wait()``.
 * ``plain-exit``: a plain Python host that returns from main without closing
   when a line arrives on stdin (the exit hook saves).
+* ``plain-wake-race``: a close on a worker asks the main thread to restore the
+  handlers, and a second session opens before the main thread runs Python.
 * ``plain-cycles``: 20 x (open on the main thread, close on a worker); prints
   whether the host's handler came back each time and whether sessions were collected.
 """
@@ -130,12 +132,36 @@ def _plain_cycles() -> int:
     return 0
 
 
+def _wake_race() -> int:
+    """Close on a worker asks the main thread to restore; a new open comes first."""
+    first = PlantDesignSession()
+    first.open(P, "admin", STAGE, watch=False)
+    made: list[PlantDesignSession] = []
+
+    def worker() -> None:
+        first.close()  # the last session, off the main thread: main is asked to restore ...
+        made.append(PlantDesignSession())
+        made[0].open(P, "admin", STAGE, watch=False)  # ... but a new session is ACTIVE
+
+    closer = threading.Thread(target=worker)
+    closer.start()
+    closer.join()  # the main thread runs Python only now: the request is handled here
+    gc.collect()
+    second = made[0]
+    state = str(second.state)
+    second.close()
+    _say(state_after_request=state)
+    return 0
+
+
 def main(mode: str) -> int:
     """Run one host."""
     if mode.startswith("qt-"):
         return _qt_host(mode)
     if mode == "plain-cycles":
         return _plain_cycles()
+    if mode == "plain-wake-race":
+        return _wake_race()
     session = PlantDesignSession()
     work = session.open(P, "admin", STAGE)
     _say(ready=str(work))

@@ -55,6 +55,7 @@ from agent.platform import (
     is_ignored,
     on_main_thread,
     open_wakeup_channel,
+    peek_wakeup,
     set_handler,
     set_termination_handlers,
     swap_wakeup_fd,
@@ -111,7 +112,9 @@ class CrashHooks:
         self._save_deadline = 0.0
         self._handled_at = -1e9
         self._restore_requested = False
-        self._tokens = 0
+        self._tokens = 0  # wake-up bytes of our own requests, for the relay to swallow
+        self._wakes = 0  # handler calls of our own requests, for the main thread to swallow
+        self._real_pending = 0  # real signal bytes seen, not yet handled on the main thread
         self._in_signal = False  # a signal is being handled: the handler restores at its end
         self._warned = False
         # Set by an event loop that reads the wake-up socket itself (agent.qt).
@@ -182,7 +185,10 @@ class CrashHooks:
                 if current_handler(signum) is self._handler:
                     self._restore_requested = True
                     self._tokens += 1
-                    wake_main_thread(signum)
+                    self._wakes += 1
+                    if not wake_main_thread(signum):
+                        self._tokens -= 1
+                        self._wakes -= 1
                     return
             log.info("crash_hooks_replaced_by_host")
 
@@ -215,7 +221,7 @@ class CrashHooks:
             self._remove_console = None
         self._previous = None
         self._restore_requested = False
-        self._tokens = 0
+        self._tokens = self._wakes = self._real_pending = 0
         if self._loop_reader is not None:
             self._loop_reader(None)
         self._stop_relay()
@@ -312,6 +318,7 @@ class CrashHooks:
                     self._tokens -= 1  # our own request to the main thread, not a signal
                     continue
                 real.append(b)
+            self._real_pending += len(real)
         if not real:
             return None
         forward_wakeup(self._prev_wakeup, bytes(real))
@@ -338,12 +345,16 @@ class CrashHooks:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The Python handler (main thread): save (bounded), then the host's own action."""
         with self._lock:
-            restore_only = self._restore_requested and not self.live_sessions()
-        if restore_only:
-            with self._lock:
-                if self._previous is not None:
+            real = self._real_pending > 0 or self._unread_signal()
+            ours = self._wakes > 0
+            self._wakes = 0  # one call covers every request made before it
+            self._real_pending = 0
+            if ours and not real:
+                self._restore_requested = False
+                # Our own request (off-main close): restore if nothing is left to protect.
+                if self._previous is not None and not self.live_sessions():
                     self._uninstall()
-            return
+                return
         self._handled_at = time.monotonic()
         self._in_signal = True
         try:
@@ -364,6 +375,12 @@ class CrashHooks:
             terminator(signum)
             return
         end_by_signal(signum, previous, frame)
+
+    def _unread_signal(self) -> bool:
+        """True if a real signal's byte waits in the socket (the relay has not read it yet)."""
+        if self._reader is None:
+            return False
+        return len([b for b in peek_wakeup(self._reader) if b != 0]) > self._tokens
 
     def _on_console(self, reason: str) -> None:
         self.run(reason)  # pragma: no cover - Windows console close / logoff / shutdown

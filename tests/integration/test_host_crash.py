@@ -247,6 +247,17 @@ def test_open_on_the_main_thread_close_on_a_worker_restores_handlers_and_collect
     assert ["MainThread"] == result["threads"]
 
 
+def test_a_restore_request_is_not_taken_for_a_signal_when_a_new_session_opened_meanwhile(
+    host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
+) -> None:
+    """Our own wake of the main thread (to restore handlers) never saves or ends the process."""
+    h = Host("plain-wake-race", host_env, tmp_path / "m")
+    hosts.append(h)
+    result = h.read()
+    assert 0 == h.finish(), h.stderr()
+    assert "active" == result["state_after_request"]
+
+
 def test_sigkill_with_unsynced_edits_lists_them_and_discard_asks_first(
     host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[Host]
 ) -> None:
