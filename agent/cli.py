@@ -214,6 +214,9 @@ def open_cmd(
 
 def _run_foreground(session: Any, info: dict[str, Any]) -> None:
     from agent.daemon import AgentServer
+    from agent.session import crash
+
+    crash.host_handles("SIGINT")  # Ctrl-C closes (below); SIGTERM/SIGHUP still save
 
     server = AgentServer(session, _state.config)
     server.start()

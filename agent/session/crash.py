@@ -80,6 +80,7 @@ __all__ = [
     "CrashHooks",
     "emergency_save",
     "hooks",
+    "host_handles",
     "install_crash_handler",
     "register",
     "unregister",
@@ -117,6 +118,7 @@ class CrashHooks:
         self._real_pending = 0  # real signal bytes seen, not yet handled on the main thread
         self._in_signal = False  # a signal is being handled: the handler restores at its end
         self._warned = False
+        self._host_handles: set[int] = set()  # signals the host acts on itself (no save)
         # Set by an event loop that reads the wake-up socket itself (agent.qt).
         self._loop_reader: Callable[[int | None], None] | None = None
         self._terminator: Callable[[int], None] | None = None
@@ -324,8 +326,14 @@ class CrashHooks:
         forward_wakeup(self._prev_wakeup, bytes(real))
         return real[0]
 
+    def host_handles(self, *signums: int) -> None:
+        """The host acts on these signals itself (e.g. Ctrl-C closes): no save, just chain."""
+        self._host_handles.update(signums)
+
     def _after_signal(self, signum: int) -> None:
         """On the relay: save now, then let the main thread chain, or do the default action."""
+        if signum in self._host_handles:
+            return
         seen = time.monotonic()
         self._in_signal = True
         self.run(_signal_name(signum))
@@ -358,7 +366,8 @@ class CrashHooks:
         self._handled_at = time.monotonic()
         self._in_signal = True
         try:
-            self.run(_signal_name(signum))
+            if signum not in self._host_handles:
+                self.run(_signal_name(signum))
         finally:
             self._in_signal = False
         previous = (self._previous or {}).get(signum, signal.SIG_DFL)
@@ -438,6 +447,11 @@ def register(s: PlantDesignSession) -> None:
 def unregister(s: PlantDesignSession) -> None:
     """Stop protecting ``s``, from any thread."""
     _HOOKS.unregister(s)
+
+
+def host_handles(*names: str) -> None:
+    """Signals (by name, e.g. ``"SIGINT"``) the host handles itself: chained, no save."""
+    _HOOKS.host_handles(*(int(getattr(signal, n)) for n in names if hasattr(signal, n)))
 
 
 def install_crash_handler(s: PlantDesignSession) -> None:

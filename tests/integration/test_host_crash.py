@@ -281,3 +281,40 @@ def test_sigkill_with_unsynced_edits_lists_them_and_discard_asks_first(
     assert "held" == _lock_state(s3_store), "kill -9: nobody released the lock"
     PlantDesignSession(config).discard(info.session_id, confirm_loss=info.unsaved)
     assert not work.exists()
+
+
+def test_ctrl_c_in_a_foreground_cli_session_still_closes_cleanly(
+    host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """`agent open --foreground`: Ctrl-C is the CLI's (close and commit), not a crash save."""
+    env = {
+        **os.environ,
+        **host_env,
+        "AGENT_PATHS__BASE_DIR": str(tmp_path / "m"),
+        "AGENT_LOCK__HEARTBEAT_INTERVAL": "3600",
+        "AGENT_LOCK__STALE_AFTER": "7200",
+        "AGENT_WATCH__DEBOUNCE": "0.05",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "open", P, "--user", "admin", "--stage", STAGE]
+        + ["--foreground", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        work = Path(json.loads(proc.stdout.readline())["path"])
+        _edit(work)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert 0 == proc.returncode, err
+    for rel, data in EDITS.items():
+        assert data == s3_store.get(KEYS.committed(rel)).body
+    config = s3_config(host_env, tmp_path / "m")
+    assert PlantDesignSession(config).check_previous_crash() is None
