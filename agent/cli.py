@@ -22,6 +22,7 @@ import click
 from agent import __version__
 from agent.config import AgentConfig, default_user, load_config
 from agent.errors import AgentError
+from agent.text import printable, printable_lines
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,7 +32,7 @@ EXIT_INTERNAL = 70
 
 
 class _Ctx:
-    """What the group passes to its commands."""
+    """What the group passes to its commands (``click.Context.obj``; no module state)."""
 
     def __init__(self) -> None:
         self.config_path: Path | None = None
@@ -56,13 +57,15 @@ class _Ctx:
         return self._config
 
 
-_state = _Ctx()
+def _obj() -> _Ctx:
+    """The invocation's ``_Ctx`` (created by ``main`` or, under CliRunner, by the group)."""
+    return click.get_current_context().ensure_object(_Ctx)
 
 
 def _json_option(fn: F) -> F:
-    def set_json(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
         if value:
-            _state.json = True
+            ctx.ensure_object(_Ctx).json = True
         return value
 
     return click.option(
@@ -77,17 +80,17 @@ def _json_option(fn: F) -> F:
 
 
 def _emit(data: dict[str, Any], text: str | None = None) -> None:
-    """Print ``data`` as JSON in --json mode, else ``text``."""
-    if _state.json:
+    """Print ``data`` as JSON in --json mode, else ``text`` (control characters escaped)."""
+    if _obj().json:
         click.echo(json.dumps(data, default=str, indent=None))
     elif text is not None:
-        click.echo(text)
+        click.echo(printable_lines(text))
 
 
 @contextmanager
 def _progress(enabled: bool = True) -> Iterator[Callable[[str, int], None] | None]:
     """A progress slot: a rich bar on a terminal, plain lines otherwise, nothing in --json."""
-    if not enabled or _state.json:
+    if not enabled or _obj().json:
         yield None
         return
     if sys.stderr.isatty():
@@ -103,6 +106,7 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int], None] | Non
         ) as prog:
 
             def on_progress(message: str, pct: int) -> None:
+                message = printable(message)
                 if message not in bars:
                     bars[message] = prog.add_task(message, total=100)
                 prog.update(bars[message], completed=pct)
@@ -112,6 +116,7 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int], None] | Non
     last: dict[str, int] = {}
 
     def plain(message: str, pct: int) -> None:
+        message = printable(message)
         step = pct // 10
         if last.get(message) != step:
             last[message] = step
@@ -129,7 +134,8 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int], None] | Non
     help="TOML config file (default: $AGENT_CONFIG, else built-in defaults).",
 )
 @click.option("-v", "--verbose", count=True, help="Log to the console too (-vv: debug).")
-def cli(config_path: Path | None, verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     """Edit plant-design project stages kept in S3/R2, safely.
 
     \b
@@ -144,10 +150,12 @@ def cli(config_path: Path | None, verbose: int) -> None:
     Exit codes: 0 ok, 2 usage, 3 config/name, 4 lock, 5 lock held, 6 lock lost,
     7 store refused, 8 store unreachable, 9 access denied, 10 transfer, 11 local
     file, 12 journal, 13 conflict, 14 mass delete, 15 session, 16 previous crash,
-    17 agent gone, 70 internal error, 130 interrupted.
+    17 agent gone, 18 commit blocked, 19 integrity, 20 insecure state folder,
+    70 internal error, 130 interrupted.
     """
-    _state.config_path = config_path
-    _state.verbose = verbose
+    state = ctx.ensure_object(_Ctx)
+    state.config_path = config_path
+    state.verbose = verbose
 
 
 def _session_cls() -> Any:
@@ -180,7 +188,7 @@ def open_cmd(
     Prints the working folder. The background agent watches it and streams every
     saved change to the store until `agent close` or `agent abort`.
     """
-    config = _state.config
+    config = _obj().config
     session = _session_cls()(config)
     with _progress() as slot:
         if slot is not None:
@@ -203,7 +211,7 @@ def open_cmd(
     from agent.daemon import spawn_agent
 
     try:
-        record = spawn_agent(_state.config_path, record.session_id, config.paths.state_dir)
+        record = spawn_agent(_obj().config_path, record.session_id, config)
     except AgentError:
         # Nothing was edited yet: discard rather than leave a lock with no agent.
         _session_cls().attach(config, session_id=record.session_id, to_discard=True).abort()
@@ -218,7 +226,7 @@ def _run_foreground(session: Any, info: dict[str, Any]) -> None:
 
     crash.host_handles("SIGINT")  # Ctrl-C closes (below); SIGTERM/SIGHUP still save
 
-    server = AgentServer(session, _state.config)
+    server = AgentServer(session, _obj().config)
     server.start()
     _emit(info, f"{info['path']}\nwatching; Ctrl-C closes the session")
     try:
@@ -237,7 +245,7 @@ def serve_cmd(session_id: str) -> None:
     """Run the background agent of SESSION_ID (started by `agent open`)."""
     from agent.daemon import AgentServer
 
-    config = _state.config
+    config = _obj().config
     session = _session_cls().attach(config, session_id=session_id)
     session.install_crash_handler()
     session.start_streaming()
@@ -257,9 +265,9 @@ def _client(projekt_id: str | None, stage: str | None) -> Any:
     from agent.daemon import AgentClient
     from agent.records import SessionStore
 
-    config = _state.config
+    config = _obj().config
     record = SessionStore(config.paths.state_dir).find_one(projekt_id, stage)
-    return AgentClient(record, config.paths.state_dir)
+    return AgentClient(record, config.paths)
 
 
 def _close_text(report: dict[str, Any]) -> str:
@@ -337,7 +345,7 @@ def abort_cmd(projekt_id: str | None, stage: str | None) -> None:
         if record.agent_pid is not None and pid_alive(record.agent_pid):
             raise
         # The agent is gone; discarding needs no agent.
-        _session_cls().attach(_state.config, session_id=record.session_id, to_discard=True).abort()
+        _session_cls().attach(_obj().config, session_id=record.session_id, to_discard=True).abort()
     _emit(
         {"session_id": record.session_id, "state": "closed", "aborted": True},
         f"aborted {record.projekt_id}/{record.stage}: changes discarded, lock released",
@@ -351,7 +359,7 @@ def status_cmd() -> None:
     from agent.daemon import AgentClient
     from agent.records import SessionStore
 
-    config = _state.config
+    config = _obj().config
     rows: list[dict[str, Any]] = []
     for r in SessionStore(config.paths.state_dir).all():
         row: dict[str, Any] = {
@@ -367,7 +375,7 @@ def status_cmd() -> None:
             "last_error": r.last_error,
         }
         try:
-            row.update(AgentClient(r, config.paths.state_dir).call("status"))
+            row.update(AgentClient(r, config.paths).call("status"))
             row["agent"] = "running"
         except AgentError as exc:
             row["agent"] = "not running"
@@ -399,6 +407,11 @@ def status_cmd() -> None:
                 "  not synchronised (name not storable; close refuses until renamed): "
                 + ", ".join(row["unsupported"])
             )
+        if row.get("waiting"):
+            lines.append(
+                "  waiting (held by another program or not readable; sent when free): "
+                + ", ".join(row["waiting"])
+            )
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
 
 
@@ -414,7 +427,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
 
     With no SESSION_ID the only orphaned session is meant.
     """
-    config = _state.config
+    config = _obj().config
     session = _session_cls()(config)
     if action is None:
         orphans = [o.as_dict() for o in session.find_orphans()]
@@ -428,7 +441,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
         _emit({"orphans": orphans}, "\n".join(lines))
         return
     if action == "discard":
-        if not yes and not _state.json and sys.stdin.isatty():
+        if not yes and not _obj().json and sys.stdin.isatty():
             click.confirm("Discard the session's unsaved changes for good?", abort=True)
         elif not yes:
             raise click.UsageError("discarding needs --yes when not asked on a terminal")
@@ -443,7 +456,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
     session.detach()
     from agent.daemon import spawn_agent
 
-    spawn_agent(_state.config_path, record.session_id, config.paths.state_dir)
+    spawn_agent(_obj().config_path, record.session_id, config)
     _emit(
         {
             "path": str(path),
@@ -470,7 +483,7 @@ def doctor_cmd() -> None:
     """Check the store: reachability, credentials, bucket, conditional writes, clock skew."""
     from agent.doctor import run_checks
 
-    config = _state.config
+    config = _obj().config
     checks = run_checks(config)
     ok = all(c.ok for c in checks)
     lines = [f"store: {_store_label(config)}"]
@@ -500,9 +513,9 @@ def lock_show(projekt_id: str, stage: str) -> None:
     from agent.store import open_store
 
     keys = StageKeys(projekt_id, stage)
-    store = open_store(_state.config)
+    store = open_store(_obj().config)
     try:
-        status = read_lock(store, keys.lock, _state.config.lock)
+        status = read_lock(store, keys.lock, _obj().config.lock)
     finally:
         store.close()
     if status is None:
@@ -533,7 +546,7 @@ def lock_unlock(
             "See `agent lock show` first."
         )
     keys = StageKeys(projekt_id, stage)
-    store = open_store(_state.config)
+    store = open_store(_obj().config)
     try:
         status = force_unlock(
             store,
@@ -553,8 +566,9 @@ def lock_unlock(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map errors to exit codes (the only place that does)."""
+    state = _Ctx()
     try:
-        rc = cli.main(args=argv, prog_name="agent", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="agent", standalone_mode=False, obj=state)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except click.exceptions.Exit as exc:
@@ -569,21 +583,21 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except AgentError as exc:
-        _report_error(type(exc).__name__, exc.format_message(), exc.exit_code)
+        _report_error(state, type(exc).__name__, exc.format_message(), exc.exit_code)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints, logs and exits
         import structlog
 
         structlog.get_logger("agent.cli").exception("internal_error")
         _report_error(
-            "InternalError", f"internal error: {exc!r} (details in the log)", EXIT_INTERNAL
+            state, "InternalError", f"internal error: {exc!r} (details in the log)", EXIT_INTERNAL
         )
         sys.exit(EXIT_INTERNAL)
     sys.exit(0)
 
 
-def _report_error(kind: str, message: str, code: int) -> None:
-    if _state.json:
+def _report_error(state: _Ctx, kind: str, message: str, code: int) -> None:
+    if state.json:
         click.echo(json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}))
     else:
-        click.echo(f"error: {message}", err=True)
+        click.echo(f"error: {printable_lines(message)}", err=True)

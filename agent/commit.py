@@ -39,8 +39,8 @@ from agent.errors import (
     PreconditionFailedError,
     StoreError,
 )
-from agent.keys import StageKeys
-from agent.manifest import Manifest, ManifestEntry
+from agent.keys import CommitInfo, StageKeys
+from agent.manifest import Manifest, ManifestEntry, summarize
 from agent.store.base import ObjectStore, WriteResult
 from agent.transfer import Progress, Transfers
 
@@ -68,6 +68,8 @@ class StagedCopy(BaseModel):
     size: int
     sha256: str
     etag: str
+    executable: bool | None = None
+    """The file's executable bit; ``None`` (a platform without one) keeps the base's."""
 
 
 class CommitIntent(BaseModel):
@@ -86,6 +88,10 @@ class CommitIntent(BaseModel):
     manifest: Manifest
     copies: dict[str, StagedCopy]
     deletes: list[str]
+    keeps: dict[str, StagedCopy] = {}
+    """Committed versions this commit replaces or deletes, kept in history first."""
+    history_key: str | None = None
+    """Where the commit's manifest goes in the version history."""
 
     def to_bytes(self) -> bytes:
         """JSON as stored."""
@@ -199,9 +205,20 @@ class Commit:
             )
         files = dict(base.files)
         for rel, item in copies.items():
-            files[rel] = ManifestEntry(size=item.size, sha256=item.sha256, etag=item.etag)
+            executable = item.executable
+            if executable is None:
+                was = base.files.get(rel)
+                executable = was.executable if was is not None else False
+            files[rel] = ManifestEntry(
+                size=item.size, sha256=item.sha256, etag=item.etag, executable=executable
+            )
         for rel in deletes:
             files.pop(rel, None)
+        keeps = {
+            rel: StagedCopy(size=was.size, sha256=was.sha256, etag=was.etag)
+            for rel, was in base.files.items()
+            if rel not in files or files[rel].sha256 != was.sha256
+        }
         commit_id = uuid.uuid4().hex
         now = datetime.now(UTC)
         intent = CommitIntent(
@@ -220,10 +237,25 @@ class Commit:
                 machine=machine,
                 session_id=session_id,
                 commit_id=commit_id,
+                parent_commit_id=base.commit_id,
+                seq=base.seq + 1,
             ),
             copies=dict(copies),
             deletes=sorted(deletes),
+            keeps=keeps,
         )
+        added, changed, removed, sent = summarize(base, intent.manifest)
+        entry = CommitInfo(
+            seq=intent.manifest.seq,
+            commit_id=commit_id,
+            committed_at=now,
+            user=user,
+            added=added,
+            changed=changed,
+            removed=removed,
+            bytes=sent,
+        )
+        intent = intent.model_copy(update={"history_key": entry.key_in(self.keys)})
         written = put_fenced(
             self.store,
             self.keys.intent,
@@ -250,6 +282,7 @@ class Commit:
         if current is not None and current_etag and current.commit_id == intent.commit_id:
             log.info("commit_manifest_already_written", commit_id=intent.commit_id)
             committed = Committed(current, current_etag)
+            self._record_history(intent, current)
         elif current_etag != intent.base_manifest_etag:
             raise ConflictError(
                 f"{self.keys.projekt_id}/{self.keys.stage} holds a manifest that is neither the "
@@ -267,6 +300,7 @@ class Commit:
         return committed
 
     def _apply_changes(self, intent: CommitIntent) -> Committed:
+        self._keep_versions(intent)
         order = sorted(intent.copies)
         progress = Progress(
             f"Committing {len(order)} files",
@@ -301,6 +335,7 @@ class Commit:
                 f"someone else committed {self.keys.projekt_id}/{self.keys.stage} during this "
                 "commit; the manifest was not overwritten"
             ) from exc
+        self._record_history(intent, manifest)
         log.info(
             "session_committed",
             session_id=intent.session_id,
@@ -310,6 +345,56 @@ class Commit:
             manifest_etag=written.etag,
         )
         return Committed(manifest, written.etag)
+
+    # ---------------------------------------------------------------- history
+
+    def _keep_versions(self, intent: CommitIntent) -> None:
+        """Copy each committed version this commit replaces into ``.objects/{sha256}``.
+
+        Runs before any committed key is touched, so on a first run every source is
+        the version recorded. On a roll-forward a source may already be overwritten:
+        the copy is pinned to the recorded ETag, and a version already kept is not
+        copied again (content-addressed).
+        """
+        if not intent.keeps:
+            return
+
+        def keep(rel: str) -> None:
+            item = intent.keeps[rel]
+            dst = self.keys.version(item.sha256)
+            if self._exists(dst):
+                return
+            try:
+                self.store.copy(self.keys.committed(rel), dst, if_source_etag=item.etag or None)
+            except (PreconditionFailedError, NotFoundError):
+                if not self._exists(dst):
+                    log.error("version_not_kept", path=rel, sha256=item.sha256)
+                return
+            got = self._committed_sha256(dst)
+            if got is not None and got != item.sha256:  # an unpinned copy met a newer file
+                self.store.delete(dst)
+                log.error("version_not_kept", path=rel, sha256=item.sha256, found=got)
+
+        Transfers(self.store, self.workers).map(sorted(intent.keeps), keep)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.store.head(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def _record_history(self, intent: CommitIntent, manifest: Manifest) -> None:
+        """Write the commit's manifest into the history (idempotent: same key, same bytes)."""
+        if intent.history_key is None:
+            return
+        try:
+            self.store.put_bytes(intent.history_key, manifest.to_bytes())
+        except StoreError as exc:
+            # The commit itself is complete; only its history entry is missing.
+            log.error("history_not_written", key=intent.history_key, error=str(exc))
+
+    # ------------------------------------------------------------------ copies
 
     def _copy(self, intent: CommitIntent, rel: str, item: StagedCopy) -> str:
         """Copy one staged object, pinned to the recorded ETag; the committed ETag."""

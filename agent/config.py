@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -34,12 +36,14 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
 from agent.errors import ConfigError
 
 __all__ = [
     "AgentConfig",
+    "HistoryConfig",
     "LockConfig",
     "LogConfig",
     "PathsConfig",
@@ -71,6 +75,10 @@ def _parse_duration(value: object) -> object:
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 # Sizes as a number of bytes or with a unit ("8MiB", "2 GiB", "500kB"): pydantic's ByteSize.
 Bytes = Annotated[ByteSize, Field(ge=0)]
+
+# The TOML file of the config being built: set by ``load_config`` for the duration of
+# one ``AgentConfig(...)`` call, read by pydantic-settings' TOML source below.
+_TOML_FILE: ContextVar[Path | None] = ContextVar("agent_config_toml_file", default=None)
 
 
 class _Section(BaseModel):
@@ -199,6 +207,21 @@ class PathsConfig(_Section):
         )
     )
 
+    runtime_dir: Path | None = None
+    """Where the background agents' control sockets live (0700). Default:
+    ``$XDG_RUNTIME_DIR/pd-session-agent``, else ``<tmp>/pd-session-agent-<uid>``."""
+
+    @property
+    def control_dir(self) -> Path:
+        """The owner-only folder of the control sockets (short, so a socket path fits)."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and Path(xdg).is_dir():
+            return Path(xdg) / "pd-session-agent"
+        uid = os.geteuid() if hasattr(os, "geteuid") else 0
+        return Path(tempfile.gettempdir()) / f"pd-session-agent-{uid}"
+
     @property
     def work_root(self) -> Path:
         """Working copies: ``.app_temp/plant_design/<projekt>/<stage>``."""
@@ -211,13 +234,28 @@ class PathsConfig(_Section):
 
     @property
     def state_dir(self) -> Path:
-        """Session records, journals, logs, the agent's authkeys."""
+        """Session records, journals, logs, the agents' tokens: owner-only (issue 9)."""
         return self.base_dir / "state"
 
     @property
     def cache_dir(self) -> Path:
         """Content-addressed cache of committed files; safe to delete."""
         return self.base_dir / "cache"
+
+
+class HistoryConfig(_Section):
+    """Version history: which commits (and the file versions they need) are kept.
+
+    A commit is pruned only when it is older than ``keep_days`` *and* not among the
+    newest ``keep_commits``; ``0`` for either means "no limit" on that count, so
+    ``keep_days = 0`` or ``keep_commits = 0`` keeps everything. A replaced version
+    younger than ``grace`` is never deleted (a commit may be copying it right now).
+    """
+
+    keep_days: float = Field(default=90, ge=0)
+    keep_commits: int = Field(default=50, ge=0)
+    grace: Seconds = 24 * 3600.0
+    prune_on_close: bool = True
 
 
 class RecoveryConfig(_Section):
@@ -227,7 +265,7 @@ class RecoveryConfig(_Section):
 
 
 class LogConfig(_Section):
-    """Logging: JSON lines to ``state/agent.log``, readable lines on the console."""
+    """Logging: JSON lines to ``state/logs/<time>-<pid>.log``, readable lines on the console."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     console_level: Literal["debug", "info", "warning", "error"] = "warning"
@@ -250,6 +288,7 @@ class AgentConfig(BaseSettings):
     watch: WatchConfig = WatchConfig()
     paths: PathsConfig = Field(default_factory=PathsConfig)
     recovery: RecoveryConfig = RecoveryConfig()
+    history: HistoryConfig = HistoryConfig()
     log: LogConfig = LogConfig()
 
     @classmethod
@@ -261,8 +300,12 @@ class AgentConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment overrides the file; the file's values arrive as init kwargs."""
-        return (env_settings, init_settings)
+        """Environment over code overrides over the TOML file; each merged per section."""
+        toml_file = _TOML_FILE.get()
+        if toml_file is None:
+            return (env_settings, init_settings)
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=toml_file, deep_merge=True)
+        return (env_settings, init_settings, toml)
 
     def store_location(self) -> StoreLocation:
         """The parsed store URL (defaults to the embedded folder store)."""
@@ -288,32 +331,28 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> AgentConfig
     no file at all means the defaults.
     """
     file_path = Path(path) if path else None
-    if file_path is None and os.environ.get("AGENT_CONFIG"):
-        file_path = Path(os.environ["AGENT_CONFIG"])
-    data: dict[str, Any] = {}
+    if file_path is None and env_flag("AGENT_CONFIG"):
+        file_path = Path(env_flag("AGENT_CONFIG") or "")
     source = "defaults and AGENT_* environment"
     if file_path is not None:
         source = f"{file_path} and AGENT_* environment"
-        try:
-            data = tomllib.loads(file_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
+        if not file_path.is_file():
             raise ConfigError(
                 f"config file {file_path} does not exist: fix --config / AGENT_CONFIG, "
                 "or start from config/agent.example.toml"
-            ) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"config file {file_path} cannot be read: {exc}") from exc
-    for section, values in overrides.items():
-        merged = dict(data.get(section, {}))
-        merged.update(values)
-        data[section] = merged
+            )
+    token = _TOML_FILE.set(file_path)
     try:
-        config = AgentConfig(**data)
+        config = AgentConfig(**overrides)
         config.store_location()  # reject a bad URL now, not at first use
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file_path} cannot be read: {exc}") from exc
+    finally:
+        _TOML_FILE.reset(token)
     return config
 
 

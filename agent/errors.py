@@ -28,7 +28,9 @@
     │   └── SessionCancelledError   exit 130 open/resume cancelled (abort(), Ctrl-C)
     ├── AgentUnreachableError       exit 17  the background agent does not answer
     ├── CommitBlockedError          exit 18  a started commit cannot be finished yet
-    └── IntegrityError              exit 19  copied/read bytes are not the recorded ones
+    ├── IntegrityError              exit 19  copied/read bytes are not the recorded ones
+    ├── InsecureStateError          exit 20  the state folder is not private to this user
+    └── VersionNotFoundError        exit 21  history holds no such commit or version
 
     InvalidTransitionError(SessionError, RuntimeError)  illegal state move (a bug)
 
@@ -170,6 +172,19 @@ class IntegrityError(AgentError):
     """Bytes the store returned or copied are not the ones recorded (checksum mismatch)."""
 
     exit_code = 19
+
+
+class InsecureStateError(AgentError):
+    """A folder the agent keeps private state in is not owned by this user or is writable
+    by others: its records and tokens cannot be trusted, so the agent refuses to start."""
+
+    exit_code = 20
+
+
+class VersionNotFoundError(AgentError):
+    """A commit or file version the history does not hold (never existed, or pruned)."""
+
+    exit_code = 21
 
 
 class MassDeleteError(AgentError):

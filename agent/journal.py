@@ -27,6 +27,7 @@ never mistaken for a journal (or silently extended with our tables).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -34,11 +35,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import structlog
 
 from agent.errors import JournalCorruptError, SessionError
+from agent.platform import create_private_file, make_private_dirs
 
 __all__ = ["Change", "Entry", "Journal", "Op", "ShortChange", "Staged"]
 
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS staged (
     etag TEXT,
     size INTEGER,
     sha256 TEXT,
-    mtime_ns INTEGER
+    mtime_ns INTEGER,
+    executable INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
@@ -109,6 +112,7 @@ class Staged:
     size: int
     sha256: str
     mtime_ns: int | None
+    executable: bool | None = None
 
 
 class Journal:
@@ -130,7 +134,7 @@ class Journal:
     def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
         """Open the journal at ``path``, creating it (and its folder) if it does not exist."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
             conn = sqlite3.connect(
                 path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
             )
@@ -169,6 +173,9 @@ class Journal:
         if "inode" not in columns:  # a journal from before issue 8
             conn.execute("ALTER TABLE pending ADD COLUMN ctime_ns INTEGER")
             conn.execute("ALTER TABLE pending ADD COLUMN inode INTEGER")
+        staged_columns = {r[1] for r in conn.execute("PRAGMA table_info(staged)")}
+        if "executable" not in staged_columns:  # a journal from before the executable bit
+            conn.execute("ALTER TABLE staged ADD COLUMN executable INTEGER")
         row = conn.execute("PRAGMA quick_check").fetchone()
         if row is None or row[0] != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {row and row[0]}")
@@ -293,6 +300,7 @@ class Journal:
         size: int | None = None,
         sha256: str | None = None,
         mtime_ns: int | None = None,
+        executable: bool | None = None,
         deleted: bool = False,
         unchanged: bool = False,
     ) -> bool:
@@ -314,9 +322,10 @@ class Journal:
                 pass
             elif etag is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO staged (path, op, etag, size, sha256, mtime_ns)"
-                    " VALUES (?, 'put', ?, ?, ?, ?)",
-                    (path, etag, size or 0, sha256 or "", mtime_ns),
+                    "INSERT OR REPLACE INTO staged"
+                    " (path, op, etag, size, sha256, mtime_ns, executable)"
+                    " VALUES (?, 'put', ?, ?, ?, ?, ?)",
+                    (path, etag, size or 0, sha256 or "", mtime_ns, executable),
                 )
             elif deleted:
                 conn.execute(
@@ -382,20 +391,21 @@ class Journal:
     def staged(self) -> dict[str, Staged]:
         """Everything staging holds (puts) or commit must delete."""
         rows = self._query(
-            "SELECT path, op, etag, size, sha256, mtime_ns FROM staged ORDER BY path"
+            "SELECT path, op, etag, size, sha256, mtime_ns, executable FROM staged ORDER BY path"
         )
-        return {str(r[0]): Staged(*r[1:]) for r in rows}  # type: ignore[arg-type]
+        return {str(r[0]): _staged(r[1:]) for r in rows}
 
     def staged_entry(self, path: str) -> Staged | None:
         """What staging holds for one path."""
         rows = self._query(
-            "SELECT op, etag, size, sha256, mtime_ns FROM staged WHERE path = ?", (path,)
+            "SELECT op, etag, size, sha256, mtime_ns, executable FROM staged WHERE path = ?",
+            (path,),
         )
-        return Staged(*rows[0]) if rows else None  # type: ignore[arg-type]
+        return _staged(rows[0]) if rows else None
 
     def backup(self, dest: Path) -> None:
         """A consistent copy of the journal at ``dest`` (SQLite's online backup)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(dest)
         target = sqlite3.connect(dest)
         try:
             with self._lock:
@@ -430,3 +440,30 @@ def _identical(pending: tuple[object, ...], new: tuple[object, ...]) -> bool:
 def _check_op(op: str) -> None:
     if op not in _OPS:
         raise ValueError(f"journal op must be 'put' or 'delete', not {op!r}")
+
+
+def _staged(row: tuple[object, ...]) -> Staged:
+    """A ``staged`` row (without its path) as ``Staged``; SQLite keeps the bit as 0/1/NULL."""
+    op, etag, size, sha256, mtime_ns, executable = row
+    return Staged(
+        op=cast(Op, op),
+        etag=cast("str | None", etag),
+        size=cast(int, size),
+        sha256=cast(str, sha256),
+        mtime_ns=cast("int | None", mtime_ns),
+        executable=None if executable is None else bool(executable),
+    )
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 in a 0700 folder before SQLite opens it.
+
+    SQLite would create it with the umask's mode; its ``-wal``/``-shm`` files take
+    the database file's mode, so the whole journal stays owner-only (issue 9).
+    """
+    make_private_dirs(path.parent)
+    try:
+        fd = create_private_file(path)
+    except FileExistsError:
+        return
+    os.close(fd)

@@ -20,12 +20,14 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from agent.errors import InvalidNameError, LocalFileError
+from agent.platform import set_executable
 
 __all__ = [
     "HAS_DIR_FD",
@@ -68,6 +70,17 @@ def validate_name(kind: str, value: str) -> str:
 def printable(rel: str) -> str:
     """``rel`` safe to print and to put in JSON: undecodable bytes shown as ``\\xNN``."""
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def case_collisions(rels: Iterable[str]) -> list[list[str]]:
+    """Groups of paths that differ only in case (``A.dwg``/``a.dwg``, ``Docs/x``/``docs/x``).
+
+    The store tells them apart; a case-folding file system (Windows, macOS) cannot.
+    """
+    groups: dict[str, list[str]] = {}
+    for rel in rels:
+        groups.setdefault(rel.casefold(), []).append(rel)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
 
 
 def unsupported_reason(rel: str) -> str | None:
@@ -294,6 +307,12 @@ class WorkFolder:
         finally:
             os.close(fd)
 
+    def set_executable(self, rel: str, executable: bool) -> os.stat_result:
+        """Give ``rel`` the executable bit or take it away (never through a link); its stat."""
+        with self.open_file(rel) as (fd, _st):
+            set_executable(fd, executable)
+            return os.fstat(fd)
+
     def unlink(self, rel: str) -> None:
         """Remove the file (or link) ``rel`` if present, never following a link on the way."""
         self.path(rel)
@@ -306,6 +325,76 @@ class WorkFolder:
                 os.unlink(name, dir_fd=dfd)
         except FileNotFoundError:
             pass
+
+
+_HISTORY_STAMP = "%Y%m%dT%H%M%SZ"
+_HISTORY_KEY = re.compile(
+    r"^(?P<seq>\d{10})~(?P<when>\d{8}T\d{6}Z)~(?P<commit_id>[0-9a-f]{32})~(?P<added>\d+)"
+    r"~(?P<changed>\d+)~(?P<removed>\d+)~(?P<bytes>\d+)~(?P<user>[A-Za-z0-9_.\-]{1,128})\.json$"
+)
+_UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """One commit of the version history, as its key encodes it (issue 11).
+
+    ``{projekt}/.history/{stage}/{seq}~{when}~{commit_id}~{added}~{changed}~{removed}
+    ~{bytes}~{user}.json``: a listing alone shows the history, without reading
+    any object.
+    """
+
+    seq: int
+    commit_id: str
+    committed_at: datetime
+    user: str
+    added: int
+    changed: int
+    removed: int
+    bytes: int
+    key: str = ""
+
+    def key_in(self, keys: StageKeys) -> str:
+        """The history key of this commit in ``keys``' stage."""
+        user = _UNSAFE_IN_KEY.sub("_", self.user)[:128] or "unknown"
+        when = self.committed_at.astimezone(UTC).strftime(_HISTORY_STAMP)
+        return (
+            f"{keys.history_prefix}{self.seq:010d}~{when}~{self.commit_id}~{self.added}"
+            f"~{self.changed}~{self.removed}~{self.bytes}~{user}.json"
+        )
+
+    @classmethod
+    def parse(cls, keys: StageKeys, key: str) -> CommitInfo | None:
+        """Read a history key; ``None`` for a key that is not one (never trusted)."""
+        if not key.startswith(keys.history_prefix):
+            return None
+        match = _HISTORY_KEY.match(key.removeprefix(keys.history_prefix))
+        if match is None:
+            return None
+        return cls(
+            seq=int(match["seq"]),
+            commit_id=match["commit_id"],
+            committed_at=datetime.strptime(match["when"], _HISTORY_STAMP).replace(tzinfo=UTC),
+            user=match["user"],
+            added=int(match["added"]),
+            changed=int(match["changed"]),
+            removed=int(match["removed"]),
+            bytes=int(match["bytes"]),
+            key=key,
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``--json``."""
+        return {
+            "seq": self.seq,
+            "commit_id": self.commit_id,
+            "committed_at": self.committed_at.isoformat(),
+            "user": self.user,
+            "added": self.added,
+            "changed": self.changed,
+            "removed": self.removed,
+            "bytes": self.bytes,
+        }
 
 
 def local_path_for(root: Path, rel: str, *, key: str | None = None) -> Path:
@@ -347,6 +436,22 @@ class StageKeys:
     def committed(self, rel: str) -> str:
         """The committed key of a working-copy path."""
         return self.committed_prefix + validate_rel_path(rel)
+
+    @property
+    def history_prefix(self) -> str:
+        """``{projekt_id}/.history/{stage}/``: one object per commit (version history)."""
+        return f"{self.projekt_id}/.history/{self.stage}/"
+
+    @property
+    def objects_prefix(self) -> str:
+        """``{projekt_id}/.objects/``: replaced file versions, by sha256, for the project."""
+        return f"{self.projekt_id}/.objects/"
+
+    def version(self, sha256: str) -> str:
+        """The key of a kept file version (content-addressed: stored once per project)."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise InvalidNameError(f"{sha256!r} is not a sha256 hex digest")
+        return self.objects_prefix + sha256
 
     def staging_prefix(self, session_id: str) -> str:
         """``{projekt_id}/.sessions/{session_id}/``."""

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from agent.cas import new_write_id, put_fenced, read_back, write_id_of
 from agent.config import LockConfig
@@ -37,6 +37,7 @@ from agent.errors import (
 )
 from agent.platform import pid_alive
 from agent.store.base import ObjectStore, WriteResult
+from agent.text import printable
 
 __all__ = [
     "Heartbeat",
@@ -58,7 +59,15 @@ _DATE_RESOLUTION = timedelta(seconds=2)
 
 
 class LockBody(BaseModel):
-    """What the lock object says."""
+    """What the lock object says.
+
+    The body comes from the bucket, where anyone with write access can put
+    anything: it is validated as data (issue 9). Dates without a timezone are
+    read as UTC (DESIGN.md says the lock's dates are UTC; an older or foreign
+    writer that left the offset out meant UTC), so they compare with the store's
+    clock instead of crashing; the optional fields may be missing in any
+    combination (``broken_by`` without ``broken_at`` is shown as "at an unknown time").
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -78,9 +87,23 @@ class LockBody(BaseModel):
     write_id: str | None = None
     """Unique per write: how a writer recognises its own write when the answer was lost."""
 
+    @field_validator("since", "expires", "heartbeat_at", "broken_at", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """A naive date is UTC; an aware one is converted to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
     def to_bytes(self) -> bytes:
         """JSON as stored."""
         return self.model_dump_json(indent=1).encode()
+
+
+def _when(value: datetime | None) -> str:
+    return "an unknown time" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC"
 
 
 @dataclass(frozen=True)
@@ -136,21 +159,23 @@ class LockStatus:
     def describe(self) -> list[str]:
         """Readable lines for ``agent lock show`` and error messages."""
         b = self.body
+        p = printable
+        key = p(self.key)
         if b.state == "released":
-            lines = [f"{self.key}: free (released; last holder {b.user} on {b.machine})"]
+            lines = [f"{key}: free (released; last holder {p(b.user)} on {p(b.machine)})"]
             if b.broken_by:
                 lines.append(
-                    f"  broken by {b.broken_by} at {b.broken_at:%Y-%m-%d %H:%M:%S} UTC: "
-                    f"{b.broken_reason} (holder was {b.previous_holder})"
+                    f"  broken by {p(b.broken_by)} at {_when(b.broken_at)}: "
+                    f"{p(b.broken_reason)} (holder was {p(b.previous_holder)})"
                 )
             return lines
         gone = " - holder appears gone" if self.is_stale else ""
         expired = " (EXPIRED: free to take)" if self.is_expired else ""
         return [
-            f"{self.key}: held by {b.user} on {b.machine}{expired}",
-            f"  since {b.since:%Y-%m-%d %H:%M:%S} UTC, expires {b.expires:%Y-%m-%d %H:%M:%S} UTC",
+            f"{key}: held by {p(b.user)} on {p(b.machine)}{expired}",
+            f"  since {_when(b.since)}, expires {_when(b.expires)}",
             f"  last heartbeat {_age(self.heartbeat_age)} ago{gone}",
-            f"  session {b.session_id}, pid {b.pid}, agent {b.agent_version}",
+            f"  session {p(b.session_id)}, pid {b.pid}, agent {p(b.agent_version)}",
         ]
 
     def as_dict(self) -> dict[str, object]:
@@ -408,12 +433,14 @@ class RemoteLock:
             )
         elif body.user == self.holder.user and body.machine == self.holder.machine:
             hint = (
-                f"another session of yours on this machine holds it (session {body.session_id}, "
+                f"another session of yours on this machine holds it "
+                f"(session {printable(body.session_id)}, "
                 f"pid {body.pid}); finish that one with `agent close` or `agent abort`"
             )
         elif body.user == self.holder.user:
             hint = (
-                f"you hold it on another machine ({body.machine}); close the session there, or "
+                f"you hold it on another machine ({printable(body.machine)}); close the session "
+                "there, or "
                 "use --take-over if that machine is gone"
             )
         elif status.is_stale:
@@ -421,7 +448,8 @@ class RemoteLock:
         else:
             hint = "ask them to close, see `agent lock show`, or wait until it expires"
         raise LockHeldError(
-            f"{status.key} is held by {body.user} on {body.machine} since "
+            f"{printable(status.key)} is held by {printable(body.user)} on "
+            f"{printable(body.machine)} since "
             f"{body.since:%Y-%m-%d %H:%M} UTC (expires {body.expires:%Y-%m-%d %H:%M} UTC, "
             f"last heartbeat {_age(status.heartbeat_age)} ago"
             f"{', holder appears gone' if status.is_stale else ''}): {hint}"
@@ -464,7 +492,8 @@ class RemoteLock:
         now = (
             "nobody"
             if status is None
-            else f"{status.body.user} on {status.body.machine} ({status.body.state})"
+            else f"{printable(status.body.user)} on {printable(status.body.machine)} "
+            f"({status.body.state})"
         )
         return LockLostError(
             f"the lock {self.key} was taken from this session (it now says: {now}); streaming "
@@ -514,6 +543,9 @@ class RemoteLock:
             self._live(False)
 
 
+_FORCE_TRIES = 5
+
+
 def force_unlock(
     store: ObjectStore,
     key: str,
@@ -523,7 +555,35 @@ def force_unlock(
     reason: str,
     config: LockConfig | None = None,
 ) -> LockStatus:
-    """An operator's explicit break: ``released`` by CAS, recording who and why."""
+    """An operator's explicit break: ``released`` by CAS, recording who and why.
+
+    A live holder's heartbeat may renew between our read and our write: read again
+    and retry (a few times) instead of failing on the first 412.
+    """
+    for attempt in range(1, _FORCE_TRIES + 1):
+        try:
+            return _force_unlock_once(
+                store, key, operator=operator, machine=machine, reason=reason, config=config
+            )
+        except PreconditionFailedError as exc:
+            if attempt == _FORCE_TRIES:
+                raise LockError(
+                    f"the lock {key} changed {_FORCE_TRIES} times while it was being broken "
+                    "(its holder is renewing it right now); try again, or ask its holder to close"
+                ) from exc
+            log.info("lock_forced_unlock_retry", key=key, attempt=attempt)
+    raise AssertionError("unreachable")
+
+
+def _force_unlock_once(
+    store: ObjectStore,
+    key: str,
+    *,
+    operator: str,
+    machine: str,
+    reason: str,
+    config: LockConfig | None = None,
+) -> LockStatus:
     config = config or LockConfig()
     try:
         data = store.get(key)

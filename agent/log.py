@@ -1,24 +1,40 @@
 """Logging department: the only ``structlog.configure()`` call, and our processors.
 
-JSON lines go to ``<state>/agent.log``; readable lines go to the console (stderr)
-at the configured console level. Credentials, authorization headers and signed
-URLs never reach either: ``redact`` scrubs them.
+JSON lines go to one file per process, ``<state>/logs/<UTC time>-<pid>.log``
+(created 0600 on its first record, so a command that logs nothing leaves no file);
+readable lines go to the console (stderr) at the configured console level.
+Credentials, authorization headers and signed URLs never reach either: ``redact``
+scrubs them.
+
+One file per process, because every CLI call and every background agent logs:
+a rotating handler shared by several processes is not safe (two processes roll
+the same file over, and on Windows a rollover fails while another process holds
+the file). Old files are pruned when a process starts: older than
+``_KEEP_DAYS`` days, or beyond the newest ``_KEEP_FILES``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-import logging.handlers
+import os
 import re
+import time
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.config import LogConfig
+from agent.platform import make_private_dirs, open_private_append
 
-__all__ = ["configure_logging", "library_defaults", "redact"]
+__all__ = ["configure_logging", "library_defaults", "log_folder", "redact"]
+
+_KEEP_DAYS = 14
+_KEEP_FILES = 200
 
 _SECRET_KEYS = re.compile(
     r"(secret|password|passwd|token|credential|authorization|auth_key|authkey|signature|session_token|access_key)",
@@ -75,10 +91,11 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
     levels = [config.level.upper()] + ([config.console_level.upper()] if console else [])
     logging.getLogger("agent").setLevel(min(logging.getLevelName(lv) for lv in levels))
     if state_dir is not None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
-            state_dir / "agent.log", maxBytes=10 * 1024**2, backupCount=3, encoding="utf-8"
-        )
+        folder = log_folder(state_dir)
+        make_private_dirs(folder)
+        _prune(folder)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        file_handler = _PrivateFileHandler(folder / f"{stamp}-{os.getpid()}.log")
         file_handler.setLevel(config.level.upper())
         file_handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
@@ -125,3 +142,36 @@ def library_defaults() -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def log_folder(state_dir: Path) -> Path:
+    """Where the per-process log files are."""
+    return state_dir / "logs"
+
+
+class _PrivateFileHandler(logging.FileHandler):
+    """A log file of this process only: created 0600 on the first record, never via a link."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+
+    def _open(self) -> io.TextIOWrapper:  # type: ignore[override,unused-ignore]
+        fd = open_private_append(Path(self.baseFilename))
+        return io.TextIOWrapper(io.FileIO(fd, "a"), encoding=self.encoding or "utf-8")
+
+
+def _prune(folder: Path) -> None:
+    """Delete log files older than ``_KEEP_DAYS`` and beyond the newest ``_KEEP_FILES``."""
+    try:
+        files = sorted(
+            (entry for entry in folder.iterdir() if entry.suffix == ".log"),
+            key=lambda e: e.name,
+            reverse=True,
+        )
+    except OSError:
+        return
+    cutoff = time.time() - _KEEP_DAYS * 86400
+    for index, entry in enumerate(files):
+        with contextlib.suppress(OSError):  # in use on Windows, or removed by another process
+            if index >= _KEEP_FILES or entry.lstat().st_mtime < cutoff:
+                entry.unlink()

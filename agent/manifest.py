@@ -17,10 +17,17 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from agent.errors import PermanentStoreError
 from agent.keys import validate_rel_path
+from agent.platform import executable_bit
 
 __all__ = [
     "LocalEntry",
@@ -32,9 +39,8 @@ __all__ = [
     "file_sha256",
     "is_unchanged",
     "plan_open",
+    "summarize",
 ]
-
-_HASH_CHUNK = 1024 * 1024
 
 
 class ManifestEntry(BaseModel):
@@ -45,6 +51,15 @@ class ManifestEntry(BaseModel):
     size: int
     sha256: str
     etag: str
+    executable: bool = False
+    """The file's executable bit (POSIX), restored on download; omitted from JSON if False."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        if not self.executable:
+            data.pop("executable", None)
+        return data
 
 
 class Manifest(BaseModel):
@@ -60,6 +75,10 @@ class Manifest(BaseModel):
     session_id: str | None = None
     commit_id: str | None = None
     """The commit that wrote this manifest: a close whose answer was lost knows its own."""
+    parent_commit_id: str | None = None
+    """The commit this one was based on (version history)."""
+    seq: int = 0
+    """1 for a stage's first commit with history, parent's + 1 after (0: before history)."""
     write_id: str | None = None
 
     def same_files(self, other: Manifest) -> bool:
@@ -97,6 +116,22 @@ class Manifest(BaseModel):
         return sum(e.size for e in self.files.values())
 
 
+def summarize(base: Manifest, new: Manifest) -> tuple[int, int, int, int]:
+    """``(added, changed, removed, bytes written)`` from ``base`` to ``new``."""
+    added = changed = written = 0
+    for rel, entry in new.files.items():
+        was = base.files.get(rel)
+        if was is None:
+            added += 1
+        elif (was.sha256, was.executable) != (entry.sha256, entry.executable):
+            changed += 1
+        else:
+            continue
+        written += entry.size
+    removed = sum(1 for rel in base.files if rel not in new.files)
+    return added, changed, removed, written
+
+
 class StatLike(Protocol):
     """What change detection reads from a stat: ``os.stat_result`` or ``snapshot.FileStat``."""
 
@@ -108,6 +143,8 @@ class StatLike(Protocol):
     def st_ctime_ns(self) -> int: ...
     @property
     def st_ino(self) -> int: ...
+    @property
+    def st_mode(self) -> int: ...
 
 
 # A stat taken this soon after the file's last change may not see a write made in the
@@ -133,6 +170,8 @@ class LocalEntry:
     sha256: str
     ctime_ns: int | None = None
     inode: int | None = None
+    executable: bool | None = None
+    """The executable bit; ``None`` where the platform has none (never compared)."""
 
     @classmethod
     def from_stat(cls, st: StatLike, sha256: str, *, now_ns: int | None = None) -> LocalEntry:
@@ -145,6 +184,7 @@ class LocalEntry:
             sha256=sha256,
             ctime_ns=None if racy else st.st_ctime_ns,
             inode=st.st_ino,
+            executable=executable_bit(st.st_mode),
         )
 
     def matches(self, st: StatLike) -> bool:
@@ -155,15 +195,21 @@ class LocalEntry:
             and self.mtime_ns == st.st_mtime_ns
             and self.ctime_ns == st.st_ctime_ns
             and self.inode == st.st_ino
+            and self.same_mode(st)
         )
+
+    def same_mode(self, st: StatLike) -> bool:
+        """The executable bit is the recorded one (or unknown on either side)."""
+        now = executable_bit(st.st_mode)
+        return self.executable is None or now is None or self.executable == now
 
     def same_size_and_mtime(self, st: StatLike) -> bool:
         """True if size and mtime are the recorded ones: hash to know whether it changed."""
         return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
 
-    def to_list(self) -> list[int | str | None]:
-        """Compact JSON form: ``[size, mtime_ns, sha256, ctime_ns, inode]``."""
-        return [self.size, self.mtime_ns, self.sha256, self.ctime_ns, self.inode]
+    def to_list(self) -> list[int | str | bool | None]:
+        """Compact JSON form: ``[size, mtime_ns, sha256, ctime_ns, inode, executable]``."""
+        return [self.size, self.mtime_ns, self.sha256, self.ctime_ns, self.inode, self.executable]
 
     @classmethod
     def from_list(cls, raw: list[object]) -> LocalEntry:
@@ -171,15 +217,17 @@ class LocalEntry:
         size, mtime_ns, sha256, *rest = raw
         ctime_ns = rest[0] if len(rest) > 0 else None
         inode = rest[1] if len(rest) > 1 else None
+        executable = rest[2] if len(rest) > 2 else None
         if not (
             isinstance(size, int)
             and isinstance(mtime_ns, int)
             and isinstance(sha256, str)
             and (ctime_ns is None or isinstance(ctime_ns, int))
             and (inode is None or isinstance(inode, int))
+            and (executable is None or isinstance(executable, bool))
         ):
             raise TypeError(f"not a local entry: {raw!r}")
-        return cls(size, mtime_ns, sha256, ctime_ns, inode)
+        return cls(size, mtime_ns, sha256, ctime_ns, inode, executable)
 
 
 def is_unchanged(entry: LocalEntry | None, st: StatLike, hasher: Callable[[], str]) -> bool:
@@ -192,6 +240,8 @@ def is_unchanged(entry: LocalEntry | None, st: StatLike, hasher: Callable[[], st
         return False
     if entry.matches(st):
         return True
+    if not entry.same_mode(st):  # a chmod +x alone is a change to commit
+        return False
     return entry.same_size_and_mtime(st) and hasher() == entry.sha256
 
 
@@ -248,19 +298,15 @@ def plan_open(
 
 
 def fd_sha256(fd: int) -> str:
-    """The sha256 hex digest of an open file, from its start, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """The sha256 hex digest of an open file, from its start (``hashlib.file_digest``)."""
     os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, _HASH_CHUNK):
-        digest.update(chunk)
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     os.lseek(fd, 0, os.SEEK_SET)
-    return digest.hexdigest()
+    return digest
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """The sha256 hex digest of a file (``hashlib.file_digest``)."""
     with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

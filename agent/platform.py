@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -22,30 +23,103 @@ from typing import IO, Any, NoReturn
 
 __all__ = [
     "IS_WINDOWS",
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
     "SignalHandler",
+    "bind_control_socket",
+    "check_private_dir",
+    "connect_control_socket",
+    "create_private_file",
     "current_handler",
+    "current_uid",
     "detach_creationflags",
     "end_by_signal",
+    "ensure_private_dir",
     "exit_now",
     "forward_wakeup",
+    "fsync_dir",
     "install_console_handler",
     "is_default_action",
     "is_ignored",
     "machine_name",
+    "make_private_dirs",
     "on_main_thread",
+    "open_private_append",
     "open_wakeup_channel",
     "peek_wakeup",
+    "peer_uid",
     "pid_alive",
     "set_handler",
     "set_termination_handlers",
     "spawn_detached",
+    "spawn_with_breakaway_fallback",
     "swap_wakeup_fd",
     "termination_signals",
     "wake_main_thread",
+    "windows_create_pipe",
+    "windows_detach_flags",
+    "windows_pipe_name",
+    "windows_pipe_sddl",
     "write_private_file",
 ]
 
 IS_WINDOWS = sys.platform == "win32"
+
+
+def executable_bit(st_mode: int) -> bool | None:
+    """Whether a file's mode says "executable"; ``None`` where files have no such bit.
+
+    On Windows the bit does not exist: ``None`` means "unknown", so an edit made
+    there keeps the flag the commit had (it is never cleared by accident).
+    """
+    if IS_WINDOWS:
+        return None
+    return bool(st_mode & stat.S_IXUSR)
+
+
+def set_executable(fd: int, executable: bool) -> None:
+    """Give the open file ``fd`` the executable bit where it is readable (as git does),
+    or take it away. Nothing on Windows."""
+    if IS_WINDOWS:
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    readable = mode & (stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    wanted = mode | (readable >> 2) if executable else mode & ~0o111
+    if wanted != mode:
+        os.fchmod(fd, wanted)
+
+
+def folds_case(folder: Path) -> bool:
+    """Whether ``folder``'s file system treats ``A.dwg`` and ``a.dwg`` as one name.
+
+    Probed, not guessed from the OS (Windows and macOS folders usually fold case, a
+    Linux one can too): a fresh lower-case name is created and looked up in upper case.
+    """
+    probe = folder / f".pdagent.case-{os.urandom(4).hex()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.close(fd)
+    try:
+        return os.path.lexists(folder / probe.name.upper())
+    finally:
+        probe.unlink()
+
+
+_SHARING_VIOLATIONS = frozenset({32, 33})  # ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION
+
+
+def held_by_another_program(exc: BaseException) -> bool:
+    """The file cannot be read now because a program holds it (or its mode denies us).
+
+    Windows: the editor opened it without sharing (a sharing or lock violation).
+    POSIX: ``EACCES``/``EPERM`` (a file being written by a tool that set mode 000, or
+    another user's file). Both pass: the upload waits and retries.
+    """
+    for err in (exc, exc.__cause__):
+        if isinstance(err, PermissionError):
+            return True
+        if isinstance(err, OSError) and getattr(err, "winerror", None) in _SHARING_VIOLATIONS:
+            return True
+    return False
 
 
 def machine_name() -> str:
@@ -82,42 +156,36 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by this user only (0600 on POSIX), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def detach_creationflags() -> int:
     """``Popen(creationflags=...)`` that detach a child from our console (Windows; else 0).
 
     On POSIX, ``Popen(start_new_session=True)`` does the same; see ``spawn_detached``.
     """
     if IS_WINDOWS:
-        flags: int = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS  # type: ignore[attr-defined,unused-ignore]
-        return flags
+        return windows_detach_flags(breakaway=True)
     return 0
 
 
 def spawn_detached(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start ``argv`` detached from our terminal and process group, output to ``log``."""
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        close_fds=True,
-        start_new_session=not IS_WINDOWS,
-        creationflags=detach_creationflags(),
-    )
+    """Start ``argv`` detached from our terminal and process group, output to ``log``.
+
+    On Windows the child also breaks away from a kill-on-close job the caller may
+    run in; a job that forbids breakaway answers ACCESS_DENIED, and the start is
+    retried without it (the agent then lives as long as that job).
+    """
+
+    def start(flags: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+            start_new_session=not IS_WINDOWS,
+            creationflags=flags,
+        )
+
+    return spawn_with_breakaway_fallback(start, windows=IS_WINDOWS)
 
 
 def termination_signals() -> Sequence[signal.Signals]:
@@ -263,3 +331,292 @@ def install_console_handler(handler: Callable[[str], None]) -> Callable[[], None
         ctypes.windll.kernel32.SetConsoleCtrlHandler(console_cb, False)  # type: ignore[attr-defined,unused-ignore]
 
     return remove
+
+
+# --- Local security (issue 9): private state, the control endpoint ---------------------
+#
+# Kept apart from the rest of this module on purpose (other work touches the
+# signal handling above). Everything the agent keeps under its state folder is
+# owner-only by construction: folders 0700, files 0600, set explicitly (never
+# left to the umask), private files created with O_EXCL | O_NOFOLLOW under a
+# fresh random name and renamed into place.
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_TEMP_ATTEMPTS = 16
+
+
+def check_private_dir(path: Path) -> str | None:
+    """Why ``path`` is not a safe private folder of this user, or ``None`` if it is.
+
+    Unsafe: a symbolic link, not a folder, owned by someone else, or writable by
+    group or others. On Windows the profile's ACLs decide; nothing is checked here.
+    """
+    if IS_WINDOWS:  # pragma: no cover - ACLs of the user profile, see the README
+        return None
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {st.st_mode & 0o7777:04o})"
+    return None
+
+
+def ensure_private_dir(path: Path) -> str | None:
+    """Create ``path`` (and missing parents) 0700, or check the existing one.
+
+    Returns why an existing folder is unsafe (see ``check_private_dir``), else
+    ``None``. A safe folder that others could read (0755 from an older version or
+    a loose umask) is tightened to 0700.
+    """
+    make_private_dirs(path)
+    problem = check_private_dir(path)
+    if problem is None and not IS_WINDOWS and path.lstat().st_mode & 0o077:
+        path.chmod(PRIVATE_DIR_MODE)
+    return problem
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents as 0700 folders (existing ones untouched)."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue
+        if not IS_WINDOWS:
+            folder.chmod(PRIVATE_DIR_MODE)
+
+
+def create_private_file(path: Path) -> int:
+    """Create ``path`` new (``O_EXCL | O_NOFOLLOW``) as 0600; return the open descriptor.
+
+    A file or link already at ``path`` makes this fail (``FileExistsError``): a
+    planted file or symbolic link is never followed or reused.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    if not IS_WINDOWS:
+        try:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by this user only (0600 on POSIX), atomically.
+
+    The bytes go to a fresh random temp name beside ``path`` created with
+    ``O_EXCL | O_NOFOLLOW`` (whatever was planted at a guessable name is never
+    opened), are fsync'd, renamed over ``path`` and the folder is fsync'd.
+    """
+    make_private_dirs(path.parent)
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = create_private_file(tmp)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 16 collisions of 48 random bits
+        raise FileExistsError(f"no free temp name beside {path}")
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op on Windows)."""
+    if IS_WINDOWS:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def bind_control_socket(path: Path, backlog: int = 64) -> socket.socket:
+    """Listen on a Unix domain socket at ``path`` (0600, in a 0700 folder of the user).
+
+    A stale socket of ours at ``path`` (a previous agent that was killed) is
+    replaced; anything else there is left alone and the bind fails.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+                path.unlink()
+        sock.bind(os.fspath(path))
+        path.chmod(PRIVATE_FILE_MODE)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_control_socket(path: Path, timeout: float) -> socket.socket:
+    """Connect to the agent's socket at ``path`` with ``timeout`` on every operation."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # type: ignore[attr-defined,unused-ignore]
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (``None``: cannot tell).
+
+    Linux answers ``SO_PEERCRED``: for an accepted connection the client's uid at
+    connect time, for a client socket the listener's uid at listen time.
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:  # pragma: no cover - macOS/BSD: the 0700 folder is the guard
+        return None
+    import struct
+
+    raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def current_uid() -> int | None:
+    """This process's effective uid (``None`` on Windows)."""
+    return None if IS_WINDOWS else os.geteuid()
+
+
+# --- Windows seams (on paper: exercised with the OS calls faked) ------------------------
+#
+# The control channel on Windows is a named pipe whose name carries the user and
+# the session, created with an owner-only security descriptor and refusing remote
+# clients; a detached agent starts in a new process group without a console and
+# breaks away from a kill-on-close job where the job allows it.
+
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+DETACHED_PROCESS = 0x00000008
+CREATE_BREAKAWAY_FROM_JOB = 0x01000000
+_ERROR_ACCESS_DENIED = 5
+PIPE_ACCESS_DUPLEX = 0x00000003
+FILE_FLAG_FIRST_PIPE_INSTANCE = 0x00080000
+PIPE_REJECT_REMOTE_CLIENTS = 0x00000008
+_PIPE_TYPE_BYTE_WAIT = 0x00000000
+
+
+def windows_detach_flags(*, breakaway: bool) -> int:
+    """``creationflags`` of a detached agent: new group, no console, maybe breakaway."""
+    flags = CREATE_NEW_PROCESS_GROUP | DETACHED_PROCESS
+    return flags | CREATE_BREAKAWAY_FROM_JOB if breakaway else flags
+
+
+def spawn_with_breakaway_fallback(
+    start: Callable[[int], subprocess.Popen[bytes]], *, windows: bool
+) -> subprocess.Popen[bytes]:
+    """``start(creationflags)``; on Windows retry without breakaway if the job denies it."""
+    if not windows:
+        return start(0)
+    try:
+        return start(windows_detach_flags(breakaway=True))
+    except OSError as exc:
+        if getattr(exc, "winerror", None) != _ERROR_ACCESS_DENIED:
+            raise
+    return start(windows_detach_flags(breakaway=False))
+
+
+def windows_pipe_name(user_sid: str, session_id: str) -> str:
+    r"""The per-user, per-session pipe name: ``\\.\pipe\pd-session-agent-<sid>-<session>``."""
+    safe_sid = "".join(c for c in user_sid if c.isalnum() or c == "-")
+    safe_session = "".join(c for c in session_id if c.isalnum() or c in "-T")
+    return rf"\\.\pipe\pd-session-agent-{safe_sid}-{safe_session}"
+
+
+def windows_pipe_sddl(user_sid: str) -> str:
+    """An owner-only security descriptor: owner ``user_sid``, protected DACL, full access."""
+    return f"O:{user_sid}D:P(A;;GA;;;{user_sid})"
+
+
+def windows_create_pipe(name: str, user_sid: str, *, kernel32: object, advapi32: object) -> int:
+    """Create the first instance of the agent's pipe; return its handle.
+
+    ``kernel32``/``advapi32`` are the ctypes DLLs (faked in the unit tests).
+    ``FILE_FLAG_FIRST_PIPE_INSTANCE`` makes the call fail if anyone else already
+    created a pipe of that name (squatting), and remote clients are refused.
+    """
+    import ctypes
+
+    sd = ctypes.c_void_p()
+    ok = advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(  # type: ignore[attr-defined]
+        windows_pipe_sddl(user_sid), 1, ctypes.byref(sd), None
+    )
+    if not ok:
+        raise OSError(f"cannot build the security descriptor of {name}")
+
+    class SecurityAttributes(ctypes.Structure):
+        _fields_ = [
+            ("nLength", ctypes.c_ulong),
+            ("lpSecurityDescriptor", ctypes.c_void_p),
+            ("bInheritHandle", ctypes.c_int),
+        ]
+
+    attrs = SecurityAttributes(ctypes.sizeof(SecurityAttributes), sd, 0)
+    try:
+        handle = kernel32.CreateNamedPipeW(  # type: ignore[attr-defined]
+            name,
+            PIPE_ACCESS_DUPLEX | FILE_FLAG_FIRST_PIPE_INSTANCE,
+            _PIPE_TYPE_BYTE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+            16,
+            65536,
+            65536,
+            0,
+            ctypes.byref(attrs),
+        )
+    finally:
+        kernel32.LocalFree(sd)  # type: ignore[attr-defined]
+    if handle in (None, 0, -1):
+        raise OSError(f"cannot create the pipe {name} (already taken?)")
+    return int(handle)
+
+
+def open_private_append(path: Path) -> int:
+    """Open ``path`` for appending, creating it 0600; never through a symbolic link."""
+    make_private_dirs(path.parent)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_BINARY
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    if not IS_WINDOWS:
+        try:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd

@@ -5,6 +5,12 @@ crash recovery) continue a session: who, which stage, where the working copy
 is, the lock's ETag, the manifest the session started from, and the local
 snapshot of the copy as it was downloaded (``base.json``). Writes are atomic
 (temp + fsync + rename), so a crash never leaves half a record.
+
+The state folder is private by construction (issue 9): it is created 0700, its
+files 0600, and a state folder that is not owned by this user or that group or
+others can write to is refused (``InsecureStateError``), because a record planted
+there would steer the agent. Records are parsed as data, and a record whose
+working folder lies outside the base folder is refused as damaged.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import structlog
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.errors import LocalFileError, SessionError
+from agent.errors import InsecureStateError, LocalFileError, SessionError
 from agent.keys import validate_name
 from agent.manifest import LocalEntry, Manifest
-from agent.platform import write_private_file
+from agent.platform import ensure_private_dir, make_private_dirs, write_private_file
 
 __all__ = ["Phase", "SessionRecord", "SessionStore"]
 
@@ -62,14 +68,16 @@ class SessionStore:
     """Reads and writes session records under ``<state>/sessions``."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.root = state_dir / "sessions"
         self._locks = state_dir / "stage-locks"
+        check_state_dir(state_dir)
 
     def stage_lock(self, projekt_id: str, stage: str) -> FileLock:
         """A local file lock per stage: one ``open`` of a stage at a time on this machine."""
         validate_name("projekt_id", projekt_id)
         validate_name("stage", stage)
-        self._locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(self._locks)
         return FileLock(self._locks / f"{projekt_id}..{stage}.lock", timeout=60, mode=0o600)
 
     def folder(self, session_id: str) -> Path:
@@ -94,7 +102,7 @@ class SessionStore:
         """Read one record; a missing or broken one is a ``SessionError`` saying so."""
         path = self.folder(session_id) / "session.json"
         try:
-            return SessionRecord.model_validate_json(path.read_bytes())
+            record = SessionRecord.model_validate_json(path.read_bytes())
         except FileNotFoundError as exc:
             raise SessionError(f"no session {session_id} on this machine") from exc
         except (ValidationError, ValueError) as exc:
@@ -102,6 +110,26 @@ class SessionStore:
                 f"the session record {path} is damaged ({exc.__class__.__name__}); "
                 "run `agent recover` to resume or discard that session"
             ) from exc
+        except OSError as exc:
+            raise LocalFileError(f"cannot read the session record {path}: {exc}") from exc
+        problem = self._implausible(record, session_id)
+        if problem is not None:
+            raise SessionError(
+                f"the session record {path} is damaged or forged ({problem}); it is ignored"
+            )
+        return record
+
+    def _implausible(self, record: SessionRecord, session_id: str) -> str | None:
+        """Why a parsed record cannot be trusted as this folder's session, if it cannot."""
+        if record.session_id != session_id:
+            return f"it names session {record.session_id!r}"
+        base = self.state_dir.parent
+        work = record.work_path
+        if ".." in work.parts or not work.is_relative_to(base):
+            return f"its working folder {str(work)!r} is not under the base folder {base}"
+        if work in (base, self.state_dir) or work.is_relative_to(self.state_dir):
+            return f"its working folder {str(work)!r} is not a working folder"
+        return None
 
     def all(self) -> Iterator[SessionRecord]:
         """Every readable record (damaged ones are logged and skipped)."""
@@ -143,7 +171,7 @@ class SessionStore:
 
     def save_base(self, session_id: str, files: dict[str, LocalEntry]) -> None:
         """Write the snapshot of the working copy as the session started."""
-        data = {rel: [e.size, e.mtime_ns, e.sha256] for rel, e in files.items()}
+        data = {rel: e.to_list() for rel, e in files.items()}
         write_private_file(self.folder(session_id) / "base.json", json.dumps(data).encode())
 
     def load_base(self, session_id: str) -> dict[str, LocalEntry]:
@@ -151,11 +179,11 @@ class SessionStore:
         path = self.folder(session_id) / "base.json"
         try:
             raw = json.loads(path.read_bytes())
+            return {rel: LocalEntry.from_list(v) for rel, v in raw.items()}
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
-        return {rel: LocalEntry(size=v[0], mtime_ns=v[1], sha256=v[2]) for rel, v in raw.items()}
 
     def save_base_manifest(self, session_id: str, manifest: Manifest) -> None:
         """Persist the manifest the session is based on (resume merges against it)."""
@@ -172,6 +200,21 @@ class SessionStore:
     def remove(self, session_id: str) -> None:
         """Delete a finished session's record folder."""
         shutil.rmtree(self.folder(session_id), ignore_errors=True)
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Create the state folder private, or refuse one others could have written to."""
+    try:
+        problem = ensure_private_dir(state_dir)
+    except OSError as exc:
+        raise LocalFileError(f"cannot create the state folder {state_dir}: {exc}") from exc
+    if problem is not None:
+        raise InsecureStateError(
+            f"the state folder {state_dir} {problem}. Its session records and tokens "
+            "could have been planted or read by another user, so the agent will not use "
+            f"it. If it is yours and its contents are trusted, `chmod 700 {state_dir}` "
+            "(and make it yours); otherwise move it away and start again"
+        )
 
 
 def new_session_id() -> str:

@@ -33,7 +33,7 @@ from agent.ignore import IgnoreRules
 from agent.journal import Journal
 from agent.keys import WorkFolder, unsupported_reason
 from agent.manifest import LocalEntry, fd_sha256
-from agent.platform import machine_name, pid_alive, write_private_file
+from agent.platform import machine_name, make_private_dirs, pid_alive, write_private_file
 from agent.records import SessionRecord, SessionStore
 from agent.snapshot import scan
 
@@ -235,7 +235,7 @@ def copy_pending(work: Path, backup: Path, pending: list[str]) -> list[str]:
         dst = backup / "files" / Path(*rel.split("/"))
         try:
             with folder.open_file(rel) as (fd, st):
-                dst.parent.mkdir(parents=True, exist_ok=True)
+                make_private_dirs(dst.parent)  # the backup is private state (issue 9)
                 with os.fdopen(os.dup(fd), "rb") as src, dst.open("wb") as out:
                     shutil.copyfileobj(src, out)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -8,7 +8,6 @@ waiting (tenacity's ``nap`` seam).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,26 +18,40 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    wait_exponential,
+    wait_random,
 )
+from tenacity.wait import wait_base
 
 from agent.config import RetryConfig
 from agent.errors import TransientStoreError
 
-__all__ = ["backoff", "call_with_retries", "make_retrying"]
+__all__ = ["backoff", "call_with_retries", "delay_after", "make_retrying"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
-def backoff(config: RetryConfig) -> Callable[[RetryCallState], float]:
-    """Exponential wait with jitter: ``min(max, initial * 2**(n-1)) + uniform(0, jitter)``."""
+def backoff(config: RetryConfig, *, cap: float | None = None) -> wait_base:
+    """Exponential wait plus jitter, from tenacity's strategies.
 
-    def wait(state: RetryCallState) -> float:
-        exp = config.initial_backoff * 2 ** (state.attempt_number - 1)
-        jitter: float = random.uniform(0, config.jitter)  # noqa: S311 - not for security
-        return float(min(config.max_backoff, exp)) + jitter
+    ``min(cap, initial * 2**(n-1)) + uniform(0, jitter)``; ``cap`` defaults to
+    ``max_backoff``.
+    """
+    ceiling = config.max_backoff if cap is None else cap
+    exponential = wait_exponential(multiplier=config.initial_backoff, max=ceiling)
+    return exponential + wait_random(0, config.jitter)
 
-    return wait
+
+def delay_after(wait: wait_base, failures: int) -> float:
+    """The wait ``wait`` gives after ``failures`` failed attempts.
+
+    For loops that schedule their own retries (the streamer, the watcher's
+    delivery) instead of blocking in ``Retrying``.
+    """
+    state = RetryCallState(Retrying(), None, (), {})
+    state.attempt_number = max(1, failures)
+    return float(wait(state))
 
 
 def make_retrying(

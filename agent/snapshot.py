@@ -35,11 +35,12 @@ class FileStat:
     mtime_ns: int
     ctime_ns: int = 0
     inode: int = 0
+    mode: int = 0
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStat:
         """The tuple of an ``lstat`` result."""
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
 
     @property
     def st_size(self) -> int:
@@ -60,6 +61,11 @@ class FileStat:
     def st_ino(self) -> int:
         """As ``os.stat_result``."""
         return self.inode
+
+    @property
+    def st_mode(self) -> int:
+        """As ``os.stat_result``."""
+        return self.mode
 
 
 def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileStat]:

@@ -18,7 +18,6 @@ used by reconciliation scans to find what the events missed.
 from __future__ import annotations
 
 import os
-import random
 import stat
 import threading
 import time
@@ -36,6 +35,8 @@ from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import LocalEntry, Manifest, fd_sha256
+from agent.platform import executable_bit, held_by_another_program
+from agent.retry import backoff, delay_after
 from agent.snapshot import scan
 from agent.store.base import ObjectStore
 from agent.transfer import Transfers, Upload, same_stat
@@ -46,6 +47,7 @@ __all__ = ["Streamer", "describe_unsupported"]
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF = 30.0
+_MAX_WAIT_BACKOFF = 5.0
 
 
 def describe_unsupported(unsupported: dict[str, str]) -> str:
@@ -84,6 +86,9 @@ class Streamer:
         self.store = store
         self.journal = journal
         self.config = config
+        self._backoff = backoff(config.retry, cap=_MAX_BACKOFF)
+        # A file an editor holds is retried often enough to send it soon after it is freed.
+        self._wait_backoff = backoff(config.retry, cap=_MAX_WAIT_BACKOFF)
         self.base = base
         self.rules = IgnoreRules((*config.watch.ignore, *config.watch.extra_ignore))
         self._known = dict(known)
@@ -100,6 +105,8 @@ class Streamer:
         self._in_flight: dict[str, Future[bool]] = {}
         self._started: dict[str, float] = {}  # path -> when its request began (monotonic)
         self._failing_since: float | None = None  # first failure since the last success
+        self._waiting: dict[str, str] = {}  # files a program holds: path -> why (status)
+        # Guards _in_flight, _started, _retry_at and _waiting (pool threads and the loop).
         self._flight_lock = threading.Lock()
         self._wake = threading.Event()
         self._paused = False
@@ -239,14 +246,17 @@ class Streamer:
                 break
             try:
                 self._dispatch()
-            except AgentError as exc:
-                self._report(f"journal: {exc}")
+            except Exception as exc:  # the loop outlives any one failure
+                self._report(f"uploader: {exc}")
+                log.exception("uploader_loop_failed")
                 self._stop.wait(1.0)
 
     def _next_wait(self) -> float:
-        if not self._retry_at:
-            return 1.0
-        return max(0.01, min(self._retry_at.values()) - time.monotonic())
+        with self._flight_lock:
+            if not self._retry_at:
+                return 1.0
+            soonest = min(self._retry_at.values())
+        return max(0.01, soonest - time.monotonic())
 
     def _dispatch(self) -> None:
         if self._paused:
@@ -256,7 +266,7 @@ class Streamer:
             with self._flight_lock:
                 if entry.path in self._in_flight:
                     continue
-                if self._retry_at.get(entry.path, 0.0) > now:
+                if self._retry_at.get(entry.path, 0.0) > now:  # under _flight_lock
                     continue
                 assert self._pool is not None
                 fut = self._pool.submit(
@@ -279,47 +289,73 @@ class Streamer:
             self._idle.notify_all()
 
     def _process(self, rel: str, op: str, seq: int, attempts: int) -> bool:
-        """Send one row; True if the path still has pending work afterwards."""
-        self._started[rel] = time.monotonic()
+        """Send one row; True if the path still has pending work afterwards.
+
+        Whatever fails, of any type, is counted in the journal, backed off and shown;
+        a file another program holds open waits (``status`` lists it) without an error.
+        """
+        with self._flight_lock:
+            self._started[rel] = time.monotonic()
         try:
             done = self._put(rel, seq) if op == "put" else self._delete(rel, seq)
-            self._retry_at.pop(rel, None)
-            self.last_error = None  # the store answers again: the condition has cleared
-            self._failing_since = None
-            return not done
-        except AgentError as exc:
-            if self._failing_since is None:
-                self._failing_since = self._started.get(rel, time.monotonic())
-            delay = min(_MAX_BACKOFF, self.config.retry.initial_backoff * 2 ** min(attempts, 10))
-            delay *= 1 + random.random() * self.config.retry.jitter  # noqa: S311 - jitter
-            self._retry_at[rel] = time.monotonic() + delay
-            self.journal.mark_failed(rel, seq, str(exc))
-            self._report(f"{rel}: {exc}")
-            log.warning(
-                "stream_failed",
-                path=rel,
-                attempt=attempts + 1,
-                error=str(exc),
-                retry_in=round(delay, 2),
-            )
+        except Exception as exc:  # noqa: BLE001 - the uploader must never die of one file
+            self._failed(rel, seq, attempts, exc)
             return True
         finally:
-            self._started.pop(rel, None)
+            with self._flight_lock:
+                self._started.pop(rel, None)
+        with self._flight_lock:
+            self._retry_at.pop(rel, None)
+            was_waiting = self._waiting.pop(rel, None) is not None
+            self._failing_since = None
+        self.last_error = None  # the store answers again: the condition has cleared
+        if was_waiting:
+            log.info("file_readable_again", path=printable(rel))
+        return not done
+
+    def _failed(self, rel: str, seq: int, attempts: int, exc: Exception) -> None:
+        """Back off one failed row; a held file waits quietly, anything else is reported."""
+        held = held_by_another_program(exc)
+        delay = delay_after(self._wait_backoff if held else self._backoff, attempts + 1)
+        message = str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+        with self._flight_lock:
+            self._retry_at[rel] = time.monotonic() + delay
+            first_wait = held and rel not in self._waiting
+            if held:
+                self._waiting[rel] = message
+            elif self._failing_since is None:
+                self._failing_since = self._started.get(rel, time.monotonic())
+        self.journal.mark_failed(rel, seq, message)
+        if held:
+            if first_wait:
+                log.info("file_held_waiting", path=printable(rel), reason=message)
+            return
+        self._report(f"{printable(rel)}: {message}")
+        log.warning(
+            "stream_failed",
+            path=printable(rel),
+            attempt=attempts + 1,
+            error=message,
+            retry_in=round(delay, 2),
+        )
 
     def stalled_for(self) -> float:
         """Seconds without a good answer: since uploads began failing, or the oldest in flight."""
-        since = [*self._started.values()]
-        if self._failing_since is not None:
-            since.append(self._failing_since)
+        with self._flight_lock:
+            since = [*self._started.values()]
+            if self._failing_since is not None:
+                since.append(self._failing_since)
         return time.monotonic() - min(since) if since else 0.0
 
-    def _held(self, rel: str) -> tuple[str, int] | None:
-        """``(sha256, size)`` of what the store holds for ``rel`` (staged, else base)."""
+    def _held(self, rel: str) -> tuple[str, int, bool | None] | None:
+        """``(sha256, size, executable)`` the store holds for ``rel`` (staged, else base)."""
         staged = self.journal.staged_entry(rel)
         if staged is not None:
-            return (staged.sha256, staged.size) if staged.op == "put" else None
+            if staged.op != "put":
+                return None
+            return (staged.sha256, staged.size, staged.executable)
         base = self.base.files.get(rel)
-        return (base.sha256, base.size) if base is not None else None
+        return (base.sha256, base.size, base.executable) if base is not None else None
 
     def _put(self, rel: str, seq: int) -> bool:
         """Send a put row; True if the row is finished (no newer save arrived meanwhile).
@@ -343,24 +379,35 @@ class Streamer:
                         st = after
                         continue
                     known = (st, digest)
-                    if digest == held[0]:
+                    mode_kept = held[2] is None or executable_bit(st.st_mode) in (None, held[2])
+                    if digest == held[0] and mode_kept:
                         finished = self.journal.mark_done(rel, seq, unchanged=True)
                         self._remember(rel, LocalEntry.from_stat(st, digest))
                         return finished
                     break
-        except (FileNotFoundError, LocalFileError) as exc:
-            # Gone, or now a link or special file (never followed, never sent).
-            if isinstance(exc, LocalFileError):
-                log.warning("not_synchronised", path=rel, reason=str(exc))
-            if self._is_tracked(rel):
-                self.journal.record(rel, "delete")
-                return False
-            return self.journal.mark_done(rel, seq)
-        done = self._transfers.upload_one(
-            Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path), None, known=known
-        )
+        except FileNotFoundError:
+            return self._gone(rel, seq)
+        except LocalFileError as exc:  # now a link or special file: never followed or sent
+            log.warning("not_synchronised", path=rel, reason=str(exc))
+            return self._gone(rel, seq)
+        try:
+            done = self._transfers.upload_one(
+                Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path),
+                None,
+                known=known,
+            )
+        except LocalFileError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            return self._gone(rel, seq)  # renamed away meanwhile (rsync's temp file): no error
         finished = self.journal.mark_done(
-            rel, seq, etag=done.etag, size=done.size, sha256=done.sha256, mtime_ns=done.mtime_ns
+            rel,
+            seq,
+            etag=done.etag,
+            size=done.size,
+            sha256=done.sha256,
+            mtime_ns=done.mtime_ns,
+            executable=executable_bit(done.mode),
         )
         if finished:
             self._remember(rel, done.entry())
@@ -368,6 +415,13 @@ class Streamer:
         self.last_upload_at = datetime.now(UTC)
         log.info("streamed", path=rel, key=done.key, bytes=done.size, session_id=self.session_id)
         return finished
+
+    def _gone(self, rel: str, seq: int) -> bool:
+        """The file is not there (any more): a delete if the store has it, else nothing."""
+        if self._is_tracked(rel):
+            self.journal.record(rel, "delete")
+            return False
+        return self.journal.mark_done(rel, seq)
 
     def _delete(self, rel: str, seq: int) -> bool:
         """Apply a delete row; True if finished."""
@@ -453,4 +507,10 @@ class Streamer:
             "last_error": self.last_error,
             "watching": self._watcher is not None,
             "unsupported": sorted(printable(r) for r in self.unsupported()),
+            "waiting": self.waiting(),
         }
+
+    def waiting(self) -> list[str]:
+        """Files another program holds (or that cannot be read now): retried until readable."""
+        with self._flight_lock:
+            return sorted(printable(r) for r in self._waiting)

@@ -196,11 +196,12 @@ class Uploaded:
     mtime_ns: int
     ctime_ns: int = 0
     inode: int = 0
+    mode: int = 0
 
     def entry(self) -> LocalEntry:
         """What the store now holds for this file, as change detection's entry."""
         return LocalEntry.from_stat(
-            FileStat(self.size, self.mtime_ns, self.ctime_ns, self.inode), self.sha256
+            FileStat(self.size, self.mtime_ns, self.ctime_ns, self.inode, self.mode), self.sha256
         )
 
 
@@ -280,6 +281,14 @@ class Transfers:
             sent += delta
             if progress is not None:
                 progress.add(delta)
+            # The object is bucket input: stop at the manifest's size instead of
+            # reading whatever size someone put there (issue 9).
+            if delta > 0 and item.size is not None and sent > item.size:
+                raise PermanentStoreError(
+                    f"{item.key} is larger than the manifest says ({item.size} bytes): the "
+                    "download was stopped. The object was changed outside the agent; nothing "
+                    "was overwritten, ask an operator"
+                )
 
         try:
             try:
@@ -406,6 +415,7 @@ class Transfers:
                     mtime_ns=after.st_mtime_ns,
                     ctime_ns=after.st_ctime_ns,
                     inode=after.st_ino,
+                    mode=after.st_mode,
                 )
             log.info("upload_redo_file_changed", path=item.rel, key=item.key)
             if progress is not None:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from tenacity import wait_exponential
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -51,6 +52,7 @@ from watchdog.observers.polling import PollingObserver
 from agent.config import WatchConfig
 from agent.errors import LocalFileError
 from agent.ignore import IgnoreRules
+from agent.retry import delay_after
 
 __all__ = ["Debouncer", "StatFn", "Watcher"]
 
@@ -61,7 +63,8 @@ StatFn = Callable[[str], tuple[int, int] | None]
 
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 _HEALTH_INTERVAL = 2.0  # how often the delivery thread checks that the observer still runs
-_MAX_RETRY_DELAY = 5.0  # backoff cap when the consumer's callback keeps failing
+# Waits when the consumer's callback keeps failing: 0.2 s doubling, at most 5 s.
+_DELIVERY_BACKOFF = wait_exponential(multiplier=0.2, max=5.0)
 _STOP_DEADLINE = 10.0
 _RESCAN_MAX_DELAY_FACTOR = 10  # a busy subtree is rescanned after max_delay * 10 at the latest
 
@@ -466,7 +469,7 @@ class Watcher:
             self._failures = 0
         except Exception:  # the consumer's error: keep the work, retry, never die
             self._failures += 1
-            delay = min(_MAX_RETRY_DELAY, 0.1 * 2**self._failures)
+            delay = delay_after(_DELIVERY_BACKOFF, self._failures)
             log.exception("watch_delivery_failed", retry_in=delay, paths=len(paths))
             with self._lock:
                 self._retry_paths |= paths

@@ -28,7 +28,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -38,16 +38,18 @@ from agent.cache import StageCache
 from agent.commit import Commit, StagedCopy
 from agent.config import AgentConfig, load_config
 from agent.errors import LockLostError, SessionError
+from agent.history import FileVersion, PrunePlan
 from agent.ignore import IgnoreRules
 from agent.journal import Journal
-from agent.keys import StageKeys
+from agent.keys import CommitInfo, StageKeys
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.manifest import LocalEntry, Manifest
 from agent.platform import machine_name, on_main_thread
 from agent.records import SessionRecord, SessionStore
 from agent.recovery import RecoveryInfo
-from agent.session import checkin, checkout, crash, discard, resume, runtime
+from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
 from agent.session.checkin import CloseReport
+from agent.session.versions import RestoreReport
 from agent.signals import Signal
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store
@@ -414,3 +416,40 @@ class PlantDesignSession:
     def _pick_orphan(self, session_id: str | None, action: str) -> str:
         """The orphaned session to ``action``: the one named, or the only one."""
         return discard._pick_orphan(self, session_id, action)
+
+    # ------------------------------------------------------------ version history
+
+    def history(
+        self, projekt_id: str, stage: str, path: str | None = None
+    ) -> list[CommitInfo] | list[FileVersion]:
+        """The stage's commits, oldest first; with ``path``, the versions of that file.
+
+        Needs no lock and no open session.
+        """
+        return versions.history(self, projekt_id, stage, path)
+
+    def show(
+        self, projekt_id: str, stage: str, *, commit: str, path: str, output: Path
+    ) -> FileVersion:
+        """Write ``path`` as ``commit`` left it to ``output`` (no lock needed)."""
+        return versions.show(self, projekt_id, stage, commit=commit, path=path, output=output)
+
+    def restore(
+        self,
+        projekt_id: str,
+        user: str,
+        stage: str,
+        *,
+        commit: str,
+        paths: Sequence[str] = (),
+    ) -> RestoreReport:
+        """Bring the stage (or ``paths``) back to ``commit``, committed as a new commit.
+
+        Runs a whole session (open, put the versions in place, close) on this object,
+        which must be idle; the lock is taken and released like any other session.
+        """
+        return versions.restore(self, projekt_id, user, stage, commit=commit, paths=paths)
+
+    def prune_history(self, projekt_id: str, *, dry_run: bool = False) -> PrunePlan:
+        """Delete the commits and versions that ``[history]`` retention lets go."""
+        return versions.prune(self, projekt_id, dry_run=dry_run)

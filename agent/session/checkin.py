@@ -28,6 +28,7 @@ from agent.errors import (
 from agent.journal import Staged
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import Manifest, ManifestEntry, fd_sha256, file_sha256, is_unchanged
+from agent.session import versions
 from agent.snapshot import scan
 from agent.state import SessionState
 from agent.sync import Streamer
@@ -182,6 +183,8 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
         kept = s.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
     s.records.remove(record.session_id)
     shutil.rmtree(s.config.paths.recovery_root / record.session_id, ignore_errors=True)
+    if puts or deletes:
+        versions.prune_after_close(s, keys)
     report = CloseReport(
         session_id=record.session_id,
         uploaded=sorted(puts),
@@ -287,7 +290,9 @@ def _commit(
         base=base,
         base_etag=s.record.base_manifest_etag,
         copies={
-            rel: StagedCopy(size=p.size, sha256=p.sha256, etag=p.etag or "")
+            rel: StagedCopy(
+                size=p.size, sha256=p.sha256, etag=p.etag or "", executable=p.executable
+            )
             for rel, p in puts.items()
         },
         deletes=deletes,
@@ -337,9 +342,16 @@ def _staged_changes(s: PlantDesignSession, base: Manifest) -> tuple[dict[str, St
         if staged.op == "delete":
             if rel in base.files:
                 deletes.append(rel)
-        elif base.files.get(rel) is None or base.files[rel].sha256 != staged.sha256:
+        elif _differs(base.files.get(rel), staged):
             puts[rel] = staged
     return puts, sorted(deletes)
+
+
+def _differs(committed: ManifestEntry | None, staged: Staged) -> bool:
+    """The staged put changes the file: other bytes, or another executable bit."""
+    if committed is None or committed.sha256 != staged.sha256:
+        return True
+    return staged.executable is not None and staged.executable != committed.executable
 
 
 def _check_mass_delete(base: Manifest, deletes: list[str], allowed: bool) -> None:

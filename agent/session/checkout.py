@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,16 +15,17 @@ from agent.commit import (
     read_manifest,
 )
 from agent.errors import (
+    InvalidNameError,
     LocalFileError,
     PreviousCrashError,
     SessionCancelledError,
     SessionError,
 )
 from agent.journal import Journal
-from agent.keys import StageKeys, WorkFolder, validate_name
+from agent.keys import StageKeys, WorkFolder, case_collisions, validate_name
 from agent.lock import RemoteLock
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
-from agent.platform import machine_name
+from agent.platform import folds_case, machine_name
 from agent.records import SessionRecord, new_session_id
 from agent.snapshot import scan
 from agent.state import SessionState
@@ -196,6 +198,7 @@ def _download(
     folder.check_root()  # a linked work path would make downloads land outside (issue 8)
     for rel in expected:
         folder.path(rel, key=keys.committed(rel))  # refuse escaping keys up front
+    _refuse_case_clashes(keys, expected, work.parent)
     snapshot = s.cache.take(keys.projekt_id, keys.stage, work)
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -225,10 +228,14 @@ def _download(
     transfers = Transfers(s.store, s.config.transfer.workers, folder=folder)
     digests = transfers.download(items, progress)
     files: dict[str, LocalEntry] = {}
+    wanted_x = {rel: e.executable for rel, e in (manifest.files if manifest else {}).items()}
     for rel in plan.keep:
-        files[rel] = plan.kept[rel]
+        kept = plan.kept[rel]
+        if kept.executable is not None and kept.executable != wanted_x.get(rel, False):
+            kept = LocalEntry.from_stat(folder.set_executable(rel, wanted_x[rel]), kept.sha256)
+        files[rel] = kept
     for rel, digest in zip(plan.download, digests, strict=True):
-        st = folder.path(rel).stat()
+        st = folder.set_executable(rel, wanted_x.get(rel, False))
         files[rel] = LocalEntry.from_stat(st, digest)
     if manifest is None and expected:
         s._base_manifest = Manifest(
@@ -247,3 +254,25 @@ def _download(
         bytes=total,
     )
     return etag, files
+
+
+def _refuse_case_clashes(keys: StageKeys, rels: Iterable[str], parent: Path) -> None:
+    """Keys differing only in case cannot both be files where the file system folds case.
+
+    One would overwrite the other, and the next close would commit the loser's delete.
+    """
+    clashes = case_collisions(rels)
+    if not clashes:
+        return
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        folding = folds_case(parent)
+    except OSError as exc:
+        raise LocalFileError(f"cannot create the working folder {parent}: {exc}") from exc
+    if folding:
+        shown = "; ".join(" and ".join(keys.committed(rel) for rel in group) for group in clashes)
+        raise InvalidNameError(
+            f"the stage holds keys that differ only in case ({shown}); the file system of "
+            f"{parent} treats them as one name, so one would overwrite the other. Rename or "
+            "remove one of them in the bucket, or open the stage on a case-sensitive folder"
+        )

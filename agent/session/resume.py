@@ -277,8 +277,13 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
         for item, digest in zip(items, digests, strict=True):
             if item.key.startswith(keys.committed_prefix):
                 rel = keys.rel_from_committed(item.key)
-                st = item.dest.stat()
+                was = base.files.get(rel)
+                st = WorkFolder(work).set_executable(rel, was is not None and was.executable)
                 s._base_files[rel] = LocalEntry.from_stat(st, digest)
+            else:  # from our staging: the bit the journal recorded with the upload
+                rel = item.key[len(keys.staging_prefix(s.record.session_id)) :]
+                if staged[rel].executable:
+                    WorkFolder(work).set_executable(rel, True)
         s.records.save_base(s.record.session_id, s._base_files)
     backup = info.backup_path
     if backup is not None and info.kind == "handled" and backup.name != "files":
@@ -350,7 +355,7 @@ def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
     ]
     Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work)).download(items)
     for rel in take:
-        got = local_path_for(work, rel).stat()
+        got = WorkFolder(work).set_executable(rel, theirs.files[rel].executable)
         s._base_files[rel] = LocalEntry.from_stat(got, theirs.files[rel].sha256)
     s.records.save_base(s.record.session_id, s._base_files)
     s._adopt_new_base(theirs, etag)

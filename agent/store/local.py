@@ -284,7 +284,10 @@ class LocalStore:
                     etag = self._etag_of(full)
                 except FileNotFoundError:
                     continue  # deleted while listing
-                found.append(ObjectInfo(key=key, size=st.st_size, etag=etag))
+                modified = datetime.fromtimestamp(st.st_mtime, UTC)
+                found.append(
+                    ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=modified)
+                )
         found.sort(key=lambda o: o.key)
         yield from found
 

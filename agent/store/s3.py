@@ -420,7 +420,12 @@ class S3Store:
         def do() -> ObjectInfo:
             written = 0
             try:
-                result = obstore.get(self._data, key)
+                try:
+                    result = obstore.get(self._data, key)
+                except FileNotFoundError as exc:
+                    # obstore raises its 404 as the builtin FileNotFoundError: the object
+                    # is missing in the store (exit 7), not a local file problem (issue 9).
+                    raise NotFoundError(f"no object {key!r} in {self.description}") from exc
                 with dest.open("wb") as out:
                     for chunk in result.stream(min_chunk_size=_CHUNK):
                         out.write(chunk)

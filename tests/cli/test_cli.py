@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -154,18 +155,18 @@ def test_background_agent_streams_and_reports_through_status_and_flush(run: Run)
 def test_agent_refuses_a_wrong_key_and_a_dead_agent_points_at_recover(
     run: Run, tmp_path: Path
 ) -> None:
-    """The channel refuses a wrong authkey; with the agent gone, close says to run recover."""
+    """The channel refuses a wrong token; with the agent gone, close says to run recover."""
     import signal
 
     from agent.platform import pid_alive
 
     info = json.loads(run("open", "P3", "--user", "admin", "--stage", "detail", "--json").stdout)
-    key_file = next((tmp_path / "base" / "state" / "sessions").glob("*/authkey"))
+    key_file = next((tmp_path / "base" / "state" / "sessions").glob("*/token"))
     good = key_file.read_bytes()
-    key_file.write_bytes(b"x" * 32)
+    key_file.write_bytes(b"x" * 64)
     refused = run("status", "--json")
     [row] = json.loads(refused.stdout)["sessions"]
-    assert "refused our key" in row["agent_error"]
+    assert "wrong token" in row["agent_error"]
     key_file.write_bytes(good)
     os.kill(int(info["agent_pid"]), signal.SIGKILL)
     assert wait_for(lambda: not pid_alive(int(info["agent_pid"])), timeout=10)
@@ -188,3 +189,62 @@ def test_doctor_refuses_a_store_without_conditional_writes(
     assert checks["bucket and credentials"]["ok"]
     assert not checks["conditional writes (locking)"]["ok"]
     assert "no mutual exclusion" in checks["conditional writes (locking)"]["detail"]
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="setpriv (util-linux) is not installed")
+def test_a_file_no_one_may_read_waits_quietly_and_is_sent_once_readable(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """Mode 000 (as a Windows editor's lock): status lists it as waiting, no error; then sent.
+
+    The tests run as root, whom mode 000 does not stop: the agent is started without the
+    capabilities that let root read any file (setpriv), as an ordinary user runs it.
+    """
+    assert SETPRIV is not None
+    opened = subprocess.run(
+        [
+            SETPRIV,
+            "--bounding-set=-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "agent",
+            "open",
+            "Kraftwerk_1234567",
+            "--user",
+            "admin",
+            "--stage",
+            "planning",
+            "--json",
+        ],
+        env=agent_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == opened.returncode, opened.stderr
+    work = Path(json.loads(opened.stdout)["path"])
+    fd = os.open(work / "held.dwg", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o000)
+    os.write(fd, b"locked drawing")
+    os.close(fd)
+
+    def session() -> dict[str, object]:
+        out = run("status", "--json")
+        assert 0 == out.returncode, out.stderr
+        row: dict[str, object] = json.loads(out.stdout)["sessions"][0]
+        return row
+
+    assert wait_for(lambda: session().get("waiting") == ["held.dwg"], 30.0)
+    row = session()
+    assert row.get("error") is None and row.get("last_error") is None, row
+    text = run("status").stdout
+    assert "waiting" in text and "PROBLEM" not in text
+
+    (work / "held.dwg").chmod(0o644)
+    assert wait_for(lambda: session().get("waiting") == [] and session().get("pending") == 0, 30.0)
+    closed = run("close", "--json")
+    assert 0 == closed.returncode, closed.stderr
+    assert "held.dwg" in json.loads(closed.stdout)["uploaded"]

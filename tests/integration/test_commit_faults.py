@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.keys import CommitInfo
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from tests.conftest import proxy_config, s3_config
@@ -257,31 +258,24 @@ def _assert_closed_cleanly(truth: Truth, session_id: str) -> dict[str, bytes]:
 # ------------------------------------------------------------ lost answers
 
 
-def test_open_takes_the_lock_when_the_answer_to_its_first_put_is_lost(
-    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+@pytest.mark.parametrize(
+    "case",
+    [(False, "If-None-Match", None), (True, "If-Match", HELD)],
+    ids=["put-if-absent", "take-a-released-lock"],
+)
+def test_open_takes_the_lock_when_the_answer_to_its_put_is_lost(
+    via_proxy: MakeSession,
+    direct: MakeSession,
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    case: tuple[bool, str, bytes | None],
 ) -> None:
-    """A lost answer to the lock's put-if-absent still opens the session, and close commits."""
+    """A lost answer to the lock's conditional put still opens the session; close commits."""
+    released_lock_there, condition, body = case
+    if released_lock_there:
+        _seed(direct, {"a.txt": b"v0"})
     rule = fault_proxy.add(
-        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-None-Match",))
-    )
-    alice = via_proxy()
-    work = alice.open(P, "alice", STAGE, watch=False)
-    assert 1 == rule.fired
-    sid = _session_id(alice)
-    assert ("held", sid) == (truth.lock()["state"], truth.lock()["session_id"])
-    _write(work, {"a.txt": b"first"})
-    alice.close()
-    assert {"a.txt": b"first"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"first"})
-
-
-def test_open_takes_a_released_lock_when_the_answer_to_its_take_is_lost(
-    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
-) -> None:
-    """A lost answer to the If-Match take of a released lock still opens; close commits."""
-    _seed(direct, {"a.txt": b"v0"})
-    rule = fault_proxy.add(
-        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-Match",), body=HELD)
+        Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=(condition,), body=body)
     )
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE, watch=False)
@@ -420,6 +414,32 @@ def test_close_commits_when_the_answer_to_the_commit_intent_is_lost(
     assert 1 == rule.fired, "no commit intent was written"
     assert {"a.txt": b"v1", "new.txt": b"new"} == _assert_closed_cleanly(truth, sid)
     _other_user_sees(direct, truth, {"a.txt": b"v1", "new.txt": b"new"})
+
+
+def test_force_unlock_retries_when_a_live_heartbeat_renews_in_between(
+    via_proxy: MakeSession,
+    s3_env: dict[str, str],
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    """An operator's break that meets a renewal (412) reads again and succeeds."""
+    from agent.lock import force_unlock
+    from agent.store import open_store
+
+    alice = via_proxy()
+    alice.open(P, "alice", STAGE, watch=False)
+    rule = fault_proxy.add(
+        Rule(Status(412), method="PUT", path=LOCK_PATH, headers=("If-Match",), times=2)
+    )
+    operator_store = open_store(proxy_config(s3_env, fault_proxy, tmp_path / "op"))
+    status = force_unlock(
+        operator_store, f"{P}/{STAGE}.lock.json", operator="op", machine="ops", reason="t"
+    )
+    assert 2 == rule.fired
+    assert ("released", "op@ops") == (status.body.state, status.body.broken_by)
+    assert ("released", "op@ops") == (truth.lock()["state"], truth.lock()["broken_by"])
+    alice.abort()
 
 
 # ------------------------------------------------------- late and foreign
@@ -586,6 +606,51 @@ def test_another_users_open_after_a_failed_commit_sees_a_consistent_stage(
     committed = truth.assert_consistent()
     assert committed == _folder(work)
     bob.abort()
+
+
+@pytest.mark.parametrize("finish", ["abort", "close"])
+def test_a_commit_cut_after_its_copies_began_still_keeps_the_replaced_versions(
+    via_proxy: MakeSession,
+    *,
+    direct: MakeSession,
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+    finish: str,
+) -> None:
+    """History (issue 11): the versions a cut commit replaced are kept once it is finished."""
+    _seed(direct, FILES_V0)
+    alice = via_proxy()
+    work = alice.open(P, "alice", STAGE)
+    _write(work, FILES_V1)
+    assert alice.flush(timeout=15)
+    # Copies onto committed keys fail after two; the keep copies (to .objects/) pass.
+    rule = fault_proxy.add(
+        Rule(
+            Status(500),
+            method="PUT",
+            path=rf"/{P}/{STAGE}/",
+            headers=("x-amz-copy-source",),
+            skip=2,
+            times=None,
+        )
+    )
+    with pytest.raises(AgentError):
+        alice.close()
+    assert rule.fired >= 1
+    fault_proxy.remove(rule)
+    if finish == "abort":
+        alice.abort()
+    else:
+        alice.close()
+    assert FILES_V1 == truth.assert_consistent()  # rolled forward either way
+    reader = direct("reader")
+    commits = reader.history(P, STAGE)
+    assert [c.seq for c in commits if isinstance(c, CommitInfo)] == [1, 2]
+    for rel, data in FILES_V0.items():
+        out = tmp_path / "shown" / rel
+        reader.show(P, STAGE, commit="#1", path=rel, output=out)
+        assert out.read_bytes() == data
 
 
 # ----------------------------------------------------------------- resume

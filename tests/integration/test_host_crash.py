@@ -295,9 +295,9 @@ def test_ctrl_c_in_a_foreground_cli_session_still_closes_cleanly(
         "AGENT_LOCK__STALE_AFTER": "7200",
         "AGENT_WATCH__DEBOUNCE": "0.05",
     }
+    argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "open", P, "--user", "admin", "--stage", STAGE]
-        + ["--foreground", "--json"],
+        [sys.executable, "-m", "agent", *argv],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

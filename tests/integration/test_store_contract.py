@@ -105,6 +105,19 @@ def test_copy_and_delete_many(store: ObjectStore) -> None:
     assert [] == list(store.list(""))
 
 
+def test_listing_tells_when_each_object_was_written_and_a_copy_is_new(
+    store: ObjectStore,
+) -> None:
+    """History's retention judges age from the listing; a copy counts as written now."""
+    store.put_bytes("age/src", b"x")
+    store.copy("age/src", "age/dst")
+    listed = {o.key: o.last_modified for o in store.list("age/")}
+    now = store.server_time()
+    for key, when in listed.items():
+        assert when is not None, key
+        assert abs((now - when).total_seconds()) < 120, (key, when, now)
+
+
 def test_pinned_copy_refuses_a_changed_or_missing_source(store: ObjectStore) -> None:
     """``if_source_etag`` copies only the pinned version: another is 412, none is 404."""
     first = store.put_bytes("s/pin", b"mine")

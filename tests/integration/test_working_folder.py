@@ -445,3 +445,154 @@ def test_a_folder_marker_key_is_ignored(s3_store: ObjectStore, tmp_path: Path) -
     work = s.open(P, "admin", STAGE, watch=False)
     assert b"a" == (work / "docs" / "a.txt").read_bytes()
     s.abort()
+
+
+# ------------------------------------------------------------ executable bits
+
+
+def _is_executable(path: Path) -> bool:
+    return bool(path.stat().st_mode & 0o100)
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_the_executable_bit_survives_a_round_trip_and_a_chmod_alone_is_committed(
+    make_session: MakeSession, watch: bool
+) -> None:
+    """run.sh comes back executable on another machine; a later chmod -x alone is committed."""
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=watch)
+    _write(work, {"run.sh": b"#!/bin/sh\necho hi\n", "data.txt": b"data"})
+    (work / "run.sh").chmod(0o755)
+    if watch:
+        assert alice.flush(timeout=DEADLINE)
+    alice.close()
+
+    bob = make_session("bob")
+    seen = bob.open(P, "bob", STAGE, watch=watch)
+    assert (_is_executable(seen / "run.sh"), _is_executable(seen / "data.txt")) == (True, False)
+    (seen / "run.sh").chmod(0o644)  # the bytes stay the same: only the mode changes
+    if watch:
+        assert bob.flush(timeout=DEADLINE)
+    bob.close()
+
+    carol = make_session("carol")
+    again = carol.open(P, "carol", STAGE, watch=False)
+    assert not _is_executable(again / "run.sh")
+    assert (again / "run.sh").read_bytes() == b"#!/bin/sh\necho hi\n"
+    carol.abort()
+
+
+def test_reopening_a_cached_copy_restores_the_committed_executable_bit(
+    make_session: MakeSession,
+) -> None:
+    """A kept (cached) file whose mode differs from the manifest gets the manifest's mode."""
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=False)
+    _write(work, {"run.sh": b"#!/bin/sh\n"})
+    (work / "run.sh").chmod(0o755)
+    alice.close()  # the closed copy goes to alice's cache, executable
+    bob = make_session("bob")
+    theirs = bob.open(P, "bob", STAGE, watch=False)
+    (theirs / "run.sh").chmod(0o644)
+    bob.close()
+    alice_again = make_session("alice")
+    again = alice_again.open(P, "alice", STAGE, watch=False)
+    try:
+        assert not _is_executable(again / "run.sh")
+    finally:
+        alice_again.abort()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_git_repository_round_trips_with_its_modes_and_passes_fsck(
+    make_session: MakeSession, tmp_path: Path
+) -> None:
+    """git status is clean after a round trip, except the link the README says is not kept."""
+    repo = tmp_path / "repo"
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, env=env)
+    _write(repo, {"run.sh": b"#!/bin/sh\n", "notes/a.txt": b"a"})
+    (repo / "run.sh").chmod(0o755)
+    (repo / "link.txt").symlink_to("notes/a.txt")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", "c"], check=True, env=env)
+
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=False)
+    shutil.copytree(repo, work / "repo", symlinks=True)
+    report = alice.close()
+    assert "repo/link.txt" in report.kept_aside  # the link was set aside, and said so
+
+    bob = make_session("bob")
+    seen = bob.open(P, "bob", STAGE, watch=False) / "repo"
+    try:
+        fsck = subprocess.run(
+            ["git", "-C", str(seen), "fsck"], check=False, capture_output=True, env=env
+        )
+        assert fsck.returncode == 0, fsck.stderr
+        status = subprocess.run(
+            ["git", "-C", str(seen), "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        assert status.stdout.splitlines() == [" D link.txt"]
+    finally:
+        bob.abort()
+
+
+# ------------------------------------------------------------------ name case
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "close-scan-only"])
+def test_a_case_only_rename_commits_one_file_under_the_new_name(
+    make_session: MakeSession, store: ObjectStore, watch: bool
+) -> None:
+    """A.dwg -> a.dwg: the stage holds a.dwg alone, with the bytes, never two files or none."""
+    _seed(make_session, {"A.dwg": b"drawing", "other.txt": b"o"})
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=watch)
+    (work / "A.dwg").rename(work / "a.dwg")
+    if watch:
+        assert alice.flush(timeout=DEADLINE)
+    alice.close()
+    assert _committed(store) == {"a.dwg": b"drawing", "other.txt": b"o"}
+
+
+def test_keys_differing_only_in_case_open_as_two_files_on_a_case_sensitive_folder(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """Where the file system keeps case apart, both keys come down and close keeps both."""
+    _seed(make_session, {"Plan.dwg": b"upper", "plan.dwg": b"lower"})
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE, watch=False)
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == {
+        "Plan.dwg": b"upper",
+        "plan.dwg": b"lower",
+    }
+    alice.close()
+    assert _committed(store) == {"Plan.dwg": b"upper", "plan.dwg": b"lower"}
+
+
+def test_rsyncs_temp_file_renamed_into_place_leaves_no_error_and_no_stray_key(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """rsync writes ``.name.XXXXXX`` and renames it over ``name``: only ``name`` is committed."""
+    alice = make_session("alice")
+    work = alice.open(P, "alice", STAGE)
+    for i in range(20):
+        temp = work / f".file{i}.txt.Ab{i:04d}"
+        temp.write_bytes(b"x" * (i + 1) * 1000)
+        temp.rename(work / f"file{i}.txt")
+    assert alice.flush(timeout=DEADLINE)
+    status = alice.status()
+    assert (status.get("last_error"), status.get("error")) == (None, None), status
+    alice.close()
+    assert _committed(store) == {f"file{i}.txt": b"x" * (i + 1) * 1000 for i in range(20)}

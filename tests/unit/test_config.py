@@ -123,3 +123,20 @@ def test_sizes_take_units_through_pydantic_bytesize(tmp_path: Path) -> None:
     )
     assert 16 * 1024**2 == config.transfer.multipart_threshold
     assert 2_000_000_000 == config.transfer.cache_max_bytes
+
+
+def test_code_overrides_merge_into_the_files_sections_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[lock]\nttl = "10h"\n[store]\nread_timeout = 12\n', encoding="utf-8")
+    monkeypatch.setenv("AGENT_STORE__READ_TIMEOUT", "7")
+    config = load_config(path, lock={"heartbeat_interval": 30, "stale_after": 90})
+    # The file's ttl survives the code override of the same section ...
+    assert (config.lock.ttl, config.lock.stale_after, config.lock.heartbeat_interval) == (
+        36000.0,
+        90.0,
+        30.0,
+    )
+    # ... and the environment beats the file.
+    assert config.store.read_timeout == 7.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,27 @@ def test_entry_recorded_right_after_a_write_is_racy_and_not_trusted() -> None:
     st = FileStat(3, 100, 1_000_000_000, 6)
     assert not LocalEntry.from_stat(st, "h", now_ns=1_000_000_001).matches(st)
     assert LocalEntry.from_stat(st, "h", now_ns=2_000_000_000).matches(st)
+
+
+def test_the_executable_bit_is_kept_in_the_manifest_only_when_set() -> None:
+    """Old manifests parse (bit False); JSON carries the bit only for executable files."""
+    manifest = Manifest(
+        files={
+            "run.sh": ManifestEntry(size=1, sha256="a" * 64, etag="e", executable=True),
+            "a.txt": ManifestEntry(size=1, sha256="b" * 64, etag="f"),
+        }
+    )
+    data = json.loads(manifest.to_bytes())
+    assert data["files"]["run.sh"]["executable"] is True
+    assert "executable" not in data["files"]["a.txt"]
+    again = Manifest.parse(manifest.to_bytes(), key="m")
+    assert (again.files["run.sh"].executable, again.files["a.txt"].executable) == (True, False)
+
+
+def test_a_chmod_alone_is_a_change_although_the_bytes_are_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "run.sh"
+    path.write_bytes(b"x")
+    entry = LocalEntry.from_stat(path.stat(), "h", now_ns=path.stat().st_ctime_ns + 10**9)
+    assert is_unchanged(entry, path.stat(), lambda: "h")
+    path.chmod(0o755)
+    assert not is_unchanged(entry, path.stat(), lambda: "h")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import structlog
@@ -57,7 +58,7 @@ def test_redact_drops_secrets_and_signed_urls() -> None:
 
 
 def test_log_file_gets_json_lines_without_credentials(tmp_path: Path) -> None:
-    """configure_logging writes JSON lines to state/agent.log, redacted."""
+    """configure_logging writes JSON lines to this process's own 0600 file, redacted."""
     configure_logging(LogConfig(level="info"), tmp_path, console=False)
     try:
         structlog.get_logger("agent.t").info(
@@ -69,7 +70,9 @@ def test_log_file_gets_json_lines_without_credentials(tmp_path: Path) -> None:
                 handler.flush()
                 logging.getLogger().removeHandler(handler)
                 handler.close()
-    [line] = (tmp_path / "agent.log").read_text().splitlines()
+    [log_file] = (tmp_path / "logs").glob(f"*-{os.getpid()}.log")
+    assert 0o600 == log_file.stat().st_mode & 0o777
+    [line] = log_file.read_text().splitlines()
     record = json.loads(line)
     assert "lock_acquired" == record["event"]
     assert "P/s.lock.json" == record["key"]

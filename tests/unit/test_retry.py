@@ -6,7 +6,7 @@ import pytest
 
 from agent.config import RetryConfig
 from agent.errors import AccessDeniedError, PreconditionFailedError, TransientStoreError
-from agent.retry import call_with_retries
+from agent.retry import backoff, call_with_retries, delay_after
 
 CFG = RetryConfig(attempts=5, initial_backoff=0.2, max_backoff=1.0, jitter=0)
 
@@ -67,3 +67,11 @@ def test_jitter_stays_within_its_bound() -> None:
         call_with_retries(down, cfg, sleep=waits.append)
     for wait, base in zip(waits, [0.1, 0.2, 0.4], strict=True):
         assert base <= wait <= base + 0.5
+
+
+def test_delay_after_follows_the_strategy_and_its_cap() -> None:
+    """Loops that schedule their own retries get tenacity's waits, capped."""
+    cfg = RetryConfig(attempts=3, initial_backoff=0.5, max_backoff=2.0, jitter=0)
+    waits = [delay_after(backoff(cfg), n) for n in (1, 2, 3, 4, 10)]
+    assert waits == [0.5, 1.0, 2.0, 2.0, 2.0]
+    assert delay_after(backoff(cfg, cap=30.0), 10) == 30.0

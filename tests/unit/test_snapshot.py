@@ -28,7 +28,7 @@ def test_scan_lists_regular_files_with_posix_paths_size_and_mtime(tmp_path: Path
     snap = scan(tmp_path, RULES)
     assert ["a/b/deep.step", "a/x.txt", "top.dwg"] == sorted(snap)
     st = (tmp_path / "a" / "x.txt").stat()
-    assert FileStat(3, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == snap["a/x.txt"]
+    assert FileStat(3, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode) == snap["a/x.txt"]
 
 
 def test_scan_skips_symlinks_to_files_and_folders(tmp_path: Path) -> None:

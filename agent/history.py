@@ -1,0 +1,274 @@
+"""Version history (issue 11): every commit can be looked at and brought back.
+
+R2 keeps no object versions, so the commit keeps them itself (``agent.commit``):
+
+- ``{projekt_id}/.history/{stage}/{seq}~{when}~{commit_id}~...~{user}.json`` (see
+  ``agent.keys.CommitInfo``)
+  holds each commit's full manifest (with its parent's id). Everything ``agent
+  history`` shows is in the key, so listing 1,000 commits is one listing request,
+  not 1,000 reads.
+- ``{projekt_id}/.objects/{sha256}`` holds each file version a commit replaced or
+  deleted, copied server-side *before* the commit touched it (the copies are part of
+  the commit intent, so a crashed commit keeps them too). Content-addressed: a
+  version is stored once per project, however many commits or stages refer to it.
+- The version a commit wrote and nobody replaced since is its committed key.
+
+History is never rewritten: a restore is a new commit. ``prune`` deletes the
+manifests of commits the retention no longer keeps and the versions no kept
+manifest (of any stage of the project) and no unfinished commit needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import structlog
+
+from agent.commit import read_intent
+from agent.config import HistoryConfig
+from agent.errors import NotFoundError, StoreError, VersionNotFoundError
+from agent.keys import CommitInfo, StageKeys
+from agent.manifest import Manifest, ManifestEntry
+from agent.store.base import ObjectStore
+from agent.transfer import Transfers
+
+__all__ = [
+    "CommitInfo",
+    "FileVersion",
+    "PrunePlan",
+    "fetch_version",
+    "file_versions",
+    "find_commit",
+    "list_commits",
+    "plan_prune",
+    "read_commit",
+]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """One version of one file: the commit that wrote it (or deleted it: ``entry`` None)."""
+
+    commit: CommitInfo
+    entry: ManifestEntry | None
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``--json``."""
+        out = self.commit.as_dict()
+        out["deleted"] = self.entry is None
+        if self.entry is not None:
+            out.update(size=self.entry.size, sha256=self.entry.sha256)
+        return out
+
+
+def list_commits(store: ObjectStore, keys: StageKeys) -> list[CommitInfo]:
+    """Every commit of the stage that history holds, oldest first (one listing)."""
+    out = []
+    for info in store.list(keys.history_prefix):
+        parsed = CommitInfo.parse(keys, info.key)
+        if parsed is None:
+            log.warning("history_key_ignored", key=info.key)  # not ours: never trusted
+            continue
+        out.append(parsed)
+    return sorted(out, key=lambda c: (c.seq, c.committed_at, c.commit_id))
+
+
+def find_commit(commits: Sequence[CommitInfo], ref: str, keys: StageKeys) -> CommitInfo:
+    """The commit named by a full id, a unique prefix (>= 6 characters) or ``#SEQ``."""
+    if ref.startswith("#") and ref[1:].isdigit():
+        found = [c for c in commits if c.seq == int(ref[1:])]
+    elif len(ref) >= 6 and re.fullmatch(r"[0-9a-f]+", ref):
+        found = [c for c in commits if c.commit_id.startswith(ref)]
+    else:
+        found = []
+    if len(found) == 1:
+        return found[0]
+    what = "is ambiguous" if found else "is not in the history"
+    raise VersionNotFoundError(
+        f"commit {ref!r} {what} of {keys.projekt_id}/{keys.stage}: use a commit id (or at "
+        "least 6 of its first characters) or #SEQ from `agent history`"
+    )
+
+
+def read_commit(store: ObjectStore, commit: CommitInfo) -> Manifest:
+    """The manifest a commit wrote."""
+    try:
+        data = store.get(commit.key)
+    except NotFoundError as exc:
+        raise VersionNotFoundError(
+            f"commit {commit.commit_id} was pruned from the history meanwhile"
+        ) from exc
+    return Manifest.parse(data.body, key=commit.key)
+
+
+def file_versions(
+    store: ObjectStore, commits: Sequence[CommitInfo], rel: str, *, workers: int
+) -> list[FileVersion]:
+    """The commits that changed ``rel`` (wrote other bytes, or deleted it), oldest first.
+
+    Reads the commits' manifests in parallel (``workers`` at a time).
+    """
+    manifests = Transfers(store, workers).map(list(commits), lambda c: read_commit(store, c))
+    out: list[FileVersion] = []
+    last: tuple[str, bool] | None = None
+    for commit, manifest in zip(commits, manifests, strict=True):
+        entry = manifest.files.get(rel)
+        now = (entry.sha256, entry.executable) if entry is not None else None
+        if now != last and not (now is None and last is None):
+            out.append(FileVersion(commit, entry))
+        last = now
+    return out
+
+
+def fetch_version(
+    store: ObjectStore, keys: StageKeys, rel: str, entry: ManifestEntry, dest: Path
+) -> None:
+    """Write the version ``entry`` of ``rel`` to ``dest`` (temp file, checked, renamed).
+
+    Looked for among the kept versions, then at the committed key (a version nobody
+    replaced yet); the bytes must hash to ``entry.sha256`` either way.
+    """
+    for key in (keys.version(entry.sha256), keys.committed(rel)):
+        try:
+            body = store.get(key).body
+        except NotFoundError:
+            continue
+        if hashlib.sha256(body).hexdigest() != entry.sha256:
+            continue  # the committed key holds a newer version
+        _write_new(dest, body)
+        return
+    raise VersionNotFoundError(
+        f"the version {entry.sha256[:12]} of {rel} is no longer kept (pruned, or the stage "
+        "was committed before history existed)"
+    )
+
+
+def _write_new(dest: Path, body: bytes) -> None:
+    """``dest`` gets ``body`` whole or not at all (temp beside it, fsync, rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.with_name(f".pdagent.{os.urandom(4).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temp, flags | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------ retention
+
+
+@dataclass
+class PrunePlan:
+    """What ``prune`` deletes (or, in a dry run, would delete)."""
+
+    commits: list[CommitInfo] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    version_bytes: int = 0
+    kept_commits: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``--json``."""
+        return {
+            "commits": [c.as_dict() for c in self.commits],
+            "versions": self.versions,
+            "version_bytes": self.version_bytes,
+            "kept_commits": self.kept_commits,
+        }
+
+
+def kept(commits: Sequence[CommitInfo], config: HistoryConfig, now: datetime) -> list[CommitInfo]:
+    """The commits retention keeps: among the newest ``keep_commits``, or younger than
+    ``keep_days`` (0 = no limit on either, which keeps everything)."""
+    if config.keep_days == 0 or config.keep_commits == 0:
+        return list(commits)
+    newest = {c.commit_id for c in list(commits)[-config.keep_commits :]}
+    young = now - timedelta(days=config.keep_days)
+    return [c for c in commits if c.commit_id in newest or c.committed_at >= young]
+
+
+def plan_prune(
+    store: ObjectStore,
+    projekt_id: str,
+    stages: Iterable[str],
+    config: HistoryConfig,
+    *,
+    workers: int,
+    now: datetime | None = None,
+) -> PrunePlan:
+    """What retention lets go in a project (reads only; ``apply_prune`` deletes).
+
+    ``stages`` are the project's stages with history. A version is needed while any
+    kept manifest of any of them, or any unfinished commit intent, names its sha256;
+    a version younger than ``grace`` is never let go (a commit may be writing it).
+    """
+    now = now or store.server_time()
+    plan = PrunePlan()
+    needed: set[str] = set()
+    for stage in stages:
+        keys = StageKeys(projekt_id, stage)
+        commits = list_commits(store, keys)
+        keep = kept(commits, config, now)
+        plan.kept_commits += len(keep)
+        keep_ids = {c.commit_id for c in keep}
+        plan.commits += [c for c in commits if c.commit_id not in keep_ids]
+        manifests = Transfers(store, workers).map(keep, lambda c: read_commit(store, c))
+        for manifest in manifests:
+            needed.update(e.sha256 for e in manifest.files.values())
+        intent = read_intent(store, keys)
+        if intent is not None and intent[0].state != "done":
+            needed.update(k.sha256 for k in intent[0].keeps.values())
+            needed.update(e.sha256 for e in intent[0].manifest.files.values())
+    prefix = f"{projekt_id}/.objects/"
+    young = now - timedelta(seconds=config.grace)
+    for info in store.list(prefix):
+        sha = info.key.removeprefix(prefix)
+        if sha in needed:
+            continue
+        if info.last_modified is None or info.last_modified > young:
+            continue
+        plan.versions.append(info.key)
+        plan.version_bytes += info.size
+    return plan
+
+
+def apply_prune(store: ObjectStore, plan: PrunePlan, *, limit: int | None = None) -> int:
+    """Delete what ``plan`` names: unkept versions first, then the commits' manifests.
+
+    ``limit`` bounds the number of deletes (the background prune after a close);
+    returns how many objects were deleted.
+    """
+    doomed = [*plan.versions, *(c.key for c in plan.commits)]
+    if limit is not None:
+        doomed = doomed[:limit]
+    deleted = 0
+    for start in range(0, len(doomed), 1000):
+        batch = doomed[start : start + 1000]
+        try:
+            store.delete_many(batch)
+        except StoreError as exc:
+            log.warning("history_prune_failed", error=str(exc), deleted=deleted)
+            break
+        deleted += len(batch)
+    log.info("history_pruned", deleted=deleted, planned=len(doomed))
+    return deleted
+
+
+def stages_with_history(store: ObjectStore, projekt_id: str) -> list[str]:
+    """The stages of a project that have history (from one listing of ``.history/``)."""
+    prefix = f"{projekt_id}/.history/"
+    stages = {info.key.removeprefix(prefix).split("/", 1)[0] for info in store.list(prefix)}
+    return sorted(s for s in stages if s)

@@ -1,0 +1,135 @@
+"""Everything read from the bucket is untrusted input (issue 9), on SeaweedFS.
+
+A co-worker with write access to the bucket can plant any lock body, manifest
+or object. The CLI answers each with a documented exit code (never 70, the
+internal error), prints nothing raw that could drive the terminal, and stops a
+download at the size the manifest names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.keys import StageKeys
+from agent.store.base import ObjectStore
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+KEYS = StageKeys("Bucket_1", "planning")
+
+
+@pytest.fixture
+def run(s3_env: dict[str, str], tmp_path: Path) -> Run:
+    """The CLI on the test's SeaweedFS prefix (the same one ``s3_store`` uses)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
+    env.update(s3_env)
+    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return _run
+
+
+def _lock(**fields: object) -> bytes:
+    body: dict[str, object] = {
+        "state": "held",
+        "user": "bob",
+        "machine": "ws-7",
+        "since": "2026-01-01T08:00:00",
+        "expires": "2099-01-01T08:00:00",
+        "heartbeat_at": "2026-01-01T08:00:00",
+    }
+    body.update(fields)
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
+def test_naive_lock_dates_are_read_as_utc(run: Run, s3_store: ObjectStore) -> None:
+    """Dates without a timezone: lock show and open answer (UTC), unlock --force is exit 0."""
+    s3_store.put_bytes(KEYS.lock, _lock())
+    shown = run("lock", "show", "Bucket_1", "--stage", "planning")
+    assert 0 == shown.returncode, shown.stderr
+    assert "held by bob on ws-7" in shown.stdout
+    assert "since 2026-01-01 08:00:00 UTC" in shown.stdout
+    denied = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    assert 5 == denied.returncode, denied.stderr
+    unlocked = run("lock", "unlock", "Bucket_1", "--stage", "planning", "--force", "--json")
+    assert 0 == unlocked.returncode, unlocked.stderr
+    assert "released" == json.loads(unlocked.stdout)["lock"]["body"]["state"]
+
+
+def test_broken_by_without_broken_at_is_shown(run: Run, s3_store: ObjectStore) -> None:
+    """A released lock naming who broke it but not when: shown, exit 0."""
+    s3_store.put_bytes(KEYS.lock, _lock(state="released", broken_by="op@host"))
+    shown = run("lock", "show", "Bucket_1", "--stage", "planning")
+    assert 0 == shown.returncode, shown.stderr
+    assert "broken by op@host at an unknown time" in shown.stdout
+
+
+def test_control_characters_from_the_bucket_are_printed_escaped(
+    run: Run, s3_store: ObjectStore
+) -> None:
+    """Escape sequences in user and machine never reach the terminal raw, nor forge lines."""
+    s3_store.put_bytes(
+        KEYS.lock, _lock(user="\x1b[2J\x1b[Hbob", machine="ws\nerror: forged line\r")
+    )
+    for args in (
+        ("lock", "show", "Bucket_1", "--stage", "planning"),
+        ("open", "Bucket_1", "--user", "alice", "--stage", "planning"),
+    ):
+        result = run(*args)
+        out = result.stdout + result.stderr
+        assert "\x1b" not in out
+        assert "\r" not in out
+        assert "\\x1b[2J" in out
+        assert not any(line.startswith("error: forged") for line in out.splitlines())
+        assert result.returncode in (0, 5), out
+
+
+def test_unlock_force_on_a_corrupt_lock_succeeds(run: Run, s3_store: ObjectStore) -> None:
+    """A lock body that is not a lock: show says corrupt (exit 4), unlock --force is exit 0."""
+    s3_store.put_bytes(KEYS.lock, b"\xff\xfenot json at all")
+    assert 4 == run("lock", "show", "Bucket_1", "--stage", "planning").returncode
+    unlocked = run("lock", "unlock", "Bucket_1", "--stage", "planning", "--force")
+    assert 0 == unlocked.returncode, unlocked.stderr
+    shown = run("lock", "show", "Bucket_1", "--stage", "planning", "--json")
+    assert "released" == json.loads(shown.stdout)["lock"]["body"]["state"]
+
+
+def _manifest(files: dict[str, tuple[int, str]]) -> bytes:
+    entries = {rel: {"size": n, "sha256": sha, "etag": "x"} for rel, (n, sha) in files.items()}
+    return json.dumps({"version": 1, "files": entries}).encode()
+
+
+def test_an_object_larger_than_the_manifest_says_is_not_downloaded_whole(
+    run: Run, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """The download stops at the manifest's size: exit 7, nothing left in the folder."""
+    s3_store.put_bytes(KEYS.committed("big.bin"), os.urandom(4 * 1024 * 1024))
+    s3_store.put_bytes(KEYS.manifest, _manifest({"big.bin": (10, "0" * 64)}))
+    result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    assert 7 == result.returncode, result.stderr
+    assert "larger than the manifest says" in result.stderr
+    leftovers = [p for p in (tmp_path / "base").rglob("*big.bin*") if p.is_file()]
+    assert [] == leftovers
+
+
+def test_a_missing_object_is_exit_7(run: Run, s3_store: ObjectStore) -> None:
+    """A manifest naming an object that is not there: the store's problem (7), not local (11)."""
+    s3_store.put_bytes(KEYS.manifest, _manifest({"gone.txt": (3, "0" * 64)}))
+    result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    assert 7 == result.returncode, result.stderr
+    assert "gone.txt" in result.stderr
