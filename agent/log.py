@@ -128,6 +128,8 @@ def library_defaults() -> None:
     handlers, at the levels it sets, and nothing when it sets none.
     """
     logging.getLogger("agent").addHandler(logging.NullHandler())
+    # watchdog (our watcher's) logs an error when its emitter stops mid-event: ours to quiet.
+    logging.getLogger("watchdog").addHandler(logging.NullHandler())
     if structlog.is_configured():
         return
     structlog.configure(

@@ -53,6 +53,7 @@ from agent.platform import (
     install_console_handler,
     is_default_action,
     is_ignored,
+    make_private_dirs,
     on_main_thread,
     open_wakeup_channel,
     peek_wakeup,
@@ -106,7 +107,8 @@ class CrashHooks:
         self._reader: socket.socket | None = None
         self._writer: socket.socket | None = None
         self._relay: threading.Thread | None = None
-        self._stopping = False
+        self._relay_stop = threading.Event()
+        self._stopped_relays: list[threading.Thread] = []
         self._remove_console: Callable[[], None] | None = None
         self._atexit = False
         self._save_thread: threading.Thread | None = None
@@ -171,28 +173,32 @@ class CrashHooks:
     def release_if_unused(self) -> None:
         """No live session left: restore now (main thread) or ask the main thread to."""
         with self._lock:
-            if self.live_sessions():
+            self._release_locked()
+        self._join_stopped()
+
+    def _release_locked(self) -> None:
+        if self.live_sessions():
+            return
+        if self._atexit:
+            atexit.unregister(_at_exit)
+            self._atexit = False
+        if self._previous is None:
+            return
+        if on_main_thread():
+            self._uninstall()
+            return
+        if self._restore_requested or self._in_signal:
+            return
+        for signum in self._previous:
+            if current_handler(signum) is self._handler:
+                self._restore_requested = True
+                self._tokens += 1
+                self._wakes += 1
+                if not wake_main_thread(signum):
+                    self._tokens -= 1
+                    self._wakes -= 1
                 return
-            if self._atexit:
-                atexit.unregister(_at_exit)
-                self._atexit = False
-            if self._previous is None:
-                return
-            if on_main_thread():
-                self._uninstall()
-                return
-            if self._restore_requested or self._in_signal:
-                return
-            for signum in self._previous:
-                if current_handler(signum) is self._handler:
-                    self._restore_requested = True
-                    self._tokens += 1
-                    self._wakes += 1
-                    if not wake_main_thread(signum):
-                        self._tokens -= 1
-                        self._wakes -= 1
-                    return
-            log.info("crash_hooks_replaced_by_host")
+        log.info("crash_hooks_replaced_by_host")
 
     # -- installing ------------------------------------------------------------------
 
@@ -202,7 +208,6 @@ class CrashHooks:
         self._previous = set_termination_handlers(self._handler)
         self._prev_wakeup = swap_wakeup_fd(self._writer.fileno())
         self._remove_console = install_console_handler(self._on_console)
-        self._stopping = False
         if self._loop_reader is not None:
             self._loop_reader(self._reader.fileno())
         else:
@@ -234,22 +239,32 @@ class CrashHooks:
             log.debug("crash_hooks_removed")
 
     def _start_relay(self) -> None:
+        assert self._reader is not None
+        self._relay_stop = threading.Event()
         self._relay = threading.Thread(
-            target=self._relay_loop, name="pdagent-crash-relay", daemon=True
+            target=self._relay_loop,
+            args=(self._reader, self._relay_stop),
+            name="pdagent-crash-relay",
+            daemon=True,
         )
         self._relay.start()
 
     def _stop_relay(self) -> None:
+        """Under the lock: tell the relay to stop (joined later, outside the lock)."""
         relay, self._relay = self._relay, None
+        self._relay_stop.set()
         if relay is None or self._writer is None:
             return
-        self._stopping = True
-        try:
+        with contextlib.suppress(OSError):
             self._writer.send(_STOP)
-        except OSError:
-            return
-        if relay is not threading.current_thread():
-            relay.join(timeout=5)
+        self._stopped_relays.append(relay)
+
+    def _join_stopped(self) -> None:
+        """Outside the lock: wait for relays told to stop (they may wait for the lock)."""
+        while self._stopped_relays:
+            relay = self._stopped_relays.pop()
+            if relay is not threading.current_thread():
+                relay.join(timeout=5)
 
     def use_event_loop(
         self, reader: Callable[[int | None], None], terminator: Callable[[int], None]
@@ -264,8 +279,8 @@ class CrashHooks:
             self._loop_reader = reader
             if self._previous is not None and self._reader is not None:
                 self._stop_relay()
-                self._stopping = False
                 reader(self._reader.fileno())
+        self._join_stopped()
 
     def leave_event_loop(self) -> None:
         """The event loop stops reading: the relay thread reads again. Main thread only."""
@@ -278,19 +293,17 @@ class CrashHooks:
 
     # -- a signal arrives ------------------------------------------------------------
 
-    def _relay_loop(self) -> None:
-        reader = self._reader
-        assert reader is not None
+    def _relay_loop(self, reader: socket.socket, stop: threading.Event) -> None:
         while True:
             try:
                 data = reader.recv(64)
             except OSError:
                 return
-            if not data or self._stopping:
+            if not data or stop.is_set():
                 return
-            signum = self._take(data)
+            signum = self._take(data, stop)
             if signum is not None:
-                self._after_signal(signum)
+                self._after_signal(signum, stop)
 
     def drain(self) -> None:
         """Read the wake-up socket without blocking (the event loop's notifier calls this).
@@ -307,12 +320,14 @@ class CrashHooks:
             return
         finally:
             reader.setblocking(True)
-        self._take(data)
+        self._take(data, None)
 
-    def _take(self, data: bytes) -> int | None:
+    def _take(self, data: bytes, stop: threading.Event | None) -> int | None:
         """Forward real signal bytes to the host's wake-up fd; the first real signal or None."""
         real = bytearray()
         with self._lock:
+            if (stop is not None and stop.is_set()) or self._previous is None:
+                return None  # bytes of a channel being taken down: nothing to act on
             for b in data:
                 if b == 0:
                     continue
@@ -330,7 +345,7 @@ class CrashHooks:
         """The host acts on these signals itself (e.g. Ctrl-C closes): no save, just chain."""
         self._host_handles.update(signums)
 
-    def _after_signal(self, signum: int) -> None:
+    def _after_signal(self, signum: int, stop: threading.Event) -> None:
         """On the relay: save now, then let the main thread chain, or do the default action."""
         if signum in self._host_handles:
             return
@@ -344,6 +359,8 @@ class CrashHooks:
             time.sleep(0.02)
         previous = (self._previous or {}).get(signum, signal.SIG_DFL)
         self._in_signal = False
+        if stop.is_set():
+            return  # our hooks were taken down meanwhile: the handler in place acts
         if self._terminator is not None:
             self._terminator(signum)
         elif is_default_action(previous):
@@ -362,7 +379,9 @@ class CrashHooks:
                 # Our own request (off-main close): restore if nothing is left to protect.
                 if self._previous is not None and not self.live_sessions():
                     self._uninstall()
-                return
+        if ours and not real:
+            self._join_stopped()
+            return
         self._handled_at = time.monotonic()
         self._in_signal = True
         try:
@@ -375,6 +394,7 @@ class CrashHooks:
         with self._lock:
             if not self.live_sessions() and self._previous is not None:
                 self._uninstall()
+        self._join_stopped()
         if is_ignored(previous):
             return
         if not is_default_action(previous) and callable(previous):
@@ -486,6 +506,7 @@ def emergency_save(s: PlantDesignSession, reason: str) -> None:
     backup = s.config.paths.recovery_root / record.session_id
     changes = local_changes(record.work_path, s._base_files, s._journal, s.rules)
     copy_pending(record.work_path, backup, sorted({*changes.pending, *changes.staged}))
+    make_private_dirs(backup / "files")  # backup_path names it even when nothing was unsaved
     if s._journal is not None:
         s._journal.backup(backup / "journal.sqlite")
     info = RecoveryInfo(
