@@ -76,6 +76,8 @@ log = structlog.get_logger(__name__)
 # before it does the default action itself (a Qt app idling in C++ never runs Python).
 _CHAIN_GRACE = 2.0
 _STOP = b"\x00"
+# How long the main thread's handler waits for the relay to count a signal it read.
+_REAL_WAIT = 0.5
 
 __all__ = [
     "CrashHooks",
@@ -369,8 +371,19 @@ class CrashHooks:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The Python handler (main thread): save (bounded), then the host's own action."""
+        real = self._real_pending > 0 or self._unread_signal()
+        if not real and self._wakes == 0:
+            # Neither our request nor a byte seen yet: the relay may hold it between its
+            # read and its count. A stale request (hooks re-installed since) shows none.
+            deadline = time.monotonic() + _REAL_WAIT
+            while not real and time.monotonic() < deadline:
+                time.sleep(0.01)
+                real = self._real_pending > 0
+            if not real:
+                log.info("crash_hooks_stale_wake_ignored", signal=_signal_name(signum))
+                return
         with self._lock:
-            real = self._real_pending > 0 or self._unread_signal()
+            real = real or self._real_pending > 0
             ours = self._wakes > 0
             self._wakes = 0  # one call covers every request made before it
             self._real_pending = 0
