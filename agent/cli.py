@@ -145,13 +145,14 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     agent abort                                    discard the session, release the lock
     agent recover [--resume | --discard]           after a crash: resume or discard
     agent flush | doctor | lock show | lock unlock
+    agent history | show | restore                 versions: list, look at, bring back
 
     \b
     Exit codes: 0 ok, 2 usage, 3 config/name, 4 lock, 5 lock held, 6 lock lost,
     7 store refused, 8 store unreachable, 9 access denied, 10 transfer, 11 local
     file, 12 journal, 13 conflict, 14 mass delete, 15 session, 16 previous crash,
     17 agent gone, 18 commit blocked, 19 integrity, 20 insecure state folder,
-    70 internal error, 130 interrupted.
+    21 no such version, 70 internal error, 130 interrupted.
     """
     state = ctx.ensure_object(_Ctx)
     state.config_path = config_path
@@ -352,6 +353,44 @@ def abort_cmd(projekt_id: str | None, stage: str | None) -> None:
     )
 
 
+def _status_lines(row: dict[str, Any]) -> list[str]:
+    """The text of one session in ``agent status``."""
+    lines: list[str] = []
+    lines.append(
+        f"{row['projekt_id']}/{row['stage']}  user={row['user']}  "
+        f"state={row.get('state', row['phase'])}"
+        f"  agent={row['agent']}  pending={row.get('pending', '?')}  path={row['path']}"
+    )
+    if row.get("heartbeat_age_seconds") is not None:
+        lines.append(f"  lock heartbeat {row['heartbeat_age_seconds']}s ago")
+    if row.get("last_upload_at"):
+        lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
+    if row["agent"] != "running":
+        lines.append("  the background agent is not running: `agent recover` resumes or discards")
+    if row.get("error"):
+        lines.append(f"  PROBLEM: {row['error']}")
+    elif row.get("last_error"):
+        lines.append(f"  last error: {row['last_error']}")
+    if row.get("unsupported"):
+        lines.append(
+            "  not synchronised (name not storable; close refuses until renamed): "
+            + ", ".join(row["unsupported"])
+        )
+    if row.get("watch_mode") == "polling":
+        lines.append(
+            "  watching by polling: the system's file-watch limit is reached (Linux: raise "
+            "fs.inotify.max_user_watches); saves are still seen, a little later"
+        )
+    elif row.get("watch_mode") == "stopped":
+        lines.append("  PROBLEM: the folder is not being watched (retrying); close still scans")
+    if row.get("waiting"):
+        lines.append(
+            "  waiting (held by another program or not readable; sent when free): "
+            + ", ".join(row["waiting"])
+        )
+    return lines
+
+
 @cli.command("status")
 @_json_option
 def status_cmd() -> None:
@@ -385,33 +424,7 @@ def status_cmd() -> None:
     if not rows:
         lines.append("no open sessions")
     for row in rows:
-        lines.append(
-            f"{row['projekt_id']}/{row['stage']}  user={row['user']}  "
-            f"state={row.get('state', row['phase'])}"
-            f"  agent={row['agent']}  pending={row.get('pending', '?')}  path={row['path']}"
-        )
-        if row.get("heartbeat_age_seconds") is not None:
-            lines.append(f"  lock heartbeat {row['heartbeat_age_seconds']}s ago")
-        if row.get("last_upload_at"):
-            lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
-        if row["agent"] != "running":
-            lines.append(
-                "  the background agent is not running: `agent recover` resumes or discards"
-            )
-        if row.get("error"):
-            lines.append(f"  PROBLEM: {row['error']}")
-        elif row.get("last_error"):
-            lines.append(f"  last error: {row['last_error']}")
-        if row.get("unsupported"):
-            lines.append(
-                "  not synchronised (name not storable; close refuses until renamed): "
-                + ", ".join(row["unsupported"])
-            )
-        if row.get("waiting"):
-            lines.append(
-                "  waiting (held by another program or not readable; sent when free): "
-                + ", ".join(row["waiting"])
-            )
+        lines += _status_lines(row)
     _emit({"store": _store_label(config), "sessions": rows}, "\n".join(lines))
 
 
@@ -601,3 +614,7 @@ def _report_error(state: _Ctx, kind: str, message: str, code: int) -> None:
         click.echo(json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}))
     else:
         click.echo(f"error: {printable_lines(message)}", err=True)
+
+
+# Commands in their own modules register themselves on ``cli`` when imported.
+from agent import cli_history  # noqa: E402, F401

@@ -404,8 +404,12 @@ def create_private_file(path: Path) -> int:
     A file or link already at ``path`` makes this fail (``FileExistsError``): a
     planted file or symbolic link is never followed or reused.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
-    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    return _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """``os.open`` never through a link, the file 0600 whatever the umask said."""
+    fd = os.open(path, flags | _O_NOFOLLOW | _O_BINARY, PRIVATE_FILE_MODE)
     if not IS_WINDOWS:
         try:
             os.fchmod(fd, PRIVATE_FILE_MODE)
@@ -611,12 +615,4 @@ def windows_create_pipe(name: str, user_sid: str, *, kernel32: object, advapi32:
 def open_private_append(path: Path) -> int:
     """Open ``path`` for appending, creating it 0600; never through a symbolic link."""
     make_private_dirs(path.parent)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_BINARY
-    fd = os.open(path, flags, PRIVATE_FILE_MODE)
-    if not IS_WINDOWS:
-        try:
-            os.fchmod(fd, PRIVATE_FILE_MODE)
-        except OSError:
-            os.close(fd)
-            raise
-    return fd
+    return _open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)

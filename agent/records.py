@@ -182,7 +182,7 @@ class SessionStore:
             return {rel: LocalEntry.from_list(v) for rel, v in raw.items()}
         except FileNotFoundError:
             return {}
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise SessionError(f"the session snapshot {path} is damaged: {exc}") from exc
 
     def save_base_manifest(self, session_id: str, manifest: Manifest) -> None:

@@ -506,6 +506,7 @@ class Streamer:
             "last_upload_at": self.last_upload_at.isoformat() if self.last_upload_at else None,
             "last_error": self.last_error,
             "watching": self._watcher is not None,
+            "watch_mode": self._watcher.mode if self._watcher is not None else None,
             "unsupported": sorted(printable(r) for r in self.unsupported()),
             "waiting": self.waiting(),
         }

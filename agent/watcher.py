@@ -480,6 +480,17 @@ class Watcher:
                 self._delivering = False
                 self._cond.notify_all()
 
+    @property
+    def mode(self) -> str:
+        """How the folder is watched now: ``events`` (inotify, FSEvents, ReadDirectoryChanges),
+        ``polling`` (the system's watch limit was reached), or ``stopped`` (the observer
+        died and could not be restarted yet; the health check keeps trying)."""
+        with self._observer_lock:
+            observer = self._observer
+        if observer is None or isinstance(observer, _DeadObserver):
+            return "stopped"
+        return "polling" if isinstance(observer, PollingObserver) else "events"
+
     def _check_observer(self) -> None:
         """Restart a dead observer (e.g. the root was deleted, or is back) and ask for a rescan."""
         with self._observer_lock:

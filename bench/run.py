@@ -3,7 +3,7 @@
 Usage::
 
     python bench/run.py                 # everything, 5 runs each
-    python bench/run.py --runs 3 --only core,stream,resume,folder
+    python bench/run.py --runs 3 --only core,stream,resume,folder,history
 
 Prints markdown tables (medians of the runs; ratios to s5cmd or to a cold open).
 Nothing here is a test: speed is never asserted, only measured side by side.
@@ -34,6 +34,7 @@ from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store import open_store
 from agent.store.base import ObjectStore
+from bench.history import bench_history
 from tests.servers import SeaweedServer
 
 BUCKET = "bench"
@@ -665,6 +666,7 @@ def main() -> None:
         "stream": bench_stream,
         "resume": bench_resume,
         "folder": bench_folder,
+        "history": bench_history,
     }
     scratch = Path(tempfile.mkdtemp(prefix="pdagent-bench-"))
     try:

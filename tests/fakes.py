@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError, PreconditionFailedError
-from agent.store.base import ObjectData, ObjectInfo, ObjectStore, ProgressFn, WriteResult
+from agent.store.base import Level, ObjectData, ObjectInfo, ObjectStore, ProgressFn, WriteResult
 
 
 class MemoryStore:
@@ -130,6 +130,17 @@ class MemoryStore:
             items = sorted((k, v) for k, v in self.objects.items() if k.startswith(prefix))
         for key, data in items:
             yield ObjectInfo(key=key, size=len(data), etag=self._etag(data))
+
+    def list_level(self, prefix: str) -> Level:
+        """One level under ``prefix``."""
+        objects, subs = [], set()
+        for info in self.list(prefix):
+            head, slash, _rest = info.key[len(prefix) :].partition("/")
+            if slash:
+                subs.add(f"{prefix}{head}/")
+            else:
+                objects.append(info)
+        return objects, sorted(subs)
 
     def server_time(self) -> datetime:
         """Now."""

@@ -43,6 +43,7 @@ from agent.ignore import IgnoreRules
 from agent.journal import Journal
 from agent.keys import CommitInfo, StageKeys
 from agent.lock import Heartbeat, Holder, RemoteLock
+from agent.lockboard import LockRow, list_locks
 from agent.manifest import LocalEntry, Manifest
 from agent.platform import machine_name, on_main_thread
 from agent.records import SessionRecord, SessionStore
@@ -453,3 +454,9 @@ class PlantDesignSession:
     def prune_history(self, projekt_id: str, *, dry_run: bool = False) -> PrunePlan:
         """Delete the commits and versions that ``[history]`` retention lets go."""
         return versions.prune(self, projekt_id, dry_run=dry_run)
+
+    def list_locks(self, projekt_ids: Sequence[str] = ()) -> list[LockRow]:
+        """Every stage lock under the store prefix (or of ``projekt_ids``): who works on what."""
+        return list_locks(
+            self.store, self.config.lock, projekt_ids, workers=self.config.transfer.workers
+        )

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectData", "ObjectInfo", "ObjectStore", "ProgressFn", "WriteResult"]
+__all__ = ["Level", "ObjectData", "ObjectInfo", "ObjectStore", "ProgressFn", "WriteResult"]
 
 ProgressFn = Callable[[int], None]
 """Called with byte deltas as a transfer proceeds; negative when a retry rewinds."""
@@ -33,6 +33,10 @@ class ObjectInfo:
     last_modified: datetime | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     """User metadata (``x-amz-meta-*``, lower-case names); filled by ``head`` only."""
+
+
+Level = tuple[list[ObjectInfo], list[str]]
+"""``list_level``'s answer: the objects directly under a prefix, and its sub-prefixes."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,12 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, recursively, in key order."""
+        ...
+
+    def list_level(self, prefix: str) -> Level:
+        """One level of ``prefix`` (``""`` or ending in ``/``): the objects directly in it,
+        and its sub-prefixes (each ending in ``/``), both in key order. Complete or an error.
+        """
         ...
 
     def server_time(self) -> datetime:

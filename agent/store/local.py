@@ -26,7 +26,7 @@ from agent.errors import (
     PermanentStoreError,
     PreconditionFailedError,
 )
-from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
+from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult
 
 __all__ = ["LocalStore"]
 
@@ -290,6 +290,37 @@ class LocalStore:
                 )
         found.sort(key=lambda o: o.key)
         yield from found
+
+    def list_level(self, prefix: str) -> Level:
+        """The objects directly under ``prefix`` and its sub-prefixes (see the protocol)."""
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"a level is '' or ends in '/': {prefix!r}")
+        folder = self._objects.joinpath(*(seg + _DIR for seg in prefix.split("/")[:-1]))
+        objects: list[ObjectInfo] = []
+        subs: list[str] = []
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except FileNotFoundError:
+            return [], []
+        for entry in entries:
+            if entry.name.endswith(_DIR) and entry.is_dir(follow_symlinks=False):
+                subs.append(f"{prefix}{entry.name[: -len(_DIR)]}/")
+            elif entry.name.endswith(_OBJ):
+                full = Path(entry.path)
+                try:
+                    st = full.stat()
+                    etag = self._etag_of(full)
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                objects.append(
+                    ObjectInfo(
+                        key=f"{prefix}{entry.name[: -len(_OBJ)]}",
+                        size=st.st_size,
+                        etag=etag,
+                        last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
+                    )
+                )
+        return objects, subs
 
     def server_time(self) -> datetime:
         """The local clock (the folder has no other)."""

@@ -13,6 +13,7 @@ on transient errors only; every error is translated here into ``agent.errors``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +45,7 @@ from agent.errors import (
     UnsafeStoreError,
 )
 from agent.retry import call_with_retries
-from agent.store.base import ObjectData, ObjectInfo, ProgressFn, WriteResult
+from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult
 
 __all__ = ["S3Store"]
 
@@ -512,3 +513,39 @@ class S3Store:
         """Close the connection pool."""
         self._client.close()
         self._data = None
+
+    def list_level(self, prefix: str) -> Level:
+        """One level under ``prefix`` (``Delimiter="/"``), page by page, each page retried."""
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"a level is '' or ends in '/': {prefix!r}")
+        strip = len(self.prefix)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._key(prefix),
+            "Delimiter": "/",
+        }
+        objects: list[ObjectInfo] = []
+        subs: list[str] = []
+        while True:
+            page: dict[str, Any] = self._call(
+                prefix, functools.partial(self._client.list_objects_v2, **args)
+            )
+            objects += [
+                ObjectInfo(
+                    key=item["Key"][strip:],
+                    size=int(item["Size"]),
+                    etag=_unquote(item["ETag"]),
+                    last_modified=item.get("LastModified"),
+                )
+                for item in page.get("Contents", [])
+            ]
+            subs += [p["Prefix"][strip:] for p in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return objects, subs
+            token = page.get("NextContinuationToken")
+            if not token:
+                raise PermanentStoreError(
+                    f"the store cut the listing of {prefix!r} in {self.description} short "
+                    "(truncated, without a continuation token)"
+                )
+            args["ContinuationToken"] = token

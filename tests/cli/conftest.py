@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-from collections.abc import Iterator
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -12,6 +16,42 @@ import pytest
 
 from agent.platform import pid_alive
 from tests.waiting import wait_for
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+"""``run("status", "--json")``: the ``agent`` command in a subprocess, never raising."""
+
+
+@pytest.fixture
+def agent_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """An environment whose agent writes only under tmp_path and reads no user config.
+
+    The control sockets go to a runtime folder of this test's own (short, under
+    /tmp, so a socket path fits), so a test that opens it up touches no other run,
+    and no socket outlives the test.
+    """
+    runtime = Path(tempfile.mkdtemp(prefix="pdr-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
+    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
+    env["AGENT_PATHS__RUNTIME_DIR"] = str(runtime)
+    yield env
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def run(agent_env: dict[str, str]) -> Run:
+    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=env or agent_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return _run
 
 
 def _agents_under(folder: Path) -> list[int]:

@@ -8,40 +8,13 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.cli.conftest import Run
 from tests.servers import RcloneS3Server
 from tests.waiting import wait_for
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def agent_env(tmp_path: Path) -> dict[str, str]:
-    """An environment whose agent writes only under tmp_path and reads no user config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
-    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
-    return env
-
-
-@pytest.fixture
-def run(agent_env: dict[str, str]) -> Run:
-    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
-
-    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "agent", *args],
-            env=env or agent_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    return _run
 
 
 def test_help_lists_the_commands_and_does_not_import_boto3(agent_env: dict[str, str]) -> None:

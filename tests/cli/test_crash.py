@@ -362,37 +362,42 @@ def test_truncated_journal_is_rebuilt_from_the_folder(
 # hold, the background agent is provably inside that phase and is killed there.
 # A held request is never released, so the store never sees it.
 
-_COPY = {"method": "PUT", "headers": ("x-amz-copy-source",)}
+_KEEP = {"method": "PUT", "path": r"/\.objects/", "headers": ("x-amz-copy-source",)}
+_COPY = {"method": "PUT", "path": rf"/{P}/{STAGE}/", "headers": ("x-amz-copy-source",)}
 _PHASES: dict[str, dict[str, Any]] = {
-    "1-intent-written": {**_COPY, "skip": 0},
-    "2-two-of-six-copied": {**_COPY, "skip": 2},
-    "3-copied-and-deleted": {"method": "PUT", "path": r"\.manifest\.json$"},
-    "4-manifest-written": {
+    "1-intent-written": {**_KEEP, "skip": 0},
+    "2-two-of-four-kept": {**_KEEP, "skip": 2},
+    "3-two-of-six-copied": {**_COPY, "skip": 2},
+    "4-copied-and-deleted": {"method": "PUT", "path": r"\.manifest\.json$"},
+    "5-manifest-written": {"method": "PUT", "path": r"/\.history/"},
+    "6-history-written": {
         "method": "PUT",
         "path": r"\.commit\.json$",
         "body": rb'"state":\s*"done"',
     },
-    "5-intent-done": {"method": "POST", "query": ("delete",), "body": rb"\.sessions/"},
-    "6-staging-deleted": {
+    "7-intent-done": {"method": "POST", "query": ("delete",), "body": rb"\.sessions/"},
+    "8-staging-deleted": {
         "method": "PUT",
         "path": r"\.lock\.json$",
         "body": rb'"state":\s*"released"',
     },
 }
-# What the store had applied when the phase's request was held:
-# (copies, intent writes, committed deletes, manifest writes, staging deletes).
+# What the store had applied when the phase's request was held: (versions kept, copies,
+# intent writes, committed deletes, manifest writes, history writes, staging deletes).
 _DONE_BEFORE = {
-    "1-intent-written": (0, 1, 0, 0, 0),
-    "2-two-of-six-copied": (2, 1, 0, 0, 0),
-    "3-copied-and-deleted": (6, 1, 1, 0, 0),
-    "4-manifest-written": (6, 1, 1, 1, 0),
-    "5-intent-done": (6, 2, 1, 1, 0),
-    "6-staging-deleted": (6, 2, 1, 1, 1),
+    "1-intent-written": (0, 0, 1, 0, 0, 0, 0),
+    "2-two-of-four-kept": (2, 0, 1, 0, 0, 0, 0),
+    "3-two-of-six-copied": (4, 2, 1, 0, 0, 0, 0),
+    "4-copied-and-deleted": (4, 6, 1, 1, 0, 0, 0),
+    "5-manifest-written": (4, 6, 1, 1, 1, 0, 0),
+    "6-history-written": (4, 6, 1, 1, 1, 1, 0),
+    "7-intent-done": (4, 6, 2, 1, 1, 1, 0),
+    "8-staging-deleted": (4, 6, 2, 1, 1, 1, 1),
 }
 _VERBS = ("resume-close", "discard", "other-open")
 _DEFAULT_CASES = {(phase, "resume-close") for phase in _PHASES} | {
     (phase, verb)
-    for phase in ("2-two-of-six-copied", "4-manifest-written")
+    for phase in ("3-two-of-six-copied", "5-manifest-written")
     for verb in ("discard", "other-open")
 }
 _PHASES_TRIED: set[str] = set()
@@ -436,24 +441,29 @@ class _Bucket:
         return {k[start:]: self.get(k[len(self.root) :]) for k in self.keys(f"{STAGE}/")}
 
 
-def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int]:
+def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int, int]:
     """Counts of the close's requests the store answered 2xx (see ``_DONE_BEFORE``)."""
-    copies = intents = deletes = manifests = staging = 0
+    kept = copies = intents = deletes = manifests = history = staging = 0
     for s in seen:
         if s.rule is not None or s.status is None or not 200 <= s.status < 300:
             continue
         if s.method == "PUT" and "x-amz-copy-source" in s.headers:
-            copies += 1
+            if "/.objects/" in s.path:
+                kept += 1
+            else:
+                copies += 1
         elif s.method == "PUT" and s.path.endswith(".commit.json"):
             intents += 1
         elif s.method == "PUT" and s.path.endswith(".manifest.json"):
             manifests += 1
+        elif s.method == "PUT" and "/.history/" in s.path:
+            history += 1
         elif s.method == "DELETE" or (s.method == "POST" and "delete" in s.query):
             if intents < 2:  # before the intent is marked done: the commit's deletes
                 deletes = 1
             else:
                 staging = 1
-    return copies, intents, deletes, manifests, staging
+    return kept, copies, intents, deletes, manifests, history, staging
 
 
 def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
@@ -554,6 +564,10 @@ def _kill_phase_trial(
         assert expected == bucket.committed()
         assert "released" == bucket.json(f"{STAGE}.lock.json")["state"]
     assert [] == bucket.keys(f".sessions/{intent['session_id']}/"), "staging left behind"
+    # History (issue 11): both commits are listed, and the four versions the cut commit
+    # replaced or deleted were kept before it touched them.
+    assert 2 == len(bucket.keys(f".history/{STAGE}/"))
+    assert 4 == len(bucket.keys(".objects/"))
 
 
 def _case(phase: str, verb: str) -> Any:
@@ -570,7 +584,7 @@ def test_kill_9_in_each_commit_phase_is_rolled_forward(
 
 
 def test_kill_9_phase_trials_hit_every_commit_phase() -> None:
-    """Each phase trial that ran was killed inside its phase; the default ones cover all six."""
+    """Each phase trial that ran was killed inside its phase; the default ones cover them all."""
     assert set(_PHASES) == {phase for phase, _verb in _DEFAULT_CASES}
     if not _PHASES_TRIED:
         pytest.skip("no kill-phase trial ran in this session")

@@ -14,43 +14,15 @@ import random
 import socket
 import stat
 import struct
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.platform import pid_alive
+from tests.cli.conftest import Run
 from tests.waiting import wait_for
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def agent_env(tmp_path: Path) -> dict[str, str]:
-    """An environment whose agent writes only under tmp_path and reads no user config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
-    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
-    return env
-
-
-@pytest.fixture
-def run(agent_env: dict[str, str]) -> Run:
-    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
-
-    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "agent", *args],
-            env=env or agent_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    return _run
 
 
 class Opened:
@@ -171,6 +143,8 @@ def test_two_hundred_connections_of_random_bytes_leave_the_agent_serving(
             except OSError:
                 pass  # dropped while we were still sending: that is the point
     opened.assert_unharmed()
+    logged = "".join(p.read_text() for p in (opened.base / "state" / "logs").glob("*.log"))
+    assert "control_client_bad_request" in logged
 
 
 def test_a_silent_connection_does_not_stall_status(opened: Opened, run: Run) -> None:

@@ -8,38 +8,21 @@ needs (checked by restoring each kept commit).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, load_config
 from agent.errors import VersionNotFoundError
 from agent.history import FileVersion
 from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
+from tests.integration.conftest import MakeSession
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-
-MakeSession = Callable[..., PlantDesignSession]
-
-
-@pytest.fixture
-def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
-    """Sessions sharing one store; each ``machine`` gets its own base folder."""
-
-    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
-        config: AgentConfig = load_config(
-            paths={"base_dir": str(tmp_path / machine)},
-            lock={"heartbeat_interval": 3600, "stale_after": 7200},
-            **sections,
-        )
-        return PlantDesignSession(config, store=store)
-
-    return make
 
 
 def _commit(
@@ -177,6 +160,10 @@ def test_retention_prunes_old_commits_and_keeps_what_kept_commits_need(
     never_prune = {"history": {"prune_on_close": False}}
     _make_history(make_session, **never_prune)
     objects_before = {o.key for o in store.list(KEYS.objects_prefix)}
+    # History stamps and the store's clock (HTTP Date) have whole seconds: wait until the
+    # store's clock is past the last commit's second, so "older than keep_days" can hold.
+    last = _commits(make_session("reader"))[-1].committed_at
+    assert wait_for(lambda: store.server_time() > last, timeout=10)
     policy = {"keep_commits": 2, "keep_days": 1e-9, "grace": 0.001, "prune_on_close": False}
     pruner = make_session("ops", history=policy)
     dry = pruner.prune_history(P, dry_run=True)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, load_config
+from agent.config import load_config
 from agent.errors import (
     ConflictError,
     InvalidNameError,
@@ -24,26 +22,10 @@ from agent.manifest import Manifest
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from agent.store.base import ObjectStore
+from tests.integration.conftest import MakeSession
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-
-MakeSession = Callable[..., PlantDesignSession]
-
-
-@pytest.fixture
-def make_session(store: ObjectStore, tmp_path: Path) -> MakeSession:
-    """Sessions sharing one store; each ``machine`` gets its own base folder."""
-
-    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
-        config: AgentConfig = load_config(
-            paths={"base_dir": str(tmp_path / machine)},
-            lock={"heartbeat_interval": 3600, "stale_after": 7200},
-            **sections,
-        )
-        return PlantDesignSession(config, store=store)
-
-    return make
 
 
 def _write(root: Path, files: dict[str, bytes]) -> None:

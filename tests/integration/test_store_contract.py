@@ -223,3 +223,15 @@ def test_unreachable_endpoint_is_transient_after_exactly_the_configured_tries(
     finally:
         store.close()
     assert [0.5, 1.0, 1.5] == waits
+
+
+def test_list_level_gives_one_level_objects_and_sub_prefixes(store: ObjectStore) -> None:
+    """The lock board lists projects, then each project's top-level objects."""
+    for key in ("lv/a.json", "lv/b.json", "lv/x/1", "lv/x/y/2", "lv/z/3", "lvl/other"):
+        store.put_bytes(key, b"d")
+    objects, subs = store.list_level("lv/")
+    assert [o.key for o in objects] == ["lv/a.json", "lv/b.json"]
+    assert subs == ["lv/x/", "lv/z/"]
+    top_objects, top = store.list_level("")
+    assert "lv/" in top and "lvl/" in top and top_objects == []
+    assert store.list_level("nothing/") == ([], [])

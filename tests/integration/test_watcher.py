@@ -323,3 +323,35 @@ def test_a_copied_folder_tree_is_rescanned_once_after_the_copy(
     assert c.wait_for(lambda: "pkg" in c.rescans or "" in c.rescans)
     assert w.flush(DEADLINE)
     assert len([r for r in c.rescans if r.startswith("pkg")]) <= 2, c.rescans
+
+
+def test_a_watch_limit_falls_back_to_polling_and_says_so(
+    start_watcher: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify refusing more watches (ENOSPC) makes a real polling observer take over."""
+    import errno
+
+    from agent import watcher as watcher_module
+
+    class _LimitReached:
+        """inotify at fs.inotify.max_user_watches: scheduling the watch is refused."""
+
+        def schedule(self, *_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+        def stop(self) -> None:
+            """Nothing started."""
+
+        def is_alive(self) -> bool:
+            return False
+
+    monkeypatch.setattr(watcher_module, "Observer", _LimitReached)
+    root, c, w = start_watcher()
+    assert w.mode == "polling"
+    (root / "saved.dwg").write_bytes(b"seen by polling")
+    assert c.wait_for(lambda: "saved.dwg" in c.present), c.present
+
+
+def test_a_watcher_reports_events_mode_normally(watched: tuple[Path, Collector, Watcher]) -> None:
+    _root, _c, w = watched
+    assert w.mode == "events"
