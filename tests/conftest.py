@@ -51,7 +51,8 @@ def _no_thread_leaks() -> Iterator[None]:
     """A test must stop every thread it started (watchers, uploaders, heartbeats, pools).
 
     Sessions the test dropped are collected first: the crash hooks' relay thread
-    stops when the last session that registered them is gone.
+    stops when the last session that registered them is gone (or only never-opened
+    ones are left).
     """
     before = set(threading.enumerate())
     yield
@@ -65,6 +66,14 @@ def _no_thread_leaks() -> Iterator[None]:
     ]
     if any(t.name == "pdagent-crash-relay" for t in leaked):
         gc.collect()
+        # A session a fixture still holds that never opened (IDLE: no lock, no files)
+        # keeps the hooks' relay; the test is over, so it is unregistered here.
+        from agent.session import crash
+        from agent.state import SessionState
+
+        for idle in crash.hooks().live_sessions():
+            if idle.state in (SessionState.IDLE, SessionState.CLOSED):
+                crash.unregister(idle)
     for t in leaked:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
