@@ -20,9 +20,12 @@ from agent.errors import (
     LockHeldError,
     LockLostError,
     PreviousCrashError,
+    SessionCancelledError,
     SessionError,
     StoreError,
+    UnsavedWorkError,
 )
+from agent.log import library_defaults
 from agent.state import SessionState
 
 if TYPE_CHECKING:
@@ -39,14 +42,18 @@ __all__ = [
     "LockLostError",
     "PlantDesignSession",
     "PreviousCrashError",
+    "SessionCancelledError",
     "SessionError",
     "SessionState",
     "StoreError",
+    "UnsavedWorkError",
     "__version__",
     "load_config",
 ]
 
 _LAZY = {"PlantDesignSession", "CloseReport"}
+
+library_defaults()
 
 
 def __getattr__(name: str) -> Any:

@@ -223,6 +223,9 @@ def open_cmd(
 
 def _run_foreground(session: Any, info: dict[str, Any]) -> None:
     from agent.daemon import AgentServer
+    from agent.session import crash
+
+    crash.host_handles("SIGINT")  # Ctrl-C closes (below); SIGTERM/SIGHUP still save
 
     server = AgentServer(session, _obj().config)
     server.start()
@@ -455,7 +458,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
             click.confirm("Discard the session's unsaved changes for good?", abort=True)
         elif not yes:
             raise click.UsageError("discarding needs --yes when not asked on a terminal")
-        session.discard(session_id)
+        session.discard(session_id, confirm_loss=True)  # confirmed above
         _emit({"discarded": True}, "discarded: staging, working folder and backup removed")
         return
     with _progress() as slot:

@@ -23,7 +23,9 @@
     ├── ConflictError               exit 13  someone else committed since our base
     ├── MassDeleteError             exit 14  close would delete most files
     ├── SessionError                exit 15  no session / session already open
-    │   └── PreviousCrashError      exit 16  an unfinished session is on disk
+    │   ├── PreviousCrashError      exit 16  an unfinished session is on disk
+    │   ├── UnsavedWorkError        exit 15  discard would delete changes the store lacks
+    │   └── SessionCancelledError   exit 130 open/resume cancelled (abort(), Ctrl-C)
     ├── AgentUnreachableError       exit 17  the background agent does not answer
     ├── CommitBlockedError          exit 18  a started commit cannot be finished yet
     ├── IntegrityError              exit 19  copied/read bytes are not the recorded ones
@@ -201,6 +203,24 @@ class PreviousCrashError(SessionError):
     """An unfinished session for this stage is on disk: resume or discard it first."""
 
     exit_code = 16
+
+
+class UnsavedWorkError(SessionError):
+    """Discarding would delete changes the store has no copy of; ``files`` names them."""
+
+    def __init__(self, msg: str, *, files: list[str] | None = None) -> None:
+        super().__init__(msg)
+        self.files = list(files or [])
+
+
+class SessionCancelledError(SessionError):
+    """``open``/``resume`` was cancelled (``abort()`` from another thread, or Ctrl-C).
+
+    Nothing is left behind: the lock is released (or was never taken), the partial
+    working folder and the session record are removed.
+    """
+
+    exit_code = 130
 
 
 class AgentUnreachableError(AgentError):

@@ -31,7 +31,7 @@ import structlog
 from agent.config import LogConfig
 from agent.platform import make_private_dirs, open_private_append
 
-__all__ = ["configure_logging", "log_folder", "redact"]
+__all__ = ["configure_logging", "library_defaults", "log_folder", "redact"]
 
 _KEEP_DAYS = 14
 _KEEP_FILES = 200
@@ -87,7 +87,9 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
         if getattr(handler, "_pdagent", False):
             root.removeHandler(handler)
             handler.close()
-    root.setLevel(logging.DEBUG)
+    # The host's root level is the host's: only the agent's own loggers are opened up.
+    levels = [config.level.upper()] + ([config.console_level.upper()] if console else [])
+    logging.getLogger("agent").setLevel(min(logging.getLevelName(lv) for lv in levels))
     if state_dir is not None:
         folder = log_folder(state_dir)
         make_private_dirs(folder)
@@ -115,6 +117,33 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
         root.addHandler(console_handler)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def library_defaults() -> None:
+    """Silent unless the host configures logging (called when ``agent`` is imported).
+
+    The ``agent`` logger gets a ``NullHandler`` (so Python's last-resort handler never
+    prints our warnings), and, unless the host configured structlog itself, structlog
+    is routed through stdlib logging: a host sees the agent's events in its own
+    handlers, at the levels it sets, and nothing when it sets none.
+    """
+    logging.getLogger("agent").addHandler(logging.NullHandler())
+    # watchdog (our watcher's) logs an error when its emitter stops mid-event: ours to quiet.
+    logging.getLogger("watchdog").addHandler(logging.NullHandler())
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.contextvars.merge_contextvars,
+            redact,
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
 
 
 def log_folder(state_dir: Path) -> Path:

@@ -6,38 +6,56 @@ background process, and the termination signals a crash handler listens to.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import logging
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, Any, NoReturn
 
 __all__ = [
     "IS_WINDOWS",
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
+    "SignalHandler",
     "bind_control_socket",
     "check_private_dir",
     "connect_control_socket",
     "create_private_file",
+    "current_handler",
     "current_uid",
     "detach_creationflags",
+    "end_by_signal",
     "ensure_private_dir",
+    "exit_now",
+    "forward_wakeup",
     "fsync_dir",
-    "install_termination_handler",
+    "install_console_handler",
+    "is_default_action",
+    "is_ignored",
     "machine_name",
     "make_private_dirs",
+    "on_main_thread",
     "open_private_append",
+    "open_wakeup_channel",
+    "peek_wakeup",
     "peer_uid",
     "pid_alive",
+    "set_handler",
+    "set_termination_handlers",
     "spawn_detached",
     "spawn_with_breakaway_fallback",
+    "swap_wakeup_fd",
     "termination_signals",
+    "wake_main_thread",
     "windows_create_pipe",
     "windows_detach_flags",
     "windows_pipe_name",
@@ -176,41 +194,143 @@ def termination_signals() -> Sequence[signal.Signals]:
     return [getattr(signal, n) for n in names if hasattr(signal, n)]
 
 
-def install_termination_handler(handler: Callable[[str], None]) -> Callable[[], None]:
-    """Call ``handler(reason)`` on SIGTERM/SIGINT/SIGHUP (SIGBREAK and console close on Windows).
+def on_main_thread() -> bool:
+    """True on the interpreter's main thread (the only one that may set signal handlers)."""
+    return threading.current_thread() is threading.main_thread()
 
-    Must be called from the main thread. Returns a function that restores the
-    previous handlers.
+
+# --- Termination hooks (issue 10): the signal plumbing of ``agent.session.crash``. ---
+#
+# Python runs a signal handler only on the main thread and only when that thread runs
+# Python; a Qt application idling in C++ runs none. The C-level part of the handler
+# still writes the signal number to the wake-up fd, so a thread of ours reading it (or
+# a ``QSocketNotifier`` on the GUI thread) learns of the signal at once.
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def set_termination_handlers(handler: SignalHandler) -> dict[int, SignalHandler]:
+    """Set ``handler`` for every termination signal; return the previous handlers.
+
+    Main thread only (``ValueError`` elsewhere).
     """
-    previous: dict[signal.Signals, object] = {}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        handler(signal.Signals(signum).name)
-
+    previous: dict[int, SignalHandler] = {}
     for sig in termination_signals():
-        previous[sig] = signal.signal(sig, on_signal)
-    console_cb: object = None
-    if IS_WINDOWS:  # pragma: no cover - exercised on Windows desktops only
-        import ctypes
+        previous[int(sig)] = signal.signal(sig, handler)
+    return previous
 
-        handler_type = ctypes.WINFUNCTYPE(ctypes.c_int, ctypes.c_uint)  # type: ignore[attr-defined,unused-ignore]
 
-        def on_console(event: int) -> int:
-            handler(f"console-event-{event}")
-            return 1
+def current_handler(signum: int) -> SignalHandler:
+    """The Python-level handler of ``signum`` now (any thread may ask)."""
+    return signal.getsignal(signum)
 
-        console_cb = handler_type(on_console)
-        ctypes.windll.kernel32.SetConsoleCtrlHandler(console_cb, True)  # type: ignore[attr-defined,unused-ignore]
 
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-        if IS_WINDOWS and console_cb is not None:  # pragma: no cover
-            import ctypes
+def set_handler(signum: int, handler: SignalHandler) -> None:
+    """Set one signal's handler (main thread only)."""
+    signal.signal(signum, handler)
 
-            ctypes.windll.kernel32.SetConsoleCtrlHandler(console_cb, False)  # type: ignore[attr-defined,unused-ignore]
 
-    return restore
+def open_wakeup_channel() -> tuple[socket.socket, socket.socket]:
+    """``(reader, writer)``: a socket pair whose non-blocking writer can be the wake-up fd."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    return reader, writer
+
+
+def swap_wakeup_fd(fd: int) -> int:
+    """Make ``fd`` the interpreter's wake-up fd (-1: none); return the previous one."""
+    return signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+
+
+def forward_wakeup(fd: int, data: bytes) -> None:
+    """Pass signal bytes on to the wake-up fd the host had set before ours (best effort)."""
+    if fd < 0 or not data:
+        return
+    with contextlib.suppress(OSError):
+        if IS_WINDOWS:  # pragma: no cover - a wake-up fd is a socket there
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.send(data)
+            finally:
+                sock.detach()
+        else:
+            os.write(fd, data)
+
+
+def peek_wakeup(reader: socket.socket) -> bytes:
+    """The bytes waiting in a wake-up channel, left unread (b"" where it cannot peek)."""
+    flags = getattr(socket, "MSG_DONTWAIT", 0)
+    if not flags:
+        return b""  # pragma: no cover - Windows
+    try:
+        return reader.recv(64, socket.MSG_PEEK | flags)
+    except OSError:
+        return b""
+
+
+def is_default_action(handler: SignalHandler) -> bool:
+    """True if ``handler`` means "the process ends" (SIG_DFL or Python's KeyboardInterrupt)."""
+    return handler in (signal.SIG_DFL, None) or handler is signal.default_int_handler
+
+
+def is_ignored(handler: SignalHandler) -> bool:
+    """True if ``handler`` is SIG_IGN."""
+    return handler == signal.SIG_IGN
+
+
+def end_by_signal(signum: int, previous: SignalHandler, frame: FrameType | None) -> None:
+    """Do what ``previous`` (a default action) would have done, on the main thread.
+
+    SIGINT under Python's default raises ``KeyboardInterrupt`` here; any other
+    default action ends the process by the signal itself (its usual exit status).
+    """
+    if previous is signal.default_int_handler:
+        signal.default_int_handler(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    os._exit(128 + signum)  # pragma: no cover - a default action that did not end us
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once (after a bounded crash save, from any thread)."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def wake_main_thread(signum: int) -> bool:
+    """Make the main thread run ``signum``'s Python handler soon (no OS signal is sent).
+
+    Returns False when that handler is not a Python callable (nothing would run).
+    """
+    if not callable(signal.getsignal(signum)):
+        return False
+    _thread.interrupt_main(signal.Signals(signum))
+    return True
+
+
+def install_console_handler(handler: Callable[[str], None]) -> Callable[[], None]:
+    """Windows: call ``handler(reason)`` on console close / logoff / shutdown; else a no-op.
+
+    Returns the function that removes it (callable from any thread).
+    """
+    if not IS_WINDOWS:
+        return lambda: None
+    import ctypes  # pragma: no cover - exercised on Windows desktops only
+
+    handler_type = ctypes.WINFUNCTYPE(ctypes.c_int, ctypes.c_uint)  # type: ignore[attr-defined,unused-ignore]
+
+    def on_console(event: int) -> int:  # pragma: no cover
+        handler(f"console-event-{event}")
+        return 0  # let the next handler (and Windows) go on
+
+    console_cb = handler_type(on_console)
+    ctypes.windll.kernel32.SetConsoleCtrlHandler(console_cb, True)  # type: ignore[attr-defined,unused-ignore]
+
+    def remove() -> None:  # pragma: no cover
+        ctypes.windll.kernel32.SetConsoleCtrlHandler(console_cb, False)  # type: ignore[attr-defined,unused-ignore]
+
+    return remove
 
 
 # --- Local security (issue 9): private state, the control endpoint ---------------------

@@ -1,23 +1,26 @@
-"""Crash recovery: the recovery info file, finding orphaned sessions, the crash handler.
+"""Crash recovery: the recovery info file, finding orphaned sessions, what is unsaved.
 
 A crash the agent sees (atexit, SIGTERM/SIGINT/SIGHUP, SIGBREAK or console close
-on Windows) runs ``CrashHandler``: within a bounded time it flushes what it
-can, copies the files that still have pending journal rows and the journal
-into ``persistent_data/plant_design/recovery/<session>/``, writes
-``recovery.json`` and releases the lock by CAS.
+on Windows) runs the emergency save (``agent.session.crash``): within a bounded
+time it flushes what it can, copies every file changed since the session's base
+that the store has not committed into ``<recovery>/<session>/files/``, backs up
+the journal, writes ``recovery.json`` and releases the lock by CAS.
 
 A crash it cannot see (kill -9, power loss) leaves the session record, the
 journal and the working folder; ``find_orphans`` recognises the session by its
-recorded process being gone.
+recorded process being gone, and its backup is the working folder itself.
+
+What is unsaved is computed from the folder against the session's base snapshot
+(``local_changes``), not from the journal alone: a change the watcher never saw
+is still listed.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -26,17 +29,22 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import AgentError, SessionError
-from agent.keys import WorkFolder
-from agent.platform import (
-    install_termination_handler,
-    machine_name,
-    make_private_dirs,
-    pid_alive,
-    write_private_file,
-)
+from agent.ignore import IgnoreRules
+from agent.journal import Journal
+from agent.keys import WorkFolder, unsupported_reason
+from agent.manifest import LocalEntry, fd_sha256
+from agent.platform import machine_name, make_private_dirs, pid_alive, write_private_file
 from agent.records import SessionRecord, SessionStore
+from agent.snapshot import scan
 
-__all__ = ["CrashHandler", "RecoveryInfo", "find_orphans", "read_info", "write_info"]
+__all__ = [
+    "LocalChanges",
+    "RecoveryInfo",
+    "find_orphans",
+    "local_changes",
+    "read_info",
+    "write_info",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +52,15 @@ INFO_NAME = "recovery.json"
 
 
 class RecoveryInfo(BaseModel):
-    """What ``check_previous_crash`` returns: enough for the host's recovery dialog."""
+    """What ``check_previous_crash`` returns: enough for the host's recovery dialog.
+
+    ``pending``: files changed here that the store has no copy of at all; ``staged``:
+    changes only in this session's staging (not committed). ``discard`` loses both
+    (``unsaved``). ``backup_path`` is a folder holding the files: the copies a
+    handled crash made, or (``kind == "unseen"``) the working folder itself, left
+    in place. ``as_dict()`` gives the seed's dict (``projekt_id``, ``user``,
+    ``stage``, ``backup_path``) plus the rest.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -57,14 +73,74 @@ class RecoveryInfo(BaseModel):
     backup_path: Path | None
     base_manifest_etag: str | None
     pending: list[str]
+    staged: list[str] = []
     crashed_at: datetime
     kind: Literal["handled", "unseen"]
     reason: str = ""
     lock_released: bool = False
 
+    @property
+    def unsaved(self) -> list[str]:
+        """Every change that ``discard`` would lose (pending and staged)."""
+        return sorted({*self.pending, *self.staged})
+
     def as_dict(self) -> dict[str, object]:
-        """For ``--json``."""
-        return self.model_dump(mode="json")
+        """The seed's recovery dict (``projekt_id, user, stage, backup_path``) and the rest."""
+        data = self.model_dump(mode="json")
+        data["unsaved"] = self.unsaved
+        return data
+
+
+@dataclass(frozen=True)
+class LocalChanges:
+    """Paths changed in a working folder since the session's base."""
+
+    pending: list[str] = field(default_factory=list)  # not in the store at all
+    staged: list[str] = field(default_factory=list)  # in this session's staging only
+
+
+def local_changes(
+    work: Path,
+    base: dict[str, LocalEntry],
+    journal: Journal | None,
+    rules: IgnoreRules,
+) -> LocalChanges:
+    """Compare the folder with the base snapshot; staged copies that match are ``staged``.
+
+    A changed stat tuple is only a candidate: its content is hashed (links are never
+    followed), so a file changed and changed back is not a change. A file whose name
+    the store cannot hold is left out (abort and discard keep it aside anyway).
+    """
+    current = scan(work, rules) if work.is_dir() else {}
+    folder = WorkFolder(work)
+    changed: dict[str, str | None] = {}
+    for rel, st in current.items():
+        if unsupported_reason(rel) is not None:
+            continue
+        known = base.get(rel)
+        if known is not None and known.matches(st):
+            continue
+        try:
+            with folder.open_file(rel) as (fd, _st):
+                sha: str | None = fd_sha256(fd)
+        except (OSError, AgentError):
+            continue  # gone meanwhile, or a link / special file: nothing to keep
+        if known is None or known.sha256 != sha:
+            changed[rel] = sha
+    for rel in base:
+        if rel not in current:
+            changed[rel] = None
+    staged = journal.staged() if journal is not None else {}
+    pending, in_staging = [], []
+    for rel, sha in sorted(changed.items()):
+        held = staged.get(rel)
+        if held is not None and (
+            (sha is None and held.op == "delete") or (sha is not None and held.sha256 == sha)
+        ):
+            in_staging.append(rel)
+        else:
+            pending.append(rel)
+    return LocalChanges(pending=pending, staged=in_staging)
 
 
 def info_path(recovery_root: Path, session_id: str) -> Path:
@@ -104,9 +180,9 @@ def _owner_alive(record: SessionRecord) -> bool:
 def find_orphans(
     records: SessionStore,
     recovery_root: Path,
-    pending_of: Callable[[SessionRecord], list[str]],
+    changes_of: Callable[[SessionRecord], LocalChanges],
 ) -> list[RecoveryInfo]:
-    """Sessions on this machine whose process is gone, with what is pending."""
+    """Sessions on this machine whose process is gone, with what is unsaved."""
     found: list[RecoveryInfo] = []
     for record in records.all():
         try:
@@ -117,8 +193,9 @@ def find_orphans(
         # A handled crash wrote its info file: orphaned even if the process is still exiting.
         if info is None and _owner_alive(record):
             continue
+        changes = changes_of(record)
         if info is None:
-            backup = recovery_root / record.session_id
+            # Unseen (kill -9, power loss): the working folder itself is the backup.
             info = RecoveryInfo(
                 session_id=record.session_id,
                 projekt_id=record.projekt_id,
@@ -126,67 +203,23 @@ def find_orphans(
                 stage=record.stage,
                 machine=record.machine,
                 work_path=record.work_path,
-                backup_path=backup if backup.is_dir() else None,
+                backup_path=record.work_path if record.work_path.is_dir() else None,
                 base_manifest_etag=record.base_manifest_etag,
-                pending=pending_of(record),
+                pending=changes.pending,
+                staged=changes.staged,
                 crashed_at=record.updated_at,
                 kind="unseen",
             )
+        else:
+            # Handled: what the folder holds now (it may have changed since) counts too.
+            info = info.model_copy(
+                update={
+                    "pending": sorted({*info.pending, *changes.pending} - set(changes.staged)),
+                    "staged": sorted({*info.staged, *changes.staged}),
+                }
+            )
         found.append(info)
     return found
-
-
-class CrashHandler:
-    """Runs ``save(reason)`` once on a termination signal or at exit, within ``timeout``."""
-
-    def __init__(self, save: Callable[[str], None], timeout: float) -> None:
-        self._save = save
-        self.timeout = timeout
-        self._done = threading.Event()
-        self._restore: Callable[[], None] | None = None
-        self._fired = threading.Lock()
-
-    def install(self) -> None:
-        """Register the signal handlers (main thread only) and the atexit hook."""
-        if threading.current_thread() is threading.main_thread():
-            self._restore = install_termination_handler(self._on_signal)
-        atexit.register(self._at_exit)
-
-    def uninstall(self) -> None:
-        """Forget the hooks (after a clean close or abort)."""
-        self._done.set()
-        atexit.unregister(self._at_exit)
-        if self._restore is not None and threading.current_thread() is threading.main_thread():
-            self._restore()
-            self._restore = None
-        # Off the main thread the handlers stay installed but do nothing (``_done``).
-
-    def _on_signal(self, reason: str) -> None:
-        self.run(reason)
-        raise SystemExit(128 + 15)
-
-    def _at_exit(self) -> None:
-        self.run("atexit")
-
-    def run(self, reason: str) -> bool:
-        """Save within the time bound; True if the save finished in time."""
-        if not self._fired.acquire(blocking=False) or self._done.is_set():
-            return True
-        worker = threading.Thread(
-            target=self._guarded, args=(reason,), name="pdagent-crash", daemon=True
-        )
-        worker.start()
-        worker.join(self.timeout)
-        finished = not worker.is_alive()
-        log.warning("crash_handler_ran", reason=reason, finished=finished)
-        self._done.set()
-        return finished
-
-    def _guarded(self, reason: str) -> None:
-        try:
-            self._save(reason)
-        except Exception:
-            log.exception("crash_save_failed", reason=reason)
 
 
 def copy_pending(work: Path, backup: Path, pending: list[str]) -> list[str]:

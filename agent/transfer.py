@@ -14,6 +14,7 @@ import errno
 import mimetypes
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
@@ -23,7 +24,13 @@ from typing import TypeVar
 
 import structlog
 
-from agent.errors import AgentError, LocalFileError, PermanentStoreError, TransferError
+from agent.errors import (
+    AgentError,
+    LocalFileError,
+    PermanentStoreError,
+    SessionCancelledError,
+    TransferError,
+)
 from agent.ignore import temp_name_for
 from agent.keys import HAS_DIR_FD, WorkFolder, fd_path
 from agent.manifest import LocalEntry, fd_sha256, file_sha256
@@ -82,45 +89,80 @@ def local_file_error(exc: OSError, path: Path, action: str) -> LocalFileError:
 
 
 class Progress:
-    """Adds byte deltas from many threads and emits ``(message, percent)`` on change."""
+    """Counts byte deltas from many threads; emits ``(message, percent)`` for one operation.
+
+    The percentage never goes down (a retry that rewinds bytes holds it until they are
+    back) and is emitted in order: 0 % first, 100 % last, in between a new value at
+    most every ``interval`` seconds (0.1 s), whenever it moved by at least 1 %.
+    With ``cancel`` set, counting more bytes raises ``SessionCancelledError``: the
+    transfers stop (``Transfers.map`` cancels what has not started).
+    """
 
     def __init__(
-        self, message: str, total_bytes: int, emit: Callable[[str, int], None] | None
+        self,
+        message: str,
+        total_bytes: int,
+        emit: Callable[[str, int], None] | None,
+        *,
+        cancel: threading.Event | None = None,
+        interval: float = 0.1,
     ) -> None:
         self.message = message
         self.total = max(total_bytes, 0)
         self._emit = emit
+        self._cancel = cancel
+        self._interval = interval
         self._done = 0
         self._last = -1
+        self._last_at = float("-inf")
         self._lock = threading.Lock()
-        self._report()
+        self._emit_lock = threading.Lock()
+        self._report(force=True)
 
     @property
     def bytes_done(self) -> int:
         """Bytes counted so far (may shrink when a retry rewinds)."""
         return self._done
 
+    def check(self) -> None:
+        """Raise ``SessionCancelledError`` if the operation was cancelled."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise SessionCancelledError("cancelled")
+
     def add(self, delta: int) -> None:
         """Count ``delta`` bytes (negative when a retry rewinds)."""
+        if delta > 0:
+            self.check()
         with self._lock:
             self._done += delta
+        self._report()
+
+    def advance_to(self, done: int) -> None:
+        """Set the bytes done so far (for work counted from outside, e.g. a flush)."""
+        with self._lock:
+            self._done = done
         self._report()
 
     def finish(self) -> None:
         """Report 100 %."""
         with self._lock:
             self._done = self.total
-        self._report()
+        self._report(force=True)
 
-    def _report(self) -> None:
+    def _report(self, *, force: bool = False) -> None:
         if self._emit is None:
             return
-        with self._lock:
-            pct = 100 if self.total == 0 else min(100, max(0, self._done * 100 // self.total))
-            if pct == self._last:
+        with self._emit_lock:  # one emitter at a time: values arrive in order
+            with self._lock:
+                done = self._done
+            pct = 100 if self.total == 0 else min(100, max(0, done * 100 // self.total))
+            now = time.monotonic()
+            if pct <= self._last:
                 return
-            self._last = pct
-        self._emit(self.message, pct)
+            if not force and pct < 100 and now - self._last_at < self._interval:
+                return
+            self._last, self._last_at = pct, now
+            self._emit(self.message, pct)
 
 
 @dataclass(frozen=True)
@@ -230,6 +272,8 @@ class Transfers:
         ) from first
 
     def _download_one(self, item: Download, progress: Progress | None) -> str:
+        if progress is not None:
+            progress.check()
         sent = 0
 
         def on_bytes(delta: int) -> None:

@@ -8,6 +8,7 @@ nothing from the machine's own AWS config leaks in.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import uuid
@@ -23,6 +24,9 @@ from agent.store.base import ObjectStore
 from agent.store.local import LocalStore
 from tests.faultproxy import FaultProxy
 from tests.servers import RcloneS3Server, SeaweedServer, free_port
+
+# Qt tests (pytest-qt, the Qt host children) draw nowhere: no display is needed.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +51,32 @@ def _reset_structlog() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools)."""
+    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools).
+
+    Sessions the test dropped are collected first: the crash hooks' relay thread
+    stops when the last session that registered them is gone (or only never-opened
+    ones are left).
+    """
     before = set(threading.enumerate())
     yield
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    leaked = [
+        t
+        for t in threading.enumerate()
+        if t not in before
+        and t.is_alive()
+        # A foreign thread that ran Python (a QThreadPool worker) stays listed for good.
+        and not isinstance(t, threading._DummyThread)
+    ]
+    if any(t.name == "pdagent-crash-relay" for t in leaked):
+        gc.collect()
+        # A session a fixture still holds that never opened (IDLE: no lock, no files)
+        # keeps the hooks' relay; the test is over, so it is unregistered here.
+        from agent.session import crash
+        from agent.state import SessionState
+
+        for idle in crash.hooks().live_sessions():
+            if idle.state in (SessionState.IDLE, SessionState.CLOSED):
+                crash.unregister(idle)
     for t in leaked:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]

@@ -28,7 +28,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -45,9 +45,9 @@ from agent.keys import CommitInfo, StageKeys
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.lockboard import LockRow, list_locks
 from agent.manifest import LocalEntry, Manifest
-from agent.platform import machine_name
+from agent.platform import machine_name, on_main_thread
 from agent.records import SessionRecord, SessionStore
-from agent.recovery import CrashHandler, RecoveryInfo
+from agent.recovery import RecoveryInfo
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
 from agent.session.checkin import CloseReport
 from agent.session.versions import RestoreReport
@@ -73,7 +73,11 @@ class PlantDesignSession:
     """
 
     def __init__(
-        self, config: AgentConfig | None = None, *, store: ObjectStore | None = None
+        self,
+        config: AgentConfig | None = None,
+        *,
+        store: ObjectStore | None = None,
+        crash_hooks: bool = True,
     ) -> None:
         self.config = config if config is not None else load_config()
         self.state_changed: Signal[int] = Signal("state_changed")
@@ -101,11 +105,16 @@ class PlantDesignSession:
         self._journal: Journal | None = None
         self._streamer: Streamer | None = None
         self._base_files: dict[str, LocalEntry] = {}
-        self._crash: CrashHandler | None = None
+        # Set by ``abort()`` while open/resume runs: the transfer stops, open raises
+        # ``SessionCancelledError`` (agent.session.checkout).
+        self._cancel = threading.Event()
         # One verb at a time (open/close/abort/flush/resume/discard); status never waits.
         self._verb_lock = threading.RLock()
         # One writer of the session record: read-modify-write under this lock.
         self._record_lock = threading.Lock()
+        if crash_hooks and on_main_thread():
+            # Signal handlers can only be set here; open() may then run on any thread.
+            crash.register(self)
 
     @property
     def state(self) -> SessionState:
@@ -126,6 +135,8 @@ class PlantDesignSession:
             **{"from": str(old), "to": str(new)},
             duration=round(duration, 3),
         )
+        if new is SessionState.CLOSED:
+            crash.unregister(self)  # from whichever thread closes: restored when the last goes
         self.state_changed.emit(int(new))
 
     @contextlib.contextmanager
@@ -180,13 +191,23 @@ class PlantDesignSession:
         *,
         take_over: bool = False,
         watch: bool = True,
+        crash_hooks: bool = True,
     ) -> Path:
         """Take the stage lock, bring the working copy down, return its folder.
 
         With ``watch`` (the default) the folder is watched and every saved change
         streams to the session's staging prefix until ``close``/``abort``. An
         unfinished commit that someone left on the stage is finished first.
+
+        Blocks for the whole download: call it off the GUI thread. ``abort()`` from
+        another thread cancels it (``SessionCancelledError``, lock released, nothing
+        left on disk). With ``crash_hooks`` (the default) SIGTERM/SIGINT/SIGHUP and
+        interpreter exit save the session (``agent.session.crash``).
         """
+        if crash_hooks:
+            crash.register(self)
+        else:
+            crash.unregister(self)
         return checkout.open(self, projekt_id, user, stage, take_over=take_over, watch=watch)
 
     def _holder(self, record: SessionRecord) -> Holder:
@@ -264,7 +285,11 @@ class PlantDesignSession:
         discard.abort(self)
 
     def detach(self) -> None:
-        """Stop streaming and the heartbeat, persist the lock's ETag: another process goes on."""
+        """Stop streaming and the heartbeat, persist the lock's ETag: another process goes on.
+
+        The crash hooks no longer save this session here (the other process has its own).
+        """
+        crash.unregister(self)
         runtime.detach(self)
 
     def _journal_path(self, session_id: str) -> Path:
@@ -319,7 +344,10 @@ class PlantDesignSession:
             self._store = None
 
     def install_crash_handler(self) -> None:
-        """Save what can be saved on SIGTERM/SIGINT/SIGHUP/atexit (bounded in time)."""
+        """Save what can be saved on SIGTERM/SIGINT/SIGHUP/atexit (bounded in time).
+
+        ``open`` and ``resume`` already do this; for a session from ``attach``.
+        """
         crash.install_crash_handler(self)
 
     def _uninstall_crash_handler(self) -> None:
@@ -346,14 +374,24 @@ class PlantDesignSession:
         return resume.find_orphans(self)
 
     def resume(
-        self, session_id: str | None = None, *, take_over: bool = False, watch: bool = True
+        self,
+        session_id: str | None = None,
+        *,
+        take_over: bool = False,
+        watch: bool = True,
+        crash_hooks: bool = True,
     ) -> Path:
         """Continue an orphaned session: re-lock, restore the folder, replay the journal.
 
         IDLE -> ACQUIRING -> RESTORING -> ACTIVE. A commit a crash interrupted is
         finished first; a file changed both here and in a commit by someone else
-        is kept twice (theirs at its name, ours beside it).
+        is kept twice (theirs at its name, ours beside it). ``abort()`` from another
+        thread cancels it (``SessionCancelledError``; the orphan stays as it was).
         """
+        if crash_hooks:
+            crash.register(self)
+        else:
+            crash.unregister(self)
         return resume.resume(self, session_id, take_over=take_over, watch=watch)
 
     def _adopt_new_base(self, manifest: Manifest, etag: str | None) -> None:
@@ -364,12 +402,17 @@ class PlantDesignSession:
         """The base manifest as the session started (from the snapshot; etags unknown)."""
         return checkin._load_base_manifest_unchecked(self)
 
-    def discard(self, session_id: str | None = None) -> None:
+    def discard(
+        self, session_id: str | None = None, *, confirm_loss: Iterable[str] | bool = ()
+    ) -> None:
         """Throw an orphaned session away: staging, folder, backup, and the lock if ours.
 
         A commit of that session that a crash cut is finished first (roll forward).
+        Changes the store has not committed (``RecoveryInfo.unsaved``) are deleted
+        only if ``confirm_loss`` names each of them (or is ``True``); otherwise
+        ``UnsavedWorkError`` lists them and nothing is removed.
         """
-        discard.discard(self, session_id)
+        discard.discard(self, session_id, confirm_loss=confirm_loss)
 
     def _pick_orphan(self, session_id: str | None, action: str) -> str:
         """The orphaned session to ``action``: the one named, or the only one."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,13 +32,15 @@ from agent.session import versions
 from agent.snapshot import scan
 from agent.state import SessionState
 from agent.sync import Streamer
-from agent.transfer import Transfers, Upload
+from agent.transfer import Progress, Transfers, Upload
 
 log = structlog.get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.
 _ABORT_WAIT = 2.0
+# How often close looks at what is still to upload (for progress).
+_FLUSH_POLL = 0.1
 
 
 if TYPE_CHECKING:
@@ -228,10 +231,28 @@ def _changed_since_commit(
 
 
 def _flush_or_raise(s: PlantDesignSession, streamer: Streamer) -> None:
+    """Wait for staging to hold every change, reporting progress by bytes sent."""
+    timeout = s.config.transfer.close_timeout
     total = streamer.journal.pending_count()
-    if total:
-        s.progress.emit(f"Uploading {total} changes", 0)
-    if not streamer.flush(timeout=s.config.transfer.close_timeout):
+    if not total:
+        flushed = streamer.flush(timeout=timeout)
+    else:
+        size_left = partial(_pending_bytes, streamer)
+        progress = Progress(f"Uploading {total} changes", size_left(), s.progress.emit)
+        outcome: list[bool] = []
+        waiter = threading.Thread(
+            target=lambda: outcome.append(streamer.flush(timeout=timeout)),
+            name="pdagent-close-flush",
+            daemon=True,
+        )
+        waiter.start()
+        while waiter.is_alive():
+            waiter.join(_FLUSH_POLL)
+            progress.advance_to(progress.total - size_left())
+        flushed = bool(outcome and outcome[0])
+        if flushed:
+            progress.finish()
+    if not flushed:
         pending = streamer.journal.pending()
         raise TransferError(
             f"{len(pending)} changes could not be sent to the store "
@@ -239,8 +260,10 @@ def _flush_or_raise(s: PlantDesignSession, streamer: Streamer) -> None:
             "the lock is kept; check the connection and run close again",
             failed=len(pending),
         )
-    if total:
-        s.progress.emit(f"Uploading {total} changes", 100)
+
+
+def _pending_bytes(streamer: Streamer) -> int:
+    return sum(max(e.size or 0, 0) for e in streamer.journal.pending())
 
 
 def _commit(

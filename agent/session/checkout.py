@@ -18,6 +18,7 @@ from agent.errors import (
     InvalidNameError,
     LocalFileError,
     PreviousCrashError,
+    SessionCancelledError,
     SessionError,
 )
 from agent.journal import Journal
@@ -115,14 +116,17 @@ def _open_locked(
     s._set_state(SessionState.ACQUIRING)
     lock = RemoteLock(s.store, keys.lock, s._holder(s.record), s.config.lock)
     try:
+        _check_cancel(s)
         lock.acquire(take_over=take_over)
-    except BaseException:
+    except BaseException as exc:
         s.records.remove(session_id)
         s._set_state(SessionState.CLOSED)
+        _raise_cancelled_or(s, exc)
         raise
     s._lock = lock
-    s._set_state(SessionState.DOWNLOADING)
     try:
+        _check_cancel(s)  # cancelled while the lock was being taken: give it back
+        s._set_state(SessionState.DOWNLOADING)
         s._update_record(lock_etag=lock.etag)
         finished = s._committer(keys, reupload=False).settle()[1]
         if finished is not None:
@@ -131,15 +135,18 @@ def _open_locked(
                 of_session=finished.manifest.session_id,
                 committed_by=finished.manifest.committed_by,
             )
+        _check_cancel(s)
         base_etag, base_files = _download(s, keys, work)
+        _check_cancel(s)
         s.records.save_base(session_id, base_files)
         s._update_record(phase="active", base_manifest_etag=base_etag, lock_etag=lock.etag)
     except BaseException as exc:
-        bound.error("open_failed", error=str(exc))
+        bound.error("open_failed", error=str(exc), cancelled=s._cancel.is_set())
         shutil.rmtree(work, ignore_errors=True)
         s.records.remove(session_id)
         s._release_quietly()
         s._set_state(SessionState.CLOSED)
+        _raise_cancelled_or(s, exc)
         raise
     s._start_heartbeat()
     s._journal = Journal.open(s._journal_path(session_id))
@@ -149,6 +156,25 @@ def _open_locked(
     s._set_state(SessionState.ACTIVE)
     bound.info("session_opened", path=str(work), files=len(base_files))
     return work
+
+
+def _check_cancel(s: PlantDesignSession) -> None:
+    if s._cancel.is_set():
+        raise SessionCancelledError("cancelled")
+
+
+def _raise_cancelled_or(s: PlantDesignSession, exc: BaseException) -> None:
+    """After the clean-up: a cancelled open raises ``SessionCancelledError``."""
+    if s._cancel.is_set() and not isinstance(exc, SessionCancelledError):
+        raise SessionCancelledError(
+            "the open was cancelled: nothing is left behind (the lock is released, the "
+            "partial working folder and the session record are removed)"
+        ) from exc
+    if isinstance(exc, SessionCancelledError):
+        raise SessionCancelledError(
+            "the open was cancelled: nothing is left behind (the lock is released, the "
+            "partial working folder and the session record are removed)"
+        ) from None
 
 
 def _download(
@@ -198,7 +224,7 @@ def _download(
         for rel in plan.download
     ]
     total = sum(expected[rel][0] for rel in plan.download)
-    progress = Progress(f"Downloading {len(items)} files", total, s.progress.emit)
+    progress = Progress(f"Downloading {len(items)} files", total, s.progress.emit, cancel=s._cancel)
     transfers = Transfers(s.store, s.config.transfer.workers, folder=folder)
     digests = transfers.download(items, progress)
     files: dict[str, LocalEntry] = {}

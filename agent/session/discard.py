@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -15,6 +16,7 @@ from agent.errors import (
     AgentError,
     LockLostError,
     SessionError,
+    UnsavedWorkError,
 )
 from agent.journal import Journal
 from agent.keys import StageKeys
@@ -24,8 +26,17 @@ from agent.state import SessionState
 log = structlog.get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
-# How long `abort` waits for a running close (or resume) before refusing.
+# How long `abort` waits for a running close before refusing.
 _ABORT_WAIT = 2.0
+# How long `abort` waits for a cancelled open/resume to unwind (a store call in flight
+# finishes first: its own timeouts bound this).
+_CANCEL_WAIT = 120.0
+_CANCELLABLE = (
+    SessionState.IDLE,
+    SessionState.ACQUIRING,
+    SessionState.DOWNLOADING,
+    SessionState.RESTORING,
+)
 
 
 if TYPE_CHECKING:
@@ -39,7 +50,10 @@ def abort(s: PlantDesignSession) -> None:
     commit is only ever rolled forward). Never returns with the lock still held
     by us: a release that cannot be confirmed raises, and nothing local is removed.
     """
-    with s._verb("abort", wait=_ABORT_WAIT):
+    cancelling = _request_cancel(s)
+    with s._verb("abort", wait=_CANCEL_WAIT if cancelling else _ABORT_WAIT):
+        if cancelling and s._state in (SessionState.CLOSED, SessionState.IDLE):
+            return  # the open/resume unwound: lock released, nothing left behind
         if s._state is SessionState.CLOSED:
             raise SessionError("cannot abort: this session is already closed")
         if s._state is SessionState.IDLE or s.record is None:
@@ -86,15 +100,34 @@ def abort(s: PlantDesignSession) -> None:
         log.info("session_aborted", session_id=record.session_id)
 
 
-def discard(s: PlantDesignSession, session_id: str | None = None) -> None:
+def _request_cancel(s: PlantDesignSession) -> bool:
+    """If open() or resume() runs on another thread: ask it to stop and clean up."""
+    busy = not s._verb_lock.acquire(blocking=False)
+    if not busy:
+        s._verb_lock.release()
+    if not (busy and s._state in _CANCELLABLE):
+        return False
+    s._cancel.set()
+    log.info("cancel_requested", state=str(s._state))
+    return True
+
+
+def discard(
+    s: PlantDesignSession,
+    session_id: str | None = None,
+    *,
+    confirm_loss: Iterable[str] | bool = (),
+) -> None:
     """Throw an orphaned session away: staging, folder, backup, and the lock if ours.
 
     A commit of that session that a crash cut is finished first (roll forward).
+    Uncommitted changes are deleted only when ``confirm_loss`` covers them.
     """
     with s._verb("discard"):
         if s._state is not SessionState.IDLE:
             raise SessionError(f"discard() needs a fresh session (this one is {s._state})")
         session_id = _pick_orphan(s, session_id, "discard")
+        _check_loss_confirmed(s, session_id, confirm_loss)
         record = s.records.load(session_id)
         s.record = record
         keys = StageKeys(record.projekt_id, record.stage)
@@ -121,6 +154,27 @@ def discard(s: PlantDesignSession, session_id: str | None = None) -> None:
         s._set_state(SessionState.CLOSED)
         s._close_store()
         log.warning("session_discarded", session_id=session_id)
+
+
+def _check_loss_confirmed(
+    s: PlantDesignSession, session_id: str, confirm_loss: Iterable[str] | bool
+) -> None:
+    """Refuse (``UnsavedWorkError``) unless every change the store lacks was confirmed."""
+    if confirm_loss is True:
+        return
+    info = next((o for o in s.find_orphans() if o.session_id == session_id), None)
+    unsaved = info.unsaved if info is not None else []
+    confirmed = set() if confirm_loss is False else set(confirm_loss)
+    missing = [rel for rel in unsaved if rel not in confirmed]
+    if missing:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        shown = ", ".join(missing[:10]) + more
+        raise UnsavedWorkError(
+            f"discarding session {session_id} would delete {len(missing)} change(s) the store "
+            f"has no committed copy of: {shown}. Resume and close to keep them, or confirm "
+            "the loss (`agent recover --discard --yes`, or discard(confirm_loss=[...]))",
+            files=missing,
+        )
 
 
 def _pick_orphan(s: PlantDesignSession, session_id: str | None, action: str) -> str:

@@ -16,6 +16,7 @@ from agent.commit import (
 )
 from agent.errors import (
     AgentError,
+    SessionCancelledError,
     SessionError,
 )
 from agent.journal import Journal
@@ -24,7 +25,7 @@ from agent.lock import RemoteLock
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.merge import plan_merge
 from agent.records import SessionRecord
-from agent.recovery import RecoveryInfo
+from agent.recovery import LocalChanges, RecoveryInfo, local_changes
 from agent.recovery import find_orphans as orphans_on_disk
 from agent.snapshot import scan
 from agent.state import SessionState
@@ -54,21 +55,25 @@ def check_previous_crash(s: PlantDesignSession) -> RecoveryInfo | None:
 def find_orphans(s: PlantDesignSession) -> list[RecoveryInfo]:
     """Every orphaned session on this machine (``agent recover`` lists them)."""
 
-    def pending_of(record: SessionRecord) -> list[str]:
+    def changes_of(record: SessionRecord) -> LocalChanges:
         path = s._journal_path(record.session_id)
-        if not path.exists():
-            return []
+        journal = None
+        if path.exists():
+            try:
+                journal = Journal.open(path)
+            except AgentError as exc:
+                log.warning("journal_unreadable", session_id=record.session_id, error=str(exc))
         try:
-            journal = Journal.open(path)
+            base = s.records.load_base(record.session_id)
+            return local_changes(record.work_path, base, journal, s.rules)
         except AgentError as exc:
-            log.warning("journal_unreadable", session_id=record.session_id, error=str(exc))
-            return []
-        try:
-            return [e.path for e in journal.pending()]
+            log.warning("changes_unknown", session_id=record.session_id, error=str(exc))
+            return LocalChanges()
         finally:
-            journal.close()
+            if journal is not None:
+                journal.close()
 
-    found = orphans_on_disk(s.records, s.config.paths.recovery_root, pending_of)
+    found = orphans_on_disk(s.records, s.config.paths.recovery_root, changes_of)
     orphans = []
     for info in found:
         try:
@@ -125,22 +130,29 @@ def _resume(s: PlantDesignSession, session_id: str | None, *, take_over: bool, w
     s._set_state(SessionState.ACQUIRING)
     lock = RemoteLock(s.store, keys.lock, s._holder(record), s.config.lock)
     try:
+        _check_cancel(s)
         lock.acquire(take_over=take_over)
-    except BaseException:
+    except BaseException as exc:
         s.record = None
         s._set_state(SessionState.CLOSED)
+        _raise_cancelled_or(s, exc)
         raise
     s._lock = lock
-    s._set_state(SessionState.RESTORING)
     try:
+        _check_cancel(s)
+        s._set_state(SessionState.RESTORING)
         _restore(s, keys, record, info, lock)
+        _check_cancel(s)
     except BaseException as exc:
         log.error("resume_failed", session_id=session_id, error=str(exc))
         if s._journal is not None:
             s._journal.close()
             s._journal = None
         s._release_quietly()
+        if s.record is not None:
+            s._update_record(pid=0)  # an orphan again, for this process too
         s._set_state(SessionState.CLOSED)
+        _raise_cancelled_or(s, exc)
         raise
     s._start_heartbeat()
     if watch:
@@ -255,7 +267,10 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
             if st.op == "put" and not work.joinpath(*rel.split("/")).exists()
         ]
         progress = Progress(
-            f"Restoring {len(items)} files", sum(i.size or 0 for i in items), s.progress.emit
+            f"Restoring {len(items)} files",
+            sum(i.size or 0 for i in items),
+            s.progress.emit,
+            cancel=s._cancel,
         )
         transfers = Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work))
         digests = transfers.download(items, progress)
@@ -271,16 +286,32 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
                     WorkFolder(work).set_executable(rel, True)
         s.records.save_base(s.record.session_id, s._base_files)
     backup = info.backup_path
-    if backup is not None and (backup / "files").is_dir():
-        for src in (backup / "files").rglob("*"):
+    if backup is not None and info.kind == "handled" and backup.name != "files":
+        backup = backup / "files"  # written by an agent before issue 10
+    if backup is not None and info.kind == "handled" and backup.is_dir():
+        for src in backup.rglob("*"):
             if not src.is_file():
                 continue
-            rel = src.relative_to(backup / "files").as_posix()
+            rel = src.relative_to(backup).as_posix()
             dest = local_path_for(work, rel)
             if not os.path.lexists(dest):  # a link there is never written through
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest)
                 log.info("restored_from_backup", path=rel)
+
+
+def _check_cancel(s: PlantDesignSession) -> None:
+    if s._cancel.is_set():
+        raise SessionCancelledError("cancelled")
+
+
+def _raise_cancelled_or(s: PlantDesignSession, exc: BaseException) -> None:
+    """After the clean-up: a cancelled resume raises ``SessionCancelledError``."""
+    if s._cancel.is_set() or isinstance(exc, SessionCancelledError):
+        raise SessionCancelledError(
+            "the resume was cancelled: the lock is released and the interrupted session "
+            "is kept as it was (resume or discard it later)"
+        ) from None
 
 
 def _pending_delete(s: PlantDesignSession, rel: str) -> bool:

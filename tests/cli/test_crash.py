@@ -202,11 +202,11 @@ def test_sigterm_during_upload_backs_up_pending_and_releases_the_lock(
     assert "handled" == orphan["kind"]
     assert names == set(orphan["pending"]), "every save was still in flight"
     assert orphan["lock_released"]
-    backup = Path(orphan["backup_path"])
-    assert (backup / "recovery.json").is_file()
-    assert (backup / "journal.sqlite").is_file()
+    backup = Path(orphan["backup_path"])  # the copied files; info and journal beside them
+    assert (backup.parent / "recovery.json").is_file()
+    assert (backup.parent / "journal.sqlite").is_file()
     for rel in orphan["pending"]:
-        assert (backup / "files" / rel).read_bytes() == (work / rel).read_bytes()
+        assert (backup / rel).read_bytes() == (work / rel).read_bytes()
     expected = _local(work)
     agent.json("recover", "--resume")
     agent.json("close")
@@ -238,7 +238,7 @@ def test_crash_handler_finishes_in_time_when_the_store_is_unreachable(tmp_path: 
         took = time.monotonic() - started
     [orphan] = agent.json("recover")["orphans"]
     backup = Path(orphan["backup_path"])
-    assert b"precious" == (backup / "files" / "unsaved.dwg").read_bytes()
+    assert b"precious" == (backup / "unsaved.dwg").read_bytes()
     assert "unsaved.dwg" in orphan["pending"]
     assert took < 10, f"crash handler took {took:.1f}s"
 
@@ -321,12 +321,12 @@ def test_corrupt_recovery_info_and_deleted_backup_still_resume(
     os.kill(pid, signal.SIGTERM)
     assert _wait(lambda: _dead(pid))
     [orphan] = agent.json("recover")["orphans"]
-    (Path(orphan["backup_path"]) / "recovery.json").write_text("{broken")
+    (Path(orphan["backup_path"]).parent / "recovery.json").write_text("{broken")
     listed = agent.json("recover")["orphans"]
     assert [orphan["session_id"]] == [o["session_id"] for o in listed]
     import shutil
 
-    shutil.rmtree(orphan["backup_path"])
+    shutil.rmtree(Path(orphan["backup_path"]).parent)
     agent.json("recover", "--resume")
     agent.json("close")
     assert {"a.txt": b"A"} == _committed(s3_store)

@@ -564,7 +564,7 @@ def test_discard_after_a_failed_commit_leaves_a_consistent_stage(
     """discard of the orphan of a cut commit ends with a stage equal to one manifest."""
     alice, sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     _crash(alice)
-    via_proxy().discard(sid)
+    via_proxy().discard(sid, confirm_loss=True)
     truth.assert_consistent()
     assert "released" == truth.lock()["state"]
     _other_user_sees(direct, truth)

@@ -120,7 +120,8 @@ def test_discard_removes_staging_folder_backup_and_releases(
     s.emergency_save("test")
     info = PlantDesignSession(config, store=store).check_previous_crash()
     assert info is not None and info.backup_path is not None
-    PlantDesignSession(config, store=store).discard(info.session_id)
+    assert ["draft.txt"] == info.unsaved, "staged but never committed: discard loses it"
+    PlantDesignSession(config, store=store).discard(info.session_id, confirm_loss=info.unsaved)
     assert [] == list(store.list(f"{P}/.sessions/"))
     assert not work.exists()
     assert not info.backup_path.exists()
@@ -298,7 +299,7 @@ def test_a_commit_cut_after_its_intent_is_finished_by_whoever_comes_next(
     else:
         mine.emergency_save("test")
         if then == "discard":
-            PlantDesignSession(config, store=store).discard()
+            PlantDesignSession(config, store=store).discard(confirm_loss=True)
         elif then == "resume_close":
             again = PlantDesignSession(config, store=store)
             again.resume()
@@ -356,6 +357,6 @@ def test_an_abort_cut_by_a_crash_is_finished_by_discard_not_resumed(
     session._update_record(phase="aborting", pid=_dead_pid())
     with pytest.raises(SessionError, match="being aborted"):
         PlantDesignSession(config, store=store).resume()
-    PlantDesignSession(config, store=store).discard()
+    PlantDesignSession(config, store=store).discard(confirm_loss=True)
     assert "released" == json.loads(store.get(KEYS.lock).body)["state"]
     assert PlantDesignSession(config, store=store).check_previous_crash() is None

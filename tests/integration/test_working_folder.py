@@ -362,7 +362,7 @@ def test_a_crash_backup_never_copies_a_linked_files_target(
     assert all(p.read_bytes() != SECRET for p in copied)
     assert _decoy_unchanged(decoy)
     resumed = make_session()
-    resumed.discard()
+    resumed.discard(confirm_loss=True)
     assert _decoy_unchanged(decoy)
 
 

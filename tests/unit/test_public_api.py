@@ -27,9 +27,11 @@ def test_exported_members_are_pinned() -> None:
         "LockLostError",
         "PlantDesignSession",
         "PreviousCrashError",
+        "SessionCancelledError",
         "SessionError",
         "SessionState",
         "StoreError",
+        "UnsavedWorkError",
         "__version__",
         "load_config",
     ] == agent.__all__
@@ -59,7 +61,9 @@ def test_log_file_gets_json_lines_without_credentials(tmp_path: Path) -> None:
     """configure_logging writes JSON lines to this process's own 0600 file, redacted."""
     configure_logging(LogConfig(level="info"), tmp_path, console=False)
     try:
-        structlog.get_logger("t").info("lock_acquired", key="P/s.lock.json", secret_key="hunter2")
+        structlog.get_logger("agent.t").info(
+            "lock_acquired", key="P/s.lock.json", secret_key="hunter2"
+        )
     finally:
         for handler in list(logging.getLogger().handlers):
             if getattr(handler, "_pdagent", False):
@@ -73,3 +77,24 @@ def test_log_file_gets_json_lines_without_credentials(tmp_path: Path) -> None:
     assert "lock_acquired" == record["event"]
     assert "P/s.lock.json" == record["key"]
     assert "hunter2" not in line
+
+
+def test_configure_logging_leaves_the_hosts_root_level_alone(tmp_path: Path) -> None:
+    """The host's root logger keeps its level; only the agent's loggers are opened up."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        configure_logging(LogConfig(level="debug"), tmp_path, console=False)
+        assert logging.WARNING == root.level
+        assert logging.getLogger("agent.session").isEnabledFor(logging.DEBUG)
+    finally:
+        for handler in [h for h in root.handlers if getattr(h, "_pdagent", False)]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(before)
+
+
+def test_the_package_ships_py_typed() -> None:
+    """Type checkers of the host see the agent's annotations."""
+    assert (Path(agent.__file__).parent / "py.typed").is_file()

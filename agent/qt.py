@@ -1,0 +1,426 @@
+"""The Qt (PySide6) adapter: a ``QObject`` with Qt signals, workers off the GUI thread,
+crash handling for an event loop, and two ready dialogs (``pip install pd-session-agent[qt]``).
+
+::
+
+    app = QApplication(sys.argv)
+    adapter = SessionAdapter(config)          # on the GUI thread
+    adapter.stateChanged.connect(...)         # all signals arrive on the GUI thread
+    adapter.finished.connect(on_finished)     # ("open", Path) ... ("close", CloseReport)
+    adapter.failed.connect(on_failed)         # ("open", SessionCancelledError(...)) ...
+    offer_recovery(adapter, window)           # at start-up: the recovery dialog if needed
+    adapter.open("Kraftwerk_1234567", "admin", "planning")   # returns at once
+
+Threading rules: every verb (``open``, ``close``, ``abort``, ``resume``, ``discard``)
+runs on a ``QThreadPool`` worker and returns at once; ``cancel()`` stops an open or
+resume that is running. The session's own signals are emitted on worker threads;
+the adapter re-emits them as Qt signals, which Qt delivers to GUI-thread receivers
+as queued calls. ``check_previous_crash()`` only reads local files and runs on the
+calling thread.
+
+Crash handling: the adapter makes the wake-up socket of ``agent.session.crash`` be
+read by a ``QSocketNotifier`` on the GUI thread. A SIGTERM/SIGINT/SIGHUP then wakes
+the event loop, the emergency save runs on the GUI thread (bounded by
+``recovery.crash_timeout``), and then the host's previous handler runs, or
+``QApplication.quit()`` where the default action would have ended the process:
+``aboutToQuit`` runs, and no ``SystemExit`` is ever raised inside a slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import shiboken6
+from PySide6.QtCore import (
+    QCoreApplication,
+    QObject,
+    QRunnable,
+    QSocketNotifier,
+    QThreadPool,
+    Signal,
+)
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QLabel,
+    QListWidget,
+    QMessageBox,
+    QProgressDialog,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from agent.config import AgentConfig
+from agent.errors import SessionCancelledError
+from agent.recovery import RecoveryInfo
+from agent.session import PlantDesignSession, crash
+from agent.state import SessionState
+
+__all__ = [
+    "ProgressDialog",
+    "RecoveryDialog",
+    "SessionAdapter",
+    "install_crash_handling",
+    "offer_recovery",
+]
+
+
+_CANCELLABLE = (
+    SessionState.IDLE,
+    SessionState.ACQUIRING,
+    SessionState.DOWNLOADING,
+    SessionState.RESTORING,
+)
+
+
+class _Relay(QObject):
+    """Carries results from a worker to the GUI thread (lives on the GUI thread)."""
+
+    done = Signal(str, object)
+    failed = Signal(str, object)
+
+
+class _Job(QRunnable):
+    def __init__(self, name: str, fn: Callable[[], object], relay: _Relay) -> None:
+        super().__init__()
+        self.name, self.fn, self.relay = name, fn, relay
+        self.setAutoDelete(True)
+
+    def run(self) -> None:
+        try:
+            result = self.fn()
+        except Exception as exc:  # noqa: BLE001 - every failure goes to the GUI as a signal
+            self.relay.failed.emit(self.name, exc)
+            return
+        self.relay.done.emit(self.name, result)
+
+
+class _CrashNotifier(QObject):
+    """Reads the crash hooks' wake-up socket on the GUI thread."""
+
+    def __init__(self, app: QCoreApplication) -> None:
+        super().__init__(app)
+        self._notifier: QSocketNotifier | None = None
+        crash.hooks().use_event_loop(self._watch, self._terminate)
+
+    def _watch(self, fd: int | None) -> None:
+        old, self._notifier = self._notifier, None
+        if old is not None and shiboken6.isValid(old):  # gone already at interpreter exit
+            old.setEnabled(False)
+            old.deleteLater()
+        if fd is not None:
+            self._notifier = QSocketNotifier(fd, QSocketNotifier.Type.Read, self)
+            self._notifier.activated.connect(self._ready)
+
+    def _ready(self, *_args: object) -> None:
+        # Running this slot runs Python on the GUI thread: the pending signal handler
+        # (the bounded save, then the chain) runs right here.
+        crash.hooks().drain()
+
+    @staticmethod
+    def _terminate(_signum: int) -> None:
+        QCoreApplication.quit()
+
+    def stop(self) -> None:
+        """Give the socket back to the crash hooks' relay thread."""
+        crash.hooks().leave_event_loop()
+
+
+_NOTIFIER: _CrashNotifier | None = None
+
+
+def install_crash_handling(app: QCoreApplication | None = None) -> None:
+    """Let the Qt event loop handle termination signals (GUI thread; idempotent)."""
+    global _NOTIFIER  # noqa: PLW0603 - one notifier per process, like the hooks
+    app = app or QCoreApplication.instance()
+    if app is None:
+        raise RuntimeError("create the QApplication before the session adapter")
+    if _NOTIFIER is None:
+        _NOTIFIER = _CrashNotifier(app)
+
+
+def uninstall_crash_handling() -> None:
+    """The relay thread reads the wake-up socket again (GUI thread)."""
+    global _NOTIFIER  # noqa: PLW0603
+    if _NOTIFIER is not None:
+        _NOTIFIER.stop()
+        _NOTIFIER.deleteLater()
+        _NOTIFIER = None
+
+
+class SessionAdapter(QObject):
+    """A ``PlantDesignSession`` for a Qt GUI: non-blocking verbs, Qt signals.
+
+    Signals (delivered on the GUI thread):
+
+    * ``stateChanged(int)``: a ``SessionState`` value, on every transition.
+    * ``progress(str, int)``: message and percent, monotonic per operation.
+    * ``error(str)``: a message for the user (a failed verb, lock lost while ACTIVE).
+    * ``finished(str, object)``: a verb finished: ``("open", Path)``, ``("resume", Path)``,
+      ``("close", CloseReport)``, ``("abort", None)``, ``("discard", None)``.
+    * ``failed(str, object)``: a verb failed with this exception
+      (``SessionCancelledError`` after ``cancel()``).
+
+    One verb at a time per session; a closed session is replaced by a new one on the
+    next ``open``/``resume``/``discard``. Create the adapter on the GUI thread.
+    """
+
+    stateChanged = Signal(int)  # noqa: N815 - Qt's naming
+    progress = Signal(str, int)
+    error = Signal(str)
+    finished = Signal(str, object)
+    failed = Signal(str, object)
+    _emitState = Signal(int)  # noqa: N815
+    _emitProgress = Signal(str, int)  # noqa: N815
+    _emitError = Signal(str)  # noqa: N815
+
+    def __init__(
+        self,
+        config: AgentConfig | None = None,
+        *,
+        parent: QObject | None = None,
+        pool: QThreadPool | None = None,
+        crash_handling: bool = True,
+        session_factory: Callable[[], PlantDesignSession] | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self._factory = session_factory or (lambda: PlantDesignSession(config))
+        self.pool = pool or QThreadPool.globalInstance()
+        self._relay = _Relay(self)
+        self._relay.done.connect(self._on_done)
+        self._relay.failed.connect(self._on_failed)
+        # Session signals come from worker threads: re-emit through our own signals so
+        # that Qt queues them to the GUI thread.
+        self._emitState.connect(self.stateChanged)
+        self._emitProgress.connect(self.progress)
+        self._emitError.connect(self.error)
+        self.busy = False
+        if crash_handling:
+            install_crash_handling()
+        self.session = self._new_session()
+
+    def _new_session(self) -> PlantDesignSession:
+        session = self._factory()
+        session.state_changed.connect(self._emitState.emit)
+        session.progress.connect(self._emitProgress.emit)
+        session.error.connect(self._emitError.emit)
+        return session
+
+    def _fresh(self) -> PlantDesignSession:
+        if self.session.state is not SessionState.IDLE:
+            self.session = self._new_session()
+        return self.session
+
+    @property
+    def state(self) -> SessionState:
+        """The current session's state."""
+        return self.session.state
+
+    def _start(self, name: str, fn: Callable[[], object]) -> None:
+        if self.busy and name != "cancel":
+            raise RuntimeError(f"cannot {name} now: another operation is running")
+        if name != "cancel":
+            self.busy = True
+        self.pool.start(_Job(name, fn, self._relay))
+
+    # -- the verbs (non-blocking) ------------------------------------------------------
+
+    def open(self, projekt_id: str, user: str, stage: str, **options: Any) -> None:
+        """Start ``open`` on a worker; ``finished("open", path)`` or ``failed``."""
+        session = self._fresh()
+        self._start("open", lambda: session.open(projekt_id, user, stage, **options))
+
+    def resume(self, session_id: str | None = None, **options: Any) -> None:
+        """Start ``resume`` on a worker; ``finished("resume", path)`` or ``failed``."""
+        session = self._fresh()
+        self._start("resume", lambda: session.resume(session_id, **options))
+
+    def close(self, **options: Any) -> None:
+        """Start ``close`` on a worker; ``finished("close", CloseReport)`` or ``failed``."""
+        session = self.session
+        self._start("close", lambda: session.close(**options))
+
+    def abort(self) -> None:
+        """Start ``abort`` on a worker; ``finished("abort", None)`` or ``failed``."""
+        session = self.session
+        self._start("abort", session.abort)
+
+    def discard(
+        self, session_id: str | None = None, *, confirm_loss: Iterable[str] | bool = ()
+    ) -> None:
+        """Start ``discard`` of an orphan on a worker (see ``PlantDesignSession.discard``)."""
+        session = self._fresh()
+        loss = confirm_loss if isinstance(confirm_loss, bool) else list(confirm_loss)
+        self._start("discard", lambda: session.discard(session_id, confirm_loss=loss))
+
+    def cancel(self) -> None:
+        """Cancel a running ``open``/``resume``: it fails with ``SessionCancelledError``.
+
+        Nothing is left behind (the lock released, partial folder and record removed).
+        Returns at once; the abort waits for the transfer to stop on a worker.
+        """
+        session = self.session
+        if self.busy and session.state in _CANCELLABLE:
+            self._start("cancel", session.abort)
+
+    def check_previous_crash(self) -> RecoveryInfo | None:
+        """An orphaned session on this machine, for the recovery dialog (local files only)."""
+        return self._factory().check_previous_crash()
+
+    # -- results, on the GUI thread ----------------------------------------------------
+
+    def _on_done(self, name: str, result: object) -> None:
+        if name != "cancel":
+            self.busy = False
+        self._tidy()
+        if name != "cancel":
+            self.finished.emit(name, result)
+
+    def _on_failed(self, name: str, exc: object) -> None:
+        if name != "cancel":
+            self.busy = False
+        self._tidy()
+        if name == "cancel":
+            return  # the open/resume itself reports the cancellation
+        self.error.emit(str(exc))
+        self.failed.emit(name, exc)
+
+    @staticmethod
+    def _tidy() -> None:
+        # A verb that ended a session on a worker could not restore signal handlers
+        # there; the GUI thread can, now.
+        crash.hooks().release_if_unused()
+
+
+class RecoveryDialog(QDialog):
+    """What an interrupted session left, and the choice: Resume, Discard or Later.
+
+    ``choice`` is ``"resume"``, ``"discard"`` (the user confirmed the listed losses)
+    or ``"later"``.
+    """
+
+    def __init__(self, info: RecoveryInfo, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.info = info
+        self.choice = "later"
+        self.setWindowTitle("Unfinished editing session")
+        layout = QVBoxLayout(self)
+        how = (
+            "The program ended while this session was open; its work was saved."
+            if info.kind == "handled"
+            else "The program ended without saving this session (killed or power loss); "
+            "the working folder is still on disk."
+        )
+        layout.addWidget(
+            QLabel(
+                f"<b>{info.projekt_id}</b> / {info.stage} (user {info.user}), "
+                f"{info.crashed_at:%Y-%m-%d %H:%M} UTC<br>{how}"
+            )
+        )
+        layout.addWidget(QLabel(f"Backup of the files: {info.backup_path or 'none'}"))
+        unsaved = info.unsaved
+        layout.addWidget(
+            QLabel(
+                f"{len(unsaved)} change(s) are not in the store yet:"
+                if unsaved
+                else "Every change is in the store."
+            )
+        )
+        self.files = QListWidget(self)
+        for rel in unsaved:
+            where = "only here" if rel in info.pending else "uploaded, not committed"
+            self.files.addItem(f"{rel}  ({where})")
+        layout.addWidget(self.files)
+        buttons = QDialogButtonBox(self)
+        self.resume_button = QPushButton("Resume", self)
+        self.discard_button = QPushButton("Discard…", self)
+        self.later_button = QPushButton("Later", self)
+        buttons.addButton(self.resume_button, QDialogButtonBox.ButtonRole.AcceptRole)
+        buttons.addButton(self.discard_button, QDialogButtonBox.ButtonRole.DestructiveRole)
+        buttons.addButton(self.later_button, QDialogButtonBox.ButtonRole.RejectRole)
+        self.resume_button.clicked.connect(self._resume)
+        self.discard_button.clicked.connect(self._discard)
+        self.later_button.clicked.connect(self.reject)
+        layout.addWidget(buttons)
+
+    def _resume(self) -> None:
+        self.choice = "resume"
+        self.accept()
+
+    def _discard(self) -> None:
+        if self.confirm_discard():
+            self.choice = "discard"
+            self.accept()
+
+    def confirm_discard(self) -> bool:
+        """Ask before losing changes (none to lose: no question)."""
+        unsaved = self.info.unsaved
+        if not unsaved:
+            return True
+        shown = "\n".join(unsaved[:20]) + ("\n…" if len(unsaved) > 20 else "")
+        answer = QMessageBox.warning(
+            self,
+            "Discard changes",
+            f"These {len(unsaved)} change(s) will be lost for good:\n\n{shown}",
+            QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        return answer == QMessageBox.StandardButton.Discard
+
+
+def offer_recovery(adapter: SessionAdapter, parent: QWidget | None = None) -> str | None:
+    """At start-up: show the recovery dialog if a session was left, and act on the choice.
+
+    Returns the choice (``None`` when there was nothing to recover). Resume and discard
+    run on a worker (``adapter.finished`` / ``adapter.failed`` report them).
+    """
+    info = adapter.check_previous_crash()
+    if info is None:
+        return None
+    dialog = RecoveryDialog(info, parent)
+    dialog.exec()
+    if dialog.choice == "resume":
+        adapter.resume(info.session_id)
+    elif dialog.choice == "discard":
+        adapter.discard(info.session_id, confirm_loss=info.unsaved)
+    return dialog.choice
+
+
+class ProgressDialog(QProgressDialog):
+    """Shows an adapter's progress; its Cancel button cancels the open/resume.
+
+    Closes itself when the verb finishes or fails.
+    """
+
+    def __init__(self, adapter: SessionAdapter, title: str, parent: QWidget | None = None) -> None:
+        super().__init__(title, "Cancel", 0, 100, parent)
+        self.adapter = adapter
+        self.setWindowTitle(title)
+        self.setMinimumDuration(0)
+        self.setAutoClose(False)
+        self.setAutoReset(False)
+        self.setValue(0)
+        adapter.progress.connect(self._on_progress)
+        adapter.finished.connect(self._done)
+        adapter.failed.connect(self._done)
+        self.canceled.connect(adapter.cancel)
+
+    def _on_progress(self, message: str, percent: int) -> None:
+        self.setLabelText(message)
+        self.setValue(percent)
+
+    def _done(self, *_args: object) -> None:
+        for signal, slot in (
+            (self.adapter.progress, self._on_progress),
+            (self.adapter.finished, self._done),
+            (self.adapter.failed, self._done),
+        ):
+            signal.disconnect(slot)
+        self.close()
+
+
+def is_cancelled(exc: object) -> bool:
+    """True if a ``failed`` signal's exception is a cancellation (not an error to show)."""
+    return isinstance(exc, SessionCancelledError)

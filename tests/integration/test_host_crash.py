@@ -1,0 +1,320 @@
+"""Crash hooks in real host processes (issue 10): Qt idling in C++, plain Python, workers.
+
+Each host is a child process (``tests/hosts.py``) that uses only the seed's calls;
+the test writes edits into its working folder, sends a signal, and then checks
+from outside: the edits were saved, the lock released, and resume + close
+commits every one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.errors import UnsavedWorkError
+from agent.keys import StageKeys
+from agent.session import PlantDesignSession
+from agent.store.base import ObjectStore
+from tests.conftest import s3_config
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
+ROOT = Path(__file__).resolve().parents[2]
+EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes", "new.step": b"new part"}
+
+
+class Host:
+    """One child host process and the JSON lines it printed."""
+
+    def __init__(self, mode: str, env: dict[str, str], base: Path) -> None:
+        self.env = {
+            **os.environ,
+            **env,
+            "AGENT_PATHS__BASE_DIR": str(base),
+            "AGENT_LOCK__HEARTBEAT_INTERVAL": "3600",
+            "AGENT_LOCK__STALE_AFTER": "7200",
+            "AGENT_WATCH__DEBOUNCE": "0.05",
+            "AGENT_RECOVERY__CRASH_TIMEOUT": "5",
+            "PYTHONPATH": str(ROOT),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.hosts", mode],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self.err = ""
+
+    def read(self) -> dict[str, Any]:
+        """The next JSON line (skipping anything else the host printed)."""
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                self.lines.append(data)
+                return data
+        self.finish()
+        raise AssertionError(f"host ended early: {self.err}")
+
+    def stderr(self) -> str:
+        """What the host wrote to stderr (after ``finish``)."""
+        return self.err
+
+    def finish(self, timeout: float = 60) -> int:
+        """Wait for the host to end (reading its output meanwhile); its exit status."""
+        out, self.err = self.proc.communicate(timeout=timeout)
+        for raw in out.splitlines():
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                self.lines.append(data)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """Make sure the process is gone."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):  # communicate()d
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def host_env(s3_env: dict[str, str]) -> dict[str, str]:
+    """The agent's environment for a host child."""
+    return s3_env
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    """Hosts started by a test are gone after it."""
+    started: list[Host] = []
+    yield started
+    for h in started:
+        h.kill()
+
+
+def _start(hosts: list[Host], mode: str, env: dict[str, str], base: Path) -> tuple[Host, Path]:
+    h = Host(mode, env, base)
+    hosts.append(h)
+    return h, Path(h.read()["ready"])
+
+
+def _edit(work: Path) -> None:
+    for rel, data in EDITS.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data)
+
+
+def _lock_state(store: ObjectStore) -> str:
+    state = json.loads(store.get(KEYS.lock).body)["state"]
+    assert isinstance(state, str)
+    return state
+
+
+def _resume_and_close_commits_every_edit(
+    env: dict[str, str], base: Path, store: ObjectStore, work: Path
+) -> None:
+    config = s3_config(env, base, lock={"heartbeat_interval": 3600, "stale_after": 7200})
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None, "the crash left nothing to recover"
+    assert "handled" == info.kind, "the signal was not seen: nothing was saved"
+    assert info.lock_released
+    assert "released" == _lock_state(store)
+    assert set(EDITS) <= set(info.unsaved)
+    assert info.backup_path is not None
+    for rel, data in EDITS.items():
+        assert data == (info.backup_path / rel).read_bytes(), f"{rel} is not in the backup"
+    session = PlantDesignSession(config)
+    assert work == session.resume(info.session_id, watch=False)
+    session.close()
+    for rel, data in EDITS.items():
+        assert data == store.get(KEYS.committed(rel)).body
+
+
+@pytest.fixture
+def qt() -> None:
+    """These hosts need PySide6 (the ``qt`` extra)."""
+    pytest.importorskip("PySide6")
+
+
+@pytest.mark.usefixtures("qt")
+@pytest.mark.parametrize("mode", ["qt-seed", "qt-worker-open"])
+def test_sigterm_to_an_idle_qt_host_with_only_the_seeds_calls_saves_and_releases(
+    mode: str, host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[Host]
+) -> None:
+    """Qt idles in C++ (no Python timer): the relay saves, releases, and ends the process."""
+    h, work = _start(hosts, mode, host_env, tmp_path / "m")
+    _edit(work)
+    h.proc.send_signal(signal.SIGTERM)
+    code = h.finish()
+    assert code in (128 + signal.SIGTERM, -signal.SIGTERM), h.stderr()
+    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+
+
+@pytest.mark.usefixtures("qt")
+def test_a_qt_hosts_own_sigterm_handler_is_chained_and_it_quits_cleanly(
+    host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[Host]
+) -> None:
+    """Host's wake-up fd + notifier + handler: saved first, then its handler, aboutToQuit, 0."""
+    h, work = _start(hosts, "qt-own-handler", host_env, tmp_path / "m")
+    _edit(work)
+    h.proc.send_signal(signal.SIGTERM)
+    code = h.finish()
+    assert 0 == code, h.stderr()
+    events = [line["event"] for line in h.lines if "event" in line]
+    assert ["host-handler", "about-to-quit", "exited"] == events
+    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+
+
+@pytest.mark.usefixtures("qt")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_the_qt_adapter_saves_on_the_gui_thread_then_quits_the_app(
+    sig: signal.Signals,
+    host_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    hosts: list[Host],
+) -> None:
+    """Through agent.qt: the notifier wakes the loop, save, then app.quit(): aboutToQuit, 0."""
+    h, work = _start(hosts, "qt-adapter", host_env, tmp_path / "m")
+    _edit(work)
+    h.proc.send_signal(sig)
+    assert 0 == h.finish(), h.stderr()
+    assert ["about-to-quit", "exited"] == [line["event"] for line in h.lines if "event" in line]
+    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_each_termination_signal_saves_a_plain_python_host(
+    sig: signal.Signals,
+    host_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    hosts: list[Host],
+) -> None:
+    """A plain host blocked in Event.wait(): saved, then the default action ends it."""
+    h, work = _start(hosts, "plain-idle", host_env, tmp_path / "m")
+    _edit(work)
+    h.proc.send_signal(sig)
+    code = h.finish()
+    assert code != 0
+    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+
+
+def test_a_plain_host_that_exits_without_closing_is_saved_at_exit(
+    host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[Host]
+) -> None:
+    """Returning from main with the session ACTIVE: the exit hook saves it."""
+    h, work = _start(hosts, "plain-exit", host_env, tmp_path / "m")
+    _edit(work)
+    assert h.proc.stdin is not None
+    h.proc.stdin.write("\n")
+    h.proc.stdin.flush()
+    assert 0 == h.finish(), h.stderr()
+    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+
+
+def test_open_on_the_main_thread_close_on_a_worker_restores_handlers_and_collects(
+    host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
+) -> None:
+    """20 cycles: the host's handler comes back each time, sessions are collected, no threads."""
+    h = Host("plain-cycles", host_env, tmp_path / "m")
+    hosts.append(h)
+    result = h.read()
+    assert 0 == h.finish(), h.stderr()
+    assert [True] * 20 == result["restored"]
+    assert 20 == result["collected"]
+    assert result["later_kept"], "close overwrote a handler the host set after open"
+    assert ["MainThread"] == result["threads"]
+
+
+def test_a_restore_request_is_not_taken_for_a_signal_when_a_new_session_opened_meanwhile(
+    host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
+) -> None:
+    """Our own wake of the main thread (to restore handlers) never saves or ends the process."""
+    h = Host("plain-wake-race", host_env, tmp_path / "m")
+    hosts.append(h)
+    result = h.read()
+    assert 0 == h.finish(), h.stderr()
+    assert "active" == result["state_after_request"]
+
+
+def test_sigkill_with_unsynced_edits_lists_them_and_discard_asks_first(
+    host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[Host]
+) -> None:
+    """kill -9: pending is computed from the folder; the working folder is the backup."""
+    h, work = _start(hosts, "plain-idle", host_env, tmp_path / "m")
+    _edit(work)
+    h.proc.send_signal(signal.SIGKILL)
+    h.finish()
+    config = s3_config(host_env, tmp_path / "m")
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None and "unseen" == info.kind
+    assert set(EDITS) <= set(info.unsaved)
+    assert work == info.backup_path
+    assert {"projekt_id": P, "user": "admin", "stage": STAGE, "backup_path": str(work)}.items() <= (
+        info.as_dict().items()
+    )
+    with pytest.raises(UnsavedWorkError) as refused:
+        PlantDesignSession(config).discard(info.session_id)
+    assert set(EDITS) <= set(refused.value.files)
+    assert all((work / rel).exists() for rel in EDITS), "a refused discard deleted files"
+    assert "held" == _lock_state(s3_store), "kill -9: nobody released the lock"
+    PlantDesignSession(config).discard(info.session_id, confirm_loss=info.unsaved)
+    assert not work.exists()
+
+
+def test_ctrl_c_in_a_foreground_cli_session_still_closes_cleanly(
+    host_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """`agent open --foreground`: Ctrl-C is the CLI's (close and commit), not a crash save."""
+    env = {
+        **os.environ,
+        **host_env,
+        "AGENT_PATHS__BASE_DIR": str(tmp_path / "m"),
+        "AGENT_LOCK__HEARTBEAT_INTERVAL": "3600",
+        "AGENT_LOCK__STALE_AFTER": "7200",
+        "AGENT_WATCH__DEBOUNCE": "0.05",
+    }
+    argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        work = Path(json.loads(proc.stdout.readline())["path"])
+        _edit(work)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert 0 == proc.returncode, err
+    for rel, data in EDITS.items():
+        assert data == s3_store.get(KEYS.committed(rel)).body
+    config = s3_config(host_env, tmp_path / "m")
+    assert PlantDesignSession(config).check_previous_crash() is None

@@ -1,0 +1,178 @@
+"""The Qt adapter (issue 10): signals on the GUI thread, Cancel, the dialogs (pytest-qt)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+from PySide6.QtCore import QThread, QThreadPool, QTimer
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from agent.config import AgentConfig, load_config
+from agent.errors import AgentError, SessionCancelledError
+from agent.keys import StageKeys
+from agent.qt import (
+    ProgressDialog,
+    RecoveryDialog,
+    SessionAdapter,
+    uninstall_crash_handling,
+)
+from agent.session import PlantDesignSession
+from agent.state import SessionState
+from agent.store.base import ObjectStore
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
+WAIT_MS = 60_000
+
+
+def _config(base: Path) -> AgentConfig:
+    return load_config(
+        paths={"base_dir": str(base)},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        watch={"debounce": 0.05, "max_delay": 0.5, "min_interval_per_path": 0.1},
+    )
+
+
+def _seed(store: ObjectStore, base: Path, files: int) -> None:
+    s = PlantDesignSession(_config(base), store=store)
+    work = s.open(P, "seeder", STAGE, watch=False)
+    for i in range(files):
+        (work / f"f{i}.bin").write_bytes(os.urandom(2048))
+    s.close()
+
+
+@pytest.fixture
+def pool() -> Iterator[QThreadPool]:
+    """A pool of the test's own, drained after it."""
+    p = QThreadPool()
+    yield p
+    p.waitForDone(30_000)
+
+
+@pytest.fixture
+def adapter(
+    qapp: QApplication, pool: QThreadPool, s3_store: ObjectStore, tmp_path: Path
+) -> Iterator[SessionAdapter]:
+    """An adapter on a SeaweedFS prefix; the crash handling given back after the test."""
+    config = _config(tmp_path / "m")
+    a = SessionAdapter(
+        pool=pool, session_factory=lambda: PlantDesignSession(config, store=s3_store)
+    )
+    yield a
+    pool.waitForDone(30_000)
+    uninstall_crash_handling()
+
+
+def _lock_free(store: ObjectStore) -> bool:
+    try:
+        body = json.loads(store.get(KEYS.lock).body)
+    except AgentError:
+        return True
+    return bool(body["state"] != "held")
+
+
+def test_signals_arrive_on_the_gui_thread_and_the_gui_never_waits(
+    qtbot: Any, qapp: QApplication, adapter: SessionAdapter, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """open/close run on workers; stateChanged/progress/finished reach slots on the GUI thread."""
+    _seed(s3_store, tmp_path / "seed", files=40)
+    gui = qapp.thread()
+    threads: list[bool] = []
+    states: list[int] = []
+    progress: list[tuple[str, int]] = []
+
+    def on_state(state: int) -> None:
+        threads.append(QThread.currentThread() is gui)
+        states.append(state)
+
+    def on_progress(message: str, pct: int) -> None:
+        threads.append(QThread.currentThread() is gui)
+        progress.append((message, pct))
+
+    adapter.stateChanged.connect(on_state)
+    adapter.progress.connect(on_progress)
+    with qtbot.waitSignal(adapter.finished, timeout=WAIT_MS) as opened:
+        adapter.open(P, "admin", STAGE)
+        assert adapter.busy, "open blocked the GUI thread instead of running on a worker"
+    assert "open" == opened.args[0]
+    work = Path(opened.args[1])
+    (work / "edit.dwg").write_bytes(b"edited")
+    with qtbot.waitSignal(adapter.finished, timeout=WAIT_MS) as closed:
+        adapter.close()
+    assert "close" == closed.args[0]
+    assert threads and all(threads), "a slot ran on a worker thread"
+    assert [1, 2, 4, 5, 7] == states
+    downloads = [pct for m, pct in progress if m.startswith("Downloading")]
+    assert downloads == sorted(downloads) and 100 == downloads[-1]
+    assert b"edited" == s3_store.get(KEYS.committed("edit.dwg")).body
+
+
+def test_cancel_from_the_gui_during_download_frees_the_lock(
+    qtbot: Any, adapter: SessionAdapter, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """The progress dialog's Cancel: failed("open", SessionCancelledError), lock free."""
+    _seed(s3_store, tmp_path / "seed", files=40)
+    dialog = ProgressDialog(adapter, "Opening")
+    qtbot.addWidget(dialog)
+    session = adapter.session
+
+    def hold_until_cancelled(_message: str, _pct: int) -> None:
+        # On the worker: the download waits until the GUI's Cancel reached the session.
+        session._cancel.wait(timeout=30)
+
+    session.progress.connect(hold_until_cancelled)
+    adapter.stateChanged.connect(
+        lambda s: dialog.canceled.emit() if s == int(SessionState.DOWNLOADING) else None
+    )
+    with qtbot.waitSignal(adapter.failed, timeout=WAIT_MS) as failed:
+        adapter.open(P, "admin", STAGE)
+    assert "open" == failed.args[0]
+    assert isinstance(failed.args[1], SessionCancelledError)
+    assert _lock_free(s3_store)
+    assert not dialog.isVisible()
+    assert [] == list(session.records.all())
+
+
+def test_the_recovery_dialog_lists_every_unsaved_change_and_discard_confirms(
+    qtbot: Any,
+    adapter: SessionAdapter,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Built from check_previous_crash(): the files, the backup; Discard asks, then acts."""
+    config = _config(tmp_path / "m")
+    first = PlantDesignSession(config, store=s3_store)
+    work = first.open(P, "admin", STAGE, watch=False)
+    (work / "a.dwg").write_bytes(b"a")
+    (work / "b.dwg").write_bytes(b"b")
+    first.emergency_save("test")
+    info = adapter.check_previous_crash()
+    assert info is not None
+    dialog = RecoveryDialog(info)
+    qtbot.addWidget(dialog)
+    listed = [dialog.files.item(i).text() for i in range(dialog.files.count())]
+    assert ["a.dwg", "b.dwg"] == [line.split()[0] for line in listed]
+    asked: list[str] = []
+
+    def answer(*args: Any) -> QMessageBox.StandardButton:
+        asked.append(args[2])
+        return QMessageBox.StandardButton.Discard
+
+    monkeypatch.setattr(QMessageBox, "warning", answer)
+    QTimer.singleShot(0, dialog.discard_button.click)
+    dialog.exec()
+    assert "discard" == dialog.choice
+    assert "a.dwg" in asked[0] and "b.dwg" in asked[0]
+    with qtbot.waitSignal(adapter.finished, timeout=WAIT_MS):
+        adapter.discard(info.session_id, confirm_loss=info.unsaved)
+    assert adapter.check_previous_crash() is None
+    assert not work.exists()
