@@ -357,9 +357,12 @@ class Commit:
         """Copy each committed version this commit replaces into ``.objects/{sha256}``.
 
         Runs before any committed key is touched, so on a first run every source is
-        the version recorded. On a roll-forward a source may already be overwritten:
-        the copy is pinned to the recorded ETag, and a version already kept is not
-        copied again (content-addressed).
+        the version recorded; the copy is pinned to its recorded ETag, one request per
+        version (copying a version that is already kept writes the same bytes to the
+        same key: content-addressed, stored once). On a roll-forward a source may
+        already hold the new version: the pin refuses it, and the version was kept on
+        the first run. A version without a recorded ETag (a stage committed by the old
+        module) is copied unpinned and checked by its sha256 metadata.
         """
         if not intent.keeps:
             return
@@ -367,8 +370,6 @@ class Commit:
         def keep(rel: str) -> None:
             item = intent.keeps[rel]
             dst = self.keys.version(item.sha256)
-            if self._exists(dst):
-                return
             try:
                 self.store.copy(
                     self.keys.committed(rel), dst, if_source_etag=item.etag or None, size=item.size
@@ -377,12 +378,15 @@ class Commit:
                 if not self._exists(dst):
                     log.error("version_not_kept", path=rel, sha256=item.sha256)
                 return
+            if item.etag:
+                return
             got = self._committed_sha256(dst)
-            if got is not None and got != item.sha256:  # an unpinned copy met a newer file
+            if got is not None and got != item.sha256:  # the unpinned copy met a newer file
                 self.store.delete(dst)
                 log.error("version_not_kept", path=rel, sha256=item.sha256, found=got)
 
-        Transfers(self.store, self.workers).map(sorted(intent.keeps), keep)
+        workers = self.workers * COPY_POOL_FACTOR if self.workers > 1 else 1
+        Transfers(self.store, workers).map(sorted(intent.keeps), keep)
 
     def _exists(self, key: str) -> bool:
         try:
