@@ -235,7 +235,8 @@ def _download(
             kept = LocalEntry.from_stat(folder.set_executable(rel, wanted_x[rel]), kept.sha256)
         files[rel] = kept
     for rel, digest in zip(plan.download, digests, strict=True):
-        st = folder.set_executable(rel, wanted_x.get(rel, False))
+        # A download is a new file, not executable: open it again only to set the bit.
+        st = folder.set_executable(rel, True) if wanted_x.get(rel) else folder.path(rel).stat()
         files[rel] = LocalEntry.from_stat(st, digest)
     if manifest is None and expected:
         s._base_manifest = Manifest(

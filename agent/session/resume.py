@@ -278,7 +278,10 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
             if item.key.startswith(keys.committed_prefix):
                 rel = keys.rel_from_committed(item.key)
                 was = base.files.get(rel)
-                st = WorkFolder(work).set_executable(rel, was is not None and was.executable)
+                if was is not None and was.executable:
+                    st = WorkFolder(work).set_executable(rel, True)
+                else:
+                    st = item.dest.stat()
                 s._base_files[rel] = LocalEntry.from_stat(st, digest)
             else:  # from our staging: the bit the journal recorded with the upload
                 rel = item.key[len(keys.staging_prefix(s.record.session_id)) :]
@@ -355,7 +358,10 @@ def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
     ]
     Transfers(s.store, s.config.transfer.workers, folder=WorkFolder(work)).download(items)
     for rel in take:
-        got = WorkFolder(work).set_executable(rel, theirs.files[rel].executable)
+        if theirs.files[rel].executable:
+            got = WorkFolder(work).set_executable(rel, True)
+        else:
+            got = local_path_for(work, rel).stat()
         s._base_files[rel] = LocalEntry.from_stat(got, theirs.files[rel].sha256)
     s.records.save_base(s.record.session_id, s._base_files)
     s._adopt_new_base(theirs, etag)
