@@ -285,7 +285,7 @@ class Commit:
         if current is not None and current_etag and current.commit_id == intent.commit_id:
             log.info("commit_manifest_already_written", commit_id=intent.commit_id)
             committed = Committed(current, current_etag)
-            self._record_history(intent, current)
+            self._record_history(intent, current.to_bytes())
         elif current_etag != intent.base_manifest_etag:
             raise ConflictError(
                 f"{self.keys.projekt_id}/{self.keys.stage} holds a manifest that is neither the "
@@ -326,11 +326,12 @@ class Commit:
             files[rel] = files[rel].model_copy(update={"etag": etag})
         manifest = intent.manifest.model_copy(update={"files": files, "write_id": new_write_id()})
         assert manifest.write_id is not None
+        body = manifest.to_bytes()  # once: the history entry is the same bytes
         try:
             written = put_fenced(
                 self.store,
                 self.keys.manifest,
-                manifest.to_bytes(),
+                body,
                 manifest.write_id,
                 if_match=intent.base_manifest_etag,
                 if_none_match=intent.base_manifest_etag is None,
@@ -340,7 +341,7 @@ class Commit:
                 f"someone else committed {self.keys.projekt_id}/{self.keys.stage} during this "
                 "commit; the manifest was not overwritten"
             ) from exc
-        self._record_history(intent, manifest)
+        self._record_history(intent, body)
         log.info(
             "session_committed",
             session_id=intent.session_id,
@@ -395,12 +396,12 @@ class Commit:
             return False
         return True
 
-    def _record_history(self, intent: CommitIntent, manifest: Manifest) -> None:
+    def _record_history(self, intent: CommitIntent, body: bytes) -> None:
         """Write the commit's manifest into the history (idempotent: same key, same bytes)."""
         if intent.history_key is None:
             return
         try:
-            self.store.put_bytes(intent.history_key, manifest.to_bytes())
+            self.store.put_bytes(intent.history_key, body)
         except StoreError as exc:
             # The commit itself is complete; only its history entry is missing.
             log.error("history_not_written", key=intent.history_key, error=str(exc))

@@ -41,7 +41,7 @@ def _history_steps_off() -> Iterator[None]:
     """The commit without its history steps (this process only; for the side-by-side)."""
     saved = Commit._keep_versions, Commit._record_history
     Commit._keep_versions = lambda self, intent: None  # type: ignore[method-assign]
-    Commit._record_history = lambda self, intent, manifest: None  # type: ignore[method-assign]
+    Commit._record_history = lambda self, intent, body: None  # type: ignore[method-assign]
     try:
         yield
     finally:
