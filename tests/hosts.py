@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import socket
 import sys
@@ -42,7 +43,10 @@ P, STAGE = "Kraftwerk_1234567", "planning"
 
 
 def _say(**data: object) -> None:
-    print(json.dumps(data), flush=True)
+    """One JSON line on stdout, written with one system call: a signal handler may call
+    this while the main thread is inside it (print's buffer would raise "reentrant
+    call", and the host's handler would never reach ``app.quit()``)."""
+    os.write(1, (json.dumps(data) + "\n").encode())
 
 
 def _qt_host(mode: str) -> int:
