@@ -224,6 +224,27 @@ class Commit:
         }
         commit_id = uuid.uuid4().hex
         now = datetime.now(UTC)
+        manifest = Manifest(
+            files=files,
+            committed_at=now,
+            committed_by=user,
+            machine=machine,
+            session_id=session_id,
+            commit_id=commit_id,
+            parent_commit_id=base.commit_id,
+            seq=base.seq + 1,
+        )
+        added, changed, removed, sent = summarize(base, manifest)
+        entry = CommitInfo(
+            seq=manifest.seq,
+            commit_id=commit_id,
+            committed_at=now,
+            user=user,
+            added=added,
+            changed=changed,
+            removed=removed,
+            bytes=sent,
+        )
         intent = CommitIntent(
             state="applying",
             session_id=session_id,
@@ -233,32 +254,12 @@ class Commit:
             machine=machine,
             created_at=now,
             base_manifest_etag=base_etag,
-            manifest=Manifest(
-                files=files,
-                committed_at=now,
-                committed_by=user,
-                machine=machine,
-                session_id=session_id,
-                commit_id=commit_id,
-                parent_commit_id=base.commit_id,
-                seq=base.seq + 1,
-            ),
+            manifest=manifest,
             copies=dict(copies),
             deletes=sorted(deletes),
             keeps=keeps,
+            history_key=entry.key_in(self.keys),
         )
-        added, changed, removed, sent = summarize(base, intent.manifest)
-        entry = CommitInfo(
-            seq=intent.manifest.seq,
-            commit_id=commit_id,
-            committed_at=now,
-            user=user,
-            added=added,
-            changed=changed,
-            removed=removed,
-            bytes=sent,
-        )
-        intent = intent.model_copy(update={"history_key": entry.key_in(self.keys)})
         written = put_fenced(
             self.store,
             self.keys.intent,

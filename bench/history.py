@@ -15,16 +15,16 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent.commit import Commit
 from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
 from agent.store import open_store
+from bench.common import median, timed
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -48,17 +48,6 @@ def _history_steps_off() -> Iterator[None]:
         Commit._keep_versions, Commit._record_history = saved  # type: ignore[method-assign]
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 def bench_history(bench: Bench) -> None:
     """Close cost of history, and the history listing of 1,000 commits."""
     projekt = "History_1"
@@ -78,10 +67,10 @@ def bench_history(bench: Bench) -> None:
             (work / f"f{(run * CHANGED + i) % STAGE_FILES:05d}.txt").write_bytes(os.urandom(1024))
         if off:
             with _history_steps_off():
-                without.append(_timed(s.close))
+                without.append(timed(s.close))
         else:
-            with_history.append(_timed(s.close))
-    on, base = _median(with_history), _median(without)
+            with_history.append(timed(s.close))
+    on, base = median(with_history), median(without)
     bench.add(
         "history: close of 10 changed files in a 10,000-file stage",
         "close with history",
@@ -113,7 +102,7 @@ def bench_history(bench: Bench) -> None:
         store.put_bytes(info.key_in(keys), body)
     store.close()
     reader = PlantDesignSession(bench.config("hist-reader"))
-    calls = [_timed(lambda: reader.history(keys.projekt_id, keys.stage)) for _ in range(bench.runs)]
+    calls = [timed(lambda: reader.history(keys.projekt_id, keys.stage)) for _ in range(bench.runs)]
     assert len(reader.history(keys.projekt_id, keys.stage)) == COMMITS
     env = {**bench.env, "AGENT_STORE__URL": "s3://bench/agent"}
     env["AGENT_STORE__ENDPOINT_URL"] = bench.server.endpoint
@@ -121,12 +110,12 @@ def bench_history(bench: Bench) -> None:
     env["AGENT_PATHS__BASE_DIR"] = str(bench.scratch / "agent" / "hist-cli")
     argv = [sys.executable, "-m", "agent", "history", keys.projekt_id, "--stage", keys.stage]
     cli = [
-        _timed(lambda: subprocess.run([*argv, "--json"], env=env, capture_output=True, check=True))
+        timed(lambda: subprocess.run([*argv, "--json"], env=env, capture_output=True, check=True))
         for _ in range(bench.runs)
     ]
     table = "history: listing a stage with 1,000 commits"
-    bench.add(table, "history() (library call)", _median(calls), "target < 1 s")
-    bench.add(table, "`agent history --json` (whole process)", _median(cli), "target < 1 s")
+    bench.add(table, "history() (library call)", median(calls), "target < 1 s")
+    bench.add(table, "`agent history --json` (whole process)", median(cli), "target < 1 s")
 
     board = open_store(bench.config("locks-seed"))
     now = board.server_time()
@@ -147,8 +136,8 @@ def bench_history(bench: Bench) -> None:
     viewer = PlantDesignSession(bench.config("locks-view"))
     projects = [f"Locks_{p:03d}" for p in range(LOCK_PROJECTS)]
     assert len(viewer.list_locks(projects)) == LOCK_PROJECTS * STAGES_PER_PROJECT
-    board_times = [_timed(lambda: viewer.list_locks(projects)) for _ in range(bench.runs)]
-    all_times = [_timed(viewer.list_locks) for _ in range(bench.runs)]
+    board_times = [timed(lambda: viewer.list_locks(projects)) for _ in range(bench.runs)]
+    all_times = [timed(viewer.list_locks) for _ in range(bench.runs)]
     table = "history: `agent locks` over 1,000 stages (100 projects)"
-    bench.add(table, "list_locks(100 named projects)", _median(board_times), "target < 1 s")
-    bench.add(table, "list_locks() (every project in the bucket)", _median(all_times), "")
+    bench.add(table, "list_locks(100 named projects)", median(board_times), "target < 1 s")
+    bench.add(table, "list_locks() (every project in the bucket)", median(all_times), "")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,23 +33,12 @@ from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store import open_store
 from agent.store.base import ObjectStore
+from bench.common import median, timed
 from bench.history import bench_history
 from tests.servers import SeaweedServer
 
 BUCKET = "bench"
 KiB, MiB = 1024, 1024 * 1024
-
-
-def median(values: list[float]) -> float:
-    """The median, or NaN for no values."""
-    return statistics.median(values) if values else float("nan")
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call takes."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def tool(name: str) -> str:
