@@ -37,7 +37,7 @@ from agent.errors import (
     UnsafeStoreError,
 )
 from agent.platform import pid_alive
-from agent.store.base import ObjectStore, WriteResult
+from agent.store.base import ObjectData, ObjectStore, WriteResult
 from agent.text import printable
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "RemoteLock",
     "ensure_store_is_safe",
     "force_unlock",
+    "judge_lock",
     "probe_conditional_writes",
     "read_lock",
 ]
@@ -210,6 +211,11 @@ def read_lock(store: ObjectStore, key: str, config: LockConfig) -> LockStatus | 
         data = store.get(key)
     except NotFoundError:
         return None
+    return judge_lock(key, data, config)
+
+
+def judge_lock(key: str, data: ObjectData, config: LockConfig) -> LockStatus:
+    """A lock object as read (``LockCorruptError`` if its body is not a lock)."""
     return LockStatus(
         key=key,
         body=_parse(key, data.body),

@@ -1,7 +1,7 @@
 """Who works on what (issue 11): every stage lock under the store prefix at once.
 
 One listing of the top level (the projects) and one per project (their
-``{stage}.lock.json`` objects), then the locks read in parallel. A lock body that
+``{stage}.lock.json`` objects), then the locks read at once (``get_many``). A lock body that
 does not parse is shown as ``corrupt``, never an error for the whole board.
 """
 
@@ -15,8 +15,8 @@ from typing import Literal
 from agent.config import LockConfig
 from agent.errors import InvalidNameError, LockCorruptError
 from agent.keys import StageKeys, validate_name
-from agent.lock import read_lock
-from agent.store.base import ObjectStore
+from agent.lock import judge_lock
+from agent.store.base import ObjectData, ObjectStore
 from agent.transfer import Transfers
 
 __all__ = ["LockRow", "list_locks"]
@@ -82,13 +82,13 @@ def _projects(store: ObjectStore) -> list[str]:
     return out
 
 
-def _row(store: ObjectStore, keys: StageKeys, config: LockConfig) -> LockRow:
+def _row(keys: StageKeys, data: ObjectData | None, config: LockConfig) -> LockRow:
+    if data is None:  # removed between the listing and the read
+        return LockRow(keys.projekt_id, keys.stage, "released")
     try:
-        status = read_lock(store, keys.lock, config)
+        status = judge_lock(keys.lock, data, config)
     except LockCorruptError as exc:
         return LockRow(keys.projekt_id, keys.stage, "corrupt", problem=exc.format_message())
-    if status is None:  # removed between the listing and the read
-        return LockRow(keys.projekt_id, keys.stage, "released")
     body = status.body
     state: State = (
         "released" if body.state == "released" else ("expired" if status.is_expired else "held")
@@ -117,5 +117,6 @@ def list_locks(
     projects = list(projekt_ids) or _projects(store)
     pool = Transfers(store, workers)
     stages = [keys for found in pool.map(projects, lambda p: _stages(store, p)) for keys in found]
-    rows = pool.map(stages, lambda keys: _row(store, keys, config))
+    bodies = store.get_many([keys.lock for keys in stages])
+    rows = [_row(keys, data, config) for keys, data in zip(stages, bodies, strict=True)]
     return sorted(rows, key=lambda r: (r.projekt_id, r.stage))

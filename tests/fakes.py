@@ -48,6 +48,16 @@ class MemoryStore:
             data = self.objects[key]
         return ObjectData(key=key, body=data, etag=self._etag(data), server_time=self._now())
 
+    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+        """Read many objects; ``None`` for each one absent."""
+        out: list[ObjectData | None] = []
+        for key in keys:
+            try:
+                out.append(self.get(key))
+            except NotFoundError:
+                out.append(None)
+        return out
+
     def head(self, key: str) -> ObjectInfo:
         """Stat an object."""
         data = self.get(key).body

@@ -30,6 +30,11 @@ request body; it fires on matches ``skip+1 .. skip+times``, or on every
 ``random.Random``. Every request is recorded in ``proxy.seen`` with the rule
 that fired, so a test can check its fault was injected.
 
+``proxy.link(bytes_per_second)`` makes the whole proxy a slow office link, apart
+from any rule: request bodies are read from the agent and answers sent to it in
+slices paced by one clock shared by every connection, so parallel transfers
+share the rate as they would share a real link (``link(None)`` lifts it).
+
 Requests are relayed byte for byte (headers included), except that ``Expect``
 is dropped (the proxy already said 100 Continue); SigV4 does not sign it.
 Threads are named ``pdagent-proxy-*``, so the thread-leak check sees them.
@@ -265,8 +270,47 @@ def _parse_headers(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     return first, headers
 
 
-def _read_exact(stream: IO[bytes], n: int) -> bytes:
-    data = stream.read(n)
+class _Link:
+    """One pacing clock for every connection: a slice may move when the link is free."""
+
+    def __init__(self) -> None:
+        self.rate: int | None = None
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def wait_for(self, size: int, stopping: threading.Event) -> None:
+        """Block until ``size`` bytes may cross the link (at once if it is not slow)."""
+        rate = self.rate
+        if rate is None or size <= 0:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + size / rate
+        while (pause := start - time.monotonic()) > 0:
+            if stopping.wait(min(pause, 0.05)):
+                raise _ClosedError("proxy stopping")
+
+    def slice(self) -> int:
+        """How many bytes move at a time: a twentieth of a second's worth."""
+        return max(1, (self.rate or 1 << 30) // 20)
+
+
+def _read_exact(
+    stream: IO[bytes], n: int, link: _Link | None = None, stopping: threading.Event | None = None
+) -> bytes:
+    if link is None or link.rate is None or stopping is None:
+        data = stream.read(n)
+    else:
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            link.wait_for(min(link.slice(), n - got), stopping)
+            part = stream.read(min(link.slice(), n - got))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = b"".join(parts)
     if len(data) != n:
         raise _ClosedError(f"connection closed after {len(data)} of {n} body bytes")
     return data
@@ -323,6 +367,7 @@ class FaultProxy:
         self._threads: list[threading.Thread] = []
         self._sockets: set[socket.socket] = set()
         self._stopping = threading.Event()
+        self._link = _Link()
         self._ids = itertools.count(1)
         self._accepter = threading.Thread(
             target=self._accept_loop, name="pdagent-proxy-accept", daemon=True
@@ -334,6 +379,10 @@ class FaultProxy:
         """Accept connections in a background thread."""
         self._accepter.start()
         return self
+
+    def link(self, bytes_per_second: int | None) -> None:
+        """Pace every body in both directions to ``bytes_per_second`` overall (None: off)."""
+        self._link.rate = bytes_per_second
 
     def add(self, rule: Rule) -> Rule:
         """Add a rule (after the existing ones); returns it for ``fired``/``release``."""
@@ -457,7 +506,7 @@ class FaultProxy:
             raw, body = _read_chunked(stream)
         else:
             length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
-            raw = body = _read_exact(stream, length)
+            raw = body = _read_exact(stream, length, self._link, self._stopping)
         forwarded = [(k, v) for k, v in headers if k.lower() != "expect"]
         out_head = (
             first + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in forwarded) + "\r\n"
@@ -541,6 +590,11 @@ class _Connection:
             return False  # the store applied it; the client hears nothing
         if isinstance(action, Throttle):
             self._send_slowly(answer, action.bytes_per_second)
+        elif proxy._link.rate is not None:
+            for offset in range(0, len(answer), proxy._link.slice()):
+                piece = answer[offset : offset + proxy._link.slice()]
+                proxy._link.wait_for(len(piece), proxy._stopping)
+                self.client.sendall(piece)
         else:
             self.client.sendall(answer)
         return not (request.close or upstream_close)

@@ -70,6 +70,10 @@ class ObjectStore(Protocol):
         """Read a small object whole. ``NotFoundError`` if absent."""
         ...
 
+    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+        """Read many small objects whole, in parallel; ``None`` for each one absent."""
+        ...
+
     def head(self, key: str) -> ObjectInfo:
         """Size and ETag of an object. ``NotFoundError`` if absent."""
         ...

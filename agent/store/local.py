@@ -152,6 +152,16 @@ class LocalStore:
                 raise NotFoundError(f"no object {key!r} in {self.description}") from exc
         return ObjectData(key=key, body=body, etag=etag, server_time=self._now())
 
+    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+        """Read many objects (one after another: a local disk gains nothing)."""
+        out: list[ObjectData | None] = []
+        for key in keys:
+            try:
+                out.append(self.get(key))
+            except NotFoundError:
+                out.append(None)
+        return out
+
     def head(self, key: str) -> ObjectInfo:
         """Size and ETag."""
         path = self._path(key)
