@@ -304,8 +304,10 @@ class Commit:
         return committed
 
     def _apply_changes(self, intent: CommitIntent) -> Committed:
-        self._keep_versions(intent)
         order = sorted(intent.copies)
+        # A version only deleted is kept too; one replaced is kept right before its copy
+        # in the same task, so the copies start at once instead of after every keep.
+        only_kept = sorted(set(intent.keeps) - set(intent.copies))
         progress = Progress(
             f"Committing {len(order)} files",
             sum(intent.copies[rel].size for rel in order),
@@ -313,13 +315,17 @@ class Commit:
         )
 
         def copy_one(rel: str) -> str:
+            if rel in intent.keeps:
+                self._keep(intent, rel)
+            if rel not in intent.copies:
+                return ""
             etag = self._copy(intent, rel, intent.copies[rel])
             progress.add(intent.copies[rel].size)
             return etag
 
         # ``workers = 1`` stays one at a time (serial transfers, as the crash tests use).
         pool = Transfers(self.store, self.workers * COPY_POOL_FACTOR if self.workers > 1 else 1)
-        etags = pool.map(order, copy_one, progress)
+        etags = pool.map(order + only_kept, copy_one, progress)[: len(order)]
         if intent.deletes:
             self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
         files = dict(intent.manifest.files)
@@ -355,40 +361,33 @@ class Commit:
 
     # ---------------------------------------------------------------- history
 
-    def _keep_versions(self, intent: CommitIntent) -> None:
-        """Copy each committed version this commit replaces into ``.objects/{sha256}``.
+    def _keep(self, intent: CommitIntent, rel: str) -> None:
+        """Copy the committed version of ``rel`` this commit replaces into ``.objects/{sha256}``.
 
-        Runs before any committed key is touched, so on a first run every source is
-        the version recorded; the copy is pinned to its recorded ETag, one request per
-        version (copying a version that is already kept writes the same bytes to the
-        same key: content-addressed, stored once). On a roll-forward a source may
-        already hold the new version: the pin refuses it, and the version was kept on
-        the first run. A version without a recorded ETag (a stage committed by the old
+        Runs before that committed key is touched, so on a first run the source is
+        the version recorded; the copy is pinned to its recorded ETag (copying a
+        version that is already kept writes the same bytes to the same key:
+        content-addressed, stored once). On a roll-forward the source may already
+        hold the new version: the pin refuses it, and the version was kept on the
+        first run. A version without a recorded ETag (a stage committed by the old
         module) is copied unpinned and checked by its sha256 metadata.
         """
-        if not intent.keeps:
+        item = intent.keeps[rel]
+        dst = self.keys.version(item.sha256)
+        try:
+            self.store.copy(
+                self.keys.committed(rel), dst, if_source_etag=item.etag or None, size=item.size
+            )
+        except (PreconditionFailedError, NotFoundError):
+            if not self._exists(dst):
+                log.error("version_not_kept", path=rel, sha256=item.sha256)
             return
-
-        def keep(rel: str) -> None:
-            item = intent.keeps[rel]
-            dst = self.keys.version(item.sha256)
-            try:
-                self.store.copy(
-                    self.keys.committed(rel), dst, if_source_etag=item.etag or None, size=item.size
-                )
-            except (PreconditionFailedError, NotFoundError):
-                if not self._exists(dst):
-                    log.error("version_not_kept", path=rel, sha256=item.sha256)
-                return
-            if item.etag:
-                return
-            got = self._committed_sha256(dst)
-            if got is not None and got != item.sha256:  # the unpinned copy met a newer file
-                self.store.delete(dst)
-                log.error("version_not_kept", path=rel, sha256=item.sha256, found=got)
-
-        workers = self.workers * COPY_POOL_FACTOR if self.workers > 1 else 1
-        Transfers(self.store, workers).map(sorted(intent.keeps), keep)
+        if item.etag:
+            return
+        got = self._committed_sha256(dst)
+        if got is not None and got != item.sha256:  # the unpinned copy met a newer file
+            self.store.delete(dst)
+            log.error("version_not_kept", path=rel, sha256=item.sha256, found=got)
 
     def _exists(self, key: str) -> bool:
         try:

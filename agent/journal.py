@@ -429,6 +429,12 @@ class Journal:
         )
         return [Entry(*row) for row in rows]  # type: ignore[arg-type]
 
+    def pending_bytes(self) -> int:
+        """The bytes still to send (one SQL sum: close polls it for its progress bar)."""
+        rows = self._query("SELECT COALESCE(SUM(MAX(size, 0)), 0) FROM pending")
+        total = rows[0][0] if rows else 0
+        return total if isinstance(total, int) else 0
+
     def pending_since(self, seq: int) -> list[Entry]:
         """Pending rows recorded after ``seq``, in order."""
         rows = self._query(

@@ -39,13 +39,13 @@ STAGES_PER_PROJECT = 10
 @contextmanager
 def _history_steps_off() -> Iterator[None]:
     """The commit without its history steps (this process only; for the side-by-side)."""
-    saved = Commit._keep_versions, Commit._record_history
-    Commit._keep_versions = lambda self, intent: None  # type: ignore[method-assign]
+    saved = Commit._keep, Commit._record_history
+    Commit._keep = lambda self, intent, rel: None  # type: ignore[method-assign]
     Commit._record_history = lambda self, intent, body: None  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Commit._keep_versions, Commit._record_history = saved  # type: ignore[method-assign]
+        Commit._keep, Commit._record_history = saved  # type: ignore[method-assign]
 
 
 def bench_history(bench: Bench) -> None:

@@ -263,7 +263,7 @@ def _flush_or_raise(s: PlantDesignSession, streamer: Streamer) -> None:
 
 
 def _pending_bytes(streamer: Streamer) -> int:
-    return sum(max(e.size or 0, 0) for e in streamer.journal.pending())
+    return streamer.journal.pending_bytes()
 
 
 def _commit(
