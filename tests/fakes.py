@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError, PreconditionFailedError
-from agent.store.base import Level, ObjectData, ObjectInfo, ObjectStore, ProgressFn, WriteResult
+from agent.store.base import (
+    Level,
+    ObjectData,
+    ObjectInfo,
+    ObjectStore,
+    ProgressFn,
+    WriteResult,
+    get_or_none,
+)
 
 
 class MemoryStore:
@@ -50,13 +58,7 @@ class MemoryStore:
 
     def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
         """Read many objects; ``None`` for each one absent."""
-        out: list[ObjectData | None] = []
-        for key in keys:
-            try:
-                out.append(self.get(key))
-            except NotFoundError:
-                out.append(None)
-        return out
+        return [get_or_none(self.get, key) for key in keys]
 
     def head(self, key: str) -> ObjectInfo:
         """Stat an object."""

@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from agent.errors import NotFoundError
+
 __all__ = ["Level", "ObjectData", "ObjectInfo", "ObjectStore", "ProgressFn", "WriteResult"]
 
 ProgressFn = Callable[[int], None]
@@ -55,6 +57,14 @@ class WriteResult:
 
     etag: str
     server_time: datetime
+
+
+def get_or_none(get: Callable[[str], ObjectData], key: str) -> ObjectData | None:
+    """``get(key)``, or ``None`` when the object does not exist."""
+    try:
+        return get(key)
+    except NotFoundError:
+        return None
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from agent.errors import (
     PermanentStoreError,
     PreconditionFailedError,
 )
-from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult
+from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult, get_or_none
 
 __all__ = ["LocalStore"]
 
@@ -154,13 +154,7 @@ class LocalStore:
 
     def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
         """Read many objects (one after another: a local disk gains nothing)."""
-        out: list[ObjectData | None] = []
-        for key in keys:
-            try:
-                out.append(self.get(key))
-            except NotFoundError:
-                out.append(None)
-        return out
+        return [get_or_none(self.get, key) for key in keys]
 
     def head(self, key: str) -> ObjectInfo:
         """Size and ETag."""

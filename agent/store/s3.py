@@ -51,7 +51,7 @@ from agent.errors import (
     UnsafeStoreError,
 )
 from agent.retry import call_with_retries
-from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult
+from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult, get_or_none
 from agent.store.signed import Answer, AnswerError, Page, SignedRequests, object_base
 
 __all__ = ["S3Store"]
@@ -595,10 +595,7 @@ class S3Store:
             elif answer is None:
                 out.append(None)
             else:
-                try:
-                    out.append(self.get(key))
-                except NotFoundError:
-                    out.append(None)
+                out.append(get_or_none(self.get, key))
         return out
 
     async def _get_all(
