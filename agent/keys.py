@@ -16,10 +16,10 @@ and ``WorkFolder`` reaches local paths without ever following a link.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
-import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -101,6 +101,10 @@ def unsupported_reason(rel: str) -> str | None:
     return None
 
 
+# Unicode category Cc is exactly these: C0 controls, DEL and the C1 controls.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def validate_rel_path(rel: str, *, key: str | None = None) -> str:
     """Check a working-copy relative path (POSIX separators) and return it normalized.
 
@@ -111,7 +115,7 @@ def validate_rel_path(rel: str, *, key: str | None = None) -> str:
     problem = None
     if not rel:
         problem = "it is empty"
-    elif "\x00" in rel or any(unicodedata.category(c) == "Cc" for c in rel):
+    elif _CONTROL.search(rel):
         problem = "it contains NUL or control characters"
     elif "\\" in rel:
         problem = "it contains a backslash"
@@ -155,8 +159,12 @@ def fd_path(fd: int) -> Path | None:
     keeps it on the object we opened without following links, whatever happens to
     the names meanwhile.
     """
-    path = _PROC_FD / str(fd)
-    return path if _PROC_FD.is_dir() else None
+    return _PROC_FD / str(fd) if _has_proc_fd() else None
+
+
+@functools.cache
+def _has_proc_fd() -> bool:
+    return _PROC_FD.is_dir()
 
 
 class WorkFolder:
@@ -203,9 +211,7 @@ class WorkFolder:
         The folders on the way are checked now, with ``lstat`` (nothing is cached); the
         last component may itself be a link: callers ``lstat`` it and never follow it.
         """
-        validate_rel_path(rel, key=key)
-        parts = PurePosixPath(rel).parts
-        self._check_local_name(rel, parts, key)
+        parts = self._check_names(rel, key)
         current = self.root
         for part in ("", *parts[:-1]):
             current = current / part if part else current
@@ -220,6 +226,13 @@ class WorkFolder:
             if not stat.S_ISDIR(st.st_mode):
                 raise self._refuse(rel, key, current, "not a folder")
         return self.root.joinpath(*parts)
+
+    def _check_names(self, rel: str, key: str | None = None) -> tuple[str, ...]:
+        """``rel``'s parts, refused if unsafe or not a name this file system can hold."""
+        validate_rel_path(rel, key=key)
+        parts = tuple(rel.split("/"))
+        self._check_local_name(rel, parts, key)
+        return parts
 
     def _check_local_name(self, rel: str, parts: tuple[str, ...], key: str | None) -> None:
         """Refuse (``InvalidNameError``, exit 3) a name this file system cannot hold."""
@@ -285,16 +298,17 @@ class WorkFolder:
         the way) is a link or not a regular file (a FIFO is opened non-blocking, so it
         cannot hang us, and refused).
         """
-        self.path(rel)  # validates; and the only check where descriptors are missing
         head, _, name = rel.rpartition("/")
         flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY
-        if HAS_DIR_FD:
+        if HAS_DIR_FD:  # the O_NOFOLLOW walk is the link check: the names only here
+            self._check_names(rel)
             with self.open_dir(head) as dfd:
                 try:
                     fd = os.open(name, flags, dir_fd=dfd)
                 except OSError as exc:
                     raise self._translate(exc, rel, self.root / rel) from exc
-        else:  # pragma: no cover - Windows: lstat right before the open
+        else:  # pragma: no cover - Windows: lstat the folders, then the file, then open
+            self.path(rel)
             target = self.root / rel
             if not is_plain(target.lstat()):
                 raise self._refuse(rel, None, target, "a link")

@@ -394,8 +394,8 @@ class Streamer:
         equal content is not sent again (a ``touch``, a ``chmod``, a tool that rewrote
         the same bytes), other content always is, whatever its size and mtime say.
         """
+        failed: LocalFileError | None = None
         try:
-            path = self._folder.path(rel)
             with self._folder.open_file(rel) as (fd, opened):
                 st = opened
                 held = self._held(rel)
@@ -415,20 +415,24 @@ class Streamer:
                         self._remember(rel, LocalEntry.from_stat(st, digest))
                         return finished
                     break
+                # Sent from this descriptor: the file is opened (and its path checked) once.
+                item = Upload(
+                    rel=rel,
+                    key=self.keys.staged(self.session_id, rel),
+                    src=self._folder.root.joinpath(*rel.split("/")),
+                )
+                try:
+                    done = self._transfers.upload_one(item, None, known=known, fd=fd)
+                except LocalFileError as exc:  # a read error, not a link: reported below
+                    failed = exc
         except FileNotFoundError:
             return self._gone(rel, seq)
         except LocalFileError as exc:  # now a link or special file: never followed or sent
             log.warning("not_synchronised", path=rel, reason=str(exc))
             return self._gone(rel, seq)
-        try:
-            done = self._transfers.upload_one(
-                Upload(rel=rel, key=self.keys.staged(self.session_id, rel), src=path),
-                None,
-                known=known,
-            )
-        except LocalFileError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
+        if failed is not None:
+            if not isinstance(failed.__cause__, FileNotFoundError):
+                raise failed
             return self._gone(rel, seq)  # renamed away meanwhile (rsync's temp file): no error
         finished = self.journal.mark_done(
             rel,

@@ -11,6 +11,7 @@ waits for what is running, and raises the first error.
 from __future__ import annotations
 
 import errno
+import functools
 import mimetypes
 import os
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import structlog
@@ -70,10 +71,16 @@ _EXTRA_TYPES = {
 
 def content_type_for(path: str) -> str:
     """The Content-Type to store a file under (octet-stream when unknown)."""
-    suffix = Path(path).suffix.lower()
-    if suffix in _EXTRA_TYPES:
-        return _EXTRA_TYPES[suffix]
-    guessed, _ = mimetypes.guess_type(path, strict=False)
+    # What mimetypes looks at: the last suffix, and the one before an encoding's (.tar.gz).
+    return _type_of_suffixes("".join(PurePosixPath(path).suffixes[-2:]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_of_suffixes(suffixes: str) -> str:
+    last = suffixes[suffixes.rfind(".") :].lower()
+    if last in _EXTRA_TYPES:
+        return _EXTRA_TYPES[last]
+    guessed, _ = mimetypes.guess_type(f"x{suffixes}", strict=False)
     return guessed or "application/octet-stream"
 
 
@@ -368,13 +375,15 @@ class Transfers:
         progress: Progress | None,
         *,
         known: tuple[os.stat_result, str] | None = None,
+        fd: int | None = None,
     ) -> Uploaded:
         """Upload one file on the calling thread (redone if it changes while read).
 
         ``known`` is a ``(stat, sha256)`` the caller already computed, so a large file
         is not hashed twice; it is trusted only while the file's stat still matches.
         With a ``folder`` the file is opened once without following links and the
-        store reads that very file (through /proc/self/fd where there is one).
+        store reads that very file (through /proc/self/fd where there is one). ``fd``
+        is such a descriptor the caller opened already (and closes itself).
         """
         for _attempt in range(_MAX_UPLOAD_REDOS):
             sent = 0
@@ -386,13 +395,13 @@ class Transfers:
                     progress.add(delta)
 
             try:
-                with self._opened(item) as (fd, before):
+                with self._opened(item, fd) as (fd_, before):
                     if known is not None and same_stat(known[0], before):
                         digest = known[1]
                     else:
-                        digest = fd_sha256(fd) if fd >= 0 else file_sha256(item.src)
+                        digest = fd_sha256(fd_) if fd_ >= 0 else file_sha256(item.src)
                     known = None
-                    via = fd_path(fd) if fd >= 0 else None
+                    via = fd_path(fd_) if fd_ >= 0 else None
                     result = self.store.upload_file(
                         item.key,
                         via if via is not None else item.src,
@@ -400,7 +409,7 @@ class Transfers:
                         progress=on_bytes,
                         metadata={"sha256": digest},
                     )
-                    after = os.fstat(fd) if fd >= 0 else item.src.stat()
+                    after = os.fstat(fd_) if fd_ >= 0 else item.src.stat()
             except OSError as exc:
                 if progress is not None:
                     progress.add(-sent)
@@ -427,8 +436,14 @@ class Transfers:
         )
 
     @contextmanager
-    def _opened(self, item: Upload) -> Iterator[tuple[int, os.stat_result]]:
-        """``(fd, fstat)`` of the file through the folder, or ``(-1, stat)`` without one."""
+    def _opened(self, item: Upload, fd: int | None) -> Iterator[tuple[int, os.stat_result]]:
+        """``(fd, fstat)`` of the file through the folder, or ``(-1, stat)`` without one.
+
+        A descriptor the caller gives is used as it is (and left open).
+        """
+        if fd is not None:
+            yield fd, os.fstat(fd)
+            return
         if self.folder is None:
             yield -1, item.src.stat()
             return

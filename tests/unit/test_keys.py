@@ -103,3 +103,20 @@ def test_a_working_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LocalFileError, match="link"):
         WorkFolder(tmp_path / "P" / "stage").check_root()
     WorkFolder(tmp_path / "P" / "other").check_root()  # not there yet: fine
+
+
+def test_every_control_character_and_only_those_is_refused_in_a_path() -> None:
+    """The refusal is exactly Unicode's category Cc (C0, DEL, C1): no more, no less."""
+    import sys
+    import unicodedata
+
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        if char in "/\\" or unicodedata.category(char) == "Cs":
+            continue  # separators have rules of their own; lone surrogates are not names
+        rel = f"ab{char}c"
+        if unicodedata.category(char) == "Cc":
+            with pytest.raises(InvalidNameError, match="control characters"):
+                validate_rel_path(rel)
+        else:
+            assert rel == validate_rel_path(rel)

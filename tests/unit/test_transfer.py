@@ -133,3 +133,14 @@ def test_content_types() -> None:
     assert "image/vnd.dwg" == content_type_for("a/plan.DWG")
     assert "application/pdf" == content_type_for("x.pdf")
     assert "application/octet-stream" == content_type_for("noext")
+    assert "application/octet-stream" == content_type_for("dir.v1/noext")
+
+
+def test_content_type_looks_past_an_encoding_suffix() -> None:
+    """A .tar.gz is a tar archive, as mimetypes says for the whole name (cached by suffix)."""
+    import mimetypes
+
+    for name in ("b.tar.gz", "c.tgz", "d.PDF.gz", "e.svg.Z"):
+        assert (mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream") == (
+            content_type_for(f"x/{name}")
+        )
