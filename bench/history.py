@@ -37,7 +37,7 @@ STAGES_PER_PROJECT = 10
 
 
 @contextmanager
-def _history_steps_off() -> Iterator[None]:
+def history_steps_off() -> Iterator[None]:
     """The commit without its history steps (this process only; for the side-by-side)."""
     saved = Commit._keep, Commit._record_history
     Commit._keep = lambda self, intent, rel: None  # type: ignore[method-assign]
@@ -66,7 +66,7 @@ def bench_history(bench: Bench) -> None:
         for i in range(CHANGED):
             (work / f"f{(run * CHANGED + i) % STAGE_FILES:05d}.txt").write_bytes(os.urandom(1024))
         if off:
-            with _history_steps_off():
+            with history_steps_off():
                 without.append(timed(s.close))
         else:
             with_history.append(timed(s.close))

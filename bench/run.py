@@ -34,7 +34,7 @@ from agent.session import PlantDesignSession
 from agent.store import open_store
 from agent.store.base import ObjectStore
 from bench.common import median, timed
-from bench.history import bench_history
+from bench.history import bench_history, history_steps_off
 from tests.servers import SeaweedServer
 
 BUCKET = "bench"
@@ -101,24 +101,35 @@ def seed_stage(bench: Bench, projekt: str, source: Path) -> None:
     session.close()
 
 
-def agent_cycle(bench: Bench, projekt: str) -> tuple[list[float], list[float], list[float]]:
-    """Cold opens, full closes (every file changed) and re-opens of an unchanged copy."""
-    cold, close, reopen = [], [], []
+def agent_cycle(bench: Bench, projekt: str) -> dict[str, list[float]]:
+    """Cold opens, full closes (every file changed) and re-opens of an unchanged copy.
+
+    ``close_bare``: a second full close, of the re-opened copy, without the version
+    history's steps (``history_steps_off``): the commit protocol alone, side by side.
+    """
+    out: dict[str, list[float]] = {"cold": [], "close": [], "reopen": [], "close_bare": []}
     name = f"cycle-{projekt}"
+
+    def change_all(work: Path) -> None:
+        for f in work.iterdir():
+            with f.open("r+b") as fh:
+                fh.write(os.urandom(16))
+
     for _ in range(bench.runs):
         config = bench.config(name)
         shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
         s = PlantDesignSession(config)
-        cold.append(timed(partial(s.open, projekt, "bench", "planning", watch=False)))
+        out["cold"].append(timed(partial(s.open, projekt, "bench", "planning", watch=False)))
         assert s.work_path is not None
-        for f in s.work_path.iterdir():
-            with f.open("r+b") as fh:
-                fh.write(os.urandom(16))
-        close.append(timed(s.close))
+        change_all(s.work_path)
+        out["close"].append(timed(s.close))
         s2 = PlantDesignSession(config)
-        reopen.append(timed(partial(s2.open, projekt, "bench", "planning", watch=False)))
-        s2.close()
-    return cold, close, reopen
+        out["reopen"].append(timed(partial(s2.open, projekt, "bench", "planning", watch=False)))
+        assert s2.work_path is not None
+        change_all(s2.work_path)
+        with history_steps_off():
+            out["close_bare"].append(timed(s2.close))
+    return out
 
 
 def tool_cycle(
@@ -231,7 +242,8 @@ def bench_core(bench: Bench) -> None:
         source = bench.scratch / f"src-{projekt}"
         make_files(source, count, size)
         seed_stage(bench, projekt, source)
-        cold, close, reopen = agent_cycle(bench, projekt)
+        cycle = agent_cycle(bench, projekt)
+        cold, close, reopen = cycle["cold"], cycle["close"], cycle["reopen"]
         tools = tool_cycle(bench, projekt, source)
         s5_down, s5_up = (median(v) for v in tools["s5cmd"])
         table = f"core: {label}"
@@ -246,6 +258,12 @@ def bench_core(bench: Bench) -> None:
             "agent close (all changed)",
             median(close),
             f"{median(close) / s5_up:.2f} x s5cmd upload",
+        )
+        bench.add(
+            table,
+            "agent close (all changed), history steps off",
+            median(cycle["close_bare"]),
+            f"{median(cycle['close_bare']) / s5_up:.2f} x s5cmd upload",
         )
         bench.add(
             table,
