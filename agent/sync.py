@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
-from agent.snapshot import scan
+from agent.snapshot import FileStat, scan
 from agent.store.base import ObjectStore
 from agent.transfer import Transfers, Upload, same_stat
 from agent.watcher import Watcher
@@ -177,13 +177,15 @@ class Streamer:
 
     # ---------------------------------------------------------------- intake
 
-    def on_dirty(self, paths: set[str]) -> None:
+    def on_dirty(self, paths: set[str], scanned: Mapping[str, FileStat] | None = None) -> None:
         """Journal each path as a put (a file) or a delete (gone); wake the uploader.
 
         A file whose stat tuple is the one of the content the store holds is skipped
         (``LocalEntry.matches``); any other file is journalled and the uploader hashes
         it, sending it only if the hash differs from what the store holds. Links and
         special files are never files here: one that replaced a tracked file is a delete.
+        ``scanned``: stats a ``scan`` just took (its walk never follows a link), used
+        as they are instead of a second ``lstat`` of each path.
         """
         items: list[Change] = []
         for rel in sorted(paths):
@@ -192,9 +194,10 @@ class Streamer:
             if (reason := unsupported_reason(rel)) is not None:
                 self._note_unsupported(rel, reason)
                 continue
-            st: os.stat_result | None = None
+            st: os.stat_result | FileStat | None = scanned.get(rel) if scanned else None
             try:
-                st = self._folder.path(rel).lstat()
+                if st is None:
+                    st = self._folder.path(rel).lstat()
             except LocalFileError as exc:  # a folder on the way is a link: not followed
                 log.warning("not_synchronised", path=rel, reason=str(exc))
             except AgentError:
@@ -238,7 +241,7 @@ class Streamer:
             dirty |= {r for r in self._unsupported if r.startswith(prefix) or r == subtree}
         if dirty:
             log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
-            self.on_dirty(dirty)
+            self.on_dirty(dirty, current)
 
     # -------------------------------------------------------------- uploader
 

