@@ -22,7 +22,7 @@ from agent.errors import (
 from agent.store import open_store
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_config
-from tests.faultproxy import FaultProxy, Rule, Status, Throttle
+from tests.faultproxy import RESET_BEFORE, FaultProxy, Rule, Status, Throttle
 
 
 @pytest.fixture
@@ -235,3 +235,34 @@ def test_a_500_on_the_second_page_of_a_level_listing_still_lists_the_whole_level
     assert 1 == rule.fired
     assert keys == [o.key for o in objects]
     assert ["list/a/", "list/b/", "list/c/"] == subs
+
+
+def test_a_bulk_read_whose_gets_fail_reads_those_keys_again_and_misses_nothing(
+    wan_store: ObjectStore, fault_proxy: FaultProxy
+) -> None:
+    """get_many: a 503, a 500 and a reset on three keys; each is read again, all come back."""
+    keys = [f"board/k{i:02d}.lock.json" for i in range(12)]
+    etags = [wan_store.put_bytes(key, f"lock {i}".encode()).etag for i, key in enumerate(keys)]
+    rules = [
+        fault_proxy.add(Rule(Status(503, "SlowDown"), method="GET", path=r"k03\.lock\.json$")),
+        fault_proxy.add(Rule(Status(500), method="GET", path=r"k07\.lock\.json$")),
+        fault_proxy.add(Rule(RESET_BEFORE, method="GET", path=r"k10\.lock\.json$")),
+    ]
+    got = wan_store.get_many([*keys, "board/absent.lock.json"])
+    assert [1, 1, 1] == [rule.fired for rule in rules]
+    assert got[-1] is None
+    assert [f"lock {i}".encode() for i in range(12)] == [g.body for g in got[:-1] if g]
+    assert etags == [g.etag for g in got[:-1] if g]
+
+
+def test_a_bulk_read_of_a_key_that_keeps_failing_raises_and_never_says_absent(
+    wan_store: ObjectStore, fault_proxy: FaultProxy
+) -> None:
+    """A lock that cannot be read is an error, never a missing lock (a free stage)."""
+    keys = [f"board/j{i:02d}.lock.json" for i in range(4)]
+    for key in keys:
+        wan_store.put_bytes(key, b"{}")
+    rule = fault_proxy.add(Rule(Status(500), method="GET", path=r"j02\.lock\.json$", times=None))
+    with pytest.raises(TransientStoreError):
+        wan_store.get_many(keys)
+    assert rule.fired >= 2  # the bulk GET and the retried reads
