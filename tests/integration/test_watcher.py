@@ -358,3 +358,25 @@ def test_a_watch_limit_falls_back_to_polling_and_says_so(
 def test_a_watcher_reports_events_mode_normally(watched: tuple[Path, Collector, Watcher]) -> None:
     _root, _c, w = watched
     assert w.mode == "events"
+
+
+def test_reading_files_in_the_folder_makes_no_events_at_all(
+    watched: tuple[Path, Collector, Watcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads (the agent's own hashing and uploads) are not asked of the kernel: no event."""
+    root, c, w = watched
+    (root / "sub").mkdir()
+    for i in range(20):
+        (root / "sub" / f"r{i}.dat").write_bytes(b"r" * 100)
+    assert c.wait_for(lambda: len(c.delivered) >= 20)
+    kinds: list[str] = []
+    real = w._on_event
+    monkeypatch.setattr(w, "_on_event", lambda event: (kinds.append(event.event_type), real(event)))
+    for _ in range(5):
+        for i in range(20):
+            (root / "sub" / f"r{i}.dat").read_bytes()
+        list(os.scandir(root / "sub"))
+    (root / "sub" / "written.dat").write_bytes(b"w")  # the control: a write is still seen
+    assert c.wait_for(lambda: "sub/written.dat" in c.delivered)
+    assert kinds, "the write made no event: the check below would prove nothing"
+    assert not {"opened", "closed_no_write"} & set(kinds), kinds
