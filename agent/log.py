@@ -74,6 +74,7 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
     ]
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,  # below every handler's level: no work at all
             *shared,
             structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
