@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,7 +129,12 @@ def _open_locked(
         _check_cancel(s)  # cancelled while the lock was being taken: give it back
         s._set_state(SessionState.DOWNLOADING)
         s._update_record(lock_etag=lock.etag)
-        finished = s._committer(keys, reupload=False).settle()[1]
+        # The manifest is read beside the check for an unfinished commit (one round
+        # trip instead of two); it is read again only if a commit was finished here.
+        with ThreadPoolExecutor(1, thread_name_prefix="pdagent-manifest") as ahead:
+            manifest_read = ahead.submit(read_manifest, s.store, keys)
+            finished = s._committer(keys, reupload=False).settle()[1]
+            base = manifest_read.result() if finished is None else None
         if finished is not None:
             bound.warning(
                 "open_finished_unfinished_commit",
@@ -136,7 +142,7 @@ def _open_locked(
                 committed_by=finished.manifest.committed_by,
             )
         _check_cancel(s)
-        base_etag, base_files = _download(s, keys, work)
+        base_etag, base_files = _download(s, keys, work, base)
         _check_cancel(s)
         s.records.save_base(session_id, base_files)
         s._update_record(phase="active", base_manifest_etag=base_etag, lock_etag=lock.etag)
@@ -178,9 +184,13 @@ def _raise_cancelled_or(s: PlantDesignSession, exc: BaseException) -> None:
 
 
 def _download(
-    s: PlantDesignSession, keys: StageKeys, work: Path
+    s: PlantDesignSession,
+    keys: StageKeys,
+    work: Path,
+    base: tuple[Manifest | None, str | None] | None = None,
 ) -> tuple[str | None, dict[str, LocalEntry]]:
-    manifest, etag = read_manifest(s.store, keys)
+    """Bring ``work`` to the committed stage; ``base``: the manifest read already."""
+    manifest, etag = base if base is not None else read_manifest(s.store, keys)
     if manifest is None:
         # No manifest yet: a stage written by the old module, or a new one.
         sizes = {
