@@ -73,11 +73,11 @@ log = structlog.get_logger(__name__)
 StatFn = Callable[[str], tuple[int, int] | None]
 """``rel_path -> (size, mtime_ns)``, or None when the file does not exist."""
 
-_IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
-# What the kernel is asked for (watchdog turns the list into the inotify mask). Opens
-# and closes without a write are not wanted: every read of a file (our own hashing
-# and uploads included) made two events that watchdog parsed only for us to drop;
-# streaming a 2,000-file folder spent most of its watcher time on them.
+# The only events delivered (watchdog turns the list into the inotify mask, and the
+# polling observer filters by it). Opens and closes without a write are not wanted:
+# every read of a file (our own hashing and uploads included) made two events that
+# watchdog parsed only for us to drop; streaming a 2,000-file folder spent most of
+# its watcher time on them.
 _WANTED_EVENTS = [
     FileCreatedEvent,
     DirCreatedEvent,
@@ -409,7 +409,7 @@ class Watcher:
     def _on_event(self, event: FileSystemEvent) -> None:
         """Runs on the observer's thread: only bookkeeping, no I/O."""
         kind = event.event_type
-        if kind in _IGNORED_EVENTS or (event.is_directory and kind in ("modified", "attrib")):
+        if event.is_directory and kind in ("modified", "attrib"):
             return
         raws = [event.src_path]
         if getattr(event, "dest_path", ""):

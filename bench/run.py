@@ -607,13 +607,6 @@ def bench_folder(bench: Bench) -> None:
     if shutil.which("git"):
         ops["git clone"] = lambda dest: _git_clone(src, dest)
     store = open_store(bench.config("folder-probe"))
-    files = [p for p in (src / "pkg").rglob("*") if p.is_file()]
-    bulk_runs = []
-    for run in range(max(1, bench.runs // 2)):
-        items = [Upload(rel=p.name, key=f"bulk{run}/{p.name}", src=p) for p in files]
-        bulk_runs.append(timed(partial(Transfers(store, 10).upload, items)))
-    bulk = median(bulk_runs)
-    bench.add(table, "bulk upload of the same files (agent transfers)", bulk)
     for name, op in ops.items():
         per_file: list[float] = []
         staged: list[float] = []
