@@ -1,21 +1,31 @@
-"""The commit protocol: intent, pinned copies, deletes, fenced manifest, done.
+"""The commit protocol: intent, one copy per changed path, deletes, fenced manifest, done.
 
-DESIGN.md "Staging and commit". ``begin`` writes ``{projekt_id}/{stage}.commit.json``
-(the *intent*: session, commit id, base manifest ETag, the new manifest, the
-copies with the staged ETag and sha256 each, the deletes) before any committed
-key is touched. ``apply`` then makes the stage equal the intent's manifest:
+DESIGN.md "Commit". Every file body is already at ``{projekt_id}/.objects/{sha256}``
+(the streamer sent it there, once, checked by size and ETag). ``begin`` writes
+``{projekt_id}/{stage}.commit.json`` (the *intent*: session, commit id, base
+manifest ETag, the new manifest, the copies with each object's ETag and sha256,
+the deletes) before any committed key is touched. ``apply`` then makes the stage
+equal the intent's manifest:
 
-1. copies with ``x-amz-copy-source-if-match`` on the staged ETag the journal
-   recorded, each result checked (the copied ETag, else the sha256 metadata); a
-   staged object that changed or vanished is re-uploaded by ``reupload`` from the
-   local file if that still has the recorded hash, otherwise ``CommitBlockedError``;
+1. one server-side copy per changed path, ``.objects/{sha256}`` -> the plain key,
+   pinned with ``x-amz-copy-source-if-match`` to the object's recorded ETag and
+   checked by the ETag it answers (a store that ignores the pin is caught there);
+   an object that vanished or holds other bytes is sent again by ``reupload`` from
+   the local file if that still has the recorded hash, otherwise
+   ``CommitBlockedError``;
 2. deletes; 3. the manifest, ``If-Match`` the base, carrying the commit id;
-4. the intent marked ``done``; 5. staging deleted.
+4. the history entry; 5. the intent marked ``done``.
+
+The replaced versions need no keeping: their bytes are at ``.objects/{old sha256}``.
+A stage committed before content addressing (manifest version 1) has its plain keys
+as the only copy: its first commit here copies each of them into ``.objects/``
+(pinned, checked) and writes a version-2 manifest, so old stages migrate without a
+separate step. An intent written by such an older agent (``source: staging``) is
+rolled forward from its staging prefix as it was written.
 
 Every step is idempotent, so ``apply`` is also the roll-forward: a retried close,
 resume, abort, discard and anyone's later open run it on an unfinished intent.
-Once an intent exists the commit is only ever finished, never abandoned, and
-staging is deleted only after the manifest is written, so the inputs are there.
+Once an intent exists the commit is only ever finished, never abandoned.
 """
 
 from __future__ import annotations
@@ -33,14 +43,13 @@ from agent.cas import new_write_id, put_fenced
 from agent.errors import (
     CommitBlockedError,
     ConflictError,
-    IntegrityError,
     NotFoundError,
     PermanentStoreError,
     PreconditionFailedError,
     StoreError,
 )
 from agent.keys import CommitInfo, StageKeys
-from agent.manifest import Manifest, ManifestEntry, summarize
+from agent.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
 from agent.store.base import ObjectStore, WriteResult
 from agent.transfer import Progress, Transfers
 
@@ -88,17 +97,68 @@ class CommitIntent(BaseModel):
     machine: str
     created_at: datetime
     base_manifest_etag: str | None
-    manifest: Manifest
+    base_commit_id: str | None = None
+    """The commit the base manifest carries (the new manifest's parent)."""
+    manifest: Manifest | None = None
+    """The whole new manifest: only in an intent an older agent wrote. This design's
+    intent names what changes; the new manifest is the base (the manifest at
+    ``base_manifest_etag``) with the copies and deletes applied (``result``)."""
     copies: dict[str, StagedCopy]
     deletes: list[str]
     keeps: dict[str, StagedCopy] = {}
-    """Committed versions this commit replaces or deletes, kept in history first."""
+    """Committed versions copied into ``.objects/`` first: only when the base manifest
+    predates content addressing (its plain keys are the only copy)."""
+    source: Literal["staging", "objects"] = "staging"
+    """Where the copies come from: ``objects`` (this design), or the session's staging
+    prefix (an intent an older agent wrote, rolled forward as written)."""
     history_key: str | None = None
     """Where the commit's manifest goes in the version history."""
 
     def to_bytes(self) -> bytes:
         """JSON as stored."""
-        return self.model_dump_json().encode()
+        exclude = {"manifest"} if self.manifest is None else None
+        return self.model_dump_json(exclude=exclude).encode()
+
+    def shas(self) -> set[str]:
+        """Every content this commit needs beyond its base (for the collection of objects)."""
+        out = {c.sha256 for c in self.copies.values()} | {k.sha256 for k in self.keeps.values()}
+        if self.manifest is not None:
+            out.update(e.sha256 for e in self.manifest.files.values())
+        return out
+
+    def result(self, base: Manifest, etags: Mapping[str, str]) -> Manifest:
+        """The manifest this commit writes over ``base``; ``etags``: each copy's answer."""
+        if self.manifest is not None:  # an older agent's intent carries it whole
+            files = dict(self.manifest.files)
+            for rel, etag in etags.items():
+                files[rel] = files[rel].model_copy(update={"etag": etag})
+            return self.manifest.model_copy(update={"files": files, "write_id": new_write_id()})
+        files = dict(base.files)
+        for rel, item in self.copies.items():
+            executable = item.executable
+            if executable is None:
+                was = base.files.get(rel)
+                executable = was.executable if was is not None else False
+            files[rel] = ManifestEntry.model_construct(
+                size=item.size,
+                sha256=item.sha256,
+                etag=etags.get(rel, item.etag),
+                executable=executable,
+            )
+        for rel in self.deletes:
+            files.pop(rel, None)
+        return Manifest.model_construct(
+            version=CONTENT_ADDRESSED,
+            files=files,
+            committed_at=self.created_at,
+            committed_by=self.user,
+            machine=self.machine,
+            session_id=self.session_id,
+            commit_id=self.commit_id,
+            parent_commit_id=base.commit_id,
+            seq=base.seq + 1,
+            write_id=new_write_id(),
+        )
 
 
 @dataclass(frozen=True)
@@ -206,37 +266,22 @@ class Commit:
                 f"{self.keys.intent} holds an unfinished commit of session "
                 f"{previous[0].session_id}; it must be finished first"
             )
-        files = dict(base.files)
-        for rel, item in copies.items():
-            executable = item.executable
-            if executable is None:
-                was = base.files.get(rel)
-                executable = was.executable if was is not None else False
-            files[rel] = ManifestEntry(
-                size=item.size, sha256=item.sha256, etag=item.etag, executable=executable
-            )
-        for rel in deletes:
-            files.pop(rel, None)
-        keeps = {
-            rel: StagedCopy(size=was.size, sha256=was.sha256, etag=was.etag)
-            for rel, was in base.files.items()
-            if rel not in files or files[rel].sha256 != was.sha256
-        }
+        # A base from before content addressing: every version it names (replaced,
+        # deleted or kept) is copied into .objects/ once, so the new manifest can say
+        # that all its content is there.
+        keeps = (
+            {}
+            if base.content_addressed
+            else {
+                rel: StagedCopy(size=was.size, sha256=was.sha256, etag=was.etag)
+                for rel, was in base.files.items()
+            }
+        )
         commit_id = uuid.uuid4().hex
         now = datetime.now(UTC)
-        manifest = Manifest(
-            files=files,
-            committed_at=now,
-            committed_by=user,
-            machine=machine,
-            session_id=session_id,
-            commit_id=commit_id,
-            parent_commit_id=base.commit_id,
-            seq=base.seq + 1,
-        )
-        added, changed, removed, sent = summarize(base, manifest)
+        added, changed, removed, sent = summarize_changes(base, copies, deletes)
         entry = CommitInfo(
-            seq=manifest.seq,
+            seq=base.seq + 1,
             commit_id=commit_id,
             committed_at=now,
             user=user,
@@ -254,11 +299,12 @@ class Commit:
             machine=machine,
             created_at=now,
             base_manifest_etag=base_etag,
-            manifest=manifest,
+            base_commit_id=base.commit_id,
             copies=dict(copies),
             deletes=sorted(deletes),
             keeps=keeps,
             history_key=entry.key_in(self.keys),
+            source="objects",
         )
         written = put_fenced(
             self.store,
@@ -280,13 +326,22 @@ class Commit:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, intent: CommitIntent, intent_etag: str) -> Committed:
-        """Finish ``intent`` (idempotent: safe to run again after any failure)."""
-        current, current_etag = read_manifest(self.store, self.keys)
-        if current is not None and current_etag and current.commit_id == intent.commit_id:
+    def apply(
+        self,
+        intent: CommitIntent,
+        intent_etag: str,
+        current: tuple[Manifest | None, str | None] | None = None,
+    ) -> Committed:
+        """Finish ``intent`` (idempotent: safe to run again after any failure).
+
+        ``current`` is the stage's manifest and ETag if the caller has just read them
+        (a close reads the manifest once); otherwise it is read here.
+        """
+        now, current_etag = current or read_manifest(self.store, self.keys)
+        if now is not None and current_etag and now.commit_id == intent.commit_id:
             log.info("commit_manifest_already_written", commit_id=intent.commit_id)
-            committed = Committed(current, current_etag)
-            self._record_history(intent, current.to_bytes())
+            committed = Committed(now, current_etag)
+            self._record_history(intent, now.to_bytes())
         elif current_etag != intent.base_manifest_etag:
             raise ConflictError(
                 f"{self.keys.projekt_id}/{self.keys.stage} holds a manifest that is neither the "
@@ -295,18 +350,21 @@ class Commit:
                 f"its manifest and remove {self.keys.intent}"
             )
         else:
-            committed = self._apply_changes(intent)
+            committed = self._apply_changes(intent, now or Manifest())
         self._mark_done(intent, intent_etag)
-        try:
-            remove_staging(self.store, self.keys, intent.session_id)
-        except StoreError as exc:
-            log.warning("staging_left_after_commit", session_id=intent.session_id, error=str(exc))
+        if intent.source == "staging":  # an older agent's commit: its staging is done with
+            try:
+                remove_staging(self.store, self.keys, intent.session_id)
+            except StoreError as exc:
+                log.warning(
+                    "staging_left_after_commit", session_id=intent.session_id, error=str(exc)
+                )
         return committed
 
-    def _apply_changes(self, intent: CommitIntent) -> Committed:
+    def _apply_changes(self, intent: CommitIntent, base: Manifest) -> Committed:
         order = sorted(intent.copies)
-        # A version only deleted is kept too; one replaced is kept right before its copy
-        # in the same task, so the copies start at once instead of after every keep.
+        # (A base before content addressing:) a version is kept right before its copy in
+        # the same task, so the copies start at once instead of after every keep.
         only_kept = sorted(set(intent.keeps) - set(intent.copies))
         progress = Progress(
             f"Committing {len(order)} files",
@@ -328,10 +386,7 @@ class Commit:
         etags = pool.map(order + only_kept, copy_one, progress)[: len(order)]
         if intent.deletes:
             self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
-        files = dict(intent.manifest.files)
-        for rel, etag in zip(order, etags, strict=True):
-            files[rel] = files[rel].model_copy(update={"etag": etag})
-        manifest = intent.manifest.model_copy(update={"files": files, "write_id": new_write_id()})
+        manifest = intent.result(base, dict(zip(order, etags, strict=True)))
         assert manifest.write_id is not None
         body = manifest.to_bytes()  # once: the history entry is the same bytes
         try:
@@ -362,20 +417,22 @@ class Commit:
     # ---------------------------------------------------------------- history
 
     def _keep(self, intent: CommitIntent, rel: str) -> None:
-        """Copy the committed version of ``rel`` this commit replaces into ``.objects/{sha256}``.
+        """Copy the committed version of ``rel`` (a base before content addressing) into
+        ``.objects/{sha256}``.
 
         Runs before that committed key is touched, so on a first run the source is
-        the version recorded; the copy is pinned to its recorded ETag (copying a
-        version that is already kept writes the same bytes to the same key:
-        content-addressed, stored once). On a roll-forward the source may already
-        hold the new version: the pin refuses it, and the version was kept on the
-        first run. A version without a recorded ETag (a stage committed by the old
-        module) is copied unpinned and checked by its sha256 metadata.
+        the version recorded; the copy is pinned to its recorded ETag and its answer
+        checked (a store that ignores the pin copies whatever is there: such a copy
+        is removed again, never kept under another content's name). On a roll-forward
+        the source may already hold the new version: the pin refuses it, and the
+        version was kept on the first run. A version without a recorded ETag (a stage
+        committed by the old module) is copied unpinned and checked by its sha256
+        metadata.
         """
         item = intent.keeps[rel]
         dst = self.keys.version(item.sha256)
         try:
-            self.store.copy(
+            result = self.store.copy(
                 self.keys.committed(rel), dst, if_source_etag=item.etag or None, size=item.size
             )
         except (PreconditionFailedError, NotFoundError):
@@ -383,6 +440,9 @@ class Commit:
                 log.error("version_not_kept", path=rel, sha256=item.sha256)
             return
         if item.etag:
+            if result.etag != item.etag and "-" not in result.etag:
+                self.store.delete(dst)  # the store ignored the pin and copied other bytes
+                log.error("version_not_kept", path=rel, sha256=item.sha256, found=result.etag)
             return
         got = self._committed_sha256(dst)
         if got is not None and got != item.sha256:  # the unpinned copy met a newer file
@@ -409,52 +469,61 @@ class Commit:
     # ------------------------------------------------------------------ copies
 
     def _copy(self, intent: CommitIntent, rel: str, item: StagedCopy) -> str:
-        """Copy one staged object, pinned to the recorded ETag; the committed ETag."""
-        src = self.keys.staged(intent.session_id, rel)
+        """Copy one object onto its plain key, pinned to the recorded ETag; the new ETag.
+
+        The answer is checked too: a single-part copy keeps the source's ETag, so
+        another ETag means the store copied other bytes (it ignored the pin, or the
+        object was replaced). Either way the object is sent again from the local file
+        and copied again; without a local file the commit waits (``CommitBlockedError``).
+        """
+        if intent.source == "objects":
+            src = self.keys.version(item.sha256)
+        else:
+            src = self.keys.staged(intent.session_id, rel)
         dst = self.keys.committed(rel)
         etag = item.etag
         for _ in range(_COPY_TRIES):
             try:
                 result = self.store.copy(src, dst, if_source_etag=etag, size=item.size)
             except (PreconditionFailedError, NotFoundError):
-                log.warning("staged_object_changed", path=rel, key=src, expected_etag=etag)
+                log.warning("object_changed_before_copy", path=rel, key=src, expected_etag=etag)
                 already = self._committed_sha256(dst)
-                if already == item.sha256:
+                if already == item.sha256 and intent.source == "staging":
                     return self.store.head(dst).etag
-                fresh = self.reupload(rel, item) if self.reupload is not None else None
-                if fresh is None:
-                    raise CommitBlockedError(
-                        f"the staged copy of {rel} ({src}) was changed or removed by someone "
-                        "else, and no local file with the recorded content is at hand; the "
-                        "commit is kept unfinished and the lock is kept. Run `agent close` (or "
-                        "`agent recover --resume`) on the machine of the session "
-                        f"{intent.session_id} to send the file again"
-                    ) from None
-                etag = fresh
-                continue
-            self._verify(dst, result, etag, item)
-            return result.etag
+            else:
+                if result.etag == etag or self._large_copy_holds(dst, result, item):
+                    return result.etag
+                log.warning(
+                    "copy_answer_differs", path=rel, key=src, expected=etag, got=result.etag
+                )
+            fresh = self.reupload(rel, item) if self.reupload is not None else None
+            if fresh is None:
+                raise CommitBlockedError(
+                    f"the stored content of {rel} ({src}) was changed or removed by someone "
+                    "else, and no local file with the recorded content is at hand; the "
+                    "commit is kept unfinished and the lock is kept. Run `agent close` (or "
+                    "`agent recover --resume`) on the machine of the session "
+                    f"{intent.session_id} to send the file again"
+                )
+            etag = fresh
         raise CommitBlockedError(
-            f"the staged copy of {rel} kept changing during the commit ({_COPY_TRIES} tries); "
-            "someone is writing to this session's staging prefix. The lock is kept"
+            f"the stored content of {rel} kept changing during the commit ({_COPY_TRIES} "
+            f"tries); someone is writing to {src}. The lock is kept"
         )
+
+    def _large_copy_holds(self, dst: str, result: WriteResult, item: StagedCopy) -> bool:
+        """A copy made in parts, or of an object sent in parts, may get an ETag of its own:
+        then the sha256 metadata (copied with the bytes) is what can be checked. Two
+        single-part ETags that differ are other bytes, whatever the metadata says."""
+        if "-" not in result.etag and "-" not in item.etag:
+            return False
+        return self._committed_sha256(dst) == item.sha256
 
     def _committed_sha256(self, key: str) -> str | None:
         try:
             return self.store.head(key).metadata.get("sha256")
         except NotFoundError:
             return None
-
-    def _verify(self, dst: str, result: WriteResult, source_etag: str, item: StagedCopy) -> None:
-        """A single-part copy keeps the source's ETag (its MD5); else check the sha256 metadata."""
-        if result.etag == source_etag:
-            return
-        got = self._committed_sha256(dst)
-        if got != item.sha256:
-            raise IntegrityError(
-                f"the committed copy {dst} does not carry the recorded sha256 (got {got}, "
-                f"expected {item.sha256}); the lock is kept and the commit can be retried"
-            )
 
     def _mark_done(self, intent: CommitIntent, intent_etag: str) -> None:
         done = intent.model_copy(update={"state": "done", "write_id": new_write_id()})

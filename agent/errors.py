@@ -127,6 +127,10 @@ class PreconditionFailedError(PermanentStoreError):
     """A conditional write's condition did not hold (412, or 409/404 on some stores)."""
 
 
+class ContentMismatchError(PermanentStoreError):
+    """An object's bytes are not the ones the manifest names (size or sha256 differ)."""
+
+
 class TransferError(AgentError):
     """One or more transfers failed after their retries."""
 

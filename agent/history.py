@@ -7,11 +7,11 @@ R2 keeps no object versions, so the commit keeps them itself (``agent.commit``):
   holds each commit's full manifest (with its parent's id). Everything ``agent
   history`` shows is in the key, so listing 1,000 commits is one listing request,
   not 1,000 reads.
-- ``{projekt_id}/.objects/{sha256}`` holds each file version a commit replaced or
-  deleted, copied server-side *before* the commit touched it (the copies are part of
-  the commit intent, so a crashed commit keeps them too). Content-addressed: a
-  version is stored once per project, however many commits or stages refer to it.
-- The version a commit wrote and nobody replaced since is its committed key.
+- ``{projekt_id}/.objects/{sha256}`` holds every file version: the streamer sends each
+  content there once, and the commit copies it onto the plain key. Content-addressed:
+  a version is stored once per project, however many commits or stages refer to it,
+  so keeping a replaced version costs nothing. (A stage committed before content
+  addressing had its versions copied there by its first commit since.)
 
 History is never rewritten: a restore is a new commit. ``prune`` deletes the
 manifests of commits the retention no longer keeps and the versions no kept
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import structlog
 
-from agent.commit import read_intent
+from agent.commit import read_intent, read_manifest
 from agent.config import HistoryConfig
-from agent.errors import NotFoundError, StoreError, VersionNotFoundError
+from agent.errors import InvalidNameError, NotFoundError, StoreError, VersionNotFoundError
 from agent.keys import CommitInfo, StageKeys
 from agent.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
@@ -179,6 +179,8 @@ class PrunePlan:
     versions: list[str] = field(default_factory=list)
     version_bytes: int = 0
     kept_commits: int = 0
+    projekt_id: str = ""
+    """The project planned (``apply_prune`` looks at its stages again right before deleting)."""
 
     def as_dict(self) -> dict[str, object]:
         """For ``--json``."""
@@ -211,13 +213,18 @@ def plan_prune(
 ) -> PrunePlan:
     """What retention lets go in a project (reads only; ``apply_prune`` deletes).
 
-    ``stages`` are the project's stages with history. A version is needed while any
-    kept manifest of any of them, or any unfinished commit intent, names its sha256;
-    a version younger than ``grace`` is never let go (a commit may be writing it).
+    ``stages`` are the project's stages with history. An object is needed while any
+    kept manifest of any of them, any stage's current manifest, or any unfinished
+    commit intent names its sha256; an object younger than ``grace`` is never let go
+    (a session may have just sent it, or a commit be copying it). ``grace`` is longer
+    than any request can be delayed, so a late DELETE never meets a new object; an old
+    object that a commit came to need after this plan is checked again by
+    ``apply_prune``, and one a DELETE removed anyway is restored from the plain tree by
+    the next lock holder (``agent.repair``).
     """
     now = now or store.server_time()
-    plan = PrunePlan()
-    needed: set[str] = set()
+    plan = PrunePlan(projekt_id=projekt_id)
+    needed = needed_now(store, projekt_id)
     for stage in stages:
         keys = StageKeys(projekt_id, stage)
         commits = list_commits(store, keys)
@@ -228,10 +235,6 @@ def plan_prune(
         manifests = Transfers(store, workers).map(keep, lambda c: read_commit(store, c))
         for manifest in manifests:
             needed.update(e.sha256 for e in manifest.files.values())
-        intent = read_intent(store, keys)
-        if intent is not None and intent[0].state != "done":
-            needed.update(k.sha256 for k in intent[0].keeps.values())
-            needed.update(e.sha256 for e in intent[0].manifest.files.values())
     prefix = f"{projekt_id}/.objects/"
     young = now - timedelta(seconds=config.grace)
     for info in store.list(prefix):
@@ -245,13 +248,44 @@ def plan_prune(
     return plan
 
 
+def needed_now(store: ObjectStore, projekt_id: str) -> set[str]:
+    """The sha256s that every stage's current manifest and unfinished intent name."""
+    stages = [
+        info.key.removeprefix(f"{projekt_id}/").removesuffix(".manifest.json")
+        for info in store.list_level(f"{projekt_id}/")[0]
+        if info.key.endswith(".manifest.json")
+    ]
+    needed: set[str] = set()
+    for stage in stages:
+        try:
+            keys = StageKeys(projekt_id, stage)
+        except InvalidNameError:
+            continue  # not a stage of ours
+        manifest, _etag = read_manifest(store, keys)
+        if manifest is not None:
+            needed.update(e.sha256 for e in manifest.files.values())
+        intent = read_intent(store, keys)
+        if intent is not None and intent[0].state != "done":
+            needed.update(intent[0].shas())
+    return needed
+
+
 def apply_prune(store: ObjectStore, plan: PrunePlan, *, limit: int | None = None) -> int:
     """Delete what ``plan`` names: unkept versions first, then the commits' manifests.
 
-    ``limit`` bounds the number of deletes (the background prune after a close);
-    returns how many objects were deleted.
+    Right before deleting, the project's current manifests and unfinished intents are
+    read again: an object a commit came to need since the plan is kept. ``limit``
+    bounds the number of deletes (the background prune after a close); returns how
+    many objects were deleted.
     """
-    doomed = [*plan.versions, *(c.key for c in plan.commits)]
+    versions = plan.versions
+    if versions and plan.projekt_id:
+        prefix = f"{plan.projekt_id}/.objects/"
+        again = needed_now(store, plan.projekt_id)
+        versions = [k for k in versions if k.removeprefix(prefix) not in again]
+        if len(versions) < len(plan.versions):
+            log.info("prune_kept_newly_needed", count=len(plan.versions) - len(versions))
+    doomed = [*versions, *(c.key for c in plan.commits)]
     if limit is not None:
         doomed = doomed[:limit]
     deleted = 0

@@ -2,11 +2,13 @@
 
 ::
 
-    {projekt_id}/{stage}/{path}                  committed working copy
-    {projekt_id}/{stage}.lock.json               the stage lock
-    {projekt_id}/{stage}.manifest.json           committed manifest
+    {projekt_id}/.objects/{sha256}               every file body, once, by its content
+    {projekt_id}/{stage}.manifest.json           committed manifest (the truth, with .objects)
+    {projekt_id}/.history/{stage}/{key}          one kept manifest per commit
     {projekt_id}/{stage}.commit.json             commit intent (while a commit is applied)
-    {projekt_id}/.sessions/{session_id}/{path}   changes streamed during a session
+    {projekt_id}/{stage}.lock.json               the stage lock
+    {projekt_id}/{stage}/{path}                  the plain tree: a view of the manifest
+    {projekt_id}/.sessions/{session_id}/{path}   staging of agents before content addressing
 
 The store applies the configured prefix; these keys are relative to it.
 Every relative path is checked here before it becomes a key or a local path,
@@ -458,17 +460,18 @@ class StageKeys:
 
     @property
     def objects_prefix(self) -> str:
-        """``{projekt_id}/.objects/``: replaced file versions, by sha256, for the project."""
+        """``{projekt_id}/.objects/``: every file body of the project, once, by sha256."""
         return f"{self.projekt_id}/.objects/"
 
     def version(self, sha256: str) -> str:
-        """The key of a kept file version (content-addressed: stored once per project)."""
+        """The key of a content (``.objects/{sha256}``: stored once per project)."""
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise InvalidNameError(f"{sha256!r} is not a sha256 hex digest")
         return self.objects_prefix + sha256
 
     def staging_prefix(self, session_id: str) -> str:
-        """``{projekt_id}/.sessions/{session_id}/``."""
+        """``{projekt_id}/.sessions/{session_id}/``: staging of an agent before content
+        addressing (a session it left is still cleaned up on discard)."""
         validate_name("session_id", session_id)
         return f"{self.projekt_id}/.sessions/{session_id}/"
 

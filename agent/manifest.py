@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -30,6 +30,7 @@ from agent.keys import validate_rel_path
 from agent.platform import executable_bit
 
 __all__ = [
+    "CONTENT_ADDRESSED",
     "LocalEntry",
     "Manifest",
     "ManifestEntry",
@@ -38,9 +39,15 @@ __all__ = [
     "fd_sha256",
     "file_sha256",
     "is_unchanged",
+    "object_etag",
     "plan_open",
     "summarize",
+    "summarize_changes",
 ]
+
+
+CONTENT_ADDRESSED = 2
+"""The manifest version from which every entry's content is in ``.objects/``."""
 
 
 class ManifestEntry(BaseModel):
@@ -68,6 +75,8 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     version: int = 1
+    """2: every file's content is at ``.objects/{sha256}`` (content-addressed); 1: a stage
+    committed before that, whose plain keys are the only copy (migrated by its next commit)."""
     files: dict[str, ManifestEntry] = {}
     committed_at: datetime | None = None
     committed_by: str | None = None
@@ -80,6 +89,11 @@ class Manifest(BaseModel):
     seq: int = 0
     """1 for a stage's first commit with history, parent's + 1 after (0: before history)."""
     write_id: str | None = None
+
+    @property
+    def content_addressed(self) -> bool:
+        """Every file's content is in ``.objects/`` (written by a commit of this design)."""
+        return self.version >= CONTENT_ADDRESSED
 
     def same_files(self, other: Manifest) -> bool:
         """Both name the same paths with the same size and sha256 (ETags aside)."""
@@ -129,6 +143,38 @@ def summarize(base: Manifest, new: Manifest) -> tuple[int, int, int, int]:
             continue
         written += entry.size
     removed = sum(1 for rel in base.files if rel not in new.files)
+    return added, changed, removed, written
+
+
+class ChangeLike(Protocol):
+    """What ``summarize_changes`` reads of one changed file (a commit's copy)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def executable(self) -> bool | None: ...
+
+
+def summarize_changes(
+    base: Manifest, copies: Mapping[str, ChangeLike], deletes: Iterable[str]
+) -> tuple[int, int, int, int]:
+    """``summarize`` of ``base`` and ``base`` with ``copies`` and ``deletes`` applied,
+    without building the new manifest."""
+    added = changed = written = 0
+    for rel, item in copies.items():
+        was = base.files.get(rel)
+        executable = item.executable
+        if was is None:
+            added += 1
+        elif was.sha256 != item.sha256 or (executable is not None and executable != was.executable):
+            changed += 1
+        else:
+            continue
+        written += item.size
+    gone = set(deletes) - set(copies)
+    removed = sum(1 for rel in gone if rel in base.files)
     return added, changed, removed, written
 
 
@@ -310,3 +356,37 @@ def file_sha256(path: Path) -> str:
     """The sha256 hex digest of a file (``hashlib.file_digest``)."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def object_etag(fd: int, size: int, part: int | None) -> str:
+    """The ETag an S3 store gives ``size`` bytes of an open file uploaded in ``part``-byte
+    parts (``None``: one part, the MD5), as ``etag_part_size`` says the store sends it.
+
+    Multipart: the MD5 of the parts' binary MD5s, then ``-<parts>``. This is how an
+    existing ``.objects/{sha256}`` is checked against the local bytes before a commit
+    relies on it (DESIGN.md "Key layout": trust nothing by name alone).
+    """
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+            if part is None:
+                return hashlib.file_digest(fh, "md5").hexdigest()
+            parts: list[bytes] = []
+            left = size
+            while left > 0:
+                want = min(part, left)
+                one = hashlib.md5(usedforsecurity=False)
+                while want > 0:
+                    chunk = fh.read(min(want, 1 << 20))
+                    if not chunk:
+                        break
+                    one.update(chunk)
+                    want -= len(chunk)
+                    left -= len(chunk)
+                if want > 0:  # the file is shorter than ``size``: it changed meanwhile
+                    break
+                parts.append(one.digest())
+            whole = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
+            return f"{whole}-{len(parts)}"
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)

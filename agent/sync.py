@@ -1,10 +1,10 @@
-"""The streamer: watch the working copy, journal every change, send it to staging.
+"""The streamer: watch the working copy, journal every change, send its content.
 
 ::
 
     watcher --dirty paths--> journal (durable, coalesced) --pending rows--> uploader pool
                                                                      |
-                                       staging: {projekt}/.sessions/{id}/{path}
+                                       content: {projekt}/.objects/{sha256} (sent once)
 
 A path the watcher reports is journalled as a ``put`` if it is a file, as a
 ``delete`` if it is gone, before the watcher moves on. The uploader sends
@@ -39,7 +39,7 @@ from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
 from agent.snapshot import FileStat, scan
 from agent.store.base import ObjectStore
-from agent.transfer import Transfers, Upload, same_stat
+from agent.transfer import Transfers, Upload, Uploaded, same_stat
 from agent.watcher import Watcher
 
 __all__ = ["Streamer", "describe_unsupported"]
@@ -65,7 +65,7 @@ def describe_unsupported(unsupported: dict[str, str]) -> str:
 
 
 class Streamer:
-    """Keeps the session's staging prefix close behind the working folder."""
+    """Keeps the content of every change in the store close behind the working folder."""
 
     def __init__(
         self,
@@ -120,6 +120,9 @@ class Streamer:
         self._thread: threading.Thread | None = None
         self._watcher: Watcher | None = None
         self.uploads = 0
+        self.reused = 0
+        """Files whose content the store held already: checked, nothing sent."""
+        self._stored: dict[str, str] | None = None  # sha256 -> object ETag, built on first use
         self.last_upload_at: datetime | None = None
         self.last_error: str | None = None
 
@@ -418,14 +421,22 @@ class Streamer:
                         self._remember(rel, LocalEntry.from_stat(st, digest))
                         return finished
                     break
-                # Sent from this descriptor: the file is opened (and its path checked) once.
+                # Sent from this descriptor: the file is opened (and its path checked) once,
+                # to ``.objects/{sha256}``, and only if that content is not there yet.
                 item = Upload(
                     rel=rel,
-                    key=self.keys.staged(self.session_id, rel),
+                    key=self.keys.objects_prefix,
                     src=self._folder.root.joinpath(*rel.split("/")),
                 )
                 try:
-                    done = self._transfers.upload_one(item, None, known=known, fd=fd)
+                    done = self._transfers.upload_one(
+                        item,
+                        None,
+                        known=known,
+                        fd=fd,
+                        objects=self.keys.version,
+                        stored=self._stored_etag,
+                    )
                 except LocalFileError as exc:  # a read error, not a link: reported below
                     failed = exc
         except FileNotFoundError:
@@ -437,6 +448,10 @@ class Streamer:
             if not isinstance(failed.__cause__, FileNotFoundError):
                 raise failed
             return self._gone(rel, seq)  # renamed away meanwhile (rsync's temp file): no error
+        return self._sent(rel, seq, done)
+
+    def _sent(self, rel: str, seq: int, done: Uploaded) -> bool:
+        """The store holds ``done``: mark the row, remember it; True if the row is finished."""
         finished = self.journal.mark_done(
             rel,
             seq,
@@ -448,10 +463,33 @@ class Streamer:
         )
         if finished:
             self._remember(rel, done.entry())
-        self.uploads += 1
+        with self._known_lock:
+            if self._stored is not None:
+                self._stored[done.sha256] = done.etag
+        if done.sent:
+            self.uploads += 1
+        else:
+            self.reused += 1
         self.last_upload_at = datetime.now(UTC)
-        log.info("streamed", path=rel, key=done.key, bytes=done.size, session_id=self.session_id)
+        log.info(
+            "streamed",
+            path=rel,
+            key=done.key,
+            bytes=done.size if done.sent else 0,
+            already_stored=not done.sent,
+            session_id=self.session_id,
+        )
         return finished
+
+    def _stored_etag(self, sha256: str) -> str | None:
+        """The ETag of ``.objects/{sha256}`` as the base manifest or this session knows it."""
+        with self._known_lock:
+            if self._stored is None:
+                self._stored = {e.sha256: e.etag for e in self.base.files.values() if e.etag}
+                for staged in self.journal.staged().values():
+                    if staged.op == "put" and staged.etag:
+                        self._stored[staged.sha256] = staged.etag
+            return self._stored.get(sha256)
 
     def _gone(self, rel: str, seq: int) -> bool:
         """The file is not there (any more): a delete if the store has it, else nothing."""
@@ -462,9 +500,8 @@ class Streamer:
 
     def _delete(self, rel: str, seq: int) -> bool:
         """Apply a delete row; True if finished."""
-        staged = self.journal.staged_entry(rel)
-        if staged is not None and staged.op == "put":
-            self.store.delete(self.keys.staged(self.session_id, rel))
+        # The object a put sent stays: content is shared by every name and stage that
+        # has it, and only the collection (``history prune``) removes unreferenced ones.
         finished = self.journal.mark_done(rel, seq, deleted=True)
         with self._known_lock:
             self._known.pop(rel, None)
@@ -542,6 +579,7 @@ class Streamer:
             "pending": self.journal.pending_count(),
             "in_flight": in_flight,
             "uploads": self.uploads,
+            "already_stored": self.reused,
             "last_upload_at": self.last_upload_at.isoformat() if self.last_upload_at else None,
             "last_error": self.last_error,
             "watching": self._watcher is not None,

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
@@ -27,16 +28,18 @@ import structlog
 
 from agent.errors import (
     AgentError,
+    ContentMismatchError,
     LocalFileError,
-    PermanentStoreError,
+    NotFoundError,
+    PreconditionFailedError,
     SessionCancelledError,
     TransferError,
 )
 from agent.ignore import temp_name_for
 from agent.keys import HAS_DIR_FD, WorkFolder, fd_path
-from agent.manifest import LocalEntry, fd_sha256, file_sha256
+from agent.manifest import LocalEntry, fd_sha256, file_sha256, object_etag
 from agent.snapshot import FileStat
-from agent.store.base import ObjectInfo, ObjectStore
+from agent.store.base import ObjectInfo, ObjectStore, WriteResult
 
 __all__ = [
     "Download",
@@ -55,6 +58,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _MAX_UPLOAD_REDOS = 5
+_NO_TIME = datetime.min.replace(tzinfo=UTC)  # a write result that made no request
 _O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 _EXTRA_TYPES = {
     ".dwg": "image/vnd.dwg",
@@ -180,6 +184,9 @@ class Download:
     dest: Path
     size: int | None = None
     sha256: str | None = None
+    fallback: str | None = None
+    """Where the same content is too (``.objects/{sha256}``): read when ``key`` is missing
+    or holds other bytes (a plain tree damaged by a late write or a plain tool)."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,8 @@ class Uploaded:
     ctime_ns: int = 0
     inode: int = 0
     mode: int = 0
+    sent: bool = True
+    """False when the content was already in the store (checked): no body was sent."""
 
     def entry(self) -> LocalEntry:
         """What the store now holds for this file, as change detection's entry."""
@@ -221,6 +230,8 @@ class Transfers:
         # With a folder, downloads below its root and every upload go through its
         # descriptors: no link on the way is followed (issue 8).
         self.folder = folder
+        self.damaged: list[str] = []
+        """Keys found missing or with other bytes and read from their fallback instead."""
 
     def download(self, items: Sequence[Download], progress: Progress | None = None) -> list[str]:
         """Download every item (temp + verify + rename); return the sha256 of each, in order."""
@@ -279,6 +290,24 @@ class Transfers:
         ) from first
 
     def _download_one(self, item: Download, progress: Progress | None) -> str:
+        try:
+            return self._download_from(item, progress)
+        except (NotFoundError, ContentMismatchError) as exc:
+            if item.fallback is None:
+                raise
+            log.warning("plain_object_damaged", key=item.key, reading=item.fallback, error=str(exc))
+            self.damaged.append(item.key)
+        try:
+            return self._download_from(replace(item, key=item.fallback, fallback=None), progress)
+        except (NotFoundError, ContentMismatchError) as exc:
+            raise ContentMismatchError(
+                f"the content of {item.key} is gone from the store: the plain object is "
+                f"missing or holds other bytes, and {item.fallback} is missing or holds other "
+                "bytes too. Nothing was overwritten; restore the file from the version "
+                "history (`agent history`) or ask an operator"
+            ) from exc
+
+    def _download_from(self, item: Download, progress: Progress | None) -> str:
         if progress is not None:
             progress.check()
         sent = 0
@@ -291,7 +320,7 @@ class Transfers:
             # The object is bucket input: stop at the manifest's size instead of
             # reading whatever size someone put there (issue 9).
             if delta > 0 and item.size is not None and sent > item.size:
-                raise PermanentStoreError(
+                raise ContentMismatchError(
                     f"{item.key} is larger than the manifest says ({item.size} bytes): the "
                     "download was stopped. The object was changed outside the agent; nothing "
                     "was overwritten, ask an operator"
@@ -357,13 +386,13 @@ class Transfers:
     @staticmethod
     def _verify(item: Download, info: ObjectInfo, actual: int, digest: str) -> str:
         if actual != info.size or (item.size is not None and actual != item.size):
-            raise PermanentStoreError(
+            raise ContentMismatchError(
                 f"downloaded {item.key} has {actual} bytes, expected "
                 f"{item.size if item.size is not None else info.size}; the object changed "
                 "during the download or the transfer was cut: try again"
             )
         if item.sha256 is not None and digest != item.sha256:
-            raise PermanentStoreError(
+            raise ContentMismatchError(
                 f"downloaded {item.key} does not match the manifest's sha256; the object "
                 "was changed outside the agent. Nothing was overwritten; ask an operator."
             )
@@ -376,6 +405,8 @@ class Transfers:
         *,
         known: tuple[os.stat_result, str] | None = None,
         fd: int | None = None,
+        objects: Callable[[str], str] | None = None,
+        stored: Callable[[str], str | None] | None = None,
     ) -> Uploaded:
         """Upload one file on the calling thread (redone if it changes while read).
 
@@ -384,6 +415,11 @@ class Transfers:
         With a ``folder`` the file is opened once without following links and the
         store reads that very file (through /proc/self/fd where there is one). ``fd``
         is such a descriptor the caller opened already (and closes itself).
+
+        ``objects`` makes the upload content-addressed: the key is ``objects(sha256)``
+        (``item.key`` is ignored) and the content is sent only if it is not there
+        already (``send_object``). ``stored(sha256)`` is the ETag the caller believes
+        that object has (from a manifest or the journal), or ``None``.
         """
         for _attempt in range(_MAX_UPLOAD_REDOS):
             sent = 0
@@ -402,13 +438,28 @@ class Transfers:
                         digest = fd_sha256(fd_) if fd_ >= 0 else file_sha256(item.src)
                     known = None
                     via = fd_path(fd_) if fd_ >= 0 else None
-                    result = self.store.upload_file(
-                        item.key,
-                        via if via is not None else item.src,
-                        content_type=content_type_for(item.rel),
-                        progress=on_bytes,
-                        metadata={"sha256": digest},
-                    )
+                    source = via if via is not None else item.src
+                    key, sent = item.key, True
+                    if objects is None:
+                        result = self.store.upload_file(
+                            key,
+                            source,
+                            content_type=content_type_for(item.rel),
+                            progress=on_bytes,
+                            metadata={"sha256": digest},
+                        )
+                    else:
+                        key = objects(digest)
+                        result, sent = self._send_object(
+                            item.rel,
+                            key,
+                            source,
+                            fd=fd_,
+                            size=before.st_size,
+                            digest=digest,
+                            expected=stored(digest) if stored is not None else None,
+                            on_bytes=on_bytes,
+                        )
                     after = os.fstat(fd_) if fd_ >= 0 else item.src.stat()
             except OSError as exc:
                 if progress is not None:
@@ -417,8 +468,9 @@ class Transfers:
             if same_stat(before, after):
                 return Uploaded(
                     rel=item.rel,
-                    key=item.key,
+                    key=key,
                     etag=result.etag,
+                    sent=sent,
                     size=after.st_size,
                     sha256=digest,
                     mtime_ns=after.st_mtime_ns,
@@ -434,6 +486,72 @@ class Transfers:
             "close the program writing it and try again",
             failed=1,
         )
+
+    def _send_object(
+        self,
+        rel: str,
+        key: str,
+        source: Path,
+        *,
+        fd: int,
+        size: int,
+        digest: str,
+        expected: str | None,
+        on_bytes: Callable[[int], None],
+    ) -> tuple[WriteResult, bool]:
+        """Make ``key`` (``.objects/{sha256}``) hold these bytes; ``(result, sent)``.
+
+        An object the caller believes stored is looked at (HEAD): the same size and the
+        ETag it expects, and nothing is sent. Otherwise the content is sent with
+        ``If-None-Match: *``; a 412 (someone, or our own lost-answer retry, wrote it)
+        is trusted only if the object's size and ETag are those of the local bytes
+        (MD5, or the multipart ETag at the store's part size). An object under that
+        name with other bytes (planted, or cut) is replaced by the local bytes and
+        reported: nothing is trusted by its name alone.
+        """
+        if expected:
+            info = self._head_or_none(key)
+            if info is not None and info.size == size and info.etag == expected:
+                return WriteResult(etag=info.etag, server_time=_NO_TIME), False
+        metadata = {"sha256": digest}
+        ctype = content_type_for(rel)
+        try:
+            result = self.store.upload_file(
+                key,
+                source,
+                content_type=ctype,
+                progress=on_bytes,
+                metadata=metadata,
+                if_none_match=True,
+            )
+            return result, True
+        except PreconditionFailedError:
+            pass
+        info = self._head_or_none(key)
+        if info is not None and info.size == size:
+            ours = object_etag(fd, size, self.store.etag_part_size(size)) if fd >= 0 else None
+            if ours is None:
+                with source.open("rb") as fh:
+                    ours = object_etag(fh.fileno(), size, self.store.etag_part_size(size))
+            if info.etag == ours:
+                return WriteResult(etag=info.etag, server_time=_NO_TIME), False
+        log.warning(
+            "object_replaced",
+            key=key,
+            path=rel,
+            reason="the object under this content's name holds other bytes",
+            found_size=info.size if info is not None else None,
+        )
+        result = self.store.upload_file(
+            key, source, content_type=ctype, progress=on_bytes, metadata=metadata
+        )
+        return result, True
+
+    def _head_or_none(self, key: str) -> ObjectInfo | None:
+        try:
+            return self.store.head(key)
+        except NotFoundError:
+            return None
 
     @contextmanager
     def _opened(self, item: Upload, fd: int | None) -> Iterator[tuple[int, os.stat_result]]:

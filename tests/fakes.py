@@ -96,14 +96,20 @@ class MemoryStore:
         content_type: str | None = None,
         progress: ProgressFn | None = None,
         metadata: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
     ) -> WriteResult:
         """Upload a file."""
         data = path.read_bytes()
         if progress is not None:
             progress(len(data))
-        result = self.put_bytes(key, data)
+        result = self.put_bytes(key, data, if_none_match=if_none_match)
         self.metadata[key] = dict(metadata or {})
         return result
+
+    def etag_part_size(self, size: int) -> int | None:
+        """Every object is one part here."""
+        del size
+        return None
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None

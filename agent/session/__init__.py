@@ -48,6 +48,7 @@ from agent.manifest import LocalEntry, Manifest
 from agent.platform import machine_name, on_main_thread
 from agent.records import SessionRecord, SessionStore
 from agent.recovery import RecoveryInfo
+from agent.repair import RepairReport
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
 from agent.session.checkin import CloseReport
 from agent.session.versions import RestoreReport
@@ -105,6 +106,9 @@ class PlantDesignSession:
         self._journal: Journal | None = None
         self._streamer: Streamer | None = None
         self._base_files: dict[str, LocalEntry] = {}
+        # The background check of the stage's plain tree (agent.repair) and what it found.
+        self._repair: tuple[threading.Thread, threading.Event] | None = None
+        self.repair_report: RepairReport | None = None
         # Set by ``abort()`` while open/resume runs: the transfer stops, open raises
         # ``SessionCancelledError`` (agent.session.checkout).
         self._cancel = threading.Event()

@@ -16,7 +16,6 @@ from agent.commit import (
     CommitIntent,
     StagedCopy,
     read_manifest,
-    remove_staging,
 )
 from agent.errors import (
     AgentError,
@@ -28,7 +27,7 @@ from agent.errors import (
 from agent.journal import Staged
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import Manifest, ManifestEntry, fd_sha256, file_sha256, is_unchanged
-from agent.session import versions
+from agent.session import runtime, versions
 from agent.snapshot import scan
 from agent.state import SessionState
 from agent.sync import Streamer
@@ -59,7 +58,8 @@ def _committer(s: PlantDesignSession, keys: StageKeys, *, reupload: bool) -> Com
 
 
 def _reupload(s: PlantDesignSession, rel: str, staged: StagedCopy) -> str | None:
-    """Send the local file again to staging if it still has the recorded content."""
+    """Send the local file again to ``.objects/{sha256}`` if it still has the recorded
+    content (the object vanished, or holds other bytes: replaced, never trusted)."""
     assert s.record is not None
     keys = StageKeys(s.record.projekt_id, s.record.stage)
     folder = WorkFolder(s.record.work_path)
@@ -71,11 +71,11 @@ def _reupload(s: PlantDesignSession, rel: str, staged: StagedCopy) -> str | None
     except (OSError, AgentError):
         return None
     done = Transfers(s.store, 1, folder=folder).upload_one(
-        Upload(rel=rel, key=keys.staged(s.record.session_id, rel), src=path), None
+        Upload(rel=rel, key=keys.version(staged.sha256), src=path), None
     )
     if done.sha256 != staged.sha256:
         return None
-    log.warning("staged_object_sent_again", path=rel, etag=done.etag)
+    log.warning("object_sent_again", path=rel, etag=done.etag)
     return done.etag
 
 
@@ -140,6 +140,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
         streamer.stop_watching()
         streamer.rescan("")
         _flush_or_raise(s, streamer)
+        runtime.finish_repair(s, cancel=False)  # the commit alone writes plain keys now
         unsupported = streamer.check_storable(skip=skip_unsupported)
         # From here on the lock keeper writes for close alone: the heartbeat rests.
         s._stop_heartbeat()
@@ -275,12 +276,11 @@ def _commit(
     previous, finished = committer.settle()
     if finished is not None and finished.manifest.session_id == s.record.session_id:
         _adopt_new_base(s, finished.manifest, finished.etag)
-    base = _check_base(s, keys, previous)
+    base, current = _check_base(s, keys, previous)
     puts, deletes = _staged_changes(s, base)
     _check_mass_delete(base, deletes, allow_mass_delete)
     if not puts and not deletes:
         log.info("commit_nothing_changed", session_id=s.record.session_id)
-        remove_staging(s.store, keys, s.record.session_id)
         s._journal.clear_staged()
         return puts, deletes, base, s.record.base_manifest_etag
     intent, intent_etag = committer.begin(
@@ -299,7 +299,7 @@ def _commit(
         previous=previous,
     )
     s._update_record(phase="committing", commit_id=intent.commit_id)
-    committed = committer.apply(intent, intent_etag)
+    committed = committer.apply(intent, intent_etag, current)  # the manifest read once
     s._journal.clear_staged()
     _adopt_new_base(s, committed.manifest, committed.etag)
     return puts, deletes, committed.manifest, committed.etag
@@ -307,8 +307,11 @@ def _commit(
 
 def _check_base(
     s: PlantDesignSession, keys: StageKeys, intent: tuple[CommitIntent, str] | None
-) -> Manifest:
-    """The base manifest, if the stage still is at it (or at our own commit): fencing."""
+) -> tuple[Manifest, tuple[Manifest | None, str | None]]:
+    """The base manifest, if the stage still is at it (or at our own commit): fencing.
+
+    Also the stage's manifest and ETag as read (``None`` for a stage without one).
+    """
     assert s.record is not None
     current, etag = read_manifest(s.store, keys)
     if etag != s.record.base_manifest_etag:
@@ -329,8 +332,8 @@ def _check_base(
         _adopt_new_base(s, current, etag)  # our commit whose answer was lost
     if current is not None:
         s._base_manifest = current
-        return current
-    return s._base_manifest or _load_base_manifest_unchecked(s)
+        return current, (current, etag)
+    return s._base_manifest or _load_base_manifest_unchecked(s), (None, None)
 
 
 def _staged_changes(s: PlantDesignSession, base: Manifest) -> tuple[dict[str, Staged], list[str]]:

@@ -230,6 +230,7 @@ def _download(
             dest=folder.path(rel, key=keys.committed(rel)),
             size=expected[rel][0],
             sha256=expected[rel][1],
+            fallback=keys.version(sha) if (sha := expected[rel][1]) else None,
         )
         for rel in plan.download
     ]

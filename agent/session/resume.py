@@ -252,19 +252,24 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
                 dest=local_path_for(work, rel),
                 size=base.files[rel].size,
                 sha256=base.files[rel].sha256,
+                fallback=keys.version(base.files[rel].sha256),
             )
             for rel in missing_base
             if not _pending_delete(s, rel)
         ]
-        items += [
-            Download(
-                key=keys.staged(s.record.session_id, rel),
-                dest=local_path_for(work, rel),
-                size=st.size,
-                sha256=st.sha256,
-            )
+        from_objects = [
+            rel
             for rel, st in staged.items()
             if st.op == "put" and not work.joinpath(*rel.split("/")).exists()
+        ]
+        items += [
+            Download(
+                key=keys.version(staged[rel].sha256),
+                dest=local_path_for(work, rel),
+                size=staged[rel].size,
+                sha256=staged[rel].sha256,
+            )
+            for rel in from_objects
         ]
         progress = Progress(
             f"Restoring {len(items)} files",
@@ -283,8 +288,8 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
                 else:
                     st = item.dest.stat()
                 s._base_files[rel] = LocalEntry.from_stat(st, digest)
-            else:  # from our staging: the bit the journal recorded with the upload
-                rel = item.key[len(keys.staging_prefix(s.record.session_id)) :]
+            else:  # content this session sent: the bit the journal recorded with it
+                rel = from_objects.pop(0)
                 if staged[rel].executable:
                     WorkFolder(work).set_executable(rel, True)
         s.records.save_base(s.record.session_id, s._base_files)
@@ -341,8 +346,7 @@ def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
         mine = p.with_name(f"{p.stem}.conflict-{s.record.user}-{stamp}{p.suffix}")
         os.replace(local_path_for(work, rel), local_path_for(work, mine.as_posix()))
     for rel in plan.forget:
-        s._journal.forget(rel)
-        s.store.delete(keys.staged(s.record.session_id, rel))
+        s._journal.forget(rel)  # its content stays in .objects/ (shared; collected by prune)
     for rel in plan.remove:
         WorkFolder(work).unlink(rel)
         s._base_files.pop(rel, None)
@@ -353,6 +357,7 @@ def _merge_remote(s: PlantDesignSession, keys: StageKeys) -> None:
             dest=local_path_for(work, rel),
             size=theirs.files[rel].size,
             sha256=theirs.files[rel].sha256,
+            fallback=keys.version(theirs.files[rel].sha256),
         )
         for rel in take
     ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import structlog
 
+from agent.commit import read_manifest
 from agent.errors import (
     AgentError,
     LockLostError,
@@ -13,6 +15,7 @@ from agent.errors import (
 from agent.keys import StageKeys
 from agent.lock import Heartbeat
 from agent.manifest import Manifest, ManifestEntry
+from agent.repair import RepairReport, repair_stage
 from agent.state import SessionState
 from agent.sync import Streamer
 
@@ -21,6 +24,8 @@ log = structlog.get_logger(__name__)
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.
 _ABORT_WAIT = 2.0
+# How long an abort, detach or crash save waits for a stopped stage check's last request.
+_REPAIR_CANCEL_WAIT = 5.0
 
 
 if TYPE_CHECKING:
@@ -46,6 +51,47 @@ def start_streaming(s: PlantDesignSession, *, watch: bool = True) -> None:
         streamer.start_watching()
     if s._heartbeat is None:
         _start_heartbeat(s)
+    _start_repair(s)
+
+
+def _start_repair(s: PlantDesignSession) -> None:
+    """Check the stage's plain tree against its manifest in the background (``agent.repair``).
+
+    The process that streams holds the lock for the whole session, so the check runs
+    there once per session, after the folder is handed over; close waits for it before
+    committing, abort and detach stop it.
+    """
+    if s._repair is not None or s.record is None:
+        return
+    record = s.record
+    keys = StageKeys(record.projekt_id, record.stage)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            manifest, etag = read_manifest(s.store, keys)
+        except AgentError as exc:
+            s.repair_report = RepairReport(error=str(exc))
+            return
+        if manifest is None or etag != record.base_manifest_etag or stop.is_set():
+            return  # no manifest yet (nothing to compare), or not the base we hold
+        s.repair_report = repair_stage(
+            s.store, keys, manifest, workers=s.config.transfer.workers, stop=stop
+        )
+
+    thread = threading.Thread(target=run, name="pdagent-repair", daemon=True)
+    s._repair = (thread, stop)
+    thread.start()
+
+
+def finish_repair(s: PlantDesignSession, *, cancel: bool) -> None:
+    """Wait for the background check of the plain tree (``cancel``: stop it first)."""
+    if s._repair is None:
+        return
+    thread, stop = s._repair
+    if cancel:
+        stop.set()
+    thread.join(timeout=_REPAIR_CANCEL_WAIT if cancel else None)
 
 
 def _ensure_streamer(s: PlantDesignSession, *, watch: bool) -> Streamer:
@@ -76,6 +122,7 @@ def _ensure_streamer(s: PlantDesignSession, *, watch: bool) -> Streamer:
 
 
 def _stop_streaming(s: PlantDesignSession) -> None:
+    finish_repair(s, cancel=True)
     if s._streamer is not None:
         s._streamer.stop()
         s._streamer = None
@@ -93,6 +140,20 @@ def flush(s: PlantDesignSession, timeout: float = 60.0) -> bool:
         # rescan: flush never says "nothing pending" while a saved file is not sent.
         streamer.rescan("")
         return streamer.flush(timeout)
+
+
+def _stage_check_status(s: PlantDesignSession, out: dict[str, object]) -> list[str]:
+    """The background check of the plain tree into ``out``; the problems it found."""
+    if s._repair is None:
+        return []
+    report = s.repair_report
+    out["stage_check"] = "running" if report is None else report.as_dict()
+    if report is not None and report.lost:
+        return [
+            f"{len(report.lost)} committed files are missing from the store: "
+            "restore them from `agent history`"
+        ]
+    return []
 
 
 def status(s: PlantDesignSession) -> dict[str, object]:
@@ -120,6 +181,7 @@ def status(s: PlantDesignSession) -> dict[str, object]:
     if s._heartbeat is not None and s._heartbeat.last_error is not None:
         out["lock_error"] = s._heartbeat.last_error
         problems.append(f"lock renewal failing: {s._heartbeat.last_error}")
+    problems += _stage_check_status(s, out)
     if s._streamer is not None:
         out.update(s._streamer.status())
         stalled = s._streamer.stalled_for()

@@ -113,11 +113,19 @@ class ObjectStore(Protocol):
         content_type: str | None = None,
         progress: ProgressFn | None = None,
         metadata: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
     ) -> WriteResult:
         """Upload a local file (multipart above the configured threshold).
 
-        ``metadata`` is stored as user metadata (staged objects carry their sha256).
+        ``metadata`` is stored as user metadata (objects carry their sha256).
+        ``if_none_match=True`` writes only if the key does not exist, else
+        ``PreconditionFailedError`` (also for our own write whose answer was lost).
         """
+        ...
+
+    def etag_part_size(self, size: int) -> int | None:
+        """The part size ``upload_file`` would send ``size`` bytes in, ``None`` for one
+        part: what the ETag of an object this store wrote is made of (``object_etag``)."""
         ...
 
     def download_file(

@@ -204,11 +204,19 @@ class LocalStore:
         content_type: str | None = None,
         progress: ProgressFn | None = None,
         metadata: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
     ) -> WriteResult:
-        """Copy a local file in."""
+        """Copy a local file in (only if the key is absent, with ``if_none_match``)."""
         with self._lock(key):
+            if if_none_match and self._path(key).exists():
+                raise PreconditionFailedError(f"{key!r} already exists")
             etag = self._write(key, progress, path, metadata)
         return WriteResult(etag=etag, server_time=self._now())
+
+    def etag_part_size(self, size: int) -> int | None:
+        """A folder store's ETag is always the MD5 of the whole object."""
+        del size
+        return None
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None

@@ -665,8 +665,16 @@ class S3Store:
         content_type: str | None = None,
         progress: ProgressFn | None = None,
         metadata: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
     ) -> WriteResult:
-        """Upload a file (obstore; multipart with parallel parts above the threshold)."""
+        """Upload a file (obstore; multipart with parallel parts above the threshold).
+
+        ``if_none_match``: a single-part upload is sent with ``If-None-Match: *``; a
+        multipart one (which S3 cannot make conditional on every store) asks first
+        and is sent only if the key is absent. Either way an existing key is
+        ``PreconditionFailedError``, as is our own write whose answer was lost and
+        was retried: the caller checks what is there (content-addressed objects).
+        """
         size = path.stat().st_size
         # obstore sends any key that is not a standard header as ``x-amz-meta-<key>``.
         attributes: dict[str, str] = dict(metadata or {})
@@ -676,6 +684,14 @@ class S3Store:
         multipart = size > self.transfer.multipart_threshold
         chunk = part_size(size, self.transfer.multipart_chunksize)
         parts = min(_PARTS_PER_FILE, len(part_ranges(size, chunk))) if multipart else 1
+
+        if if_none_match and multipart:
+            try:
+                self.head(key)
+            except NotFoundError:
+                pass
+            else:
+                raise PreconditionFailedError(f"{key!r} already exists in {self.description}")
 
         def do() -> WriteResult:
             # As many parallel parts as request slots are free (at least one): a file
@@ -689,12 +705,19 @@ class S3Store:
                     use_multipart=multipart,
                     chunk_size=chunk,
                     max_concurrency=parallel,
+                    mode="create" if if_none_match and not multipart else None,
                 )
             if progress is not None:
                 progress(size)
             return WriteResult(etag=_unquote(result["e_tag"] or ""), server_time=datetime.now(UTC))
 
         return self._data_call(key, do, weight=0)
+
+    def etag_part_size(self, size: int) -> int | None:
+        """The part size ``upload_file`` sends ``size`` bytes in (None: one part)."""
+        if size <= self.transfer.multipart_threshold:
+            return None
+        return part_size(size, self.transfer.multipart_chunksize)
 
     def download_file(
         self, key: str, dest: Path, *, progress: ProgressFn | None = None

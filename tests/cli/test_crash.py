@@ -181,8 +181,8 @@ def test_sigterm_during_upload_backs_up_pending_and_releases_the_lock(
     agent: Agent, s3_store: ObjectStore
 ) -> None:
     """SIGTERM: the handler backs up pending files, writes recovery info and releases the lock."""
-    # Staging PUTs are held in flight by a proxy, so the saves are surely still pending.
-    proxy = HoldingProxy(agent.env["AGENT_STORE__ENDPOINT_URL"], rb"PUT /\S*/\.sessions/\S* HTTP")
+    # Content PUTs are held in flight by a proxy, so the saves are surely still pending.
+    proxy = HoldingProxy(agent.env["AGENT_STORE__ENDPOINT_URL"], rb"PUT /\S*/\.objects/\S* HTTP")
     try:
         held = Agent(dict(agent.env, AGENT_STORE__ENDPOINT_URL=proxy.endpoint))
         opened = held.json("open", P, "--user", "admin", "--stage", STAGE)
@@ -362,45 +362,41 @@ def test_truncated_journal_is_rebuilt_from_the_folder(
 # hold, the background agent is provably inside that phase and is killed there.
 # A held request is never released, so the store never sees it.
 
-_KEEP = {"method": "PUT", "path": r"/\.objects/", "headers": ("x-amz-copy-source",)}
 _COPY = {"method": "PUT", "path": rf"/{P}/{STAGE}/", "headers": ("x-amz-copy-source",)}
-# With one worker the commit goes file by file in path order: a replaced version is
-# kept right before its copy (base0, base1), the new files are copied, and the two
-# versions only deleted are kept last.
+# With one worker the commit goes file by file in path order: one copy per changed path
+# from .objects/ (the replaced versions are there already: nothing is kept), the deletes,
+# the manifest, the history entry, the intent marked done, the lock released.
 _PHASES: dict[str, dict[str, Any]] = {
-    "1-intent-written": {**_KEEP, "skip": 0},
+    "1-intent-written": {**_COPY, "skip": 0},
     "2-two-of-six-copied": {**_COPY, "skip": 2},
-    "3-copied-two-of-four-kept": {**_KEEP, "skip": 2},
-    "4-copied-and-deleted": {"method": "PUT", "path": r"\.manifest\.json$"},
-    "5-manifest-written": {"method": "PUT", "path": r"/\.history/"},
-    "6-history-written": {
+    "3-copied-and-deleted": {"method": "PUT", "path": r"\.manifest\.json$"},
+    "4-manifest-written": {"method": "PUT", "path": r"/\.history/"},
+    "5-history-written": {
         "method": "PUT",
         "path": r"\.commit\.json$",
         "body": rb'"state":\s*"done"',
     },
-    "7-intent-done": {"method": "POST", "query": ("delete",), "body": rb"\.sessions/"},
-    "8-staging-deleted": {
+    "6-intent-done": {
         "method": "PUT",
         "path": r"\.lock\.json$",
         "body": rb'"state":\s*"released"',
     },
 }
-# What the store had applied when the phase's request was held: (versions kept, copies,
-# intent writes, committed deletes, manifest writes, history writes, staging deletes).
+# What the store had applied when the phase's request was held: (versions kept by a
+# copy into .objects/, copies, intent writes, committed deletes, manifest writes,
+# history writes).
 _DONE_BEFORE = {
-    "1-intent-written": (0, 0, 1, 0, 0, 0, 0),
-    "2-two-of-six-copied": (2, 2, 1, 0, 0, 0, 0),
-    "3-copied-two-of-four-kept": (2, 6, 1, 0, 0, 0, 0),
-    "4-copied-and-deleted": (4, 6, 1, 1, 0, 0, 0),
-    "5-manifest-written": (4, 6, 1, 1, 1, 0, 0),
-    "6-history-written": (4, 6, 1, 1, 1, 1, 0),
-    "7-intent-done": (4, 6, 2, 1, 1, 1, 0),
-    "8-staging-deleted": (4, 6, 2, 1, 1, 1, 1),
+    "1-intent-written": (0, 0, 1, 0, 0, 0),
+    "2-two-of-six-copied": (0, 2, 1, 0, 0, 0),
+    "3-copied-and-deleted": (0, 6, 1, 1, 0, 0),
+    "4-manifest-written": (0, 6, 1, 1, 1, 0),
+    "5-history-written": (0, 6, 1, 1, 1, 1),
+    "6-intent-done": (0, 6, 2, 1, 1, 1),
 }
 _VERBS = ("resume-close", "discard", "other-open")
 _DEFAULT_CASES = {(phase, "resume-close") for phase in _PHASES} | {
     (phase, verb)
-    for phase in ("2-two-of-six-copied", "5-manifest-written")
+    for phase in ("2-two-of-six-copied", "4-manifest-written")
     for verb in ("discard", "other-open")
 }
 _PHASES_TRIED: set[str] = set()
@@ -444,9 +440,9 @@ class _Bucket:
         return {k[start:]: self.get(k[len(self.root) :]) for k in self.keys(f"{STAGE}/")}
 
 
-def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int, int]:
+def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int]:
     """Counts of the close's requests the store answered 2xx (see ``_DONE_BEFORE``)."""
-    kept = copies = intents = deletes = manifests = history = staging = 0
+    kept = copies = intents = deletes = manifests = history = 0
     for s in seen:
         if s.rule is not None or s.status is None or not 200 <= s.status < 300:
             continue
@@ -462,11 +458,8 @@ def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int, int]:
         elif s.method == "PUT" and "/.history/" in s.path:
             history += 1
         elif s.method == "DELETE" or (s.method == "POST" and "delete" in s.query):
-            if intents < 2:  # before the intent is marked done: the commit's deletes
-                deletes = 1
-            else:
-                staging = 1
-    return kept, copies, intents, deletes, manifests, history, staging
+            deletes = 1
+    return kept, copies, intents, deletes, manifests, history
 
 
 def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
@@ -566,11 +559,12 @@ def _kill_phase_trial(
         admin.run("recover", "--discard", "--yes")
         assert expected == bucket.committed()
         assert "released" == bucket.json(f"{STAGE}.lock.json")["state"]
-    assert [] == bucket.keys(f".sessions/{intent['session_id']}/"), "staging left behind"
-    # History (issue 11): both commits are listed, and the four versions the cut commit
-    # replaced or deleted were kept before it touched them.
+    assert [] == bucket.keys(".sessions/"), "nothing is staged by name any more"
+    # History (issue 11): both commits are listed, and every version either commit
+    # named is in .objects/ (4 of the first commit, 6 the cut one wrote): the versions
+    # the cut commit replaced or deleted cost it nothing to keep.
     assert 2 == len(bucket.keys(f".history/{STAGE}/"))
-    assert 4 == len(bucket.keys(".objects/"))
+    assert 10 == len(bucket.keys(".objects/"))
 
 
 def _case(phase: str, verb: str) -> Any:

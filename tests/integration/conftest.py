@@ -11,6 +11,9 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
+from tests.integration.bucket import direct, truth, via_proxy
+
+__all__ = ["direct", "truth", "via_proxy"]  # fixtures of tests.integration.bucket, for all
 
 MakeSession = Callable[..., PlantDesignSession]
 """``make_session("bob", watch={...})``: a session on the test's store for one machine."""

@@ -8,224 +8,46 @@ that its fault really fired (a test whose fault never fired would prove nothing)
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 
-from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.keys import CommitInfo
 from agent.session import PlantDesignSession
-from agent.state import SessionState
-from tests.conftest import proxy_config, s3_config
+from tests.conftest import proxy_config
 from tests.faultproxy import LOSE_ANSWER, RESET_BEFORE, Action, Delay, FaultProxy, Rule, Status
-from tests.servers import SeaweedServer
+from tests.integration.bucket import (
+    MakeSession,
+    Truth,
+    folder_files,
+    other_user_sees,
+    seed_stage,
+    sha,
+    write_files,
+)
 from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 LOCK_PATH = rf"/{P}/{STAGE}\.lock\.json$"
 HELD = rb'"state":\s*"held"'
 RELEASED = rb'"state":\s*"released"'
-FAST_WATCH = {"debounce": 0.05, "max_delay": 0.5, "min_interval_per_path": 0.1}
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _object(truth: Truth, data: bytes) -> bytes | None:
+    """What ``.objects/{sha256(data)}`` holds (where the streamer sends ``data``)."""
+    return truth.get(f"{P}/.objects/{sha(data)}")
 
 
-@dataclass
-class Truth:
-    """The bucket as it really is, read straight from SeaweedFS."""
-
-    client: Any
-    bucket: str
-    prefix: str
-
-    def key(self, rel: str) -> str:
-        """The full key of a store-relative key."""
-        return f"{self.prefix}/{rel}"
-
-    def get(self, rel: str) -> bytes | None:
-        """An object's bytes, or None."""
-        try:
-            body: bytes = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))[
-                "Body"
-            ].read()
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise
-        return body
-
-    def put(self, rel: str, data: bytes) -> None:
-        """Write an object as a second client (a co-worker with write access)."""
-        self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data)
-
-    def listing(self, under: str = "") -> list[str]:
-        """Store-relative keys under ``under``."""
-        out: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(under)):
-            out += [o["Key"][len(self.prefix) + 1 :] for o in page.get("Contents", [])]
-        return sorted(out)
-
-    def lock(self) -> dict[str, Any]:
-        """The lock object's body."""
-        data = self.get(f"{P}/{STAGE}.lock.json")
-        assert data is not None, "no lock object"
-        body: dict[str, Any] = json.loads(data)
-        return body
-
-    def manifest(self) -> dict[str, Any]:
-        """The committed manifest."""
-        data = self.get(f"{P}/{STAGE}.manifest.json")
-        assert data is not None, "no manifest"
-        body: dict[str, Any] = json.loads(data)
-        return body
-
-    def committed(self) -> dict[str, bytes]:
-        """Every committed object of the stage, by working-copy path."""
-        base = f"{P}/{STAGE}/"
-        out = {}
-        for key in self.listing(base):
-            data = self.get(key)
-            assert data is not None
-            out[key[len(base) :]] = data
-        return out
-
-    def assert_consistent(self) -> dict[str, bytes]:
-        """The committed stage equals exactly its manifest; returns the committed files."""
-        files = self.manifest()["files"]
-        committed = self.committed()
-        assert sorted(files) == sorted(committed), "committed objects differ from the manifest"
-        for rel, entry in files.items():
-            data = committed[rel]
-            assert (entry["size"], entry["sha256"]) == (len(data), _sha(data)), (
-                f"{rel}: the committed bytes are not the manifest's"
-            )
-        return committed
-
-
-@pytest.fixture
-def truth(seaweed: SeaweedServer, s3_env: dict[str, str]) -> Iterator[Truth]:
-    """Direct access to the test's bucket and prefix."""
-    bucket, _, prefix = s3_env["AGENT_STORE__URL"].removeprefix("s3://").partition("/")
-    client = seaweed.client()
-    yield Truth(client, bucket, prefix)
-    client.close()  # type: ignore[attr-defined]
-
-
-MakeSession = Callable[..., PlantDesignSession]
-
-
-def _cleanup(sessions: list[PlantDesignSession]) -> None:
-    """Abort what a failing test left open, so its threads stop."""
-    for session in sessions:
-        if session.state not in (SessionState.IDLE, SessionState.CLOSED):
-            with contextlib.suppress(Exception):
-                session.abort()
-
-
-@pytest.fixture
-def via_proxy(
-    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
-) -> Iterator[MakeSession]:
-    """Sessions through the proxy; each ``machine`` has its own base folder."""
-    made: list[PlantDesignSession] = []
-
-    def make(machine: str = "m1", **sections: Any) -> PlantDesignSession:
-        sections.setdefault("lock", {"heartbeat_interval": 3600, "stale_after": 7200})
-        sections.setdefault("watch", FAST_WATCH)
-        made.append(
-            PlantDesignSession(proxy_config(s3_env, fault_proxy, tmp_path / machine, **sections))
-        )
-        return made[-1]
-
-    yield make
-    fault_proxy.clear()
-    _cleanup(made)
-
-
-@pytest.fixture
-def direct(s3_env: dict[str, str], tmp_path: Path) -> Iterator[MakeSession]:
-    """Sessions straight to SeaweedFS (other users, seeding)."""
-    made: list[PlantDesignSession] = []
-
-    def make(machine: str = "other", **sections: Any) -> PlantDesignSession:
-        sections.setdefault("lock", {"heartbeat_interval": 3600, "stale_after": 7200})
-        sections.setdefault("watch", FAST_WATCH)
-        config: AgentConfig = s3_config(s3_env, tmp_path / machine, **sections)
-        made.append(PlantDesignSession(config))
-        return made[-1]
-
-    yield make
-    _cleanup(made)
-
-
-def _write(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-
-
-def _seed(direct: MakeSession, files: dict[str, bytes]) -> None:
-    s = direct("seed")
-    _write(s.open(P, "seeder", STAGE, watch=False), files)
-    s.close()
-
-
-def _folder(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.startswith(".pdagent")
-    }
-
-
-def _other_user_sees(
-    direct: MakeSession, truth: Truth, expected: dict[str, bytes] | None = None
-) -> None:
-    """Bob opens the stage and gets exactly the committed files (``expected`` if given)."""
-    committed = truth.assert_consistent()
-    bob = direct("bob")
-    work = bob.open(P, "bob", STAGE, watch=False)
-    try:
-        got = _folder(work)
-    finally:
-        bob.abort()
-    assert committed == got
-    if expected is not None:
-        assert expected == got
-
-
-def _staged(truth: Truth, session_id: str, rel: str) -> list[bytes]:
-    """The bytes of every staged object of ``rel`` (per-version staging keys allowed)."""
-    return [
-        data for key in _staged_keys(truth, session_id, rel) if (data := truth.get(key)) is not None
-    ]
-
-
-def _staged_keys(truth: Truth, session_id: str, rel: str) -> list[str]:
-    """Staging keys of ``rel``: ``.sessions/{id}/{rel}``, or a per-version key naming it."""
-    return [k for k in truth.listing(f"{P}/.sessions/{session_id}/") if f"/{rel}" in k]
-
-
-def _save(work: Path, truth: Truth, session_id: str, rel: str, data: bytes) -> None:
-    """Save a file and wait until the streamer has staged exactly these bytes."""
-    _write(work, {rel: data})
-    assert wait_for(lambda: data in _staged(truth, session_id, rel), timeout=15), (
-        f"{rel} was never staged"
-    )
+def _save(work: Path, truth: Truth, rel: str, data: bytes) -> None:
+    """Save a file and wait until its content is in the store (``.objects/{sha256}``)."""
+    write_files(work, {rel: data})
+    assert wait_for(lambda: _object(truth, data) == data, timeout=15), f"{rel} was never sent"
 
 
 def _store_now(truth: Truth) -> datetime:
@@ -273,7 +95,7 @@ def test_open_takes_the_lock_when_the_answer_to_its_put_is_lost(
     """A lost answer to the lock's conditional put still opens the session; close commits."""
     released_lock_there, condition, body = case
     if released_lock_there:
-        _seed(direct, {"a.txt": b"v0"})
+        seed_stage(direct, {"a.txt": b"v0"})
     rule = fault_proxy.add(
         Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=(condition,), body=body)
     )
@@ -282,17 +104,17 @@ def test_open_takes_the_lock_when_the_answer_to_its_put_is_lost(
     assert 1 == rule.fired
     sid = _session_id(alice)
     assert ("held", sid) == (truth.lock()["state"], truth.lock()["session_id"])
-    _write(work, {"a.txt": b"v1"})
+    write_files(work, {"a.txt": b"v1"})
     alice.close()
     assert {"a.txt": b"v1"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"v1"})
+    other_user_sees(direct, truth, {"a.txt": b"v1"})
 
 
 def test_heartbeat_survives_a_lost_answer_to_a_renewal(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
     """A lost renewal answer is not a lost lock: heartbeats go on, saves stream, close commits."""
-    _seed(direct, {"a.txt": b"v0"})
+    seed_stage(direct, {"a.txt": b"v0"})
     # Renewals 1.5 s apart carry different store times, so a retried one is never a no-op.
     alice = via_proxy(lock={"heartbeat_interval": 1.5})
     work = alice.open(P, "alice", STAGE)
@@ -308,22 +130,22 @@ def test_heartbeat_survives_a_lost_answer_to_a_renewal(
         return sum(1 for s in puts[fault + 1 :] if s.status == 200) >= 2
 
     assert wait_for(renewed_after_fault, timeout=8), "the heartbeat stopped after the fault"
-    _save(work, truth, sid, "a.txt", b"saved while the heartbeat ran")
+    _save(work, truth, "a.txt", b"saved while the heartbeat ran")
     assert alice.flush(timeout=10)
     alice.close()
     assert {"a.txt": b"saved while the heartbeat ran"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth)
+    other_user_sees(direct, truth)
 
 
 def test_close_commits_when_the_answer_to_its_fencing_renewal_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
     """A lost answer to close's lock renewal is recognised as ours; the commit goes on."""
-    _seed(direct, {"a.txt": b"v0"})
+    seed_stage(direct, {"a.txt": b"v0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _save(work, truth, sid, "a.txt", b"v1")
+    _save(work, truth, "a.txt", b"v1")
     _wait_for_the_store_clock_to_tick(truth)
     rule = fault_proxy.add(
         Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-Match",), body=HELD)
@@ -331,35 +153,35 @@ def test_close_commits_when_the_answer_to_its_fencing_renewal_is_lost(
     alice.close()
     assert 1 == rule.fired
     assert {"a.txt": b"v1"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"v1"})
+    other_user_sees(direct, truth, {"a.txt": b"v1"})
 
 
 def test_close_releases_the_lock_when_the_answer_to_the_release_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
     """A lost answer to the release still leaves the lock released and close successful."""
-    _seed(direct, {"a.txt": b"v0"})
+    seed_stage(direct, {"a.txt": b"v0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _write(work, {"a.txt": b"v1"})
+    write_files(work, {"a.txt": b"v1"})
     rule = fault_proxy.add(
         Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-Match",), body=RELEASED)
     )
     alice.close()
     assert 1 == rule.fired
     assert {"a.txt": b"v1"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"v1"})
+    other_user_sees(direct, truth, {"a.txt": b"v1"})
 
 
 def test_abort_releases_the_lock_when_the_answer_to_the_release_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
     """abort with a lost release answer leaves the lock released and the stage untouched."""
-    _seed(direct, {"a.txt": b"v0"})
+    seed_stage(direct, {"a.txt": b"v0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
-    _write(work, {"a.txt": b"thrown away"})
+    write_files(work, {"a.txt": b"thrown away"})
     rule = fault_proxy.add(
         Rule(LOSE_ANSWER, method="PUT", path=LOCK_PATH, headers=("If-Match",), body=RELEASED)
     )
@@ -367,23 +189,23 @@ def test_abort_releases_the_lock_when_the_answer_to_the_release_is_lost(
     assert 1 == rule.fired
     assert "released" == truth.lock()["state"]
     assert {"a.txt": b"v0"} == truth.assert_consistent()
-    _other_user_sees(direct, truth, {"a.txt": b"v0"})
+    other_user_sees(direct, truth, {"a.txt": b"v0"})
 
 
 def test_close_recognises_its_own_manifest_when_the_answer_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
     """A lost answer to the manifest PUT is our own commit, not someone else's conflict."""
-    _seed(direct, {"a.txt": b"v0", "b.txt": b"b"})
+    seed_stage(direct, {"a.txt": b"v0", "b.txt": b"b"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _write(work, {"a.txt": b"v1"})
+    write_files(work, {"a.txt": b"v1"})
     rule = fault_proxy.add(Rule(LOSE_ANSWER, method="PUT", path=rf"/{P}/{STAGE}\.manifest\.json$"))
     alice.close()
     assert 1 == rule.fired
     assert {"a.txt": b"v1", "b.txt": b"b"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"v1", "b.txt": b"b"})
+    other_user_sees(direct, truth, {"a.txt": b"v1", "b.txt": b"b"})
 
 
 def test_open_survives_a_lost_answer_to_the_capability_probe_and_leaves_no_probe(
@@ -404,16 +226,16 @@ def test_close_commits_when_the_answer_to_the_commit_intent_is_lost(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
     """A lost answer to the commit intent's PUT is recognised; the commit completes."""
-    _seed(direct, {"a.txt": b"v0"})
+    seed_stage(direct, {"a.txt": b"v0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _write(work, {"a.txt": b"v1", "new.txt": b"new"})
+    write_files(work, {"a.txt": b"v1", "new.txt": b"new"})
     rule = fault_proxy.add(Rule(LOSE_ANSWER, method="PUT", path=rf"/{P}/{STAGE}\.commit\.json$"))
     alice.close()
     assert 1 == rule.fired, "no commit intent was written"
     assert {"a.txt": b"v1", "new.txt": b"new"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"v1", "new.txt": b"new"})
+    other_user_sees(direct, truth, {"a.txt": b"v1", "new.txt": b"new"})
 
 
 def test_force_unlock_retries_when_a_live_heartbeat_renews_in_between(
@@ -448,41 +270,41 @@ def test_force_unlock_retries_when_a_live_heartbeat_renews_in_between(
 def test_close_commits_newer_bytes_when_an_old_upload_arrives_late(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
-    """A staging upload delivered after the newer save's upload does not win at close."""
-    _seed(direct, {"a.txt": b"v0"})
+    """An upload delivered after the newer save's upload does not win at close."""
+    seed_stage(direct, {"a.txt": b"v0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
     # held until rule.release(): far past the client's 2 s timeout
-    rule = fault_proxy.add(Rule(Delay(60), method="PUT", path=r"/\.sessions/.+a\.txt"))
-    _save(work, truth, sid, "a.txt", b"old save")  # the held PUT timed out; a retry landed
+    old = sha(b"old save")
+    rule = fault_proxy.add(Rule(Delay(60), method="PUT", path=rf"/\.objects/{old}"))
+    _save(work, truth, "a.txt", b"old save")  # the held PUT timed out; a retry landed
     assert 1 == rule.fired
     assert not rule.delivered.is_set()
-    _save(work, truth, sid, "a.txt", b"the newer, longer save")
+    _save(work, truth, "a.txt", b"the newer, longer save")
     assert alice.flush(timeout=15)
     rule.release()
     assert wait_for(rule.delivered.is_set, timeout=10)
     alice.close()
     assert {"a.txt": b"the newer, longer save"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"the newer, longer save"})
+    other_user_sees(direct, truth, {"a.txt": b"the newer, longer save"})
 
 
-def test_close_commits_the_users_bytes_when_a_staged_object_was_overwritten(
+def test_close_commits_the_users_bytes_when_a_sent_object_was_overwritten(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth
 ) -> None:
-    """A co-worker's overwrite of a staged object is not committed under the user's name."""
-    _seed(direct, {"a.txt": b"v0"})
+    """A co-worker's overwrite of a sent object is not committed under the user's name."""
+    seed_stage(direct, {"a.txt": b"v0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _save(work, truth, sid, "a.txt", b"mine")
+    _save(work, truth, "a.txt", b"mine")
     assert alice.flush(timeout=15)
-    for key in _staged_keys(truth, sid, "a.txt"):
-        truth.put(key, b"foreign bytes")
-    assert [b"foreign bytes"] == sorted(set(_staged(truth, sid, "a.txt")))
+    truth.put(f"{P}/.objects/{sha(b'mine')}", b"foreign bytes")
+    assert b"foreign bytes" == _object(truth, b"mine")
     alice.close()
     assert {"a.txt": b"mine"} == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, {"a.txt": b"mine"})
+    other_user_sees(direct, truth, {"a.txt": b"mine"})
 
 
 # ----------------------------------------------------- failed mid-commit
@@ -500,11 +322,11 @@ def _fail_mid_commit(
     fault: Action,
 ) -> tuple[PlantDesignSession, str]:
     """Alice edits every file; her close dies after two server-side copies."""
-    _seed(direct, FILES_V0)
+    seed_stage(direct, FILES_V0)
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _write(work, FILES_V1)
+    write_files(work, FILES_V1)
     assert alice.flush(timeout=15)
     rule = fault_proxy.add(
         Rule(fault, method="PUT", headers=("x-amz-copy-source",), skip=2, times=None)
@@ -529,7 +351,7 @@ def test_retried_close_after_a_failed_commit_commits_everything(
     alice, sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     alice.close()
     assert FILES_V1 == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, FILES_V1)
+    other_user_sees(direct, truth, FILES_V1)
 
 
 @pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
@@ -545,7 +367,7 @@ def test_abort_after_a_failed_commit_leaves_a_consistent_stage(
     alice.abort()
     truth.assert_consistent()
     assert "released" == truth.lock()["state"]
-    _other_user_sees(direct, truth)
+    other_user_sees(direct, truth)
 
 
 def _crash(alice: PlantDesignSession) -> None:
@@ -567,7 +389,7 @@ def test_discard_after_a_failed_commit_leaves_a_consistent_stage(
     via_proxy().discard(sid, confirm_loss=True)
     truth.assert_consistent()
     assert "released" == truth.lock()["state"]
-    _other_user_sees(direct, truth)
+    other_user_sees(direct, truth)
 
 
 @pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
@@ -587,7 +409,7 @@ def test_resume_after_a_failed_commit_commits_everything(
     again.close()
     assert FILES_V1 == truth.assert_consistent()
     assert "released" == truth.lock()["state"]
-    _other_user_sees(direct, truth, FILES_V1)
+    other_user_sees(direct, truth, FILES_V1)
 
 
 @pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
@@ -604,7 +426,7 @@ def test_another_users_open_after_a_failed_commit_sees_a_consistent_stage(
     bob = direct("bob")
     work = bob.open(P, "bob", STAGE, watch=False)
     committed = truth.assert_consistent()
-    assert committed == _folder(work)
+    assert committed == folder_files(work)
     bob.abort()
 
 
@@ -619,10 +441,10 @@ def test_a_commit_cut_after_its_copies_began_still_keeps_the_replaced_versions(
     finish: str,
 ) -> None:
     """History (issue 11): the versions a cut commit replaced are kept once it is finished."""
-    _seed(direct, FILES_V0)
+    seed_stage(direct, FILES_V0)
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
-    _write(work, FILES_V1)
+    write_files(work, FILES_V1)
     assert alice.flush(timeout=15)
     # Copies onto committed keys fail after two; the keep copies (to .objects/) pass.
     rule = fault_proxy.add(
@@ -660,15 +482,15 @@ def test_resume_after_someone_elses_commit_of_another_file_keeps_our_edit(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth
 ) -> None:
     """We edit a.txt, Bob commits only b.txt: resume keeps our edit, close commits both."""
-    _seed(direct, {"a.txt": b"a0", "b.txt": b"b0"})
+    seed_stage(direct, {"a.txt": b"a0", "b.txt": b"b0"})
     alice = via_proxy()
     work = alice.open(P, "alice", STAGE)
     sid = _session_id(alice)
-    _write(work, {"a.txt": b"alice's edit"})
+    write_files(work, {"a.txt": b"alice's edit"})
     assert alice.flush(timeout=15)
     _crash(alice)
     bob = direct("bob")
-    _write(bob.open(P, "bob", STAGE, watch=False), {"b.txt": b"bob's edit"})
+    write_files(bob.open(P, "bob", STAGE, watch=False), {"b.txt": b"bob's edit"})
     bob.close()
     again = via_proxy()
     again.resume(sid)
@@ -678,7 +500,7 @@ def test_resume_after_someone_elses_commit_of_another_file_keeps_our_edit(
     assert [] == report.conflicts
     expected = {"a.txt": b"alice's edit", "b.txt": b"bob's edit"}
     assert expected == _assert_closed_cleanly(truth, sid)
-    _other_user_sees(direct, truth, expected)
+    other_user_sees(direct, truth, expected)
 
 
 # ------------------------------------------------------------------ stress
@@ -785,7 +607,7 @@ def test_random_faults_lose_no_save_and_leave_no_inconsistent_stage(
             name: f"session {n} by {user}: {rng.random()}".encode() * rng.randint(1, 50)
             for name in rng.sample(NAMES, rng.randint(1, 3))
         }
-        _write(work, edits)
+        write_files(work, edits)
         if _try(3, session.close) is not None:
             with faults.paused():
                 if (error := _try(1, session.close)) is not None:

@@ -187,17 +187,18 @@ def test_resume_after_someone_elses_commit_to_another_file_keeps_our_edit(
     assert b"bob's b" == store.get(KEYS.committed("b.txt")).body
 
 
-def test_close_commits_the_users_bytes_when_a_staged_object_was_swapped(
+def test_close_commits_the_users_bytes_when_a_sent_object_was_swapped(
     store: ObjectStore, tmp_path: Path
 ) -> None:
-    """A co-worker overwrites our staged object before close: our bytes are committed."""
+    """A co-worker overwrites our sent object before close: our bytes are committed."""
     session = PlantDesignSession(_config(tmp_path), store=store)
     work = session.open(P, "admin", STAGE)
     (work / "plan.dwg").write_bytes(b"the user's drawing")
     assert session.flush(timeout=15)
     assert session.record is not None
-    staged_key = KEYS.staged(session.record.session_id, "plan.dwg")
-    store.put_bytes(staged_key, b"a co-worker's bytes")  # the session id is public in the lock
+    # The hash of a file is no secret (a co-worker may have the same drawing): plant bytes.
+    sent_key = KEYS.version(hashlib.sha256(b"the user's drawing").hexdigest())
+    store.put_bytes(sent_key, b"a co-worker's bytes")
     session.close()
     assert b"the user's drawing" == store.get(KEYS.committed("plan.dwg")).body
     manifest = Manifest.parse(store.get(KEYS.manifest).body, key=KEYS.manifest)
@@ -210,7 +211,7 @@ def test_close_commits_the_users_bytes_when_a_staged_object_was_swapped(
 def test_an_old_upload_arriving_late_does_not_replace_the_newer_save(
     store: ObjectStore, tmp_path: Path
 ) -> None:
-    """The older bytes land on the staged key after the newer save: close commits the newer."""
+    """The older bytes land after the newer save was sent: close commits the newer."""
     session = PlantDesignSession(_config(tmp_path), store=store)
     work = session.open(P, "admin", STAGE)
     (work / "plan.dwg").write_bytes(b"version 1")
@@ -218,16 +219,17 @@ def test_an_old_upload_arriving_late_does_not_replace_the_newer_save(
     (work / "plan.dwg").write_bytes(b"version 2, the last save")
     assert session.flush(timeout=15)
     assert session.record is not None
-    # What a delayed retry of the first PUT does when it reaches the store last:
-    store.put_bytes(KEYS.staged(session.record.session_id, "plan.dwg"), b"version 1")
+    # What a delayed retry of the first PUT does when it reaches the store last (to the
+    # first version's own content key, where it can do no harm):
+    store.put_bytes(KEYS.version(hashlib.sha256(b"version 1").hexdigest()), b"version 1")
     session.close()
     assert b"version 2, the last save" == store.get(KEYS.committed("plan.dwg")).body
 
 
-def test_swapped_staging_of_a_crashed_session_blocks_others_until_its_owner_resumes(
+def test_a_swapped_object_of_a_crashed_session_blocks_others_until_its_owner_resumes(
     store: ObjectStore, tmp_path: Path
 ) -> None:
-    """A cut commit whose staging was swapped: bob's open refuses; our resume finishes it."""
+    """A cut commit whose sent object was swapped: bob's open refuses; our resume finishes it."""
     config = _config(tmp_path)
     mine = PlantDesignSession(config, store=store)
     work = mine.open(P, "admin", STAGE)
@@ -250,8 +252,8 @@ def test_swapped_staging_of_a_crashed_session_blocks_others_until_its_owner_resu
         previous=None,
     )
     mine.emergency_save("test")  # releases the lock, keeps the record
-    # ... and a co-worker swaps the staged object.
-    store.put_bytes(KEYS.staged(sid, "plan.dwg"), b"foreign")
+    # ... and a co-worker swaps the sent object.
+    store.put_bytes(KEYS.version(staged.sha256), b"foreign")
     bob = _other(store, tmp_path, "bob")
     with pytest.raises(CommitBlockedError):
         bob.open(P, "bob", STAGE)

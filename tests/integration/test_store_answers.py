@@ -82,10 +82,10 @@ def test_a_skewed_clock_says_fix_the_clock_and_is_not_retried(
 def test_status_shows_a_hanging_store_while_it_lasts_and_clears_after(
     s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    """Staging PUTs get no answer: status says so past 2x the timeout, and not once they flow."""
+    """Content PUTs get no answer: status says so past 2x the timeout, and not once they flow."""
     session = _session(s3_env, fault_proxy, tmp_path)
     work = session.open(P, "admin", STAGE, watch=True)
-    rule = fault_proxy.add(Rule(Delay(60), method="PUT", path=r"/\.sessions/", times=None))
+    rule = fault_proxy.add(Rule(Delay(60), method="PUT", path=r"/\.objects/", times=None))
     (work / "a.txt").write_text("saved while the store hangs")
     wait_for(lambda: "the store has not answered" in str(session.status().get("error")), 60)
     assert session.status()["store_stalled_seconds"] >= 2 * PROXY_READ_TIMEOUT  # type: ignore[operator]

@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import load_config
+from agent.errors import NotFoundError
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
@@ -43,15 +44,22 @@ def session(store: ObjectStore, tmp_path: Path) -> Iterator[PlantDesignSession]:
 
 
 def _staged(store: ObjectStore, s: PlantDesignSession) -> dict[str, bytes]:
-    assert s.record is not None
-    prefix = KEYS.staging_prefix(s.record.session_id)
-    return {o.key[len(prefix) :]: store.get(o.key).body for o in store.list(prefix)}
+    """What the session has sent, by path: the journal's confirmed puts, read back from
+    ``.objects/{sha256}`` (the content is stored once, under its hash)."""
+    journal = s._journal
+    if journal is None:
+        return {}
+    return {
+        rel: store.get(KEYS.version(st.sha256)).body
+        for rel, st in journal.staged().items()
+        if st.op == "put"
+    }
 
 
 def test_a_saved_file_is_staged_without_close(
     session: PlantDesignSession, store: ObjectStore
 ) -> None:
-    """A save lands in the session's staging prefix on its own, and nothing is pending after."""
+    """A save lands in the store (by its content) on its own, and nothing is pending after."""
     assert session.work_path is not None
     (session.work_path / "plan.dwg").write_bytes(b"drawing v1")
     assert _wait(lambda: _staged(store, session).get("plan.dwg") == b"drawing v1")
@@ -116,14 +124,19 @@ def test_delete_and_move_while_streaming_are_applied_at_commit(
     assert ["c.txt", "d.txt", "sub/b.txt"] == committed
 
 
-def test_abort_removes_what_was_streamed(session: PlantDesignSession, store: ObjectStore) -> None:
-    """Abort deletes the staging prefix: streamed changes are really discarded."""
+def test_abort_commits_nothing_of_what_was_streamed(
+    session: PlantDesignSession, store: ObjectStore
+) -> None:
+    """Abort commits nothing: no plain key, no manifest names the streamed content, which
+    stays only as an unreferenced object for ``history prune`` to collect after its grace."""
     assert session.work_path is not None
     (session.work_path / "x.txt").write_text("draft")
     assert _wait(lambda: "x.txt" in _staged(store, session))
     session.abort()
     assert [] == list(store.list(f"{P}/.sessions/"))
     assert [] == list(store.list(KEYS.committed_prefix))
+    with pytest.raises(NotFoundError):
+        store.get(KEYS.manifest)
 
 
 def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(

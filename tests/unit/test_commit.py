@@ -7,6 +7,7 @@ The same cases run against the real server through the fault proxy in
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +39,10 @@ def _sha(data: bytes) -> str:
 
 
 def _stage(store: MemoryStore, files: dict[str, bytes]) -> dict[str, StagedCopy]:
-    """Upload ``files`` to the session's staging prefix as the streamer would."""
+    """Upload ``files`` to ``.objects/{sha256}`` as the streamer would."""
     out = {}
     for rel, data in files.items():
-        key = KEYS.staged(SID, rel)
+        key = KEYS.version(_sha(data))
         etag = store.put_bytes(key, data).etag
         store.metadata[key] = {"sha256": _sha(data)}
         out[rel] = StagedCopy(size=len(data), sha256=_sha(data), etag=etag)
@@ -125,16 +126,16 @@ def test_a_lost_answer_to_the_manifest_put_is_our_commit_not_a_conflict() -> Non
     assert ["a.txt"] == sorted(_assert_stage_is_one_manifest(inner).files)
 
 
-def test_a_swapped_staged_object_is_sent_again_from_the_local_file() -> None:
-    """Someone overwrites a staged object: the copy is refused and the local bytes re-sent."""
+def test_a_swapped_object_is_sent_again_from_the_local_file() -> None:
+    """Someone overwrites a content object: the copy is refused and the local bytes re-sent."""
     store = MemoryStore()
     copies = _stage(store, {"a.txt": b"mine"})
-    store.put_bytes(KEYS.staged(SID, "a.txt"), b"foreign")
+    store.put_bytes(KEYS.version(_sha(b"mine")), b"foreign")
     sent: list[str] = []
 
     def reupload(rel: str, item: StagedCopy) -> str:
         sent.append(rel)
-        return store.put_bytes(KEYS.staged(SID, rel), b"mine").etag
+        return store.put_bytes(KEYS.version(item.sha256), b"mine").etag
 
     commit = Commit(store, KEYS, workers=1, reupload=reupload)
     intent, etag = commit.begin(
@@ -152,17 +153,121 @@ def test_a_swapped_staged_object_is_sent_again_from_the_local_file() -> None:
     assert b"mine" == store.objects[KEYS.committed("a.txt")]
 
 
-def test_a_swapped_staged_object_without_a_local_copy_blocks_the_commit() -> None:
+def test_a_swapped_object_without_a_local_copy_blocks_the_commit() -> None:
     """Nobody can re-send the bytes: CommitBlockedError, the committed stage untouched."""
     store = MemoryStore()
     store.put_bytes(KEYS.committed("a.txt"), b"old")
     copies = _stage(store, {"a.txt": b"mine"})
-    store.put_bytes(KEYS.staged(SID, "a.txt"), b"foreign")
+    store.put_bytes(KEYS.version(_sha(b"mine")), b"foreign")
     commit, (intent, etag) = _begin(store, copies)
     with pytest.raises(CommitBlockedError, match="changed or removed by someone else"):
         commit.apply(intent, etag)
     assert b"old" == store.objects[KEYS.committed("a.txt")]
     assert "applying" == read_intent(store, KEYS)[0].state  # type: ignore[index]
+
+
+def test_a_store_ignoring_the_copy_condition_still_commits_only_the_recorded_bytes() -> None:
+    """The store copies a planted object despite the pin: the answer's ETag gives it away,
+    the local bytes are sent again and copied again, and the stage holds exactly them."""
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    copies = _stage(inner, {"a.txt": b"mine"})
+    inner.put_bytes(KEYS.version(_sha(b"mine")), b"planted")
+
+    def ignore_pin(
+        src: str, dst: str, *, if_source_etag: str | None = None, size: int | None = None
+    ) -> WriteResult:
+        return inner.copy(src, dst)  # moto's server: x-amz-copy-source-if-match ignored
+
+    store.faults["copy"] = ignore_pin
+    sent: list[str] = []
+
+    def reupload(rel: str, item: StagedCopy) -> str:
+        sent.append(rel)
+        return inner.put_bytes(KEYS.version(item.sha256), b"mine").etag
+
+    commit = Commit(store, KEYS, workers=1, reupload=reupload)
+    intent, etag = commit.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=Manifest(),
+        base_etag=None,
+        copies=copies,
+        deletes=[],
+        previous=None,
+    )
+    commit.apply(intent, etag)
+    assert ["a.txt"] == sent
+    assert b"mine" == inner.objects[KEYS.committed("a.txt")]
+    assert b"mine" == inner.objects[KEYS.version(_sha(b"mine"))]
+    _assert_stage_is_one_manifest(inner)
+
+
+def test_a_commit_on_a_content_addressed_base_copies_nothing_but_the_changes() -> None:
+    """Replaced and deleted versions are already in .objects/: no keep-copies, one copy per
+    changed path, and the new manifest says its content is all in .objects/."""
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    first = _stage(inner, {"a.txt": b"A1", "b.txt": b"B1", "c.txt": b"C1"})
+    commit, (intent, etag) = _begin(store, first)
+    base = commit.apply(intent, etag)
+    assert base.manifest.content_addressed
+    copied: list[tuple[str, str]] = []
+
+    def counting(
+        src: str, dst: str, *, if_source_etag: str | None = None, size: int | None = None
+    ) -> WriteResult:
+        copied.append((src, dst))
+        return inner.copy(src, dst, if_source_etag=if_source_etag)
+
+    store.faults["copy"] = counting
+    second = Commit(store, KEYS, workers=2)
+    intent2, etag2 = second.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=base.manifest,
+        base_etag=base.etag,
+        copies=_stage(inner, {"a.txt": b"A2"}),
+        deletes=["b.txt"],
+        previous=read_intent(inner, KEYS),
+    )
+    second.apply(intent2, etag2)
+    assert [(KEYS.version(_sha(b"A2")), KEYS.committed("a.txt"))] == copied
+    assert {} == intent2.keeps
+    assert b"A1" == inner.objects[KEYS.version(_sha(b"A1"))]  # the old version, kept free
+    assert b"B1" == inner.objects[KEYS.version(_sha(b"B1"))]
+    _assert_stage_is_one_manifest(inner)
+
+
+def test_the_first_commit_on_a_stage_from_before_content_addressing_migrates_it() -> None:
+    """A version-1 base (plain keys only): every version it names is copied into .objects/
+    once, pinned to its ETag, and the new manifest is content-addressed."""
+    store = MemoryStore()
+    files = {"a.txt": b"A1", "b.txt": b"B1"}
+    entries = {}
+    for rel, data in files.items():
+        etag = store.put_bytes(KEYS.committed(rel), data).etag
+        entries[rel] = ManifestEntry(size=len(data), sha256=_sha(data), etag=etag)
+    old = Manifest(files=entries)
+    old_etag = store.put_bytes(KEYS.manifest, old.to_bytes()).etag
+    commit = Commit(store, KEYS, workers=2)
+    intent, etag = commit.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=old,
+        base_etag=old_etag,
+        copies=_stage(store, {"a.txt": b"A2"}),
+        deletes=[],
+        previous=None,
+    )
+    done = commit.apply(intent, etag)
+    assert done.manifest.content_addressed
+    for data in (b"A1", b"B1", b"A2"):
+        assert data == store.objects[KEYS.version(_sha(data))]
+    _assert_stage_is_one_manifest(store)
 
 
 def test_a_new_commit_refuses_to_start_over_an_unfinished_one() -> None:
@@ -311,3 +416,59 @@ def test_put_fenced_demands_the_write_id_in_the_body(tmp_path: Path) -> None:
     """A body that does not carry its write id is a programming error."""
     with pytest.raises(ValueError, match="write_id"):
         put_fenced(MemoryStore(), "k", b"{}", new_write_id())
+
+
+def test_the_intent_names_what_changes_not_the_whole_manifest() -> None:
+    """A commit of one file over a 2,000-file base writes an intent of a few hundred bytes,
+    and the manifest it applies is the base with that one change."""
+    store = MemoryStore()
+    base_files = {f"f{i:04d}.txt": f"v0 {i}".encode() for i in range(2000)}
+    commit, (intent, etag) = _begin(store, _stage(store, base_files))
+    base = commit.apply(intent, etag)
+    second = Commit(store, KEYS, workers=2)
+    intent2, etag2 = second.begin(
+        session_id=SID,
+        user="alice",
+        machine="m1",
+        base=base.manifest,
+        base_etag=base.etag,
+        copies=_stage(store, {"f0001.txt": b"v1"}),
+        deletes=["f0002.txt"],
+        previous=read_intent(store, KEYS),
+    )
+    assert len(store.objects[KEYS.intent]) < 1500
+    done = second.apply(intent2, etag2)
+    assert 1999 == len(done.manifest.files)
+    assert _sha(b"v1") == done.manifest.files["f0001.txt"].sha256
+    assert base.manifest.commit_id == done.manifest.parent_commit_id
+    assert base.manifest.seq + 1 == done.manifest.seq
+    _assert_stage_is_one_manifest(store)
+
+
+def test_an_intent_an_older_agent_wrote_is_rolled_forward_as_written() -> None:
+    """An intent carrying the whole manifest and copying from the session's staging prefix
+    (written before content addressing) is finished from there, and staging removed."""
+    store = MemoryStore()
+    key = KEYS.staged(SID, "a.txt")
+    etag = store.put_bytes(key, b"staged by an old agent").etag
+    entry = ManifestEntry(size=22, sha256=_sha(b"staged by an old agent"), etag=etag)
+    old: dict[str, object] = {
+        "state": "applying",
+        "session_id": SID,
+        "commit_id": "c" * 32,
+        "write_id": new_write_id(),
+        "user": "alice",
+        "machine": "m1",
+        "created_at": "2026-11-01T10:00:00Z",
+        "base_manifest_etag": None,
+        "manifest": Manifest(files={"a.txt": entry}, commit_id="c" * 32).model_dump(mode="json"),
+        "copies": {"a.txt": {"size": 22, "sha256": entry.sha256, "etag": etag}},
+        "deletes": [],
+    }
+    body = json.dumps(old).encode()
+    put_fenced(store, KEYS.intent, body, str(old["write_id"]), if_none_match=True)
+    _previous, finished = Commit(store, KEYS, workers=1).settle()
+    assert finished is not None
+    assert b"staged by an old agent" == store.objects[KEYS.committed("a.txt")]
+    assert [] == [k for k in store.objects if k.startswith(KEYS.staging_prefix(SID))]
+    _assert_stage_is_one_manifest(store)

@@ -1,0 +1,251 @@
+"""Issue 18: content-addressed objects, one copy per changed file, a stage that repairs itself.
+
+Every case runs against SeaweedFS; the requests a close makes are counted at the
+fault proxy (what reached the store), the outcome read straight from the bucket
+(``Truth``). A co-worker with write access is a second boto3 client.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+import pytest
+from structlog.testing import capture_logs
+
+from agent.state import SessionState
+from tests.faultproxy import Delay, FaultProxy, Rule, Seen
+from tests.integration.bucket import (
+    STAGE,
+    MakeSession,
+    P,
+    Truth,
+    folder_files,
+    seed_stage,
+    sha,
+    write_files,
+)
+from tests.waiting import wait_for
+
+HISTORY_OFF = {"prune_on_close": False}
+
+
+def _body_uploads(seen: Sequence[Seen]) -> list[str]:
+    """File bodies sent to the store (by content, to a staging prefix or to a plain key):
+    PUTs and multipart parts that are not copies and not the protocol's JSON objects."""
+    return [
+        s.path
+        for s in seen
+        if s.method in ("PUT", "POST")
+        and "x-amz-copy-source" not in s.headers
+        and any(where in s.path for where in ("/.objects/", "/.sessions/", f"/{P}/{STAGE}/"))
+        and "delete" not in s.query
+        and s.status is not None
+        and 200 <= s.status < 300
+    ]
+
+
+def _copies_to(seen: Sequence[Seen], where: str) -> list[str]:
+    return [
+        s.path
+        for s in seen
+        if s.method == "PUT" and "x-amz-copy-source" in s.headers and where in s.path
+    ]
+
+
+def _stage_checked(session: object) -> dict[str, object]:
+    """Wait for the background check of the plain tree; what it found."""
+    status = getattr(session, "status")  # noqa: B009 - any session-like object
+    assert wait_for(lambda: status().get("stage_check") not in (None, "running"), timeout=30)
+    found: dict[str, object] = status()["stage_check"]
+    return found
+
+
+# ------------------------------------------------------------------ requests
+
+
+def _close_requests(
+    via_proxy: MakeSession, fault_proxy: FaultProxy, changed: int, round_: int
+) -> tuple[list[Seen], list[str]]:
+    """Open, change ``changed`` files (all streamed before close), close: the close's requests."""
+    alice = via_proxy(f"m{round_}", history=HISTORY_OFF)
+    work = alice.open(P, "alice", STAGE)
+    _stage_checked(alice)
+    files = {f"f{i:03d}.txt": f"round {round_} file {i} ".encode() * 50 for i in range(changed)}
+    write_files(work, files)
+    assert alice.flush(timeout=60)
+    before = len(fault_proxy.seen)
+    report = alice.close()
+    assert sorted(files) == report.uploaded
+    return fault_proxy.seen[before:], sorted(files)
+
+
+def test_a_close_of_streamed_changes_makes_one_copy_per_file_and_a_constant_rest(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """N changed files streamed before close: N copies, no body sent, no version kept by a
+    copy, and the same number of other requests for 5 and for 40 files."""
+    seed_stage(direct, {f"f{i:03d}.txt": b"seeded" for i in range(40)})
+    others = []
+    for round_, changed in enumerate((5, 40)):
+        seen, files = _close_requests(via_proxy, fault_proxy, changed, round_)
+        copies = _copies_to(seen, f"/{P}/{STAGE}/")
+        assert changed == len(copies), copies
+        assert [] == _body_uploads(seen), "close sent file bodies that were streamed already"
+        assert [] == _copies_to(seen, "/.objects/"), "a version was kept by a copy"
+        others.append(len(seen) - len(copies))
+        assert {rel: truth.get(f"{P}/{STAGE}/{rel}") for rel in files} == {
+            rel: f"round {round_} file {int(rel[1:4])} ".encode() * 50 for rel in files
+        }
+    assert others[0] == others[1], f"other requests grow with the files: {others}"
+    assert others[0] <= 16, others
+    truth.assert_consistent()
+
+
+# -------------------------------------------------------------- moves, copies
+
+FOLDER = {f"pkg/sub{i % 6}/part{i:03d}.dwg": b"part %03d " % i * 40 for i in range(300)}
+
+
+@pytest.mark.parametrize("op", ["mv", "cp -r"])
+def test_moving_or_copying_a_committed_folder_sends_no_file_body(
+    via_proxy: MakeSession,
+    direct: MakeSession,
+    truth: Truth,
+    fault_proxy: FaultProxy,
+    op: str,
+) -> None:
+    """``mv`` and ``cp -r`` of a committed 300-file folder: zero uploads, a correct commit."""
+    seed_stage(direct, {**FOLDER, "keep.txt": b"keep"})
+    alice = via_proxy(history=HISTORY_OFF)
+    work = alice.open(P, "alice", STAGE)
+    before = len(fault_proxy.seen)
+    if op == "mv":
+        subprocess.run(["mv", str(work / "pkg"), str(work / "moved")], check=True)
+    else:
+        shutil.copytree(work / "pkg", work / "moved")
+    assert alice.flush(timeout=120)
+    report = alice.close(allow_mass_delete=True)
+    seen = fault_proxy.seen[before:]
+    assert [] == _body_uploads(seen), f"{len(_body_uploads(seen))} bodies sent"
+    assert 300 == len(report.uploaded)
+    moved = {rel.replace("pkg/", "moved/", 1): data for rel, data in FOLDER.items()}
+    expected = (
+        {**moved, "keep.txt": b"keep"} if op == "mv" else {**FOLDER, **moved, "keep.txt": b"keep"}
+    )
+    assert expected == truth.assert_consistent()
+
+
+# ------------------------------------------------------------- self-repair
+
+
+def test_a_plain_tool_deleting_or_overwriting_committed_files_is_repaired_by_the_next_open(
+    direct: MakeSession, truth: Truth
+) -> None:
+    """A DELETE, an overwrite with other bytes and a foreign key in the plain tree: the next
+    lock holder opens the committed bytes, puts the plain tree right and reports it."""
+    files = {"a.txt": b"alpha", "b/b.txt": b"bravo", "c.txt": b"charlie"}
+    seed_stage(direct, files)
+    truth.delete(f"{P}/{STAGE}/a.txt")
+    truth.put(f"{P}/{STAGE}/b/b.txt", b"overwritten by a sync tool")
+    truth.put(f"{P}/{STAGE}/stray.txt", b"not in any manifest")
+    alice = direct("alice")
+    with capture_logs() as logs:
+        work = alice.open(P, "alice", STAGE)
+        found = _stage_checked(alice)
+    assert files == folder_files(work)
+    assert ["a.txt", "b/b.txt"] == found["recopied"]
+    assert [f"{P}/{STAGE}/stray.txt"] == found["removed"]
+    assert [] == found["lost"]
+    assert files == truth.assert_consistent()
+    assert any(e["event"] == "stage_repaired" for e in logs)
+    assert any(e["event"] == "plain_object_damaged" for e in logs)
+    alice.abort()
+
+
+def test_content_gone_from_both_places_fails_the_open_naming_it(
+    direct: MakeSession, truth: Truth
+) -> None:
+    """The plain key and its object both deleted: open fails clearly, the lock is released."""
+    seed_stage(direct, {"a.txt": b"alpha", "b.txt": b"bravo"})
+    truth.delete(f"{P}/{STAGE}/a.txt")
+    truth.delete(f"{P}/.objects/{sha(b'alpha')}")
+    alice = direct("alice")
+    with pytest.raises(Exception, match="gone from the store") as caught:
+        alice.open(P, "alice", STAGE)
+    assert "a.txt" in str(caught.value)
+    assert "released" == truth.lock()["state"]
+    assert SessionState.CLOSED == alice.state
+
+
+def test_a_late_copy_landing_after_another_users_commit_is_repaired(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """Alice's copy of a.txt is delayed past her timeout (her retry commits); Bob commits a
+    newer a.txt; then Alice's first copy lands on it. The next opener gets Bob's bytes and
+    the plain tree is repaired."""
+    seed_stage(direct, {"a.txt": b"v0", "b.txt": b"bravo"})
+    alice = via_proxy(history=HISTORY_OFF)
+    work = alice.open(P, "alice", STAGE)
+    _stage_checked(alice)
+    rule = fault_proxy.add(
+        Rule(
+            Delay(3600), method="PUT", path=rf"/{P}/{STAGE}/a\.txt$", headers=("x-amz-copy-source",)
+        )
+    )
+    write_files(work, {"a.txt": b"alice's a"})
+    assert alice.flush(timeout=30)
+    alice.close()
+    assert 1 == rule.fired and not rule.delivered.is_set()
+    bob = direct("bob", history=HISTORY_OFF)
+    write_files(bob.open(P, "bob", STAGE, watch=False), {"a.txt": b"bob's newer a"})
+    bob.close()
+    rule.release()
+    assert wait_for(rule.delivered.is_set, timeout=30)
+    assert b"alice's a" == truth.get(f"{P}/{STAGE}/a.txt"), "the late copy did not land"
+    carol = direct("carol")
+    work = carol.open(P, "carol", STAGE)
+    assert {"a.txt": b"bob's newer a", "b.txt": b"bravo"} == folder_files(work)
+    assert ["a.txt"] == _stage_checked(carol)["recopied"]
+    assert {"a.txt": b"bob's newer a", "b.txt": b"bravo"} == truth.assert_consistent()
+    carol.abort()
+
+
+# ----------------------------------------------------------- planted objects
+
+
+def test_a_planted_object_under_a_real_hash_is_replaced_and_never_committed(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth
+) -> None:
+    """A co-worker plants other bytes at ``.objects/{sha256 of our file}`` before we save it:
+    the conditional PUT finds it, its ETag gives it away, our bytes replace it."""
+    seed_stage(direct, {"keep.txt": b"keep"})
+    mine = b"the user's drawing, which a co-worker also has"
+    truth.put(f"{P}/.objects/{sha(mine)}", b"planted bytes")
+    alice = via_proxy(history=HISTORY_OFF)
+    work = alice.open(P, "alice", STAGE)
+    with capture_logs() as logs:
+        write_files(work, {"plan.dwg": mine})
+        assert alice.flush(timeout=30)
+    assert any(e["event"] == "object_replaced" for e in logs)
+    assert mine == truth.get(f"{P}/.objects/{sha(mine)}")
+    alice.close()
+    assert {"keep.txt": b"keep", "plan.dwg": mine} == truth.assert_consistent()
+
+
+def test_content_already_in_the_store_is_checked_not_sent(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """The same drawing saved under a new name and in another stage: no body is sent."""
+    drawing = b"a drawing shared by two stages " * 100
+    seed_stage(direct, {"plan.dwg": drawing})
+    alice = via_proxy(history=HISTORY_OFF)
+    work = alice.open(P, "alice", "detail")
+    before = len(fault_proxy.seen)
+    write_files(work, {"copy-of-plan.dwg": drawing})
+    assert alice.flush(timeout=30)
+    assert alice.status()["already_stored"] == 1
+    alice.close()
+    assert [] == _body_uploads(fault_proxy.seen[before:])
+    assert drawing == truth.get(f"{P}/detail/copy-of-plan.dwg")
