@@ -35,6 +35,7 @@ from agent.store import open_store
 from agent.store.base import ObjectStore
 from bench.common import median, timed
 from bench.history import bench_history, history_steps_off
+from bench.size import SIZES, bench_size
 from tests.servers import SeaweedServer
 
 BUCKET = "bench"
@@ -669,13 +670,23 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", default="core,stream,resume,folder")
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(n) for n in SIZES),
+        help="stage sizes of the size group (files, comma-separated)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="size group: cProfile text files here"
+    )
     args = parser.parse_args()
-    groups = {
+    sizes = tuple(int(n) for n in args.sizes.split(","))
+    groups: dict[str, Callable[[Bench], None]] = {
         "core": bench_core,
         "stream": bench_stream,
         "resume": bench_resume,
         "folder": bench_folder,
         "history": bench_history,
+        "size": partial(bench_size, sizes=sizes, profile=args.profile),
     }
     scratch = Path(tempfile.mkdtemp(prefix="pdagent-bench-"))
     try:
