@@ -4,6 +4,11 @@ Usage::
 
     python bench/run.py                 # everything, 5 runs each
     python bench/run.py --runs 3 --only core,stream,resume,folder,history
+    python bench/run.py --runs 3 --only core --link office   # core through the office link only
+
+The core group runs twice by default: on loopback, and through the tests' fault
+proxy as an office link (15 ms each way, 100 Mbit/s shared), the agent and s5cmd
+alike (``--link loopback,office``).
 
 Prints markdown tables (medians of the runs; ratios to s5cmd or to a cold open).
 Nothing here is a test: speed is never asserted, only measured side by side.
@@ -14,6 +19,7 @@ the tools' figures are whole processes, as a user runs them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -36,10 +42,18 @@ from agent.store.base import ObjectStore
 from bench.common import median, timed
 from bench.history import bench_history, history_steps_off
 from bench.size import SIZES, bench_size
+from tests.faultproxy import OFFICE_LINK, FaultProxy, LinkProfile
 from tests.servers import SeaweedServer
 
 BUCKET = "bench"
 KiB, MiB = 1024, 1024 * 1024
+LINKS: dict[str, LinkProfile | None] = {"loopback": None, "office": OFFICE_LINK}
+
+
+def link_label(profile: LinkProfile) -> str:
+    """``office link (15 ms, 100 Mbit/s)``."""
+    rate = f"{profile.bytes_per_second * 8 / 1e6:.0f} Mbit/s" if profile.bytes_per_second else ""
+    return f"office link ({profile.latency * 1000:.0f} ms, {rate})"
 
 
 def tool(name: str) -> str:
@@ -55,29 +69,52 @@ def make_files(root: Path, count: int, size: int) -> None:
         (root / f"f{i:05d}.bin").write_bytes(os.urandom(size))
 
 
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 class Bench:
     """Shared state: the server, environment and a scratch folder."""
 
-    def __init__(self, server: SeaweedServer, scratch: Path, runs: int) -> None:
+    def __init__(
+        self,
+        server: SeaweedServer,
+        scratch: Path,
+        runs: int,
+        links: tuple[str, ...] = ("loopback",),
+    ) -> None:
         self.server = server
         self.scratch = scratch
         self.runs = runs
+        self.links = links
         self.env = {**os.environ, **server.env()}
         os.environ.update(server.env())
         self.rows: dict[str, list[tuple[str, float, str]]] = {}
 
-    def config(self, name: str, **sections: object) -> AgentConfig:
-        """A config on the bench bucket with its own base folder."""
-        return load_config(
-            store={
-                "url": f"s3://{BUCKET}/agent",
-                "endpoint_url": self.server.endpoint,
-                "region": "us-east-1",
-            },
-            paths={"base_dir": str(self.scratch / "agent" / name)},
-            lock={"heartbeat_interval": 3600, "stale_after": 7200},
-            **sections,  # type: ignore[arg-type]
-        )
+    def config(self, name: str, endpoint: str | None = None, **sections: object) -> AgentConfig:
+        """A config on the bench bucket with its own base folder (``endpoint``: a proxy)."""
+        # The environment wins over code in load_config, and it names the server itself.
+        with _env("AGENT_STORE__ENDPOINT_URL", endpoint or self.server.endpoint):
+            return load_config(
+                store={
+                    "url": f"s3://{BUCKET}/agent",
+                    "endpoint_url": endpoint or self.server.endpoint,
+                    "region": "us-east-1",
+                },
+                paths={"base_dir": str(self.scratch / "agent" / name)},
+                lock={"heartbeat_interval": 3600, "stale_after": 7200},
+                **sections,  # type: ignore[arg-type]
+            )
 
     def sh(self, *argv: str) -> None:
         """Run a tool quietly; fail loudly."""
@@ -102,14 +139,17 @@ def seed_stage(bench: Bench, projekt: str, source: Path) -> None:
     session.close()
 
 
-def agent_cycle(bench: Bench, projekt: str) -> dict[str, list[float]]:
+def agent_cycle(
+    bench: Bench, projekt: str, endpoint: str | None = None, tag: str = ""
+) -> dict[str, list[float]]:
     """Cold opens, full closes (every file changed) and re-opens of an unchanged copy.
 
     ``close_bare``: a second full close, of the re-opened copy, without the version
     history's steps (``history_steps_off``): the commit protocol alone, side by side.
+    ``endpoint``: the store's address to use (a link proxy), ``tag`` its own base folder.
     """
     out: dict[str, list[float]] = {"cold": [], "close": [], "reopen": [], "close_bare": []}
-    name = f"cycle-{projekt}"
+    name = f"cycle-{projekt}{tag}"
 
     def change_all(work: Path) -> None:
         for f in work.iterdir():
@@ -117,7 +157,7 @@ def agent_cycle(bench: Bench, projekt: str) -> dict[str, list[float]]:
                 fh.write(os.urandom(16))
 
     for _ in range(bench.runs):
-        config = bench.config(name)
+        config = bench.config(name, endpoint)
         shutil.rmtree(config.paths.cache_dir, ignore_errors=True)
         s = PlantDesignSession(config)
         out["cold"].append(timed(partial(s.open, projekt, "bench", "planning", watch=False)))
@@ -134,10 +174,16 @@ def agent_cycle(bench: Bench, projekt: str) -> dict[str, list[float]]:
 
 
 def tool_cycle(
-    bench: Bench, projekt: str, source: Path
+    bench: Bench,
+    projekt: str,
+    source: Path,
+    *,
+    endpoint: str | None = None,
+    only: tuple[str, ...] = ("s5cmd", "rclone", "aws"),
+    tag: str = "",
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """Download and upload times of s5cmd, rclone and aws on the same data."""
-    ep = bench.server.endpoint
+    """Download and upload times of s5cmd, rclone and aws (``only``) on the same data."""
+    ep = endpoint or bench.server.endpoint
     remote = f"s3://{BUCKET}/agent/{projekt}/planning"
     out: dict[str, tuple[list[float], list[float]]] = {}
     rclone_flags = [
@@ -223,19 +269,25 @@ def tool_cycle(
         ),
     }
     for name, (down, up) in cmds.items():
+        if name not in only:
+            continue
         downs, ups = [], []
         for run in range(bench.runs):
-            dest = bench.scratch / f"dl-{name}-{projekt}-{run}"
+            dest = bench.scratch / f"dl-{name}-{projekt}{tag}-{run}"
             downs.append(timed(partial(bench.sh, *down(dest))))
             shutil.rmtree(dest, ignore_errors=True)
-            target = f"s3://{BUCKET}/tools/{name}/{projekt}/{run}"
+            target = f"s3://{BUCKET}/tools{tag}/{name}/{projekt}/{run}"
             ups.append(timed(partial(bench.sh, *up(target))))
         out[name] = (downs, ups)
     return out
 
 
 def bench_core(bench: Bench) -> None:
-    """Issue 2: open / close / re-open beside s5cmd, rclone and aws."""
+    """Issue 2: open / close / re-open beside s5cmd, rclone and aws.
+
+    Issue 18: the same cycle, the agent beside s5cmd, through the office link
+    (``OFFICE_LINK`` in the tests' fault proxy, in front of the same SeaweedFS).
+    """
     for projekt, count, size, label in (
         ("Small", 1000, 64 * KiB, "1000 x 64 KiB"),
         ("Big", 4, 64 * MiB, "4 x 64 MiB"),
@@ -243,40 +295,82 @@ def bench_core(bench: Bench) -> None:
         source = bench.scratch / f"src-{projekt}"
         make_files(source, count, size)
         seed_stage(bench, projekt, source)
-        cycle = agent_cycle(bench, projekt)
-        cold, close, reopen = cycle["cold"], cycle["close"], cycle["reopen"]
-        tools = tool_cycle(bench, projekt, source)
-        s5_down, s5_up = (median(v) for v in tools["s5cmd"])
-        table = f"core: {label}"
+        loopback: dict[str, float] = {}
+        if "loopback" in bench.links:
+            loopback = core_loopback(bench, projekt, source, label)
+        for link in bench.links:
+            profile = LINKS[link]
+            if profile is not None:
+                core_through(
+                    bench, projekt, source, label, link=link, profile=profile, loopback=loopback
+                )
+
+
+def _core_rows(
+    cycle: dict[str, list[float]], s5_down: float, s5_up: float
+) -> list[tuple[str, str, float, float]]:
+    """(row, unit, seconds, ratio) of the agent's core measurements."""
+    cold, close, reopen = median(cycle["cold"]), median(cycle["close"]), median(cycle["reopen"])
+    bare = median(cycle["close_bare"])
+    return [
+        ("agent open (cold)", "x s5cmd download", cold, cold / s5_down),
+        ("agent close (all changed)", "x s5cmd upload", close, close / s5_up),
+        ("agent close (all changed), history steps off", "x s5cmd upload", bare, bare / s5_up),
+        ("agent re-open (unchanged)", "x cold open", reopen, reopen / cold),
+    ]
+
+
+def core_loopback(bench: Bench, projekt: str, source: Path, label: str) -> dict[str, float]:
+    """The loopback table of one data set; returns the agent's ratios by row label."""
+    cycle = agent_cycle(bench, projekt)
+    tools = tool_cycle(bench, projekt, source)
+    s5_down, s5_up = (median(v) for v in tools["s5cmd"])
+    table = f"core: {label}"
+    ratios: dict[str, float] = {}
+    for row, unit, seconds, ratio in _core_rows(cycle, s5_down, s5_up):
+        digits = 3 if unit == "x cold open" else 2
+        bench.add(table, row, seconds, f"{ratio:.{digits}f} {unit}")
+        ratios[row] = ratio
+    for name, (downs, ups) in tools.items():
         bench.add(
-            table,
-            "agent open (cold)",
-            median(cold),
-            f"{median(cold) / s5_down:.2f} x s5cmd download",
+            table, f"{name} download", median(downs), f"{median(downs) / s5_down:.2f} x s5cmd"
         )
-        bench.add(
-            table,
-            "agent close (all changed)",
-            median(close),
-            f"{median(close) / s5_up:.2f} x s5cmd upload",
+        bench.add(table, f"{name} upload", median(ups), f"{median(ups) / s5_up:.2f} x s5cmd")
+    return ratios
+
+
+def core_through(
+    bench: Bench,
+    projekt: str,
+    source: Path,
+    label: str,
+    *,
+    link: str,
+    profile: LinkProfile,
+    loopback: dict[str, float],
+) -> None:
+    """The agent and s5cmd through a link proxy; each ratio beside its loopback one."""
+    with FaultProxy(bench.server.endpoint) as proxy:
+        proxy.link_profile(profile)
+        cycle = agent_cycle(bench, projekt, proxy.endpoint, tag=f"-{link}")
+        if not proxy.seen:
+            raise RuntimeError("the agent did not go through the link proxy")
+        agent_requests = len(proxy.seen)
+        tools = tool_cycle(
+            bench, projekt, source, endpoint=proxy.endpoint, only=("s5cmd",), tag=f"-{link}"
         )
-        bench.add(
-            table,
-            "agent close (all changed), history steps off",
-            median(cycle["close_bare"]),
-            f"{median(cycle['close_bare']) / s5_up:.2f} x s5cmd upload",
-        )
-        bench.add(
-            table,
-            "agent re-open (unchanged)",
-            median(reopen),
-            f"{median(reopen) / median(cold):.3f} x cold open",
-        )
-        for name, (downs, ups) in tools.items():
-            bench.add(
-                table, f"{name} download", median(downs), f"{median(downs) / s5_down:.2f} x s5cmd"
-            )
-            bench.add(table, f"{name} upload", median(ups), f"{median(ups) / s5_up:.2f} x s5cmd")
+        if len(proxy.seen) == agent_requests:
+            raise RuntimeError("s5cmd did not go through the link proxy")
+    s5_down, s5_up = (median(v) for v in tools["s5cmd"])
+    table = f"core, {link_label(profile)}: {label}"
+    for row, unit, seconds, ratio in _core_rows(cycle, s5_down, s5_up):
+        digits = 3 if unit == "x cold open" else 2
+        note = f"{ratio:.{digits}f} {unit}"
+        if row in loopback:
+            note += f" (loopback: {loopback[row]:.{digits}f})"
+        bench.add(table, row, seconds, note)
+    bench.add(table, "s5cmd download", s5_down, "1.00 x s5cmd")
+    bench.add(table, "s5cmd upload", s5_up, "1.00 x s5cmd")
 
 
 # --------------------------------------------------------------------------- stream
@@ -292,8 +386,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, step: floa
     raise TimeoutError("condition not reached")
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def staged_keys(store: ObjectStore, prefix: str) -> set[str]:
-    """Keys under the staging prefix."""
+    """Keys under ``prefix`` (``.objects/``: the sha256s sent), without the prefix."""
     return {o.key[len(prefix) :] for o in store.list(prefix)}
 
 
@@ -321,32 +419,37 @@ def bench_stream(bench: Bench) -> None:
     store = open_store(bench.config("probe"))
     with watching_session(bench, "Stream", "stream") as s:
         assert s.record is not None and s.work_path is not None
-        prefix = StageKeys("Stream", "planning").staging_prefix(s.record.session_id)
+        keys = StageKeys("Stream", "planning")
+        prefix = keys.objects_prefix  # content is sent by its sha256
         single: list[float] = []
         for i in range(10 * bench.runs // 5 or 10):
             path = s.work_path / f"single{i}.txt"
-            path.write_bytes(os.urandom(4 * KiB))
+            data = os.urandom(4 * KiB)
+            path.write_bytes(data)
             t0 = time.monotonic()
-            single.append(wait_until(partial(_has_key, store, prefix, f"single{i}.txt")) - t0)
+            single.append(wait_until(partial(_has_key, store, prefix, _sha(data))) - t0)
         bench.add(table, "single save p50", pct(single, 0.5))
         bench.add(table, "single save p99", pct(single, 0.99))
         repeated: list[float] = []
         for r in range(3):
             path = s.work_path / f"repeat{r}.txt"
             for k in range(20):
-                path.write_bytes(f"{k}".encode() * 100)
+                path.write_bytes(f"{r}:{k}".encode() * 100)
                 time.sleep(0.1)  # the scenario: one file saved 20 times in 2 s
             t0 = time.monotonic()
-            final = f"{19}".encode() * 100
-            key = prefix + f"repeat{r}.txt"
+            final = f"{r}:{19}".encode() * 100
+            key = keys.version(_sha(final))
             repeated.append(wait_until(partial(_body_is, store, key, final)) - t0)
         bench.add(table, "one file saved 20x in 2 s, p50", pct(repeated, 0.5))
         batch: list[float] = []
         t0 = time.monotonic()
+        names: dict[str, str] = {}
         for i in range(100):
-            (s.work_path / f"batch{i}.bin").write_bytes(os.urandom(16 * KiB))
+            data = os.urandom(16 * KiB)
+            (s.work_path / f"batch{i}.bin").write_bytes(data)
+            names[_sha(data)] = f"batch{i}.bin"
         t_written = time.monotonic()
-        pending = {f"batch{i}.bin" for i in range(100)}
+        pending = set(names)
         while pending:
             now_staged = staged_keys(store, prefix)
             for name in list(pending):
@@ -671,6 +774,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", default="core,stream,resume,folder")
     parser.add_argument(
+        "--link",
+        default="loopback,office",
+        help="the core group's links: loopback, office (15 ms each way, 100 Mbit/s), or both",
+    )
+    parser.add_argument(
         "--sizes",
         default=",".join(str(n) for n in SIZES),
         help="stage sizes of the size group (files, comma-separated)",
@@ -679,6 +787,9 @@ def main() -> None:
         "--profile", type=Path, default=None, help="size group: cProfile text files here"
     )
     args = parser.parse_args()
+    links = tuple(args.link.split(","))
+    if not links or any(link not in LINKS for link in links):
+        parser.error(f"--link takes a comma-separated subset of {', '.join(LINKS)}")
     sizes = tuple(int(n) for n in args.sizes.split(","))
     groups: dict[str, Callable[[Bench], None]] = {
         "core": bench_core,
@@ -692,7 +803,7 @@ def main() -> None:
     try:
         with SeaweedServer(scratch / "seaweed") as server:
             server.create_bucket(BUCKET)
-            bench = Bench(server, scratch, args.runs)  # type: ignore[arg-type]
+            bench = Bench(server, scratch, args.runs, links)  # type: ignore[arg-type]
             for name in args.only.split(","):
                 started = time.monotonic()
                 groups[name](bench)

@@ -35,6 +35,24 @@ from any rule: request bodies are read from the agent and answers sent to it in
 slices paced by one clock shared by every connection, so parallel transfers
 share the rate as they would share a real link (``link(None)`` lifts it).
 
+``proxy.link_profile(LinkProfile(...))`` makes it a whole office link (issue 18)::
+
+    proxy.link_profile(OFFICE_LINK)   # 15 ms each way, 100 Mbit/s, no resets
+    proxy.link_profile(LinkProfile(latency=0.015, bytes_per_second=12_500_000,
+                                   reset_probability=0.05, seed=3))
+    proxy.link_stats                  # holds, peak of simultaneous holds, resets
+    proxy.link_profile(None)          # loopback again
+
+- ``latency``: each request is held that long once it has arrived, before it is
+  forwarded (a new connection's first request one round trip more: the TCP
+  handshake), and each answer is held that long before it is sent back. Every
+  connection holds on its own thread, so parallel requests wait side by side,
+  never one after another; ``link_stats.peak_held`` says how many were held at once.
+- ``bytes_per_second``: the shared clock of ``link`` above (None: no cap).
+- ``reset_probability``: after the inbound hold, a request no rule fired on is
+  reset with that probability, drawn from ``random.Random(seed)``; the store never
+  sees it (as ``RESET_BEFORE``). It is recorded in ``seen`` with rule ``"link"``.
+
 Requests are relayed byte for byte (headers included), except that ``Expect``
 is dropped (the proxy already said 100 Continue); SigV4 does not sign it.
 Threads are named ``pdagent-proxy-*``, so the thread-leak check sees them.
@@ -51,16 +69,20 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
+    "LINK_RULE",
     "LOSE_ANSWER",
+    "OFFICE_LINK",
     "RESET_BEFORE",
     "Action",
     "Delay",
     "FaultProxy",
+    "LinkProfile",
+    "LinkStats",
     "LoseAnswer",
     "ResetBefore",
     "Rule",
@@ -132,6 +154,41 @@ class Throttle:
 Action = LoseAnswer | ResetBefore | Delay | Status | Throttle
 LOSE_ANSWER = LoseAnswer()
 RESET_BEFORE = ResetBefore()
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A network link between the agent and the store (see the module docstring)."""
+
+    latency: float = 0.0  # seconds, each way
+    bytes_per_second: int | None = None  # shared by every connection; None: no cap
+    reset_probability: float = 0.0  # per request, before it is forwarded
+    seed: int = 0  # of the resets' random.Random
+
+    def __post_init__(self) -> None:
+        if self.latency < 0:
+            raise ValueError(f"latency must be >= 0, got {self.latency}")
+        if self.bytes_per_second is not None and self.bytes_per_second <= 0:
+            raise ValueError(f"bytes_per_second must be > 0, got {self.bytes_per_second}")
+        if not 0.0 <= self.reset_probability <= 1.0:
+            raise ValueError(f"reset_probability must be in [0, 1], got {self.reset_probability}")
+
+
+OFFICE_LINK = LinkProfile(latency=0.015, bytes_per_second=12_500_000)
+"""An office's link to the store: 15 ms each way (a 30 ms round trip), 100 Mbit/s."""
+
+LINK_RULE = "link"
+"""``Seen.rule`` of a request the link profile reset."""
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """What the link profile did so far (``FaultProxy.link_stats``)."""
+
+    held_requests: int  # requests held ``latency`` before forwarding (or resetting)
+    held_answers: int  # answers held ``latency`` before sending back
+    peak_held: int  # the most holds in progress at one moment, over every connection
+    resets: int  # requests the link reset
 
 
 @dataclass(eq=False)
@@ -316,8 +373,10 @@ def _read_exact(
     return data
 
 
-def _read_chunked(stream: IO[bytes]) -> tuple[bytes, bytes]:
-    """A chunked body: (raw bytes with framing and trailers, decoded bytes)."""
+def _read_chunked(
+    stream: IO[bytes], link: _Link | None = None, stopping: threading.Event | None = None
+) -> tuple[bytes, bytes]:
+    """A chunked body: (raw bytes with framing and trailers, decoded bytes), paced by ``link``."""
     raw: list[bytes] = []
     decoded: list[bytes] = []
     while True:
@@ -334,7 +393,7 @@ def _read_chunked(stream: IO[bytes]) -> tuple[bytes, bytes]:
                 raw.append(trailer)
                 if trailer in (b"\r\n", b"\n"):
                     return b"".join(raw), b"".join(decoded)
-        chunk = _read_exact(stream, size + 2)
+        chunk = _read_exact(stream, size + 2, link, stopping)
         raw.append(chunk)
         decoded.append(chunk[:size])
 
@@ -368,6 +427,10 @@ class FaultProxy:
         self._sockets: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._link = _Link()
+        self._profile: LinkProfile | None = None
+        self._reset_rng = random.Random(0)
+        self._holding = 0
+        self._stats = LinkStats(held_requests=0, held_answers=0, peak_held=0, resets=0)
         self._ids = itertools.count(1)
         self._accepter = threading.Thread(
             target=self._accept_loop, name="pdagent-proxy-accept", daemon=True
@@ -383,6 +446,24 @@ class FaultProxy:
     def link(self, bytes_per_second: int | None) -> None:
         """Pace every body in both directions to ``bytes_per_second`` overall (None: off)."""
         self._link.rate = bytes_per_second
+
+    def link_profile(self, profile: LinkProfile | None) -> None:
+        """Make the proxy the link ``profile`` describes (None: loopback again).
+
+        Sets ``link(profile.bytes_per_second)``, starts the resets' random.Random
+        from ``profile.seed`` and zeroes ``link_stats``.
+        """
+        with self._lock:
+            self._profile = profile
+            self._reset_rng = random.Random(profile.seed if profile is not None else 0)
+            self._stats = LinkStats(held_requests=0, held_answers=0, peak_held=0, resets=0)
+        self.link(profile.bytes_per_second if profile is not None else None)
+
+    @property
+    def link_stats(self) -> LinkStats:
+        """What the link profile did since it was set."""
+        with self._lock:
+            return self._stats
 
     def add(self, rule: Rule) -> Rule:
         """Add a rule (after the existing ones); returns it for ``fired``/``release``."""
@@ -495,6 +576,47 @@ class FaultProxy:
             late.close()
         rule.delivered.set()
 
+    def _hold(self, seconds: float, *, answer: bool) -> None:
+        """Hold this connection's request or answer ``seconds`` (its own thread sleeps)."""
+        with self._lock:
+            self._holding += 1
+            stats = self._stats
+            self._stats = replace(
+                stats,
+                held_requests=stats.held_requests + (0 if answer else 1),
+                held_answers=stats.held_answers + (1 if answer else 0),
+                peak_held=max(stats.peak_held, self._holding),
+            )
+        try:
+            if self._stopping.wait(seconds):
+                raise _ClosedError("proxy stopping")
+        finally:
+            with self._lock:
+                self._holding -= 1
+
+    def _hold_request(self, *, new_connection: bool) -> None:
+        """The way in: one-way latency (plus the handshake's round trip on a new connection)."""
+        profile = self._profile
+        if profile is not None and profile.latency > 0:
+            self._hold(profile.latency * (3 if new_connection else 1), answer=False)
+
+    def _hold_answer(self) -> None:
+        """The way back: one-way latency."""
+        profile = self._profile
+        if profile is not None and profile.latency > 0:
+            self._hold(profile.latency, answer=True)
+
+    def _link_resets(self) -> bool:
+        """Whether the link profile resets this request (one draw per request)."""
+        with self._lock:
+            profile = self._profile
+            if profile is None or profile.reset_probability <= 0:
+                return False
+            if self._reset_rng.random() >= profile.reset_probability:
+                return False
+            self._stats = replace(self._stats, resets=self._stats.resets + 1)
+            return True
+
     def _read_request(self, client: socket.socket, stream: IO[bytes]) -> _Request:
         head = _read_head(stream)
         first, headers = _parse_headers(head)
@@ -503,7 +625,7 @@ class FaultProxy:
         if _has_token(headers, "expect", "100-continue"):
             client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         if _has_token(headers, "transfer-encoding", "chunked"):
-            raw, body = _read_chunked(stream)
+            raw, body = _read_chunked(stream, self._link, self._stopping)
         else:
             length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
             raw = body = _read_exact(stream, length, self._link, self._stopping)
@@ -532,7 +654,15 @@ class FaultProxy:
                     return rule
         return None
 
-    def _record(self, request: _Request, rule: Rule | None, status: int | None) -> None:
+    def _record(
+        self, request: _Request, rule: Rule | None, status: int | None, *, link_reset: bool = False
+    ) -> None:
+        if link_reset:
+            rule_name: str | None = LINK_RULE
+            action_name: str | None = RESET_BEFORE.name
+        else:
+            rule_name = rule.name if rule is not None else None
+            action_name = rule.action.name if rule is not None else None
         seen = Seen(
             method=request.method,
             path=request.path,
@@ -542,8 +672,8 @@ class FaultProxy:
                 for name in _RECORDED_HEADERS
                 if (value := request.header(name)) is not None
             },
-            rule=rule.name if rule is not None else None,
-            action=rule.action.name if rule is not None else None,
+            rule=rule_name,
+            action=action_name,
             at=time.monotonic(),
             status=status,
         )
@@ -559,19 +689,27 @@ class _Connection:
         self.proxy = proxy
         self.stream = client.makefile("rb")
         self.upstream: _Upstream | None = None
+        self.served = 0
 
     def handle_one(self) -> bool:
         """Serve one request; False when the client connection is done."""
         proxy = self.proxy
         request = proxy._read_request(self.client, self.stream)
+        self.served += 1
+        proxy._hold_request(new_connection=self.served == 1)
         rule = proxy._choose(request)
         action = rule.action if rule is not None else None
+        if action is None and proxy._link_resets():
+            proxy._record(request, None, None, link_reset=True)
+            self._reset()
+            return False
         if isinstance(action, ResetBefore):
             proxy._record(request, rule, None)
-            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._reset()
             return False
         if isinstance(action, Status):
             proxy._record(request, rule, None)
+            proxy._hold_answer()
             self.client.sendall(_error_response(action.code, request, action.s3_code))
             return not request.close
         if isinstance(action, Delay):
@@ -588,6 +726,7 @@ class _Connection:
             self.upstream = None
         if isinstance(action, LoseAnswer):
             return False  # the store applied it; the client hears nothing
+        proxy._hold_answer()
         if isinstance(action, Throttle):
             self._send_slowly(answer, action.bytes_per_second)
         elif proxy._link.rate is not None:
@@ -598,6 +737,10 @@ class _Connection:
         else:
             self.client.sendall(answer)
         return not (request.close or upstream_close)
+
+    def _reset(self) -> None:
+        """Close with an RST (linger 0) instead of a FIN."""
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _send_slowly(self, answer: bytes, rate: int) -> None:
         """Send in slices of a tenth of a second's worth, keeping to ``rate`` overall."""

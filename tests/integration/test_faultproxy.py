@@ -1,11 +1,14 @@
-"""The fault proxy itself, against the real SeaweedFS with plain boto3 clients."""
+"""The fault proxy itself, against the real SeaweedFS with plain boto3 clients
+(and, for the link profile of issue 18, with the agent's sessions)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,8 +18,25 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.config import load_config
-from tests.conftest import PROXY_READ_TIMEOUT, PROXY_RETRY, proxy_env
-from tests.faultproxy import LOSE_ANSWER, RESET_BEFORE, Delay, FaultProxy, Rule, Status
+from agent.session import PlantDesignSession
+from tests.conftest import (
+    PROXY_READ_TIMEOUT,
+    PROXY_RETRY,
+    proxy_config,
+    proxy_env,
+    s3_config,
+)
+from tests.faultproxy import (
+    LINK_RULE,
+    LOSE_ANSWER,
+    OFFICE_LINK,
+    RESET_BEFORE,
+    Delay,
+    FaultProxy,
+    LinkProfile,
+    Rule,
+    Status,
+)
 from tests.servers import SeaweedServer
 from tests.waiting import wait_for
 
@@ -297,3 +317,138 @@ def test_proxy_env_points_a_loaded_config_at_the_proxy(
     assert fault_proxy.endpoint == config.store.endpoint_url
     assert PROXY_READ_TIMEOUT == config.store.read_timeout
     assert PROXY_RETRY["attempts"] == config.retry.attempts
+
+
+# ------------------------------------------------------------ link profile (issue 18)
+
+P, STAGE = "Kraftwerk_1800018", "planning"
+LOCK = {"heartbeat_interval": 3600, "stale_after": 7200}
+
+
+def _stage_files(direct: Any, s3_env: dict[str, str]) -> dict[str, bytes]:
+    """The committed plain tree of the stage, read straight from SeaweedFS."""
+    bucket, _, prefix = s3_env["AGENT_STORE__URL"].removeprefix("s3://").partition("/")
+    base = f"{prefix}/{P}/{STAGE}/"
+    out: dict[str, bytes] = {}
+    for page in direct.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+        for obj in page.get("Contents", []):
+            body = _body(direct, bucket, obj["Key"])
+            assert body is not None
+            out[obj["Key"][len(base) :]] = body
+    return out
+
+
+def _working_files(root: Path) -> dict[str, bytes]:
+    """The user's files in a working copy (the agent's own markers left out)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".pdagent")
+    }
+
+
+def _seed_stage(s3_env: dict[str, str], tmp_path: Path, files: dict[str, bytes]) -> None:
+    """Commit ``files`` as the stage, straight to SeaweedFS (not through the proxy)."""
+    seeder = PlantDesignSession(s3_config(s3_env, tmp_path / "seed", lock=LOCK))
+    work = seeder.open(P, "seeder", STAGE, watch=False)
+    for rel, data in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data)
+    seeder.close()
+
+
+def test_a_link_profile_is_a_validated_frozen_value_and_office_link_is_15_ms_100_mbit() -> None:
+    """LinkProfile refuses nonsense; OFFICE_LINK is 15 ms each way at 100 Mbit/s, no resets."""
+    assert (0.015, 12_500_000, 0.0) == (
+        OFFICE_LINK.latency,
+        OFFICE_LINK.bytes_per_second,
+        OFFICE_LINK.reset_probability,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        OFFICE_LINK.latency = 0.0  # type: ignore[misc]
+    for bad in ({"latency": -1.0}, {"bytes_per_second": 0}, {"reset_probability": 1.5}):
+        with pytest.raises(ValueError, match="must be"):
+            LinkProfile(**bad)
+
+
+def test_link_resets_are_retried_and_the_session_commits_exactly_the_local_files(
+    s3_env: dict[str, str],
+    fault_proxy: FaultProxy,
+    direct: Any,
+    tmp_path: Path,
+) -> None:
+    """Seeded resets before forwarding fire during open and close; the commit is exact."""
+    rng = random.Random(18)
+    _seed_stage(s3_env, tmp_path, {f"cad/p{i:02d}.dwg": rng.randbytes(8 * 1024) for i in range(30)})
+    fault_proxy.link_profile(LinkProfile(latency=0.002, reset_probability=0.15, seed=18))
+    alice = PlantDesignSession(
+        proxy_config(s3_env, fault_proxy, tmp_path / "alice", lock=LOCK, retry={"attempts": 10})
+    )
+    try:
+        work = alice.open(P, "alice", STAGE, watch=False)
+        resets_in_open = fault_proxy.link_stats.resets
+        for i in range(0, 30, 3):
+            (work / f"cad/p{i:02d}.dwg").write_bytes(rng.randbytes(12 * 1024))
+        (work / "cad/p01.dwg").unlink()
+        (work / "notes/new.txt").parent.mkdir()
+        (work / "notes/new.txt").write_bytes(b"added through a flaky link")
+        local = _working_files(work)
+        alice.close()
+    finally:
+        if not alice.is_closed:
+            alice.abort()
+    resets = [s for s in fault_proxy.seen if s.rule == LINK_RULE]
+    assert resets_in_open > 0, "no reset fired while the copy was opened"
+    assert fault_proxy.link_stats.resets > resets_in_open, "no reset fired while closing"
+    assert len(resets) == fault_proxy.link_stats.resets
+    assert {"reset_before"} == {s.action for s in resets}
+    assert all(s.status is None for s in resets), "a reset request reached the store"
+    assert local == _stage_files(direct, s3_env)
+
+
+def test_latency_holds_each_request_and_answer_without_serializing_parallel_transfers(
+    s3_env: dict[str, str],
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    """A cold open's parallel downloads are held side by side; every request and answer once."""
+    rng = random.Random(5)
+    files = {f"f{i:02d}.bin": rng.randbytes(4 * 1024) for i in range(40)}
+    _seed_stage(s3_env, tmp_path, files)
+    fault_proxy.link_profile(LinkProfile(latency=0.05))
+    bob = PlantDesignSession(proxy_config(s3_env, fault_proxy, tmp_path / "bob", lock=LOCK))
+    try:
+        work = bob.open(P, "bob", STAGE, watch=False)
+        assert files == _working_files(work)
+        bob.close()
+    finally:
+        if not bob.is_closed:
+            bob.abort()
+    stats = fault_proxy.link_stats
+    forwarded = [s for s in fault_proxy.seen if s.status is not None]
+    assert len(fault_proxy.seen) == len(forwarded) >= len(files)
+    assert (len(forwarded), len(forwarded)) == (stats.held_requests, stats.held_answers)
+    assert stats.peak_held > 1, "the latency holds ran one after another"
+    assert 0 == stats.resets
+
+
+def test_lifting_the_link_profile_stops_holding_and_resetting(
+    via: Any, shared_bucket: str, prefix: str, fault_proxy: FaultProxy
+) -> None:
+    """After link_profile(None) requests pass straight through; the stats start again."""
+    fault_proxy.link_profile(LinkProfile(latency=0.01, reset_probability=1.0))
+    with pytest.raises(BotoCoreError):
+        via.put_object(Bucket=shared_bucket, Key=f"{prefix}/gone", Body=b"x")
+    assert (1, 1, 0) == (
+        fault_proxy.link_stats.resets,
+        fault_proxy.link_stats.held_requests,
+        fault_proxy.link_stats.held_answers,
+    )
+    fault_proxy.link_profile(None)
+    via.put_object(Bucket=shared_bucket, Key=f"{prefix}/kept", Body=b"y")
+    assert b"y" == via.get_object(Bucket=shared_bucket, Key=f"{prefix}/kept")["Body"].read()
+    assert (0, 0, 0) == (
+        fault_proxy.link_stats.resets,
+        fault_proxy.link_stats.held_requests,
+        fault_proxy.link_stats.held_answers,
+    )
