@@ -75,7 +75,13 @@ class StageCache:
         return snapshot
 
     def put(
-        self, projekt_id: str, stage: str, folder: Path, snapshot: dict[str, LocalEntry]
+        self,
+        projekt_id: str,
+        stage: str,
+        folder: Path,
+        snapshot: dict[str, LocalEntry],
+        *,
+        unsynced: list[str] | None = None,
     ) -> list[str]:
         """Move ``folder`` into the cache with its snapshot, then prune to the size bound.
 
@@ -83,10 +89,14 @@ class StageCache:
         names the store cannot hold, and files not in ``snapshot`` (or changed since)
         are first moved to ``<folder>.kept-<time>`` beside it, and their paths
         returned. When the cache is disabled (or the move fails) the rest is removed.
+        ``unsynced``: those paths, if the caller has just walked the folder and compared
+        every file with ``snapshot`` (close does): moved without walking it again.
         """
-        kept = set_aside_unsynced(
-            folder, snapshot, _aside_for(folder), self.rules, check_content=True
-        )
+        aside = _aside_for(folder)
+        if unsynced is None:
+            kept = set_aside_unsynced(folder, snapshot, aside, self.rules, check_content=True)
+        else:
+            kept = _move_aside(folder, unsynced, aside)
         if not self.enabled:
             shutil.rmtree(folder, ignore_errors=True)
             return kept
@@ -171,7 +181,7 @@ def set_aside_unsynced(
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if rules.is_ignored(rel):
+            if rules.is_ignored_entry(rel, entry.name):
                 continue  # never sent, so never judged: stays with the copy
             unstorable = unsupported_reason(rel) is not None
             if is_plain(st) and stat.S_ISDIR(st.st_mode) and not unstorable:
@@ -181,7 +191,7 @@ def set_aside_unsynced(
                 if not check_content:
                     continue
                 known = snapshot.get(rel)
-                if is_unchanged(known, st, partial(file_sha256, Path(entry.path))):
+                if is_unchanged(known, st, partial(_hash_entry, entry)):
                     continue
             target = aside.joinpath(*rel.split("/"))
             try:
@@ -194,6 +204,28 @@ def set_aside_unsynced(
     if moved:
         log.warning("kept_aside", folder=str(aside), paths=sorted(moved))
     return sorted(moved)
+
+
+def _move_aside(folder: Path, rels: list[str], aside: Path) -> list[str]:
+    """Move each of ``rels`` (a link is moved as a link) from ``folder`` into ``aside``."""
+    moved: list[str] = []
+    for rel in rels:
+        target = aside.joinpath(*rel.split("/"))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.joinpath(*rel.split("/")).rename(target)
+        except OSError as exc:
+            log.error("set_aside_failed", path=rel, error=str(exc))
+            continue
+        moved.append(rel)
+    if moved:
+        log.warning("kept_aside", folder=str(aside), paths=sorted(moved))
+    return sorted(moved)
+
+
+def _hash_entry(entry: os.DirEntry[str]) -> str:
+    """The sha256 of a scanned file, its path built only when it must be read."""
+    return file_sha256(Path(entry.path))
 
 
 def _move(src: Path, dst: Path) -> None:

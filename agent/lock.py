@@ -361,10 +361,16 @@ class RemoteLock:
             write_id=write_id,
         )
 
-    def _put(self, body: LockBody, *, if_match: str | None) -> WriteResult:
-        """One fenced write; its id is remembered before it is sent."""
+    def _put(self, body: LockBody, *, if_match: str | None, gap: bool = True) -> WriteResult:
+        """One fenced write; its id is remembered before it is sent.
+
+        ``gap``: wait out ``write_gap`` since our last write of the key first. The release
+        does not (``gap=False``): it is the session's last write, a close would otherwise
+        wait up to a second after its fencing renewal for nothing, and a 429 from a store
+        that counts writes per key is retried with backoff like any other.
+        """
         assert body.write_id is not None
-        if self._last_write is not None:
+        if gap and self._last_write is not None:
             # R2: about one write a second per key; closer writes are answered 429.
             wait = self._last_write + self.config.write_gap - self._clock()
             if wait > 0:
@@ -486,14 +492,14 @@ class RemoteLock:
             f"{', holder appears gone' if status.is_stale else ''}): {hint}"
         )
 
-    def _cas(self, make: Callable[[datetime, str], LockBody]) -> LockBody:
+    def _cas(self, make: Callable[[datetime, str], LockBody], *, gap: bool = True) -> LockBody:
         """Write ``make(now, write_id)`` over our ETag; adopt our own lost write once."""
         if self._etag is None:
             raise LockLostError(f"{self.key}: this session never held the lock")
         for _ in range(2):
             body = make(self._store_now(), new_write_id())
             try:
-                result = self._put(body, if_match=self._etag)
+                result = self._put(body, if_match=self._etag, gap=gap)
             except PreconditionFailedError as exc:
                 status = self._safe_read()
                 if self._is_our_write(status) and status is not None:
@@ -544,7 +550,8 @@ class RemoteLock:
             written = self._cas(
                 lambda now, wid: self._body(now, wid, since=self._since).model_copy(
                     update={"state": "released", "expires": now}
-                )
+                ),
+                gap=False,
             )
             check = self.read()
             if (

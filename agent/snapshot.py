@@ -68,35 +68,32 @@ class FileStat:
         return self.mode
 
 
-def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileStat]:
+def scan(
+    root: Path, rules: IgnoreRules, subtree: str = "", *, others: list[str] | None = None
+) -> dict[str, FileStat]:
     """Every regular file at or below ``root/subtree``, keyed by POSIX path relative to ``root``.
 
     ``subtree`` may name a folder or a single file; if it is missing, ignored or
     reached through a link the result is empty (the consumer reads that as
-    "everything there is gone"). Files that vanish during the walk are left out;
-    unreadable folders are logged and left out. Where the platform allows, folders
-    are walked by descriptor with ``O_NOFOLLOW``: a folder swapped for a link
-    during the walk is not entered.
+    "everything there is gone"). ``others`` (if given) receives the paths of the
+    links and special files met on the way (never followed). Files that vanish
+    during the walk are left out; unreadable folders are logged and left out. Where
+    the platform allows, folders are walked by descriptor with ``O_NOFOLLOW``: a
+    folder swapped for a link during the walk is not entered.
     """
     out: dict[str, FileStat] = {}
     start = root
     if subtree:
-        if rules.is_ignored(subtree):
-            return out
         start = root.joinpath(*subtree.split("/"))
-        try:
-            WorkFolder(root).path(subtree)
-            st = start.lstat()
-        except (OSError, AgentError):
-            return out
-        if not is_plain(st):
+        st = _subtree_stat(root, rules, subtree, start)
+        if st is None:
             return out
         if stat.S_ISREG(st.st_mode):
             return {subtree: FileStat.of(st)}
     if HAS_DIR_FD:
         try:
             with WorkFolder(root).open_dir(subtree) as fd:
-                _walk_fd(fd, subtree, rules, out)
+                _walk_fd(fd, subtree, rules, out, others)
         except (OSError, AgentError) as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("scan_folder_unreadable", path=subtree or ".", error=str(exc))
@@ -104,12 +101,28 @@ def scan(root: Path, rules: IgnoreRules, subtree: str = "") -> dict[str, FileSta
     stack: list[tuple[str, str]] = [(os.fspath(start), subtree)]  # pragma: no cover - Windows
     while stack:  # pragma: no cover - Windows
         folder, rel_folder = stack.pop()
-        for rel, path, st in _entries(folder, rel_folder, rules):
+        for rel, path, st in _entries(folder, rel_folder, rules, others):
             if stat.S_ISDIR(st.st_mode):
                 stack.append((path, rel))
             elif stat.S_ISREG(st.st_mode):
                 out[rel] = FileStat.of(st)
+            elif others is not None:
+                others.append(rel)
     return out
+
+
+def _subtree_stat(
+    root: Path, rules: IgnoreRules, subtree: str, start: Path
+) -> os.stat_result | None:
+    """The ``lstat`` of a subtree to scan; ``None`` if it is ignored, gone or a link."""
+    if rules.is_ignored(subtree):
+        return None
+    try:
+        WorkFolder(root).path(subtree)
+        st = start.lstat()
+    except (OSError, AgentError):
+        return None
+    return st if is_plain(st) else None
 
 
 _DIR_FLAGS = (
@@ -120,9 +133,15 @@ _DIR_FLAGS = (
 )
 
 
-def _walk_fd(fd: int, rel_folder: str, rules: IgnoreRules, out: dict[str, FileStat]) -> None:
+def _walk_fd(
+    fd: int,
+    rel_folder: str,
+    rules: IgnoreRules,
+    out: dict[str, FileStat],
+    others: list[str] | None,
+) -> None:
     """Depth first from an open folder descriptor; at most one descriptor per level is open."""
-    for rel, name, st in _entries(fd, rel_folder, rules):
+    for rel, name, st in _entries(fd, rel_folder, rules, others):
         if stat.S_ISREG(st.st_mode):
             out[rel] = FileStat.of(st)
         elif stat.S_ISDIR(st.st_mode):
@@ -133,13 +152,15 @@ def _walk_fd(fd: int, rel_folder: str, rules: IgnoreRules, out: dict[str, FileSt
                     log.warning("scan_folder_unreadable", path=rel, error=str(exc))
                 continue
             try:
-                _walk_fd(child, rel, rules, out)
+                _walk_fd(child, rel, rules, out, others)
             finally:
                 os.close(child)
+        elif others is not None:  # a FIFO, socket or device: never read
+            others.append(rel)
 
 
 def _entries(
-    folder: str | int, rel_folder: str, rules: IgnoreRules
+    folder: str | int, rel_folder: str, rules: IgnoreRules, others: list[str] | None = None
 ) -> list[tuple[str, str, os.stat_result]]:
     """The plain, not ignored entries of one folder (path or descriptor) with their ``lstat``."""
     try:
@@ -153,7 +174,7 @@ def _entries(
     out = []
     for entry in entries:
         rel = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
-        if rules.is_ignored(rel):
+        if rules.is_ignored_entry(rel, entry.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -164,6 +185,8 @@ def _entries(
             continue
         if is_plain(st):
             out.append((rel, entry.path, st))  # strings: 10,000 Path objects cost ~0.1 s
+        elif others is not None:
+            others.append(rel)
     return out
 
 

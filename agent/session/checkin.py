@@ -163,7 +163,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     # Committed and released: from here only local clean-up is left, which a crash
     # recovery finishes (the record says so) instead of offering a resume.
     s._update_record(phase="closing")
-    changed_after = _changed_since_commit(s, streamer, manifest)
+    changed_after, unsynced = _changed_since_commit(s, streamer, manifest)
     kept: list[str] = []
     known = streamer.known()
     s._uninstall_crash_handler()
@@ -181,7 +181,9 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
             for rel, e in known.items()
             if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
         }
-        kept = s.cache.put(keys.projekt_id, keys.stage, record.work_path, snapshot)
+        kept = s.cache.put(
+            keys.projekt_id, keys.stage, record.work_path, snapshot, unsynced=unsynced
+        )
     s.records.remove(record.session_id)
     shutil.rmtree(s.config.paths.recovery_root / record.session_id, ignore_errors=True)
     if puts or deletes:
@@ -213,10 +215,12 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
 
 def _changed_since_commit(
     s: PlantDesignSession, streamer: Streamer, manifest: Manifest
-) -> list[str]:
-    """Paths saved after close's final scan (an autosave during a long commit)."""
+) -> tuple[list[str], list[str]]:
+    """Paths saved after close's final scan (an autosave during a long commit), and what
+    the store does not hold (links, special files, names it cannot hold): one walk."""
     known = streamer.known()
-    current = scan(streamer.root, s.rules)
+    others: list[str] = []
+    current = scan(streamer.root, s.rules, others=others)
     folder = WorkFolder(streamer.root)
     changed = [
         rel
@@ -224,11 +228,19 @@ def _changed_since_commit(
         if unsupported_reason(rel) is None  # reported apart, kept aside by the cache
         and (
             rel not in manifest.files
-            or not is_unchanged(known.get(rel), st, partial(file_sha256, folder.path(rel)))
+            or (k := known.get(rel)) is None
+            or k.sha256 != manifest.files[rel].sha256
+            # The file is read (and its path built) only when its stat says "maybe".
+            or not is_unchanged(k, st, partial(_hash_of, folder, rel))
         )
     ]
     changed += [rel for rel in manifest.files if rel not in current]
-    return sorted(set(changed))
+    unsynced = others + [rel for rel in current if unsupported_reason(rel) is not None]
+    return sorted(set(changed)), sorted(unsynced)
+
+
+def _hash_of(folder: WorkFolder, rel: str) -> str:
+    return file_sha256(folder.path(rel))
 
 
 def _flush_or_raise(s: PlantDesignSession, streamer: Streamer) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.config import DEFAULT_IGNORE
 from agent.ignore import IgnoreRules, is_temporary, temp_name_for
@@ -93,3 +95,23 @@ def test_long_names_are_hashed_to_keep_temp_names_short(tmp_path: Path, name: st
     assert is_temporary(tmp.name)
     assert len(tmp.name.encode()) < 70
     assert tmp.name.startswith(".pdagent.")
+
+
+@given(
+    st.lists(
+        st.sampled_from(["a", "b.tmp", "~$x.docx", "build", "out", ".git", "ok.dwg", "n"]),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_judging_an_entry_of_a_kept_folder_agrees_with_judging_its_whole_path(
+    parts: list[str],
+) -> None:
+    """A walk judges only an entry's own name and path once its folders were kept: the same
+    answer as ``is_ignored`` on the whole path, for name and path patterns alike."""
+    rules = IgnoreRules(["*.tmp", "~$*", ".git", "build/out", "a/n"])
+    for depth in range(1, len(parts)):
+        if rules.is_ignored("/".join(parts[:depth])):
+            return  # the walk never reaches below an ignored folder
+    rel = "/".join(parts)
+    assert rules.is_ignored(rel) == rules.is_ignored_entry(rel, parts[-1])
