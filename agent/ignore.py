@@ -70,7 +70,6 @@ class IgnoreRules:
             self._path_re.match("/".join(parts[:depth])) for depth in range(len(parts), 0, -1)
         )
 
-
     def is_ignored_entry(self, rel_path: str, name: str) -> bool:
         """``is_ignored`` for an entry ``name`` of a folder a walk found not ignored.
 
