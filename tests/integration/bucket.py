@@ -13,6 +13,8 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,11 @@ class Truth:
     def put(self, rel: str, data: bytes) -> None:
         """Write an object as a second client (a co-worker with write access)."""
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data)
+
+    def server_time(self) -> datetime:
+        """The store's clock (the ``Date`` of an answer)."""
+        headers = self.client.head_bucket(Bucket=self.bucket)["ResponseMetadata"]["HTTPHeaders"]
+        return parsedate_to_datetime(headers["date"])
 
     def delete(self, rel: str) -> None:
         """Delete an object as a plain tool would (a co-worker, a sync tool)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Sequence
+from datetime import datetime
 
 import pytest
 from structlog.testing import capture_logs
@@ -249,3 +250,46 @@ def test_content_already_in_the_store_is_checked_not_sent(
     alice.close()
     assert [] == _body_uploads(fault_proxy.seen[before:])
     assert drawing == truth.get(f"{P}/detail/copy-of-plan.dwg")
+
+
+# ------------------------------------------------------------------ collection
+
+
+def test_a_prune_delete_arriving_after_a_commit_that_needs_the_object_is_undone(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """The prune's DELETE of an unreferenced version is held past the client's timeout;
+    meanwhile a commit brings that content back (no upload: it is still there); then the
+    DELETE lands. The next lock holder restores the object from the plain key, so every
+    version a kept manifest names is in .objects/ again."""
+    x, y = b"version X of the drawing", b"version Y of the drawing"
+    seed_stage(direct, {"a.txt": x, "b.txt": b"bravo"})
+    bob = direct("bob", history=HISTORY_OFF)
+    write_files(bob.open(P, "bob", STAGE, watch=False), {"a.txt": y})
+    bob.close()
+    last = datetime.fromisoformat(truth.manifest()["committed_at"])
+    assert wait_for(lambda: truth.server_time() > last, timeout=10)
+    policy = {"keep_commits": 1, "keep_days": 1e-9, "grace": 0.001, "prune_on_close": False}
+    pruner = via_proxy("ops", history=policy, retry={"attempts": 1})
+    held = fault_proxy.add(Rule(Delay(3600), method="POST", query=("delete",), times=None))
+    plan = pruner.prune_history(P)
+    assert f"{P}/.objects/{sha(x)}" in plan.versions
+    assert held.fired >= 1 and not held.delivered.is_set()
+    assert x == truth.get(f"{P}/.objects/{sha(x)}"), "the held DELETE reached the store early"
+    carol = direct("carol", history=HISTORY_OFF)
+    write_files(carol.open(P, "carol", STAGE), {"a.txt": x})
+    assert carol.flush(timeout=30)
+    assert 0 == carol.status()["uploads"], "content still in .objects/ was sent again"
+    carol.close()
+    held.release()
+    assert wait_for(held.delivered.is_set, timeout=30)
+    assert wait_for(lambda: truth.get(f"{P}/.objects/{sha(x)}") is None, timeout=30)
+    dave = direct("dave")
+    dave.open(P, "dave", STAGE, watch=False)
+    dave.start_streaming()
+    found = _stage_checked(dave)
+    assert ["a.txt"] == found["objects_restored"]
+    assert x == truth.get(f"{P}/.objects/{sha(x)}")
+    for entry in truth.manifest()["files"].values():
+        assert truth.get(f"{P}/.objects/{entry['sha256']}") is not None
+    dave.abort()
