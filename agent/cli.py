@@ -388,6 +388,33 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
             "  waiting (held by another program or not readable; sent when free): "
             + ", ".join(row["waiting"])
         )
+    lines += _stage_check_lines(row.get("stage_check"))
+    return lines
+
+
+def _stage_check_lines(check: object) -> list[str]:
+    """What the lock holder's check of the stage's plain tree found (``agent.repair``)."""
+    if check == "running":
+        return ["  checking the stage's files in the store against its manifest"]
+    if not isinstance(check, dict):
+        return []
+    done = [
+        f"{len(check[key])} {what}"
+        for key, what in (
+            ("recopied", "files copied again from .objects/"),
+            ("removed", "stray keys removed"),
+            ("objects_restored", "objects restored from the plain tree"),
+        )
+        if check.get(key)
+    ]
+    lines = [f"  stage repaired: {', '.join(done)}"] if done else []
+    if check.get("lost"):
+        lines.append(
+            "  PROBLEM: content gone from the store (restore from `agent history`): "
+            + ", ".join(check["lost"][:10])
+        )
+    if check.get("error"):
+        lines.append(f"  the stage check stopped: {check['error']}")
     return lines
 
 

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.store.local import LocalStore
 from tests.cli.conftest import Run
 from tests.servers import RcloneS3Server
 from tests.waiting import wait_for
@@ -221,3 +223,28 @@ def test_a_file_no_one_may_read_waits_quietly_and_is_sent_once_readable(
     closed = run("close", "--json")
     assert 0 == closed.returncode, closed.stderr
     assert "held.dwg" in json.loads(closed.stdout)["uploaded"]
+
+
+def test_status_reports_the_repair_of_a_plain_tree_a_tool_damaged(run: Run, tmp_path: Path) -> None:
+    """A committed file deleted from the store by a plain tool: the next `agent open` still
+    gets it (from .objects/), and `agent status` says it was copied back, in text and JSON."""
+    opened = run("open", "Kraftwerk_1234567", "--user", "admin", "--stage", "planning", "--json")
+    assert 0 == opened.returncode, opened.stderr
+    work = Path(json.loads(opened.stdout)["path"])
+    (work / "plan.txt").write_text("committed")
+    assert 0 == run("close", "--json").returncode
+    store = LocalStore(tmp_path / "base" / "store")
+    store.delete("Kraftwerk_1234567/planning/plan.txt")  # what a sync tool might do
+    opened = run("open", "Kraftwerk_1234567", "--user", "admin", "--stage", "planning", "--json")
+    assert 0 == opened.returncode, opened.stderr
+    assert "committed" == (Path(json.loads(opened.stdout)["path"]) / "plan.txt").read_text()
+
+    def checked() -> dict[str, Any]:
+        row: dict[str, Any] = json.loads(run("status", "--json").stdout)["sessions"][0]
+        return row
+
+    assert wait_for(lambda: isinstance(checked().get("stage_check"), dict), timeout=30)
+    assert ["plan.txt"] == checked()["stage_check"]["recopied"]
+    assert "stage repaired: 1 files copied again from .objects/" in run("status").stdout
+    assert b"committed" == store.get("Kraftwerk_1234567/planning/plan.txt").body
+    assert 0 == run("abort").returncode
