@@ -30,6 +30,7 @@ Once an intent exists the commit is only ever finished, never abandoned.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,12 +44,14 @@ from agent.cas import new_write_id, put_fenced
 from agent.errors import (
     CommitBlockedError,
     ConflictError,
+    IntentRefusedError,
+    InvalidNameError,
     NotFoundError,
     PermanentStoreError,
     PreconditionFailedError,
     StoreError,
 )
-from agent.keys import CommitInfo, StageKeys
+from agent.keys import CommitInfo, StageKeys, printable, validate_name, validate_rel_path
 from agent.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
 from agent.store.base import ObjectStore, WriteResult
 from agent.transfer import Progress, Transfers
@@ -59,6 +62,7 @@ __all__ = [
     "Committed",
     "Reupload",
     "StagedCopy",
+    "check_intent",
     "read_intent",
     "read_manifest",
     "remove_staging",
@@ -184,7 +188,12 @@ def read_manifest(store: ObjectStore, keys: StageKeys) -> tuple[Manifest | None,
 
 
 def read_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str] | None:
-    """The commit intent of the stage and its ETag, ``None`` if no commit ever wrote one."""
+    """The commit intent of the stage and its ETag, ``None`` if no commit ever wrote one.
+
+    The intent is bucket input: it is checked (``check_intent``) before anything acts on
+    it, and one this agent would not write is refused (``IntentRefusedError``), left in
+    place and never executed.
+    """
     try:
         data = store.get(keys.intent)
     except NotFoundError:
@@ -197,7 +206,78 @@ def read_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str]
             "commit to the stage until an operator restores it from the bucket's versioning "
             "or removes it after checking the stage against its manifest"
         ) from exc
+    problem = check_intent(intent, keys)
+    if problem is not None:
+        log.error("commit_intent_refused", key=keys.intent, problem=problem)
+        raise IntentRefusedError(
+            f"the commit intent {keys.intent} is refused: {problem}. It was not executed and "
+            "is left in place; nobody can commit to the stage until an operator compares the "
+            "stage with its manifest and removes it"
+        )
     return intent, data.etag
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ETAG = re.compile(r"[0-9A-Za-z\-]{0,80}")
+
+
+def check_intent(intent: CommitIntent, keys: StageKeys) -> str | None:
+    """What is wrong with an intent read from the bucket, or ``None``.
+
+    Every key it makes the agent write lies under its own stage's plain tree, the
+    project's ``.objects/``, its own history prefix or its session's staging prefix;
+    every path passes the checks of a local name; ids, hashes, sizes and counts have
+    the shapes this agent writes and agree with each other.
+    """
+    return _check_ids(intent) or _check_entries(intent) or _check_history(intent, keys)
+
+
+def _check_ids(intent: CommitIntent) -> str | None:
+    try:
+        validate_name("session_id", intent.session_id)
+    except InvalidNameError:
+        return "its session id is not a safe name"
+    if not _HEX32.fullmatch(intent.commit_id):
+        return "its commit id is not 32 hex digits"
+    if intent.base_commit_id is not None and not _HEX32.fullmatch(intent.base_commit_id):
+        return "its base commit id is not 32 hex digits"
+    if intent.manifest is not None and intent.manifest.commit_id != intent.commit_id:
+        return "the manifest it carries belongs to another commit"
+    return None
+
+
+def _check_entries(intent: CommitIntent) -> str | None:
+    entries = [*intent.copies.items(), *intent.keeps.items()]
+    if intent.manifest is not None:
+        entries += [
+            (rel, StagedCopy(size=e.size, sha256=e.sha256, etag=e.etag))
+            for rel, e in intent.manifest.files.items()
+        ]
+    for rel in [*(rel for rel, _ in entries), *intent.deletes]:
+        try:
+            validate_rel_path(rel)
+        except InvalidNameError:
+            return f"it names the path {printable(rel)!r}, which is not a safe working-copy path"
+    for rel, item in entries:
+        if not _HEX64.fullmatch(item.sha256) or item.size < 0 or not _ETAG.fullmatch(item.etag):
+            return f"its entry for {printable(rel)!r} has no valid sha256, size or ETag"
+    if set(intent.copies) & set(intent.deletes):
+        return "it both copies and deletes the same path"
+    return None
+
+
+def _check_history(intent: CommitIntent, keys: StageKeys) -> str | None:
+    if intent.history_key is None:
+        return None
+    info = CommitInfo.parse(keys, intent.history_key)
+    if info is None or info.commit_id != intent.commit_id:
+        return f"its history key is not this stage's entry for commit {intent.commit_id}"
+    if intent.manifest is None and (
+        info.added + info.changed > len(intent.copies) or info.removed > len(intent.deletes)
+    ):
+        return "the counts in its history key do not agree with its copies and deletes"
+    return None
 
 
 def remove_staging(store: ObjectStore, keys: StageKeys, session_id: str) -> None:

@@ -16,7 +16,8 @@
     │       ├── AccessDeniedError   exit 9   403: wrong credentials or policy
     │       ├── BucketMissingError  exit 7
     │       ├── NotFoundError       exit 7
-    │       └── PreconditionFailedError exit 7  If-Match / If-None-Match did not hold
+    │       ├── PreconditionFailedError exit 7  If-Match / If-None-Match did not hold
+    │       └── ContentMismatchError exit 7  an object's bytes are not the manifest's
     ├── TransferError               exit 10  keeps last_exception and failed count
     ├── LocalFileError              exit 11  disk full, permission denied, unsafe path
     ├── JournalCorruptError         exit 12
@@ -28,6 +29,7 @@
     │   └── SessionCancelledError   exit 130 open/resume cancelled (abort(), Ctrl-C)
     ├── AgentUnreachableError       exit 17  the background agent does not answer
     ├── CommitBlockedError          exit 18  a started commit cannot be finished yet
+    │   └── IntentRefusedError      exit 18  the commit intent is not one we would write
     ├── IntegrityError              exit 19  copied/read bytes are not the recorded ones
     ├── InsecureStateError          exit 20  the state folder is not private to this user
     └── VersionNotFoundError        exit 21  history holds no such commit or version
@@ -170,6 +172,12 @@ class CommitBlockedError(AgentError):
     """
 
     exit_code = 18
+
+
+class IntentRefusedError(CommitBlockedError):
+    """The stage's commit intent is not one this agent would write (a key outside its stage
+    or ``.objects/``, an unsafe path, inconsistent fields): refused, left in place, never
+    executed. Nobody can commit to the stage until an operator looks at it."""
 
 
 class IntegrityError(AgentError):

@@ -387,10 +387,14 @@ class CommitInfo:
         match = _HISTORY_KEY.match(key.removeprefix(keys.history_prefix))
         if match is None:
             return None
+        try:
+            when = datetime.strptime(match["when"], _HISTORY_STAMP).replace(tzinfo=UTC)
+        except ValueError:  # the right shape, an impossible date (month 13): not ours
+            return None
         return cls(
             seq=int(match["seq"]),
             commit_id=match["commit_id"],
-            committed_at=datetime.strptime(match["when"], _HISTORY_STAMP).replace(tzinfo=UTC),
+            committed_at=when,
             user=match["user"],
             added=int(match["added"]),
             changed=int(match["changed"]),

@@ -133,3 +133,65 @@ def test_a_missing_object_is_exit_7(run: Run, s3_store: ObjectStore) -> None:
     result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
     assert 7 == result.returncode, result.stderr
     assert "gone.txt" in result.stderr
+
+
+def _intent(**fields: object) -> bytes:
+    """A commit intent as a co-worker could craft it (unfinished: the next opener acts)."""
+    sha = "a" * 64
+    body: dict[str, object] = {
+        "state": "applying",
+        "session_id": "20260101T000000-abcdef01",
+        "commit_id": "c" * 32,
+        "write_id": "w" * 32,
+        "user": "mallory",
+        "machine": "m",
+        "created_at": "2026-01-01T08:00:00Z",
+        "base_manifest_etag": None,
+        "copies": {"a.txt": {"size": 1, "sha256": sha, "etag": "e" * 32}},
+        "deletes": [],
+        "source": "objects",
+    }
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+CRAFTED_INTENTS = {
+    "history key on another stage's lock": _intent(history_key="Bucket_1/detail.lock.json"),
+    "history key in another project": _intent(
+        history_key="Other_1/.history/planning/0000000001~20260101T080000Z~"
+        + "c" * 32
+        + "~1~0~0~1~mallory.json"
+    ),
+    "a path that climbs out": _intent(
+        copies={"../../escape.txt": {"size": 1, "sha256": "a" * 64, "etag": "e"}}
+    ),
+    "a delete that climbs out": _intent(deletes=["../detail/plan.dwg"]),
+    "a manifest with a climbing path": _intent(
+        manifest={
+            "version": 2,
+            "commit_id": "c" * 32,
+            "files": {"../x": {"size": 1, "sha256": "a" * 64, "etag": "e"}},
+        }
+    ),
+    "a session id that is a path": _intent(session_id="../../other"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_INTENTS))
+def test_a_crafted_commit_intent_is_refused_and_never_executed(
+    run: Run, s3_store: ObjectStore, case: str
+) -> None:
+    """An intent naming keys outside its stage, unsafe paths or impossible ids: the next
+    open refuses it (exit 18, saying why), writes nothing it names, and leaves it in place."""
+    other_lock = _lock(user="carol")
+    s3_store.put_bytes("Bucket_1/detail.lock.json", other_lock)
+    s3_store.put_bytes(KEYS.intent, CRAFTED_INTENTS[case])
+    before = sorted(o.key for o in s3_store.list(""))
+    result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    assert 18 == result.returncode, result.stderr
+    assert "is refused" in result.stderr
+    assert other_lock == s3_store.get("Bucket_1/detail.lock.json").body
+    assert CRAFTED_INTENTS[case] == s3_store.get(KEYS.intent).body
+    after = sorted(o.key for o in s3_store.list(""))
+    assert [k for k in after if k not in before] == [KEYS.lock], "it wrote more than the lock"
+    assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
