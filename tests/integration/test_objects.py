@@ -213,6 +213,35 @@ def test_a_late_copy_landing_after_another_users_commit_is_repaired(
     carol.abort()
 
 
+def test_a_late_delete_landing_after_another_users_commit_is_repaired(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """Alice deletes b.txt; her DELETE is held past her timeout (her retry commits). Bob
+    brings b.txt back and commits; then Alice's first DELETE lands on it. The next opener
+    still gets b.txt (from .objects/) and the plain tree is repaired."""
+    seed_stage(direct, {"a.txt": b"alpha", "b.txt": b"bravo"})
+    alice = via_proxy(history=HISTORY_OFF)
+    work = alice.open(P, "alice", STAGE)
+    _stage_checked(alice)
+    rule = fault_proxy.add(Rule(Delay(3600), method="POST", query=("delete",)))
+    (work / "b.txt").unlink()
+    assert alice.flush(timeout=30)
+    alice.close()
+    assert 1 == rule.fired and not rule.delivered.is_set()
+    bob = direct("bob", history=HISTORY_OFF)
+    write_files(bob.open(P, "bob", STAGE, watch=False), {"b.txt": b"bravo, again"})
+    bob.close()
+    rule.release()
+    assert wait_for(rule.delivered.is_set, timeout=30)
+    assert wait_for(lambda: truth.get(f"{P}/{STAGE}/b.txt") is None, timeout=30)
+    carol = direct("carol")
+    work = carol.open(P, "carol", STAGE)
+    assert {"a.txt": b"alpha", "b.txt": b"bravo, again"} == folder_files(work)
+    assert ["b.txt"] == _stage_checked(carol)["recopied"]
+    assert {"a.txt": b"alpha", "b.txt": b"bravo, again"} == truth.assert_consistent()
+    carol.abort()
+
+
 # ----------------------------------------------------------- planted objects
 
 
