@@ -310,12 +310,13 @@ class OpenPlan:
 
 
 def plan_open(
-    manifest: Manifest,
+    manifest: Manifest | Mapping[str, tuple[int, str | None]],
     local: Mapping[str, LocalEntry],
     current: Mapping[str, StatLike],
     hasher: Callable[[str], str] | None = None,
 ) -> OpenPlan:
-    """Compare a cached copy with the manifest.
+    """Compare a cached copy with the manifest (or ``path -> (size, sha256)``, ``None``
+    for a sha256 not known: such a file is always downloaded).
 
     ``local`` is the snapshot recorded when the copy was cached (with hashes);
     ``current`` is a fresh scan of the folder (``path -> stat``). A file is kept only
@@ -325,21 +326,27 @@ def plan_open(
     the manifest is downloaded, and local files the manifest does not name are removed.
     """
     plan = OpenPlan()
-    for rel, entry in sorted(manifest.files.items()):
+    wanted = (
+        {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
+        if isinstance(manifest, Manifest)
+        else manifest
+    )
+    for rel, (size, sha256) in sorted(wanted.items()):
         snap = local.get(rel)
         now = current.get(rel)
         if (
             snap is not None
             and now is not None
-            and snap.sha256 == entry.sha256
-            and snap.size == entry.size
+            and sha256 is not None
+            and snap.sha256 == sha256
+            and snap.size == size
             and is_unchanged(snap, now, partial(hasher, rel) if hasher else str)
         ):
             plan.keep.append(rel)
             plan.kept[rel] = LocalEntry.from_stat(now, snap.sha256)
         else:
             plan.download.append(rel)
-    plan.remove = sorted(set(current) - set(manifest.files))
+    plan.remove = sorted(set(current) - set(wanted))
     return plan
 
 

@@ -215,13 +215,7 @@ def _download(
     except OSError as exc:
         raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
     current = scan(work, s.rules)
-    wanted = Manifest(
-        files={
-            rel: ManifestEntry(size=size, sha256=sha or "", etag="")
-            for rel, (size, sha) in expected.items()
-        }
-    )
-    plan = plan_open(wanted, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
+    plan = plan_open(expected, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
     for rel in plan.remove:
         folder.unlink(rel)
     items = [
