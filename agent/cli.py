@@ -341,15 +341,36 @@ def abort_cmd(projekt_id: str | None, stage: str | None) -> None:
     client = _client(projekt_id, stage)
     record = client.record
     try:
-        client.call("abort")
+        answer = client.call("abort")
+        finished = answer.get("finished_commit") if isinstance(answer, dict) else None
     except AgentUnreachableError:
         if record.agent_pid is not None and pid_alive(record.agent_pid):
             raise
         # The agent is gone; discarding needs no agent.
-        _session_cls().attach(_obj().config, session_id=record.session_id, to_discard=True).abort()
+        gone = _session_cls().attach(_obj().config, session_id=record.session_id, to_discard=True)
+        gone.abort()
+        finished = gone.finished_commit
+    where = f"{record.projekt_id}/{record.stage}"
     _emit(
-        {"session_id": record.session_id, "state": "closed", "aborted": True},
-        f"aborted {record.projekt_id}/{record.stage}: changes discarded, lock released",
+        {
+            "session_id": record.session_id,
+            "state": "closed",
+            "aborted": True,
+            "committed": finished is not None,
+            "commit_id": finished,
+        },
+        _finished_text(where, finished)
+        if finished
+        else f"aborted {where}: changes discarded, lock released",
+    )
+
+
+def _finished_text(where: str, commit_id: str | None) -> str:
+    """What abort/discard say when they finished an interrupted commit instead."""
+    return (
+        f"{where}: the interrupted commit {commit_id} was finished; your changes are "
+        "committed (a started commit is only ever completed). Lock released, working "
+        "folder removed"
     )
 
 
@@ -486,7 +507,13 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
         elif not yes:
             raise click.UsageError("discarding needs --yes when not asked on a terminal")
         session.discard(session_id, confirm_loss=True)  # confirmed above
-        _emit({"discarded": True}, "discarded: staging, working folder and backup removed")
+        finished = session.finished_commit
+        _emit(
+            {"discarded": True, "committed": finished is not None, "commit_id": finished},
+            _finished_text("the session", finished)
+            if finished
+            else "discarded: working folder, backup and uncommitted changes removed",
+        )
         return
     with _progress() as slot:
         if slot is not None:

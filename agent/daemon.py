@@ -108,6 +108,7 @@ class SessionLike(Protocol):
 
     record: SessionRecord | None
     progress: Signal[str, int]
+    finished_commit: str | None
 
     @property
     def is_closed(self) -> bool: ...
@@ -413,7 +414,7 @@ class AgentServer:
             return report.as_dict()
         if cmd == "abort":
             self.session.abort()
-            return {"aborted": True}
+            return {"aborted": True, "finished_commit": self.session.finished_commit}
         raise SessionError(f"unknown agent command {cmd[:40]!r}")
 
 

@@ -109,6 +109,9 @@ class PlantDesignSession:
         # The background check of the stage's plain tree (agent.repair) and what it found.
         self._repair: tuple[threading.Thread, threading.Event] | None = None
         self.repair_report: RepairReport | None = None
+        # Set by abort()/discard() when they finished this session's interrupted commit
+        # (a started commit is only rolled forward): the changes are committed, not lost.
+        self.finished_commit: str | None = None
         # Set by ``abort()`` while open/resume runs: the transfer stops, open raises
         # ``SessionCancelledError`` (agent.session.checkout).
         self._cancel = threading.Event()
@@ -283,8 +286,9 @@ class PlantDesignSession:
         """Discard the session: remove staging and the working folder, release the lock.
 
         A commit of this session that a failure cut is finished first (a started
-        commit is only ever rolled forward). Never returns with the lock still held
-        by us: a release that cannot be confirmed raises, and nothing local is removed.
+        commit is only ever rolled forward): then ``finished_commit`` names it, and the
+        session's changes are committed, not discarded. Never returns with the lock still
+        held by us: a release that cannot be confirmed raises, and nothing local is removed.
         """
         discard.abort(self)
 

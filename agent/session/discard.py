@@ -78,6 +78,8 @@ def abort(s: PlantDesignSession) -> None:
                         session_id=record.session_id,
                         commit_id=finished.manifest.commit_id,
                     )
+                    if finished.manifest.session_id == record.session_id:
+                        s.finished_commit = finished.manifest.commit_id
             try:
                 remove_staging(s.store, keys, record.session_id)
             except AgentError as exc:
@@ -136,6 +138,7 @@ def discard(
         if found is not None and found[0].state != "done" and found[0].session_id == session_id:
             lock.acquire()
             s._committer(keys, reupload=True).settle()
+            s.finished_commit = found[0].commit_id
             log.warning("discard_finished_interrupted_commit", session_id=session_id)
         else:
             current = lock.read()

@@ -25,7 +25,7 @@ import pytest
 from agent.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_env
-from tests.faultproxy import Delay, FaultProxy, Rule, Seen
+from tests.faultproxy import Delay, FaultProxy, Rule, Seen, Status
 from tests.servers import HoldingProxy, SeaweedServer
 from tests.waiting import wait_for
 
@@ -586,3 +586,38 @@ def test_kill_9_phase_trials_hit_every_commit_phase() -> None:
     if not _PHASES_TRIED:
         pytest.skip("no kill-phase trial ran in this session")
     assert _PHASES_TRIED == _PHASES_HIT
+
+
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_abort_after_a_failed_close_says_the_commit_was_finished(
+    s3_env: dict[str, str],
+    fault_proxy: FaultProxy,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    output: str,
+) -> None:
+    """A close cut after two copies, then `agent abort`: the commit is finished (a started
+    commit is only ever completed) and abort says so, in text and in --json."""
+    admin = Agent(_env(tmp_path / "base", proxy_env(s3_env, fault_proxy)))
+    work = Path(admin.json("open", P, "--user", "admin", "--stage", STAGE)["path"])
+    for i in range(5):
+        (work / f"f{i}.txt").write_bytes(f"saved {i}".encode())
+    admin.run("flush")
+    rule = fault_proxy.add(
+        Rule(Status(500), method="PUT", headers=("x-amz-copy-source",), skip=2, times=None)
+    )
+    failed = admin.run("close", "--json", check=False)
+    assert 0 != failed.returncode and rule.fired >= 1
+    fault_proxy.remove(rule)
+    if output == "json":
+        aborted = admin.json("abort")
+        assert aborted["committed"] is True
+        commit_id = aborted["commit_id"]
+    else:
+        text = admin.run("abort").stdout
+        assert "your changes are committed" in text and "discarded" not in text, text
+        commit_id = text.split("interrupted commit ", 1)[1].split(" ", 1)[0]
+    manifest = json.loads(s3_store.get(KEYS.manifest).body)
+    assert manifest["commit_id"] == commit_id
+    assert {f"f{i}.txt" for i in range(5)} == set(manifest["files"])
+    assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]

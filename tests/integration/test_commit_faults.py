@@ -362,10 +362,12 @@ def test_abort_after_a_failed_commit_leaves_a_consistent_stage(
     fault_proxy: FaultProxy,
     fault: str,
 ) -> None:
-    """abort after a cut commit ends with the stage equal to one manifest, and free."""
+    """abort after a cut commit finishes it (says so: ``finished_commit``) and ends with the
+    stage equal to one manifest, and free."""
     alice, _sid = _fail_mid_commit(via_proxy, direct, truth, fault_proxy, COPY_FAULTS[fault])
     alice.abort()
-    truth.assert_consistent()
+    assert truth.manifest()["commit_id"] == alice.finished_commit
+    assert FILES_V1 == truth.assert_consistent()
     assert "released" == truth.lock()["state"]
     other_user_sees(direct, truth)
 
