@@ -198,7 +198,9 @@ class _ObstoreAnswer:
 # forge a line; the URI is percent-encoded. So these anchored lines are facts.
 _DEBUG_MARK = "\n\nDebug source:\n"
 _STATUS_LINE = re.compile(r"^\s*status: (\d{3}),$", re.MULTILINE)
-_HTTP_KIND = re.compile(r"^\s*HttpError \{\n\s*kind: (\w+),$", re.MULTILINE)
+# ``HttpError`` at the top, or as the ``source`` of a ``Generic`` error (a body cut
+# or reset while it streams: ``kind: Interrupted``, issue 19).
+_HTTP_KIND = re.compile(r"^\s*(?:source: )?HttpError \{\n\s*kind: (\w+),$", re.MULTILINE)
 _BODY_LINE = re.compile(r"^\s*body: Some\(\n\s*(\".*\"),$", re.MULTILINE)
 _XML_CODE = re.compile(r"<Code>([A-Za-z0-9_.-]{1,100})</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]{0,300})</Message>")
@@ -229,6 +231,13 @@ def _obstore_answer(exc: BaseException) -> _ObstoreAnswer:
             if found := _XML_MESSAGE.search(xml):
                 message = found.group(1)
     return _ObstoreAnswer(status=int(status.group(1)), code=code, message=message)
+
+
+def _cut(key: str, got: int | str, expected: int, where: str = "") -> TransientStoreError:
+    """A download answer with another length than it promised: transient, read it again."""
+    return TransientStoreError(
+        f"the download of {key!r}{where} was cut: {got} of {expected} bytes arrived"
+    )
 
 
 def _head_info(key: str, got: Answer) -> ObjectInfo:
@@ -726,6 +735,10 @@ class S3Store:
                 if written and progress is not None:
                     progress(-written)
                 raise
+            if written != size:
+                if written and progress is not None:
+                    progress(-written)
+                raise _cut(key, written, size)
             return ObjectInfo(key=key, size=written, etag=_unquote(meta.get("e_tag") or ""))
 
         got = self._data_call(key, first)
@@ -759,7 +772,7 @@ class S3Store:
         if written < part:
             if progress is not None:
                 progress(-written)
-            raise TransientStoreError(f"the download of {key!r} was cut after {written} bytes")
+            raise _cut(key, written, part)
 
     def _download_ranges(
         self, key: str, dest: Path, size: int, etag: str, progress: ProgressFn | None
@@ -772,27 +785,31 @@ class S3Store:
             def read_range(start: int, end: int) -> None:
                 def do() -> None:
                     pos = start
+                    more = False
                     try:
                         result = obstore.get(
                             self._data, key, options={"range": (start, end), "if_match": etag}
                         )
                         for chunk in result.stream(min_chunk_size=_CHUNK):
+                            take = memoryview(chunk)[: end - pos]
                             with lock:
                                 out.seek(pos)
-                                out.write(chunk)
-                            pos += len(chunk)
+                                out.write(take)
+                            pos += len(take)
                             if progress is not None:
-                                progress(len(chunk))
+                                progress(len(take))
+                            if len(take) < len(chunk):
+                                more = True  # past the range: not the answer asked for
+                                break
                     except BaseException:
                         if pos > start and progress is not None:
                             progress(start - pos)
                         raise
-                    if pos != end:
+                    if pos != end or more:
                         if progress is not None:
                             progress(start - pos)
-                        raise TransientStoreError(
-                            f"the range {start}-{end} of {key!r} was cut at {pos}"
-                        )
+                        got = f"more than {end - start}" if more else str(pos - start)
+                        raise _cut(key, got, end - start, f" (range {start}-{end})")
 
                 self._data_call(key, do)
 
