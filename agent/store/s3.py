@@ -16,6 +16,8 @@ import ast
 import asyncio
 import contextlib
 import functools
+import hashlib
+import itertools
 import re
 import threading
 import time
@@ -52,7 +54,17 @@ from agent.errors import (
 )
 from agent.retry import call_with_retries
 from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult, get_or_none
-from agent.store.signed import Answer, AnswerError, Page, SignedRequests, object_base
+from agent.store.signed import (
+    Answer,
+    AnswerCutError,
+    AnswerDeadlineError,
+    AnswerError,
+    AnswerTooLargeError,
+    MalformedAnswerError,
+    Page,
+    SignedRequests,
+    object_base,
+)
 
 __all__ = ["S3Store"]
 
@@ -78,6 +90,11 @@ _DELETE_BATCH = 1000
 _MAX_PARTS = 9000
 _NO_WHOLE_REQUEST_LIMIT = timedelta(days=7)
 _PARTS_PER_FILE = 8
+# A listing may bring this many truncated pages in a row with nothing on them (S3
+# can, rarely) before it counts as going nowhere.
+_MAX_EMPTY_PAGES = 10
+# A continuation token goes back into the URL: longer than this is not a token.
+_MAX_TOKEN = 4096
 
 log = structlog.get_logger(__name__)
 
@@ -318,6 +335,8 @@ class S3Store:
         self.transfer = transfer
         self._sleep = sleep
         self._page_size = config.list_page_size
+        self._list_max_pages = config.list_max_pages
+        self._list_deadline = config.list_deadline
         REQUEST_SLOTS.resize(transfer.max_requests)
         # Parallel parts of one file; each part takes one of the process-wide slots.
         self._per_file = min(_PARTS_PER_FILE, transfer.max_requests)
@@ -467,6 +486,12 @@ class S3Store:
             return self._translate_status(
                 exc.status, exc.code, exc.message, key, where, conditional=conditional
             )
+        if isinstance(exc, AnswerCutError):
+            return TransientStoreError(f"the answer for {where} was cut: {exc}")
+        if isinstance(exc, MalformedAnswerError):
+            return TransientStoreError(f"the store's answer for {where} is malformed: {exc}")
+        if isinstance(exc, AnswerTooLargeError | AnswerDeadlineError):
+            raise exc  # not retried: the caller says what it was reading
         if isinstance(
             exc,
             bexc.EndpointConnectionError
@@ -961,12 +986,11 @@ class S3Store:
         An explicit continuation-token loop, each page its own retried request: a
         transient error on page 2 retries page 2, and a listing that cannot be
         finished raises instead of ending short (issue 12; botocore's paginator,
-        once its generator died, silently ended the listing).
+        once its generator died, silently ended the listing). Bounded (issue 19):
+        see ``_pages``.
         """
         strip = len(self.prefix)
-        token: str | None = None
-        while True:
-            page = self._page(prefix, None, token)
+        for page in self._pages(prefix, None):
             for item in page.objects:
                 yield ObjectInfo(
                     key=item.key[strip:],
@@ -974,9 +998,6 @@ class S3Store:
                     etag=_unquote(item.etag),
                     last_modified=item.last_modified,
                 )
-            if not page.truncated:
-                return
-            token = self._next_token(prefix, page)
 
     def server_time(self) -> datetime:
         """The store's clock, from the ``Date`` of a HEAD on the bucket."""
@@ -996,9 +1017,7 @@ class S3Store:
         strip = len(self.prefix)
         objects: list[ObjectInfo] = []
         subs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self._page(prefix, "/", token)
+        for page in self._pages(prefix, "/"):
             objects += [
                 ObjectInfo(
                     key=item.key[strip:],
@@ -1009,18 +1028,91 @@ class S3Store:
                 for item in page.objects
             ]
             subs += [p[strip:] for p in page.prefixes]
-            if not page.truncated:
-                return objects, subs
-            token = self._next_token(prefix, page)
+        return objects, subs
 
-    def _page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[Page]:
+        """Every page of a listing, each its own retried request; bounded (issue 19).
+
+        A listing is bucket input, so it ends with a ``TransientStoreError`` (exit 8)
+        that names the problem, never an endless loop: a continuation token seen
+        before, a page that does not move past what was listed (or too many empty
+        pages in a row), more than ``store.list_max_pages`` pages, a page longer
+        than S3 allows (``PAGE_LIMIT``), or ``store.list_deadline`` passed, however
+        slowly the answer arrives (no per-byte idle timeout catches a trickle).
+        """
+        what = f"the listing of {prefix!r} in {self.description}"
+        deadline = time.monotonic() + self._list_deadline
+        tokens: set[bytes] = set()
+        token: str | None = None
+        last = ""
+        empty = 0
+        for number in itertools.count(1):
+            if number > self._list_max_pages:
+                raise TransientStoreError(
+                    f"{what} goes on past {self._list_max_pages} pages "
+                    "(store.list_max_pages): the store keeps saying there is more; stopped"
+                )
+            try:
+                page = self._page(prefix, delimiter, token, deadline)
+            except AnswerDeadlineError as exc:
+                raise TransientStoreError(
+                    f"{what} took longer than {self._list_deadline:g} s "
+                    f"(store.list_deadline) on page {number}; stopped ({exc})"
+                ) from exc
+            except AnswerTooLargeError as exc:
+                raise TransientStoreError(
+                    f"{what}: page {number} is longer than any S3 listing page ({exc}); stopped"
+                ) from exc
+            if len(page.objects) + len(page.prefixes) > self._page_size:
+                raise TransientStoreError(
+                    f"{what}: page {number} holds {len(page.objects) + len(page.prefixes)} "
+                    f"entries, {self._page_size} were asked for; stopped"
+                )
+            yield page
+            if not page.truncated:
+                return
+            token = self._next_token(prefix, page)
+            if len(token) > _MAX_TOKEN:
+                raise TransientStoreError(
+                    f"{what}: the continuation token after page {number} is "
+                    f"{len(token)} characters long; stopped"
+                )
+            seen = hashlib.sha256(token.encode()).digest()
+            if seen in tokens:
+                raise TransientStoreError(
+                    f"{what}: the store repeated a continuation token after page {number} "
+                    "(the listing would go round in circles); stopped"
+                )
+            tokens.add(seen)
+            top = max((*(o.key for o in page.objects), *page.prefixes), default=None)
+            if top is None:
+                empty += 1
+                if empty > _MAX_EMPTY_PAGES:
+                    raise TransientStoreError(
+                        f"{what} makes no progress: {empty} empty pages in a row, each "
+                        "saying there is more; stopped"
+                    )
+            elif top <= last:
+                raise TransientStoreError(
+                    f"{what} makes no progress: page {number} lists nothing past "
+                    "what the pages before it listed; stopped"
+                )
+            else:
+                last, empty = top, 0
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _page(self, prefix: str, delimiter: str | None, token: str | None, deadline: float) -> Page:
         """One listing page, its own retried request (signed directly, or by botocore)."""
         if self._signed is not None:
             signed = self._signed
             return self._call(
                 prefix,
                 lambda: signed.list_page(
-                    self._key(prefix), delimiter=delimiter, token=token, max_keys=self._page_size
+                    self._key(prefix),
+                    delimiter=delimiter,
+                    token=token,
+                    max_keys=self._page_size,
+                    deadline=deadline,
                 ),
             )
         args: dict[str, Any] = {
