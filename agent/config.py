@@ -113,6 +113,9 @@ class StoreConfig(_Section):
     # when it has taken this long overall, however slowly the store sends it.
     list_max_pages: int = Field(default=2000, ge=1)
     list_deadline: Seconds = 900.0
+    # The most a manifest, a commit intent or a history entry may be (read whole,
+    # parsed in memory): 64 MiB holds a manifest of about 300,000 files.
+    max_manifest_bytes: Bytes = ByteSize(64 * 1024**2)
 
     def location(self, base_dir: Path) -> StoreLocation:
         """Parse ``url``; the empty default is ``file://<base_dir>/store``."""

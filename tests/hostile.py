@@ -21,7 +21,8 @@ Every request is accepted whatever its signature (no SigV4 check). Path-style:
 - ``"huge"``: a page declaring (``Content-Length``) ``huge_size`` bytes of entries;
 - ``"huge_undeclared"``: the same without ``Content-Length`` (read until closed);
 - ``"bomb"``: an XML entity bomb ("billion laughs");
-- ``"ok"``: one complete page with ``keys``.
+- ``"ok"``: one complete page of ``keys`` and the objects' keys under the prefix
+  (with ``delimiter``: the objects directly in it and its sub-prefixes).
 
 An object in ``objects`` is answered with its bytes; one in ``huge_objects``
 with that many bytes (generated, never held), sent until the client hangs up.
@@ -198,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._listing(owner, query)
             elif key in owner.huge_objects:
                 owner.count("get")
-                self._huge(owner.huge_objects[key], declared=True, unit=b"\0" * 65536)
+                self._huge(owner.huge_objects[key], declared=True, unit=b" " * 65536)
             elif key in owner.objects:
                 owner.count("get")
                 self._send(owner.objects[key], "application/json")
@@ -231,7 +232,27 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode == "bomb":
             self._send(_BOMB.encode())
         else:
-            self._send(_page(owner.keys, token=None, prefix=prefix))
+            self._send(self._level(owner, prefix, query.get("delimiter", [""])[0]))
+
+    @staticmethod
+    def _level(owner: HostileS3, prefix: str, delimiter: str) -> bytes:
+        """One complete page of every known key under ``prefix`` (rolled up by ``delimiter``)."""
+        keys = sorted({*owner.keys, *owner.objects, *owner.huge_objects})
+        objects, subs = [], set()
+        for key in keys:
+            if not key.startswith(prefix):
+                continue
+            head, cut, _rest = key[len(prefix) :].partition(delimiter or "\0")
+            if delimiter and cut:
+                subs.add(prefix + head + delimiter)
+            else:
+                objects.append(key)
+        page = _page(objects, token=None, prefix=prefix)
+        common = "".join(
+            f"<CommonPrefixes><Prefix>{quote(sub, safe='/')}</Prefix></CommonPrefixes>"
+            for sub in sorted(subs)
+        )
+        return page.replace(b"</ListBucketResult>", common.encode() + b"</ListBucketResult>")
 
     def _trickle(self, owner: HostileS3) -> None:
         """A page that never ends, one byte at a time (the idle timeout never fires)."""

@@ -46,6 +46,7 @@ from agent.errors import (
     AgentError,
     BucketMissingError,
     NotFoundError,
+    ObjectTooLargeError,
     PermanentStoreError,
     PreconditionFailedError,
     StoreError,
@@ -53,7 +54,17 @@ from agent.errors import (
     UnsafeStoreError,
 )
 from agent.retry import call_with_retries
-from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult, get_or_none
+from agent.store.base import (
+    DEFAULT_MAX_BYTES,
+    Level,
+    ObjectData,
+    ObjectInfo,
+    ProgressFn,
+    WriteResult,
+    check_size,
+    get_or_none,
+    raise_oversized,
+)
 from agent.store.signed import (
     Answer,
     AnswerCutError,
@@ -582,12 +593,12 @@ class S3Store:
 
     # ----------------------------------------------------------- protocol
 
-    def get(self, key: str) -> ObjectData:
-        """Read a small object whole."""
+    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
+        """Read a small object whole: at most ``max_bytes``, else ``ObjectTooLargeError``."""
 
         def do() -> ObjectData:
             if self._signed is not None:
-                got = self._signed.send("GET", self._key(key))
+                got = self._signed.send("GET", self._key(key), limit=max_bytes)
                 return ObjectData(
                     key=key,
                     body=got.body,
@@ -596,12 +607,19 @@ class S3Store:
                 )
             r = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             with contextlib.closing(r["Body"]) as body:
-                data = body.read()
+                check_size(key, int(r.get("ContentLength") or 0), max_bytes)
+                data = body.read(max_bytes + 1)
+            check_size(key, len(data), max_bytes)
             return ObjectData(key=key, body=data, etag=_unquote(r["ETag"]), server_time=_date(r))
 
-        return self._call(key, do)
+        try:
+            return self._call(key, do)
+        except AnswerTooLargeError as exc:
+            raise ObjectTooLargeError(key, exc.size, max_bytes) from exc
 
-    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+    def get_many(
+        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> list[ObjectData | None]:
         """Read many small objects at once (``None`` for each one absent).
 
         obstore's async GETs on one event loop (in a thread of their own, so a host
@@ -610,7 +628,9 @@ class S3Store:
         what lets the lock board read 1,000 locks in well under a second. A key
         whose read fails for any other reason is read again through ``get``, with
         its retries and error translation. The answers' server time is the
-        store's clock as read once before (plus the time passed since).
+        store's clock as read once before (plus the time passed since). An object
+        over ``max_bytes`` is dropped at its stated size (or after ``max_bytes + 1``
+        bytes); one ``ObjectTooLargeError`` names them all once the rest are read.
         """
         if not keys:
             return []
@@ -620,20 +640,28 @@ class S3Store:
             REQUEST_SLOTS.hold_up_to(min(len(keys), 64)) as parallel,
             ThreadPoolExecutor(1, thread_name_prefix="pdagent-get-many") as pool,
         ):
-            got = pool.submit(asyncio.run, self._get_all(keys, parallel)).result()
+            got = pool.submit(asyncio.run, self._get_all(keys, parallel, max_bytes)).result()
         now = clock + timedelta(seconds=time.monotonic() - started)
         out: list[ObjectData | None] = []
+        oversized: dict[str, int | None] = {}
         for key, answer in zip(keys, got, strict=True):
             if isinstance(answer, tuple):
                 out.append(ObjectData(key=key, body=answer[0], etag=answer[1], server_time=now))
             elif answer is None:
                 out.append(None)
+            elif isinstance(answer, ObjectTooLargeError):
+                out.append(None)
+                oversized[key] = answer.size
             else:
-                out.append(get_or_none(self.get, key))
-        return out
+                try:
+                    out.append(get_or_none(functools.partial(self.get, max_bytes=max_bytes), key))
+                except ObjectTooLargeError as exc:
+                    out.append(None)
+                    oversized[key] = exc.size
+        return raise_oversized(out, oversized, max_bytes)
 
     async def _get_all(
-        self, keys: Sequence[str], parallel: int
+        self, keys: Sequence[str], parallel: int, max_bytes: int
     ) -> list[tuple[bytes, str] | BaseException | None]:
         gate = asyncio.Semaphore(parallel)
 
@@ -641,12 +669,21 @@ class S3Store:
             async with gate:
                 try:
                     result = await obstore.get_async(self._data, key)
-                    body = await result.bytes_async()
+                    size = int(result.meta["size"])
+                    if size > max_bytes:
+                        return ObjectTooLargeError(key, size, max_bytes)
+                    parts: list[bytes] = []
+                    got = 0
+                    async for chunk in result.stream(min_chunk_size=min(max_bytes + 1, _CHUNK)):
+                        parts.append(bytes(chunk))
+                        got += len(chunk)
+                        if got > max_bytes:
+                            return ObjectTooLargeError(key, None, max_bytes)
                 except (oexc.NotFoundError, FileNotFoundError):
                     return None
                 except (oexc.BaseError, OSError) as exc:  # read again through ``get``
                     return exc
-                return bytes(body), _unquote(str(result.meta.get("e_tag") or ""))
+                return b"".join(parts), _unquote(str(result.meta.get("e_tag") or ""))
 
         return list(await asyncio.gather(*(one(key) for key in keys)))
 
