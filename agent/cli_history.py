@@ -15,6 +15,7 @@ from agent.cli import _emit, _json_option, _obj, _progress, _session_cls, cli
 from agent.config import default_user
 from agent.history import FileVersion
 from agent.keys import CommitInfo
+from agent.text import printable
 
 
 class _DefaultGroup(click.Group):
@@ -29,7 +30,7 @@ class _DefaultGroup(click.Group):
 def _commit_line(c: CommitInfo) -> str:
     when = c.committed_at.strftime("%Y-%m-%d %H:%M:%SZ")
     return (
-        f"#{c.seq:<4} {c.commit_id[:12]}  {when}  {c.user:<12} "
+        f"#{c.seq:<4} {printable(c.commit_id[:12])}  {when}  {printable(c.user):<12} "
         f"+{c.added} ~{c.changed} -{c.removed}  {_size(c.bytes)}"
     )
 
@@ -119,8 +120,8 @@ def show_cmd(projekt_id: str, stage: str, commit: str, path: str, output: Path) 
     version = session.show(projekt_id, stage, commit=commit, path=path, output=output)
     _emit(
         {**version.as_dict(), "output": str(output)},
-        f"{path} as of commit #{version.commit.seq} ({version.commit.commit_id[:12]}) "
-        f"written to {output}",
+        f"{printable(path)} as of commit #{version.commit.seq} "
+        f"({printable(version.commit.commit_id[:12])}) written to {printable(output)}",
     )
 
 
@@ -165,17 +166,18 @@ def locks_cmd(projekt_ids: tuple[str, ...]) -> None:
     session = _session_cls()(_obj().config)
     rows = session.list_locks(list(projekt_ids))
     lines = []
+    p = printable  # bucket content: one row per lock, whatever its fields hold (issue 19)
     for r in rows:
-        where = f"{r.projekt_id}/{r.stage}"
+        where = f"{p(r.projekt_id)}/{p(r.stage)}"
         if r.state == "corrupt":
-            lines.append(f"{where}  CORRUPT: {r.problem}")
+            lines.append(f"{where}  CORRUPT: {p(r.problem)}")
         elif r.state == "released":
-            lines.append(f"{where}  free (last: {r.user} on {r.machine})")
+            lines.append(f"{where}  free (last: {p(r.user)} on {p(r.machine)})")
         else:
             gone = "  APPEARS GONE" if r.appears_gone else ""
             since = r.since.strftime("%Y-%m-%d %H:%M") if r.since else "?"
             lines.append(
-                f"{where}  {r.state} by {r.user} on {r.machine} since {since}, "
+                f"{where}  {r.state} by {p(r.user)} on {p(r.machine)} since {since}, "
                 f"heartbeat {r.heartbeat_age_seconds:.0f}s ago{gone}"
             )
     _emit({"locks": [r.as_dict() for r in rows]}, "\n".join(lines) or "no stage locks")

@@ -108,6 +108,14 @@ class StoreConfig(_Section):
     verify_tls: bool = True
     # Keys per listing request (S3's maximum is 1000); smaller only to test paging.
     list_page_size: int = Field(default=1000, ge=1, le=1000)
+    # A listing is bucket input (issue 19): it ends with an error (exit 8) after this
+    # many pages (2,000 pages of 1,000 keys: two million objects under one prefix) or
+    # when it has taken this long overall, however slowly the store sends it.
+    list_max_pages: int = Field(default=2000, ge=1)
+    list_deadline: Seconds = 900.0
+    # The most a manifest, a commit intent or a history entry may be (read whole,
+    # parsed in memory): 64 MiB holds a manifest of about 300,000 files.
+    max_manifest_bytes: Bytes = ByteSize(64 * 1024**2)
 
     def location(self, base_dir: Path) -> StoreLocation:
         """Parse ``url``; the empty default is ``file://<base_dir>/store``."""

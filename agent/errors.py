@@ -16,6 +16,7 @@
     │       ├── AccessDeniedError   exit 9   403: wrong credentials or policy
     │       ├── BucketMissingError  exit 7
     │       ├── NotFoundError       exit 7
+    │       ├── ObjectTooLargeError exit 7   a small object read whole is over its limit
     │       ├── PreconditionFailedError exit 7  If-Match / If-None-Match did not hold
     │       └── ContentMismatchError exit 7  an object's bytes are not the manifest's
     ├── TransferError               exit 10  keeps last_exception and failed count
@@ -123,6 +124,36 @@ class BucketMissingError(PermanentStoreError):
 
 class NotFoundError(PermanentStoreError):
     """The object does not exist."""
+
+
+class ObjectTooLargeError(PermanentStoreError):
+    """An object read whole (lock, manifest, intent, history entry) is over its kind's limit.
+
+    The read stopped after ``limit + 1`` bytes. ``size`` is the size the store stated,
+    or ``None`` when it stated none. From ``get_many``, ``oversized`` names every such
+    key (key -> size) and ``results`` holds what the call read, ``None`` in their place.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        size: int | None,
+        limit: int,
+        *,
+        oversized: dict[str, int | None] | None = None,
+        results: list[object] | None = None,
+    ) -> None:
+        told = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        super().__init__(
+            f"the object {key!r} is {told}, over the limit of {limit} bytes for its kind: "
+            "it was not read. It was written outside the agent (or the limit is too small "
+            "for this project; see the README's security section)"
+        )
+        self.key = key
+        self.size = size
+        self.limit = limit
+        self.oversized: dict[str, int | None] = oversized or {key: size}
+        self.results: list[object] = results or []
 
 
 class PreconditionFailedError(PermanentStoreError):

@@ -32,12 +32,13 @@ from agent.errors import (
     LockHeldError,
     LockLostError,
     NotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StoreError,
     UnsafeStoreError,
 )
 from agent.platform import pid_alive
-from agent.store.base import ObjectData, ObjectStore, WriteResult
+from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore, WriteResult
 from agent.text import printable
 
 __all__ = [
@@ -192,25 +193,31 @@ class LockStatus:
         }
 
 
+def _corrupt(key: str, why: str) -> LockCorruptError:
+    projekt, _, rest = key.partition("/")
+    stage = rest.removesuffix(".lock.json")
+    return LockCorruptError(
+        f"the lock {printable(key)} does not parse as a lock ({why}); nobody can take it "
+        f"until an operator runs `agent lock unlock {printable(projekt)} --stage "
+        f"{printable(stage)} --force`, which overwrites it by compare-and-swap"
+    )
+
+
 def _parse(key: str, data: bytes) -> LockBody:
     try:
         return LockBody.model_validate_json(data)
     except (ValidationError, ValueError) as exc:
-        projekt, _, rest = key.partition("/")
-        stage = rest.removesuffix(".lock.json")
-        raise LockCorruptError(
-            f"the lock {key} does not parse as a lock ({type(exc).__name__}); nobody can take it "
-            f"until an operator runs `agent lock unlock {projekt} --stage {stage} --force`, "
-            "which overwrites it by compare-and-swap"
-        ) from exc
+        raise _corrupt(key, type(exc).__name__) from exc
 
 
 def read_lock(store: ObjectStore, key: str, config: LockConfig) -> LockStatus | None:
     """Read and judge a lock; ``None`` when no lock object exists."""
     try:
-        data = store.get(key)
+        data = store.get(key, max_bytes=LOCK_MAX_BYTES)
     except NotFoundError:
         return None
+    except ObjectTooLargeError as exc:
+        raise _corrupt(key, f"{exc.size or 'more than ' + str(exc.limit)} bytes") from exc
     return judge_lock(key, data, config)
 
 
@@ -624,9 +631,12 @@ def _force_unlock_once(
 ) -> LockStatus:
     config = config or LockConfig()
     try:
-        data = store.get(key)
+        data = store.get(key, max_bytes=LOCK_MAX_BYTES)
     except NotFoundError as exc:
         raise NotFoundError(f"there is no lock {key} to unlock") from exc
+    except ObjectTooLargeError:
+        # Overwritten unread, by compare-and-swap on the ETag its HEAD states.
+        data = ObjectData(key, b"", store.head(key).etag, store.server_time())
     now = data.server_time
     try:
         old = LockBody.model_validate_json(data.body)

@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Literal
 
 from agent.config import LockConfig
-from agent.errors import InvalidNameError, LockCorruptError
+from agent.errors import InvalidNameError, LockCorruptError, ObjectTooLargeError
 from agent.keys import StageKeys, validate_name
 from agent.lock import judge_lock
-from agent.store.base import ObjectData, ObjectStore
+from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore
 from agent.transfer import Transfers
 
 __all__ = ["LockRow", "list_locks"]
@@ -82,6 +82,17 @@ def _projects(store: ObjectStore) -> list[str]:
     return out
 
 
+def _too_large(keys: StageKeys, size: int | None) -> LockRow:
+    told = f"{size} bytes" if size is not None else f"more than {LOCK_MAX_BYTES} bytes"
+    return LockRow(
+        keys.projekt_id,
+        keys.stage,
+        "corrupt",
+        problem=f"the lock body is {told}, over the {LOCK_MAX_BYTES} bytes a lock may have: "
+        "not read",
+    )
+
+
 def _row(keys: StageKeys, data: ObjectData | None, config: LockConfig) -> LockRow:
     if data is None:  # removed between the listing and the read
         return LockRow(keys.projekt_id, keys.stage, "released")
@@ -117,6 +128,16 @@ def list_locks(
     projects = list(projekt_ids) or _projects(store)
     pool = Transfers(store, workers)
     stages = [keys for found in pool.map(projects, lambda p: _stages(store, p)) for keys in found]
-    bodies = store.get_many([keys.lock for keys in stages])
-    rows = [_row(keys, data, config) for keys, data in zip(stages, bodies, strict=True)]
+    oversized: dict[str, int | None] = {}
+    try:
+        bodies = store.get_many([keys.lock for keys in stages], max_bytes=LOCK_MAX_BYTES)
+    except ObjectTooLargeError as exc:  # those locks unread, the rest as read
+        oversized = exc.oversized
+        bodies = [data if isinstance(data, ObjectData) else None for data in exc.results]
+    rows = [
+        _too_large(keys, oversized[keys.lock])
+        if keys.lock in oversized
+        else _row(keys, data, config)
+        for keys, data in zip(stages, bodies, strict=True)
+    ]
     return sorted(rows, key=lambda r: (r.projekt_id, r.stage))

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import structlog
 
 from agent.config import LogConfig
 from agent.platform import make_private_dirs, open_private_append
+from agent.text import printable
 
 __all__ = ["configure_logging", "library_defaults", "log_folder", "redact"]
 
@@ -61,6 +62,24 @@ def redact(
         else:
             event_dict[key] = _scrub(event_dict[key])
     return event_dict
+
+
+def _escaped(render: Callable[..., Any]) -> Callable[..., Any]:
+    """``render`` with every string value shown through ``agent.text.printable``.
+
+    Log values carry bucket content (keys, users): on a terminal, an ESC or a bidi
+    override in one must not drive it, nor a newline forge a line (issue 19). The
+    traceback (``exception``) is the agent's own and keeps its lines.
+    """
+
+    def escaped(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        safe = {
+            key: printable(value) if isinstance(value, str) and key != "exception" else value
+            for key, value in event_dict.items()
+        }
+        return render(logger, name, safe)
+
+    return escaped
 
 
 def configure_logging(config: LogConfig, state_dir: Path | None, *, console: bool = True) -> None:
@@ -110,7 +129,7 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
         console_handler.setLevel(config.console_level.upper())
         console_handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
-                processor=structlog.dev.ConsoleRenderer(colors=False),
+                processor=_escaped(structlog.dev.ConsoleRenderer(colors=False)),
                 foreign_pre_chain=shared,
             )
         )

@@ -34,6 +34,7 @@ from agent.errors import (
     PreconditionFailedError,
     SessionCancelledError,
     TransferError,
+    TransientStoreError,
 )
 from agent.ignore import temp_name_for
 from agent.keys import HAS_DIR_FD, WorkFolder, fd_path
@@ -385,7 +386,14 @@ class Transfers:
 
     @staticmethod
     def _verify(item: Download, info: ObjectInfo, actual: int, digest: str) -> str:
-        if actual != info.size or (item.size is not None and actual != item.size):
+        if actual != info.size:
+            # Fewer (or more) bytes on disk than the store's answer carried: the
+            # transfer was cut, which a later try can mend (issue 19).
+            raise TransientStoreError(
+                f"downloaded {item.key} has {actual} bytes of the {info.size} the store sent; "
+                "the transfer was cut: try again"
+            )
+        if item.size is not None and actual != item.size:
             raise ContentMismatchError(
                 f"downloaded {item.key} has {actual} bytes, expected "
                 f"{item.size if item.size is not None else info.size}; the object changed "

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,13 +17,15 @@ from typing import Any
 
 from agent.errors import NotFoundError, PreconditionFailedError
 from agent.store.base import (
+    DEFAULT_MAX_BYTES,
     Level,
     ObjectData,
     ObjectInfo,
     ObjectStore,
     ProgressFn,
     WriteResult,
-    get_or_none,
+    check_size,
+    get_each,
 )
 
 
@@ -47,18 +50,21 @@ class MemoryStore:
     def _now(self) -> datetime:
         return datetime.now(UTC)
 
-    def get(self, key: str) -> ObjectData:
-        """Read an object."""
+    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
+        """Read an object (``ObjectTooLargeError`` over ``max_bytes``)."""
         self.calls.append(("get", key))
         with self._lock:
             if key not in self.objects:
                 raise NotFoundError(key)
             data = self.objects[key]
+        check_size(key, len(data), max_bytes)
         return ObjectData(key=key, body=data, etag=self._etag(data), server_time=self._now())
 
-    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+    def get_many(
+        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> list[ObjectData | None]:
         """Read many objects; ``None`` for each one absent."""
-        return [get_or_none(self.get, key) for key in keys]
+        return get_each(functools.partial(self.get, max_bytes=max_bytes), keys, max_bytes)
 
     def head(self, key: str) -> ObjectInfo:
         """Stat an object."""

@@ -21,7 +21,11 @@ in the order they were added, whether one fires; the first that fires decides:
 - ``Status(code)``: answer ``code`` with an S3 XML error body, forward nothing;
 - ``Throttle(bytes_per_second)``: forward, then send the store's answer to the
   client at that rate (a slow office link: no pause is longer than a fraction
-  of a second, but the whole answer takes as long as the rate says).
+  of a second, but the whole answer takes as long as the rate says);
+- ``CutBody(keep, reset=False)``: forward, then send the store's answer head (its
+  ``Content-Length`` unchanged) and only the first ``keep`` bytes of its body,
+  and close the client connection (``reset=True``: reset it instead), so the
+  client sees a body cut short of the length it was promised.
 
 A rule matches on method, a regex searched in the (unquoted) path, query
 parameters and headers that must be present (or absent), and a regex on the
@@ -79,6 +83,7 @@ __all__ = [
     "OFFICE_LINK",
     "RESET_BEFORE",
     "Action",
+    "CutBody",
     "Delay",
     "FaultProxy",
     "LinkProfile",
@@ -151,7 +156,16 @@ class Throttle:
     name: Literal["throttle"] = "throttle"
 
 
-Action = LoseAnswer | ResetBefore | Delay | Status | Throttle
+@dataclass(frozen=True)
+class CutBody:
+    """Relay the answer's head and ``keep`` bytes of its body, then close (or reset)."""
+
+    keep: int
+    reset: bool = False
+    name: Literal["cut_body"] = "cut_body"
+
+
+Action = LoseAnswer | ResetBefore | Delay | Status | Throttle | CutBody
 LOSE_ANSWER = LoseAnswer()
 RESET_BEFORE = ResetBefore()
 
@@ -727,6 +741,18 @@ class _Connection:
         if isinstance(action, LoseAnswer):
             return False  # the store applied it; the client hears nothing
         proxy._hold_answer()
+        if isinstance(action, CutBody):
+            head_end = answer.find(b"\r\n\r\n") + 4
+            self.client.sendall(answer[: head_end + action.keep])
+            if action.reset:
+                self._reset()
+            return False
+        self._send(answer, action)
+        return not (request.close or upstream_close)
+
+    def _send(self, answer: bytes, action: Action | None) -> None:
+        """The store's answer to the client: throttled, paced by the link, or at once."""
+        proxy = self.proxy
         if isinstance(action, Throttle):
             self._send_slowly(answer, action.bytes_per_second)
         elif proxy._link.rate is not None:
@@ -736,7 +762,6 @@ class _Connection:
                 self.client.sendall(piece)
         else:
             self.client.sendall(answer)
-        return not (request.close or upstream_close)
 
     def _reset(self) -> None:
         """Close with an RST (linger 0) instead of a FIN."""

@@ -17,9 +17,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from agent.errors import NotFoundError
+from agent.errors import NotFoundError, ObjectTooLargeError
 
-__all__ = ["Level", "ObjectData", "ObjectInfo", "ObjectStore", "ProgressFn", "WriteResult"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "LOCK_MAX_BYTES",
+    "Level",
+    "ObjectData",
+    "ObjectInfo",
+    "ObjectStore",
+    "ProgressFn",
+    "WriteResult",
+    "check_size",
+    "get_each",
+    "raise_oversized",
+]
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""What ``get``/``get_many`` read of one object unless the caller names its kind's limit
+(a manifest of about 300,000 files); bucket content is input (issue 19)."""
+
+LOCK_MAX_BYTES = 64 * 1024
+"""A lock body: a few hundred bytes; the rest is someone else's doing."""
 
 ProgressFn = Callable[[int], None]
 """Called with byte deltas as a transfer proceeds; negative when a retry rewinds."""
@@ -59,12 +78,45 @@ class WriteResult:
     server_time: datetime
 
 
+def check_size(key: str, size: int | None, max_bytes: int) -> None:
+    """``ObjectTooLargeError`` when a known ``size`` is over ``max_bytes``."""
+    if size is not None and size > max_bytes:
+        raise ObjectTooLargeError(key, size, max_bytes)
+
+
 def get_or_none(get: Callable[[str], ObjectData], key: str) -> ObjectData | None:
     """``get(key)``, or ``None`` when the object does not exist."""
     try:
         return get(key)
     except NotFoundError:
         return None
+
+
+def raise_oversized(
+    results: list[ObjectData | None], oversized: dict[str, int | None], max_bytes: int
+) -> list[ObjectData | None]:
+    """``results``, or ``ObjectTooLargeError`` naming every oversized key and carrying them."""
+    if not oversized:
+        return results
+    first, size = next(iter(oversized.items()))
+    raise ObjectTooLargeError(
+        first, size, max_bytes, oversized=oversized, results=list[object](results)
+    )
+
+
+def get_each(
+    get: Callable[[str], ObjectData], keys: Sequence[str], max_bytes: int
+) -> list[ObjectData | None]:
+    """``get_many`` by one ``get`` after another (``get`` already bound to ``max_bytes``)."""
+    results: list[ObjectData | None] = []
+    oversized: dict[str, int | None] = {}
+    for key in keys:
+        try:
+            results.append(get_or_none(get, key))
+        except ObjectTooLargeError as exc:
+            results.append(None)
+            oversized[key] = exc.size
+    return raise_oversized(results, oversized, max_bytes)
 
 
 @runtime_checkable
@@ -76,12 +128,24 @@ class ObjectStore(Protocol):
         """A human description (URL, endpoint) without credentials."""
         ...
 
-    def get(self, key: str) -> ObjectData:
-        """Read a small object whole. ``NotFoundError`` if absent."""
+    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
+        """Read a small object whole. ``NotFoundError`` if absent.
+
+        More than ``max_bytes`` is ``ObjectTooLargeError`` (naming key, size and limit);
+        the read stops after ``max_bytes + 1`` bytes, or before any when the store
+        states the size.
+        """
         ...
 
-    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
-        """Read many small objects whole, in parallel; ``None`` for each one absent."""
+    def get_many(
+        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> list[ObjectData | None]:
+        """Read many small objects whole, in parallel; ``None`` for each one absent.
+
+        Objects over ``max_bytes`` are not read: after all the others were, one
+        ``ObjectTooLargeError`` names them all (``oversized``) and carries the other
+        results (``results``, ``None`` in the oversized ones' places).
+        """
         ...
 
     def head(self, key: str) -> ObjectInfo:

@@ -11,6 +11,7 @@ key ``a/b`` (``a.d/b.o``) and the key ``a/b/c`` can exist at once, as in S3.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +27,16 @@ from agent.errors import (
     PermanentStoreError,
     PreconditionFailedError,
 )
-from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult, get_or_none
+from agent.store.base import (
+    DEFAULT_MAX_BYTES,
+    Level,
+    ObjectData,
+    ObjectInfo,
+    ProgressFn,
+    WriteResult,
+    check_size,
+    get_each,
+)
 
 __all__ = ["LocalStore"]
 
@@ -141,20 +151,25 @@ class LocalStore:
 
     # -------------------------------------------------------------- protocol
 
-    def get(self, key: str) -> ObjectData:
-        """Read an object whole."""
+    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
+        """Read an object whole (at most ``max_bytes``, else ``ObjectTooLargeError``)."""
         path = self._path(key)
         with self._lock(key):
             try:
-                body = path.read_bytes()
+                with path.open("rb") as fh:
+                    check_size(key, os.fstat(fh.fileno()).st_size, max_bytes)
+                    body = fh.read(max_bytes + 1)
+                check_size(key, len(body), max_bytes)  # grew since the stat
                 etag = self._etag_of(path)
             except FileNotFoundError as exc:
                 raise NotFoundError(f"no object {key!r} in {self.description}") from exc
         return ObjectData(key=key, body=body, etag=etag, server_time=self._now())
 
-    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+    def get_many(
+        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> list[ObjectData | None]:
         """Read many objects (one after another: a local disk gains nothing)."""
-        return [get_or_none(self.get, key) for key in keys]
+        return get_each(functools.partial(self.get, max_bytes=max_bytes), keys, max_bytes)
 
     def head(self, key: str) -> ObjectInfo:
         """Size and ETag."""

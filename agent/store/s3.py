@@ -16,6 +16,8 @@ import ast
 import asyncio
 import contextlib
 import functools
+import hashlib
+import itertools
 import re
 import threading
 import time
@@ -44,6 +46,7 @@ from agent.errors import (
     AgentError,
     BucketMissingError,
     NotFoundError,
+    ObjectTooLargeError,
     PermanentStoreError,
     PreconditionFailedError,
     StoreError,
@@ -51,8 +54,28 @@ from agent.errors import (
     UnsafeStoreError,
 )
 from agent.retry import call_with_retries
-from agent.store.base import Level, ObjectData, ObjectInfo, ProgressFn, WriteResult, get_or_none
-from agent.store.signed import Answer, AnswerError, Page, SignedRequests, object_base
+from agent.store.base import (
+    DEFAULT_MAX_BYTES,
+    Level,
+    ObjectData,
+    ObjectInfo,
+    ProgressFn,
+    WriteResult,
+    check_size,
+    get_or_none,
+    raise_oversized,
+)
+from agent.store.signed import (
+    Answer,
+    AnswerCutError,
+    AnswerDeadlineError,
+    AnswerError,
+    AnswerTooLargeError,
+    MalformedAnswerError,
+    Page,
+    SignedRequests,
+    object_base,
+)
 
 __all__ = ["S3Store"]
 
@@ -78,6 +101,11 @@ _DELETE_BATCH = 1000
 _MAX_PARTS = 9000
 _NO_WHOLE_REQUEST_LIMIT = timedelta(days=7)
 _PARTS_PER_FILE = 8
+# A listing may bring this many truncated pages in a row with nothing on them (S3
+# can, rarely) before it counts as going nowhere.
+_MAX_EMPTY_PAGES = 10
+# A continuation token goes back into the URL: longer than this is not a token.
+_MAX_TOKEN = 4096
 
 log = structlog.get_logger(__name__)
 
@@ -198,7 +226,9 @@ class _ObstoreAnswer:
 # forge a line; the URI is percent-encoded. So these anchored lines are facts.
 _DEBUG_MARK = "\n\nDebug source:\n"
 _STATUS_LINE = re.compile(r"^\s*status: (\d{3}),$", re.MULTILINE)
-_HTTP_KIND = re.compile(r"^\s*HttpError \{\n\s*kind: (\w+),$", re.MULTILINE)
+# ``HttpError`` at the top, or as the ``source`` of a ``Generic`` error (a body cut
+# or reset while it streams: ``kind: Interrupted``, issue 19).
+_HTTP_KIND = re.compile(r"^\s*(?:source: )?HttpError \{\n\s*kind: (\w+),$", re.MULTILINE)
 _BODY_LINE = re.compile(r"^\s*body: Some\(\n\s*(\".*\"),$", re.MULTILINE)
 _XML_CODE = re.compile(r"<Code>([A-Za-z0-9_.-]{1,100})</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]{0,300})</Message>")
@@ -229,6 +259,13 @@ def _obstore_answer(exc: BaseException) -> _ObstoreAnswer:
             if found := _XML_MESSAGE.search(xml):
                 message = found.group(1)
     return _ObstoreAnswer(status=int(status.group(1)), code=code, message=message)
+
+
+def _cut(key: str, got: int | str, expected: int, where: str = "") -> TransientStoreError:
+    """A download answer with another length than it promised: transient, read it again."""
+    return TransientStoreError(
+        f"the download of {key!r}{where} was cut: {got} of {expected} bytes arrived"
+    )
 
 
 def _head_info(key: str, got: Answer) -> ObjectInfo:
@@ -309,6 +346,8 @@ class S3Store:
         self.transfer = transfer
         self._sleep = sleep
         self._page_size = config.list_page_size
+        self._list_max_pages = config.list_max_pages
+        self._list_deadline = config.list_deadline
         REQUEST_SLOTS.resize(transfer.max_requests)
         # Parallel parts of one file; each part takes one of the process-wide slots.
         self._per_file = min(_PARTS_PER_FILE, transfer.max_requests)
@@ -458,6 +497,12 @@ class S3Store:
             return self._translate_status(
                 exc.status, exc.code, exc.message, key, where, conditional=conditional
             )
+        if isinstance(exc, AnswerCutError):
+            return TransientStoreError(f"the answer for {where} was cut: {exc}")
+        if isinstance(exc, MalformedAnswerError):
+            return TransientStoreError(f"the store's answer for {where} is malformed: {exc}")
+        if isinstance(exc, AnswerTooLargeError | AnswerDeadlineError):
+            raise exc  # not retried: the caller says what it was reading
         if isinstance(
             exc,
             bexc.EndpointConnectionError
@@ -548,12 +593,12 @@ class S3Store:
 
     # ----------------------------------------------------------- protocol
 
-    def get(self, key: str) -> ObjectData:
-        """Read a small object whole."""
+    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
+        """Read a small object whole: at most ``max_bytes``, else ``ObjectTooLargeError``."""
 
         def do() -> ObjectData:
             if self._signed is not None:
-                got = self._signed.send("GET", self._key(key))
+                got = self._signed.send("GET", self._key(key), limit=max_bytes)
                 return ObjectData(
                     key=key,
                     body=got.body,
@@ -562,12 +607,19 @@ class S3Store:
                 )
             r = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             with contextlib.closing(r["Body"]) as body:
-                data = body.read()
+                check_size(key, int(r.get("ContentLength") or 0), max_bytes)
+                data = body.read(max_bytes + 1)
+            check_size(key, len(data), max_bytes)
             return ObjectData(key=key, body=data, etag=_unquote(r["ETag"]), server_time=_date(r))
 
-        return self._call(key, do)
+        try:
+            return self._call(key, do)
+        except AnswerTooLargeError as exc:
+            raise ObjectTooLargeError(key, exc.size, max_bytes) from exc
 
-    def get_many(self, keys: Sequence[str]) -> list[ObjectData | None]:
+    def get_many(
+        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> list[ObjectData | None]:
         """Read many small objects at once (``None`` for each one absent).
 
         obstore's async GETs on one event loop (in a thread of their own, so a host
@@ -576,7 +628,9 @@ class S3Store:
         what lets the lock board read 1,000 locks in well under a second. A key
         whose read fails for any other reason is read again through ``get``, with
         its retries and error translation. The answers' server time is the
-        store's clock as read once before (plus the time passed since).
+        store's clock as read once before (plus the time passed since). An object
+        over ``max_bytes`` is dropped at its stated size (or after ``max_bytes + 1``
+        bytes); one ``ObjectTooLargeError`` names them all once the rest are read.
         """
         if not keys:
             return []
@@ -586,20 +640,28 @@ class S3Store:
             REQUEST_SLOTS.hold_up_to(min(len(keys), 64)) as parallel,
             ThreadPoolExecutor(1, thread_name_prefix="pdagent-get-many") as pool,
         ):
-            got = pool.submit(asyncio.run, self._get_all(keys, parallel)).result()
+            got = pool.submit(asyncio.run, self._get_all(keys, parallel, max_bytes)).result()
         now = clock + timedelta(seconds=time.monotonic() - started)
         out: list[ObjectData | None] = []
+        oversized: dict[str, int | None] = {}
         for key, answer in zip(keys, got, strict=True):
             if isinstance(answer, tuple):
                 out.append(ObjectData(key=key, body=answer[0], etag=answer[1], server_time=now))
             elif answer is None:
                 out.append(None)
+            elif isinstance(answer, ObjectTooLargeError):
+                out.append(None)
+                oversized[key] = answer.size
             else:
-                out.append(get_or_none(self.get, key))
-        return out
+                try:
+                    out.append(get_or_none(functools.partial(self.get, max_bytes=max_bytes), key))
+                except ObjectTooLargeError as exc:
+                    out.append(None)
+                    oversized[key] = exc.size
+        return raise_oversized(out, oversized, max_bytes)
 
     async def _get_all(
-        self, keys: Sequence[str], parallel: int
+        self, keys: Sequence[str], parallel: int, max_bytes: int
     ) -> list[tuple[bytes, str] | BaseException | None]:
         gate = asyncio.Semaphore(parallel)
 
@@ -607,12 +669,21 @@ class S3Store:
             async with gate:
                 try:
                     result = await obstore.get_async(self._data, key)
-                    body = await result.bytes_async()
+                    size = int(result.meta["size"])
+                    if size > max_bytes:
+                        return ObjectTooLargeError(key, size, max_bytes)
+                    parts: list[bytes] = []
+                    got = 0
+                    async for chunk in result.stream(min_chunk_size=min(max_bytes + 1, _CHUNK)):
+                        parts.append(bytes(chunk))
+                        got += len(chunk)
+                        if got > max_bytes:
+                            return ObjectTooLargeError(key, None, max_bytes)
                 except (oexc.NotFoundError, FileNotFoundError):
                     return None
                 except (oexc.BaseError, OSError) as exc:  # read again through ``get``
                     return exc
-                return bytes(body), _unquote(str(result.meta.get("e_tag") or ""))
+                return b"".join(parts), _unquote(str(result.meta.get("e_tag") or ""))
 
         return list(await asyncio.gather(*(one(key) for key in keys)))
 
@@ -749,6 +820,10 @@ class S3Store:
                 if written and progress is not None:
                     progress(-written)
                 raise
+            if written != size:
+                if written and progress is not None:
+                    progress(-written)
+                raise _cut(key, written, size)
             return ObjectInfo(key=key, size=written, etag=_unquote(meta.get("e_tag") or ""))
 
         got = self._data_call(key, first)
@@ -782,7 +857,7 @@ class S3Store:
         if written < part:
             if progress is not None:
                 progress(-written)
-            raise TransientStoreError(f"the download of {key!r} was cut after {written} bytes")
+            raise _cut(key, written, part)
 
     def _download_ranges(
         self, key: str, dest: Path, size: int, etag: str, progress: ProgressFn | None
@@ -795,27 +870,31 @@ class S3Store:
             def read_range(start: int, end: int) -> None:
                 def do() -> None:
                     pos = start
+                    more = False
                     try:
                         result = obstore.get(
                             self._data, key, options={"range": (start, end), "if_match": etag}
                         )
                         for chunk in result.stream(min_chunk_size=_CHUNK):
+                            take = memoryview(chunk)[: end - pos]
                             with lock:
                                 out.seek(pos)
-                                out.write(chunk)
-                            pos += len(chunk)
+                                out.write(take)
+                            pos += len(take)
                             if progress is not None:
-                                progress(len(chunk))
+                                progress(len(take))
+                            if len(take) < len(chunk):
+                                more = True  # past the range: not the answer asked for
+                                break
                     except BaseException:
                         if pos > start and progress is not None:
                             progress(start - pos)
                         raise
-                    if pos != end:
+                    if pos != end or more:
                         if progress is not None:
                             progress(start - pos)
-                        raise TransientStoreError(
-                            f"the range {start}-{end} of {key!r} was cut at {pos}"
-                        )
+                        got = f"more than {end - start}" if more else str(pos - start)
+                        raise _cut(key, got, end - start, f" (range {start}-{end})")
 
                 self._data_call(key, do)
 
@@ -967,12 +1046,11 @@ class S3Store:
         An explicit continuation-token loop, each page its own retried request: a
         transient error on page 2 retries page 2, and a listing that cannot be
         finished raises instead of ending short (issue 12; botocore's paginator,
-        once its generator died, silently ended the listing).
+        once its generator died, silently ended the listing). Bounded (issue 19):
+        see ``_pages``.
         """
         strip = len(self.prefix)
-        token: str | None = None
-        while True:
-            page = self._page(prefix, None, token)
+        for page in self._pages(prefix, None):
             for item in page.objects:
                 yield ObjectInfo(
                     key=item.key[strip:],
@@ -980,9 +1058,6 @@ class S3Store:
                     etag=_unquote(item.etag),
                     last_modified=item.last_modified,
                 )
-            if not page.truncated:
-                return
-            token = self._next_token(prefix, page)
 
     def server_time(self) -> datetime:
         """The store's clock, from the ``Date`` of a HEAD on the bucket."""
@@ -1002,9 +1077,7 @@ class S3Store:
         strip = len(self.prefix)
         objects: list[ObjectInfo] = []
         subs: list[str] = []
-        token: str | None = None
-        while True:
-            page = self._page(prefix, "/", token)
+        for page in self._pages(prefix, "/"):
             objects += [
                 ObjectInfo(
                     key=item.key[strip:],
@@ -1015,18 +1088,91 @@ class S3Store:
                 for item in page.objects
             ]
             subs += [p[strip:] for p in page.prefixes]
-            if not page.truncated:
-                return objects, subs
-            token = self._next_token(prefix, page)
+        return objects, subs
 
-    def _page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[Page]:
+        """Every page of a listing, each its own retried request; bounded (issue 19).
+
+        A listing is bucket input, so it ends with a ``TransientStoreError`` (exit 8)
+        that names the problem, never an endless loop: a continuation token seen
+        before, a page that does not move past what was listed (or too many empty
+        pages in a row), more than ``store.list_max_pages`` pages, a page longer
+        than S3 allows (``PAGE_LIMIT``), or ``store.list_deadline`` passed, however
+        slowly the answer arrives (no per-byte idle timeout catches a trickle).
+        """
+        what = f"the listing of {prefix!r} in {self.description}"
+        deadline = time.monotonic() + self._list_deadline
+        tokens: set[bytes] = set()
+        token: str | None = None
+        last = ""
+        empty = 0
+        for number in itertools.count(1):
+            if number > self._list_max_pages:
+                raise TransientStoreError(
+                    f"{what} goes on past {self._list_max_pages} pages "
+                    "(store.list_max_pages): the store keeps saying there is more; stopped"
+                )
+            try:
+                page = self._page(prefix, delimiter, token, deadline)
+            except AnswerDeadlineError as exc:
+                raise TransientStoreError(
+                    f"{what} took longer than {self._list_deadline:g} s "
+                    f"(store.list_deadline) on page {number}; stopped ({exc})"
+                ) from exc
+            except AnswerTooLargeError as exc:
+                raise TransientStoreError(
+                    f"{what}: page {number} is longer than any S3 listing page ({exc}); stopped"
+                ) from exc
+            if len(page.objects) + len(page.prefixes) > self._page_size:
+                raise TransientStoreError(
+                    f"{what}: page {number} holds {len(page.objects) + len(page.prefixes)} "
+                    f"entries, {self._page_size} were asked for; stopped"
+                )
+            yield page
+            if not page.truncated:
+                return
+            token = self._next_token(prefix, page)
+            if len(token) > _MAX_TOKEN:
+                raise TransientStoreError(
+                    f"{what}: the continuation token after page {number} is "
+                    f"{len(token)} characters long; stopped"
+                )
+            seen = hashlib.sha256(token.encode()).digest()
+            if seen in tokens:
+                raise TransientStoreError(
+                    f"{what}: the store repeated a continuation token after page {number} "
+                    "(the listing would go round in circles); stopped"
+                )
+            tokens.add(seen)
+            top = max((*(o.key for o in page.objects), *page.prefixes), default=None)
+            if top is None:
+                empty += 1
+                if empty > _MAX_EMPTY_PAGES:
+                    raise TransientStoreError(
+                        f"{what} makes no progress: {empty} empty pages in a row, each "
+                        "saying there is more; stopped"
+                    )
+            elif top <= last:
+                raise TransientStoreError(
+                    f"{what} makes no progress: page {number} lists nothing past "
+                    "what the pages before it listed; stopped"
+                )
+            else:
+                last, empty = top, 0
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _page(self, prefix: str, delimiter: str | None, token: str | None, deadline: float) -> Page:
         """One listing page, its own retried request (signed directly, or by botocore)."""
         if self._signed is not None:
             signed = self._signed
             return self._call(
                 prefix,
                 lambda: signed.list_page(
-                    self._key(prefix), delimiter=delimiter, token=token, max_keys=self._page_size
+                    self._key(prefix),
+                    delimiter=delimiter,
+                    token=token,
+                    max_keys=self._page_size,
+                    deadline=deadline,
                 ),
             )
         args: dict[str, Any] = {

@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 from botocore.credentials import Credentials
 
-from agent.store.signed import AnswerError, SignedRequests, _parse_page
+from agent.store.signed import AnswerError, MalformedAnswerError, SignedRequests, _parse_page
 
 PAGE = b"""<?xml version="1.0" encoding="UTF-8"?>
 <ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
@@ -58,10 +58,10 @@ def test_a_last_page_is_not_truncated() -> None:
     ],
     ids=["garbage", "entity-expansion", "external-entity"],
 )
-def test_a_listing_that_is_not_plain_xml_is_an_error_answer(body: bytes) -> None:
-    with pytest.raises(AnswerError) as raised:
+def test_a_listing_that_is_not_plain_xml_is_refused_as_malformed(body: bytes) -> None:
+    """Garbage, entity expansion, external entities: ``MalformedAnswerError`` (retried)."""
+    with pytest.raises(MalformedAnswerError, match="not a ListObjectsV2 page"):
         _parse_page(body)
-    assert 500 == raised.value.status
 
 
 class _Store(http.server.BaseHTTPRequestHandler):
