@@ -49,12 +49,16 @@ class StageCache:
     def _entry(self, projekt_id: str, stage: str) -> Path:
         return self.root / validate_name("projekt_id", projekt_id) / validate_name("stage", stage)
 
-    def take(self, projekt_id: str, stage: str, dest: Path) -> dict[str, LocalEntry]:
+    def take(
+        self, projekt_id: str, stage: str, dest: Path, *, set_aside: bool = True
+    ) -> dict[str, LocalEntry]:
         """Move a cached copy to ``dest`` (which must not exist); return its snapshot.
 
         Returns an empty snapshot (and leaves ``dest`` absent) when nothing is cached.
         A link, special file or unstorable name found in the cached copy (a cache
-        written before issue 8) is set aside beside ``dest`` first, never put in place.
+        written before issue 8) is set aside beside ``dest`` first, never put in place;
+        ``set_aside=False``: the caller walks ``dest`` right after and sets them aside
+        itself (``set_aside``), so the copy is walked once, not twice.
         """
         entry = self._entry(projekt_id, stage)
         files = entry / "files"
@@ -64,7 +68,10 @@ class StageCache:
             raw = json.loads((entry / "snapshot.json").read_bytes())
             snapshot = {rel: LocalEntry.from_list(v) for rel, v in raw["files"].items()}
             dest.parent.mkdir(parents=True, exist_ok=True)
-            set_aside_unsynced(files, snapshot, _aside_for(dest), self.rules, check_content=False)
+            if set_aside:
+                set_aside_unsynced(
+                    files, snapshot, _aside_for(dest), self.rules, check_content=False
+                )
             _move(files, dest)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             log.warning("cache_entry_unusable", projekt_id=projekt_id, stage=stage, error=str(exc))
@@ -116,6 +123,11 @@ class StageCache:
             return kept
         self.prune()
         return kept
+
+    def set_aside(self, folder: Path, rels: list[str]) -> list[str]:
+        """Move ``rels`` (links, special files, unstorable names a walk of ``folder`` found)
+        to ``<folder>.kept-<time>`` beside it; the paths moved."""
+        return _move_aside(folder, rels, _aside_for(folder)) if rels else []
 
     def keep_unsynced(self, folder: Path) -> list[str]:
         """Before a folder is thrown away (abort, discard): set aside what the store cannot hold.

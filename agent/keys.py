@@ -22,7 +22,7 @@ import functools
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -228,6 +228,21 @@ class WorkFolder:
             if not stat.S_ISDIR(st.st_mode):
                 raise self._refuse(rel, key, current, "not a folder")
         return self.root.joinpath(*parts)
+
+    def check_names(self, rels: Iterable[str], *, key_of: Callable[[str], str]) -> None:
+        """Refuse (``InvalidNameError``) the first of ``rels`` this file system cannot hold.
+
+        For a whole manifest before anything is written: the paths were validated when
+        it was parsed, so only the local limits are checked here, and a path short
+        enough to be within every limit whatever its characters costs one comparison.
+        ``key_of`` names the remote key in the message.
+        """
+        root = len(os.fsencode(self.root)) + 1
+        quick = min(_NAME_MAX, _PATH_MAX - root - 1) // 4  # UTF-8: at most 4 bytes a char
+        for rel in rels:
+            if len(rel) <= quick and os.name != "nt":
+                continue
+            self._check_local_name(rel, tuple(rel.split("/")), key_of(rel))
 
     def _check_names(self, rel: str, key: str | None = None) -> tuple[str, ...]:
         """``rel``'s parts, refused if unsafe or not a name this file system can hold."""

@@ -199,7 +199,7 @@ class StatLike(Protocol):
 _RACY_NS = 20_000_000  # above the coarsest kernel tick (HZ=100: 10 ms)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalEntry:
     """What we know of a local file: its stat tuple and the sha256 of its content.
 

@@ -27,7 +27,7 @@ __all__ = ["FileStat", "diff", "scan"]
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileStat:
     """The stat tuple that change detection compares (see ``manifest.LocalEntry``)."""
 

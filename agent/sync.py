@@ -128,8 +128,9 @@ class Streamer:
 
     # ------------------------------------------------------------- lifecycle
 
-    def start(self, *, watch: bool = True) -> None:
-        """Reconcile once, start the uploader and (unless ``watch=False``) the watcher."""
+    def start(self, *, watch: bool = True, reconcile: bool = True) -> None:
+        """Start the uploader and (unless ``watch=False``) the watcher, then reconcile once
+        (unless ``reconcile=False``: the caller knows the folder is what ``known`` says)."""
         self._pool = ThreadPoolExecutor(
             max_workers=self.config.transfer.workers, thread_name_prefix="pdagent-up"
         )
@@ -137,7 +138,8 @@ class Streamer:
         self._thread.start()
         if watch:
             self.start_watching()
-        self.rescan("")
+        if reconcile:
+            self.rescan("")
 
     @property
     def is_watching(self) -> bool:

@@ -112,6 +112,9 @@ class PlantDesignSession:
         # Set by abort()/discard() when they finished this session's interrupted commit
         # (a started commit is only rolled forward): the changes are committed, not lost.
         self.finished_commit: str | None = None
+        # True from a fresh open's download until streaming starts: the folder is exactly
+        # ``_base_files`` (nobody has the path yet), so the streamer skips its first walk.
+        self._fresh_folder = False
         # Set by ``abort()`` while open/resume runs: the transfer stops, open raises
         # ``SessionCancelledError`` (agent.session.checkout).
         self._cancel = threading.Event()
@@ -312,8 +315,8 @@ class PlantDesignSession:
         """Start (or continue) watching the folder and streaming changes to staging."""
         runtime.start_streaming(self, watch=watch)
 
-    def _ensure_streamer(self, *, watch: bool) -> Streamer:
-        return runtime._ensure_streamer(self, watch=watch)
+    def _ensure_streamer(self, *, watch: bool, reconcile: bool = True) -> Streamer:
+        return runtime._ensure_streamer(self, watch=watch, reconcile=reconcile)
 
     def _stop_streaming(self) -> None:
         runtime._stop_streaming(self)

@@ -134,7 +134,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     s._set_state(SessionState.UPLOADING)
     record = s.record
     keys = StageKeys(record.projekt_id, record.stage)
-    streamer = s._ensure_streamer(watch=False)
+    streamer = s._ensure_streamer(watch=False, reconcile=False)  # rescanned just below
     was_watching = streamer.is_watching
     try:
         streamer.stop_watching()

@@ -23,7 +23,7 @@ from agent.errors import (
     SessionError,
 )
 from agent.journal import Journal
-from agent.keys import StageKeys, WorkFolder, case_collisions, validate_name
+from agent.keys import StageKeys, WorkFolder, case_collisions, unsupported_reason, validate_name
 from agent.lock import RemoteLock
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.platform import folds_case, machine_name
@@ -158,6 +158,8 @@ def _open_locked(
     s._journal = Journal.open(s._journal_path(session_id))
     s._base_files = base_files
     if watch:
+        # Nobody has the path yet: the folder is exactly base_files, no need to walk it.
+        s._fresh_folder = True
         s.start_streaming()
     s._set_state(SessionState.ACTIVE)
     bound.info("session_opened", path=str(work), files=len(base_files))
@@ -206,15 +208,21 @@ def _download(
     s._base_manifest = manifest
     folder = WorkFolder(work)
     folder.check_root()  # a linked work path would make downloads land outside (issue 8)
-    for rel in expected:
-        folder.path(rel, key=keys.committed(rel))  # refuse escaping keys up front
+    folder.check_names(expected, key_of=keys.committed)  # refuse unusable names up front
     _refuse_case_clashes(keys, expected, work.parent)
-    snapshot = s.cache.take(keys.projekt_id, keys.stage, work)
+    snapshot = s.cache.take(keys.projekt_id, keys.stage, work, set_aside=False)
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
-    current = scan(work, s.rules)
+    others: list[str] = []
+    current = scan(work, s.rules, others=others)
+    # Links, special files and unstorable names (a cache written before issue 8) are set
+    # aside, never put in place nor deleted as "not in the manifest".
+    unstorable = [rel for rel in current if unsupported_reason(rel) is not None]
+    s.cache.set_aside(work, others + unstorable)
+    for rel in unstorable:
+        del current[rel]
     plan = plan_open(expected, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
     for rel in plan.remove:
         folder.unlink(rel)

@@ -94,7 +94,13 @@ def finish_repair(s: PlantDesignSession, *, cancel: bool) -> None:
     thread.join(timeout=_REPAIR_CANCEL_WAIT if cancel else None)
 
 
-def _ensure_streamer(s: PlantDesignSession, *, watch: bool) -> Streamer:
+def _ensure_streamer(s: PlantDesignSession, *, watch: bool, reconcile: bool = True) -> Streamer:
+    """The session's streamer, started now if need be.
+
+    ``reconcile=False``: the caller knows the folder equals what the streamer is told
+    the store holds (an open that has just built it, a close that rescans at once), so
+    the start-up walk of the whole folder is skipped.
+    """
     if s._streamer is None:
         assert s.record is not None and s._journal is not None
         keys = StageKeys(s.record.projekt_id, s.record.stage)
@@ -117,7 +123,8 @@ def _ensure_streamer(s: PlantDesignSession, *, watch: bool) -> Streamer:
             known=s._base_files,
             on_error=s._note_error,
         )
-        s._streamer.start(watch=watch)
+        s._streamer.start(watch=watch, reconcile=reconcile and not s._fresh_folder)
+        s._fresh_folder = False
     return s._streamer
 
 
