@@ -187,7 +187,9 @@ class PlantDesignSession:
             return
         if self._state is SessionState.CLOSED:
             raise SessionError(
-                f"cannot {action}: this session is closed; create a new PlantDesignSession"
+                f"cannot {action}: this session is already closed (another close or abort "
+                "finished it meanwhile); nothing more to do. To work on the stage again, "
+                "open it again"
             )
         if self._state is SessionState.IDLE:
             raise SessionError(f"cannot {action}: no session is open (call open() first)")

@@ -248,3 +248,33 @@ def test_status_reports_the_repair_of_a_plain_tree_a_tool_damaged(run: Run, tmp_
     assert "stage repaired: 1 files copied again from .objects/" in run("status").stdout
     assert b"committed" == store.get("Kraftwerk_1234567/planning/plan.txt").body
     assert 0 == run("abort").returncode
+
+
+def test_two_closes_at_once_one_commits_and_the_other_says_so(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """Two `agent close` at the same time: one commits; the other ends with a message for a
+    CLI user (no library advice), never a second commit."""
+    opened = run("open", "Kraftwerk_1234567", "--user", "admin", "--stage", "planning", "--json")
+    assert 0 == opened.returncode, opened.stderr
+    work = Path(json.loads(opened.stdout)["path"])
+    for i in range(200):
+        (work / f"f{i:03d}.txt").write_text(f"file {i}")
+    closes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent", "close", "--json"],
+            env=agent_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(c.wait(timeout=120), *c.communicate()) for c in closes]
+    codes = sorted(code for code, _out, _err in results)
+    assert 0 == codes[0] and codes[1] == 15, results
+    loser = next(out + err for code, out, err in results if code != 0)  # --json: on stdout
+    assert "PlantDesignSession" not in loser
+    assert "already closed" in loser or "no open session" in loser, loser
+    history = run("history", "Kraftwerk_1234567", "--stage", "planning", "--json")
+    assert 1 == len(json.loads(history.stdout)["commits"]), "committed twice"
