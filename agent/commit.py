@@ -339,8 +339,13 @@ class Commit:
         copies: Mapping[str, StagedCopy],
         deletes: Sequence[str],
         previous: tuple[CommitIntent, str] | None,
+        now: datetime | None = None,
     ) -> tuple[CommitIntent, str]:
-        """Write the intent (over a finished previous one by CAS) and return it with its ETag."""
+        """Write the intent (over a finished previous one by CAS) and return it with its ETag.
+
+        ``now``: the store's clock (the lock keeper's), so commit times in the history and
+        lock and retention times are read on one clock; the local clock without it.
+        """
         if previous is not None and previous[0].state != "done":
             raise CommitBlockedError(
                 f"{self.keys.intent} holds an unfinished commit of session "
@@ -358,7 +363,7 @@ class Commit:
             }
         )
         commit_id = uuid.uuid4().hex
-        now = datetime.now(UTC)
+        now = now or datetime.now(UTC)
         added, changed, removed, sent = summarize_changes(base, copies, deletes)
         entry = CommitInfo(
             seq=base.seq + 1,

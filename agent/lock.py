@@ -349,6 +349,11 @@ class RemoteLock:
     def _store_now(self) -> datetime:
         return datetime.now(UTC) + self._clock_offset
 
+    def store_now(self) -> datetime:
+        """The store's clock as this lock's last answers gave it (the local clock corrected
+        by the offset they showed): the one clock for every time the agent stores."""
+        return self._store_now()
+
     def _note_clock(self, server_time: datetime) -> None:
         """Follow the store's clock (HTTP ``Date``); its 1 s resolution is not a skew."""
         offset = server_time - datetime.now(UTC)

@@ -310,6 +310,7 @@ def _commit(
         },
         deletes=deletes,
         previous=previous,
+        now=s._lock.store_now() if s._lock is not None else None,  # one clock: the store's
     )
     s._update_record(phase="committing", commit_id=intent.commit_id)
     committed = committer.apply(intent, intent_etag, current)  # the manifest read once

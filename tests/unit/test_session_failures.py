@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from agent.config import load_config
 from agent.errors import LocalFileError, TransientStoreError
-from agent.keys import StageKeys
+from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from agent.store.base import ObjectInfo, ProgressFn
@@ -67,3 +68,32 @@ def test_unreachable_store_leaves_no_lock_and_no_session(tmp_path: Path) -> None
     assert SessionState.CLOSED == session.state
     assert KEYS.lock not in inner.objects
     assert [] == list(session.records.all())
+
+
+class _SkewedStore(MemoryStore):
+    """A store whose clock runs two hours ahead of this machine's."""
+
+    def _now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(hours=2)
+
+
+def test_a_commit_is_stamped_with_the_stores_clock_like_the_lock(tmp_path: Path) -> None:
+    """History times, lock times and retention are read on one clock, the store's: a
+    machine whose clock is two hours behind still stamps the commit with the store's time."""
+    store = _SkewedStore()
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m1")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        history={"prune_on_close": False},
+    )
+    session = PlantDesignSession(config, store=store, crash_hooks=False)
+    work = session.open("P1", "alice", "planning", watch=False, crash_hooks=False)
+    (work / "a.txt").write_text("a")
+    session.close()
+    reader = PlantDesignSession(config, store=store, crash_hooks=False)
+    [commit] = reader.history("P1", "planning")
+    assert isinstance(commit, CommitInfo)
+    lock = json.loads(store.get(KEYS.lock).body)
+    since = datetime.fromisoformat(lock["heartbeat_at"])
+    assert abs(commit.committed_at - since) < timedelta(minutes=5)
+    assert commit.committed_at - datetime.now(UTC) > timedelta(minutes=90)
