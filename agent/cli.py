@@ -554,7 +554,10 @@ def doctor_cmd() -> None:
     checks = run_checks(config)
     ok = all(c.ok for c in checks)
     lines = [f"store: {_store_label(config)}"]
-    lines += [f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
+    lines += [
+        f"[{'FAIL' if not c.ok else 'warn' if c.warning else 'ok'}] {c.name}: {c.detail}"
+        for c in checks
+    ]
     _emit(
         {"store": _store_label(config), "ok": ok, "checks": [c.as_dict() for c in checks]},
         "\n".join(lines),

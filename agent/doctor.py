@@ -7,12 +7,14 @@ from "store ignores conditional writes".
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, PreconditionFailedError
 from agent.lock import probe_conditional_writes
 from agent.store import ObjectStore, open_store
 
@@ -29,10 +31,19 @@ class Check:
     ok: bool
     detail: str
     exit_code: int = 0
+    found: str | None = None
+    """A short machine-readable finding (``--json``), e.g. ``honoured`` or ``ignored``."""
+    warning: bool = False
+    """Passed, but worth knowing (shown as ``warn``)."""
 
     def as_dict(self) -> dict[str, object]:
         """For ``--json``."""
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+        out: dict[str, object] = {"name": self.name, "ok": self.ok, "detail": self.detail}
+        if self.found is not None:
+            out["found"] = self.found
+        if self.warning:
+            out["warning"] = True
+        return out
 
 
 def _fail(name: str, exc: AgentError) -> Check:
@@ -74,6 +85,45 @@ def _check_conditional(store: ObjectStore) -> Check:
     )
 
 
+COPY_CHECK = "copy condition (x-amz-copy-source-if-match)"
+
+
+def _check_copy_condition(store: ObjectStore) -> Check:
+    """Copy a probe object pinned to a wrong ETag: a 412 means the pin is honoured.
+
+    A store that copies anyway (moto's S3 server does) stays correct for the agent: each
+    commit copy's answer is checked and a wrong one repaired. It is worth knowing all
+    the same, so it is a warning, not a failure. The probe keys are always removed.
+    """
+    base = f".pdagent-probe/copy-{uuid.uuid4().hex}"
+    src, dst = f"{base}.src", f"{base}.dst"
+    try:
+        store.put_bytes(src, b"pdagent copy-condition probe")
+        try:
+            store.copy(src, dst, if_source_etag="0" * 32)
+        except PreconditionFailedError:
+            return Check(
+                COPY_CHECK,
+                True,
+                "honoured: a copy pinned to another ETag is refused",
+                found="honoured",
+            )
+        return Check(
+            COPY_CHECK,
+            True,
+            "IGNORED: a copy pinned to another ETag was made anyway. The agent stays correct "
+            "(every commit copy's answer is checked; a wrong copy is sent again and copied "
+            "again), but a co-worker's write during a commit costs a repair",
+            found="ignored",
+            warning=True,
+        )
+    except AgentError as exc:
+        return _fail(COPY_CHECK, exc)
+    finally:
+        with contextlib.suppress(AgentError):
+            store.delete_many([src, dst])
+
+
 def run_checks(config: AgentConfig) -> list[Check]:
     """Run every check against the configured store."""
     try:
@@ -84,6 +134,11 @@ def run_checks(config: AgentConfig) -> list[Check]:
         listing = _check_listing(store)
         if not listing.ok:
             return [listing]
-        return [listing, _check_conditional(store), _check_clock(store)]
+        return [
+            listing,
+            _check_conditional(store),
+            _check_copy_condition(store),
+            _check_clock(store),
+        ]
     finally:
         store.close()

