@@ -273,8 +273,10 @@ def _check_history(intent: CommitIntent, keys: StageKeys) -> str | None:
     info = CommitInfo.parse(keys, intent.history_key)
     if info is None or info.commit_id != intent.commit_id:
         return f"its history key is not this stage's entry for commit {intent.commit_id}"
-    if intent.manifest is None and (
-        info.added + info.changed > len(intent.copies) or info.removed > len(intent.deletes)
+    if (
+        intent.state != "done"  # a finished intent keeps its ids only
+        and intent.manifest is None
+        and (info.added + info.changed > len(intent.copies) or info.removed > len(intent.deletes))
     ):
         return "the counts in its history key do not agree with its copies and deletes"
     return None
@@ -611,7 +613,19 @@ class Commit:
             return None
 
     def _mark_done(self, intent: CommitIntent, intent_etag: str) -> None:
-        done = intent.model_copy(update={"state": "done", "write_id": new_write_id()})
+        # A finished intent is only ever read for its ids: its changes are dropped, so the
+        # seed commit of a 100,000-file stage does not leave every later open parsing and
+        # checking 100,000 entries (1.5 s).
+        done = intent.model_copy(
+            update={
+                "state": "done",
+                "write_id": new_write_id(),
+                "copies": {},
+                "deletes": [],
+                "keeps": {},
+                "manifest": None,
+            }
+        )
         try:
             put_fenced(
                 self.store, self.keys.intent, done.to_bytes(), done.write_id, if_match=intent_etag

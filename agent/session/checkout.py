@@ -219,7 +219,9 @@ def _download(
     current = scan(work, s.rules, others=others)
     # Links, special files and unstorable names (a cache written before issue 8) are set
     # aside, never put in place nor deleted as "not in the manifest".
-    unstorable = [rel for rel in current if unsupported_reason(rel) is not None]
+    unstorable = [
+        rel for rel in current if rel not in expected and unsupported_reason(rel) is not None
+    ]
     s.cache.set_aside(work, others + unstorable)
     for rel in unstorable:
         del current[rel]
