@@ -6,7 +6,8 @@ For each stage size (10,000 and 100,000 files of 1-4 KiB; ``--sizes`` picks):
   open's background check of the stage finished;
 * close with no change (the same);
 * warm re-open (the cached copy is current: nothing to download);
-* the peak RSS of a warm re-open, in a process of its own (``ru_maxrss``).
+* the peak RSS of a warm re-open, in a process of its own (``ru_maxrss``; with
+  ``PDAGENT_BENCH_TRACEMALLOC=1`` that process prints its 15 largest allocation sites).
 
 Run through ``bench/run.py --only size [--sizes 10000,100000]``. A profile of one
 close or re-open is written with ``--profile DIR`` (cProfile, sorted by cumulative time).
@@ -40,12 +41,20 @@ TARGETS = {
 }
 
 _RSS_CHILD = """
-import json, resource, sys
+import json, os, resource, sys, tracemalloc
 from agent.config import load_config
 from agent.session import PlantDesignSession
+trace = os.environ.get("PDAGENT_BENCH_TRACEMALLOC") == "1"
+if trace:
+    tracemalloc.start(8)
 config = load_config(**json.loads(sys.argv[1]))
 s = PlantDesignSession(config, crash_hooks=False)
 s.open(sys.argv[2], "bench", "planning", watch=False, crash_hooks=False)
+if trace:
+    current, peak = tracemalloc.get_traced_memory()
+    print(f"traced now {current / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB", file=sys.stderr)
+    for stat in tracemalloc.take_snapshot().statistics("lineno")[:15]:
+        print(stat, file=sys.stderr)
 s.abort()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -105,6 +114,8 @@ def _rss_of_open(bench: Bench, name: str, projekt: str) -> float:
         text=True,
         check=True,
     )
+    if out.stderr.strip():
+        print(out.stderr, file=sys.stderr)  # PDAGENT_BENCH_TRACEMALLOC=1: where it went
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # Linux: KiB
 
 
