@@ -375,7 +375,9 @@ def _finished_text(where: str, commit_id: str | None) -> str:
 
 
 def _status_lines(row: dict[str, Any]) -> list[str]:
-    """The text of one session in ``agent status``."""
+    """The text of one session in ``agent status`` (every value shown escaped: a newline
+    from the bucket, in a holder's name inside an error, cannot forge a line)."""
+    row = {k: _printable_value(v) for k, v in row.items()}
     lines: list[str] = []
     lines.append(
         f"{row['projekt_id']}/{row['stage']}  user={row['user']}  "
@@ -411,6 +413,17 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
         )
     lines += _stage_check_lines(row.get("stage_check"))
     return lines
+
+
+def _printable_value(value: object) -> object:
+    """``value`` with its strings escaped (``printable``), lists and dicts walked."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_printable_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _printable_value(v) for k, v in value.items()}
+    return value
 
 
 def _stage_check_lines(check: object) -> list[str]:
