@@ -19,6 +19,7 @@ the tools' figures are whole processes, as a user runs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -792,6 +793,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="size group: cProfile text files here"
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the server's data and scratch here, and reuse them next time (the size "
+        "group then skips seeding a stage that is already there)",
+    )
     args = parser.parse_args()
     links = tuple(args.link.split(","))
     if not links or any(link not in LINKS for link in links):
@@ -805,10 +813,13 @@ def main() -> None:
         "history": bench_history,
         "size": partial(bench_size, sizes=sizes, profile=args.profile),
     }
-    scratch = Path(tempfile.mkdtemp(prefix="pdagent-bench-"))
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="pdagent-bench-"))
     try:
         with SeaweedServer(scratch / "seaweed") as server:
-            server.create_bucket(BUCKET)
+            with contextlib.suppress(Exception):  # kept from an earlier run
+                server.create_bucket(BUCKET)
             bench = Bench(server, scratch, args.runs, links)  # type: ignore[arg-type]
             for name in args.only.split(","):
                 started = time.monotonic()
@@ -816,7 +827,8 @@ def main() -> None:
                 print(f"[{name} done in {time.monotonic() - started:.0f}s]", file=sys.stderr)
                 print_tables({k: v for k, v in bench.rows.items() if k.startswith(name)}, args.runs)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
     _ = threading  # threads of the agent stop with its sessions
 
 

@@ -27,7 +27,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.errors import NotFoundError
+from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.store import open_store
 from bench.common import median, timed
 
 if TYPE_CHECKING:
@@ -43,7 +46,10 @@ TARGETS = {
 _RSS_CHILD = """
 import json, os, resource, sys, tracemalloc
 from agent.config import load_config
+from agent.errors import NotFoundError
+from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.store import open_store
 trace = os.environ.get("PDAGENT_BENCH_TRACEMALLOC") == "1"
 if trace:
     tracemalloc.start(8)
@@ -61,6 +67,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _seed(bench: Bench, projekt: str, files: int) -> None:
+    store = open_store(bench.config("size-probe"))
+    try:
+        store.head(StageKeys(projekt, "planning").manifest)
+        return  # seeded by an earlier run kept with --keep
+    except NotFoundError:
+        pass
+    finally:
+        store.close()
     seed = PlantDesignSession(bench.config(f"size-seed-{files}", transfer={"cache_enabled": False}))
     work = seed.open(projekt, "bench", "planning", watch=False)
     for i in range(files):

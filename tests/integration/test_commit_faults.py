@@ -21,7 +21,16 @@ from agent.errors import AgentError
 from agent.keys import CommitInfo
 from agent.session import PlantDesignSession
 from tests.conftest import proxy_config
-from tests.faultproxy import LOSE_ANSWER, RESET_BEFORE, Action, Delay, FaultProxy, Rule, Status
+from tests.faultproxy import (
+    LOSE_ANSWER,
+    RESET_BEFORE,
+    Action,
+    CutBody,
+    Delay,
+    FaultProxy,
+    Rule,
+    Status,
+)
 from tests.integration.bucket import (
     MakeSession,
     Truth,
@@ -509,7 +518,6 @@ def test_resume_after_someone_elses_commit_of_another_file_keeps_our_edit(
 # ``pytest -m stress tests/integration/test_commit_faults.py -s`` prints the seed;
 # ``PDAGENT_STRESS_SEED=<seed>`` replays the same fault draws (thread timing still varies).
 
-SESSIONS = 30
 USERS = ("alice", "bob", "carol")
 NAMES = tuple(f"dir{i % 2}/file{i}.txt" for i in range(6))
 
@@ -530,6 +538,16 @@ class Faults:
             Rule(Status(500), probability=0.03, rng=seeded(), times=None, name="500"),
             # delivered 0.5 s after the client (2 s timeout) gave up: late writes
             Rule(Delay(2.5), method="PUT", probability=0.03, rng=seeded(), times=None, name="late"),
+            # a download's body cut part-way (the commonest fault of an office link)
+            Rule(CutBody(7), method="GET", probability=0.05, rng=seeded(), times=None, name="cut"),
+            Rule(
+                CutBody(3, reset=True),
+                method="GET",
+                probability=0.03,
+                rng=seeded(),
+                times=None,
+                name="cut-reset",
+            ),
         ]
         self.on_since = 0
         self.requests_with_faults_on = 0
@@ -585,10 +603,24 @@ def _open_somehow(
 
 
 @pytest.mark.stress
-def test_random_faults_lose_no_save_and_leave_no_inconsistent_stage(
+def test_50_random_sessions_with_faults_lose_no_save_and_leave_no_inconsistent_stage(
     via_proxy: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
-    """30 sessions with faults on over 20 % of requests: no saved byte lost, every stage whole."""
+    """50 sessions with faults on over 20 % of requests, of every kind (lost answers,
+    resets, 5xx, late writes, cut download bodies): no saved byte lost, every stage whole."""
+    _random_sessions(via_proxy, truth, fault_proxy, 50)
+
+
+def test_10_random_sessions_with_faults_lose_no_save_and_leave_no_inconsistent_stage(
+    via_proxy: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """The same as the stress run, 10 sessions, in the default suite (seed printed)."""
+    _random_sessions(via_proxy, truth, fault_proxy, 10)
+
+
+def _random_sessions(
+    via_proxy: MakeSession, truth: Truth, fault_proxy: FaultProxy, sessions: int
+) -> None:
     seed = int(os.environ.get("PDAGENT_STRESS_SEED") or random.SystemRandom().getrandbits(32))
     print(f"\nstress seed: {seed} (PDAGENT_STRESS_SEED={seed} to replay)")
     rng = random.Random(seed)
@@ -598,7 +630,7 @@ def test_random_faults_lose_no_save_and_leave_no_inconsistent_stage(
     inconsistent: list[str] = []
     stuck: list[str] = []
     faults.on()
-    for n in range(SESSIONS):
+    for n in range(sessions):
         user = rng.choice(USERS)
         opened = _open_somehow(via_proxy, faults, user, watch=rng.random() < 0.5)
         if isinstance(opened, str):
