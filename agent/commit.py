@@ -30,6 +30,7 @@ Once an intent exists the commit is only ever finished, never abandoned.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -135,7 +136,7 @@ class CommitIntent(BaseModel):
         if self.manifest is not None:  # an older agent's intent carries it whole
             files = dict(self.manifest.files)
             for rel, etag in etags.items():
-                files[rel] = files[rel].model_copy(update={"etag": etag})
+                files[rel] = dataclasses.replace(files[rel], etag=etag)
             return self.manifest.model_copy(update={"files": files, "write_id": new_write_id()})
         files = dict(base.files)
         for rel, item in self.copies.items():
@@ -143,7 +144,7 @@ class CommitIntent(BaseModel):
             if executable is None:
                 was = base.files.get(rel)
                 executable = was.executable if was is not None else False
-            files[rel] = ManifestEntry.model_construct(
+            files[rel] = ManifestEntry(
                 size=item.size,
                 sha256=item.sha256,
                 etag=etags.get(rel, item.etag),

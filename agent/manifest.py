@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     model_serializer,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from agent.errors import PermanentStoreError
 from agent.keys import validate_rel_path
@@ -50,10 +51,13 @@ CONTENT_ADDRESSED = 2
 """The manifest version from which every entry's content is in ``.objects/``."""
 
 
-class ManifestEntry(BaseModel):
-    """One committed file."""
+@pydantic_dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    """One committed file.
 
-    model_config = ConfigDict(frozen=True)
+    A slotted (pydantic) dataclass, not a model: a 100,000-file manifest held 8 objects
+    per entry as models (81 MB); as slotted dataclasses it holds 39 MB.
+    """
 
     size: int
     sha256: str
@@ -343,7 +347,9 @@ def plan_open(
             and is_unchanged(snap, now, partial(hasher, rel) if hasher else str)
         ):
             plan.keep.append(rel)
-            plan.kept[rel] = LocalEntry.from_stat(now, snap.sha256)
+            # The snapshot's own entry when the whole stat tuple is the same (a cached
+            # copy put back untouched): no second entry per file.
+            plan.kept[rel] = snap if snap.matches(now) else LocalEntry.from_stat(now, snap.sha256)
         else:
             plan.download.append(rel)
     plan.remove = sorted(set(current) - set(wanted))
