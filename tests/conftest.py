@@ -1,7 +1,7 @@
-"""Shared fixtures: real stores (folder and SeaweedFS), the non-conforming rclone server.
+"""Shared fixtures: real stores (folder, SeaweedFS, moto), the non-conforming rclone server.
 
-The SeaweedFS server starts once per test session on free loopback ports; each
-test gets a fresh bucket and prefix. Credentials for the tests are set in the
+The SeaweedFS and moto servers start once per test session on free loopback ports;
+each test gets a fresh prefix (SeaweedFS) or bucket (moto). Credentials for the tests are set in the
 environment (monkeypatched), so the real boto3 credential chain is used and
 nothing from the machine's own AWS config leaks in.
 """
@@ -200,6 +200,29 @@ def s3_store(s3_env: dict[str, str], tmp_path: Path) -> Iterator[ObjectStore]:
     from agent.store import open_store
 
     store = open_store(s3_config(s3_env, tmp_path / "s3cfg"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def moto_env(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh bucket on the session's moto server; the environment that points the agent
+    at it (moto keeps conditional writes but ignores the copy pin, issue 18)."""
+    bucket = _bucket_name()
+    moto.create_bucket(bucket)
+    env = moto.env()
+    env["AGENT_STORE__URL"] = f"s3://{bucket}/t"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, env[name])
+    return env
+
+
+@pytest.fixture
+def moto_store(moto_env: dict[str, str], tmp_path: Path) -> Iterator[ObjectStore]:
+    """The real S3Store on a fresh moto bucket (a co-worker's view, for planting and reading)."""
+    from agent.store import open_store
+
+    store = open_store(s3_config(moto_env, tmp_path / "motocfg"))
     yield store
     store.close()
 

@@ -1,6 +1,7 @@
 """The bucket as it really is, and sessions on it (shared by the integration tests).
 
-``Truth`` reads SeaweedFS straight, never through the fault proxy; ``via_proxy``
+``Truth`` reads the bucket straight (``truth`` SeaweedFS, ``moto_truth`` moto), never
+through the fault proxy; ``via_proxy``
 makes sessions that talk through the test's ``FaultProxy``, ``direct`` sessions
 that talk to SeaweedFS (other users, seeding). The fixtures are made available
 to every integration test by ``tests/integration/conftest.py``.
@@ -26,7 +27,7 @@ from agent.session import PlantDesignSession
 from agent.state import SessionState
 from tests.conftest import proxy_config, s3_config
 from tests.faultproxy import FaultProxy
-from tests.servers import SeaweedServer
+from tests.servers import MotoServer, S3Server, SeaweedServer
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 FAST_WATCH = {"debounce": 0.05, "max_delay": 0.5, "min_interval_per_path": 0.1}
@@ -38,7 +39,7 @@ def sha(data: bytes) -> str:
 
 @dataclass
 class Truth:
-    """The bucket as it really is, read straight from SeaweedFS."""
+    """The bucket as it really is, read straight from the server."""
 
     client: Any
     bucket: str
@@ -118,13 +119,28 @@ class Truth:
         return committed
 
 
+@contextlib.contextmanager
+def _truth(server: S3Server, env: dict[str, str]) -> Iterator[Truth]:
+    bucket, _, prefix = env["AGENT_STORE__URL"].removeprefix("s3://").partition("/")
+    client = server.client()
+    try:
+        yield Truth(client, bucket, prefix)
+    finally:
+        client.close()  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def truth(seaweed: SeaweedServer, s3_env: dict[str, str]) -> Iterator[Truth]:
     """Direct access to the test's bucket and prefix."""
-    bucket, _, prefix = s3_env["AGENT_STORE__URL"].removeprefix("s3://").partition("/")
-    client = seaweed.client()
-    yield Truth(client, bucket, prefix)
-    client.close()  # type: ignore[attr-defined]
+    with _truth(seaweed, s3_env) as found:
+        yield found
+
+
+@pytest.fixture
+def moto_truth(moto: MotoServer, moto_env: dict[str, str]) -> Iterator[Truth]:
+    """Direct access to the test's moto bucket and prefix."""
+    with _truth(moto, moto_env) as found:
+        yield found
 
 
 MakeSession = Callable[..., PlantDesignSession]

@@ -1,4 +1,4 @@
-"""Fixtures shared by the integration tests (real stores: the folder store and SeaweedFS)."""
+"""Fixtures shared by the integration tests (real stores: the folder store, SeaweedFS, moto)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
-from tests.integration.bucket import direct, truth, via_proxy
+from tests.integration.bucket import direct, moto_truth, truth, via_proxy
 
-__all__ = ["direct", "truth", "via_proxy"]  # fixtures of tests.integration.bucket, for all
+__all__ = [
+    "direct",
+    "moto_truth",
+    "truth",
+    "via_proxy",
+]  # fixtures of tests.integration.bucket, for all
 
 MakeSession = Callable[..., PlantDesignSession]
 """``make_session("bob", watch={...})``: a session on the test's store for one machine."""

@@ -13,74 +13,55 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from agent.config import load_config
+from agent.doctor import COPY_CHECK
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
-from agent.store import open_store
 from agent.store.base import ObjectStore
-from tests.servers import MotoServer, SeaweedServer
+from tests.conftest import s3_config
+from tests.integration.bucket import (
+    FAST_WATCH,
+    STAGE,
+    MakeSession,
+    P,
+    Truth,
+    cleanup,
+    other_user_sees,
+)
 
-P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
 
 
-def _env(server: MotoServer | SeaweedServer, bucket: str, base: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
-    env.update(server.env())
-    env["AGENT_STORE__URL"] = f"s3://{bucket}/t"
-    env["AGENT_PATHS__BASE_DIR"] = str(base)
-    return env
-
-
 @pytest.fixture
-def moto_env(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A fresh bucket on the session's moto server; the agent's environment for it."""
-    bucket = f"pdt-{uuid.uuid4().hex[:20]}"
-    moto.create_bucket(bucket)
-    env = _env(moto, bucket, tmp_path / "base")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        monkeypatch.setenv(name, env[name])
-    return env
+def on_moto(moto_env: dict[str, str], tmp_path: Path) -> Iterator[MakeSession]:
+    """Sessions on the test's moto bucket; each ``machine`` has its own base folder."""
+    made: list[PlantDesignSession] = []
+
+    def make(machine: str = "other", **sections: Any) -> PlantDesignSession:
+        sections.setdefault("lock", {"heartbeat_interval": 3600, "stale_after": 7200})
+        sections.setdefault("watch", FAST_WATCH)
+        sections.setdefault("history", {"prune_on_close": False})
+        made.append(PlantDesignSession(s3_config(moto_env, tmp_path / machine, **sections)))
+        return made[-1]
+
+    yield make
+    cleanup(made)
 
 
-def _config(env: dict[str, str], base: Path) -> object:
-    return load_config(
-        store={
-            "url": env["AGENT_STORE__URL"],
-            "endpoint_url": env["AGENT_STORE__ENDPOINT_URL"],
-            "region": "us-east-1",
-        },
-        paths={"base_dir": str(base)},
-        lock={"heartbeat_interval": 3600, "stale_after": 7200},
-        watch={"debounce": 0.05, "max_delay": 0.5, "min_interval_per_path": 0.1},
-        retry={"attempts": 3, "initial_backoff": 0.05, "max_backoff": 0.2},
-        history={"prune_on_close": False},
-    )
-
-
-@pytest.fixture
-def moto_store(moto_env: dict[str, str], tmp_path: Path) -> Iterator[ObjectStore]:
-    """The agent's S3 store on that bucket (a co-worker's view, for planting and reading)."""
-    store = open_store(_config(moto_env, tmp_path / "direct"))  # type: ignore[arg-type]
-    yield store
-    store.close()
-
-
-def _session(env: dict[str, str], base: Path) -> PlantDesignSession:
-    return PlantDesignSession(_config(env, base))  # type: ignore[arg-type]
-
-
-def _doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _doctor(env: dict[str, str], base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``agent doctor ARGS`` in a subprocess pointed at ``env``'s bucket."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
+    full.update(env)
+    full["AGENT_PATHS__BASE_DIR"] = str(base)
     return subprocess.run(
-        [sys.executable, "-m", "agent", "doctor", "--json"],
-        env=env,
+        [sys.executable, "-m", "agent", "doctor", *args],
+        env=full,
         capture_output=True,
         text=True,
         timeout=120,
@@ -88,39 +69,58 @@ def _doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_doctor_finds_that_moto_ignores_the_copy_condition_and_warns(
-    moto_env: dict[str, str],
-) -> None:
-    """On moto: the copy condition is reported ignored, as a warning (exit 0)."""
-    result = _doctor(moto_env)
+def _copy_check(env: dict[str, str], base: Path) -> dict[str, Any]:
+    """The copy-condition check of ``agent doctor --json`` (which must exit 0)."""
+    result = _doctor(env, base, "--json")
     assert 0 == result.returncode, result.stdout + result.stderr
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-    copy = next(c for name, c in checks.items() if name.startswith("copy condition"))
+    found: dict[str, Any] = checks[COPY_CHECK]
+    return found
+
+
+def _copy_line(env: dict[str, str], base: Path) -> str:
+    """The copy-condition line of ``agent doctor``'s text (which must exit 0)."""
+    result = _doctor(env, base)
+    assert 0 == result.returncode, result.stdout + result.stderr
+    [line] = [line for line in result.stdout.splitlines() if COPY_CHECK in line]
+    return line
+
+
+def test_doctor_finds_that_moto_ignores_the_copy_condition_and_warns(
+    moto_env: dict[str, str], moto_truth: Truth, tmp_path: Path
+) -> None:
+    """On moto: the copy condition is reported ignored, as a warning that says the agent
+    stays correct (exit 0, text and --json), and no probe key is left in the bucket."""
+    copy = _copy_check(moto_env, tmp_path / "base")
     assert ("ignored", True, True) == (copy["found"], copy["warning"], copy["ok"])
+    assert "stays correct" in copy["detail"]
+    assert _copy_line(moto_env, tmp_path / "base").startswith(f"[warn] {COPY_CHECK}: IGNORED")
+    assert [] == moto_truth.listing()
 
 
 def test_doctor_finds_that_seaweedfs_honours_the_copy_condition(
-    seaweed: SeaweedServer, shared_bucket: str, tmp_path: Path
+    s3_env: dict[str, str], truth: Truth, tmp_path: Path
 ) -> None:
-    """On SeaweedFS: the copy condition is honoured, no warning."""
-    result = _doctor(_env(seaweed, shared_bucket, tmp_path / "base"))
-    assert 0 == result.returncode, result.stdout + result.stderr
-    checks = json.loads(result.stdout)["checks"]
-    copy = next(c for c in checks if c["name"].startswith("copy condition"))
-    assert "honoured" == copy["found"] and "warning" not in copy
+    """On SeaweedFS: the copy condition is honoured, no warning (text and --json), and no
+    probe key is left under the prefix."""
+    copy = _copy_check(s3_env, tmp_path / "base")
+    assert ("honoured", True) == (copy["found"], copy["ok"])
+    assert "warning" not in copy
+    assert _copy_line(s3_env, tmp_path / "base").startswith(f"[ok] {COPY_CHECK}: honoured")
+    assert [] == truth.listing()
 
 
 def test_a_session_on_moto_commits_exactly_the_users_files(
-    moto_env: dict[str, str], moto_store: ObjectStore, tmp_path: Path
+    on_moto: MakeSession, moto_truth: Truth
 ) -> None:
-    """Open, edit, delete, close, and another user's open: the committed bytes, and the plain
-    tree equal to the manifest."""
-    seed = _session(moto_env, tmp_path / "seed")
+    """Open, edit, delete, close, and another user's open: exactly the committed bytes, and
+    the plain tree byte for byte the manifest's."""
+    seed = on_moto("seed")
     work = seed.open(P, "seeder", STAGE, watch=False)
     (work / "a.txt").write_bytes(b"alpha")
     (work / "b.txt").write_bytes(b"bravo")
     seed.close()
-    alice = _session(moto_env, tmp_path / "alice")
+    alice = on_moto("alice")
     work = alice.open(P, "alice", STAGE)
     (work / "a.txt").write_bytes(b"alpha, changed")
     (work / "b.txt").unlink()
@@ -128,24 +128,18 @@ def test_a_session_on_moto_commits_exactly_the_users_files(
     (work / "c" / "c.txt").write_bytes(b"charlie")
     assert alice.flush(timeout=30)
     alice.close()
-    bob = _session(moto_env, tmp_path / "bob")
-    got = bob.open(P, "bob", STAGE, watch=False)
-    files = {p.relative_to(got).as_posix(): p.read_bytes() for p in got.rglob("*") if p.is_file()}
-    bob.abort()
-    assert {"a.txt": b"alpha, changed", "c/c.txt": b"charlie"} == files
-    plain = {o.key for o in moto_store.list(KEYS.committed_prefix)}
-    assert {KEYS.committed("a.txt"), KEYS.committed("c/c.txt")} == plain
+    other_user_sees(on_moto, moto_truth, {"a.txt": b"alpha, changed", "c/c.txt": b"charlie"})
 
 
 def test_a_copy_whose_pin_moto_ignores_still_commits_the_users_bytes(
-    moto_env: dict[str, str], moto_store: ObjectStore, tmp_path: Path
+    on_moto: MakeSession, moto_store: ObjectStore
 ) -> None:
     """After the file was streamed, a co-worker puts other bytes under its content's name.
     On SeaweedFS the pinned copy is refused; moto copies them anyway. The copy's answer
     gives it away: the user's bytes are sent again and copied again, and the stage holds
     exactly them (a correct stage, not exit 19 forever)."""
     mine = b"the user's drawing"
-    alice = _session(moto_env, tmp_path / "alice")
+    alice = on_moto("alice")
     work = alice.open(P, "alice", STAGE)
     (work / "plan.dwg").write_bytes(mine)
     assert alice.flush(timeout=30)
