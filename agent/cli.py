@@ -560,7 +560,8 @@ def _store_label(config: AgentConfig) -> str:
 @cli.command("doctor")
 @_json_option
 def doctor_cmd() -> None:
-    """Check the store: reachability, credentials, bucket, conditional writes, clock skew."""
+    """Check the store: reachability, credentials, bucket, conditional writes, the copy
+    condition (a warning when ignored), clock skew."""
     from agent.doctor import run_checks
 
     config = _obj().config

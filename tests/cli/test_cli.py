@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.doctor import COPY_CHECK
 from agent.store.local import LocalStore
 from tests.cli.conftest import Run
 from tests.servers import RcloneS3Server
@@ -105,12 +106,15 @@ def test_bad_config_value_is_exit_3_naming_the_key(run: Run, agent_env: dict[str
 
 
 def test_doctor_passes_on_the_embedded_store(run: Run) -> None:
-    """doctor's checks all pass on the default folder store."""
+    """doctor's checks all pass on the default folder store, which honours the copy condition."""
     result = run("doctor", "--json")
     assert 0 == result.returncode, result.stdout + result.stderr
     checks = json.loads(result.stdout)["checks"]
     assert all(c["ok"] for c in checks)
     assert any("conditional" in c["name"] for c in checks)
+    assert [("honoured", False)] == [
+        (c["found"], c.get("warning", False)) for c in checks if c["name"] == COPY_CHECK
+    ]
 
 
 def test_background_agent_streams_and_reports_through_status_and_flush(run: Run) -> None:
