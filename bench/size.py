@@ -6,7 +6,7 @@ For each stage size (10,000 and 100,000 files of 1-4 KiB; ``--sizes`` picks):
   open's background check of the stage finished;
 * close with no change (the same);
 * warm re-open (the cached copy is current: nothing to download);
-* the peak RSS of a warm re-open, in a process of its own (``ru_maxrss``; with
+* the peak RSS of a warm re-open, in a process of its own (``VmHWM``; with
   ``PDAGENT_BENCH_TRACEMALLOC=1`` that process prints its 15 largest allocation sites).
 
 Run through ``bench/run.py --only size [--sizes 10000,100000]``. A profile of one
@@ -62,7 +62,13 @@ if trace:
     for stat in tracemalloc.take_snapshot().statistics("lineno")[:15]:
         print(stat, file=sys.stderr)
 s.abort()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this address space's peak. ru_maxrss is not reset by exec, so a child of a big
+# bench process would report its parent's size (it read 640 MiB where VmHWM says 260).
+try:
+    with open("/proc/self/status") as status:
+        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
