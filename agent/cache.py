@@ -178,7 +178,7 @@ def set_aside_unsynced(
     files that are not in ``snapshot`` or changed since it was taken. Ignored names
     (editor lock files) are not judged: they stay. ``aside`` is made only if needed.
     """
-    moved: list[str] = []
+    unsynced: list[str] = []
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -205,17 +205,8 @@ def set_aside_unsynced(
                 known = snapshot.get(rel)
                 if is_unchanged(known, st, partial(_hash_entry, entry)):
                     continue
-            target = aside.joinpath(*rel.split("/"))
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                Path(entry.path).rename(target)
-            except OSError as exc:
-                log.error("set_aside_failed", path=rel, error=str(exc))
-                continue
-            moved.append(rel)
-    if moved:
-        log.warning("kept_aside", folder=str(aside), paths=sorted(moved))
-    return sorted(moved)
+            unsynced.append(rel)
+    return _move_aside(folder, unsynced, aside)
 
 
 def _move_aside(folder: Path, rels: list[str], aside: Path) -> list[str]:

@@ -49,17 +49,25 @@ def _stage(store: MemoryStore, files: dict[str, bytes]) -> dict[str, StagedCopy]
     return out
 
 
-def _begin(store: Any, copies: dict[str, StagedCopy], deletes: list[str] | None = None) -> Any:
-    commit = Commit(store, KEYS, workers=2)
+def _begin(
+    store: Any,
+    copies: dict[str, StagedCopy],
+    deletes: list[str] | None = None,
+    *,
+    commit: Commit | None = None,
+    base: Any = None,
+) -> Any:
+    """``commit.begin`` by alice on ``base`` (a ``Committed``; None: an empty stage)."""
+    commit = commit or Commit(store, KEYS, workers=2)
     return commit, commit.begin(
         session_id=SID,
         user="alice",
         machine="m1",
-        base=Manifest(),
-        base_etag=None,
+        base=base.manifest if base is not None else Manifest(),
+        base_etag=base.etag if base is not None else None,
         copies=copies,
         deletes=deletes or [],
-        previous=None,
+        previous=read_intent(commit.store, KEYS),
     )
 
 
@@ -138,16 +146,7 @@ def test_a_swapped_object_is_sent_again_from_the_local_file() -> None:
         return store.put_bytes(KEYS.version(item.sha256), b"mine").etag
 
     commit = Commit(store, KEYS, workers=1, reupload=reupload)
-    intent, etag = commit.begin(
-        session_id=SID,
-        user="alice",
-        machine="m1",
-        base=Manifest(),
-        base_etag=None,
-        copies=copies,
-        deletes=[],
-        previous=None,
-    )
+    _, (intent, etag) = _begin(store, copies, commit=commit)
     commit.apply(intent, etag)
     assert ["a.txt"] == sent
     assert b"mine" == store.objects[KEYS.committed("a.txt")]
@@ -187,16 +186,7 @@ def test_a_store_ignoring_the_copy_condition_still_commits_only_the_recorded_byt
         return inner.put_bytes(KEYS.version(item.sha256), b"mine").etag
 
     commit = Commit(store, KEYS, workers=1, reupload=reupload)
-    intent, etag = commit.begin(
-        session_id=SID,
-        user="alice",
-        machine="m1",
-        base=Manifest(),
-        base_etag=None,
-        copies=copies,
-        deletes=[],
-        previous=None,
-    )
+    _, (intent, etag) = _begin(store, copies, commit=commit)
     commit.apply(intent, etag)
     assert ["a.txt"] == sent
     assert b"mine" == inner.objects[KEYS.committed("a.txt")]
@@ -223,15 +213,8 @@ def test_a_commit_on_a_content_addressed_base_copies_nothing_but_the_changes() -
 
     store.faults["copy"] = counting
     second = Commit(store, KEYS, workers=2)
-    intent2, etag2 = second.begin(
-        session_id=SID,
-        user="alice",
-        machine="m1",
-        base=base.manifest,
-        base_etag=base.etag,
-        copies=_stage(inner, {"a.txt": b"A2"}),
-        deletes=["b.txt"],
-        previous=read_intent(inner, KEYS),
+    _, (intent2, etag2) = _begin(
+        inner, _stage(inner, {"a.txt": b"A2"}), ["b.txt"], commit=second, base=base
     )
     second.apply(intent2, etag2)
     assert [(KEYS.version(_sha(b"A2")), KEYS.committed("a.txt"))] == copied
@@ -426,15 +409,8 @@ def test_the_intent_names_what_changes_not_the_whole_manifest() -> None:
     commit, (intent, etag) = _begin(store, _stage(store, base_files))
     base = commit.apply(intent, etag)
     second = Commit(store, KEYS, workers=2)
-    intent2, etag2 = second.begin(
-        session_id=SID,
-        user="alice",
-        machine="m1",
-        base=base.manifest,
-        base_etag=base.etag,
-        copies=_stage(store, {"f0001.txt": b"v1"}),
-        deletes=["f0002.txt"],
-        previous=read_intent(store, KEYS),
+    _, (intent2, etag2) = _begin(
+        store, _stage(store, {"f0001.txt": b"v1"}), ["f0002.txt"], commit=second, base=base
     )
     assert len(store.objects[KEYS.intent]) < 1500
     done = second.apply(intent2, etag2)
