@@ -54,6 +54,26 @@ def run(agent_env: dict[str, str]) -> Run:
     return _run
 
 
+@pytest.fixture
+def s3_run(s3_env: dict[str, str], tmp_path: Path) -> Run:
+    """``run``, on the test's SeaweedFS prefix (the one ``s3_store`` uses) instead."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
+    env.update(s3_env)
+    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    return _run
+
+
 def _agents_under(folder: Path) -> list[int]:
     """Live ``agent _serve`` processes whose base dir lies in ``folder`` (Linux /proc)."""
     found = []

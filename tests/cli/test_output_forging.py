@@ -9,11 +9,8 @@ content goes through ``agent.text.printable``: such characters appear escaped.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -26,23 +23,9 @@ RAW = ("\x1b", "\u202e", "\u2066", "\r")
 
 
 @pytest.fixture
-def run(s3_env: dict[str, str], tmp_path: Path) -> Run:
-    """The CLI on the test's SeaweedFS prefix (the one ``s3_store`` writes to)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
-    env.update(s3_env)
-    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
-
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "agent", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    return _run
+def run(s3_run: Run) -> Run:
+    """The CLI on the test's SeaweedFS prefix (the one ``s3_store`` uses)."""
+    return s3_run
 
 
 def _lock(**fields: object) -> bytes:
