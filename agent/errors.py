@@ -106,6 +106,9 @@ class TransientStoreError(StoreError):
     """Connection error, timeout, 5xx, throttling: worth retrying."""
 
     exit_code = 8
+    retry_at_once: bool = False
+    """The first retry need not wait: a pooled connection the store had already closed
+    (a stale keep-alive) failed before the request reached the store."""
 
 
 class PermanentStoreError(StoreError):

@@ -69,9 +69,17 @@ def make_retrying(
             wait=round(state.next_action.sleep, 3) if state.next_action else None,
         )
 
+    waits = backoff(config)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if state.attempt_number == 1 and getattr(exc, "retry_at_once", False):
+            return 0.0  # a stale pooled connection: a fresh one needs no backoff
+        return float(waits(state))
+
     return Retrying(
         stop=stop_after_attempt(config.attempts),
-        wait=backoff(config),
+        wait=wait,
         retry=retry_if_exception_type(TransientStoreError),
         sleep=sleep,
         reraise=True,

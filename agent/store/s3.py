@@ -512,9 +512,13 @@ class S3Store:
             | bexc.ConnectionError
             | bexc.HTTPClientError,
         ):
-            return TransientStoreError(
+            error = TransientStoreError(
                 f"cannot reach {self.endpoint or 'the store'} for {key!r}: {exc}"
             )
+            # Closed before any answer: most often a pooled keep-alive connection the
+            # store dropped while idle (seen after a long multipart upload on SeaweedFS).
+            error.retry_at_once = isinstance(exc, bexc.ConnectionClosedError)
+            return error
         if isinstance(exc, bexc.BotoCoreError):
             return PermanentStoreError(f"S3 client error for {where}: {exc}")
         if isinstance(exc, OSError):

@@ -75,3 +75,22 @@ def test_delay_after_follows_the_strategy_and_its_cap() -> None:
     waits = [delay_after(backoff(cfg), n) for n in (1, 2, 3, 4, 10)]
     assert waits == [0.5, 1.0, 2.0, 2.0, 2.0]
     assert delay_after(backoff(cfg, cap=30.0), 10) == 30.0
+
+
+def test_a_connection_closed_before_any_answer_is_retried_at_once_then_backed_off() -> None:
+    """A stale pooled connection (closed by the store while idle) is retried without a wait;
+    if the fresh connection fails too, the usual backoff follows."""
+    waits: list[float] = []
+    calls = 0
+
+    def stale_then_fine() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            error = TransientStoreError("Connection was closed before we received a response")
+            error.retry_at_once = True
+            raise error
+        return "ok"
+
+    assert "ok" == call_with_retries(stale_then_fine, CFG, sleep=waits.append)
+    assert [0.0, 0.4] == waits
