@@ -32,7 +32,13 @@ import structlog
 
 from agent.commit import read_intent, read_manifest
 from agent.config import HistoryConfig
-from agent.errors import InvalidNameError, NotFoundError, StoreError, VersionNotFoundError
+from agent.errors import (
+    InvalidNameError,
+    NotFoundError,
+    ObjectTooLargeError,
+    StoreError,
+    VersionNotFoundError,
+)
 from agent.keys import CommitInfo, StageKeys
 from agent.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
@@ -133,13 +139,17 @@ def fetch_version(
 ) -> None:
     """Write the version ``entry`` of ``rel`` to ``dest`` (temp file, checked, renamed).
 
-    Looked for among the kept versions, then at the committed key (a version nobody
-    replaced yet); the bytes must hash to ``entry.sha256`` either way.
+    Read from ``.objects/{sha256}``, then from the committed key (a stage from before
+    content addressing); the bytes must hash to ``entry.sha256`` either way, and no more
+    than the manifest's size is read: an object larger than that is not this version.
     """
     for key in (keys.version(entry.sha256), keys.committed(rel)):
         try:
-            body = store.get(key).body
+            body = store.get(key, max_bytes=entry.size).body
         except NotFoundError:
+            continue
+        except ObjectTooLargeError:
+            log.warning("version_object_too_large", key=key, expected_size=entry.size)
             continue
         if hashlib.sha256(body).hexdigest() != entry.sha256:
             continue  # the committed key holds a newer version

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
+from agent.store.local import LocalStore
 from tests.cli.conftest import Run
 
 P, STAGE = "Kraftwerk_1234567", "planning"
@@ -88,3 +91,42 @@ def test_agent_locks_shows_who_works_on_what(run: Run) -> None:
     text = run("locks", P).stdout
     assert f"{P}/design  held by bob" in text and f"{P}/planning  free" in text
     assert 0 == run("abort").returncode
+
+
+def test_show_of_a_version_whose_object_is_larger_than_the_manifest_says_reads_no_more(
+    run: Run, tmp_path: Path
+) -> None:
+    """A co-worker replaces a 4-byte version's object (and its plain key) with 20 MiB: `agent
+    show` reads at most the manifest's size of each, writes nothing and says the version
+    is not there (exit 21), instead of holding the whole object."""
+    _session(run, "alice", {"plan.dwg": b"good"})
+    _session(run, "bob", {"plan.dwg": b"newer"})
+    store = LocalStore(tmp_path / "base" / "store")
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(20 * 1024 * 1024))
+    store.upload_file(f"{P}/.objects/{hashlib.sha256(b'good').hexdigest()}", big)
+    out = run("show", P, "--stage", STAGE, "--commit", "#1", "--path", "plan.dwg",
+              "--output", str(tmp_path / "old.dwg"), "--json")  # fmt: skip
+    assert 21 == out.returncode, out.stdout + out.stderr
+    assert not (tmp_path / "old.dwg").exists()
+    logs = "".join(p.read_text() for p in (tmp_path / "base" / "state" / "logs").glob("*.log"))
+    assert "version_object_too_large" in logs, "the object was read whole, not cut at its size"
+
+
+def test_a_history_key_with_an_impossible_date_is_skipped_not_a_crash(
+    run: Run, tmp_path: Path
+) -> None:
+    """One junk history key of the right shape (month 13): `history` lists the real commits
+    and warns, `show` and `close` still work (never exit 70)."""
+    _session(run, "alice", {"plan.dwg": b"v1"})
+    store = LocalStore(tmp_path / "base" / "store")
+    junk = f"{P}/.history/{STAGE}/0000000009~20261350T250000Z~{'c' * 32}~1~0~0~1~mallory.json"
+    store.put_bytes(junk, b"{}")
+    listed = run("history", P, "--stage", STAGE, "--json")
+    assert 0 == listed.returncode, listed.stderr
+    assert [1] == [c["seq"] for c in json.loads(listed.stdout)["commits"]]
+    _session(run, "bob", {"plan.dwg": b"v2"})
+    shown = run("show", P, "--stage", STAGE, "--commit", "#1", "--path", "plan.dwg",
+                "--output", str(tmp_path / "v1.dwg"))  # fmt: skip
+    assert 0 == shown.returncode, shown.stderr
+    assert b"v1" == (tmp_path / "v1.dwg").read_bytes()
