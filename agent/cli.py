@@ -457,6 +457,7 @@ def _stage_check_lines(check: object) -> list[str]:
 def status_cmd() -> None:
     """Sessions open on this machine: state, lock, pending changes, last upload, errors."""
     from agent.daemon import AgentClient
+    from agent.errors import AgentUnreachableError
     from agent.records import SessionStore
 
     config = _obj().config
@@ -477,9 +478,12 @@ def status_cmd() -> None:
         try:
             row.update(AgentClient(r, config.paths).call("status"))
             row["agent"] = "running"
-        except AgentError as exc:
+        except AgentUnreachableError as exc:
             row["agent"] = "not running"
             row["agent_error"] = exc.format_message()
+        except AgentError as exc:  # it answered, with an error: it runs, and says what is wrong
+            row["agent"] = "running"
+            row["error"] = exc.format_message()
         rows.append(row)
     lines = [f"store: {_store_label(config)}"]
     if not rows:

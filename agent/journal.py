@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, cast
 
@@ -163,6 +164,16 @@ class Journal:
         return cls(path, conn, busy_timeout=busy_timeout)
 
     @staticmethod
+    def set_aside(path: Path) -> Path:
+        """Move a damaged journal (and its WAL files) to ``<name>.damaged-<time>``; where."""
+        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S}")
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                os.replace(part, aside.with_name(aside.name + suffix))
+        return aside
+
+    @staticmethod
     def _prepare(path: Path, conn: sqlite3.Connection) -> None:
         """Check that ``conn`` is a sound journal (or a new file) and set it up."""
         (app_id,) = conn.execute("PRAGMA application_id").fetchone()
@@ -202,8 +213,9 @@ class Journal:
             )
         return JournalCorruptError(
             f"the journal {path} cannot be read ({exc}). The working folder still holds your "
-            "files: `agent recover --resume` rebuilds the pending list by comparing the folder "
-            "with the store"
+            "files: `agent close` (or `agent flush`) rebuilds the pending list by comparing "
+            "the folder with the store, and so does `agent recover --resume` when no agent "
+            "runs for the session"
         )
 
     def _check_open(self) -> None:

@@ -20,6 +20,7 @@ from agent.commit import (
 from agent.errors import (
     AgentError,
     ConflictError,
+    JournalCorruptError,
     LockLostError,
     MassDeleteError,
     TransferError,
@@ -138,8 +139,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     was_watching = streamer.is_watching
     try:
         streamer.stop_watching()
-        streamer.rescan("")
-        _flush_or_raise(s, streamer)
+        streamer = _flush_all(s, streamer)
         runtime.finish_repair(s, cancel=False)  # the commit alone writes plain keys now
         unsupported = streamer.check_storable(skip=skip_unsupported)
         # From here on the lock keeper writes for close alone: the heartbeat rests.
@@ -238,6 +238,19 @@ def _changed_since_commit(
     changed += [rel for rel in manifest.files if rel not in current]
     unsynced = others + [rel for rel in current if rel in unstorable]
     return sorted(set(changed)), sorted(unsynced)
+
+
+def _flush_all(s: PlantDesignSession, streamer: Streamer) -> Streamer:
+    """Rescan and send everything; a journal that went bad is rebuilt from the folder
+    (content already in ``.objects/`` is checked, not sent again). The streamer to use."""
+    try:
+        streamer.rescan("")
+        _flush_or_raise(s, streamer)
+    except JournalCorruptError as exc:
+        streamer = runtime.rebuild_journal(s, exc)
+        streamer.rescan("")
+        _flush_or_raise(s, streamer)
+    return streamer
 
 
 def _hash_of(folder: WorkFolder, rel: str) -> str:

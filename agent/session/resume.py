@@ -192,11 +192,7 @@ def _open_journal_for_resume(s: PlantDesignSession, session_id: str) -> Journal:
     try:
         return Journal.open(path)
     except AgentError as exc:
-        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S}")
-        for suffix in ("", "-wal", "-shm"):
-            part = path.with_name(path.name + suffix)
-            if part.exists():
-                os.replace(part, aside.with_name(aside.name + suffix))
+        aside = Journal.set_aside(path)
         log.warning("journal_rebuilt", session_id=session_id, damaged=str(aside), error=str(exc))
         return Journal.open(path)
 

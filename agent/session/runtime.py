@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import TYPE_CHECKING
 
@@ -10,8 +11,10 @@ import structlog
 from agent.commit import read_manifest
 from agent.errors import (
     AgentError,
+    JournalCorruptError,
     LockLostError,
 )
+from agent.journal import Journal
 from agent.keys import StageKeys
 from agent.lock import Heartbeat
 from agent.manifest import Manifest, ManifestEntry
@@ -128,6 +131,31 @@ def _ensure_streamer(s: PlantDesignSession, *, watch: bool, reconcile: bool = Tr
     return s._streamer
 
 
+def rebuild_journal(s: PlantDesignSession, error: JournalCorruptError) -> Streamer:
+    """The journal went bad under a running session: set it aside, start a fresh one.
+
+    Nothing is lost: the new streamer compares the folder with the base snapshot and
+    journals every difference again; content already in ``.objects/`` is checked, not
+    sent again. The returned streamer watches if the old one did.
+    """
+    assert s.record is not None
+    was_watching = s._streamer is not None and s._streamer.is_watching
+    if s._streamer is not None:
+        s._streamer.stop(wait=False)
+        s._streamer = None
+    if s._journal is not None:
+        with contextlib.suppress(Exception):  # it is damaged: closing may fail too
+            s._journal.close()
+        s._journal = None
+    path = s._journal_path(s.record.session_id)
+    aside = Journal.set_aside(path)
+    log.warning(
+        "journal_rebuilt", session_id=s.record.session_id, damaged=str(aside), error=str(error)
+    )
+    s._journal = Journal.open(path)
+    return _ensure_streamer(s, watch=was_watching)
+
+
 def _stop_streaming(s: PlantDesignSession) -> None:
     finish_repair(s, cancel=True)
     if s._streamer is not None:
@@ -145,8 +173,13 @@ def flush(s: PlantDesignSession, timeout: float = 60.0) -> bool:
         streamer = _ensure_streamer(s, watch=False)
         # A save whose event the watcher has not delivered yet is found by the
         # rescan: flush never says "nothing pending" while a saved file is not sent.
-        streamer.rescan("")
-        return streamer.flush(timeout)
+        try:
+            streamer.rescan("")
+            return streamer.flush(timeout)
+        except JournalCorruptError as exc:
+            streamer = rebuild_journal(s, exc)
+            streamer.rescan("")
+            return streamer.flush(timeout)
 
 
 def _stage_check_status(s: PlantDesignSession, out: dict[str, object]) -> list[str]:
@@ -161,6 +194,25 @@ def _stage_check_status(s: PlantDesignSession, out: dict[str, object]) -> list[s
             "restore them from `agent history`"
         ]
     return []
+
+
+def _streaming_status(s: PlantDesignSession, out: dict[str, object]) -> list[str]:
+    """The streamer's (or the journal's) counters into ``out``; the problems they show."""
+    problems: list[str] = []
+    if s._streamer is not None:
+        out.update(s._streamer.status())
+        stalled = s._streamer.stalled_for()
+        if stalled > 2 * s.config.store.read_timeout:
+            out["store_stalled_seconds"] = round(stalled, 1)
+            problems.append(f"the store has not answered for {stalled:.0f} s")
+        if s._streamer.last_error:
+            problems.append(f"uploads failing: {s._streamer.last_error}")
+        return problems
+    if s._journal is not None:
+        out["pending"] = s._journal.pending_count()
+    if s.record is not None and s.record.last_error:
+        out["last_error"] = s.record.last_error
+    return problems
 
 
 def status(s: PlantDesignSession) -> dict[str, object]:
@@ -189,19 +241,14 @@ def status(s: PlantDesignSession) -> dict[str, object]:
         out["lock_error"] = s._heartbeat.last_error
         problems.append(f"lock renewal failing: {s._heartbeat.last_error}")
     problems += _stage_check_status(s, out)
-    if s._streamer is not None:
-        out.update(s._streamer.status())
-        stalled = s._streamer.stalled_for()
-        if stalled > 2 * s.config.store.read_timeout:
-            out["store_stalled_seconds"] = round(stalled, 1)
-            problems.append(f"the store has not answered for {stalled:.0f} s")
-        if s._streamer.last_error:
-            problems.append(f"uploads failing: {s._streamer.last_error}")
-    else:
-        if s._journal is not None:
-            out["pending"] = s._journal.pending_count()
-        if s.record is not None and s.record.last_error:
-            out["last_error"] = s.record.last_error
+    try:
+        problems += _streaming_status(s, out)
+    except JournalCorruptError as exc:
+        out["journal_error"] = str(exc)
+        problems.append(
+            "the journal is damaged; `agent close` rebuilds it from the working folder "
+            "(nothing saved is lost) and commits"
+        )
     # One line a user (or the host's status bar) can show; absent when all is well.
     if problems:
         out["error"] = "; ".join(problems)

@@ -282,3 +282,27 @@ def test_two_closes_at_once_one_commits_and_the_other_says_so(
     assert "already closed" in loser or "no open session" in loser, loser
     history = run("history", "Kraftwerk_1234567", "--stage", "planning", "--json")
     assert 1 == len(json.loads(history.stdout)["commits"]), "committed twice"
+
+
+def test_a_journal_damaged_under_the_background_agent_is_rebuilt_by_agent_close(
+    run: Run, tmp_path: Path
+) -> None:
+    """The journal file goes bad while the agent runs: `agent status` still says the agent
+    runs, and `agent close` rebuilds the journal from the folder and commits everything
+    (it used to exit 12 and point at a `recover --resume` that refused a live agent)."""
+    opened = run("open", "Kraftwerk_1234567", "--user", "admin", "--stage", "planning", "--json")
+    assert 0 == opened.returncode, opened.stderr
+    work = Path(json.loads(opened.stdout)["path"])
+    (work / "a.txt").write_text("before")
+    assert 0 == run("flush").returncode
+    [journal] = (tmp_path / "base" / "state" / "sessions").glob("*/journal.sqlite")
+    for part in (journal, journal.with_name(journal.name + "-wal")):
+        if part.exists():
+            with part.open("r+b") as fh:
+                fh.write(os.urandom(min(part.stat().st_size, 8192)))
+    (work / "b.txt").write_text("after")
+    status = json.loads(run("status", "--json").stdout)["sessions"][0]
+    assert "running" == status["agent"], status
+    closed = run("close", "--json")
+    assert 0 == closed.returncode, closed.stdout + closed.stderr
+    assert ["a.txt", "b.txt"] == json.loads(closed.stdout)["uploaded"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -362,3 +363,33 @@ def test_an_abort_cut_by_a_crash_is_finished_by_discard_not_resumed(
     PlantDesignSession(config, store=store).discard(confirm_loss=True)
     assert "released" == json.loads(store.get(KEYS.lock).body)["state"]
     assert PlantDesignSession(config, store=store).check_previous_crash() is None
+
+
+def _damage_journal(session: PlantDesignSession) -> None:
+    """Overwrite the journal's first pages (and its WAL) as a failing disk would."""
+    assert session.record is not None
+    path = session._journal_path(session.record.session_id)
+    for part in (path, path.with_name(path.name + "-wal")):
+        if part.exists():
+            with part.open("r+b") as fh:
+                fh.write(os.urandom(min(part.stat().st_size, 8192)))
+
+
+def test_a_journal_damaged_under_a_running_session_is_rebuilt_by_close(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """The journal goes bad while the session runs: status still answers, close rebuilds the
+    journal from the folder and commits every saved file; nothing is lost."""
+    session = PlantDesignSession(_config(tmp_path), store=store)
+    work = session.open(P, "admin", STAGE)
+    (work / "a.txt").write_bytes(b"saved before")
+    assert session.flush(timeout=15)
+    _damage_journal(session)
+    (work / "b.txt").write_bytes(b"saved after the damage")
+    status = session.status()  # answers (it used to raise), whether SQLite noticed yet or not
+    assert "active" == status["state"]
+    report = session.close()
+    assert ["a.txt", "b.txt"] == report.uploaded
+    assert b"saved before" == store.get(KEYS.committed("a.txt")).body
+    assert b"saved after the damage" == store.get(KEYS.committed("b.txt")).body
+    assert [] == list(store.list(f"{P}/.sessions/"))
