@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn
 
+from agent.errors import LocalFileError
+
 __all__ = [
     "IS_WINDOWS",
     "PRIVATE_DIR_MODE",
@@ -477,8 +479,14 @@ def bind_control_socket(path: Path, backlog: int = 64) -> socket.socket:
         except FileNotFoundError:
             pass
         else:
-            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
-                path.unlink()
+            if not (stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()):
+                raise LocalFileError(
+                    f"{path} is taken by something that is not this agent's socket (a folder, "
+                    "a file, or another user's socket); it was left alone and the agent did "
+                    "not start. Remove it (it is in the agent's private runtime folder) and "
+                    "run the command again"
+                )
+            path.unlink()
         sock.bind(os.fspath(path))
         path.chmod(PRIVATE_FILE_MODE)
         sock.listen(backlog)

@@ -306,3 +306,28 @@ def test_a_journal_damaged_under_the_background_agent_is_rebuilt_by_agent_close(
     closed = run("close", "--json")
     assert 0 == closed.returncode, closed.stdout + closed.stderr
     assert ["a.txt", "b.txt"] == json.loads(closed.stdout)["uploaded"]
+
+
+def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceback(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """A folder where the agent's socket goes: `recover --resume` says what is in the way and
+    what to do (no internal error); once it is removed, the resume works."""
+    import signal
+
+    from agent.platform import pid_alive
+
+    info = json.loads(run("open", "P4", "--user", "admin", "--stage", "s1", "--json").stdout)
+    os.kill(int(info["agent_pid"]), signal.SIGKILL)
+    assert wait_for(lambda: not pid_alive(int(info["agent_pid"])), timeout=10)
+    runtime = Path(agent_env["AGENT_PATHS__RUNTIME_DIR"])
+    [sock] = runtime.glob("*.sock")
+    sock.unlink()
+    sock.mkdir()
+    resumed = run("recover", "--resume")
+    assert resumed.returncode not in (0, 70), resumed.stderr
+    assert "is taken by something that is not this agent's socket" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    sock.rmdir()
+    assert 0 == run("recover", "--resume").returncode
+    assert 0 == run("abort").returncode
