@@ -268,6 +268,11 @@ class PlantDesignSession:
         session._lock = RemoteLock(session.store, keys.lock, holder, session.config.lock)
         if record.lock_etag:
             session._lock.adopt(record.lock_etag)
+            if not to_discard:
+                # The lock names the process that wrote it: until this process's first
+                # heartbeat it named `agent open`, which has exited, and a second HOME of
+                # the same user on this machine took that for a holder that is gone.
+                session._lock.renew()
         session._base_files = session.records.load_base(record.session_id)
         session._journal = Journal.open(session._journal_path(record.session_id))
         session._set_state(SessionState.ACTIVE)

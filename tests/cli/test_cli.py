@@ -331,3 +331,17 @@ def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceba
     sock.rmdir()
     assert 0 == run("recover", "--resume").returncode
     assert 0 == run("abort").returncode
+
+
+def test_a_second_home_of_the_same_user_cannot_open_a_stage_a_live_agent_holds(
+    run: Run, agent_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Same user, same machine, another HOME (another state folder) on the same store: the
+    stage held by the first agent is refused (exit 5), right after `agent open` returned."""
+    first = run("open", "P5", "--user", "admin", "--stage", "s1", "--json")
+    assert 0 == first.returncode, first.stderr
+    other = dict(agent_env, AGENT_PATHS__BASE_DIR=str(tmp_path / "home2"))
+    other["AGENT_STORE__URL"] = f"file://{tmp_path / 'base' / 'store'}"
+    second = run("open", "P5", "--user", "admin", "--stage", "s1", "--json", env=other)
+    assert 5 == second.returncode, second.stdout + second.stderr
+    assert 0 == run("close").returncode
