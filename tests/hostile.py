@@ -29,8 +29,8 @@ with that many bytes (generated, never held), sent until the client hangs up.
 HEAD of the bucket answers 200 with a ``Date``. ``requests`` counts requests
 by kind. Threads are named ``pdagent-hostile-*`` (the thread-leak check sees them).
 
-``run_measured`` runs a command and reports its peak resident memory (its own
-``wait4`` rusage, not the pytest process's other children).
+``run_measured`` runs a command and reports its own peak resident memory (its
+``VmHWM``, read while it runs; not ``ru_maxrss``, which survives ``exec``).
 """
 
 from __future__ import annotations
@@ -304,23 +304,56 @@ class Measured:
     """Bytes (Linux reports ``ru_maxrss`` in KiB)."""
 
 
+def _high_water(pid: int) -> int | None:
+    """The process's own peak resident memory so far (``VmHWM``, bytes), if readable."""
+    try:
+        with open(f"/proc/{pid}/status") as status:  # noqa: PTH123 - a /proc file
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def run_measured(
     args: Sequence[str], *, env: dict[str, str], cwd: Path, timeout: float
 ) -> Measured:
-    """Run ``args``; its peak RSS from its own ``wait4`` (killed after ``timeout`` seconds)."""
+    """Run ``args``; its own peak RSS (killed after ``timeout`` seconds).
+
+    The peak is the child's ``VmHWM``, read every 10 ms while it runs (a high-water
+    mark: a later read still sees an earlier peak). Not ``ru_maxrss``: Linux does not
+    reset that at ``exec``, so a child of a large pytest process reported the parent's
+    size (357 MiB for a command that used 60). ``ru_maxrss`` only where /proc is absent.
+    """
     out, err = cwd / f".measured-{os.getpid()}.out", cwd / f".measured-{os.getpid()}.err"
+    peak = 0
+    done = threading.Event()
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=stdout, stderr=stderr)
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                seen = _high_water(proc.pid)
+                if seen is not None:
+                    peak = max(peak, seen)
+                done.wait(0.01)
+
+        watcher = threading.Thread(target=watch, name="pdagent-hostile-hwm", daemon=True)
+        watcher.start()
         killer = threading.Timer(timeout, proc.kill)
         killer.name = "pdagent-hostile-killer"
         killer.start()
         try:
             _pid, status, usage = os.wait4(proc.pid, 0)
         finally:
+            done.set()
             killer.cancel()
             killer.join()
+            watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     text_out, text_err = out.read_text(errors="replace"), err.read_text(errors="replace")
     out.unlink()
     err.unlink()
-    return Measured(proc.returncode, text_out, text_err, usage.ru_maxrss * 1024)
+    return Measured(proc.returncode, text_out, text_err, peak or usage.ru_maxrss * 1024)
