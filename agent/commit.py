@@ -440,13 +440,9 @@ class Commit:
         else:
             committed = self._apply_changes(intent, now or Manifest())
         self._mark_done(intent, intent_etag)
-        if intent.source == "staging":  # an older agent's commit: its staging is done with
-            try:
-                remove_staging(self.store, self.keys, intent.session_id)
-            except StoreError as exc:
-                log.warning(
-                    "staging_left_after_commit", session_id=intent.session_id, error=str(exc)
-                )
+        # An older agent's commit leaves its staging prefix: the intent names the session
+        # whose prefix would be deleted, and a crafted one could name someone else's. The
+        # session's own discard removes it.
         return committed
 
     def _apply_changes(self, intent: CommitIntent, base: Manifest) -> Committed:
