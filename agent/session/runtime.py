@@ -77,7 +77,10 @@ def _start_repair(s: PlantDesignSession) -> None:
             s.repair_report = RepairReport(error=str(exc))
             return
         if manifest is None or etag != record.base_manifest_etag or stop.is_set():
-            return  # no manifest yet (nothing to compare), or not the base we hold
+            # No manifest yet (nothing to compare), or not the base we hold: done, and
+            # said so (status would otherwise show the check running for ever).
+            s.repair_report = RepairReport()
+            return
         s.repair_report = repair_stage(
             s.store, keys, manifest, workers=s.config.transfer.workers, stop=stop
         )

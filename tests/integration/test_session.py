@@ -23,6 +23,7 @@ from agent.session import PlantDesignSession
 from agent.state import SessionState
 from agent.store.base import ObjectStore
 from tests.integration.conftest import MakeSession
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -249,4 +250,20 @@ def test_someone_elses_commit_makes_close_a_conflict_not_an_overwrite(
     assert b"mine" == (work / "a.txt").read_bytes()
     assert "held" == json.loads(store.get(KEYS.lock).body)["state"]
     assert {"a.txt": b"v1"} == _committed(store)
+    session.abort()
+
+
+def test_the_stage_check_of_a_new_stage_ends_and_says_nothing_was_wrong(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A stage with no manifest yet has nothing to compare: the background check ends at
+    once and `status` says so, instead of showing it running for the whole session."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m1")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+    )
+    session = PlantDesignSession(config, store=store)
+    session.open(P, "admin", "brand_new_stage")
+    assert wait_for(lambda: isinstance(session.status().get("stage_check"), dict), timeout=20)
+    assert [] == session.status()["stage_check"]["recopied"]  # type: ignore[index]
     session.abort()
