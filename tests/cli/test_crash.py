@@ -31,7 +31,7 @@ from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-TRIALS = int(os.environ.get("PDAGENT_CRASH_TRIALS", "20"))
+TRIALS = int(os.environ.get("PDAGENT_CRASH_TRIALS", "8"))
 STRESS_TRIALS = 200
 
 
@@ -394,10 +394,15 @@ _DONE_BEFORE = {
     "6-intent-done": (0, 6, 2, 1, 1, 1),
 }
 _VERBS = ("resume-close", "discard", "other-open")
-_DEFAULT_CASES = {(phase, "resume-close") for phase in _PHASES} | {
-    (phase, verb)
-    for phase in ("2-two-of-six-copied", "4-manifest-written")
-    for verb in ("discard", "other-open")
+# One case per phase in the default run, the three verbs spread over them (the whole
+# matrix, 18 cases, runs under -m stress): the default suite stays under 7 minutes.
+_DEFAULT_CASES = {
+    ("1-intent-written", "resume-close"),
+    ("2-two-of-six-copied", "other-open"),
+    ("3-copied-and-deleted", "discard"),
+    ("4-manifest-written", "resume-close"),
+    ("5-history-written", "discard"),
+    ("6-intent-done", "other-open"),
 }
 _PHASES_TRIED: set[str] = set()
 _PHASES_HIT: set[str] = set()

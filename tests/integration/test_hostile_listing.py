@@ -196,7 +196,7 @@ def _cli_env(hostile: HostileS3, tmp_path: Path, **store: str) -> dict[str, str]
 @pytest.mark.parametrize(
     ("mode", "store", "says"),
     [
-        ("endless", {"list_max_pages": "200"}, "store.list_max_pages"),
+        ("endless", {"list_max_pages": "60"}, "store.list_max_pages"),
         ("trickle", {"list_deadline": "3"}, "store.list_deadline"),
         ("huge_undeclared", {}, "longer than any S3 listing page"),
     ],
