@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.errors import InvalidNameError, LocalFileError
 from agent.keys import StageKeys, WorkFolder, local_path_for, validate_name, validate_rel_path
@@ -120,3 +122,40 @@ def test_every_control_character_and_only_those_is_refused_in_a_path() -> None:
                 validate_rel_path(rel)
         else:
             assert rel == validate_rel_path(rel)
+
+
+_PATH_PIECES = [
+    "a",
+    "b",
+    "/",
+    ".",
+    "..",
+    "\\",
+    "\x00",
+    "\x1f",
+    "\x7f",
+    "\x9f",
+    "\xa0",
+    "C:",
+    ":",
+    " ",
+    "é",
+]
+
+
+@given(st.lists(st.sampled_from(_PATH_PIECES), max_size=8).map("".join))
+def test_the_quick_path_check_never_passes_a_path_the_full_check_refuses(rel: str) -> None:
+    """validate_rel_path's fast path (no message built) agrees with the full rules."""
+    refused = False
+    try:
+        validate_rel_path(rel + "/x")  # ends in a plain name: only the pieces decide
+    except InvalidNameError:
+        refused = True
+    full_refuses = (
+        not rel + "/x"
+        or (rel + "/x").startswith("/")
+        or any(c in rel for c in "\\\x00\x1f\x7f\x9f")
+        or (len(rel) > 1 and rel[0].isascii() and rel[0].isalpha() and rel[1] == ":")
+        or any(p in ("", ".", "..") for p in (rel + "/x").split("/"))
+    )
+    assert full_refuses == refused
