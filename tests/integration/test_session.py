@@ -232,6 +232,24 @@ def test_mass_delete_needs_explicit_consent(make_session: MakeSession, store: Ob
     assert {"f3": b"x"} == _committed(store)
 
 
+def test_a_move_counts_once_per_copy_of_its_content(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """Six files with the same bytes, five deleted and one new file with those bytes: one
+    move and four deletes of six, refused as "4 deleted, 1 moved" (one put cannot
+    excuse every delete of its content)."""
+    _seed(make_session, {f"f{i}": b"same" for i in range(6)})
+    session = make_session()
+    work = session.open(P, "admin", STAGE, watch=False)
+    for i in range(5):
+        (work / f"f{i}").unlink()
+    (work / "new").write_bytes(b"same")
+    with pytest.raises(MassDeleteError, match="4 deleted, 1 moved"):
+        session.close()
+    assert 6 == len(_committed(store))
+    session.abort()
+
+
 def test_someone_elses_commit_makes_close_a_conflict_not_an_overwrite(
     make_session: MakeSession, store: ObjectStore
 ) -> None:
