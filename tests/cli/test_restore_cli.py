@@ -1,16 +1,20 @@
 """`agent restore` and the mass-delete guard as a user meets them (issue 20), on SeaweedFS.
 
-A rename moves files; the guard counts it as no delete at all.
+A restore of an early commit removes most of a stage that grew since: the restore
+itself is the user's confirmation, so the guard must not stop it. A rename moves
+files; the guard counts it as no delete at all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +31,12 @@ KEYS = StageKeys(P, STAGE)
 
 Commit = Callable[..., None]
 """``commit({"a.txt": b"..."}, delete=("b.txt",))``: one session, committed."""
+
+FIRST = {"plan.dwg": b"plan one", "notes.txt": b"notes one"}
+# The stage then gains and loses files: #2 adds two and changes the plan, #3 drops
+# notes.txt and adds one more. Restoring #1 removes three of the four files it has.
+SECOND = {"plan.dwg": b"plan two", "pump.dwg": b"pump", "valve.dwg": b"valve"}
+THIRD = {"pipe.dwg": b"pipe"}
 
 
 @pytest.fixture
@@ -90,11 +100,118 @@ def commit(s3_env: dict[str, str], tmp_path: Path) -> Commit:
     return _commit
 
 
+def _grown_stage(commit: Commit) -> None:
+    commit(FIRST)
+    commit(SECOND)
+    commit(THIRD, delete=("notes.txt",))
+
+
 def _committed(store: ObjectStore) -> dict[str, bytes]:
     return {
         KEYS.rel_from_committed(o.key): store.get(o.key).body
         for o in store.list(KEYS.committed_prefix)
     }
+
+
+def _seqs(run: Run) -> list[int]:
+    listed = run("history", P, "--stage", STAGE, "--json")
+    assert 0 == listed.returncode, listed.stderr
+    return [c["seq"] for c in json.loads(listed.stdout)["commits"]]
+
+
+@pytest.mark.parametrize("flags", [("--yes",), ("--json", "--yes")], ids=["text", "json"])
+def test_restore_of_the_first_commit_of_a_grown_stage_brings_back_exactly_its_files(
+    s3run: Run, s3_store: ObjectStore, commit: Commit, flags: tuple[str, ...]
+) -> None:
+    """Restoring #1 removes three of the four files the stage has now (a "mass delete")
+    and is committed as #4 holding exactly #1's files, with no --allow-mass-delete."""
+    _grown_stage(commit)
+    restored = s3run("restore", P, "--stage", STAGE, "--commit", "#1", *flags)
+    assert 0 == restored.returncode, restored.stdout + restored.stderr
+    assert FIRST == _committed(s3_store)
+    assert [1, 2, 3, 4] == _seqs(s3run)
+    if "--json" in flags:
+        report = json.loads(restored.stdout)
+        assert (["notes.txt"], ["plan.dwg"], ["pipe.dwg", "pump.dwg", "valve.dwg"]) == (
+            report["added"],
+            report["changed"],
+            report["removed"],
+        )
+    else:
+        assert "remove pump.dwg" in restored.stdout and "add notes.txt" in restored.stdout
+
+
+def _on_terminal(env: dict[str, str], args: tuple[str, ...], answer: bytes) -> tuple[int, str]:
+    """Run ``agent ARGS`` on a pseudo-terminal; type ``answer`` once it asks "Restore?"."""
+    import pty  # POSIX only: the test that uses it is skipped on Windows
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *args], env=env, stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    out, answered = b"", False
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not answered and b"Restore?" in out:
+                os.write(master, answer)
+                answered = True
+        return proc.wait(timeout=60), out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal is POSIX")
+def test_restore_on_a_terminal_shows_what_it_changes_and_asks(
+    s3_agent_env: dict[str, str], s3run: Run, s3_store: ObjectStore, commit: Commit
+) -> None:
+    """Without --yes on a terminal: the adds, changes and removes are shown, then the
+    question; "n" leaves the stage as it is, "y" restores #1 as commit #4."""
+    _grown_stage(commit)
+    before = _committed(s3_store)
+    args = ("restore", P, "--stage", STAGE, "--commit", "#1")
+    code, shown = _on_terminal(s3_agent_env, args, b"n\n")
+    assert 130 == code, shown  # declined: aborted, as Ctrl-C
+    for line in ("add notes.txt", "change plan.dwg", "remove pipe.dwg", "Restore?"):
+        assert line in shown
+    assert before == _committed(s3_store)
+    assert [1, 2, 3] == _seqs(s3run)
+    code, shown = _on_terminal(s3_agent_env, args, b"y\n")
+    assert 0 == code, shown
+    assert FIRST == _committed(s3_store)
+    assert [1, 2, 3, 4] == _seqs(s3run)
+
+
+def test_a_json_restore_without_yes_refuses_at_once_and_changes_nothing(
+    s3run: Run, s3_store: ObjectStore, commit: Commit
+) -> None:
+    """A script that forgot --yes gets exit 2 naming --yes (no prompt it cannot answer),
+    and neither the stage nor its lock is touched."""
+    _grown_stage(commit)
+    before = _committed(s3_store)
+    refused = s3run("restore", P, "--stage", STAGE, "--commit", "#1", "--json")
+    assert 2 == refused.returncode, refused.stdout + refused.stderr
+    assert "--yes" in refused.stderr
+    assert before == _committed(s3_store)
+    assert [1, 2, 3] == _seqs(s3run)
+    lock = json.loads(s3run("lock", "show", P, "--stage", STAGE, "--json").stdout)
+    assert "released" == lock["lock"]["body"]["state"]
 
 
 def test_moving_most_files_into_a_folder_closes_without_the_override(
