@@ -399,7 +399,11 @@ def _check_mass_delete(
     total = len(base.files)
     if allowed or not deletes or total == 0:
         return
-    re_added = Counter(p.sha256 for p in puts.values())
+    re_added = Counter(  # content new at its path: not a changed executable bit
+        p.sha256
+        for rel, p in puts.items()
+        if rel not in base.files or base.files[rel].sha256 != p.sha256
+    )
     moved = 0
     for rel in deletes:
         sha = base.files[rel].sha256

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,21 @@ def test_a_move_counts_once_per_copy_of_its_content(
     with pytest.raises(MassDeleteError, match="4 deleted, 1 moved"):
         session.close()
     assert 6 == len(_committed(store))
+    session.abort()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the executable bit is POSIX")
+def test_a_changed_executable_bit_is_no_move(make_session: MakeSession) -> None:
+    """Four files with the same bytes, three deleted, the fourth made executable: its bytes
+    were there before, so nothing moved: "3 deleted, 0 moved"."""
+    _seed(make_session, {f"f{i}": b"same" for i in range(4)})
+    session = make_session()
+    work = session.open(P, "admin", STAGE, watch=False)
+    for i in range(3):
+        (work / f"f{i}").unlink()
+    (work / "f3").chmod(0o755)
+    with pytest.raises(MassDeleteError, match="3 deleted, 0 moved"):
+        session.close()
     session.abort()
 
 
