@@ -7,7 +7,9 @@ Registered on the ``agent`` group by ``agent.cli``; thin over
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,7 +17,10 @@ from agent.cli import _emit, _json_option, _obj, _progress, _session_cls, cli
 from agent.config import default_user
 from agent.history import FileVersion
 from agent.keys import CommitInfo
-from agent.text import printable
+from agent.text import printable, printable_lines
+
+if TYPE_CHECKING:
+    from agent.session.versions import RestorePlan
 
 
 class _DefaultGroup(click.Group):
@@ -125,32 +130,72 @@ def show_cmd(projekt_id: str, stage: str, commit: str, path: str, output: Path) 
     )
 
 
+_PLAN_LINES = 20  # per kind in the text shown; --json lists every path
+
+
+def _plan_text(where: str, plan: RestorePlan) -> str:
+    c = plan.restored_from
+    lines = [
+        f"restore {where} to commit #{c.seq} ({printable(c.commit_id[:12])}, "
+        f"{printable(c.user)}) as a new commit: +{len(plan.added)} ~{len(plan.changed)} "
+        f"-{len(plan.removed)}"
+    ]
+    for verb, rels in (("add", plan.added), ("change", plan.changed), ("remove", plan.removed)):
+        lines += [f"  {verb} {rel}" for rel in rels[:_PLAN_LINES]]
+        if len(rels) > _PLAN_LINES:
+            lines.append(f"  ... and {len(rels) - _PLAN_LINES} more to {verb}")
+    return "\n".join(lines)
+
+
 @cli.command("restore")
 @click.argument("projekt_id")
 @click.argument("paths", nargs=-1)
 @click.option("--stage", required=True, help="The stage, e.g. planning.")
 @click.option("--commit", "commit", required=True, help="Commit id (6+ characters) or #SEQ.")
 @click.option("--user", default=None, help="Who restores (default: your login name).")
+@click.option(
+    "--yes", is_flag=True, help="Do not ask before restoring (needed with --json or no terminal)."
+)
 @_json_option
-def restore_cmd(
-    projekt_id: str, paths: tuple[str, ...], stage: str, commit: str, user: str | None
+def restore_cmd(  # click passes every parameter by name
+    *, projekt_id: str, paths: tuple[str, ...], stage: str, commit: str, user: str | None, yes: bool
 ) -> None:
     """Bring the stage (or PATHS: files or folders) back to a commit, as a new commit.
 
-    Takes the stage lock like `agent open` (exit 5 if someone holds it), puts the
-    old versions in place and commits; history is never rewritten.
+    Shows what it will add, change and remove and asks on a terminal (--yes: do
+    not ask; scripts and --json must pass it). It removes every file the commit
+    did not have, however many; the state before stays in the history. Takes the
+    stage lock like `agent open` (exit 5 if someone holds it), puts the old
+    versions in place and commits; history is never rewritten. If someone
+    commits between showing and restoring, nothing is restored (exit 13).
     """
+    interactive = not _obj().json and sys.stdin.isatty()
+    if not yes and not interactive:
+        # Before any request: a script must not hang on a question it cannot answer.
+        raise click.UsageError(
+            "restoring needs --yes when not asked on a terminal (with --json always)"
+        )
     session = _session_cls()(_obj().config)
+    plan = session.plan_restore(projekt_id, stage, commit=commit, paths=list(paths))
+    if not _obj().json:
+        click.echo(printable_lines(_plan_text(f"{projekt_id}/{stage}", plan)))
+    if not yes and not plan.is_empty:
+        click.confirm("Restore?", abort=True)
     with _progress() as slot:
         if slot is not None:
             session.progress.connect(slot)
         report = session.restore(
-            projekt_id, user or default_user(), stage, commit=commit, paths=list(paths)
+            projekt_id,
+            user or default_user(),
+            stage,
+            commit=commit,
+            paths=list(paths),
+            expected=plan,
         )
     _emit(
         report.as_dict(),
-        f"restored {len(report.written)} files, removed {len(report.removed)} from commit "
-        f"#{report.restored_from.seq}; committed as {report.commit_id}",
+        f"restored {len(report.written)} files, removed {len(report.plan.removed)} from "
+        f"commit #{report.restored_from.seq}; committed as {report.commit_id}",
     )
 
 

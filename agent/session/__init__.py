@@ -51,7 +51,7 @@ from agent.recovery import RecoveryInfo
 from agent.repair import RepairReport
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
 from agent.session.checkin import CloseReport
-from agent.session.versions import RestoreReport
+from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store
@@ -453,6 +453,12 @@ class PlantDesignSession:
         """Write ``path`` as ``commit`` left it to ``output`` (no lock needed)."""
         return versions.show(self, projekt_id, stage, commit=commit, path=path, output=output)
 
+    def plan_restore(
+        self, projekt_id: str, stage: str, *, commit: str, paths: Sequence[str] = ()
+    ) -> RestorePlan:
+        """What ``restore`` would add, change and remove in the stage now (no lock needed)."""
+        return versions.plan_restore(self, projekt_id, stage, commit=commit, paths=paths)
+
     def restore(
         self,
         projekt_id: str,
@@ -461,13 +467,20 @@ class PlantDesignSession:
         *,
         commit: str,
         paths: Sequence[str] = (),
+        expected: RestorePlan | None = None,
     ) -> RestoreReport:
         """Bring the stage (or ``paths``) back to ``commit``, committed as a new commit.
 
         Runs a whole session (open, put the versions in place, close) on this object,
         which must be idle; the lock is taken and released like any other session.
+        Calling it is the confirmation: it removes every file the commit did not have,
+        however many (no mass-delete guard; the state before stays in the history).
+        With ``expected`` (from ``plan_restore``, as shown to the user) it refuses with
+        ``ConflictError``, changing nothing, if the stage was committed to since.
         """
-        return versions.restore(self, projekt_id, user, stage, commit=commit, paths=paths)
+        return versions.restore(
+            self, projekt_id, user, stage, commit=commit, paths=paths, expected=expected
+        )
 
     def prune_history(self, projekt_id: str, *, dry_run: bool = False) -> PrunePlan:
         """Delete the commits and versions that ``[history]`` retention lets go."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -304,7 +305,7 @@ def _commit(
         _adopt_new_base(s, finished.manifest, finished.etag)
     base, current = _check_base(s, keys, previous)
     puts, deletes = _staged_changes(s, base)
-    _check_mass_delete(base, deletes, allow_mass_delete)
+    _check_mass_delete(base, deletes, puts, allow_mass_delete)
     if not puts and not deletes:
         log.info("commit_nothing_changed", session_id=s.record.session_id)
         s._journal.clear_staged()
@@ -386,15 +387,35 @@ def _differs(committed: ManifestEntry | None, staged: Staged) -> bool:
     return staged.executable is not None and staged.executable != committed.executable
 
 
-def _check_mass_delete(base: Manifest, deletes: list[str], allowed: bool) -> None:
+def _check_mass_delete(
+    base: Manifest, deletes: list[str], puts: dict[str, Staged], allowed: bool
+) -> None:
+    """Refuse a commit that deletes most of the stage, unless ``allowed``.
+
+    A delete whose bytes this commit puts under another name is a move, not a loss
+    (``mv other*.txt all/``, renaming the top folder): only the rest count. Each put
+    accounts for one delete of the same content (issue 20).
+    """
     total = len(base.files)
     if allowed or not deletes or total == 0:
         return
-    if len(deletes) == total or len(deletes) > total * _MASS_DELETE_FRACTION:
+    re_added = Counter(  # content new at its path: not a changed executable bit
+        p.sha256
+        for rel, p in puts.items()
+        if rel not in base.files or base.files[rel].sha256 != p.sha256
+    )
+    moved = 0
+    for rel in deletes:
+        sha = base.files[rel].sha256
+        if re_added[sha] > 0:
+            re_added[sha] -= 1
+            moved += 1
+    deleted = len(deletes) - moved
+    if deleted and (deleted == total or deleted > total * _MASS_DELETE_FRACTION):
         raise MassDeleteError(
-            f"closing would delete {len(deletes)} of {total} files from the stage; "
-            "nothing was committed. If that is what you want, close again with "
-            "--allow-mass-delete (library: close(allow_mass_delete=True))"
+            f"closing would delete {deleted} of the stage's {total} files ({deleted} deleted, "
+            f"{moved} moved); nothing was committed. If that is what you want, close again "
+            "with --allow-mass-delete (library: close(allow_mass_delete=True))"
         )
 
 

@@ -2,7 +2,9 @@
 
 ``restore`` is an ordinary session: it takes the lock with ``open``, puts the old
 versions into the working folder and commits them with ``close``, so a restore is
-a new commit and history is never rewritten. ``show`` and ``history`` need no lock.
+a new commit and history is never rewritten. Asking for it is the consent the
+mass-delete guard wants (issue 20): the CLI shows ``plan_restore`` first and asks.
+``show`` and ``history`` need no lock.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from agent.commit import read_manifest
-from agent.errors import StoreError, VersionNotFoundError
+from agent.errors import ConflictError, StoreError, VersionNotFoundError
 from agent.history import (
     FileVersion,
     PrunePlan,
@@ -30,6 +32,7 @@ from agent.history import (
     stages_with_history,
 )
 from agent.keys import CommitInfo, StageKeys, WorkFolder, validate_rel_path
+from agent.manifest import Manifest, ManifestEntry
 from agent.snapshot import scan
 
 if TYPE_CHECKING:
@@ -42,21 +45,61 @@ _PRUNE_LIMIT_AFTER_CLOSE = 1000
 
 
 @dataclass(frozen=True)
-class RestoreReport:
-    """What ``restore`` brought back, and the commit that recorded it."""
+class RestorePlan:
+    """What a restore changes in the stage as it is now: shown before, checked after open."""
 
     restored_from: CommitInfo
-    written: list[str]
+    added: list[str]
+    """In the commit, not in the stage now."""
+    changed: list[str]
+    """In both, with other bytes or another executable bit."""
     removed: list[str]
-    close: CloseReport
-    commit_id: str | None
+    """In the stage now, not in the commit."""
+
+    @property
+    def is_empty(self) -> bool:
+        """The stage (or the selected paths) already is as the commit left it."""
+        return not (self.added or self.changed or self.removed)
+
+    def same_changes(self, other: RestorePlan) -> bool:
+        """Both restore the same commit by the same adds, changes and removes."""
+        return (self.restored_from.commit_id, self.added, self.changed, self.removed) == (
+            other.restored_from.commit_id,
+            other.added,
+            other.changed,
+            other.removed,
+        )
 
     def as_dict(self) -> dict[str, object]:
         """For ``--json``."""
         return {
             "restored_from": self.restored_from.as_dict(),
-            "written": self.written,
+            "added": self.added,
+            "changed": self.changed,
             "removed": self.removed,
+        }
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What ``restore`` brought back, and the commit that recorded it."""
+
+    plan: RestorePlan
+    written: list[str]
+    removed: list[str]
+    close: CloseReport
+    commit_id: str | None
+
+    @property
+    def restored_from(self) -> CommitInfo:
+        """The commit the stage (or the paths) went back to."""
+        return self.plan.restored_from
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``--json``."""
+        return {
+            **self.plan.as_dict(),
+            "written": self.written,
             "commit_id": self.commit_id,
         }
 
@@ -95,6 +138,61 @@ def _selected(rel: str, paths: Sequence[str]) -> bool:
     return not paths or any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in paths)
 
 
+def _plan(
+    info: CommitInfo,
+    target: dict[str, ManifestEntry],
+    current: dict[str, ManifestEntry],
+    paths: Sequence[str],
+) -> RestorePlan:
+    """Pure: what going from ``current`` to ``target`` (within ``paths``) changes."""
+    added, changed = [], []
+    for rel, entry in sorted(target.items()):
+        if not _selected(rel, paths):
+            continue
+        now = current.get(rel)
+        if now is None:
+            added.append(rel)
+        elif (now.sha256, now.executable) != (entry.sha256, entry.executable):
+            changed.append(rel)
+    removed = sorted(r for r in current if r not in target and _selected(r, paths))
+    return RestorePlan(restored_from=info, added=added, changed=changed, removed=removed)
+
+
+def plan_restore(
+    s: PlantDesignSession, projekt_id: str, stage: str, *, commit: str, paths: Sequence[str] = ()
+) -> RestorePlan:
+    """What ``restore`` would add, change and remove in the stage as it is now (no lock)."""
+    plan, _target = _prepare(s, StageKeys(projekt_id, stage), commit, paths)
+    return plan
+
+
+def _prepare(
+    s: PlantDesignSession, keys: StageKeys, commit: str, paths: Sequence[str]
+) -> tuple[RestorePlan, Manifest]:
+    """The plan against the stage's manifest now, and the commit's manifest."""
+    wanted_paths = [validate_rel_path(p.rstrip("/")) for p in paths]
+    info = find_commit(list_commits(s.store, keys), commit, keys)
+    target = read_commit(s.store, info)
+    current, _etag = read_manifest(s.store, keys)
+    now = current.files if current is not None else {}
+    known = {*target.files, *now}
+    missing = [p for p in wanted_paths if not any(_selected(r, [p]) for r in known)]
+    if missing:
+        raise VersionNotFoundError(
+            f"{', '.join(missing)}: neither in commit {info.commit_id} nor in the stage now"
+        )
+    return _plan(info, target.files, now, wanted_paths), target
+
+
+def _check_as_shown(plan: RestorePlan, expected: RestorePlan, keys: StageKeys) -> None:
+    """Refuse a restore that would now do other than what the user was shown."""
+    if not plan.same_changes(expected):
+        raise ConflictError(
+            f"{keys.projekt_id}/{keys.stage} was committed to since the restore was shown; "
+            "nothing was restored. Run `agent restore` again to see what it does now"
+        )
+
+
 def restore(
     s: PlantDesignSession,
     projekt_id: str,
@@ -103,21 +201,24 @@ def restore(
     *,
     commit: str,
     paths: Sequence[str] = (),
+    expected: RestorePlan | None = None,
 ) -> RestoreReport:
-    """Bring the stage (or ``paths``: files or folders) back to ``commit``, as a new commit."""
+    """Bring the stage (or ``paths``: files or folders) back to ``commit``, as a new commit.
+
+    The restore is the confirmation: it removes what the commit did not have however
+    much that is (the mass-delete guard does not apply; the state before stays in the
+    history). With ``expected`` (the plan the user was shown), a stage that changed
+    since is refused before anything is touched.
+    """
     keys = StageKeys(projekt_id, stage)
     wanted_paths = [validate_rel_path(p.rstrip("/")) for p in paths]
-    info = find_commit(list_commits(s.store, keys), commit, keys)
-    target = read_commit(s.store, info)
-    current, _etag = read_manifest(s.store, keys)
-    known = {*target.files, *(current.files if current is not None else ())}
-    missing = [p for p in wanted_paths if not any(_selected(r, [p]) for r in known)]
-    if missing:
-        raise VersionNotFoundError(
-            f"{', '.join(missing)}: neither in commit {info.commit_id} nor in the stage now"
-        )
+    planned, target = _prepare(s, keys, commit, paths)
     work = s.open(projekt_id, user, stage, watch=False)
     try:
+        base = s._base_manifest.files if s._base_manifest is not None else {}
+        plan = _plan(planned.restored_from, target.files, base, wanted_paths)
+        if expected is not None:
+            _check_as_shown(plan, expected, keys)
         folder = WorkFolder(work)
         present = scan(work, s.rules)
         removed = sorted(r for r in present if _selected(r, wanted_paths) and r not in target.files)
@@ -135,7 +236,7 @@ def restore(
                 fetch_version(s.store, keys, rel, entry, folder.path(rel))
             folder.set_executable(rel, entry.executable)
             written.append(rel)
-        report = s.close()
+        report = s.close(allow_mass_delete=True)  # the restore is the user's consent
     except BaseException:
         if not s.is_closed:
             s.abort()
@@ -145,12 +246,12 @@ def restore(
         "stage_restored",
         projekt_id=projekt_id,
         stage=stage,
-        restored_from=info.commit_id,
+        restored_from=plan.restored_from.commit_id,
         written=len(written),
         removed=len(removed),
     )
     return RestoreReport(
-        restored_from=info,
+        plan=plan,
         written=written,
         removed=removed,
         close=report,

@@ -47,7 +47,7 @@ def test_a_damaged_save_is_found_in_history_and_brought_back(run: Run, tmp_path:
     assert 0 == shown.returncode, shown.stderr
     assert old.read_bytes() == b"good drawing"
 
-    restored = run("restore", P, "plan.dwg", "--stage", STAGE, "--commit", "#1", "--json")
+    restored = run("restore", P, "plan.dwg", "--stage", STAGE, "--commit", "#1", "--json", "--yes")
     assert 0 == restored.returncode, restored.stderr
     assert json.loads(restored.stdout)["written"] == ["plan.dwg"]
 

@@ -8,12 +8,13 @@ needs (checked by restoring each kept commit).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.errors import VersionNotFoundError
+from agent.errors import ConflictError, VersionNotFoundError
 from agent.history import FileVersion
 from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
@@ -185,3 +186,43 @@ def test_retention_prunes_old_commits_and_keeps_what_kept_commits_need(
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def test_restore_of_the_first_commit_removes_what_the_stage_gained_without_consent_flags(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """#1 had 2 files; the stage then gained 3 and lost 1: restoring #1 removes 3 of 4
+    (more than the mass-delete guard lets a close do), and the restore needs no flag."""
+    _commit(make_session, "alice", {"a.dwg": b"a1", "b.dwg": b"b1"})
+    _commit(make_session, "bob", {"a.dwg": b"a2", "c.dwg": b"c", "d.dwg": b"d"})
+    _commit(make_session, "alice", {"e.dwg": b"e"}, delete=("b.dwg",))
+    report = make_session("carol").restore(P, "carol", STAGE, commit="#1")
+    assert {"a.dwg": b"a1", "b.dwg": b"b1"} == _committed(store)
+    assert (["b.dwg"], ["a.dwg"], ["c.dwg", "d.dwg", "e.dwg"]) == (
+        report.plan.added,
+        report.plan.changed,
+        report.plan.removed,
+    )
+    assert [1, 2, 3, 4] == [c.seq for c in _commits(make_session("reader"))]
+
+
+def test_a_restore_shown_before_someone_committed_changes_nothing(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """The plan shown to the user no longer fits the stage (bob committed since): the
+    restore refuses with a conflict, commits nothing and leaves the lock released."""
+    _make_history(make_session)
+    carol = make_session("carol")
+    shown = carol.plan_restore(P, STAGE, commit="#1")
+    assert (["notes.txt"], ["plan.dwg"], ["extra.txt"]) == (
+        shown.added,
+        shown.changed,
+        shown.removed,
+    )
+    _commit(make_session, "bob", {"late.txt": b"late"})
+    before = _committed(store)
+    with pytest.raises(ConflictError, match="agent restore"):
+        carol.restore(P, "carol", STAGE, commit="#1", expected=shown)
+    assert before == _committed(store)
+    assert 5 == len(_commits(make_session("reader")))
+    assert "released" == json.loads(store.get(KEYS.lock).body)["state"]

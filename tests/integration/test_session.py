@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,39 @@ def test_mass_delete_needs_explicit_consent(make_session: MakeSession, store: Ob
     assert 4 == len(_committed(store))
     session.close(allow_mass_delete=True)
     assert {"f3": b"x"} == _committed(store)
+
+
+def test_a_move_counts_once_per_copy_of_its_content(
+    make_session: MakeSession, store: ObjectStore
+) -> None:
+    """Six files with the same bytes, five deleted and one new file with those bytes: one
+    move and four deletes of six, refused as "4 deleted, 1 moved" (one put cannot
+    excuse every delete of its content)."""
+    _seed(make_session, {f"f{i}": b"same" for i in range(6)})
+    session = make_session()
+    work = session.open(P, "admin", STAGE, watch=False)
+    for i in range(5):
+        (work / f"f{i}").unlink()
+    (work / "new").write_bytes(b"same")
+    with pytest.raises(MassDeleteError, match="4 deleted, 1 moved"):
+        session.close()
+    assert 6 == len(_committed(store))
+    session.abort()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the executable bit is POSIX")
+def test_a_changed_executable_bit_is_no_move(make_session: MakeSession) -> None:
+    """Four files with the same bytes, three deleted, the fourth made executable: its bytes
+    were there before, so nothing moved: "3 deleted, 0 moved"."""
+    _seed(make_session, {f"f{i}": b"same" for i in range(4)})
+    session = make_session()
+    work = session.open(P, "admin", STAGE, watch=False)
+    for i in range(3):
+        (work / f"f{i}").unlink()
+    (work / "f3").chmod(0o755)
+    with pytest.raises(MassDeleteError, match="3 deleted, 0 moved"):
+        session.close()
+    session.abort()
 
 
 def test_someone_elses_commit_makes_close_a_conflict_not_an_overwrite(
