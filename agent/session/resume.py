@@ -20,7 +20,7 @@ from agent.errors import (
     SessionError,
 )
 from agent.journal import Journal
-from agent.keys import StageKeys, WorkFolder, local_path_for, unsupported_reason
+from agent.keys import StageKeys, WorkFolder, folder_identity, local_path_for, unsupported_reason
 from agent.lock import RemoteLock
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.merge import plan_merge
@@ -125,6 +125,7 @@ def _resume(s: PlantDesignSession, session_id: str | None, *, take_over: bool, w
             f"session {session_id} crashed while opening (nothing was edited yet): "
             "discard it with `agent recover --discard` and open again"
         )
+    s._work_folder(record).check_identity()  # before the lock: refused, nothing changes
     keys = StageKeys(record.projekt_id, record.stage)
     s.record = record
     s._set_state(SessionState.ACQUIRING)
@@ -178,6 +179,7 @@ def _restore(
     s._base_manifest = s.records.load_base_manifest(record.session_id)
     _finish_interrupted_commit(s, keys)
     _restore_folder(s, keys, info)
+    s._update_record(work_identity=folder_identity(record.work_path))  # made again if gone
     _merge_remote(s, keys)
     s._update_record(phase="active", lock_etag=lock.etag)
 
