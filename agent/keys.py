@@ -191,7 +191,7 @@ def _replaced_message(root: Path, what: str) -> str:
         f"the working folder {root} {what}: it is not the folder this session opened, so "
         "nothing was committed, moved or deleted and the lock is kept. Put the session's "
         "own folder back at that path (remove the link, or move the other folder away), "
-        "then close or abort again"
+        "then run the command again"
     )
 
 

@@ -231,19 +231,36 @@ def _finish_interrupted_commit(s: PlantDesignSession, keys: StageKeys) -> Commit
 
 
 def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) -> None:
-    """Make sure the working folder has every file of the session."""
+    """Make sure the working folder has every file of the session, and no file it deleted.
+
+    A base file missing from the folder was deleted by the user (the watcher may not
+    have told the journal before the crash): it stays deleted, and close commits the
+    delete. It comes back only if it never was in this folder (a restore a crash cut),
+    or the whole folder is gone. A file this session had sent newer content for (a
+    staged put) comes back with that content.
+    """
     assert s.record is not None and s._journal is not None
     work = s.record.work_path
     current, _etag = read_manifest(s.store, keys)
     base = current if current is not None else s._load_base_manifest_unchecked()
     staged = s._journal.staged()
-    missing_base = [
+    folder_lost = not work.is_dir()
+    missing = [
         rel
         for rel in base.files
         if not work.joinpath(*rel.split("/")).exists() and rel not in staged
     ]
-    if not work.is_dir() or missing_base:
+    missing_base = [rel for rel in missing if folder_lost or rel not in s._base_files]
+    if kept_deleted := sorted(set(missing) - set(missing_base)):
+        log.info("resume_kept_deletes", paths=kept_deleted[:20], count=len(kept_deleted))
+    if folder_lost or missing_base:
         work.mkdir(parents=True, exist_ok=True)
+        # Not here until downloaded: a restore a failure cuts is finished by the next resume.
+        for rel in missing_base:
+            s._base_files.pop(rel, None)
+        s.records.save_base(s.record.session_id, s._base_files)
+        if folder_lost:  # the session's folder from now on
+            s._update_record(work_identity=folder_identity(work))
         items = [
             Download(
                 key=keys.committed(rel),
@@ -291,6 +308,11 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
                 if staged[rel].executable:
                     WorkFolder(work).set_executable(rel, True)
         s.records.save_base(s.record.session_id, s._base_files)
+    _copy_from_backup(work, info)
+
+
+def _copy_from_backup(work: Path, info: RecoveryInfo) -> None:
+    """A handled crash's copies of unsaved files go back where the folder lacks them."""
     backup = info.backup_path
     if backup is not None and info.kind == "handled" and backup.name != "files":
         backup = backup / "files"  # written by an agent before issue 10
