@@ -447,6 +447,8 @@ class Streamer:
                     failed = exc
         except FileNotFoundError:
             return self._gone(rel, seq)
+        except WorkFolderReplacedError:
+            raise  # the folder, not the file: retried (and shown) until it is back
         except LocalFileError as exc:  # now a link or special file: never followed or sent
             log.warning("not_synchronised", path=rel, reason=str(exc))
             return self._gone(rel, seq)
