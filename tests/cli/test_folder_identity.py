@@ -1,19 +1,21 @@
-"""The working folder as the user's processes see it: replaced, deleted under a crash,
-filled by other tools (issue 20), with real ``agent`` processes and SeaweedFS."""
+"""A working folder replaced by a link or by another folder (issue 20): every verb that
+would read, move or delete it refuses, with real ``agent`` processes and SeaweedFS."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from agent.store.base import ObjectStore
-from tests.cli.test_crash import KEYS, STAGE, Agent, P, _committed, _env
+from tests.cli.test_crash import KEYS, STAGE, Agent, P, _committed, _dead, _env
+from tests.waiting import wait_for
 
 
 def _lock_state(store: ObjectStore) -> str:
-    import json
-
     return str(json.loads(store.get(KEYS.lock).body)["state"])
 
 
@@ -78,3 +80,30 @@ def test_close_and_abort_refuse_a_working_folder_replaced(
     assert {"saved.txt": b"saved in the session"} == _committed(s3_store)
     assert "released" == _lock_state(s3_store)
     assert files == _tree(outside)
+
+
+def test_recover_refuses_to_resume_or_discard_into_a_working_folder_replaced_by_a_link(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """After kill -9 the working folder became a link: resume and discard refuse (exit 22)
+    before taking or giving up the lock; the linked folder's files are untouched."""
+    agent = Agent(_env(tmp_path / "base", s3_env))
+    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
+    work, pid = Path(opened["path"]), int(opened["agent_pid"])
+    (work / "unsaved.txt").write_text("not committed")
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: _dead(pid), 20)
+    outside, files = _outside_folder(tmp_path)
+    work.rename(work.with_name(work.name + ".moved"))
+    work.symlink_to(outside, target_is_directory=True)
+    for args in (("recover", "--resume"), ("recover", "--discard", "--yes")):
+        refused = agent.run(*args, check=False)
+        assert 22 == refused.returncode, (args, refused.stdout, refused.stderr)
+        assert str(work) in refused.stderr
+        assert files == _tree(outside)
+        assert "held" == _lock_state(s3_store)
+    work.unlink()
+    work.with_name(work.name + ".moved").rename(work)
+    agent.json("recover", "--resume")
+    agent.json("close")
+    assert {"unsaved.txt": b"not committed"} == _committed(s3_store)
