@@ -172,7 +172,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     s._uninstall_crash_handler()
     s._stop_streaming()
     if replaced:
-        pass
+        pass  # not the session's folder (logged above): nothing there is cached or moved
     elif changed_after:
         log.warning(
             "close_kept_folder_changed_after_commit",
