@@ -511,7 +511,8 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
         orphans = [o.as_dict() for o in session.find_orphans()]
         lines = [
             f"{o['session_id']}  {o['projekt_id']}/{o['stage']}  user={o['user']}  "
-            f"pending={len(o['pending'])}  crash={o['kind']}  backup={o['backup_path']}"
+            f"pending={len(o['pending'])}  deleted={len(o['deleted'])}  crash={o['kind']}  "
+            f"backup={o['backup_path']}"
             for o in orphans
         ] or ["no orphaned sessions"]
         if orphans:

@@ -205,6 +205,14 @@ DEFAULT_IGNORE = (
     "Thumbs.db",
     "desktop.ini",
     ".pdagent.*",
+    # git's temp files (issue 20): packs, indexes and objects being written, and its
+    # ``*.lock`` files (a new index or ref before the rename), in any repository.
+    "*.git/*objects/*tmp_*",
+    "*.git/*.lock",
+    # rsync writes ``.<name>.XXXXXX`` beside the target (six letters or digits, no dot),
+    # and keeps partial files in ``.rsync-partial/`` (``.~tmp~/`` is ``*~`` above).
+    ".?*.[a-z0-9][a-z0-9][a-z0-9][a-z0-9][a-z0-9][a-z0-9]",
+    ".rsync-partial",
 )
 
 

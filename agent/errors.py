@@ -21,6 +21,7 @@
     │       └── ContentMismatchError exit 7  an object's bytes are not the manifest's
     ├── TransferError               exit 10  keeps last_exception and failed count
     ├── LocalFileError              exit 11  disk full, permission denied, unsafe path
+    │   └── WorkFolderReplacedError exit 22  the working folder is a link or another folder now
     ├── JournalCorruptError         exit 12
     ├── ConflictError               exit 13  someone else committed since our base
     ├── MassDeleteError             exit 14  close would delete most files
@@ -184,6 +185,13 @@ class LocalFileError(AgentError):
     """A local file could not be read or written (disk full, permissions, unsafe path)."""
 
     exit_code = 11
+
+
+class WorkFolderReplacedError(LocalFileError):
+    """The working folder is no longer the folder the session opened (a link to another
+    folder, or another folder moved into its place): nothing in or from it is touched."""
+
+    exit_code = 22
 
 
 class JournalCorruptError(AgentError):

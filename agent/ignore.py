@@ -14,7 +14,10 @@ is as much a lock file as ``~$x.docx``):
 
 Our own temp names (``.pdagent.<name>.<random>.tmp``, written beside the target
 by downloads and renamed over it when complete) are always ignored, whatever
-the configured patterns say.
+the configured patterns say. The default patterns (``agent.config.DEFAULT_IGNORE``)
+also cover other tools' temp files: office and editor lock files, git's
+``tmp_pack_*``/``tmp_idx_*``/``tmp_obj_*`` and ``*.lock`` inside a repository,
+rsync's ``.<name>.XXXXXX`` and ``.rsync-partial/``.
 """
 
 from __future__ import annotations

@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from agent.errors import InvalidNameError, LocalFileError
+from agent.errors import InvalidNameError, LocalFileError, WorkFolderReplacedError
 from agent.platform import set_executable
 
 __all__ = [
     "HAS_DIR_FD",
+    "FolderIdentity",
     "StageKeys",
     "WorkFolder",
     "fd_path",
+    "folder_identity",
     "is_plain",
     "local_path_for",
     "printable",
@@ -183,6 +185,30 @@ def _has_proc_fd() -> bool:
     return _PROC_FD.is_dir()
 
 
+FolderIdentity = tuple[int, int]
+"""A folder's ``(st_dev, st_ino)``: which folder it is, whatever path reaches it."""
+
+
+def folder_identity(root: Path) -> FolderIdentity:
+    """The identity of the real folder ``root`` (``lstat``: a link is refused, never followed)."""
+    try:
+        st = root.lstat()
+    except OSError as exc:
+        raise LocalFileError(f"cannot read the working folder {root}: {exc.strerror}") from exc
+    if not is_plain(st) or not stat.S_ISDIR(st.st_mode):
+        raise WorkFolderReplacedError(_replaced_message(root, "is a link or not a folder"))
+    return (st.st_dev, st.st_ino)
+
+
+def _replaced_message(root: Path, what: str) -> str:
+    return (
+        f"the working folder {root} {what}: it is not the folder this session opened, so "
+        "nothing was committed, moved or deleted and the lock is kept. Put the session's "
+        "own folder back at that path (remove the link, or move the other folder away), "
+        "then run the command again"
+    )
+
+
 class WorkFolder:
     """Maps working-copy paths into one root and opens them without following links.
 
@@ -192,10 +218,40 @@ class WorkFolder:
     answer. A link, junction or special file anywhere on the way is refused with
     ``LocalFileError``; a link as the last component is never followed (reads
     refuse it, writes replace it).
+
+    ``identity`` (the session's folder, recorded when it was made): the root itself
+    must still be that folder, checked on every use; a link or another folder in its
+    place raises ``WorkFolderReplacedError`` (a missing root is left to the caller).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, identity: FolderIdentity | None = None) -> None:
         self.root = root
+        self.identity = identity
+
+    def check_identity(self) -> None:
+        """Refuse (``WorkFolderReplacedError``) a root that is not the recorded folder.
+
+        A missing root passes: nothing is there to be mistaken for the session's folder.
+        """
+        if self.identity is None:
+            return
+        try:
+            st = self.root.lstat()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise LocalFileError(f"cannot read {self.root}: {exc.strerror}") from exc
+        self._check_root_stat(st)
+
+    def _check_root_stat(self, st: os.stat_result) -> None:
+        if self.identity is None:
+            return
+        if not is_plain(st) or not stat.S_ISDIR(st.st_mode):
+            raise WorkFolderReplacedError(_replaced_message(self.root, "is a link or not a folder"))
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise WorkFolderReplacedError(
+                _replaced_message(self.root, "is another folder than the one the session made")
+            )
 
     def _refuse(self, rel: str, key: str | None, where: Path, what: str) -> LocalFileError:
         name = f"key {key!r}" if key else f"path {rel!r}"
@@ -237,6 +293,8 @@ class WorkFolder:
                 break  # created later, by us, as a real folder
             except OSError as exc:
                 raise LocalFileError(f"cannot read {current}: {exc.strerror}") from exc
+            if not part:
+                self._check_root_stat(st)
             if not is_plain(st):
                 raise self._refuse(rel, key, current, "a link (outside the working folder?)")
             if not stat.S_ISDIR(st.st_mode):
@@ -300,8 +358,12 @@ class WorkFolder:
         try:
             fd = os.open(self.root, flags)
         except OSError as exc:
+            if self.identity is not None and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                self.check_identity()  # says what is there now
             raise self._translate(exc, rel_dir, self.root) from exc
         try:
+            if self.identity is not None:  # the folder opened is the session's own
+                self._check_root_stat(os.fstat(fd))
             for part in parts:
                 if create:
                     with suppress(FileExistsError):

@@ -330,7 +330,10 @@ class RecoveryDialog(QDialog):
         )
         self.files = QListWidget(self)
         for rel in unsaved:
-            where = "only here" if rel in info.pending else "uploaded, not committed"
+            if rel in info.deleted:
+                where = "deleted here"
+            else:
+                where = "only here" if rel in info.pending else "uploaded, not committed"
             self.files.addItem(f"{rel}  ({where})")
         layout.addWidget(self.files)
         buttons = QDialogButtonBox(self)

@@ -62,6 +62,9 @@ class SessionRecord(BaseModel):
     conflicts: list[str] = []
     commit_id: str | None = None
     """The commit this session started last (its intent names it)."""
+    work_identity: tuple[int, int] | None = None
+    """The working folder's ``(st_dev, st_ino)`` when open (or resume) made it: close,
+    abort and discard refuse a link or another folder in its place (issue 20)."""
 
 
 class SessionStore:

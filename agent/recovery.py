@@ -74,6 +74,8 @@ class RecoveryInfo(BaseModel):
     base_manifest_etag: str | None
     pending: list[str]
     staged: list[str] = []
+    deleted: list[str] = []
+    """Of those, the files deleted here (resume keeps them deleted; close commits that)."""
     crashed_at: datetime
     kind: Literal["handled", "unseen"]
     reason: str = ""
@@ -97,6 +99,7 @@ class LocalChanges:
 
     pending: list[str] = field(default_factory=list)  # not in the store at all
     staged: list[str] = field(default_factory=list)  # in this session's staging only
+    deleted: list[str] = field(default_factory=list)  # of both: deleted here
 
 
 def local_changes(
@@ -110,6 +113,7 @@ def local_changes(
     A changed stat tuple is only a candidate: its content is hashed (links are never
     followed), so a file changed and changed back is not a change. A file whose name
     the store cannot hold is left out (abort and discard keep it aside anyway).
+    ``deleted``: the changes that are files missing here (and not sent again since).
     """
     current = scan(work, rules) if work.is_dir() else {}
     folder = WorkFolder(work)
@@ -140,7 +144,14 @@ def local_changes(
             in_staging.append(rel)
         else:
             pending.append(rel)
-    return LocalChanges(pending=pending, staged=in_staging)
+    # A file missing here is deleted, unless this session had sent newer content for it
+    # (a staged put): resume brings that back.
+    deleted = [
+        rel
+        for rel, sha in sorted(changed.items())
+        if sha is None and ((held := staged.get(rel)) is None or held.op == "delete")
+    ]
+    return LocalChanges(pending=pending, staged=in_staging, deleted=deleted)
 
 
 def info_path(recovery_root: Path, session_id: str) -> Path:
@@ -207,6 +218,7 @@ def find_orphans(
                 base_manifest_etag=record.base_manifest_etag,
                 pending=changes.pending,
                 staged=changes.staged,
+                deleted=changes.deleted if record.work_path.is_dir() else [],
                 crashed_at=record.updated_at,
                 kind="unseen",
             )
@@ -216,6 +228,7 @@ def find_orphans(
                 update={
                     "pending": sorted({*info.pending, *changes.pending} - set(changes.staged)),
                     "staged": sorted({*info.staged, *changes.staged}),
+                    "deleted": sorted(set(changes.deleted) if record.work_path.is_dir() else ()),
                 }
             )
         found.append(info)

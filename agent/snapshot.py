@@ -18,9 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from agent.errors import AgentError
+from agent.errors import AgentError, WorkFolderReplacedError
 from agent.ignore import IgnoreRules
-from agent.keys import HAS_DIR_FD, WorkFolder, is_plain
+from agent.keys import HAS_DIR_FD, FolderIdentity, WorkFolder, is_plain
 
 __all__ = ["FileStat", "diff", "scan"]
 
@@ -69,7 +69,12 @@ class FileStat:
 
 
 def scan(
-    root: Path, rules: IgnoreRules, subtree: str = "", *, others: list[str] | None = None
+    root: Path,
+    rules: IgnoreRules,
+    subtree: str = "",
+    *,
+    others: list[str] | None = None,
+    identity: FolderIdentity | None = None,
 ) -> dict[str, FileStat]:
     """Every regular file at or below ``root/subtree``, keyed by POSIX path relative to ``root``.
 
@@ -79,10 +84,13 @@ def scan(
     links and special files met on the way (never followed). Files that vanish
     during the walk are left out; unreadable folders are logged and left out. Where
     the platform allows, folders are walked by descriptor with ``O_NOFOLLOW``: a
-    folder swapped for a link during the walk is not entered.
+    folder swapped for a link during the walk is not entered. ``identity``: the
+    session's folder; a link or another folder at ``root`` raises
+    ``WorkFolderReplacedError`` instead of reading as an empty (all deleted) folder.
     """
     out: dict[str, FileStat] = {}
     start = root
+    WorkFolder(root, identity).check_identity()
     if subtree:
         start = root.joinpath(*subtree.split("/"))
         st = _subtree_stat(root, rules, subtree, start)
@@ -92,8 +100,10 @@ def scan(
             return {subtree: FileStat.of(st)}
     if HAS_DIR_FD:
         try:
-            with WorkFolder(root).open_dir(subtree) as fd:
+            with WorkFolder(root, identity).open_dir(subtree) as fd:
                 _walk_fd(fd, subtree, rules, out, others)
+        except WorkFolderReplacedError:
+            raise
         except (OSError, AgentError) as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("scan_folder_unreadable", path=subtree or ".", error=str(exc))

@@ -30,10 +30,10 @@ from typing import Any
 import structlog
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, LocalFileError
+from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
 from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
-from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.keys import FolderIdentity, StageKeys, WorkFolder, printable, unsupported_reason
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
@@ -79,9 +79,10 @@ class Streamer:
         base: Manifest,
         known: dict[str, LocalEntry],
         on_error: Callable[[str], None] | None = None,
+        identity: FolderIdentity | None = None,
     ) -> None:
         self.root = root
-        self._folder = WorkFolder(root)
+        self._folder = WorkFolder(root, identity)
         self.keys = keys
         self.session_id = session_id
         self.store = store
@@ -203,6 +204,9 @@ class Streamer:
             try:
                 if st is None:
                     st = self._folder.path(rel).lstat()
+            except WorkFolderReplacedError as exc:  # nothing there is the session's: no delete
+                self._report(str(exc))
+                return
             except LocalFileError as exc:  # a folder on the way is a link: not followed
                 log.warning("not_synchronised", path=rel, reason=str(exc))
             except AgentError:
@@ -230,7 +234,7 @@ class Streamer:
 
     def rescan(self, subtree: str = "") -> None:
         """Compare a subtree with what the store holds; journal the differences."""
-        current = scan(self.root, self.rules, subtree)
+        current = scan(self.root, self.rules, subtree, identity=self._folder.identity)
         prefix = f"{subtree}/" if subtree else ""
         with self._known_lock:
             known = {
@@ -443,6 +447,8 @@ class Streamer:
                     failed = exc
         except FileNotFoundError:
             return self._gone(rel, seq)
+        except WorkFolderReplacedError:
+            raise  # the folder, not the file: retried (and shown) until it is back
         except LocalFileError as exc:  # now a link or special file: never followed or sent
             log.warning("not_synchronised", path=rel, reason=str(exc))
             return self._gone(rel, seq)

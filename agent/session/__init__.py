@@ -41,7 +41,7 @@ from agent.errors import LockLostError, SessionError
 from agent.history import FileVersion, PrunePlan
 from agent.ignore import IgnoreRules
 from agent.journal import Journal
-from agent.keys import CommitInfo, StageKeys
+from agent.keys import CommitInfo, StageKeys, WorkFolder
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.lockboard import LockRow, list_locks
 from agent.manifest import LocalEntry, Manifest
@@ -312,6 +312,12 @@ class PlantDesignSession:
 
     def _journal_path(self, session_id: str) -> Path:
         return self.records.folder(session_id) / "journal.sqlite"
+
+    def _work_folder(self, record: SessionRecord | None = None) -> WorkFolder:
+        """The session's working folder, which must still be the folder open made."""
+        record = record or self.record
+        assert record is not None
+        return WorkFolder(record.work_path, record.work_identity)
 
     @property
     def is_closed(self) -> bool:

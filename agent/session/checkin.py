@@ -25,6 +25,7 @@ from agent.errors import (
     LockLostError,
     MassDeleteError,
     TransferError,
+    WorkFolderReplacedError,
 )
 from agent.journal import Staged
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
@@ -139,6 +140,8 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     streamer = s._ensure_streamer(watch=False, reconcile=False)  # rescanned just below
     was_watching = streamer.is_watching
     try:
+        # A link or another folder in its place: nothing of it is sent, moved or committed.
+        s._work_folder().check_identity()
         streamer.stop_watching()
         streamer = _flush_all(s, streamer)
         runtime.finish_repair(s, cancel=False)  # the commit alone writes plain keys now
@@ -164,12 +167,14 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     # Committed and released: from here only local clean-up is left, which a crash
     # recovery finishes (the record says so) instead of offering a resume.
     s._update_record(phase="closing")
-    changed_after, unsynced = _changed_since_commit(s, streamer, manifest)
     kept: list[str] = []
+    replaced, changed_after, unsynced = _folder_after_commit(s, streamer, manifest)
     known = streamer.known()
     s._uninstall_crash_handler()
     s._stop_streaming()
-    if changed_after:
+    if replaced:
+        pass  # not the session's folder (logged above): nothing there is cached or moved
+    elif changed_after:
         log.warning(
             "close_kept_folder_changed_after_commit",
             paths=changed_after[:20],
@@ -214,6 +219,19 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
     return report
 
 
+def _folder_after_commit(
+    s: PlantDesignSession, streamer: Streamer, manifest: Manifest
+) -> tuple[bool, list[str], list[str]]:
+    """``(replaced, changed_after, unsynced)``: ``replaced`` if the working folder is no
+    longer the session's (replaced since the commit): then it is left as it is."""
+    try:
+        s._work_folder().check_identity()
+        return (False, *_changed_since_commit(s, streamer, manifest))
+    except WorkFolderReplacedError as exc:
+        log.warning("close_left_replaced_folder", path=str(streamer.root), error=str(exc))
+        return True, [], []
+
+
 def _changed_since_commit(
     s: PlantDesignSession, streamer: Streamer, manifest: Manifest
 ) -> tuple[list[str], list[str]]:
@@ -221,7 +239,7 @@ def _changed_since_commit(
     the store does not hold (links, special files, names it cannot hold): one walk."""
     known = streamer.known()
     others: list[str] = []
-    current = scan(streamer.root, s.rules, others=others)
+    current = scan(streamer.root, s.rules, others=others, identity=s._work_folder().identity)
     folder = WorkFolder(streamer.root)
     unstorable = {rel for rel in current if unsupported_reason(rel) is not None}
     changed = [

@@ -23,7 +23,14 @@ from agent.errors import (
     SessionError,
 )
 from agent.journal import Journal
-from agent.keys import StageKeys, WorkFolder, case_collisions, unsupported_reason, validate_name
+from agent.keys import (
+    StageKeys,
+    WorkFolder,
+    case_collisions,
+    folder_identity,
+    unsupported_reason,
+    validate_name,
+)
 from agent.lock import RemoteLock
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.platform import folds_case, machine_name
@@ -145,7 +152,12 @@ def _open_locked(
         base_etag, base_files = _download(s, keys, work, base)
         _check_cancel(s)
         s.records.save_base(session_id, base_files)
-        s._update_record(phase="active", base_manifest_etag=base_etag, lock_etag=lock.etag)
+        s._update_record(
+            phase="active",
+            base_manifest_etag=base_etag,
+            lock_etag=lock.etag,
+            work_identity=folder_identity(work),
+        )
     except BaseException as exc:
         bound.error("open_failed", error=str(exc), cancelled=s._cancel.is_set())
         shutil.rmtree(work, ignore_errors=True)

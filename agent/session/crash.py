@@ -533,6 +533,7 @@ def emergency_save(s: PlantDesignSession, reason: str) -> None:
         base_manifest_etag=record.base_manifest_etag,
         pending=changes.pending,
         staged=changes.staged,
+        deleted=changes.deleted,
         crashed_at=datetime.now(UTC),
         kind="handled",
         reason=reason,

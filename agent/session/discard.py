@@ -58,6 +58,8 @@ def abort(s: PlantDesignSession) -> None:
             raise SessionError("cannot abort: this session is already closed")
         if s._state is SessionState.IDLE or s.record is None:
             raise SessionError("cannot abort: no session is open (call open() first)")
+        # A link or another folder in its place: refused before anything is given up.
+        s._work_folder().check_identity()
         before = s.record.phase
         record = s._update_record(phase="aborting")  # a crash from here on finishes the abort
         keys = StageKeys(record.projekt_id, record.stage)
@@ -131,6 +133,7 @@ def discard(
         session_id = _pick_orphan(s, session_id, "discard")
         _check_loss_confirmed(s, session_id, confirm_loss)
         record = s.records.load(session_id)
+        s._work_folder(record).check_identity()
         s.record = record
         keys = StageKeys(record.projekt_id, record.stage)
         lock = RemoteLock(s.store, keys.lock, s._holder(record), s.config.lock)

@@ -20,7 +20,7 @@ from agent.errors import (
     SessionError,
 )
 from agent.journal import Journal
-from agent.keys import StageKeys, WorkFolder, local_path_for, unsupported_reason
+from agent.keys import StageKeys, WorkFolder, folder_identity, local_path_for, unsupported_reason
 from agent.lock import RemoteLock
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.merge import plan_merge
@@ -125,6 +125,7 @@ def _resume(s: PlantDesignSession, session_id: str | None, *, take_over: bool, w
             f"session {session_id} crashed while opening (nothing was edited yet): "
             "discard it with `agent recover --discard` and open again"
         )
+    s._work_folder(record).check_identity()  # before the lock: refused, nothing changes
     keys = StageKeys(record.projekt_id, record.stage)
     s.record = record
     s._set_state(SessionState.ACQUIRING)
@@ -178,6 +179,7 @@ def _restore(
     s._base_manifest = s.records.load_base_manifest(record.session_id)
     _finish_interrupted_commit(s, keys)
     _restore_folder(s, keys, info)
+    s._update_record(work_identity=folder_identity(record.work_path))  # made again if gone
     _merge_remote(s, keys)
     s._update_record(phase="active", lock_etag=lock.etag)
 
@@ -229,19 +231,36 @@ def _finish_interrupted_commit(s: PlantDesignSession, keys: StageKeys) -> Commit
 
 
 def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) -> None:
-    """Make sure the working folder has every file of the session."""
+    """Make sure the working folder has every file of the session, and no file it deleted.
+
+    A base file missing from the folder was deleted by the user (the watcher may not
+    have told the journal before the crash): it stays deleted, and close commits the
+    delete. It comes back only if it never was in this folder (a restore a crash cut),
+    or the whole folder is gone. A file this session had sent newer content for (a
+    staged put) comes back with that content.
+    """
     assert s.record is not None and s._journal is not None
     work = s.record.work_path
     current, _etag = read_manifest(s.store, keys)
     base = current if current is not None else s._load_base_manifest_unchecked()
     staged = s._journal.staged()
-    missing_base = [
+    folder_lost = not work.is_dir()
+    missing = [
         rel
         for rel in base.files
         if not work.joinpath(*rel.split("/")).exists() and rel not in staged
     ]
-    if not work.is_dir() or missing_base:
+    missing_base = [rel for rel in missing if folder_lost or rel not in s._base_files]
+    if kept_deleted := sorted(set(missing) - set(missing_base)):
+        log.info("resume_kept_deletes", paths=kept_deleted[:20], count=len(kept_deleted))
+    if folder_lost or missing_base:
         work.mkdir(parents=True, exist_ok=True)
+        # Not here until downloaded: a restore a failure cuts is finished by the next resume.
+        for rel in missing_base:
+            s._base_files.pop(rel, None)
+        s.records.save_base(s.record.session_id, s._base_files)
+        if folder_lost:  # the session's folder from now on
+            s._update_record(work_identity=folder_identity(work))
         items = [
             Download(
                 key=keys.committed(rel),
@@ -289,6 +308,11 @@ def _restore_folder(s: PlantDesignSession, keys: StageKeys, info: RecoveryInfo) 
                 if staged[rel].executable:
                     WorkFolder(work).set_executable(rel, True)
         s.records.save_base(s.record.session_id, s._base_files)
+    _copy_from_backup(work, info)
+
+
+def _copy_from_backup(work: Path, info: RecoveryInfo) -> None:
+    """A handled crash's copies of unsaved files go back where the folder lacks them."""
     backup = info.backup_path
     if backup is not None and info.kind == "handled" and backup.name != "files":
         backup = backup / "files"  # written by an agent before issue 10

@@ -120,6 +120,7 @@ def _ensure_streamer(s: PlantDesignSession, *, watch: bool, reconcile: bool = Tr
             )
         s._streamer = Streamer(
             root=s.record.work_path,
+            identity=s.record.work_identity,
             keys=keys,
             session_id=s.record.session_id,
             store=s.store,

@@ -626,3 +626,65 @@ def test_abort_after_a_failed_close_says_the_commit_was_finished(
     assert manifest["commit_id"] == commit_id
     assert {f"f{i}.txt" for i in range(5)} == set(manifest["files"])
     assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
+
+
+def test_a_delete_the_journal_had_not_recorded_before_kill_9_stays_deleted(
+    agent: Agent, s3_store: ObjectStore
+) -> None:
+    """A file deleted just before kill -9 (the watcher still held the event: a long debounce
+    makes the window certain) is listed as deleted, not restored by resume, and committed
+    as a delete by close."""
+    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
+    work = Path(opened["path"])
+    (work / "keep.txt").write_text("kept")
+    (work / "docs").mkdir()
+    (work / "docs" / "gone.txt").write_text("deleted by the user")
+    agent.json("close")
+    slow = Agent(dict(agent.env, AGENT_WATCH__DEBOUNCE="600", AGENT_WATCH__MAX_DELAY="600"))
+    opened = slow.json("open", P, "--user", "admin", "--stage", STAGE)
+    work, pid = Path(opened["path"]), int(opened["agent_pid"])
+    (work / "docs" / "gone.txt").unlink()
+    os.kill(pid, signal.SIGKILL)
+    assert _wait(lambda: _dead(pid))
+
+    [orphan] = agent.json("recover")["orphans"]
+    assert ["docs/gone.txt"] == orphan["unsaved"]
+    assert ["docs/gone.txt"] == orphan["deleted"]
+    agent.json("recover", "--resume")
+    assert {"keep.txt": b"kept"} == _local(work), "resume brought a deleted file back"
+    closed = agent.json("close")
+    assert ["docs/gone.txt"] == closed["deleted"]
+    assert {"keep.txt": b"kept"} == _committed(s3_store)
+
+
+def test_a_restore_of_a_lost_folder_that_fails_midway_is_finished_by_the_next_resume(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path, s3_store: ObjectStore
+) -> None:
+    """After kill -9 the whole working folder is gone; the resume that brings it back fails
+    on one file: that file was never here, so the next resume downloads it (it is not
+    taken for a file the user deleted)."""
+    agent = Agent(_env(tmp_path / "base", s3_env))
+    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
+    work = Path(opened["path"])
+    (work / "a.txt").write_text("A")
+    (work / "b.txt").write_text("B")
+    agent.json("close")
+    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
+    pid = int(opened["agent_pid"])
+    os.kill(pid, signal.SIGKILL)
+    assert _wait(lambda: _dead(pid))
+    import shutil
+
+    shutil.rmtree(work)
+    sha_b = hashlib.sha256(b"B").hexdigest()
+    rule = fault_proxy.add(
+        Rule(Status(403), method="GET", path=rf"(/b\.txt|/{sha_b})$", times=None)
+    )
+    failed = Agent(_env(tmp_path / "base", proxy_env(s3_env, fault_proxy)))
+    assert 0 != failed.run("recover", "--resume", check=False).returncode
+    assert rule.fired
+    assert not (work / "b.txt").exists()
+    agent.json("recover", "--resume")
+    assert {"a.txt": b"A", "b.txt": b"B"} == _local(work)
+    agent.json("close")
+    assert {"a.txt": b"A", "b.txt": b"B"} == _committed(s3_store)

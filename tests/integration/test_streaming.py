@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import load_config
-from agent.errors import NotFoundError
+from agent.errors import NotFoundError, WorkFolderReplacedError
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
@@ -186,3 +186,34 @@ def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(
         if not session.is_closed:
             session.abort()
         bob_store.close()
+
+
+def test_an_upload_due_while_the_folder_is_replaced_by_a_link_waits_and_deletes_nothing(
+    session: PlantDesignSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A save whose upload comes due while the working folder is a link to another folder:
+    the upload fails with the reason shown and is retried, never read through the link and
+    never taken for a delete; with the folder back, close commits the save."""
+    work, journal = session.work_path, session._journal
+    assert work is not None and journal is not None
+    (work / "plan.dwg").write_bytes(b"saved")
+    assert _wait(lambda: _staged(store, session).get("plan.dwg") == b"saved")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "plan.dwg").write_bytes(b"not the session's")
+    work.rename(tmp_path / "moved")
+    work.symlink_to(outside, target_is_directory=True)
+    try:
+        # The save of a moment ago, still to send when the folder was swapped.
+        journal.record("plan.dwg", "put", size=5, mtime_ns=1)
+        with pytest.raises(WorkFolderReplacedError):
+            session.flush(timeout=1)
+        assert _wait(lambda: "is a link" in str(session.status().get("last_error")))
+        staged = journal.staged().get("plan.dwg")
+        assert staged is not None and "put" == staged.op, "the save was taken for a delete"
+        assert [] == [o for o in store.list("") if store.get(o.key).body == b"not the session's"]
+    finally:
+        work.unlink()
+        (tmp_path / "moved").rename(work)
+    session.close()
+    assert b"saved" == store.get(KEYS.committed("plan.dwg")).body

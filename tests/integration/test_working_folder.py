@@ -6,6 +6,7 @@ real stores (the folder store and SeaweedFS).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -246,6 +247,99 @@ def test_a_folder_operation_uploads_each_file_about_once(
         )
     finally:
         s.abort()
+
+
+# ------------------------------------------------------- other tools' temp files
+
+_GIT_ENV = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def _leftover(pattern: str, folder: Path, proc: subprocess.Popen[bytes]) -> Path:
+    """The temp file ``proc`` is writing (``pattern`` in ``folder``), once it holds bytes;
+    then ``proc`` (and its children) is killed -9, so the file stays, as after a crash."""
+
+    def written() -> Path | None:
+        found = [p for p in folder.glob(pattern) if p.stat().st_size > 0]
+        return found[0] if found else None
+
+    try:
+        assert wait_for(lambda: written() is not None, DEADLINE), f"no {pattern} in {folder}"
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        if proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+    found = written()
+    assert found is not None
+    return found
+
+
+def test_temp_files_of_git_rsync_and_libreoffice_never_reach_the_store(
+    make_session: MakeSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """A real git clone, an index-pack and an rsync cut by kill -9 (their temp files stay),
+    a LibreOffice lock file: the clone is committed, none of the temp files' bytes is in
+    the bucket nor any of their names in the manifest."""
+    if shutil.which("git") is None or shutil.which("rsync") is None:
+        pytest.skip("git and rsync are needed")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.step").write_bytes(os.urandom(300_000))
+    ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(src)], check=True, env=_GIT_ENV)
+    subprocess.run(["git", "-C", str(src), "add", "-A"], check=True, env=_GIT_ENV)
+    subprocess.run(
+        ["git", *ident, "-C", str(src), "commit", "-q", "-m", "x"], check=True, env=_GIT_ENV
+    )
+    pack = subprocess.run(
+        ["git", "-C", str(src), "pack-objects", "--stdout", "--revs"],
+        input=b"HEAD\n",
+        capture_output=True,
+        check=True,
+        env=_GIT_ENV,
+    ).stdout
+    (tmp_path / "big.dwg").write_bytes(os.urandom(20_000_000))
+    s = make_session()
+    work = s.open(P, "admin", STAGE)
+    try:
+        repo = work / "repo"
+        subprocess.run(
+            ["git", "clone", "-q", "--no-local", str(src), str(repo)], check=True, env=_GIT_ENV
+        )
+        indexing = subprocess.Popen(
+            ["git", "index-pack", "--stdin"],
+            cwd=repo,
+            stdin=subprocess.PIPE,
+            env=_GIT_ENV,
+            start_new_session=True,
+        )
+        assert indexing.stdin is not None
+        indexing.stdin.write(pack[: len(pack) // 2])
+        indexing.stdin.flush()
+        tmp_pack = _leftover("tmp_pack_*", repo / ".git" / "objects" / "pack", indexing)
+        syncing = subprocess.Popen(
+            ["rsync", "--bwlimit=2000", str(tmp_path / "big.dwg"), f"{work}/"],
+            start_new_session=True,
+        )
+        rsync_tmp = _leftover(".big.dwg.??????", work, syncing)
+        lo_lock = work / ".~lock.plan.odt#"
+        lo_lock.write_text(",admin,host,05.12.2026 18:00,file:///home/admin/.config/lo;")
+        leftovers = {
+            p.relative_to(work).as_posix(): p.read_bytes() for p in (tmp_pack, rsync_tmp, lo_lock)
+        }
+        assert s.flush(timeout=DEADLINE)
+        s.close()
+    finally:
+        if not s.is_closed:
+            s.abort()
+    committed = _committed(store)
+    assert committed["repo/model.step"] == (src / "model.step").read_bytes()
+    assert any(rel.startswith("repo/.git/objects/pack/pack-") for rel in committed)
+    assert not set(leftovers) & set(committed)
+    bodies = {store.get(o.key).body for o in store.list("")}
+    for rel, data in leftovers.items():
+        assert data not in bodies, f"the bytes of {rel} reached the store"
 
 
 # ---------------------------------------------------------------------- links

@@ -38,6 +38,48 @@ def test_editor_leftovers_are_ignored(name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "path",
+    [
+        "repo/.git/objects/pack/tmp_pack_48vCYQ",
+        "repo/.git/objects/pack/tmp_idx_Zx81aB",
+        "repo/.git/objects/pack/tmp_rev_Zx81aB",
+        "repo/.git/objects/4f/tmp_obj_a1B2c3",
+        ".git/index.lock",
+        "repo/.git/refs/heads/main.lock",
+        ".plan.dwg.vvcKel",
+        "sub/.Report 2.docx.A1b2C3",
+        ".~tmp~/plan.dwg",
+        "sub/.rsync-partial/plan.dwg",
+        ".~lock.plan.odt#",
+        "sub/.~lock.Kalkulation.xlsx#",
+    ],
+)
+def test_temp_files_of_git_rsync_and_libreoffice_are_ignored(path: str) -> None:
+    """git's pack/index/object temp names and lock files, rsync's ``.name.XXXXXX`` temp
+    files and its ``.~tmp~`` / ``.rsync-partial`` folders, LibreOffice's lock files."""
+    assert RULES.is_ignored(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "repo/.git/objects/pack/pack-08c93d.pack",
+        "repo/.git/index",
+        "tmp_results.xlsx",
+        "plan.lock",
+        ".gitignore",
+        ".config.tar.gz",
+        ".plan.dwg.v2",
+        "plan.dwg.vvcKel",
+    ],
+)
+def test_names_like_tool_temp_files_but_not_theirs_are_kept(path: str) -> None:
+    """Near misses of those rules are real files: a lock outside ``.git``, a dotfile whose
+    last part is not six letters or digits, a name without rsync's leading dot."""
+    assert not RULES.is_ignored(path)
+
+
+@pytest.mark.parametrize(
     "name", ["plan.dwg", "docs/report.docx", "a/b/c.step", "tmp/file.txt", "notes.tmp.txt"]
 )
 def test_real_files_are_not_ignored(name: str) -> None:

@@ -6,8 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agent.config import DEFAULT_IGNORE
+from agent.errors import WorkFolderReplacedError
 from agent.ignore import IgnoreRules, temp_name_for
+from agent.keys import WorkFolder, folder_identity
 from agent.snapshot import FileStat, diff, scan
 
 RULES = IgnoreRules(DEFAULT_IGNORE)
@@ -104,3 +108,28 @@ def test_diff_sees_new_bytes_behind_a_restored_size_and_mtime(tmp_path: Path) ->
         after["a.txt"].mtime_ns,
     )
     assert ({"a.txt"}, set()) == diff(before, after)
+
+
+def test_a_replaced_session_folder_is_an_error_not_an_empty_folder(tmp_path: Path) -> None:
+    """With the session folder's identity, a link or another folder in its place raises
+    instead of reading as "every file deleted"; the files behind the link are not read."""
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    work.mkdir()
+    _tree(outside)
+    identity = folder_identity(work)
+    assert {} == scan(work, RULES, identity=identity)
+    work.rename(tmp_path / "moved")
+    work.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(WorkFolderReplacedError, match="is a link"):
+        scan(work, RULES, identity=identity)
+    with pytest.raises(WorkFolderReplacedError):
+        WorkFolder(work, identity).path("a/x.txt")
+    with pytest.raises(WorkFolderReplacedError):
+        folder_identity(work)
+    work.unlink()
+    outside.rename(work)
+    with pytest.raises(WorkFolderReplacedError, match="another folder"):
+        scan(work, RULES, "a", identity=identity)
+    with pytest.raises(WorkFolderReplacedError), WorkFolder(work, identity).open_file("top.dwg"):
+        pass
+    assert {} == scan(tmp_path / "gone", RULES, identity=identity)  # missing: left to callers
