@@ -41,9 +41,8 @@ from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.errors import AgentError
+from agent.log import get_logger
 from agent.platform import (
     SignalHandler,
     current_handler,
@@ -70,7 +69,7 @@ if TYPE_CHECKING:
 
     from agent.session import PlantDesignSession
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # After the save, how long the relay waits for the main thread to run the handler chain
 # before it does the default action itself (a Qt app idling in C++ never runs Python).

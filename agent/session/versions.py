@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import read_manifest
 from agent.errors import StoreError, VersionNotFoundError
 from agent.history import (
@@ -30,13 +28,14 @@ from agent.history import (
     stages_with_history,
 )
 from agent.keys import CommitInfo, StageKeys, WorkFolder, validate_rel_path
+from agent.log import get_logger
 from agent.snapshot import scan
 
 if TYPE_CHECKING:
     from agent.session import PlantDesignSession
     from agent.session.checkin import CloseReport
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PRUNE_LIMIT_AFTER_CLOSE = 1000
 
