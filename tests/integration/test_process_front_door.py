@@ -3,7 +3,10 @@ handlers and structlog configuration, in real processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +17,9 @@ from typing import Any
 import pytest
 
 from agent.keys import StageKeys
+from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
+from tests.conftest import s3_config
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -88,6 +93,112 @@ def procs() -> Iterator[list[subprocess.Popen[Any]]]:
 def _committed(store: ObjectStore) -> None:
     for rel, data in EDITS.items():
         assert data == store.get(KEYS.committed(rel)).body, f"{rel} was not committed"
+
+
+# -- 3. A host's own handlers ---------------------------------------------------------------
+
+
+def _host(mode: str, env: dict[str, str], *prefix: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "tests.signal_hosts", mode],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _read_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    _out, err = proc.communicate(timeout=60)
+    raise AssertionError(f"host ended early ({proc.returncode}): {err}")
+
+
+def test_a_host_handler_set_after_the_session_runs_and_the_library_does_not_end_the_process(
+    s3_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[Any]],
+) -> None:
+    """SIGTERM to a host whose handler came after the session's: the session is saved,
+    the host's handler runs, and the process lives on until the host itself ends."""
+    base = tmp_path / "m"
+    proc = _host("own-sigterm-later", _env(s3_env, base))
+    procs.append(proc)
+    work = Path(_read_json(proc)["ready"])
+    _edit(work)
+    proc.send_signal(signal.SIGTERM)
+    assert {"event": "host-handler"} == _read_json(proc)
+    report = _read_json(proc)
+    _out, err = proc.communicate(timeout=60)
+    assert 0 == proc.returncode, err
+    assert {"state": "closed", "left_to_host": True} == report
+    config = s3_config(s3_env, base)
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None
+    assert "handled" == info.kind
+    assert info.backup_path is not None
+    for rel, data in EDITS.items():
+        assert data == (info.backup_path / rel).read_bytes()
+    assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
+
+
+def test_a_host_that_exits_with_the_session_open_is_saved_before_the_pools_stop(
+    s3_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[Any]],
+) -> None:
+    """Returning from main with the session ACTIVE: the exit save runs while the uploader
+    and its pool still work, then they stop in order; no thread logs after shutdown."""
+    base = tmp_path / "m"
+    proc = _host("exit-unclosed", _env(s3_env, base))
+    procs.append(proc)
+    work = Path(_read_json(proc)["ready"])
+    _edit(work)
+    _out, err = proc.communicate("exit\n", timeout=120)
+    assert 0 == proc.returncode, err
+    assert AFTER_SHUTDOWN not in err
+    assert "uploader_loop_failed" not in err
+    assert "reason='atexit'" in err, err
+    info = PlantDesignSession(s3_config(s3_env, base)).check_previous_crash()
+    assert info is not None
+    assert "handled" == info.kind
+    assert info.backup_path is not None
+    for rel, data in EDITS.items():
+        assert data == (info.backup_path / rel).read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
+def test_a_sighup_the_host_ignores_under_nohup_leaves_the_session_running(
+    s3_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[Any]],
+) -> None:
+    """Under nohup a SIGHUP is ignored: the session stays ACTIVE and its close commits."""
+    base = tmp_path / "m"
+    proc = _host("sighup-ignored", _env(s3_env, base), "nohup")
+    procs.append(proc)
+    ready = _read_json(proc)
+    assert ready["sighup_ignored"]
+    _edit(Path(ready["ready"]))
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGUSR1)  # handled after any SIGHUP handler has run
+    assert {"state": "active"} == _read_json(proc)
+    out, err = proc.communicate("close\n", timeout=120)
+    assert 0 == proc.returncode, err
+    assert '{"event": "closed"}' in out
+    _committed(s3_store)
 
 
 # -- 2. structlog is the host's ---------------------------------------------------------------
