@@ -19,7 +19,9 @@ import pytest
 from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
-from tests.conftest import s3_config
+from tests.conftest import proxy_env, s3_config
+from tests.faultproxy import Delay, FaultProxy, Rule
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -93,6 +95,144 @@ def procs() -> Iterator[list[subprocess.Popen[Any]]]:
 def _committed(store: ObjectStore) -> None:
     for rel, data in EDITS.items():
         assert data == store.get(KEYS.committed(rel)).body, f"{rel} was not committed"
+
+
+# -- 1. Ctrl-C in `agent open --foreground` ------------------------------------------------
+
+
+def _in_write_to_stdout(pid: int) -> bool:
+    """True while the process's main thread is blocked in write(1, ...)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().startswith("1 0x1 ")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs /proc/PID/syscall")
+def test_ctrl_c_while_the_foreground_cli_prints_its_folder_closes_and_commits(
+    s3_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[Any]],
+) -> None:
+    """Ctrl-C that lands inside the print of the folder (the pipe is full, so the write
+    blocks and the signal interrupts it) closes and commits, as it does in the loop."""
+    base = tmp_path / "m"
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    try:
+        while True:
+            os.write(writer, b"#" * 4096)  # fill the pipe: the child's first line blocks
+    except BlockingIOError:
+        pass
+    os.set_blocking(writer, True)
+    argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *argv],
+        env=_env(s3_env, base),
+        stdout=writer,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(proc)
+    os.close(writer)
+    err = Lines(proc.stderr)
+    assert wait_for(lambda: _in_write_to_stdout(proc.pid) or proc.poll() is not None, 120)
+    assert proc.poll() is None, err.text()
+    _edit(_work(base))
+    proc.send_signal(signal.SIGINT)  # arrives while the folder is being printed
+    with os.fdopen(reader, "rb") as out:
+        lines = out.read().lstrip(b"#").splitlines()
+    assert 0 == proc.wait(timeout=120), err.text()
+    assert str(_work(base)) == json.loads(lines[0])["path"]
+    assert "closed" == json.loads(lines[-1])["state"]
+    _committed(s3_store)
+    assert PlantDesignSession(s3_config(s3_env, base)).check_previous_crash() is None
+    assert AFTER_SHUTDOWN not in err.text()
+
+
+def test_ctrl_c_the_instant_the_foreground_folder_is_read_closes_cleanly(
+    s3_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[Any]],
+) -> None:
+    """SIGINT sent the moment the folder's line is read: a close (exit 0), never an abort."""
+    base = tmp_path / "m"
+    argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *argv],
+        env=_env(s3_env, base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(proc)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert 0 == proc.returncode, err
+    assert str(_work(base)) == json.loads(first)["path"]
+    assert "closed" == json.loads(out.splitlines()[-1])["state"]
+    assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
+    assert PlantDesignSession(s3_config(s3_env, base)).check_previous_crash() is None
+    assert AFTER_SHUTDOWN not in err
+
+
+def test_ctrl_c_during_the_foreground_close_warns_then_leaves_it_for_recover(
+    s3_env: dict[str, str],
+    fault_proxy: FaultProxy,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    procs: list[subprocess.Popen[Any]],
+) -> None:
+    """A second Ctrl-C while the close runs says how to leave; a third leaves at once
+    (exit 130) with no thread left logging, and the session is there to recover."""
+    base = tmp_path / "m"
+    env = _env(proxy_env(s3_env, fault_proxy), base, AGENT_STORE__READ_TIMEOUT="60")
+    argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(proc)
+    assert proc.stdout is not None
+    work = Path(json.loads(proc.stdout.readline())["path"])
+    out = Lines(proc.stdout)
+    err = Lines(proc.stderr)
+    _edit(work)
+    # The commit's server-side copies hang: the close is in progress for as long as needed.
+    held = fault_proxy.add(
+        Rule(Delay(120), method="PUT", headers=("x-amz-copy-source",), times=None)
+    )
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert wait_for(lambda: held.fired > 0 or proc.poll() is not None, 120), err.text()
+        assert proc.poll() is None, err.text()
+        proc.send_signal(signal.SIGINT)
+        assert wait_for(lambda: err.has("close in progress") or proc.poll() is not None, 60)
+        assert proc.poll() is None, err.text()
+        assert err.has("press again to leave it for `agent recover`")
+        proc.send_signal(signal.SIGINT)
+        assert 130 == proc.wait(timeout=60), err.text()
+    finally:
+        held.release()
+        fault_proxy.clear()
+    text = err.text()
+    assert "agent recover" in text.splitlines()[-1], text
+    assert AFTER_SHUTDOWN not in text
+    assert "closed" not in out.text()
+    config = s3_config(s3_env, base)
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None, "the interrupted close left nothing to recover"
+    session = PlantDesignSession(config)
+    session.resume(info.session_id, watch=False)
+    session.close()
+    _committed(s3_store)
 
 
 # -- 3. A host's own handlers ---------------------------------------------------------------
