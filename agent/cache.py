@@ -19,15 +19,14 @@ import time
 from functools import partial
 from pathlib import Path
 
-import structlog
-
 from agent.ignore import IgnoreRules
 from agent.keys import is_plain, unsupported_reason, validate_name
+from agent.log import get_logger
 from agent.manifest import LocalEntry, file_sha256, is_unchanged
 
 __all__ = ["StageCache", "set_aside_unsynced"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class StageCache:

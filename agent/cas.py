@@ -14,19 +14,18 @@ from __future__ import annotations
 import json
 import uuid
 
-import structlog
-
 from agent.errors import (
     NotFoundError,
     PreconditionFailedError,
     StoreError,
     TransientStoreError,
 )
+from agent.log import get_logger
 from agent.store.base import ObjectData, ObjectStore, WriteResult
 
 __all__ = ["new_write_id", "put_fenced", "write_id_of"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def new_write_id() -> str:

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -223,21 +223,61 @@ def open_cmd(
 
 def _run_foreground(session: Any, info: dict[str, Any]) -> None:
     from agent.daemon import AgentServer
+    from agent.platform import set_interrupt_handler
     from agent.session import crash
 
     crash.host_handles("SIGINT")  # Ctrl-C closes (below); SIGTERM/SIGHUP still save
-
     server = AgentServer(session, _obj().config)
+    ctrl_c = _CtrlC(server)
+    # Ours from before the folder is printed: a Ctrl-C at any moment from then on asks
+    # for the close; it never raises KeyboardInterrupt in the middle of the print
+    # (that aborted, left the session to the exit hook, and issue 20's uploader logging).
+    set_interrupt_handler(ctrl_c)
     server.start()
     _emit(info, f"{info['path']}\nwatching; Ctrl-C closes the session")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.shutdown()
-        if not session.is_closed:
-            click.echo("closing ...", err=True)
-            report = session.close()
-            _emit({**report.as_dict(), "state": "closed"}, _close_text(report.as_dict()))
+    server.serve_forever()
+    ctrl_c.closing = True
+    if not session.is_closed:
+        click.echo("closing ...", err=True)
+        report = session.close()
+        _emit({**report.as_dict(), "state": "closed"}, _close_text(report.as_dict()))
+    ctrl_c.done = True
+
+
+class _CtrlC:
+    """Ctrl-C in ``open --foreground``: the first closes the session, the second says
+    how to leave, the third leaves at once (the session stays for ``agent recover``)."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.closing = False  # the close has started (asked by Ctrl-C or by `agent close`)
+        self.done = False
+        self.presses = 0
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        if self.done:
+            return
+        self.presses += 1
+        if not self.closing and self.presses == 1:
+            self.closing = True
+            self.server.shutdown()  # serve_forever returns (now, or as soon as it runs)
+            return
+        if self.presses <= 2:
+            _say_now("close in progress; press again to leave it for `agent recover`")
+            return
+        _say_now(
+            "left unfinished: the session and its changes stay on this machine; "
+            "`agent recover` resumes it"
+        )
+        from agent.platform import exit_now
+
+        exit_now(EXIT_INTERRUPTED)
+
+
+def _say_now(text: str) -> None:
+    """One line on stderr in one write: safe in a signal handler that interrupted a print."""
+    with suppress(OSError):
+        os.write(sys.stderr.fileno(), (text + "\n").encode())
 
 
 @cli.command("_serve", hidden=True)

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.cas import new_write_id, put_fenced
@@ -53,6 +52,7 @@ from agent.errors import (
     StoreError,
 )
 from agent.keys import CommitInfo, StageKeys, printable, validate_name, validate_rel_path
+from agent.log import get_logger
 from agent.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
 from agent.store.base import ObjectStore, WriteResult
 from agent.transfer import Progress, Transfers
@@ -69,7 +69,7 @@ __all__ = [
     "remove_staging",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _COPY_TRIES = 3
 # Server-side copies cost the client no bandwidth, only a round trip each: a wider

@@ -46,11 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from agent import errors
 from agent.config import AgentConfig, PathsConfig
 from agent.errors import AgentError, AgentUnreachableError, InsecureStateError, SessionError
+from agent.log import get_logger
 from agent.platform import (
     bind_control_socket,
     check_private_dir,
@@ -77,7 +76,7 @@ __all__ = [
     "spawn_agent",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 TOKEN_NAME = "token"  # noqa: S105 - a file name, not a secret
 MAX_REQUEST_BYTES = 64 * 1024

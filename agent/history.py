@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import structlog
-
 from agent.commit import read_intent, read_manifest
 from agent.config import HistoryConfig
 from agent.errors import (
@@ -40,6 +38,7 @@ from agent.errors import (
     VersionNotFoundError,
 )
 from agent.keys import CommitInfo, StageKeys
+from agent.log import get_logger
 from agent.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
 from agent.transfer import Transfers
@@ -56,7 +55,7 @@ __all__ = [
     "read_commit",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

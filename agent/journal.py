@@ -38,14 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, cast
 
-import structlog
-
 from agent.errors import JournalCorruptError, SessionError
+from agent.log import get_logger
 from agent.platform import create_private_file, make_private_dirs
 
 __all__ = ["Change", "Entry", "Journal", "Op", "ShortChange", "Staged"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Op = Literal["put", "delete"]
 Change = tuple[str, Op, int | None, int | None, int | None, int | None]

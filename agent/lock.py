@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from agent.cas import new_write_id, put_fenced, read_back, write_id_of
@@ -37,6 +36,7 @@ from agent.errors import (
     StoreError,
     UnsafeStoreError,
 )
+from agent.log import get_logger
 from agent.platform import pid_alive
 from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore, WriteResult
 from agent.text import printable
@@ -54,7 +54,7 @@ __all__ = [
     "read_lock",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _CAS_ROUNDS = 8
 _REMEMBERED_WRITES = 32

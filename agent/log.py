@@ -1,4 +1,11 @@
-"""Logging department: the only ``structlog.configure()`` call, and our processors.
+"""Logging department: the only ``structlog.configure()`` call, our processors, our loggers.
+
+``import agent`` configures nothing process-wide (issue 20): structlog's configuration
+is the host's. The library's loggers (``get_logger``) follow it once the host (or our
+CLI, through ``configure_logging`` at its entry point) has configured structlog, and
+otherwise go through stdlib logging (where a ``NullHandler`` keeps them silent unless
+the host configures logging); a host pipeline that cannot take an event of ours does
+not break the library: the event goes the stdlib way instead.
 
 JSON lines go to one file per process, ``<state>/logs/<UTC time>-<pid>.log``
 (created 0600 on its first record, so a command that logs nothing leaves no file);
@@ -32,7 +39,14 @@ from agent.config import LogConfig
 from agent.platform import make_private_dirs, open_private_append
 from agent.text import printable
 
-__all__ = ["configure_logging", "library_defaults", "log_folder", "redact"]
+__all__ = [
+    "LibraryLogger",
+    "configure_logging",
+    "get_logger",
+    "library_defaults",
+    "log_folder",
+    "redact",
+]
 
 _KEEP_DAYS = 14
 _KEEP_FILES = 200
@@ -142,28 +156,79 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
 def library_defaults() -> None:
     """Silent unless the host configures logging (called when ``agent`` is imported).
 
-    The ``agent`` logger gets a ``NullHandler`` (so Python's last-resort handler never
-    prints our warnings), and, unless the host configured structlog itself, structlog
-    is routed through stdlib logging: a host sees the agent's events in its own
-    handlers, at the levels it sets, and nothing when it sets none.
+    Only our own namespace is touched: the ``agent`` logger gets a ``NullHandler`` (so
+    Python's last-resort handler never prints our warnings), as a library should. No
+    ``structlog.configure()`` here: that is the host's (issue 20).
     """
     logging.getLogger("agent").addHandler(logging.NullHandler())
     # watchdog (our watcher's) logs an error when its emitter stops mid-event: ours to quiet.
     logging.getLogger("watchdog").addHandler(logging.NullHandler())
-    if structlog.is_configured():
-        return
-    structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            structlog.contextvars.merge_contextvars,
-            redact,
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
-    )
+
+
+# The stdlib way of our events while the host has not configured structlog.
+_STDLIB_PROCESSORS: list[Any] = [
+    structlog.stdlib.filter_by_level,  # below the logger's level: no work at all
+    structlog.contextvars.merge_contextvars,
+    redact,
+    structlog.processors.format_exc_info,
+    structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+]
+
+
+class LibraryLogger:
+    """The agent's logger (see the module's docstring); ``bind`` like structlog's."""
+
+    __slots__ = ("_context", "_host", "_name", "_own")
+
+    def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
+        self._name = name
+        self._context = dict(context or {})
+        self._host: Any = None
+        self._own = structlog.stdlib.BoundLogger(
+            logging.getLogger(name), _STDLIB_PROCESSORS, self._context
+        )
+
+    def bind(self, **values: Any) -> LibraryLogger:
+        """A logger that adds ``values`` to every event."""
+        return LibraryLogger(self._name, {**self._context, **values})
+
+    def _emit(self, method: str, event: str, values: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            try:
+                if self._host is None:
+                    self._host = structlog.get_logger(self._name)
+                logger = self._host.bind(**self._context) if self._context else self._host
+                getattr(logger, method)(event, **values)
+                return
+            except Exception:  # noqa: BLE001, S110 - the host's pipeline refused it: ours takes it
+                pass
+        getattr(self._own, method)(event, **values)
+
+    def debug(self, event: str, **values: Any) -> None:
+        """Log ``event`` at DEBUG."""
+        self._emit("debug", event, values)
+
+    def info(self, event: str, **values: Any) -> None:
+        """Log ``event`` at INFO."""
+        self._emit("info", event, values)
+
+    def warning(self, event: str, **values: Any) -> None:
+        """Log ``event`` at WARNING."""
+        self._emit("warning", event, values)
+
+    def error(self, event: str, **values: Any) -> None:
+        """Log ``event`` at ERROR."""
+        self._emit("error", event, values)
+
+    def exception(self, event: str, **values: Any) -> None:
+        """Log ``event`` at ERROR with the exception being handled."""
+        values.setdefault("exc_info", True)
+        self._emit("error", event, values)
+
+
+def get_logger(name: str) -> LibraryLogger:
+    """The library's logger for module ``name``."""
+    return LibraryLogger(name)
 
 
 def log_folder(state_dir: Path) -> Path:

@@ -7,6 +7,7 @@ background process, and the termination signals a crash handler listens to.
 from __future__ import annotations
 
 import _thread
+import atexit
 import contextlib
 import logging
 import os
@@ -28,6 +29,7 @@ __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
     "SignalHandler",
+    "at_threads_exit",
     "bind_control_socket",
     "check_private_dir",
     "connect_control_socket",
@@ -52,6 +54,7 @@ __all__ = [
     "peer_uid",
     "pid_alive",
     "set_handler",
+    "set_interrupt_handler",
     "set_termination_handlers",
     "spawn_detached",
     "spawn_with_breakaway_fallback",
@@ -212,12 +215,17 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
 def set_termination_handlers(handler: SignalHandler) -> dict[int, SignalHandler]:
-    """Set ``handler`` for every termination signal; return the previous handlers.
+    """Set ``handler`` for every termination signal the process does not ignore; return
+    the previous handlers of those it set.
 
-    Main thread only (``ValueError`` elsewhere).
+    A signal ignored now (SIG_IGN: SIGHUP under ``nohup``, SIGINT of a job started in
+    the background) stays ignored: whoever started the process decided it must not end
+    it (issue 20). Main thread only (``ValueError`` elsewhere).
     """
     previous: dict[int, SignalHandler] = {}
     for sig in termination_signals():
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            continue
         previous[int(sig)] = signal.signal(sig, handler)
     return previous
 
@@ -295,9 +303,39 @@ def end_by_signal(signum: int, previous: SignalHandler, frame: FrameType | None)
 
 
 def exit_now(code: int) -> NoReturn:
-    """End the process at once (after a bounded crash save, from any thread)."""
-    logging.shutdown()
+    """End the process at once (after a bounded crash save, from any thread).
+
+    Also from a signal handler that interrupted a write of a log handler: whatever
+    flushing the logs raises, the process ends.
+    """
+    with contextlib.suppress(Exception):
+        logging.shutdown()
     os._exit(code)
+
+
+def set_interrupt_handler(handler: SignalHandler) -> SignalHandler:
+    """Set the handler of Ctrl-C (SIGINT, on every platform); return the previous one.
+
+    Main thread only.
+    """
+    return signal.signal(signal.SIGINT, handler)
+
+
+def at_threads_exit(hook: Callable[[], None]) -> None:
+    """Call ``hook`` when the interpreter exits, *before* the thread pools stop.
+
+    ``atexit`` hooks run only after ``concurrent.futures`` has shut every pool down
+    (at that point a submit raises "cannot schedule new futures after interpreter
+    shutdown"); hooks registered here run before that, latest first, as long as they
+    are registered after ``concurrent.futures.thread`` was imported. Falls back to
+    ``atexit`` where the interpreter has no such hook list.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - every CPython the agent supports has it
+        atexit.register(hook)
+        return
+    with contextlib.suppress(RuntimeError):  # already shutting down: nothing to add to
+        register(hook)
 
 
 def wake_main_thread(signum: int) -> bool:

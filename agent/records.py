@@ -23,18 +23,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import structlog
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import InsecureStateError, LocalFileError, SessionError
 from agent.keys import validate_name
+from agent.log import get_logger
 from agent.manifest import LocalEntry, Manifest
 from agent.platform import ensure_private_dir, make_private_dirs, write_private_file
 
 __all__ = ["Phase", "SessionRecord", "SessionStore"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Phase = Literal["opening", "active", "committing", "closing", "aborting"]
 

@@ -25,13 +25,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import AgentError, SessionError
 from agent.ignore import IgnoreRules
 from agent.journal import Journal
 from agent.keys import WorkFolder, unsupported_reason
+from agent.log import get_logger
 from agent.manifest import LocalEntry, fd_sha256
 from agent.platform import machine_name, make_private_dirs, pid_alive, write_private_file
 from agent.records import SessionRecord, SessionStore
@@ -46,7 +46,7 @@ __all__ = [
     "write_info",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 INFO_NAME = "recovery.json"
 

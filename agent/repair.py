@@ -24,17 +24,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import structlog
-
 from agent.errors import AgentError, NotFoundError, PreconditionFailedError
 from agent.keys import StageKeys, printable
+from agent.log import get_logger
 from agent.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectInfo, ObjectStore
 from agent.transfer import Transfers
 
 __all__ = ["RepairReport", "repair_stage"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import structlog
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -25,10 +24,11 @@ from tenacity.wait import wait_base
 
 from agent.config import RetryConfig
 from agent.errors import TransientStoreError
+from agent.log import get_logger
 
 __all__ = ["backoff", "call_with_retries", "delay_after", "make_retrying"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 

@@ -10,12 +10,12 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVarTuple, Unpack
 
-import structlog
+from agent.log import get_logger
 
 __all__ = ["Signal"]
 
 Ts = TypeVarTuple("Ts")
-_log = structlog.get_logger("agent.signals")
+_log = get_logger("agent.signals")
 
 
 class Signal(Generic[*Ts]):

@@ -16,15 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from agent.errors import AgentError, WorkFolderReplacedError
 from agent.ignore import IgnoreRules
 from agent.keys import HAS_DIR_FD, FolderIdentity, WorkFolder, is_plain
+from agent.log import get_logger
 
 __all__ = ["FileStat", "diff", "scan"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

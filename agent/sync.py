@@ -27,13 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agent.config import AgentConfig
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
 from agent.ignore import IgnoreRules
 from agent.journal import Change, Journal
 from agent.keys import FolderIdentity, StageKeys, WorkFolder, printable, unsupported_reason
+from agent.log import get_logger
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
@@ -44,7 +43,7 @@ from agent.watcher import Watcher
 
 __all__ = ["Streamer", "describe_unsupported"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MAX_BACKOFF = 30.0
 _MAX_WAIT_BACKOFF = 5.0

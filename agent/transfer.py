@@ -24,8 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-import structlog
-
 from agent.errors import (
     AgentError,
     ContentMismatchError,
@@ -38,6 +36,7 @@ from agent.errors import (
 )
 from agent.ignore import temp_name_for
 from agent.keys import HAS_DIR_FD, WorkFolder, fd_path
+from agent.log import get_logger
 from agent.manifest import LocalEntry, fd_sha256, file_sha256, object_etag
 from agent.snapshot import FileStat
 from agent.store.base import ObjectInfo, ObjectStore, WriteResult
@@ -53,7 +52,7 @@ __all__ = [
     "same_stat",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")

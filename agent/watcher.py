@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 from tenacity import wait_exponential
 from watchdog.events import (
     DirCreatedEvent,
@@ -64,11 +63,12 @@ from watchdog.observers.polling import PollingObserver
 from agent.config import WatchConfig
 from agent.errors import LocalFileError
 from agent.ignore import IgnoreRules
+from agent.log import get_logger
 from agent.retry import delay_after
 
 __all__ = ["Debouncer", "StatFn", "Watcher"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 StatFn = Callable[[str], tuple[int, int] | None]
 """``rel_path -> (size, mtime_ns)``, or None when the file does not exist."""

@@ -31,8 +31,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import structlog
-
 from agent import __version__
 from agent.cache import StageCache
 from agent.commit import Commit, StagedCopy
@@ -44,6 +42,7 @@ from agent.journal import Journal
 from agent.keys import CommitInfo, StageKeys, WorkFolder
 from agent.lock import Heartbeat, Holder, RemoteLock
 from agent.lockboard import LockRow, list_locks
+from agent.log import get_logger
 from agent.manifest import LocalEntry, Manifest
 from agent.platform import machine_name, on_main_thread
 from agent.records import SessionRecord, SessionStore
@@ -59,7 +58,7 @@ from agent.sync import Streamer
 
 __all__ = ["CloseReport", "PlantDesignSession"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.

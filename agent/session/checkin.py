@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import (
     Commit,
     CommitIntent,
@@ -29,6 +27,7 @@ from agent.errors import (
 )
 from agent.journal import Staged
 from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.log import get_logger
 from agent.manifest import Manifest, ManifestEntry, fd_sha256, file_sha256, is_unchanged
 from agent.session import runtime, versions
 from agent.snapshot import scan
@@ -36,7 +35,7 @@ from agent.state import SessionState
 from agent.sync import Streamer
 from agent.transfer import Progress, Transfers, Upload
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.

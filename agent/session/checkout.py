@@ -10,8 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import (
     read_manifest,
 )
@@ -32,6 +30,7 @@ from agent.keys import (
     validate_name,
 )
 from agent.lock import RemoteLock
+from agent.log import get_logger
 from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.platform import folds_case, machine_name
 from agent.records import SessionRecord, new_session_id
@@ -39,7 +38,7 @@ from agent.snapshot import scan
 from agent.state import SessionState
 from agent.transfer import Download, Progress, Transfers
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.

@@ -25,11 +25,27 @@ One ``CrashHooks`` per process serves every session in it.
   handlers and wake-up fd are put back, from whichever thread that happens: off
   the main thread the main thread is asked (``_thread.interrupt_main``) to do it
   the next time it runs Python. A handler the host set after ours is left alone.
+
+The host's say (issue 20):
+
+* A signal ignored (SIG_IGN) when the hooks are installed (SIGHUP under ``nohup``)
+  is not hooked: it stays ignored and never ends a session.
+* A handler the host sets *after* ours is the one Python runs: the relay still saves
+  (the wake-up fd is ours), then leaves the rest to that handler
+  (``crash_signal_left_to_host``): never ``exit_now``, whatever the handler decides.
+  A host handler that calls ours (the ``signal.signal`` return value) gets our chain.
+* Only the signals we hooked act: a host's own SIGUSR1/SIGCHLD handler writes its
+  byte to the same wake-up fd, and that byte is only forwarded.
+* At interpreter exit the save runs before the thread pools stop (a hook of
+  ``threading``'s, which runs before ``concurrent.futures`` shuts its pools down and
+  before ``atexit``), so a session still ACTIVE is saved with its uploader and pools
+  working and stopped in order; the ``atexit`` hook stays as the fallback.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 - its exit hook first: ours must run before it
 import contextlib
 import signal
 import threading
@@ -41,11 +57,11 @@ from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.errors import AgentError
+from agent.log import get_logger
 from agent.platform import (
     SignalHandler,
+    at_threads_exit,
     current_handler,
     end_by_signal,
     exit_now,
@@ -70,7 +86,7 @@ if TYPE_CHECKING:
 
     from agent.session import PlantDesignSession
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # After the save, how long the relay waits for the main thread to run the handler chain
 # before it does the default action itself (a Qt app idling in C++ never runs Python).
@@ -119,7 +135,8 @@ class CrashHooks:
         self._restore_requested = False
         self._tokens = 0  # wake-up bytes of our own requests, for the relay to swallow
         self._wakes = 0  # handler calls of our own requests, for the main thread to swallow
-        self._real_pending = 0  # real signal bytes seen, not yet handled on the main thread
+        # Real signal bytes seen, per signal, not yet handled by our handler on the main thread.
+        self._real_pending: dict[int, int] = {}
         self._in_signal = False  # a signal is being handled: the handler restores at its end
         self._warned = False
         self._host_handles: set[int] = set()  # signals the host acts on itself (no save)
@@ -148,6 +165,7 @@ class CrashHooks:
             if not self._atexit:
                 atexit.register(_at_exit)
                 self._atexit = True
+            _save_before_pools_stop()
             if self._previous is None:
                 if on_main_thread():
                     self._install()
@@ -230,7 +248,8 @@ class CrashHooks:
             self._remove_console = None
         self._previous = None
         self._restore_requested = False
-        self._tokens = self._wakes = self._real_pending = 0
+        self._tokens = self._wakes = 0
+        self._real_pending = {}
         if self._loop_reader is not None:
             self._loop_reader(None)
         self._stop_relay()
@@ -325,11 +344,13 @@ class CrashHooks:
         self._take(data, None)
 
     def _take(self, data: bytes, stop: threading.Event | None) -> int | None:
-        """Forward real signal bytes to the host's wake-up fd; the first real signal or None."""
+        """Forward real signal bytes to the host's wake-up fd; the first real signal we
+        hooked, or None."""
         real = bytearray()
         with self._lock:
             if (stop is not None and stop.is_set()) or self._previous is None:
                 return None  # bytes of a channel being taken down: nothing to act on
+            hooked = set(self._previous)
             for b in data:
                 if b == 0:
                     continue
@@ -337,11 +358,14 @@ class CrashHooks:
                     self._tokens -= 1  # our own request to the main thread, not a signal
                     continue
                 real.append(b)
-            self._real_pending += len(real)
+            for b in real:
+                self._real_pending[b] = self._real_pending.get(b, 0) + 1
         if not real:
             return None
         forward_wakeup(self._prev_wakeup, bytes(real))
-        return real[0]
+        # Only the signals we hooked end a session: a host's own SIGUSR1 or SIGCHLD
+        # handler writes its byte to the same wake-up fd (issue 20).
+        return next((b for b in real if b in hooked), None)
 
     def host_handles(self, *signums: int) -> None:
         """The host acts on these signals itself (e.g. Ctrl-C closes): no save, just chain."""
@@ -354,6 +378,12 @@ class CrashHooks:
         seen = time.monotonic()
         self._in_signal = True
         self.run(_signal_name(signum))
+        if current_handler(signum) is not self._handler:
+            # The host set its own handler after ours: Python runs that one, and what
+            # becomes of the process is the host's to decide (issue 20).
+            self._in_signal = False
+            log.info("crash_signal_left_to_host", signal=_signal_name(signum))
+            return
         deadline = time.monotonic() + _CHAIN_GRACE
         while time.monotonic() < deadline:
             if self._handled_at >= seen - _CHAIN_GRACE:
@@ -371,22 +401,22 @@ class CrashHooks:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The Python handler (main thread): save (bounded), then the host's own action."""
-        real = self._real_pending > 0 or self._unread_signal()
+        real = self._real_pending.get(signum, 0) > 0 or self._unread_signal()
         if not real and self._wakes == 0:
             # Neither our request nor a byte seen yet: the relay may hold it between its
             # read and its count. A stale request (hooks re-installed since) shows none.
             deadline = time.monotonic() + _REAL_WAIT
             while not real and time.monotonic() < deadline:
                 time.sleep(0.01)
-                real = self._real_pending > 0
+                real = self._real_pending.get(signum, 0) > 0
             if not real:
                 log.info("crash_hooks_stale_wake_ignored", signal=_signal_name(signum))
                 return
         with self._lock:
-            real = real or self._real_pending > 0
+            real = real or self._real_pending.get(signum, 0) > 0
             ours = self._wakes > 0
             self._wakes = 0  # one call covers every request made before it
-            self._real_pending = 0
+            self._real_pending.pop(signum, None)
             if ours and not real:
                 self._restore_requested = False
                 # Our own request (off-main close): restore if nothing is left to protect.
@@ -470,6 +500,23 @@ def hooks() -> CrashHooks:
 
 def _at_exit() -> None:
     _HOOKS.run("atexit")
+
+
+_threads_exit_hook = False
+
+
+def _save_before_pools_stop() -> None:
+    """Once per process: at interpreter exit, save before the thread pools stop.
+
+    Python shuts every ``ThreadPoolExecutor`` down before it runs ``atexit`` hooks; a
+    session still ACTIVE then could no longer send anything (and its uploader logged
+    "cannot schedule new futures after interpreter shutdown" every second). The save
+    runs first and stops the streamer; then the pools stop (issue 20).
+    """
+    global _threads_exit_hook  # noqa: PLW0603 - one hook per process, like atexit's
+    if not _threads_exit_hook:
+        _threads_exit_hook = True
+        at_threads_exit(_at_exit)
 
 
 def register(s: PlantDesignSession) -> None:

@@ -6,8 +6,6 @@ import shutil
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import (
     read_intent,
     remove_staging,
@@ -21,9 +19,10 @@ from agent.errors import (
 from agent.journal import Journal
 from agent.keys import StageKeys
 from agent.lock import RemoteLock
+from agent.log import get_logger
 from agent.state import SessionState
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close before refusing.

@@ -8,8 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import (
     Committed,
     read_manifest,
@@ -22,6 +20,7 @@ from agent.errors import (
 from agent.journal import Journal
 from agent.keys import StageKeys, WorkFolder, folder_identity, local_path_for, unsupported_reason
 from agent.lock import RemoteLock
+from agent.log import get_logger
 from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.merge import plan_merge
 from agent.records import SessionRecord
@@ -31,7 +30,7 @@ from agent.snapshot import scan
 from agent.state import SessionState
 from agent.transfer import Download, Progress, Transfers
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.

@@ -6,8 +6,6 @@ import contextlib
 import threading
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import read_manifest
 from agent.errors import (
     AgentError,
@@ -17,12 +15,13 @@ from agent.errors import (
 from agent.journal import Journal
 from agent.keys import StageKeys
 from agent.lock import Heartbeat
+from agent.log import get_logger
 from agent.manifest import Manifest, ManifestEntry
 from agent.repair import RepairReport, repair_stage
 from agent.state import SessionState
 from agent.sync import Streamer
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MASS_DELETE_FRACTION = 0.5
 # How long `abort` waits for a running close (or resume) before refusing.

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.commit import read_manifest
 from agent.errors import ConflictError, StoreError, VersionNotFoundError
 from agent.history import (
@@ -32,6 +30,7 @@ from agent.history import (
     stages_with_history,
 )
 from agent.keys import CommitInfo, StageKeys, WorkFolder, validate_rel_path
+from agent.log import get_logger
 from agent.manifest import Manifest, ManifestEntry
 from agent.snapshot import scan
 
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     from agent.session import PlantDesignSession
     from agent.session.checkin import CloseReport
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PRUNE_LIMIT_AFTER_CLOSE = 1000
 

@@ -34,8 +34,9 @@ import botocore.exceptions as bexc
 import botocore.session
 import obstore
 import obstore.exceptions as oexc
-import structlog
 from botocore.config import Config
+
+from agent.log import get_logger
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig
@@ -107,7 +108,7 @@ _MAX_EMPTY_PAGES = 10
 # A continuation token goes back into the URL: longer than this is not a token.
 _MAX_TOKEN = 4096
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def part_size(size: int, configured: int) -> int:
