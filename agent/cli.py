@@ -400,9 +400,10 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
             + ", ".join(row["unsupported"])
         )
     if row.get("watch_mode") == "polling":
+        why = row.get("watch_mode_reason") or "the system's file-watch limit is reached"
         lines.append(
-            "  watching by polling: the system's file-watch limit is reached (Linux: raise "
-            "fs.inotify.max_user_watches); saves are still seen, a little later"
+            f"  watching by polling: {why} (Linux: raise fs.inotify.max_user_watches); "
+            "saves are still seen, a little later"
         )
     elif row.get("watch_mode") == "stopped":
         lines.append("  PROBLEM: the folder is not being watched (retrying); close still scans")

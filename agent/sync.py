@@ -586,6 +586,7 @@ class Streamer:
             "last_error": self.last_error,
             "watching": self._watcher is not None,
             "watch_mode": self._watcher.mode if self._watcher is not None else None,
+            "watch_mode_reason": self._watcher.mode_reason if self._watcher is not None else None,
             "unsupported": sorted(printable(r) for r in self.unsupported()),
             "waiting": self.waiting(),
         }

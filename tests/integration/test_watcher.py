@@ -386,3 +386,22 @@ def test_reading_files_in_the_folder_makes_no_events_at_all(
     assert c.wait_for(lambda: "sub/written.dat" in c.delivered)
     assert kinds, "the write made no event: the check below would prove nothing"
     assert not {"opened", "closed_no_write"} & set(kinds), kinds
+
+
+def test_a_folder_made_after_the_watch_limit_is_polled_at_once_and_says_so(
+    start_watcher: Start,
+) -> None:
+    """The watch limit met in mid-session (here the per-session cap, the same refusal
+    inotify gives at fs.inotify.max_user_watches): the folder is polled from then on."""
+    root, c, w = start_watcher(WATCH.model_copy(update={"max_watches": 3}))
+    (root / "a").mkdir()  # root, a, b: three watches, the cap
+    (root / "b").mkdir()
+    _write_and_settle(c, w, root, "b/first.dwg", b"1")
+    assert w.mode == "events"
+    assert w.mode_reason is None
+    (root / "late").mkdir()  # no watch can be added for it
+    assert c.wait_for(lambda: w.mode == "polling"), w.mode
+    (root / "late" / "saved.dwg").write_bytes(b"saved after the limit")
+    assert c.wait_for(lambda: "late/saved.dwg" in c.present), c.present
+    assert w.mode == "polling"
+    assert w.mode_reason is not None and "late" in w.mode_reason, w.mode_reason
