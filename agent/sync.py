@@ -49,6 +49,7 @@ log = structlog.get_logger(__name__)
 _MAX_BACKOFF = 30.0
 _MAX_WAIT_BACKOFF = 5.0
 _FULL_PASS_INTERVAL = 1.0  # a full read of the pending rows at least this often
+_LINKED_CHECK_INTERVAL = 1.0  # the names of files with several hard links: stat this often
 
 
 def describe_unsupported(unsupported: dict[str, str]) -> str:
@@ -100,6 +101,10 @@ class Streamer:
                 self._known[rel] = LocalEntry(staged.size, staged.mtime_ns, staged.sha256)
         self._known_lock = threading.Lock()
         self._unsupported: dict[str, str] = {}
+        # Files with several names (hard links): inode -> the names met in the folder.
+        # A write through one name makes an event for that name only (none at all when
+        # written through a name outside the folder): the others are checked here.
+        self._linked: dict[int, set[str]] = {}
         self._on_error = on_error
         self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
@@ -182,7 +187,13 @@ class Streamer:
 
     # ---------------------------------------------------------------- intake
 
-    def on_dirty(self, paths: set[str], scanned: Mapping[str, FileStat] | None = None) -> None:
+    def on_dirty(
+        self,
+        paths: set[str],
+        scanned: Mapping[str, FileStat] | None = None,
+        *,
+        other_names: bool = True,
+    ) -> None:
         """Journal each path as a put (a file) or a delete (gone); wake the uploader.
 
         A file whose stat tuple is the one of the content the store holds is skipped
@@ -190,9 +201,11 @@ class Streamer:
         it, sending it only if the hash differs from what the store holds. Links and
         special files are never files here: one that replaced a tracked file is a delete.
         ``scanned``: stats a ``scan`` just took (its walk never follows a link), used
-        as they are instead of a second ``lstat`` of each path.
+        as they are instead of a second ``lstat`` of each path. ``other_names``: a changed
+        file with several names (hard links) has its other known names looked at too.
         """
         items: list[Change] = []
+        linked: set[int] = set()
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
@@ -211,6 +224,8 @@ class Streamer:
             except OSError:
                 pass
             if st is not None and stat.S_ISREG(st.st_mode):
+                if self._note_links(rel, st):
+                    linked.add(st.st_ino)
                 with self._known_lock:
                     known = self._known.get(rel)
                 if known is not None and known.matches(st):
@@ -218,9 +233,62 @@ class Streamer:
                 items.append((rel, "put", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             elif self._is_tracked(rel):
                 items.append((rel, "delete", None, None, None, None))
-        if items:
-            self.journal.record_many(items)
-            self._wake.set()
+        self._journal(items, linked if other_names else set(), paths)
+
+    def _journal(self, items: list[Change], linked: set[int], paths: set[str]) -> None:
+        """Record ``items``; then look at the other names of a changed file with several."""
+        if not items:
+            return
+        self.journal.record_many(items)
+        self._wake.set()
+        others = self._names_of(linked, {item[0] for item in items}) - paths
+        if others:
+            self.on_dirty(others, other_names=False)  # at once: they get no event of their own
+
+    def _note_links(self, rel: str, st: os.stat_result | FileStat) -> bool:
+        """Remember ``rel`` under its inode if the file has several names; True if so."""
+        with self._known_lock:
+            if st.st_nlink > 1:
+                self._linked.setdefault(st.st_ino, set()).add(rel)
+                return True
+            names = self._linked.get(st.st_ino)
+            if names is not None:
+                names.discard(rel)
+                if not names:
+                    del self._linked[st.st_ino]
+            return False
+
+    def _names_of(self, inodes: set[int], among: set[str]) -> set[str]:
+        """Every known name of the ``inodes`` that had a change among ``among``."""
+        with self._known_lock:
+            return {
+                name
+                for ino in inodes
+                if among & (names := self._linked.get(ino, set()))
+                for name in names
+            }
+
+    def check_linked(self) -> None:
+        """Check every name of the files with several names against what the store holds.
+
+        A write through a name outside the working folder makes no event inside it; this
+        (every second, from the uploader loop) finds it. A stat per such name.
+        """
+        with self._known_lock:
+            names = {name for names in self._linked.values() for name in names}
+            known = {name: self._known.get(name) for name in names}
+        dirty = set()
+        for rel in names:
+            try:
+                st = self._folder.path(rel).lstat()
+            except (OSError, AgentError):
+                dirty.add(rel)  # gone (or now a link): on_dirty decides
+                continue
+            entry = known[rel]
+            if entry is None or not entry.matches(st) or st.st_nlink < 2:
+                dirty.add(rel)
+        if dirty:
+            self.on_dirty(dirty)
 
     def _is_tracked(self, rel: str) -> bool:
         with self._known_lock:
@@ -251,18 +319,22 @@ class Streamer:
     # -------------------------------------------------------------- uploader
 
     def _run(self) -> None:
-        last_full = 0.0
+        last_full = last_linked = 0.0
         while not self._stop.is_set():
             woken = self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
             if self._stop.is_set():
                 break
             now = time.monotonic()
+            check_linked = now - last_linked >= _LINKED_CHECK_INTERVAL and not self._paused
             with self._flight_lock:
                 full, self._full_pass = self._full_pass or not woken, False
                 full = full or any(at <= now for at in self._retry_at.values())
             full = full or now - last_full >= _FULL_PASS_INTERVAL
             try:
+                if check_linked and self._linked:
+                    last_linked = now
+                    self.check_linked()
                 self._dispatch(full=full)
                 if full:
                     last_full = now

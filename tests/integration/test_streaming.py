@@ -186,3 +186,35 @@ def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(
         if not session.is_closed:
             session.abort()
         bob_store.close()
+
+
+def test_a_write_through_one_hard_link_streams_every_name_of_the_file_promptly(
+    session: PlantDesignSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """Two names of one file in the folder and a third outside it: a write through any
+    of them reaches staging under every name in the folder, long before the 10-minute
+    rescan (the other names get no event of their own), and status shows it pending."""
+    work = session.work_path
+    assert work is not None
+    (work / "a.dwg").write_bytes(b"v1")
+    os.link(work / "a.dwg", work / "b.dwg")
+    outside = tmp_path / "outside.dwg"
+    os.link(work / "a.dwg", outside)
+    both = {"a.dwg", "b.dwg"}
+    assert _wait(
+        lambda: {k: _staged(store, session).get(k) for k in both} == dict.fromkeys(both, b"v1")
+    )
+    assert _wait(lambda: session.status()["pending"] == 0)
+
+    with (work / "a.dwg").open("r+b") as fh:  # the same inode, written in place
+        fh.write(b"v2")
+    assert _wait(lambda: _staged(store, session).get("b.dwg") == b"v2"), _staged(store, session)
+
+    with outside.open("r+b") as fh:  # no event in the folder at all
+        fh.write(b"v3")
+    assert _wait(
+        lambda: {k: _staged(store, session).get(k) for k in both} == dict.fromkeys(both, b"v3")
+    ), _staged(store, session)
+    report = session.close()
+    assert b"v3" == store.get(KEYS.committed("b.dwg")).body
+    assert both <= set(report.uploaded)
