@@ -399,6 +399,11 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
             "  not synchronised (name not storable; close refuses until renamed): "
             + ", ".join(row["unsupported"])
         )
+    if row.get("not_synchronised"):
+        lines.append(
+            "  not synchronised (links and special files are never followed nor sent): "
+            + ", ".join(_special_entry(entry) for entry in row["not_synchronised"])
+        )
     if row.get("watch_mode") == "polling":
         why = row.get("watch_mode_reason") or "the system's file-watch limit is reached"
         lines.append(
@@ -414,6 +419,13 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
         )
     lines += _stage_check_lines(row.get("stage_check"))
     return lines
+
+
+def _special_entry(entry: dict[str, Any]) -> str:
+    """``path (what it is[; close will delete committed path])`` of a status row."""
+    path = entry.get("path")
+    deletes = f"; close will delete committed {path}" if entry.get("deletes_committed") else ""
+    return f"{path} ({entry.get('reason')}{deletes})"
 
 
 def _printable_value(value: object) -> object:

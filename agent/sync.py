@@ -42,7 +42,7 @@ from agent.store.base import ObjectStore
 from agent.transfer import Transfers, Upload, Uploaded, same_stat
 from agent.watcher import Watcher
 
-__all__ = ["Streamer", "describe_unsupported"]
+__all__ = ["Streamer", "describe_unsupported", "special_kind"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +50,22 @@ _MAX_BACKOFF = 30.0
 _MAX_WAIT_BACKOFF = 5.0
 _FULL_PASS_INTERVAL = 1.0  # a full read of the pending rows at least this often
 _LINKED_CHECK_INTERVAL = 1.0  # the names of files with several hard links: stat this often
+
+
+def special_kind(st: os.stat_result | FileStat) -> str:
+    """What a folder entry that is neither a regular file nor a folder is, in words."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if getattr(st, "st_reparse_tag", 0):  # pragma: no cover - Windows
+        return "junction or reparse point"
+    return "not a regular file"
 
 
 def describe_unsupported(unsupported: dict[str, str]) -> str:
@@ -105,6 +121,8 @@ class Streamer:
         # A write through one name makes an event for that name only (none at all when
         # written through a name outside the folder): the others are checked here.
         self._linked: dict[int, set[str]] = {}
+        # Links and special files in the folder (never sent): path -> what it is.
+        self._others: dict[str, str] = {}
         self._on_error = on_error
         self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
@@ -223,6 +241,7 @@ class Streamer:
                 continue
             except OSError:
                 pass
+            self._note_other(rel, st)
             if st is not None and stat.S_ISREG(st.st_mode):
                 if self._note_links(rel, st):
                     linked.add(st.st_ino)
@@ -244,6 +263,34 @@ class Streamer:
         others = self._names_of(linked, {item[0] for item in items}) - paths
         if others:
             self.on_dirty(others, other_names=False)  # at once: they get no event of their own
+
+    def _note_other(self, rel: str, st: os.stat_result | FileStat | None) -> None:
+        """Remember (and log once) a link or special file at ``rel``; forget it otherwise."""
+        kind = None
+        if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            kind = special_kind(st)
+        with self._known_lock:
+            before = self._others.pop(rel, None) if kind is None else self._others.get(rel)
+            if kind is not None:
+                self._others[rel] = kind
+        if kind is not None and kind != before:
+            committed = rel in self.base.files
+            log.warning(
+                "not_synchronised",
+                path=printable(rel),
+                reason=f"a {kind}: never followed nor sent"
+                + ("; close deletes the committed file of that name" if committed else ""),
+            )
+
+    def not_synchronised(self) -> list[dict[str, object]]:
+        """The links and special files in the folder: path, what it is, and whether close
+        deletes the committed file of that name (the link replaced it)."""
+        with self._known_lock:
+            others = dict(self._others)
+        return [
+            {"path": printable(rel), "reason": kind, "deletes_committed": rel in self.base.files}
+            for rel, kind in sorted(others.items())
+        ]
 
     def _note_links(self, rel: str, st: os.stat_result | FileStat) -> bool:
         """Remember ``rel`` under its inode if the file has several names; True if so."""
@@ -298,7 +345,8 @@ class Streamer:
 
     def rescan(self, subtree: str = "") -> None:
         """Compare a subtree with what the store holds; journal the differences."""
-        current = scan(self.root, self.rules, subtree)
+        others: list[str] = []
+        current = scan(self.root, self.rules, subtree, others=others)
         prefix = f"{subtree}/" if subtree else ""
         with self._known_lock:
             known = {
@@ -312,6 +360,8 @@ class Streamer:
         dirty |= set(known) - set(current)
         with self._known_lock:
             dirty |= {r for r in self._unsupported if r.startswith(prefix) or r == subtree}
+            dirty |= {r for r in others if self._others.get(r) is None}
+            dirty |= {r for r in self._others if r.startswith(prefix) or r == subtree} - set(others)
         if dirty:
             log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
             self.on_dirty(dirty, current)
@@ -515,14 +565,27 @@ class Streamer:
                     failed = exc
         except FileNotFoundError:
             return self._gone(rel, seq)
-        except LocalFileError as exc:  # now a link or special file: never followed or sent
-            log.warning("not_synchronised", path=rel, reason=str(exc))
+        except LocalFileError as exc:  # now a link, special file or folder: never followed
+            self._replaced(rel, exc)
             return self._gone(rel, seq)
         if failed is not None:
             if not isinstance(failed.__cause__, FileNotFoundError):
                 raise failed
             return self._gone(rel, seq)  # renamed away meanwhile (rsync's temp file): no error
         return self._sent(rel, seq, done)
+
+    def _replaced(self, rel: str, exc: LocalFileError) -> None:
+        """A file to send is no longer a file: say what it is now, truthfully."""
+        try:
+            st = self._folder.path(rel).lstat()
+        except (OSError, AgentError):
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            log.info("file_replaced_by_folder", path=printable(rel))
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            self._note_other(rel, st)
+        else:  # a folder on the way is a link
+            log.warning("not_synchronised", path=printable(rel), reason=str(exc))
 
     def _sent(self, rel: str, seq: int, done: Uploaded) -> bool:
         """The store holds ``done``: mark the row, remember it; True if the row is finished."""
@@ -660,6 +723,7 @@ class Streamer:
             "watch_mode": self._watcher.mode if self._watcher is not None else None,
             "watch_mode_reason": self._watcher.mode_reason if self._watcher is not None else None,
             "unsupported": sorted(printable(r) for r in self.unsupported()),
+            "not_synchronised": self.not_synchronised(),
             "waiting": self.waiting(),
         }
 

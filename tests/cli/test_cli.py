@@ -386,3 +386,31 @@ def test_a_folder_made_after_the_watch_limit_is_polled_streamed_and_status_says_
     closed = run("close", "--json", env=env)
     assert 0 == closed.returncode, closed.stderr
     assert ["late/plan.dwg"] == json.loads(closed.stdout)["uploaded"]
+
+
+def test_status_lists_links_and_special_files_and_the_committed_file_close_will_delete(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """A link that replaced a committed file and a FIFO: `agent status` lists them with
+    what they are (JSON and text) while the session runs, not only at close."""
+    work = _open_session(run, agent_env)
+    (work / "plan.dwg").write_bytes(b"committed")
+    assert 0 == run("close").returncode
+    work = _open_session(run, agent_env)
+    (work / "plan.dwg").unlink()
+    (work / "plan.dwg").symlink_to("/etc/hostname")
+    os.mkfifo(work / "pipe")
+
+    def listed() -> list[Any]:
+        rows: list[Any] = _session_row(run, agent_env).get("not_synchronised", [])
+        return rows
+
+    assert wait_for(lambda: len(listed()) == 2, 30.0), listed()
+    assert [
+        {"path": "pipe", "reason": "FIFO", "deletes_committed": False},
+        {"path": "plan.dwg", "reason": "symbolic link", "deletes_committed": True},
+    ] == listed()
+    text = run("status").stdout
+    assert "pipe (FIFO)" in text, text
+    assert "plan.dwg (symbolic link; close will delete committed plan.dwg)" in text, text
+    assert 0 == run("abort").returncode
