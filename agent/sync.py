@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
 from agent.snapshot import FileStat, scan
 from agent.store.base import ObjectStore
-from agent.transfer import Transfers, Upload, Uploaded, same_stat
+from agent.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
 from agent.watcher import Watcher
 
 __all__ = ["Streamer", "describe_unsupported", "special_kind"]
@@ -49,6 +50,8 @@ log = structlog.get_logger(__name__)
 _MAX_BACKOFF = 30.0
 _MAX_WAIT_BACKOFF = 5.0
 _FULL_PASS_INTERVAL = 1.0  # a full read of the pending rows at least this often
+_GROWING_TRIES = 2  # a file changing during this many upload tries is sent as a copy
+_COPY_CHUNK = 1 << 20
 _LINKED_CHECK_INTERVAL = 1.0  # the names of files with several hard links: stat this often
 
 
@@ -560,7 +563,10 @@ class Streamer:
                         fd=fd,
                         objects=self.keys.version,
                         stored=self._stored_etag,
+                        tries=_GROWING_TRIES,
                     )
+                except FileKeptChangingError:  # still being written: a copy of it as it is
+                    done = self._send_copy(rel, fd)
                 except LocalFileError as exc:  # a read error, not a link: reported below
                     failed = exc
         except FileNotFoundError:
@@ -573,6 +579,37 @@ class Streamer:
                 raise failed
             return self._gone(rel, seq)  # renamed away meanwhile (rsync's temp file): no error
         return self._sent(rel, seq, done)
+
+    def _send_copy(self, rel: str, fd: int) -> Uploaded:
+        """Send a copy of a file a program is still writing (a log, a long export).
+
+        The bytes it has now (its size when the copy starts: a prefix, for a file that
+        grows) are read once from ``fd`` into a private file outside the working folder,
+        which is hashed and sent: the store holds exactly those bytes under their hash.
+        The row is then done with the copy's stat, which the file never matches: its next
+        save or scan sends it again, superseding this copy, and close (which waits until
+        the file stops changing) sends its final bytes. Never committed half-way.
+        """
+        folder = self.config.paths.state_dir / "copies"
+        folder.mkdir(parents=True, exist_ok=True)
+        copy_fd, name = tempfile.mkstemp(prefix="growing-", dir=folder)
+        try:
+            left = os.fstat(fd).st_size
+            os.lseek(fd, 0, os.SEEK_SET)  # our own descriptor, opened for this upload
+            while left > 0 and (chunk := os.read(fd, min(left, _COPY_CHUNK))):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(copy_fd, view) :]
+                left -= len(chunk)
+            item = Upload(rel=rel, key=self.keys.objects_prefix, src=Path(name))
+            done = self._transfers.upload_one(
+                item, None, fd=copy_fd, objects=self.keys.version, stored=self._stored_etag
+            )
+        finally:
+            os.close(copy_fd)
+            Path(name).unlink(missing_ok=True)
+        log.info("streamed_copy_of_growing_file", path=printable(rel), bytes=done.size)
+        return done
 
     def _replaced(self, rel: str, exc: LocalFileError) -> None:
         """A file to send is no longer a file: say what it is now, truthfully."""

@@ -10,11 +10,13 @@ When a dirty path is delivered (``Debouncer.due``):
   dirty for ``max_delay`` seconds (events that never stop, e.g. an editor
   touching a file it keeps open, do not hold it back forever);
 * **and stable**: its ``(size, mtime_ns)``, or its absence, has been the same for
-  at least ``debounce`` seconds. A file still being written waits however long
-  that takes, even past ``max_delay`` (the reconciliation scan is the backstop
-  for a file that never settles). A missing file is stable too: it is delivered
+  at least ``debounce`` seconds; except a file still being written (a log, a
+  long export) once it has been dirty for ``max_delay``: it is delivered as it
+  is, so the store is never more than about ``max_delay`` behind it, and again
+  after it stops changing (the consumer sends consistent copies; ``flush``
+  still waits for it to stop). A missing file is stable too: it is delivered
   as missing and the consumer turns it into a delete. Because absence must
-  also last ``debounce``, the moment between "rename the old file away" and
+  always last ``debounce``, the moment between "rename the old file away" and
   "rename the new one in" of an editor's save is never delivered;
 * **and spaced**: at least ``min_interval_per_path`` seconds after the same
   path's previous delivery (R2 takes about one write per second per key). It
@@ -226,18 +228,23 @@ class Debouncer:
         """
         out: set[str] = set()
         for path, d in list(self._dirty.items()):
+            overdue = now - d.first_seen >= self.max_delay
             ready = force or (
-                (now - d.last_event >= self.debounce or now - d.first_seen >= self.max_delay)
-                and self._spaced(path, now)
+                (now - d.last_event >= self.debounce or overdue) and self._spaced(path, now)
             )
             if not ready and not d.needs_stat:
                 continue
             current = stat(path)
             d.needs_stat = False
-            if not d.observed or current != d.last_stat:
+            changed = not d.observed or current != d.last_stat
+            if changed:
                 d.observed, d.last_stat, d.stat_since = True, current, now
+            # A file still being written is delivered anyway once overdue (never a
+            # missing one: that may be the middle of an editor's save).
+            growing = not force and overdue and current is not None and d.observed
+            if not ready or (changed and not growing):
                 continue
-            if not ready or (not force and now - d.stat_since < self.debounce):
+            if not force and not growing and now - d.stat_since < self.debounce:
                 continue
             out.add(path)
             del self._dirty[path]

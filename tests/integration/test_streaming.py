@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,3 +308,50 @@ def test_a_file_replaced_by_a_folder_before_its_upload_is_not_called_a_link(
     about = [e for e in logs if e.get("path") == "notes.txt"]
     assert ["file_replaced_by_folder"] == [e["event"] for e in about], about
     assert not [e for e in logs if "link" in json.dumps(e, default=str)], logs
+
+
+_WRITER = """
+import sys, time
+end = time.monotonic() + float(sys.argv[2])
+with open(sys.argv[1], "ab", buffering=0) as fh:
+    n = 0
+    while time.monotonic() < end:
+        fh.write(b"%08d log line of a long-running program\\n" % n)
+        n += 1
+        time.sleep(0.0005)
+"""
+
+
+def test_a_file_that_keeps_growing_is_sent_every_max_delay_and_committed_whole(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A real writer appends to a log for eight max_delay periods: staging gets a copy of
+    it again and again while it grows (each one a true prefix of the file, never an error),
+    and close commits all of it."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m1")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        watch={"debounce": 0.1, "max_delay": 0.5, "min_interval_per_path": 0.2},
+    )
+    s = PlantDesignSession(config, store=store)
+    work = s.open(P, "admin", STAGE)
+    try:
+        log_file = work / "run.log"
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(log_file), "4.0"])
+        seen: list[bytes] = []
+        while writer.poll() is None:
+            staged = _staged(store, s).get("run.log")
+            if staged is not None and (not seen or staged != seen[-1]):
+                seen.append(staged)
+            time.sleep(0.1)  # sampling what staging holds while the writer runs
+        assert 0 == writer.wait()
+        final = log_file.read_bytes()
+        assert len(seen) >= 2, f"staging got {len(seen)} copies while the file grew for 4 s"
+        assert all(final.startswith(copy) for copy in seen), "a staged copy is not a prefix"
+        assert s.status().get("last_error") is None, s.status()
+        report = s.close()
+        assert ["run.log"] == report.uploaded
+        assert final == store.get(KEYS.committed("run.log")).body
+    finally:
+        if not s.is_closed:
+            s.abort()

@@ -77,8 +77,9 @@ def test_continuous_events_on_a_stable_file_are_delivered_by_max_delay() -> None
     assert 1.0 <= batches[0][0] <= 1.0 + 2 * TICK
 
 
-def test_a_file_still_being_written_waits_past_max_delay_until_stable() -> None:
-    """A growing file is not delivered, even past max_delay, until it stopped changing."""
+def test_a_file_still_being_written_is_delivered_every_max_delay_and_after_it_stops() -> None:
+    """A growing file (a log, a long export) is delivered at least every max_delay while
+    it is written, not held until it stops; and once more after its last write."""
     fs = FakeFiles()
     d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=0.0)
 
@@ -88,8 +89,37 @@ def test_a_file_still_being_written_waits_past_max_delay_until_stable() -> None:
             d.touch("big.bin", now)
 
     batches = drive(d, fs, 0.0, 5.0, each_tick=write)
-    assert [{"big.bin"}] == [p for _, p in batches]
-    assert 3.3 <= batches[0][0] <= 3.3 + 2 * TICK
+    times = [when for when, _ in batches]
+    assert all({"big.bin"} == p for _, p in batches)
+    while_written = [t for t in times if t <= 3.0]
+    assert len(while_written) >= 2, times
+    gaps = [b - a for a, b in zip([0.0, *while_written], while_written, strict=False)]
+    assert max(gaps) <= 1.0 + 2 * TICK, times
+    assert 3.0 <= times[-1] <= 3.3 + 2 * TICK, "the last delivery comes after the last write"
+
+
+def test_a_missing_file_is_not_delivered_before_its_absence_is_stable_even_when_overdue() -> None:
+    """Overdue deliveries of a changing file never deliver it missing mid-save."""
+    fs = FakeFiles()
+    d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=0.0)
+
+    def flap(now: float) -> None:
+        if now <= 2.0:  # an editor that keeps replacing the file: present, gone, present
+            if round(now / TICK) % 2:
+                fs.files.pop("doc", None)
+            else:
+                fs.files["doc"] = (1, int(now * 1000))
+            d.touch("doc", now)
+
+    delivered_missing = []
+
+    def tick(now: float) -> None:
+        flap(now)
+
+    for now, _paths in drive(d, fs, 0.0, 3.0, each_tick=tick):
+        if "doc" not in fs.files:
+            delivered_missing.append(now)
+    assert [] == [t for t in delivered_missing if t <= 2.0]
 
 
 def test_a_missing_file_is_delivered_as_missing_after_the_quiet_period() -> None:
