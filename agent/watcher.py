@@ -276,7 +276,10 @@ class _LostEventsHook(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage().lower()
-        if "overflow" in message or record.levelno >= logging.ERROR:
+        if message.startswith("unable to watch"):  # a new subfolder got no watch
+            if os.fspath(self.watcher.root) in record.getMessage():  # ours, not another's
+                self.watcher._polling_from_now(record.getMessage())
+        elif "overflow" in message or record.levelno >= logging.ERROR:
             self.watcher._request_rescan("", reason=message)
 
 
@@ -292,6 +295,8 @@ def _guarded_observer(on_failed: WatchFailed, max_watches: int) -> Any:
     if InotifyObserver is None or Observer is not InotifyObserver:
         return Observer()
     observer = InotifyObserver()
+    if not isinstance(getattr(observer, "_emitter_kwargs", None), dict):  # pragma: no cover
+        return observer  # another watchdog: its log line is still caught (_LostEventsHook)
     fd = _GuardedInotify(on_failed, max_watches)
     fd.start()
     # watchdog allocates its reader at the first schedule unless one is there already.
@@ -473,13 +478,16 @@ class Watcher:
         """
         if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not Path(os.fsdecode(raw)).is_dir():
             return
-        if self._polling_reason is not None:
-            return
         rel = self._rel(raw) or "."
         if exc.errno in (errno.ENOSPC, errno.EMFILE):
-            why = f"the watch limit is reached at {rel} ({exc.strerror})"
+            self._polling_from_now(f"the watch limit is reached at {rel} ({exc.strerror})")
         else:
-            why = f"{rel} cannot be watched ({exc.strerror or exc})"
+            self._polling_from_now(f"{rel} cannot be watched ({exc.strerror or exc})")
+
+    def _polling_from_now(self, why: str) -> None:
+        """Ask the delivery thread to switch to polling (the first reason is kept)."""
+        if self._polling_reason is not None:
+            return
         self._polling_reason = why
         log.warning("watch_failed_polling", path=str(self.root), reason=why)
         self._switch_to_polling.set()

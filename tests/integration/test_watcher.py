@@ -406,3 +406,26 @@ def test_a_folder_made_after_the_watch_limit_is_polled_at_once_and_says_so(
     assert c.wait_for(lambda: "late/saved.dwg" in c.present), c.present
     assert w.mode == "polling"
     assert w.mode_reason is not None and "late" in w.mode_reason, w.mode_reason
+
+
+def test_watchdogs_own_unable_to_watch_line_switches_only_its_folder_to_polling(
+    start_watcher: Start,
+) -> None:
+    """Where the reader is not ours (another watchdog), watchdog's log line about a
+    subfolder it could not watch is the signal; a line about another folder is not."""
+    import errno
+    import logging
+
+    root, c, w = start_watcher()
+    other, _c2, w2 = start_watcher()
+    logging.getLogger("watchdog.observers.inotify").warning(
+        "Unable to watch %r: %s",
+        os.fsencode(root / "late"),
+        OSError(errno.ENOSPC, "inotify watch limit reached"),
+    )
+    assert c.wait_for(lambda: w.mode == "polling"), w.mode
+    assert w.mode_reason is not None and "late" in w.mode_reason
+    assert "events" == w2.mode
+    (root / "after.dwg").write_bytes(b"seen by polling")
+    assert c.wait_for(lambda: "after.dwg" in c.present), c.present
+    assert other.is_dir()
