@@ -118,6 +118,7 @@ class _Dirty:
     observed: bool = False
     last_stat: tuple[int, int] | None = None
     stat_since: float = 0.0
+    observed_since: float = 0.0  # the first stat
 
 
 def _inside(subtree: str, other: str) -> bool:
@@ -236,12 +237,21 @@ class Debouncer:
                 continue
             current = stat(path)
             d.needs_stat = False
+            if not d.observed:
+                d.observed_since = now
             changed = not d.observed or current != d.last_stat
             if changed:
                 d.observed, d.last_stat, d.stat_since = True, current, now
-            # A file still being written is delivered anyway once overdue (never a
-            # missing one: that may be the middle of an editor's save).
-            growing = not force and overdue and current is not None and d.observed
+            # A file seen changing for at least ``debounce`` (still being written) is
+            # delivered anyway once overdue; never a missing one (that may be the middle
+            # of an editor's save), nor one stat'ed late and seen changing once (a burst).
+            growing = (
+                changed
+                and not force
+                and overdue
+                and current is not None
+                and now - d.observed_since >= self.debounce
+            )
             if not ready or (changed and not growing):
                 continue
             if not force and not growing and now - d.stat_since < self.debounce:

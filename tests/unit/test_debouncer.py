@@ -254,3 +254,18 @@ def test_rescans_inside_a_due_rescan_are_covered_by_it() -> None:
     d.request_rescan("x", 2.0)
     d.request_rescan("", 2.0)
     assert {""} == d.due_rescans(2.0, force=True)
+
+
+def test_a_file_first_looked_at_when_overdue_still_waits_until_stable() -> None:
+    """A busy delivery thread that stats a burst's file late (already past max_delay) and
+    sees it change once delivers it once, stable, not half-written and then again."""
+    fs = FakeFiles()
+    d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=0.0)
+    d.touch("f", 0.0)
+    fs.files["f"] = (0, 1)
+    assert set() == d.due(1.5, fs.stat)  # first look, late: just created, empty
+    fs.files["f"] = (64, 2)  # written a moment later, done
+    assert set() == d.due(1.52, fs.stat), "delivered while it had been seen changing once"
+    batches = drive(d, fs, 1.54, 3.0)
+    assert [{"f"}] == [p for _, p in batches]
+    assert batches[0][0] >= 1.52 + 0.3
