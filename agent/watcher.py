@@ -334,7 +334,7 @@ if InotifyFD is not None:
 
         def add_callback(self, path: bytes, mask: Any, callback: Any, id_: Any) -> Any:
             if self._max_watches and len(self._watch_for_wd) >= self._max_watches:
-                refused = OSError(errno.ENOSPC, "watch limit reached (watch.max_watches)")
+                refused = OSError(errno.ENOSPC, "watch.max_watches reached")
                 self._on_failed(path, refused)
                 raise refused
             try:
@@ -421,7 +421,7 @@ class Watcher:
                     raise LocalFileError(f"cannot watch {self.root}: {exc}") from exc
                 # inotify watch/instance limit: poll instead (slower, still correct).
                 log.warning("watch_limit_reached_polling", path=str(self.root), error=str(exc))
-                self._polling_reason = f"the system's watch limit is reached ({exc.strerror})"
+                self._polling_reason = f"no watch could be added: {exc.strerror}"
         try:
             return self._schedule(PollingObserver(timeout=max(1.0, self.config.debounce)))
         except OSError as exc:
@@ -490,9 +490,9 @@ class Watcher:
             return
         rel = self._rel(raw) or "."
         if exc.errno in (errno.ENOSPC, errno.EMFILE):
-            self._polling_from_now(f"the watch limit is reached at {rel} ({exc.strerror})")
+            self._polling_from_now(f"no watch could be added for {rel}: {exc.strerror}")
         else:
-            self._polling_from_now(f"{rel} cannot be watched ({exc.strerror or exc})")
+            self._polling_from_now(f"{rel} cannot be watched: {exc.strerror or exc}")
 
     def _polling_from_now(self, why: str) -> None:
         """Ask the delivery thread to switch to polling (the first reason is kept)."""
