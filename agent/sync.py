@@ -18,6 +18,7 @@ used by reconciliation scans to find what the events missed.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -126,6 +127,8 @@ class Streamer:
         self._linked: dict[int, set[str]] = {}
         # Links and special files in the folder (never sent): path -> what it is.
         self._others: dict[str, str] = {}
+        # Copies of files still being written, while they are sent (``_send_copy``).
+        self._copies = config.paths.state_dir / "copies" / session_id
         self._on_error = on_error
         self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
@@ -205,6 +208,8 @@ class Streamer:
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
+        if wait:  # a copy left by a crash in the middle of one goes with the next stop
+            shutil.rmtree(self._copies, ignore_errors=True)
 
     # ---------------------------------------------------------------- intake
 
@@ -590,7 +595,7 @@ class Streamer:
         save or scan sends it again, superseding this copy, and close (which waits until
         the file stops changing) sends its final bytes. Never committed half-way.
         """
-        folder = self.config.paths.state_dir / "copies"
+        folder = self._copies
         folder.mkdir(parents=True, exist_ok=True)
         copy_fd, name = tempfile.mkstemp(prefix="growing-", dir=folder)
         try:

@@ -352,6 +352,7 @@ def test_a_file_that_keeps_growing_is_sent_every_max_delay_and_committed_whole(
         report = s.close()
         assert ["run.log"] == report.uploaded
         assert final == store.get(KEYS.committed("run.log")).body
+        assert [] == list((tmp_path / "m1" / "state" / "copies").glob("**/*")), "copies left"
     finally:
         if not s.is_closed:
             s.abort()
