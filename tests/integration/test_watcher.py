@@ -429,3 +429,55 @@ def test_watchdogs_own_unable_to_watch_line_switches_only_its_folder_to_polling(
     (root / "after.dwg").write_bytes(b"seen by polling")
     assert c.wait_for(lambda: "after.dwg" in c.present), c.present
     assert other.is_dir()
+
+
+_UNWATCHABLE = """
+import os, sys, time
+from pathlib import Path
+from agent.config import WatchConfig
+from agent.watcher import Watcher
+base = Path(sys.argv[1])
+root = base / "work"
+root.mkdir()
+w = Watcher(root, WatchConfig(debounce=0.1), lambda paths: None, on_rescan=lambda s: None)
+w.start()
+(base / "locked").mkdir()
+os.chmod(base / "locked", 0o300)  # no read: inotify refuses a watch on it
+os.rename(base / "locked", root / "locked")  # moved in mid-session
+deadline = time.monotonic() + 30
+while w.mode != "polling" and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(w.mode, w.mode_reason, sep="|")
+w.stop()
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+    reason="needs root to run the watcher as an unprivileged user (root reads any folder)",
+)
+def test_a_folder_that_may_not_be_read_is_polled_and_says_so() -> None:
+    """A folder moved in that the agent's user may not read gets no watch (inotify says
+    EACCES, which watchdog passes over in silence): the folder is polled, and says why."""
+    import shutil
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="pdw-"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o777)
+        setpriv = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        done = subprocess.run(
+            [*setpriv, sys.executable, "-c", _UNWATCHABLE, str(base)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert 0 == done.returncode, done.stderr
+    mode, reason = done.stdout.strip().splitlines()[-1].split("|")
+    assert "polling" == mode, done.stdout
+    assert "locked cannot be watched: permission denied" == reason
