@@ -439,10 +439,16 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
             "  not synchronised (name not storable; close refuses until renamed): "
             + ", ".join(row["unsupported"])
         )
-    if row.get("watch_mode") == "polling":
+    if row.get("not_synchronised"):
         lines.append(
-            "  watching by polling: the system's file-watch limit is reached (Linux: raise "
-            "fs.inotify.max_user_watches); saves are still seen, a little later"
+            "  not synchronised (links and special files are never followed nor sent): "
+            + ", ".join(_special_entry(entry) for entry in row["not_synchronised"])
+        )
+    if row.get("watch_mode") == "polling":
+        why = row.get("watch_mode_reason") or "the system's file-watch limit is reached"
+        lines.append(
+            f"  watching by polling: {why} (Linux: raise fs.inotify.max_user_watches); "
+            "saves are still seen, a little later"
         )
     elif row.get("watch_mode") == "stopped":
         lines.append("  PROBLEM: the folder is not being watched (retrying); close still scans")
@@ -453,6 +459,13 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
         )
     lines += _stage_check_lines(row.get("stage_check"))
     return lines
+
+
+def _special_entry(entry: dict[str, Any]) -> str:
+    """``path (what it is[; close will delete committed path])`` of a status row."""
+    path = entry.get("path")
+    deletes = f"; close will delete committed {path}" if entry.get("deletes_committed") else ""
+    return f"{path} ({entry.get('reason')}{deletes})"
 
 
 def _printable_value(value: object) -> object:

@@ -223,6 +223,10 @@ class WatchConfig(_Section):
     max_delay: Seconds = 2.0
     min_interval_per_path: Seconds = 1.0
     rescan_interval: Seconds = 600.0
+    max_watches: int = Field(default=0, ge=0)
+    """At most this many folder watches (inotify) per session; 0: only the system's
+    limit (``fs.inotify.max_user_watches``). A folder that cannot get its watch, for
+    this cap or any other reason, makes the session poll from then on."""
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     extra_ignore: tuple[str, ...] = ()
 

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import AgentError, WorkFolderReplacedError
@@ -35,11 +35,13 @@ class FileStat:
     ctime_ns: int = 0
     inode: int = 0
     mode: int = 0
+    nlink: int = field(default=1, compare=False)
+    """How many names the file has (hard links); not part of the compared tuple."""
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStat:
         """The tuple of an ``lstat`` result."""
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, st.st_nlink)
 
     @property
     def st_size(self) -> int:
@@ -65,6 +67,11 @@ class FileStat:
     def st_mode(self) -> int:
         """As ``os.stat_result``."""
         return self.mode
+
+    @property
+    def st_nlink(self) -> int:
+        """As ``os.stat_result``."""
+        return self.nlink
 
 
 def scan(

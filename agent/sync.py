@@ -18,7 +18,9 @@ used by reconciliation scans to find what the events missed.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,16 +40,35 @@ from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
 from agent.snapshot import FileStat, scan
 from agent.store.base import ObjectStore
-from agent.transfer import Transfers, Upload, Uploaded, same_stat
+from agent.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
 from agent.watcher import Watcher
 
-__all__ = ["Streamer", "describe_unsupported"]
+__all__ = ["Streamer", "describe_unsupported", "special_kind"]
 
 log = get_logger(__name__)
 
 _MAX_BACKOFF = 30.0
 _MAX_WAIT_BACKOFF = 5.0
 _FULL_PASS_INTERVAL = 1.0  # a full read of the pending rows at least this often
+_GROWING_TRIES = 2  # a file changing during this many upload tries is sent as a copy
+_COPY_CHUNK = 1 << 20
+_LINKED_CHECK_INTERVAL = 1.0  # the names of files with several hard links: stat this often
+
+
+def special_kind(st: os.stat_result | FileStat) -> str:
+    """What a folder entry that is neither a regular file nor a folder is, in words."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if getattr(st, "st_reparse_tag", 0):  # pragma: no cover - Windows
+        return "junction or reparse point"
+    return "not a regular file"
 
 
 def describe_unsupported(unsupported: dict[str, str]) -> str:
@@ -100,6 +121,14 @@ class Streamer:
                 self._known[rel] = LocalEntry(staged.size, staged.mtime_ns, staged.sha256)
         self._known_lock = threading.Lock()
         self._unsupported: dict[str, str] = {}
+        # Files with several names (hard links): inode -> the names met in the folder.
+        # A write through one name makes an event for that name only (none at all when
+        # written through a name outside the folder): the others are checked here.
+        self._linked: dict[int, set[str]] = {}
+        # Links and special files in the folder (never sent): path -> what it is.
+        self._others: dict[str, str] = {}
+        # Copies of files still being written, while they are sent (``_send_copy``).
+        self._copies = config.paths.state_dir / "copies" / session_id
         self._on_error = on_error
         self._transfers = Transfers(store, config.transfer.workers, folder=self._folder)
         self._pool: ThreadPoolExecutor | None = None
@@ -179,10 +208,18 @@ class Streamer:
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
+        if wait:  # a copy left by a crash in the middle of one goes with the next stop
+            shutil.rmtree(self._copies, ignore_errors=True)
 
     # ---------------------------------------------------------------- intake
 
-    def on_dirty(self, paths: set[str], scanned: Mapping[str, FileStat] | None = None) -> None:
+    def on_dirty(
+        self,
+        paths: set[str],
+        scanned: Mapping[str, FileStat] | None = None,
+        *,
+        other_names: bool = True,
+    ) -> None:
         """Journal each path as a put (a file) or a delete (gone); wake the uploader.
 
         A file whose stat tuple is the one of the content the store holds is skipped
@@ -190,9 +227,11 @@ class Streamer:
         it, sending it only if the hash differs from what the store holds. Links and
         special files are never files here: one that replaced a tracked file is a delete.
         ``scanned``: stats a ``scan`` just took (its walk never follows a link), used
-        as they are instead of a second ``lstat`` of each path.
+        as they are instead of a second ``lstat`` of each path. ``other_names``: a changed
+        file with several names (hard links) has its other known names looked at too.
         """
         items: list[Change] = []
+        linked: set[int] = set()
         for rel in sorted(paths):
             if self.rules.is_ignored(rel):
                 continue
@@ -213,7 +252,10 @@ class Streamer:
                 continue
             except OSError:
                 pass
+            self._note_other(rel, st)
             if st is not None and stat.S_ISREG(st.st_mode):
+                if self._note_links(rel, st):
+                    linked.add(st.st_ino)
                 with self._known_lock:
                     known = self._known.get(rel)
                 if known is not None and known.matches(st):
@@ -221,9 +263,90 @@ class Streamer:
                 items.append((rel, "put", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             elif self._is_tracked(rel):
                 items.append((rel, "delete", None, None, None, None))
-        if items:
-            self.journal.record_many(items)
-            self._wake.set()
+        self._journal(items, linked if other_names else set(), paths)
+
+    def _journal(self, items: list[Change], linked: set[int], paths: set[str]) -> None:
+        """Record ``items``; then look at the other names of a changed file with several."""
+        if not items:
+            return
+        self.journal.record_many(items)
+        self._wake.set()
+        others = self._names_of(linked, {item[0] for item in items}) - paths
+        if others:
+            self.on_dirty(others, other_names=False)  # at once: they get no event of their own
+
+    def _note_other(self, rel: str, st: os.stat_result | FileStat | None) -> None:
+        """Remember (and log once) a link or special file at ``rel``; forget it otherwise."""
+        kind = None
+        if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            kind = special_kind(st)
+        with self._known_lock:
+            before = self._others.pop(rel, None) if kind is None else self._others.get(rel)
+            if kind is not None:
+                self._others[rel] = kind
+        if kind is not None and kind != before:
+            committed = rel in self.base.files
+            log.warning(
+                "not_synchronised",
+                path=printable(rel),
+                reason=f"a {kind}: never followed nor sent"
+                + ("; close deletes the committed file of that name" if committed else ""),
+            )
+
+    def not_synchronised(self) -> list[dict[str, object]]:
+        """The links and special files in the folder: path, what it is, and whether close
+        deletes the committed file of that name (the link replaced it)."""
+        with self._known_lock:
+            others = dict(self._others)
+        return [
+            {"path": printable(rel), "reason": kind, "deletes_committed": rel in self.base.files}
+            for rel, kind in sorted(others.items())
+        ]
+
+    def _note_links(self, rel: str, st: os.stat_result | FileStat) -> bool:
+        """Remember ``rel`` under its inode if the file has several names; True if so."""
+        with self._known_lock:
+            if st.st_nlink > 1:
+                self._linked.setdefault(st.st_ino, set()).add(rel)
+                return True
+            names = self._linked.get(st.st_ino)
+            if names is not None:
+                names.discard(rel)
+                if not names:
+                    del self._linked[st.st_ino]
+            return False
+
+    def _names_of(self, inodes: set[int], among: set[str]) -> set[str]:
+        """Every known name of the ``inodes`` that had a change among ``among``."""
+        with self._known_lock:
+            return {
+                name
+                for ino in inodes
+                if among & (names := self._linked.get(ino, set()))
+                for name in names
+            }
+
+    def check_linked(self) -> None:
+        """Check every name of the files with several names against what the store holds.
+
+        A write through a name outside the working folder makes no event inside it; this
+        (every second, from the uploader loop) finds it. A stat per such name.
+        """
+        with self._known_lock:
+            names = {name for names in self._linked.values() for name in names}
+            known = {name: self._known.get(name) for name in names}
+        dirty = set()
+        for rel in names:
+            try:
+                st = self._folder.path(rel).lstat()
+            except (OSError, AgentError):
+                dirty.add(rel)  # gone (or now a link): on_dirty decides
+                continue
+            entry = known[rel]
+            if entry is None or not entry.matches(st) or st.st_nlink < 2:
+                dirty.add(rel)
+        if dirty:
+            self.on_dirty(dirty)
 
     def _is_tracked(self, rel: str) -> bool:
         with self._known_lock:
@@ -233,7 +356,10 @@ class Streamer:
 
     def rescan(self, subtree: str = "") -> None:
         """Compare a subtree with what the store holds; journal the differences."""
-        current = scan(self.root, self.rules, subtree, identity=self._folder.identity)
+        others: list[str] = []
+        current = scan(
+            self.root, self.rules, subtree, others=others, identity=self._folder.identity
+        )
         prefix = f"{subtree}/" if subtree else ""
         with self._known_lock:
             known = {
@@ -247,6 +373,8 @@ class Streamer:
         dirty |= set(known) - set(current)
         with self._known_lock:
             dirty |= {r for r in self._unsupported if r.startswith(prefix) or r == subtree}
+            dirty |= {r for r in others if self._others.get(r) is None}
+            dirty |= {r for r in self._others if r.startswith(prefix) or r == subtree} - set(others)
         if dirty:
             log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
             self.on_dirty(dirty, current)
@@ -254,18 +382,22 @@ class Streamer:
     # -------------------------------------------------------------- uploader
 
     def _run(self) -> None:
-        last_full = 0.0
+        last_full = last_linked = 0.0
         while not self._stop.is_set():
             woken = self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
             if self._stop.is_set():
                 break
             now = time.monotonic()
+            check_linked = now - last_linked >= _LINKED_CHECK_INTERVAL and not self._paused
             with self._flight_lock:
                 full, self._full_pass = self._full_pass or not woken, False
                 full = full or any(at <= now for at in self._retry_at.values())
             full = full or now - last_full >= _FULL_PASS_INTERVAL
             try:
+                if check_linked and self._linked:
+                    last_linked = now
+                    self.check_linked()
                 self._dispatch(full=full)
                 if full:
                     last_full = now
@@ -441,21 +573,68 @@ class Streamer:
                         fd=fd,
                         objects=self.keys.version,
                         stored=self._stored_etag,
+                        tries=_GROWING_TRIES,
                     )
+                except FileKeptChangingError:  # still being written: a copy of it as it is
+                    done = self._send_copy(rel, fd)
                 except LocalFileError as exc:  # a read error, not a link: reported below
                     failed = exc
         except FileNotFoundError:
             return self._gone(rel, seq)
         except WorkFolderReplacedError:
             raise  # the folder, not the file: retried (and shown) until it is back
-        except LocalFileError as exc:  # now a link or special file: never followed or sent
-            log.warning("not_synchronised", path=rel, reason=str(exc))
+        except LocalFileError as exc:  # now a link, special file or folder: never followed
+            self._replaced(rel, exc)
             return self._gone(rel, seq)
         if failed is not None:
             if not isinstance(failed.__cause__, FileNotFoundError):
                 raise failed
             return self._gone(rel, seq)  # renamed away meanwhile (rsync's temp file): no error
         return self._sent(rel, seq, done)
+
+    def _send_copy(self, rel: str, fd: int) -> Uploaded:
+        """Send a copy of a file a program is still writing (a log, a long export).
+
+        The bytes it has now (its size when the copy starts: a prefix, for a file that
+        grows) are read once from ``fd`` into a private file outside the working folder,
+        which is hashed and sent: the store holds exactly those bytes under their hash.
+        The row is then done with the copy's stat, which the file never matches: its next
+        save or scan sends it again, superseding this copy, and close (which waits until
+        the file stops changing) sends its final bytes. Never committed half-way.
+        """
+        folder = self._copies
+        folder.mkdir(parents=True, exist_ok=True)
+        copy_fd, name = tempfile.mkstemp(prefix="growing-", dir=folder)
+        try:
+            left = os.fstat(fd).st_size
+            os.lseek(fd, 0, os.SEEK_SET)  # our own descriptor, opened for this upload
+            while left > 0 and (chunk := os.read(fd, min(left, _COPY_CHUNK))):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(copy_fd, view) :]
+                left -= len(chunk)
+            item = Upload(rel=rel, key=self.keys.objects_prefix, src=Path(name))
+            done = self._transfers.upload_one(
+                item, None, fd=copy_fd, objects=self.keys.version, stored=self._stored_etag
+            )
+        finally:
+            os.close(copy_fd)
+            Path(name).unlink(missing_ok=True)
+        log.info("streamed_copy_of_growing_file", path=printable(rel), bytes=done.size)
+        return done
+
+    def _replaced(self, rel: str, exc: LocalFileError) -> None:
+        """A file to send is no longer a file: say what it is now, truthfully."""
+        try:
+            st = self._folder.path(rel).lstat()
+        except (OSError, AgentError):
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            log.info("file_replaced_by_folder", path=printable(rel))
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            self._note_other(rel, st)
+        else:  # a folder on the way is a link
+            log.warning("not_synchronised", path=printable(rel), reason=str(exc))
 
     def _sent(self, rel: str, seq: int, done: Uploaded) -> bool:
         """The store holds ``done``: mark the row, remember it; True if the row is finished."""
@@ -591,7 +770,9 @@ class Streamer:
             "last_error": self.last_error,
             "watching": self._watcher is not None,
             "watch_mode": self._watcher.mode if self._watcher is not None else None,
+            "watch_mode_reason": self._watcher.mode_reason if self._watcher is not None else None,
             "unsupported": sorted(printable(r) for r in self.unsupported()),
+            "not_synchronised": self.not_synchronised(),
             "waiting": self.waiting(),
         }
 

@@ -43,6 +43,7 @@ from agent.store.base import ObjectInfo, ObjectStore, WriteResult
 
 __all__ = [
     "Download",
+    "FileKeptChangingError",
     "Progress",
     "Transfers",
     "Upload",
@@ -174,6 +175,10 @@ class Progress:
                 return
             self._last, self._last_at = pct, now
             self._emit(self.message, pct)
+
+
+class FileKeptChangingError(TransferError):
+    """The file changed while it was read, at every try: a program is still writing it."""
 
 
 @dataclass(frozen=True)
@@ -414,8 +419,11 @@ class Transfers:
         fd: int | None = None,
         objects: Callable[[str], str] | None = None,
         stored: Callable[[str], str | None] | None = None,
+        tries: int = _MAX_UPLOAD_REDOS,
     ) -> Uploaded:
         """Upload one file on the calling thread (redone if it changes while read).
+
+        ``FileKeptChangingError`` if it changed during each of ``tries`` tries.
 
         ``known`` is a ``(stat, sha256)`` the caller already computed, so a large file
         is not hashed twice; it is trusted only while the file's stat still matches.
@@ -428,7 +436,7 @@ class Transfers:
         already (``send_object``). ``stored(sha256)`` is the ETag the caller believes
         that object has (from a manifest or the journal), or ``None``.
         """
-        for _attempt in range(_MAX_UPLOAD_REDOS):
+        for _attempt in range(tries):
             sent = 0
 
             def on_bytes(delta: int) -> None:
@@ -488,8 +496,8 @@ class Transfers:
             log.info("upload_redo_file_changed", path=item.rel, key=item.key)
             if progress is not None:
                 progress.add(-sent)
-        raise TransferError(
-            f"{item.src} kept changing while it was uploaded ({_MAX_UPLOAD_REDOS} tries); "
+        raise FileKeptChangingError(
+            f"{item.src} kept changing while it was uploaded ({tries} tries); "
             "close the program writing it and try again",
             failed=1,
         )

@@ -10,11 +10,13 @@ When a dirty path is delivered (``Debouncer.due``):
   dirty for ``max_delay`` seconds (events that never stop, e.g. an editor
   touching a file it keeps open, do not hold it back forever);
 * **and stable**: its ``(size, mtime_ns)``, or its absence, has been the same for
-  at least ``debounce`` seconds. A file still being written waits however long
-  that takes, even past ``max_delay`` (the reconciliation scan is the backstop
-  for a file that never settles). A missing file is stable too: it is delivered
+  at least ``debounce`` seconds; except a file still being written (a log, a
+  long export) once it has been dirty for ``max_delay``: it is delivered as it
+  is, so the store is never more than about ``max_delay`` behind it, and again
+  after it stops changing (the consumer sends consistent copies; ``flush``
+  still waits for it to stop). A missing file is stable too: it is delivered
   as missing and the consumer turns it into a delete. Because absence must
-  also last ``debounce``, the moment between "rename the old file away" and
+  always last ``debounce``, the moment between "rename the old file away" and
   "rename the new one in" of an editor's save is never delivered;
 * **and spaced**: at least ``min_interval_per_path`` seconds after the same
   path's previous delivery (R2 takes about one write per second per key). It
@@ -29,6 +31,11 @@ Those rescans are debounced too (``Debouncer.request_rescan``): one rescan per
 subtree once no event happened inside it for ``debounce`` seconds.
 
 ``flush`` is close's "now, please": see its docstring.
+
+A folder that cannot get its watch, at any time (the system's watch limit or
+``max_watches``, a permission, a folder gone and back), switches the whole folder
+to polling at once (``mode``, ``mode_reason``): every watch is added in one place,
+``_GuardedInotify.add_callback``, which tells the watcher.
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
+
+try:  # Linux: every watch of a folder goes through one call of ours (see _GuardedInotify)
+    from watchdog.observers.inotify import InotifyObserver
+    from watchdog.observers.inotify_c import InotifyFD
+except (ImportError, OSError):  # pragma: no cover - no inotify on this platform
+    InotifyObserver = None  # type: ignore[assignment,misc]
+    InotifyFD = None  # type: ignore[assignment,misc]
 
 from agent.config import WatchConfig
 from agent.errors import LocalFileError
@@ -104,6 +118,7 @@ class _Dirty:
     observed: bool = False
     last_stat: tuple[int, int] | None = None
     stat_since: float = 0.0
+    observed_since: float = 0.0  # the first stat
 
 
 def _inside(subtree: str, other: str) -> bool:
@@ -214,18 +229,32 @@ class Debouncer:
         """
         out: set[str] = set()
         for path, d in list(self._dirty.items()):
+            overdue = now - d.first_seen >= self.max_delay
             ready = force or (
-                (now - d.last_event >= self.debounce or now - d.first_seen >= self.max_delay)
-                and self._spaced(path, now)
+                (now - d.last_event >= self.debounce or overdue) and self._spaced(path, now)
             )
             if not ready and not d.needs_stat:
                 continue
             current = stat(path)
             d.needs_stat = False
-            if not d.observed or current != d.last_stat:
+            if not d.observed:
+                d.observed_since = now
+            changed = not d.observed or current != d.last_stat
+            if changed:
                 d.observed, d.last_stat, d.stat_since = True, current, now
+            # A file seen changing for at least ``debounce`` (still being written) is
+            # delivered anyway once overdue; never a missing one (that may be the middle
+            # of an editor's save), nor one stat'ed late and seen changing once (a burst).
+            growing = (
+                changed
+                and not force
+                and overdue
+                and current is not None
+                and now - d.observed_since >= self.debounce
+            )
+            if not ready or (changed and not growing):
                 continue
-            if not ready or (not force and now - d.stat_since < self.debounce):
+            if not force and not growing and now - d.stat_since < self.debounce:
                 continue
             out.add(path)
             del self._dirty[path]
@@ -257,8 +286,65 @@ class _LostEventsHook(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage().lower()
-        if "overflow" in message or record.levelno >= logging.ERROR:
+        if message.startswith("unable to watch"):  # a new subfolder got no watch
+            if os.fspath(self.watcher.root) in record.getMessage():  # ours, not another's
+                self.watcher._polling_from_now(record.getMessage())
+        elif "overflow" in message or record.levelno >= logging.ERROR:
             self.watcher._request_rescan("", reason=message)
+
+
+WatchFailed = Callable[[bytes, OSError], None]
+
+
+def _guarded_observer(on_failed: WatchFailed, max_watches: int) -> Any:
+    """An events observer whose every folder watch goes through ``_GuardedInotify``.
+
+    Only inotify adds one watch per folder (FSEvents and ReadDirectoryChanges watch a
+    tree at once): elsewhere this is the platform's observer as it is.
+    """
+    if InotifyObserver is None or Observer is not InotifyObserver:
+        return Observer()
+    observer = InotifyObserver()
+    if not isinstance(getattr(observer, "_emitter_kwargs", None), dict):  # pragma: no cover
+        return observer  # another watchdog: its log line is still caught (_LostEventsHook)
+    fd = _GuardedInotify(on_failed, max_watches)
+    fd.start()
+    # watchdog allocates its reader at the first schedule unless one is there already.
+    observer._inotify_fd = fd
+    observer._emitter_kwargs["inotify_fd"] = fd
+    return observer
+
+
+if InotifyFD is not None:
+
+    class _GuardedInotify(InotifyFD):
+        """watchdog's inotify reader, with the one place a watch is added watched.
+
+        watchdog logs a refused watch of a new subfolder and goes on without it (or,
+        for a permission, says nothing): the folder's saves would then be seen only
+        by the next rescan. Here any refusal is reported (``on_failed``), and
+        ``max_watches`` (when not 0) refuses watches past it as the system's limit
+        does.
+        """
+
+        def __init__(self, on_failed: WatchFailed, max_watches: int) -> None:
+            super().__init__()
+            self._on_failed = on_failed
+            self._max_watches = max_watches
+
+        def add_callback(self, path: bytes, mask: Any, callback: Any, id_: Any) -> Any:
+            if self._max_watches and len(self._watch_for_wd) >= self._max_watches:
+                refused = OSError(errno.ENOSPC, "watch.max_watches reached")
+                self._on_failed(path, refused)
+                raise refused
+            try:
+                wd = super().add_callback(path, mask, callback, id_)
+            except OSError as exc:
+                self._on_failed(path, exc)
+                raise
+            if wd == -1:  # watchdog lets a permission refusal through silently
+                self._on_failed(path, PermissionError(errno.EACCES, "permission denied"))
+            return wd
 
 
 class Watcher:
@@ -303,6 +389,8 @@ class Watcher:
         self._hook: _LostEventsHook | None = None
         self._thread: threading.Thread | None = None
         self._started = False
+        self._polling_reason: str | None = None  # why the folder is polled (set once)
+        self._switch_to_polling = threading.Event()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -324,13 +412,16 @@ class Watcher:
         log.info("watching", path=str(self.root), observer=type(self._observer).__name__)
 
     def _start_observer(self) -> Any:
-        try:
-            return self._schedule(Observer())
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
-                raise LocalFileError(f"cannot watch {self.root}: {exc}") from exc
-            # inotify watch/instance limit: poll instead (slower, still correct).
-            log.warning("watch_limit_reached_polling", path=str(self.root), error=str(exc))
+        if self._polling_reason is None:
+            try:
+                observer = _guarded_observer(self._watch_failed, self.config.max_watches)
+                return self._schedule(observer)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                    raise LocalFileError(f"cannot watch {self.root}: {exc}") from exc
+                # inotify watch/instance limit: poll instead (slower, still correct).
+                log.warning("watch_limit_reached_polling", path=str(self.root), error=str(exc))
+                self._polling_reason = f"no watch could be added: {exc.strerror}"
         try:
             return self._schedule(PollingObserver(timeout=max(1.0, self.config.debounce)))
         except OSError as exc:
@@ -388,6 +479,46 @@ class Watcher:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+    def _watch_failed(self, raw: bytes, exc: OSError) -> None:
+        """A folder could not get its watch (any thread, watchdog's locks held): poll.
+
+        A folder that is gone by now needs no watch (made and removed at once); one
+        that is there (or came back) would be seen only by the next rescan.
+        """
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not Path(os.fsdecode(raw)).is_dir():
+            return
+        rel = self._rel(raw) or "."
+        if exc.errno in (errno.ENOSPC, errno.EMFILE):
+            self._polling_from_now(f"no watch could be added for {rel}: {exc.strerror}")
+        else:
+            self._polling_from_now(f"{rel} cannot be watched: {exc.strerror or exc}")
+
+    def _polling_from_now(self, why: str) -> None:
+        """Ask the delivery thread to switch to polling (the first reason is kept)."""
+        if self._polling_reason is not None:
+            return
+        self._polling_reason = why
+        log.warning("watch_failed_polling", path=str(self.root), reason=why)
+        self._switch_to_polling.set()
+        self._kick.set()
+
+    def _poll_from_now(self) -> None:
+        """Replace the events observer with a polling one; rescan what it may have missed."""
+        with self._observer_lock:
+            observer = self._observer
+            if observer is None or self._stop.is_set() or isinstance(observer, PollingObserver):
+                return
+            self._stop_observer(observer)
+            try:
+                self._observer = self._start_observer()
+            except LocalFileError as exc:
+                log.error("watch_restart_failed", path=str(self.root), error=str(exc))
+                self._observer = _DeadObserver()
+            else:
+                log.info("watching", path=str(self.root), observer="PollingObserver")
+        with self._lock:
+            self._debouncer.request_rescan("", self._clock())
 
     # ---------------------------------------------------------------- events
 
@@ -468,6 +599,9 @@ class Watcher:
                 next_reconcile = now + self.config.rescan_interval
                 with self._lock:
                     self._debouncer.request_rescan("", now)
+            if self._switch_to_polling.is_set():
+                self._switch_to_polling.clear()
+                self._poll_from_now()
             if now >= next_health:
                 next_health = now + _HEALTH_INTERVAL
                 self._check_observer()
@@ -519,6 +653,11 @@ class Watcher:
         if observer is None or isinstance(observer, _DeadObserver):
             return "stopped"
         return "polling" if isinstance(observer, PollingObserver) else "events"
+
+    @property
+    def mode_reason(self) -> str | None:
+        """Why the folder is polled (``mode`` is ``polling``), else None."""
+        return self._polling_reason if self.mode == "polling" else None
 
     def _check_observer(self) -> None:
         """Restart a dead observer (e.g. the root was deleted, or is back) and ask for a rescan."""

@@ -345,3 +345,72 @@ def test_a_second_home_of_the_same_user_cannot_open_a_stage_a_live_agent_holds(
     second = run("open", "P5", "--user", "admin", "--stage", "s1", "--json", env=other)
     assert 5 == second.returncode, second.stdout + second.stderr
     assert 0 == run("close").returncode
+
+
+def _open_session(run: Run, env: dict[str, str]) -> Path:
+    opened = run(
+        "open", "Kraftwerk_1234567", "--user", "admin", "--stage", "planning", "--json", env=env
+    )
+    assert 0 == opened.returncode, opened.stderr
+    return Path(json.loads(opened.stdout)["path"])
+
+
+def _session_row(run: Run, env: dict[str, str]) -> dict[str, Any]:
+    status = run("status", "--json", env=env)
+    assert 0 == status.returncode, status.stderr
+    row: dict[str, Any] = json.loads(status.stdout)["sessions"][0]
+    return row
+
+
+def test_a_folder_made_after_the_watch_limit_is_polled_streamed_and_status_says_so(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """The watch limit met in mid-session (the per-session cap stands in for the system's):
+    the agent polls from then on, a save in the new folder is streamed long before the
+    10-minute rescan, and `agent status` says polling and why, in text and JSON."""
+    env = dict(agent_env, AGENT_WATCH__MAX_WATCHES="2", AGENT_WATCH__DEBOUNCE="0.1")
+    work = _open_session(run, env)
+    (work / "first").mkdir()  # the root and this one: the cap
+    assert wait_for(lambda: _session_row(run, env).get("watch_mode") == "events", 30.0)
+    (work / "late").mkdir()
+    assert wait_for(lambda: _session_row(run, env).get("watch_mode") == "polling", 30.0)
+    (work / "late" / "plan.dwg").write_bytes(b"saved in a folder made after the limit")
+    assert wait_for(
+        lambda: (r := _session_row(run, env)).get("uploads", 0) >= 1 and r.get("pending") == 0,
+        30.0,
+    )
+    row = _session_row(run, env)
+    assert "late" in row["watch_mode_reason"], row
+    text = run("status", env=env).stdout
+    assert "watching by polling" in text and "late" in text, text
+    closed = run("close", "--json", env=env)
+    assert 0 == closed.returncode, closed.stderr
+    assert ["late/plan.dwg"] == json.loads(closed.stdout)["uploaded"]
+
+
+def test_status_lists_links_and_special_files_and_the_committed_file_close_will_delete(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """A link that replaced a committed file and a FIFO: `agent status` lists them with
+    what they are (JSON and text) while the session runs, not only at close."""
+    work = _open_session(run, agent_env)
+    (work / "plan.dwg").write_bytes(b"committed")
+    assert 0 == run("close").returncode
+    work = _open_session(run, agent_env)
+    (work / "plan.dwg").unlink()
+    (work / "plan.dwg").symlink_to("/etc/hostname")
+    os.mkfifo(work / "pipe")
+
+    def listed() -> list[Any]:
+        rows: list[Any] = _session_row(run, agent_env).get("not_synchronised", [])
+        return rows
+
+    assert wait_for(lambda: len(listed()) == 2, 30.0), listed()
+    assert [
+        {"path": "pipe", "reason": "FIFO", "deletes_committed": False},
+        {"path": "plan.dwg", "reason": "symbolic link", "deletes_committed": True},
+    ] == listed()
+    text = run("status").stdout
+    assert "pipe (FIFO)" in text, text
+    assert "plan.dwg (symbolic link; close will delete committed plan.dwg)" in text, text
+    assert 0 == run("abort").returncode

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -217,3 +219,171 @@ def test_an_upload_due_while_the_folder_is_replaced_by_a_link_waits_and_deletes_
         (tmp_path / "moved").rename(work)
     session.close()
     assert b"saved" == store.get(KEYS.committed("plan.dwg")).body
+
+
+def test_a_write_through_one_hard_link_streams_every_name_of_the_file_promptly(
+    session: PlantDesignSession, store: ObjectStore, tmp_path: Path
+) -> None:
+    """Two names of one file in the folder and a third outside it: a write through any
+    of them reaches staging under every name in the folder, long before the 10-minute
+    rescan (the other names get no event of their own), and status shows it pending."""
+    work = session.work_path
+    assert work is not None
+    (work / "a.dwg").write_bytes(b"v1")
+    os.link(work / "a.dwg", work / "b.dwg")
+    outside = tmp_path / "outside.dwg"
+    os.link(work / "a.dwg", outside)
+    both = {"a.dwg", "b.dwg"}
+    assert _wait(
+        lambda: {k: _staged(store, session).get(k) for k in both} == dict.fromkeys(both, b"v1")
+    )
+    assert _wait(lambda: session.status()["pending"] == 0)
+
+    with (work / "a.dwg").open("r+b") as fh:  # the same inode, written in place
+        fh.write(b"v2")
+    assert _wait(lambda: _staged(store, session).get("b.dwg") == b"v2"), _staged(store, session)
+
+    with outside.open("r+b") as fh:  # no event in the folder at all
+        fh.write(b"v3")
+    assert _wait(
+        lambda: {k: _staged(store, session).get(k) for k in both} == dict.fromkeys(both, b"v3")
+    ), _staged(store, session)
+    report = session.close()
+    assert b"v3" == store.get(KEYS.committed("b.dwg")).body
+    assert both <= set(report.uploaded)
+
+
+def _seeded(store: ObjectStore, tmp_path: Path, files: dict[str, bytes]) -> PlantDesignSession:
+    """A stage committed with ``files``, then opened (watching) by a second session."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "seed")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+    )
+    seed = PlantDesignSession(config, store=store)
+    work = seed.open(P, "seeder", STAGE, watch=False)
+    for name, data in files.items():
+        (work / name).write_bytes(data)
+    seed.close()
+    config2 = load_config(
+        paths={"base_dir": str(tmp_path / "m2")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
+    )
+    s = PlantDesignSession(config2, store=store)
+    s.open(P, "admin", STAGE)
+    return s
+
+
+def test_links_and_special_files_show_in_status_and_the_log_within_a_second(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A link that replaced a committed file, a new link and a FIFO are listed by status
+    (with why, and which committed file close will delete) about a second after they
+    appear, each logged once as not_synchronised; a file replaced by a folder is not
+    called a link."""
+    s = _seeded(store, tmp_path, {"plan.dwg": b"committed", "notes.txt": b"n"})
+    work = s.work_path
+    assert work is not None
+    try:
+        with capture_logs() as logs:
+            (work / "plan.dwg").unlink()
+            (work / "plan.dwg").symlink_to("/etc/hostname")
+            (work / "new-link").symlink_to(work / "notes.txt")
+            os.mkfifo(work / "pipe")
+            (work / "notes.txt").unlink()
+            (work / "notes.txt").mkdir()
+            (work / "notes.txt" / "inside.txt").write_bytes(b"i")
+            started = time.monotonic()
+
+            def listed() -> dict[str, dict[str, object]]:
+                rows = s.status().get("not_synchronised") or []
+                assert isinstance(rows, list)
+                return {r["path"]: r for r in rows}
+
+            assert _wait(lambda: {"plan.dwg", "new-link", "pipe"} <= set(listed())), listed()
+            took = time.monotonic() - started
+            assert s.flush(timeout=DEADLINE)
+        rows = listed()
+        assert set(rows) == {"plan.dwg", "new-link", "pipe"}, rows
+        assert rows["plan.dwg"]["reason"] == "symbolic link"
+        assert rows["plan.dwg"]["deletes_committed"] is True
+        assert rows["new-link"]["deletes_committed"] is False
+        assert rows["pipe"]["reason"] == "FIFO"
+        logged = sorted(e["path"] for e in logs if e["event"] == "not_synchronised")
+        assert ["new-link", "pipe", "plan.dwg"] == logged, logs
+        about_notes = [e for e in logs if "notes.txt" in str(e.get("path", ""))]
+        assert not [e for e in about_notes if "link" in json.dumps(e, default=str)], about_notes
+        assert took < 5.0, f"listed {took:.1f} s after the link appeared"
+        (work / "pipe").unlink()
+        assert _wait(lambda: "pipe" not in listed()), listed()
+    finally:
+        s.abort()
+
+
+def test_a_file_replaced_by_a_folder_before_its_upload_is_not_called_a_link(
+    session: PlantDesignSession,
+) -> None:
+    """The uploader finds a folder where the file to send was: the log says so, and
+    says nothing about links (there is none)."""
+    work, streamer = session.work_path, session._streamer
+    assert work is not None and streamer is not None
+    streamer.pause()  # hold the upload so the swap happens between journal and upload
+    (work / "notes.txt").write_bytes(b"a file for now")
+    assert _wait(lambda: session.status()["pending"] == 1)
+    (work / "notes.txt").unlink()
+    (work / "notes.txt").mkdir()
+    with capture_logs() as logs:
+        streamer._paused = False  # resume sending (no public resume: a lost lock is final)
+        streamer._wake.set()
+        assert _wait(lambda: any(e["event"] == "file_replaced_by_folder" for e in logs)), logs
+    about = [e for e in logs if e.get("path") == "notes.txt"]
+    assert ["file_replaced_by_folder"] == [e["event"] for e in about], about
+    assert not [e for e in logs if "link" in json.dumps(e, default=str)], logs
+
+
+_WRITER = """
+import sys, time
+end = time.monotonic() + float(sys.argv[2])
+with open(sys.argv[1], "ab", buffering=0) as fh:
+    n = 0
+    while time.monotonic() < end:
+        fh.write(b"%08d log line of a long-running program\\n" % n)
+        n += 1
+        time.sleep(0.0005)
+"""
+
+
+def test_a_file_that_keeps_growing_is_sent_every_max_delay_and_committed_whole(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """A real writer appends to a log for eight max_delay periods: staging gets a copy of
+    it again and again while it grows (each one a true prefix of the file, never an error),
+    and close commits all of it."""
+    config = load_config(
+        paths={"base_dir": str(tmp_path / "m1")},
+        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+        watch={"debounce": 0.1, "max_delay": 0.5, "min_interval_per_path": 0.2},
+    )
+    s = PlantDesignSession(config, store=store)
+    work = s.open(P, "admin", STAGE)
+    try:
+        log_file = work / "run.log"
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(log_file), "4.0"])
+        seen: list[bytes] = []
+        while writer.poll() is None:
+            staged = _staged(store, s).get("run.log")
+            if staged is not None and (not seen or staged != seen[-1]):
+                seen.append(staged)
+            time.sleep(0.1)  # sampling what staging holds while the writer runs
+        assert 0 == writer.wait()
+        final = log_file.read_bytes()
+        assert len(seen) >= 2, f"staging got {len(seen)} copies while the file grew for 4 s"
+        assert all(final.startswith(copy) for copy in seen), "a staged copy is not a prefix"
+        assert s.status().get("last_error") is None, s.status()
+        report = s.close()
+        assert ["run.log"] == report.uploaded
+        assert final == store.get(KEYS.committed("run.log")).body
+        assert [] == list((tmp_path / "m1" / "state" / "copies").glob("**/*")), "copies left"
+    finally:
+        if not s.is_closed:
+            s.abort()

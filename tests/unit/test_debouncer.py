@@ -77,8 +77,9 @@ def test_continuous_events_on_a_stable_file_are_delivered_by_max_delay() -> None
     assert 1.0 <= batches[0][0] <= 1.0 + 2 * TICK
 
 
-def test_a_file_still_being_written_waits_past_max_delay_until_stable() -> None:
-    """A growing file is not delivered, even past max_delay, until it stopped changing."""
+def test_a_file_still_being_written_is_delivered_every_max_delay_and_after_it_stops() -> None:
+    """A growing file (a log, a long export) is delivered at least every max_delay while
+    it is written, not held until it stops; and once more after its last write."""
     fs = FakeFiles()
     d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=0.0)
 
@@ -88,8 +89,37 @@ def test_a_file_still_being_written_waits_past_max_delay_until_stable() -> None:
             d.touch("big.bin", now)
 
     batches = drive(d, fs, 0.0, 5.0, each_tick=write)
-    assert [{"big.bin"}] == [p for _, p in batches]
-    assert 3.3 <= batches[0][0] <= 3.3 + 2 * TICK
+    times = [when for when, _ in batches]
+    assert all({"big.bin"} == p for _, p in batches)
+    while_written = [t for t in times if t <= 3.0]
+    assert len(while_written) >= 2, times
+    gaps = [b - a for a, b in zip([0.0, *while_written], while_written, strict=False)]
+    assert max(gaps) <= 1.0 + 2 * TICK, times
+    assert 3.0 <= times[-1] <= 3.3 + 2 * TICK, "the last delivery comes after the last write"
+
+
+def test_a_missing_file_is_not_delivered_before_its_absence_is_stable_even_when_overdue() -> None:
+    """Overdue deliveries of a changing file never deliver it missing mid-save."""
+    fs = FakeFiles()
+    d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=0.0)
+
+    def flap(now: float) -> None:
+        if now <= 2.0:  # an editor that keeps replacing the file: present, gone, present
+            if round(now / TICK) % 2:
+                fs.files.pop("doc", None)
+            else:
+                fs.files["doc"] = (1, int(now * 1000))
+            d.touch("doc", now)
+
+    delivered_missing = []
+
+    def tick(now: float) -> None:
+        flap(now)
+
+    for now, _paths in drive(d, fs, 0.0, 3.0, each_tick=tick):
+        if "doc" not in fs.files:
+            delivered_missing.append(now)
+    assert [] == [t for t in delivered_missing if t <= 2.0]
 
 
 def test_a_missing_file_is_delivered_as_missing_after_the_quiet_period() -> None:
@@ -224,3 +254,18 @@ def test_rescans_inside_a_due_rescan_are_covered_by_it() -> None:
     d.request_rescan("x", 2.0)
     d.request_rescan("", 2.0)
     assert {""} == d.due_rescans(2.0, force=True)
+
+
+def test_a_file_first_looked_at_when_overdue_still_waits_until_stable() -> None:
+    """A busy delivery thread that stats a burst's file late (already past max_delay) and
+    sees it change once delivers it once, stable, not half-written and then again."""
+    fs = FakeFiles()
+    d = Debouncer(debounce=0.3, max_delay=1.0, min_interval=0.0)
+    d.touch("f", 0.0)
+    fs.files["f"] = (0, 1)
+    assert set() == d.due(1.5, fs.stat)  # first look, late: just created, empty
+    fs.files["f"] = (64, 2)  # written a moment later, done
+    assert set() == d.due(1.52, fs.stat), "delivered while it had been seen changing once"
+    batches = drive(d, fs, 1.54, 3.0)
+    assert [{"f"}] == [p for _, p in batches]
+    assert batches[0][0] >= 1.52 + 0.3
