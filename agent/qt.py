@@ -28,10 +28,13 @@ the event loop, the emergency save runs on the GUI thread (bounded by
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import shiboken6
+import structlog
 from PySide6.QtCore import (
     QCoreApplication,
     QObject,
@@ -58,6 +61,8 @@ from agent.recovery import RecoveryInfo
 from agent.session import PlantDesignSession, crash
 from agent.state import SessionState
 
+log = structlog.get_logger(__name__)
+
 __all__ = [
     "ProgressDialog",
     "RecoveryDialog",
@@ -75,6 +80,64 @@ _CANCELLABLE = (
 )
 
 
+class _Probe(QObject):
+    ping = Signal()
+
+
+def _incref(obj: object) -> None:
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def _drops(call: Callable[[], object], obj: object) -> bool:
+    """True if ``call()`` lowers ``obj``'s reference count by one (a binding's bug).
+
+    PySide6 6.12.0 returns ``True`` from ``SignalInstance.emit`` and ``None`` from every
+    void method without a reference of their own (6.11.3 does not): each call from
+    Python lowers the count, and a long-running host ends in "deallocating True".
+    Measured once, one call at a time; another thread may move the count meanwhile,
+    so six of the eight must agree. What the probe itself took is given back.
+    """
+    dropped = 0
+    for _ in range(8):
+        before = sys.getrefcount(obj)
+        call()
+        dropped += before - sys.getrefcount(obj) == 1
+    if dropped < 6:
+        return False
+    for _ in range(dropped):
+        _incref(obj)
+    return True
+
+
+def _probe_binding() -> tuple[bool, bool]:
+    probe = _Probe()
+    return _drops(probe.ping.emit, True), _drops(lambda: probe.setObjectName("probe"), None)
+
+
+_DROPS_TRUE, _DROPS_NONE = _probe_binding()
+
+
+def _emit(signal: Any, *args: object) -> None:
+    """``signal.emit(*args)``; every Qt signal this module emits goes through here."""
+    result = signal.emit(*args)
+    if _DROPS_TRUE and result is True:
+        _incref(result)
+
+
+def _disconnect(signal: Any, slot: Callable[..., object]) -> None:
+    """``signal.disconnect(slot)`` (6.12.0's returns ``True`` without a reference, too)."""
+    result = signal.disconnect(slot)
+    if _DROPS_TRUE and result is True:
+        _incref(result)
+
+
+def _void(method: Callable[..., object], *args: object) -> None:
+    """Call a void Qt method; every one this module calls repeatedly goes through here."""
+    result = method(*args)
+    if _DROPS_NONE and result is None:
+        _incref(result)
+
+
 class _Relay(QObject):
     """Carries results from a worker to the GUI thread (lives on the GUI thread)."""
 
@@ -86,15 +149,15 @@ class _Job(QRunnable):
     def __init__(self, name: str, fn: Callable[[], object], relay: _Relay) -> None:
         super().__init__()
         self.name, self.fn, self.relay = name, fn, relay
-        self.setAutoDelete(True)
+        _void(self.setAutoDelete, True)
 
     def run(self) -> None:
         try:
             result = self.fn()
         except Exception as exc:  # noqa: BLE001 - every failure goes to the GUI as a signal
-            self.relay.failed.emit(self.name, exc)
+            _emit(self.relay.failed, self.name, exc)
             return
-        self.relay.done.emit(self.name, result)
+        _emit(self.relay.done, self.name, result)
 
 
 class _CrashNotifier(QObject):
@@ -108,8 +171,8 @@ class _CrashNotifier(QObject):
     def _watch(self, fd: int | None) -> None:
         old, self._notifier = self._notifier, None
         if old is not None and shiboken6.isValid(old):  # gone already at interpreter exit
-            old.setEnabled(False)
-            old.deleteLater()
+            _void(old.setEnabled, False)
+            _void(old.deleteLater)
         if fd is not None:
             self._notifier = QSocketNotifier(fd, QSocketNotifier.Type.Read, self)
             self._notifier.activated.connect(self._ready)
@@ -197,15 +260,23 @@ class SessionAdapter(QObject):
         self._emitProgress.connect(self.progress)
         self._emitError.connect(self.error)
         self.busy = False
+        if _DROPS_TRUE or _DROPS_NONE:
+            log.warning(
+                "qt_binding_drops_references",
+                pyside6=shiboken6.__version__,
+                hint="this PySide6 loses a reference to True/None on every signal emit or "
+                "void call made from Python; the adapter makes up for its own calls, but "
+                "the host's add up until the interpreter aborts: use another version",
+            )
         if crash_handling:
             install_crash_handling()
         self.session = self._new_session()
 
     def _new_session(self) -> PlantDesignSession:
         session = self._factory()
-        session.state_changed.connect(self._emitState.emit)
-        session.progress.connect(self._emitProgress.emit)
-        session.error.connect(self._emitError.emit)
+        session.state_changed.connect(lambda state: _emit(self._emitState, state))
+        session.progress.connect(lambda message, pct: _emit(self._emitProgress, message, pct))
+        session.error.connect(lambda message: _emit(self._emitError, message))
         return session
 
     def _fresh(self) -> PlantDesignSession:
@@ -223,7 +294,7 @@ class SessionAdapter(QObject):
             raise RuntimeError(f"cannot {name} now: another operation is running")
         if name != "cancel":
             self.busy = True
-        self.pool.start(_Job(name, fn, self._relay))
+        _void(self.pool.start, _Job(name, fn, self._relay))
 
     # -- the verbs (non-blocking) ------------------------------------------------------
 
@@ -276,7 +347,7 @@ class SessionAdapter(QObject):
             self.busy = False
         self._tidy()
         if name != "cancel":
-            self.finished.emit(name, result)
+            _emit(self.finished, name, result)
 
     def _on_failed(self, name: str, exc: object) -> None:
         if name != "cancel":
@@ -284,8 +355,8 @@ class SessionAdapter(QObject):
         self._tidy()
         if name == "cancel":
             return  # the open/resume itself reports the cancellation
-        self.error.emit(str(exc))
-        self.failed.emit(name, exc)
+        _emit(self.error, str(exc))
+        _emit(self.failed, name, exc)
 
     @staticmethod
     def _tidy() -> None:
@@ -397,27 +468,28 @@ class ProgressDialog(QProgressDialog):
     def __init__(self, adapter: SessionAdapter, title: str, parent: QWidget | None = None) -> None:
         super().__init__(title, "Cancel", 0, 100, parent)
         self.adapter = adapter
-        self.setWindowTitle(title)
-        self.setMinimumDuration(0)
-        self.setAutoClose(False)
-        self.setAutoReset(False)
-        self.setValue(0)
+        _void(self.setWindowTitle, title)
+        _void(self.setMinimumDuration, 0)
+        _void(self.setAutoClose, False)
+        _void(self.setAutoReset, False)
+        _void(self.setValue, 0)
         adapter.progress.connect(self._on_progress)
         adapter.finished.connect(self._done)
         adapter.failed.connect(self._done)
         self.canceled.connect(adapter.cancel)
 
     def _on_progress(self, message: str, percent: int) -> None:
-        self.setLabelText(message)
-        self.setValue(percent)
+        _void(self.setLabelText, message)
+        _void(self.setValue, percent)
 
     def _done(self, *_args: object) -> None:
         for signal, slot in (
             (self.adapter.progress, self._on_progress),
             (self.adapter.finished, self._done),
             (self.adapter.failed, self._done),
+            (self.canceled, self.adapter.cancel),  # closing emits canceled: not for the next verb
         ):
-            signal.disconnect(slot)
+            _disconnect(signal, slot)
         self.close()
 
 

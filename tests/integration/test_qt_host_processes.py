@@ -1,0 +1,147 @@
+"""The Qt adapter in real host processes (issue 20): long runs, quitting mid-close,
+a host's own wake-up fd. Each host is a child (``tests/qt_hosts.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+from agent.keys import StageKeys
+from agent.session import PlantDesignSession
+from agent.store.base import ObjectStore
+from tests.conftest import s3_config
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
+ROOT = Path(__file__).resolve().parents[2]
+EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes", "new.step": b"new part"}
+
+
+class QtHost:
+    """One child host process and the JSON lines it printed."""
+
+    def __init__(self, mode: str, env: dict[str, str], base: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.qt_hosts", mode],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                **env,
+                "AGENT_PATHS__BASE_DIR": str(base),
+                "AGENT_LOCK__HEARTBEAT_INTERVAL": "3600",
+                "AGENT_LOCK__STALE_AFTER": "7200",
+                "AGENT_WATCH__DEBOUNCE": "0.05",
+                "AGENT_RECOVERY__CRASH_TIMEOUT": "5",
+                "QT_QPA_PLATFORM": "offscreen",
+                "PYTHONPATH": str(ROOT),
+            },
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self.err = ""
+
+    def read(self, key: str) -> dict[str, Any]:
+        """The next JSON line that has ``key`` (the others are kept in ``lines``)."""
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                self.lines.append(data)
+                if key in data:
+                    return data
+        self.finish()
+        raise AssertionError(f"host ended without {key!r}: {self.lines} {self.err}")
+
+    def send(self, line: str) -> None:
+        """A line on the host's stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 120) -> int:
+        """Wait for the host to end (reading its output meanwhile); its exit status."""
+        out, self.err = self.proc.communicate(timeout=timeout)
+        for raw in out.splitlines():
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                self.lines.append(data)
+        return self.proc.returncode
+
+    def events(self) -> list[str]:
+        """The ``event`` lines, in order."""
+        return [line["event"] for line in self.lines if "event" in line]
+
+    def kill(self) -> None:
+        """Make sure the process is gone."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[QtHost]]:
+    """Hosts started by a test are gone after it."""
+    started: list[QtHost] = []
+    yield started
+    for h in started:
+        h.kill()
+
+
+def _host(hosts: list[QtHost], mode: str, env: dict[str, str], base: Path) -> QtHost:
+    h = QtHost(mode, env, base)
+    hosts.append(h)
+    return h
+
+
+def _edit(work: Path) -> None:
+    for rel, data in EDITS.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data)
+
+
+def _lock_state(store: ObjectStore) -> str:
+    state = json.loads(store.get(KEYS.lock).body)["state"]
+    assert isinstance(state, str)
+    return state
+
+
+def _seed(env: dict[str, str], base: Path, files: int) -> None:
+    session = PlantDesignSession(s3_config(env, base))
+    work = session.open(P, "seeder", STAGE, watch=False)
+    for i in range(files):
+        (work / f"f{i}.bin").write_bytes(os.urandom(1024))
+    session.close()
+
+
+def test_forty_open_close_cycles_leave_the_refcounts_of_pythons_singletons_alone(
+    s3_env: dict[str, str], tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """PySide6 6.12.0's Signal.emit hands back True without a reference of its own: each
+    emit lowered True's count by one until the interpreter aborted (issue 20)."""
+    _seed(s3_env, tmp_path / "seed", files=2)
+    h = _host(hosts, "refcounts", s3_env, tmp_path / "m")
+    code = h.finish()
+    assert 0 == code, h.err[-3000:]
+    counts = next(line for line in h.lines if "before" in line)
+    assert ["open", "close"] * 41 == counts["verbs"]
+    before, after = counts["before"], counts["after"]
+    fallen = {k: before[k] - after[k] for k in before if after[k] < before[k] - 20}
+    assert {} == fallen, f"reference counts fell over 40 cycles: {fallen}"

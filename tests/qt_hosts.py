@@ -1,0 +1,175 @@
+"""Qt hosts of ``agent.qt`` for the adapter's process tests, run as children (issue 20).
+
+``python -m tests.qt_hosts MODE``: the configuration comes from the environment
+(``AGENT_*``). Each mode prints JSON lines (``{"ready": <work path>}`` once the
+session is ACTIVE where a test acts on it) and exits the way its host would.
+
+Modes:
+
+* ``refcounts``: one warm-up and 40 open/close cycles through the adapter in this
+  one process; prints the reference counts of ``True``, ``False``, ``None`` and
+  small ints before and after the 40.
+* ``wakeup-after``: the host sets its own wake-up fd (read by its own
+  ``QSocketNotifier``) *after* the adapter made its session, then opens; idles
+  in ``exec()``; prints ``host-woken`` when its notifier reads a byte.
+* ``quit-during-close``: a main window owns the adapter; close starts, and while
+  its upload runs (held until the window is gone) the user closes the window:
+  the last window closing quits the application.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from PySide6.QtCore import QEventLoop, QSocketNotifier, QTimer
+from PySide6.QtGui import QCloseEvent
+from PySide6.QtWidgets import QApplication, QMainWindow
+
+from agent.qt import ProgressDialog, SessionAdapter
+from agent.state import SessionState
+
+P, STAGE = "Kraftwerk_1234567", "planning"
+
+
+def _say(**data: object) -> None:
+    """One JSON line on stdout in one system call (a signal handler may run meanwhile)."""
+    os.write(1, (json.dumps(data) + "\n").encode())
+
+
+def _counts() -> dict[str, int]:
+    gc.collect()
+    return {repr(obj): sys.getrefcount(obj) for obj in (True, False, None, 0, 1, 2, 5)}
+
+
+def _refcounts(app: QApplication) -> int:
+    """Driven by the adapter's own signals inside ``exec()``: the host itself makes no Qt
+    call per cycle, so what the counts do is the adapter's doing."""
+    window = QMainWindow()
+    adapter = SessionAdapter(parent=window)
+    verbs: list[str] = []
+    counts: list[dict[str, int]] = []
+
+    def start(verb: str) -> None:
+        # As the example host does: a progress dialog for each verb.
+        ProgressDialog(adapter, verb, window).show()
+        if verb == "open":
+            adapter.open(P, "admin", STAGE, watch=False)
+        else:
+            adapter.close()
+
+    def next_verb(name: str, _result: object) -> None:
+        verbs.append(name)
+        if name == "close":
+            if len(verbs) == 2:
+                counts.append(_counts())  # after the warm-up cycle
+            if len(verbs) == 82:
+                counts.append(_counts())
+                app.quit()
+                return
+            start("open")
+        else:
+            start("close")
+
+    def failed(name: str, exc: object) -> None:
+        _say(failed=name, error=str(exc))
+        app.quit()
+
+    adapter.finished.connect(next_verb)
+    adapter.failed.connect(failed)
+    adapter.progress.connect(lambda _message, _pct: None)
+    adapter.stateChanged.connect(lambda _state: None)
+    start("open")
+    app.exec()
+    _say(before=counts[0] if counts else {}, after=counts[-1] if counts else {}, verbs=verbs)
+    return 0
+
+
+def _wakeup_after(app: QApplication) -> int:
+    adapter = SessionAdapter()
+    # The host's own wake-up fd, set after the adapter's session installed the hooks.
+    rsock, wsock = socket.socketpair()
+    wsock.setblocking(False)
+    signal.set_wakeup_fd(wsock.fileno())
+    notifier = QSocketNotifier(rsock.fileno(), QSocketNotifier.Type.Read)
+    notifier.activated.connect(lambda *_: _say(host_woken=list(rsock.recv(64))))
+    adapter.finished.connect(lambda _name, path: _say(ready=str(path)))
+    adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
+    app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+    adapter.open(P, "admin", STAGE)
+    app.exec()
+    _say(event="exited")
+    return 0
+
+
+class _Window(QMainWindow):
+    def __init__(self, gone: threading.Event) -> None:
+        super().__init__()
+        self.gone = gone
+        self.adapter = SessionAdapter(parent=self)
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt's name
+        self.gone.set()
+        super().closeEvent(event)
+
+
+def _quit_during_close(app: QApplication) -> int:
+    gone = threading.Event()
+    window = _Window(gone)
+    windows = [window]  # main()'s only reference: dropped when exec() returns
+    window.show()
+    adapter = window.adapter
+    finished: list[tuple[str, Any]] = []
+
+    def hold(message: str, _pct: int) -> None:
+        # On the close's worker: the upload waits until the user closed the window.
+        if message.startswith("Uploading"):
+            gone.wait(timeout=30)
+
+    def on_finished(name: str, result: object) -> None:
+        finished.append((name, result))
+        if name == "open":
+            _say(ready=str(result))
+        else:
+            _say(finished=name)
+
+    def on_state(state: int) -> None:
+        if state == int(SessionState.UPLOADING):
+            QTimer.singleShot(0, windows[0].close)  # the user closes the main window
+
+    adapter.finished.connect(on_finished)
+    adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
+    app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+    adapter.open(P, "admin", STAGE, watch=False)
+    while not finished:
+        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+    sys.stdin.readline()  # the test edited the folder
+    adapter.session.progress.connect(hold)
+    adapter.stateChanged.connect(on_state)
+    adapter.close()
+    code = app.exec()
+    _say(event="exited")
+    windows.clear()
+    return code
+
+
+def main(mode: str) -> int:
+    """Run one host."""
+    app = QApplication([])
+    if mode == "refcounts":
+        return _refcounts(app)
+    if mode == "wakeup-after":
+        return _wakeup_after(app)
+    if mode == "quit-during-close":
+        return _quit_during_close(app)
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
