@@ -29,6 +29,7 @@ the event loop, the emergency save runs on the GUI thread (bounded by
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -401,8 +402,7 @@ class RecoveryDialog(QDialog):
         )
         self.files = QListWidget(self)
         for rel in unsaved:
-            where = "only here" if rel in info.pending else "uploaded, not committed"
-            self.files.addItem(f"{rel}  ({where})")
+            self.files.addItem(f"{rel}  ({change_state(info, rel)})")
         layout.addWidget(self.files)
         buttons = QDialogButtonBox(self)
         self.resume_button = QPushButton("Resume", self)
@@ -439,6 +439,17 @@ class RecoveryDialog(QDialog):
             QMessageBox.StandardButton.Cancel,
         )
         return answer == QMessageBox.StandardButton.Discard
+
+
+def change_state(info: RecoveryInfo, rel: str) -> str:
+    """How the recovery dialog names an unsaved change: ``"deleted, not committed"``
+    (in neither the backup nor the working folder), ``"only here"`` (the store has no
+    copy) or ``"uploaded, not committed"`` (in this session's staging only)."""
+    parts = rel.split("/")
+    folders = [p for p in (info.backup_path, info.work_path) if p is not None]
+    if not any(os.path.lexists(folder.joinpath(*parts)) for folder in folders):
+        return "deleted, not committed"
+    return "only here" if rel in info.pending else "uploaded, not committed"
 
 
 def offer_recovery(adapter: SessionAdapter, parent: QWidget | None = None) -> str | None:

@@ -27,6 +27,7 @@ from agent.qt import (
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from agent.store.base import ObjectStore
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -176,3 +177,26 @@ def test_the_recovery_dialog_lists_every_unsaved_change_and_discard_confirms(
         adapter.discard(info.session_id, confirm_loss=info.unsaved)
     assert adapter.check_previous_crash() is None
     assert not work.exists()
+
+
+def test_the_recovery_dialog_names_a_deleted_file_deleted(
+    qtbot: Any, adapter: SessionAdapter, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """A deletion streamed to staging was listed "(uploaded, not committed)" (issue 20)."""
+    _seed(s3_store, tmp_path / "seed", files=2)
+    config = _config(tmp_path / "m")
+    first = PlantDesignSession(config, store=s3_store)
+    work = first.open(P, "admin", STAGE)
+    (work / "f0.bin").unlink()
+    journal = first._journal
+    assert journal is not None
+    assert wait_for(lambda: "f0.bin" in journal.staged(), timeout=30)
+    assert "delete" == journal.staged()["f0.bin"].op
+    first.emergency_save("test")
+    info = adapter.check_previous_crash()
+    assert info is not None and ["f0.bin"] == info.unsaved
+    dialog = RecoveryDialog(info)
+    qtbot.addWidget(dialog)
+    assert ["f0.bin  (deleted, not committed)"] == [
+        dialog.files.item(i).text() for i in range(dialog.files.count())
+    ]
