@@ -44,6 +44,7 @@ from PySide6.QtCore import (
     QThreadPool,
     Signal,
 )
+from PySide6.QtGui import QCloseEvent, QShortcut
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -79,6 +80,14 @@ _CANCELLABLE = (
     SessionState.DOWNLOADING,
     SessionState.RESTORING,
 )
+# Why Cancel does not apply, by the verb that runs (shown by ``ProgressDialog``).
+_NOT_CANCELLABLE = {
+    "close": "committing: cannot be cancelled",
+    "abort": "aborting: cannot be cancelled",
+    "discard": "discarding: cannot be cancelled",
+    "open": "finishing: cannot be cancelled",
+    "resume": "finishing: cannot be cancelled",
+}
 
 
 class _Probe(QObject):
@@ -226,6 +235,8 @@ class SessionAdapter(QObject):
       ``("close", CloseReport)``, ``("abort", None)``, ``("discard", None)``.
     * ``failed(str, object)``: a verb failed with this exception
       (``SessionCancelledError`` after ``cancel()``).
+    * ``verbStarted(str)``: a verb started (``"open"``, ``"close"`` ...), emitted on the
+      GUI thread by the verb's call itself.
 
     One verb at a time per session; a closed session is replaced by a new one on the
     next ``open``/``resume``/``discard``. Create the adapter on the GUI thread.
@@ -236,6 +247,7 @@ class SessionAdapter(QObject):
     error = Signal(str)
     finished = Signal(str, object)
     failed = Signal(str, object)
+    verbStarted = Signal(str)  # noqa: N815
     _emitState = Signal(int)  # noqa: N815
     _emitProgress = Signal(str, int)  # noqa: N815
     _emitError = Signal(str)  # noqa: N815
@@ -261,6 +273,7 @@ class SessionAdapter(QObject):
         self._emitProgress.connect(self.progress)
         self._emitError.connect(self.error)
         self.busy = False
+        self.verb: str | None = None  # the verb running now
         if _DROPS_TRUE or _DROPS_NONE:
             log.warning(
                 "qt_binding_drops_references",
@@ -295,7 +308,10 @@ class SessionAdapter(QObject):
             raise RuntimeError(f"cannot {name} now: another operation is running")
         if name != "cancel":
             self.busy = True
+            self.verb = name
         _void(self.pool.start, _Job(name, fn, self._relay))
+        if name != "cancel":
+            _emit(self.verbStarted, name)
 
     # -- the verbs (non-blocking) ------------------------------------------------------
 
@@ -327,15 +343,30 @@ class SessionAdapter(QObject):
         loss = confirm_loss if isinstance(confirm_loss, bool) else list(confirm_loss)
         self._start("discard", lambda: session.discard(session_id, confirm_loss=loss))
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """Cancel a running ``open``/``resume``: it fails with ``SessionCancelledError``.
 
         Nothing is left behind (the lock released, partial folder and record removed).
-        Returns at once; the abort waits for the transfer to stop on a worker.
+        Returns at once (the abort waits for the transfer to stop on a worker): True if
+        the cancel was started, False if nothing cancellable runs (``cancel_refusal``
+        says why: a close that commits, for one, always runs to its end).
         """
         session = self.session
-        if self.busy and session.state in _CANCELLABLE:
-            self._start("cancel", session.abort)
+        if not self.can_cancel():
+            return False
+        self._start("cancel", session.abort)
+        return True
+
+    def can_cancel(self) -> bool:
+        """True while an ``open``/``resume`` runs that ``cancel()`` can still stop."""
+        return self.busy and self.verb in ("open", "resume") and self.session.state in _CANCELLABLE
+
+    def cancel_refusal(self) -> str | None:
+        """Why Cancel does not apply now (e.g. ``"committing: cannot be cancelled"``);
+        None when it does, or when no verb runs."""
+        if not self.busy or self.verb is None or self.can_cancel():
+            return None
+        return _NOT_CANCELLABLE.get(self.verb, "cannot be cancelled")
 
     def check_previous_crash(self) -> RecoveryInfo | None:
         """An orphaned session on this machine, for the recovery dialog (local files only)."""
@@ -345,14 +376,14 @@ class SessionAdapter(QObject):
 
     def _on_done(self, name: str, result: object) -> None:
         if name != "cancel":
-            self.busy = False
+            self.busy, self.verb = False, None
         self._tidy()
         if name != "cancel":
             _emit(self.finished, name, result)
 
     def _on_failed(self, name: str, exc: object) -> None:
         if name != "cancel":
-            self.busy = False
+            self.busy, self.verb = False, None
         self._tidy()
         if name == "cancel":
             return  # the open/resume itself reports the cancellation
@@ -473,33 +504,66 @@ def offer_recovery(adapter: SessionAdapter, parent: QWidget | None = None) -> st
 class ProgressDialog(QProgressDialog):
     """Shows an adapter's progress; its Cancel button cancels the open/resume.
 
-    Closes itself when the verb finishes or fails.
+    While Cancel cannot apply (a close that commits, an abort, the end of an open),
+    the button and Escape are disabled, the label says why (``cancel_refusal``) and
+    closing the dialog is refused: it never hides while its verb goes on. Closes
+    itself when the verb finishes or fails.
     """
 
     def __init__(self, adapter: SessionAdapter, title: str, parent: QWidget | None = None) -> None:
         super().__init__(title, "Cancel", 0, 100, parent)
         self.adapter = adapter
+        self._message = title
+        self._ended = False
         _void(self.setWindowTitle, title)
         _void(self.setMinimumDuration, 0)
         _void(self.setAutoClose, False)
         _void(self.setAutoReset, False)
         _void(self.setValue, 0)
-        adapter.progress.connect(self._on_progress)
-        adapter.finished.connect(self._done)
-        adapter.failed.connect(self._done)
-        self.canceled.connect(adapter.cancel)
+        self._connections: list[tuple[Any, Callable[..., object]]] = [
+            (adapter.progress, self._on_progress),
+            (adapter.stateChanged, self._refresh),
+            (adapter.verbStarted, self._refresh),
+            (adapter.finished, self._done),
+            (adapter.failed, self._done),
+            (self.canceled, adapter.cancel),  # closing emits canceled: not for the next verb
+        ]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+        self._refresh()
 
     def _on_progress(self, message: str, percent: int) -> None:
-        _void(self.setLabelText, message)
+        self._message = message
         _void(self.setValue, percent)
+        self._refresh()
+
+    def _refresh(self, *_args: object) -> None:
+        reason = self.adapter.cancel_refusal()
+        button = self.findChild(QPushButton)
+        if button is not None:
+            _void(button.setEnabled, reason is None)
+        for shortcut in self.findChildren(QShortcut):  # Escape emits canceled
+            _void(shortcut.setEnabled, reason is None)
+        label = self._message if reason is None else f"{self._message}\n({reason})"
+        if label != self.labelText():
+            _void(self.setLabelText, label)
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt's name
+        """Refused while the verb runs and cannot be cancelled (it would only hide)."""
+        if not self._ended and self.adapter.cancel_refusal() is not None:
+            event.ignore()
+            return
+        super().closeEvent(event)
+
+    def reject(self) -> None:
+        """Escape: refused like ``closeEvent``."""
+        if not self._ended and self.adapter.cancel_refusal() is not None:
+            return
+        super().reject()
 
     def _done(self, *_args: object) -> None:
-        for signal, slot in (
-            (self.adapter.progress, self._on_progress),
-            (self.adapter.finished, self._done),
-            (self.adapter.failed, self._done),
-            (self.canceled, self.adapter.cancel),  # closing emits canceled: not for the next verb
-        ):
+        self._ended = True
+        for signal, slot in self._connections:
             _disconnect(signal, slot)
         self.close()
 

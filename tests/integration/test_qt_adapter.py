@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from PySide6.QtCore import QThread, QThreadPool, QTimer
-from PySide6.QtWidgets import QApplication, QMessageBox
+from PySide6.QtCore import Qt, QThread, QThreadPool, QTimer
+from PySide6.QtWidgets import QApplication, QMessageBox, QPushButton
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, SessionCancelledError
@@ -200,3 +201,47 @@ def test_the_recovery_dialog_names_a_deleted_file_deleted(
     assert ["f0.bin  (deleted, not committed)"] == [
         dialog.files.item(i).text() for i in range(dialog.files.count())
     ]
+
+
+def test_cancel_during_close_is_disabled_says_why_and_the_dialog_stays_until_committed(
+    qtbot: Any, adapter: SessionAdapter, s3_store: ObjectStore
+) -> None:
+    """Cancel, Escape or closing the dialog while close commits: the dialog hid while the
+    commit went on, with nothing telling the user that Cancel did not apply (issue 20)."""
+    with qtbot.waitSignal(adapter.finished, timeout=WAIT_MS) as opened:
+        adapter.open(P, "admin", STAGE, watch=False)
+    (Path(opened.args[1]) / "edit.dwg").write_bytes(b"edited")
+    release = threading.Event()
+
+    def hold_upload(message: str, _pct: int) -> None:
+        # On the worker: the upload waits until the test has tried to cancel.
+        if message.startswith("Uploading"):
+            release.wait(timeout=30)
+
+    adapter.session.progress.connect(hold_upload)
+    dialog = ProgressDialog(adapter, "Closing")
+    qtbot.addWidget(dialog)
+    dialog.show()
+    results: list[str] = []
+    adapter.finished.connect(lambda name, _result: results.append(name))
+    adapter.failed.connect(lambda name, _exc: results.append(f"failed {name}"))
+    adapter.close()
+    try:
+        qtbot.waitUntil(lambda: dialog.labelText().startswith("Uploading"), timeout=WAIT_MS)
+        button = dialog.findChild(QPushButton)
+        assert button is not None
+        assert not button.isEnabled()
+        assert "committing: cannot be cancelled" in dialog.labelText()
+        assert not adapter.can_cancel()
+        qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+        qtbot.keyClick(dialog, Qt.Key.Key_Escape)
+        dialog.close()
+        QApplication.processEvents()
+        assert dialog.isVisible(), "the dialog hid while the commit went on"
+        assert not dialog.wasCanceled()
+    finally:
+        release.set()
+    qtbot.waitUntil(lambda: bool(results), timeout=WAIT_MS)
+    assert ["close"] == results
+    assert not dialog.isVisible()
+    assert b"edited" == s3_store.get(KEYS.committed("edit.dwg")).body
