@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -156,18 +157,29 @@ class _Relay(QObject):
 
 
 class _Job(QRunnable):
-    def __init__(self, name: str, fn: Callable[[], object], relay: _Relay) -> None:
+    def __init__(
+        self, name: str, fn: Callable[[], object], relay: _Relay, ended: threading.Event
+    ) -> None:
         super().__init__()
-        self.name, self.fn, self.relay = name, fn, relay
+        self.name, self.fn, self.relay, self.ended = name, fn, relay, ended
         _void(self.setAutoDelete, True)
 
     def run(self) -> None:
         try:
-            result = self.fn()
-        except Exception as exc:  # noqa: BLE001 - every failure goes to the GUI as a signal
-            _emit(self.relay.failed, self.name, exc)
-            return
-        _emit(self.relay.done, self.name, result)
+            try:
+                result = self.fn()
+            except Exception as exc:  # noqa: BLE001 - every failure goes to the GUI as a signal
+                self._report(self.relay.failed, exc)
+                return
+            self._report(self.relay.done, result)
+        finally:
+            self.ended.set()
+
+    def _report(self, signal: Any, value: object) -> None:
+        # The relay is the adapter's, kept alive by this job: it is never deleted under
+        # a worker (the adapter may be, with its window, at exit: its slots then drop).
+        if shiboken6.isValid(self.relay):
+            _emit(signal, self.name, value)
 
 
 class _CrashNotifier(QObject):
@@ -264,7 +276,11 @@ class SessionAdapter(QObject):
         super().__init__(parent)
         self._factory = session_factory or (lambda: PlantDesignSession(config))
         self.pool = pool or QThreadPool.globalInstance()
-        self._relay = _Relay(self)
+        # No parent: a worker's job holds it, so it outlives an adapter deleted at exit.
+        self._relay = _Relay()
+        self._ended = threading.Event()  # the running verb's job has returned
+        self._ended.set()
+        self._forwards: list[tuple[Any, Callable[..., None]]] = []
         self._relay.done.connect(self._on_done)
         self._relay.failed.connect(self._on_failed)
         # Session signals come from worker threads: re-emit through our own signals so
@@ -284,14 +300,52 @@ class SessionAdapter(QObject):
             )
         if crash_handling:
             install_crash_handling()
+        app = QCoreApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._before_quit)
         self.session = self._new_session()
 
     def _new_session(self) -> PlantDesignSession:
         session = self._factory()
-        session.state_changed.connect(lambda state: _emit(self._emitState, state))
-        session.progress.connect(lambda message, pct: _emit(self._emitProgress, message, pct))
-        session.error.connect(lambda message: _emit(self._emitError, message))
+        self._unforward()
+        self._forwards = [
+            (session.state_changed, lambda state: self._forward(self._emitState, state)),
+            (session.progress, lambda msg, pct: self._forward(self._emitProgress, msg, pct)),
+            (session.error, lambda message: self._forward(self._emitError, message)),
+        ]
+        for signal, slot in self._forwards:
+            signal.connect(slot)
         return session
+
+    def _forward(self, signal: Any, *args: object) -> None:
+        """A session signal (on a worker) re-emitted as ours, unless we are gone already."""
+        if shiboken6.isValid(self):
+            _emit(signal, *args)
+
+    def _unforward(self) -> None:
+        for signal, slot in self._forwards:
+            signal.disconnect(slot)
+        self._forwards = []
+
+    def _before_quit(self) -> None:
+        """``aboutToQuit``: a verb that runs is finished (an open/resume cancelled) before
+        ``exec()`` returns and the interpreter shuts down around it; then the session's
+        signals are cut from ours, so nothing is emitted into an adapter deleted at exit.
+        """
+        if not self._ended.is_set():
+            verb = self.verb
+            cancelled = self.cancel()
+            log.warning(
+                "qt_quit_waits_for_verb",
+                verb=verb,
+                cancelled=cancelled,
+                hint="the application quits while a verb runs: it ends first",
+            )
+            self._ended.wait()
+            # Deliver what the verb reported (finished/failed, last progress) now: the
+            # event loop will not run again.
+            _void(QCoreApplication.sendPostedEvents, self, 0)
+        self._unforward()
 
     def _fresh(self) -> PlantDesignSession:
         if self.session.state is not SessionState.IDLE:
@@ -306,10 +360,12 @@ class SessionAdapter(QObject):
     def _start(self, name: str, fn: Callable[[], object]) -> None:
         if self.busy and name != "cancel":
             raise RuntimeError(f"cannot {name} now: another operation is running")
+        ended = threading.Event()
         if name != "cancel":
             self.busy = True
             self.verb = name
-        _void(self.pool.start, _Job(name, fn, self._relay))
+            self._ended = ended
+        _void(self.pool.start, _Job(name, fn, self._relay, ended))
         if name != "cancel":
             _emit(self.verbStarted, name)
 

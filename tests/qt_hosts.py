@@ -12,9 +12,10 @@ Modes:
 * ``wakeup-after``: the host sets its own wake-up fd (read by its own
   ``QSocketNotifier``) *after* the adapter made its session, then opens; idles
   in ``exec()``; prints ``host-woken`` when its notifier reads a byte.
-* ``quit-during-close``: a main window owns the adapter; close starts, and while
-  its upload runs (held until the window is gone) the user closes the window:
-  the last window closing quits the application.
+* ``quit-during-close``: a main window owns the adapter; after open the host
+  writes ``EDITS`` and starts close, and while its upload runs (held until the
+  window is gone) the user closes the window: the last window closing quits the
+  application, and the window (with the adapter) goes when ``exec()`` returns.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from pathlib import Path
 
-from PySide6.QtCore import QEventLoop, QSocketNotifier, QTimer
+from PySide6.QtCore import QSocketNotifier, QTimer
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import QApplication, QMainWindow
 
@@ -36,6 +37,7 @@ from agent.qt import ProgressDialog, SessionAdapter
 from agent.state import SessionState
 
 P, STAGE = "Kraftwerk_1234567", "planning"
+EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes", "new.step": b"new part"}
 
 
 def _say(**data: object) -> None:
@@ -125,7 +127,6 @@ def _quit_during_close(app: QApplication) -> int:
     windows = [window]  # main()'s only reference: dropped when exec() returns
     window.show()
     adapter = window.adapter
-    finished: list[tuple[str, Any]] = []
 
     def hold(message: str, _pct: int) -> None:
         # On the close's worker: the upload waits until the user closed the window.
@@ -133,11 +134,15 @@ def _quit_during_close(app: QApplication) -> int:
             gone.wait(timeout=30)
 
     def on_finished(name: str, result: object) -> None:
-        finished.append((name, result))
+        _say(finished=name)
         if name == "open":
-            _say(ready=str(result))
-        else:
-            _say(finished=name)
+            assert isinstance(result, Path)
+            for rel, data in EDITS.items():  # the user's edits
+                (result / rel).parent.mkdir(parents=True, exist_ok=True)
+                (result / rel).write_bytes(data)
+            adapter.session.progress.connect(hold)
+            adapter.stateChanged.connect(on_state)
+            adapter.close()
 
     def on_state(state: int) -> None:
         if state == int(SessionState.UPLOADING):
@@ -147,12 +152,6 @@ def _quit_during_close(app: QApplication) -> int:
     adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
     app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
     adapter.open(P, "admin", STAGE, watch=False)
-    while not finished:
-        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
-    sys.stdin.readline()  # the test edited the folder
-    adapter.session.progress.connect(hold)
-    adapter.stateChanged.connect(on_state)
-    adapter.close()
     code = app.exec()
     _say(event="exited")
     windows.clear()

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from PySide6.QtCore import Qt, QThread, QThreadPool, QTimer
+import shiboken6
+from PySide6.QtCore import QObject, Qt, QThread, QThreadPool, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox, QPushButton
 
 from agent.config import AgentConfig, load_config
@@ -245,3 +246,40 @@ def test_cancel_during_close_is_disabled_says_why_and_the_dialog_stays_until_com
     assert ["close"] == results
     assert not dialog.isVisible()
     assert b"edited" == s3_store.get(KEYS.committed("edit.dwg")).body
+
+
+def test_a_verb_ending_after_its_adapter_was_deleted_emits_into_nothing(
+    qapp: QApplication,
+    pool: QThreadPool,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The window (and with it the adapter) deleted while a worker runs: its last signals
+    raised "Signal source has been deleted" on the worker (issue 20)."""
+    config = _config(tmp_path / "m")
+    window = QObject()
+    a = SessionAdapter(
+        parent=window,
+        pool=pool,
+        crash_handling=False,
+        session_factory=lambda: PlantDesignSession(config, store=s3_store),
+    )
+    session = a.session
+    deleted = threading.Event()
+
+    def hold(_state: object) -> None:
+        # On the worker: open goes on only once the adapter is gone.
+        deleted.wait(timeout=30)
+
+    session.state_changed.connect(hold)
+    a.open(P, "admin", STAGE, watch=False)
+    shiboken6.delete(window)
+    assert not shiboken6.isValid(a)
+    deleted.set()
+    assert pool.waitForDone(WAIT_MS)
+    qapp.processEvents()
+    err = capfd.readouterr().err
+    assert "RuntimeError" not in err and "signal_slot_failed" not in err, err
+    assert SessionState.ACTIVE is session.state
+    session.close()

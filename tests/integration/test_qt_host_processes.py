@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,11 +20,11 @@ from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
+from tests.qt_hosts import EDITS
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
 ROOT = Path(__file__).resolve().parents[2]
-EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes", "new.step": b"new part"}
 
 
 class QtHost:
@@ -43,6 +44,7 @@ class QtHost:
                 "AGENT_RECOVERY__CRASH_TIMEOUT": "5",
                 "QT_QPA_PLATFORM": "offscreen",
                 "PYTHONPATH": str(ROOT),
+                "PYTHONFAULTHANDLER": "1",
             },
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -75,7 +77,12 @@ class QtHost:
 
     def finish(self, timeout: float = 120) -> int:
         """Wait for the host to end (reading its output meanwhile); its exit status."""
-        out, self.err = self.proc.communicate(timeout=timeout)
+        try:
+            out, self.err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # its stacks on stderr (faulthandler)
+            out, self.err = self.proc.communicate()
+            raise AssertionError(f"host hung: {out} {self.err[-5000:]}") from None
         for raw in out.splitlines():
             try:
                 data = json.loads(raw)
@@ -145,3 +152,24 @@ def test_forty_open_close_cycles_leave_the_refcounts_of_pythons_singletons_alone
     before, after = counts["before"], counts["after"]
     fallen = {k: before[k] - after[k] for k in before if after[k] < before[k] - 20}
     assert {} == fallen, f"reference counts fell over 40 cycles: {fallen}"
+
+
+def test_closing_the_main_window_during_close_finishes_the_commit_before_the_process_ends(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """The last window closed while close uploads: the interpreter shut down mid-commit
+    ("cannot schedule new futures after interpreter shutdown", lock left held) or a
+    worker emitted into a deleted adapter ("Signal source has been deleted") (issue 20)."""
+    _seed(s3_env, tmp_path / "seed", files=2)
+    h = _host(hosts, "quit-during-close", s3_env, tmp_path / "m")
+    code = h.finish()
+    assert 0 == code, h.err[-3000:]
+    for symptom in ("Traceback", "RuntimeError", "cannot schedule new futures"):
+        assert symptom not in h.err, h.err[-3000:]
+    assert ["open", "close"] == [line["finished"] for line in h.lines if "finished" in line]
+    assert ["about-to-quit", "exited"] == h.events()
+    for rel, data in EDITS.items():
+        assert data == s3_store.get(KEYS.committed(rel)).body
+    assert "released" == _lock_state(s3_store)
+    config = s3_config(s3_env, tmp_path / "m")
+    assert PlantDesignSession(config).check_previous_crash() is None
