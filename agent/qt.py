@@ -24,6 +24,18 @@ the event loop, the emergency save runs on the GUI thread (bounded by
 ``recovery.crash_timeout``), and then the host's previous handler runs, or
 ``QApplication.quit()`` where the default action would have ended the process:
 ``aboutToQuit`` runs, and no ``SystemExit`` is ever raised inside a slot.
+
+The wake-up fd: while a session is protected, the interpreter's wake-up fd
+(``signal.set_wakeup_fd``) is the crash hooks' socket. A host may set its own,
+before or after the adapter: the GUI thread takes the wake-up fd back within a
+second (and at every verb, and when the signal's Python handler runs) and
+chains to the host's, which gets each signal's byte forwarded once the hooks
+read it, and is put back when the last session ends. Qt signal bytes are the
+signal numbers, as Python writes them.
+
+Quitting: at ``aboutToQuit`` a verb that runs is finished first (an open or
+resume is cancelled; a close commits), so the interpreter never shuts down
+under it; its ``finished``/``failed`` is delivered then.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from PySide6.QtCore import (
     QRunnable,
     QSocketNotifier,
     QThreadPool,
+    QTimer,
     Signal,
 )
 from PySide6.QtGui import QCloseEvent, QShortcut
@@ -89,6 +102,10 @@ _NOT_CANCELLABLE = {
     "open": "finishing: cannot be cancelled",
     "resume": "finishing: cannot be cancelled",
 }
+
+
+# How often the GUI thread checks that the wake-up fd is still the crash hooks'.
+_RECLAIM_EVERY_MS = 1000
 
 
 class _Probe(QObject):
@@ -183,12 +200,20 @@ class _Job(QRunnable):
 
 
 class _CrashNotifier(QObject):
-    """Reads the crash hooks' wake-up socket on the GUI thread."""
+    """Reads the crash hooks' wake-up socket on the GUI thread, and takes the wake-up fd
+    back (chaining to the host's) when the host set its own after ours."""
 
     def __init__(self, app: QCoreApplication) -> None:
         super().__init__(app)
         self._notifier: QSocketNotifier | None = None
         crash.hooks().use_event_loop(self._watch, self._terminate)
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self._reclaim)
+        _void(self._timer.start, _RECLAIM_EVERY_MS)
+
+    @staticmethod
+    def _reclaim() -> None:
+        crash.hooks().reclaim_wakeup_fd()
 
     def _watch(self, fd: int | None) -> None:
         old, self._notifier = self._notifier, None
@@ -206,10 +231,11 @@ class _CrashNotifier(QObject):
 
     @staticmethod
     def _terminate(_signum: int) -> None:
-        QCoreApplication.quit()
+        _void(QCoreApplication.quit)
 
     def stop(self) -> None:
         """Give the socket back to the crash hooks' relay thread."""
+        _void(self._timer.stop)
         crash.hooks().leave_event_loop()
 
 
@@ -360,6 +386,8 @@ class SessionAdapter(QObject):
     def _start(self, name: str, fn: Callable[[], object]) -> None:
         if self.busy and name != "cancel":
             raise RuntimeError(f"cannot {name} now: another operation is running")
+        if _NOTIFIER is not None:
+            crash.hooks().reclaim_wakeup_fd()  # a host's wake-up fd set since: chained
         ended = threading.Event()
         if name != "cancel":
             self.busy = True

@@ -11,7 +11,9 @@ Modes:
   small ints before and after the 40.
 * ``wakeup-after``: the host sets its own wake-up fd (read by its own
   ``QSocketNotifier``) *after* the adapter made its session, then opens; idles
-  in ``exec()``; prints ``host-woken`` when its notifier reads a byte.
+  in ``exec()``; at exit prints the bytes its wake-up fd got (``host_bytes``).
+* ``wakeup-unread``: once open, the host sets a wake-up fd that nothing reads;
+  prints ``ready`` once the adapter took the wake-up fd back (or after 20 s).
 * ``quit-during-close``: a main window owns the adapter; after open the host
   writes ``EDITS`` and starts close, and while its upload runs (held until the
   window is gone) the user closes the window: the last window closing quits the
@@ -99,14 +101,57 @@ def _wakeup_after(app: QApplication) -> int:
     rsock, wsock = socket.socketpair()
     wsock.setblocking(False)
     signal.set_wakeup_fd(wsock.fileno())
+    seen: list[int] = []
     notifier = QSocketNotifier(rsock.fileno(), QSocketNotifier.Type.Read)
-    notifier.activated.connect(lambda *_: _say(host_woken=list(rsock.recv(64))))
+    notifier.activated.connect(lambda *_: seen.extend(rsock.recv(64)))
     adapter.finished.connect(lambda _name, path: _say(ready=str(path)))
     adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
     app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
     adapter.open(P, "admin", STAGE)
     app.exec()
-    _say(event="exited")
+    _say(event="exited", host_bytes=seen + _unread(rsock))
+    return 0
+
+
+def _unread(sock: socket.socket) -> list[int]:
+    sock.setblocking(False)
+    try:
+        return list(sock.recv(64))
+    except BlockingIOError:
+        return []
+
+
+def _wakeup_unread(app: QApplication) -> int:
+    """The host sets a wake-up fd nobody reads, once the session is open: only the
+    adapter taking the wake-up fd back lets a signal wake the idle event loop."""
+    adapter = SessionAdapter()
+    rsock, wsock = socket.socketpair()
+    wsock.setblocking(False)
+    waited = [0]
+
+    def reclaimed() -> bool:
+        # The host's look at the wake-up fd (puts back what it found).
+        now = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(now)
+        return now != wsock.fileno()
+
+    def poll(work: str) -> None:
+        waited[0] += 1
+        if reclaimed() or waited[0] > 400:
+            _say(ready=work, reclaimed=reclaimed())
+            return
+        QTimer.singleShot(50, lambda: poll(work))
+
+    def opened(_name: str, path: object) -> None:
+        signal.set_wakeup_fd(wsock.fileno())
+        poll(str(path))
+
+    adapter.finished.connect(opened)
+    adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
+    app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+    adapter.open(P, "admin", STAGE)
+    app.exec()
+    _say(event="exited", host_bytes=_unread(rsock))
     return 0
 
 
@@ -165,6 +210,8 @@ def main(mode: str) -> int:
         return _refcounts(app)
     if mode == "wakeup-after":
         return _wakeup_after(app)
+    if mode == "wakeup-unread":
+        return _wakeup_unread(app)
     if mode == "quit-during-close":
         return _quit_during_close(app)
     raise SystemExit(f"unknown mode {mode}")

@@ -173,3 +173,55 @@ def test_closing_the_main_window_during_close_finishes_the_commit_before_the_pro
     assert "released" == _lock_state(s3_store)
     config = s3_config(s3_env, tmp_path / "m")
     assert PlantDesignSession(config).check_previous_crash() is None
+
+
+def _resume_and_close_commits_every_edit(
+    env: dict[str, str], base: Path, store: ObjectStore, work: Path
+) -> None:
+    config = s3_config(env, base, lock={"heartbeat_interval": 3600, "stale_after": 7200})
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None, "the signal left nothing to recover"
+    assert "handled" == info.kind, "the signal was not seen: nothing was saved"
+    assert info.lock_released
+    assert "released" == _lock_state(store)
+    assert set(EDITS) <= set(info.unsaved)
+    session = PlantDesignSession(config)
+    assert work == session.resume(info.session_id, watch=False)
+    session.close()
+    for rel, data in EDITS.items():
+        assert data == store.get(KEYS.committed(rel)).body
+
+
+def test_sigterm_reaches_the_adapter_when_the_host_sets_its_wakeup_fd_after_the_session(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """The host's own wake-up fd, set after the adapter's session: the signal's byte went
+    to the host's fd only, the hooks took the Python handler's call for a stale wake of
+    their own, and SIGTERM was lost: no save, the process not ended (issue 20)."""
+    h = _host(hosts, "wakeup-after", s3_env, tmp_path / "m")
+    work = Path(h.read("ready")["ready"])
+    _edit(work)
+    h.proc.send_signal(signal.SIGTERM)
+    assert 0 == h.finish(timeout=60), h.err[-3000:]
+    assert ["about-to-quit", "exited"] == h.events()
+    exited = next(line for line in h.lines if line.get("event") == "exited")
+    assert [int(signal.SIGTERM)] == exited["host_bytes"], "the host's wake-up fd missed it"
+    _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
+
+
+def test_the_adapter_takes_back_a_wakeup_fd_nobody_reads_and_forwards_the_signal_to_it(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """A wake-up fd the host set while the session is open and never reads: Qt idling in
+    C++ ran no Python, so SIGTERM woke nothing (issue 20)."""
+    h = _host(hosts, "wakeup-unread", s3_env, tmp_path / "m")
+    ready = h.read("ready")
+    assert ready["reclaimed"], "the adapter did not take the wake-up fd back"
+    work = Path(ready["ready"])
+    _edit(work)
+    h.proc.send_signal(signal.SIGTERM)
+    assert 0 == h.finish(timeout=60), h.err[-3000:]
+    assert ["about-to-quit", "exited"] == h.events()
+    exited = next(line for line in h.lines if line.get("event") == "exited")
+    assert [int(signal.SIGTERM)] == exited["host_bytes"], "not forwarded to the host's fd"
+    _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
