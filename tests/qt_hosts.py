@@ -12,6 +12,8 @@ Modes:
 * ``wakeup-after``: the host sets its own wake-up fd (read by its own
   ``QSocketNotifier``) *after* the adapter made its session, then opens; idles
   in ``exec()``; at exit prints the bytes its wake-up fd got (``host_bytes``).
+* ``handler-after``: the host sets its own SIGTERM handler (which only notes it)
+  after the adapter's session; prints ``saved`` when the session is CLOSED.
 * ``wakeup-unread``: once open, the host sets a wake-up fd that nothing reads;
   prints ``ready`` once the adapter took the wake-up fd back (or after 20 s).
 * ``quit-during-close``: a main window owns the adapter; after open the host
@@ -30,6 +32,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from types import FrameType
 
 from PySide6.QtCore import QSocketNotifier, QTimer
 from PySide6.QtGui import QCloseEvent
@@ -121,6 +124,26 @@ def _unread(sock: socket.socket) -> list[int]:
         return []
 
 
+def _handler_after(app: QApplication) -> int:
+    """The host sets its own SIGTERM handler after the adapter's session (it only notes
+    the signal; a File menu's Quit ends the program later)."""
+    adapter = SessionAdapter()
+
+    def host_handler(_signum: int, _frame: FrameType | None) -> None:
+        _say(event="host-handler")
+
+    signal.signal(signal.SIGTERM, host_handler)
+    adapter.finished.connect(lambda _name, path: _say(ready=str(path)))
+    adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
+    adapter.stateChanged.connect(
+        lambda state: _say(event="saved") if state == int(SessionState.CLOSED) else None
+    )
+    app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+    adapter.open(P, "admin", STAGE)
+    app.exec()
+    return 0
+
+
 def _wakeup_unread(app: QApplication) -> int:
     """The host sets a wake-up fd nobody reads, once the session is open: only the
     adapter taking the wake-up fd back lets a signal wake the idle event loop."""
@@ -210,6 +233,8 @@ def main(mode: str) -> int:
         return _refcounts(app)
     if mode == "wakeup-after":
         return _wakeup_after(app)
+    if mode == "handler-after":
+        return _handler_after(app)
     if mode == "wakeup-unread":
         return _wakeup_unread(app)
     if mode == "quit-during-close":

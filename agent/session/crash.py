@@ -327,6 +327,8 @@ class CrashHooks:
         """Read the wake-up socket without blocking (the event loop's notifier calls this).
 
         The Python handler itself runs on the main thread as soon as the slot runs Python.
+        If the host set its own handler for the signal after ours, ours never runs: the
+        save runs here (bounded), and the host's handler does what the host wants.
         """
         reader = self._reader
         if reader is None:
@@ -338,7 +340,24 @@ class CrashHooks:
             return
         finally:
             reader.setblocking(True)
-        self._take(data, None)
+        signum = self._take(data, None)
+        if (
+            signum is None
+            or signum in self._host_handles
+            or current_handler(signum) is self._handler
+        ):
+            return
+        with self._lock:
+            self._real_pending = 0  # handled here: not a real signal for a wake of ours
+            self._in_signal = True  # a close meanwhile restores below, not by a wake
+        try:
+            self.run(_signal_name(signum))
+        finally:
+            self._in_signal = False
+        with self._lock:
+            if not self.live_sessions() and self._previous is not None:
+                self._uninstall()
+        self._join_stopped()
 
     def _take(self, data: bytes, stop: threading.Event | None) -> int | None:
         """Forward real signal bytes to the host's wake-up fd; the first real signal or None."""

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,17 @@ class QtHost:
         self.lines: list[dict[str, Any]] = []
         self.err = ""
 
-    def read(self, key: str) -> dict[str, Any]:
-        """The next JSON line that has ``key`` (the others are kept in ``lines``)."""
+    def read(self, key: str, timeout: float = 120) -> dict[str, Any]:
+        """The next JSON line that has ``key`` (the others are kept in ``lines``); a host
+        that prints none within ``timeout`` seconds is killed (the test then fails)."""
+        killer = threading.Timer(timeout, self.proc.kill)
+        killer.start()
+        try:
+            return self._read(key)
+        finally:
+            killer.cancel()
+
+    def _read(self, key: str) -> dict[str, Any]:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             try:
@@ -224,4 +234,25 @@ def test_the_adapter_takes_back_a_wakeup_fd_nobody_reads_and_forwards_the_signal
     assert ["about-to-quit", "exited"] == h.events()
     exited = next(line for line in h.lines if line.get("event") == "exited")
     assert [int(signal.SIGTERM)] == exited["host_bytes"], "not forwarded to the host's fd"
+    _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
+
+
+def test_sigterm_saves_through_the_adapter_when_the_host_set_its_handler_after_the_session(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """The host's SIGTERM handler, set after the adapter's: ours never ran, and the event
+    loop's notifier only read the byte, so nothing was saved (issue 20)."""
+    h = _host(hosts, "handler-after", s3_env, tmp_path / "m")
+    work = Path(h.read("ready")["ready"])
+    _edit(work)
+    h.proc.send_signal(signal.SIGTERM)
+    h.read("event", timeout=60)  # the host's handler ran
+    saved = h.read("event", timeout=60)
+    assert "saved" == saved["event"], h.lines
+    assert ["host-handler", "saved"] == h.events()
+    h.proc.kill()  # the host's handler chose not to quit
+    h.finish()
+    config = s3_config(s3_env, tmp_path / "m")
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None and "SIGTERM" == info.reason
     _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
