@@ -29,9 +29,11 @@ The wake-up fd: while a session is protected, the interpreter's wake-up fd
 (``signal.set_wakeup_fd``) is the crash hooks' socket. A host may set its own,
 before or after the adapter: the GUI thread takes the wake-up fd back within a
 second (and at every verb, and when the signal's Python handler runs) and
-chains to the host's, which gets each signal's byte forwarded once the hooks
-read it, and is put back when the last session ends. Qt signal bytes are the
-signal numbers, as Python writes them.
+chains to the host's, which gets each signal's byte (the signal number, as
+Python writes it) forwarded once the hooks read it, and is put back when the
+last session ends. A handler the host sets for a signal after the adapter's
+session replaces ours: the notifier's read then runs the save, and the host's
+handler does the rest (quitting, or not).
 
 Quitting: at ``aboutToQuit`` a verb that runs is finished first (an open or
 resume is cancelled; a close commits), so the interpreter never shuts down

@@ -389,7 +389,7 @@ class CrashHooks:
         it; ``agent.qt`` calls this every second and on every signal.
         """
         with self._lock:
-            if self._previous is None or self._writer is None:
+            if self._previous is None or self._writer is None or not on_main_thread():
                 return False
             ours = self._writer.fileno()
             now = swap_wakeup_fd(ours)
