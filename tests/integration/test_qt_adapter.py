@@ -253,7 +253,9 @@ def test_a_verb_ending_after_its_adapter_was_deleted_emits_into_nothing(
     pool: QThreadPool,
     s3_store: ObjectStore,
     tmp_path: Path,
+    *,
     capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The window (and with it the adapter) deleted while a worker runs: its last signals
     raised "Signal source has been deleted" on the worker (issue 20)."""
@@ -281,5 +283,6 @@ def test_a_verb_ending_after_its_adapter_was_deleted_emits_into_nothing(
     qapp.processEvents()
     err = capfd.readouterr().err
     assert "RuntimeError" not in err and "signal_slot_failed" not in err, err
+    assert [] == [r.getMessage() for r in caplog.records if "signal_slot_failed" in r.getMessage()]
     assert SessionState.ACTIVE is session.state
     session.close()
