@@ -24,10 +24,28 @@ the event loop, the emergency save runs on the GUI thread (bounded by
 ``recovery.crash_timeout``), and then the host's previous handler runs, or
 ``QApplication.quit()`` where the default action would have ended the process:
 ``aboutToQuit`` runs, and no ``SystemExit`` is ever raised inside a slot.
+
+The wake-up fd: while a session is protected, the interpreter's wake-up fd
+(``signal.set_wakeup_fd``) is the crash hooks' socket. A host may set its own,
+before or after the adapter: the GUI thread takes the wake-up fd back within a
+second (and at every verb, and when the signal's Python handler runs) and
+chains to the host's, which gets each signal's byte (the signal number, as
+Python writes it) forwarded once the hooks read it, and is put back when the
+last session ends. A handler the host sets for a signal after the adapter's
+session replaces ours: the notifier's read then runs the save, and the host's
+handler does the rest (quitting, or not).
+
+Quitting: at ``aboutToQuit`` a verb that runs is finished first (an open or
+resume is cancelled; a close commits), so the interpreter never shuts down
+under it; its ``finished``/``failed`` is delivered then.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,8 +56,10 @@ from PySide6.QtCore import (
     QRunnable,
     QSocketNotifier,
     QThreadPool,
+    QTimer,
     Signal,
 )
+from PySide6.QtGui import QCloseEvent, QShortcut
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -54,9 +74,12 @@ from PySide6.QtWidgets import (
 
 from agent.config import AgentConfig
 from agent.errors import SessionCancelledError
+from agent.log import get_logger
 from agent.recovery import RecoveryInfo
 from agent.session import PlantDesignSession, crash
 from agent.state import SessionState
+
+log = get_logger(__name__)
 
 __all__ = [
     "ProgressDialog",
@@ -73,6 +96,76 @@ _CANCELLABLE = (
     SessionState.DOWNLOADING,
     SessionState.RESTORING,
 )
+# Why Cancel does not apply, by the verb that runs (shown by ``ProgressDialog``).
+_NOT_CANCELLABLE = {
+    "close": "committing: cannot be cancelled",
+    "abort": "aborting: cannot be cancelled",
+    "discard": "discarding: cannot be cancelled",
+    "open": "finishing: cannot be cancelled",
+    "resume": "finishing: cannot be cancelled",
+}
+
+
+# How often the GUI thread checks that the wake-up fd is still the crash hooks'.
+_RECLAIM_EVERY_MS = 1000
+
+
+class _Probe(QObject):
+    ping = Signal()
+
+
+def _incref(obj: object) -> None:
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def _drops(call: Callable[[], object], obj: object) -> bool:
+    """True if ``call()`` lowers ``obj``'s reference count by one (a binding's bug).
+
+    PySide6 6.12.0 returns ``True`` from ``SignalInstance.emit`` and ``None`` from every
+    void method without a reference of their own (6.11.3 does not): each call from
+    Python lowers the count, and a long-running host ends in "deallocating True".
+    Measured once, one call at a time; another thread may move the count meanwhile,
+    so six of the eight must agree. What the probe itself took is given back.
+    """
+    dropped = 0
+    for _ in range(8):
+        before = sys.getrefcount(obj)
+        call()
+        dropped += before - sys.getrefcount(obj) == 1
+    if dropped < 6:
+        return False
+    for _ in range(dropped):
+        _incref(obj)
+    return True
+
+
+def _probe_binding() -> tuple[bool, bool]:
+    probe = _Probe()
+    return _drops(probe.ping.emit, True), _drops(lambda: probe.setObjectName("probe"), None)
+
+
+_DROPS_TRUE, _DROPS_NONE = _probe_binding()
+
+
+def _emit(signal: Any, *args: object) -> None:
+    """``signal.emit(*args)``; every Qt signal this module emits goes through here."""
+    result = signal.emit(*args)
+    if _DROPS_TRUE and result is True:
+        _incref(result)
+
+
+def _disconnect(signal: Any, slot: Callable[..., object]) -> None:
+    """``signal.disconnect(slot)`` (6.12.0's returns ``True`` without a reference, too)."""
+    result = signal.disconnect(slot)
+    if _DROPS_TRUE and result is True:
+        _incref(result)
+
+
+def _void(method: Callable[..., object], *args: object) -> None:
+    """Call a void Qt method; every one this module calls repeatedly goes through here."""
+    result = method(*args)
+    if _DROPS_NONE and result is None:
+        _incref(result)
 
 
 class _Relay(QObject):
@@ -83,33 +176,52 @@ class _Relay(QObject):
 
 
 class _Job(QRunnable):
-    def __init__(self, name: str, fn: Callable[[], object], relay: _Relay) -> None:
+    def __init__(
+        self, name: str, fn: Callable[[], object], relay: _Relay, ended: threading.Event
+    ) -> None:
         super().__init__()
-        self.name, self.fn, self.relay = name, fn, relay
-        self.setAutoDelete(True)
+        self.name, self.fn, self.relay, self.ended = name, fn, relay, ended
+        _void(self.setAutoDelete, True)
 
     def run(self) -> None:
         try:
-            result = self.fn()
-        except Exception as exc:  # noqa: BLE001 - every failure goes to the GUI as a signal
-            self.relay.failed.emit(self.name, exc)
-            return
-        self.relay.done.emit(self.name, result)
+            try:
+                result = self.fn()
+            except Exception as exc:  # noqa: BLE001 - every failure goes to the GUI as a signal
+                self._report(self.relay.failed, exc)
+                return
+            self._report(self.relay.done, result)
+        finally:
+            self.ended.set()
+
+    def _report(self, signal: Any, value: object) -> None:
+        # The relay is the adapter's, kept alive by this job: it is never deleted under
+        # a worker (the adapter may be, with its window, at exit: its slots then drop).
+        if shiboken6.isValid(self.relay):
+            _emit(signal, self.name, value)
 
 
 class _CrashNotifier(QObject):
-    """Reads the crash hooks' wake-up socket on the GUI thread."""
+    """Reads the crash hooks' wake-up socket on the GUI thread, and takes the wake-up fd
+    back (chaining to the host's) when the host set its own after ours."""
 
     def __init__(self, app: QCoreApplication) -> None:
         super().__init__(app)
         self._notifier: QSocketNotifier | None = None
         crash.hooks().use_event_loop(self._watch, self._terminate)
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self._reclaim)
+        _void(self._timer.start, _RECLAIM_EVERY_MS)
+
+    @staticmethod
+    def _reclaim() -> None:
+        crash.hooks().reclaim_wakeup_fd()
 
     def _watch(self, fd: int | None) -> None:
         old, self._notifier = self._notifier, None
         if old is not None and shiboken6.isValid(old):  # gone already at interpreter exit
-            old.setEnabled(False)
-            old.deleteLater()
+            _void(old.setEnabled, False)
+            _void(old.deleteLater)
         if fd is not None:
             self._notifier = QSocketNotifier(fd, QSocketNotifier.Type.Read, self)
             self._notifier.activated.connect(self._ready)
@@ -121,10 +233,11 @@ class _CrashNotifier(QObject):
 
     @staticmethod
     def _terminate(_signum: int) -> None:
-        QCoreApplication.quit()
+        _void(QCoreApplication.quit)
 
     def stop(self) -> None:
         """Give the socket back to the crash hooks' relay thread."""
+        _void(self._timer.stop)
         crash.hooks().leave_event_loop()
 
 
@@ -162,6 +275,8 @@ class SessionAdapter(QObject):
       ``("close", CloseReport)``, ``("abort", None)``, ``("discard", None)``.
     * ``failed(str, object)``: a verb failed with this exception
       (``SessionCancelledError`` after ``cancel()``).
+    * ``verbStarted(str)``: a verb started (``"open"``, ``"close"`` ...), emitted on the
+      GUI thread by the verb's call itself.
 
     One verb at a time per session; a closed session is replaced by a new one on the
     next ``open``/``resume``/``discard``. Create the adapter on the GUI thread.
@@ -172,6 +287,7 @@ class SessionAdapter(QObject):
     error = Signal(str)
     finished = Signal(str, object)
     failed = Signal(str, object)
+    verbStarted = Signal(str)  # noqa: N815
     _emitState = Signal(int)  # noqa: N815
     _emitProgress = Signal(str, int)  # noqa: N815
     _emitError = Signal(str)  # noqa: N815
@@ -188,7 +304,11 @@ class SessionAdapter(QObject):
         super().__init__(parent)
         self._factory = session_factory or (lambda: PlantDesignSession(config))
         self.pool = pool or QThreadPool.globalInstance()
-        self._relay = _Relay(self)
+        # No parent: a worker's job holds it, so it outlives an adapter deleted at exit.
+        self._relay = _Relay()
+        self._ended = threading.Event()  # the running verb's job has returned
+        self._ended.set()
+        self._forwards: list[tuple[Any, Callable[..., None]]] = []
         self._relay.done.connect(self._on_done)
         self._relay.failed.connect(self._on_failed)
         # Session signals come from worker threads: re-emit through our own signals so
@@ -197,16 +317,63 @@ class SessionAdapter(QObject):
         self._emitProgress.connect(self.progress)
         self._emitError.connect(self.error)
         self.busy = False
+        self.verb: str | None = None  # the verb running now
+        if _DROPS_TRUE or _DROPS_NONE:
+            log.warning(
+                "qt_binding_drops_references",
+                pyside6=shiboken6.__version__,
+                hint="this PySide6 loses a reference to True/None on every signal emit or "
+                "void call made from Python; the adapter makes up for its own calls, but "
+                "the host's add up until the interpreter aborts: use another version",
+            )
         if crash_handling:
             install_crash_handling()
+        app = QCoreApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._before_quit)
         self.session = self._new_session()
 
     def _new_session(self) -> PlantDesignSession:
         session = self._factory()
-        session.state_changed.connect(self._emitState.emit)
-        session.progress.connect(self._emitProgress.emit)
-        session.error.connect(self._emitError.emit)
+        self._unforward()
+        self._forwards = [
+            (session.state_changed, lambda state: self._forward(self._emitState, state)),
+            (session.progress, lambda msg, pct: self._forward(self._emitProgress, msg, pct)),
+            (session.error, lambda message: self._forward(self._emitError, message)),
+        ]
+        for signal, slot in self._forwards:
+            signal.connect(slot)
         return session
+
+    def _forward(self, signal: Any, *args: object) -> None:
+        """A session signal (on a worker) re-emitted as ours, unless we are gone already."""
+        if shiboken6.isValid(self):
+            _emit(signal, *args)
+
+    def _unforward(self) -> None:
+        for signal, slot in self._forwards:
+            signal.disconnect(slot)
+        self._forwards = []
+
+    def _before_quit(self) -> None:
+        """``aboutToQuit``: a verb that runs is finished (an open/resume cancelled) before
+        ``exec()`` returns and the interpreter shuts down around it; then the session's
+        signals are cut from ours, so nothing is emitted into an adapter deleted at exit.
+        """
+        if not self._ended.is_set():
+            verb = self.verb
+            cancelled = self.cancel()
+            log.warning(
+                "qt_quit_waits_for_verb",
+                verb=verb,
+                cancelled=cancelled,
+                hint="the application quits while a verb runs: it ends first",
+            )
+            self._ended.wait()
+            # Deliver what the verb reported (finished/failed, last progress) now: the
+            # event loop will not run again.
+            _void(QCoreApplication.sendPostedEvents, self, 0)
+        self._unforward()
 
     def _fresh(self) -> PlantDesignSession:
         if self.session.state is not SessionState.IDLE:
@@ -221,9 +388,16 @@ class SessionAdapter(QObject):
     def _start(self, name: str, fn: Callable[[], object]) -> None:
         if self.busy and name != "cancel":
             raise RuntimeError(f"cannot {name} now: another operation is running")
+        if _NOTIFIER is not None:
+            crash.hooks().reclaim_wakeup_fd()  # a host's wake-up fd set since: chained
+        ended = threading.Event()
         if name != "cancel":
             self.busy = True
-        self.pool.start(_Job(name, fn, self._relay))
+            self.verb = name
+            self._ended = ended
+        _void(self.pool.start, _Job(name, fn, self._relay, ended))
+        if name != "cancel":
+            _emit(self.verbStarted, name)
 
     # -- the verbs (non-blocking) ------------------------------------------------------
 
@@ -255,15 +429,30 @@ class SessionAdapter(QObject):
         loss = confirm_loss if isinstance(confirm_loss, bool) else list(confirm_loss)
         self._start("discard", lambda: session.discard(session_id, confirm_loss=loss))
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """Cancel a running ``open``/``resume``: it fails with ``SessionCancelledError``.
 
         Nothing is left behind (the lock released, partial folder and record removed).
-        Returns at once; the abort waits for the transfer to stop on a worker.
+        Returns at once (the abort waits for the transfer to stop on a worker): True if
+        the cancel was started, False if nothing cancellable runs (``cancel_refusal``
+        says why: a close that commits, for one, always runs to its end).
         """
         session = self.session
-        if self.busy and session.state in _CANCELLABLE:
-            self._start("cancel", session.abort)
+        if not self.can_cancel():
+            return False
+        self._start("cancel", session.abort)
+        return True
+
+    def can_cancel(self) -> bool:
+        """True while an ``open``/``resume`` runs that ``cancel()`` can still stop."""
+        return self.busy and self.verb in ("open", "resume") and self.session.state in _CANCELLABLE
+
+    def cancel_refusal(self) -> str | None:
+        """Why Cancel does not apply now (e.g. ``"committing: cannot be cancelled"``);
+        None when it does, or when no verb runs."""
+        if not self.busy or self.verb is None or self.can_cancel():
+            return None
+        return _NOT_CANCELLABLE.get(self.verb, "cannot be cancelled")
 
     def check_previous_crash(self) -> RecoveryInfo | None:
         """An orphaned session on this machine, for the recovery dialog (local files only)."""
@@ -273,19 +462,19 @@ class SessionAdapter(QObject):
 
     def _on_done(self, name: str, result: object) -> None:
         if name != "cancel":
-            self.busy = False
+            self.busy, self.verb = False, None
         self._tidy()
         if name != "cancel":
-            self.finished.emit(name, result)
+            _emit(self.finished, name, result)
 
     def _on_failed(self, name: str, exc: object) -> None:
         if name != "cancel":
-            self.busy = False
+            self.busy, self.verb = False, None
         self._tidy()
         if name == "cancel":
             return  # the open/resume itself reports the cancellation
-        self.error.emit(str(exc))
-        self.failed.emit(name, exc)
+        _emit(self.error, str(exc))
+        _emit(self.failed, name, exc)
 
     @staticmethod
     def _tidy() -> None:
@@ -330,11 +519,7 @@ class RecoveryDialog(QDialog):
         )
         self.files = QListWidget(self)
         for rel in unsaved:
-            if rel in info.deleted:
-                where = "deleted here"
-            else:
-                where = "only here" if rel in info.pending else "uploaded, not committed"
-            self.files.addItem(f"{rel}  ({where})")
+            self.files.addItem(f"{rel}  ({change_state(info, rel)})")
         layout.addWidget(self.files)
         buttons = QDialogButtonBox(self)
         self.resume_button = QPushButton("Resume", self)
@@ -373,6 +558,19 @@ class RecoveryDialog(QDialog):
         return answer == QMessageBox.StandardButton.Discard
 
 
+def change_state(info: RecoveryInfo, rel: str) -> str:
+    """How the recovery dialog names an unsaved change: ``"deleted, not committed"``
+    (in neither the backup nor the working folder), ``"only here"`` (the store has no
+    copy) or ``"uploaded, not committed"`` (in this session's staging only)."""
+    if rel in info.deleted:
+        return "deleted, not committed"
+    parts = rel.split("/")
+    folders = [p for p in (info.backup_path, info.work_path) if p is not None]
+    if not any(os.path.lexists(folder.joinpath(*parts)) for folder in folders):
+        return "deleted, not committed"
+    return "only here" if rel in info.pending else "uploaded, not committed"
+
+
 def offer_recovery(adapter: SessionAdapter, parent: QWidget | None = None) -> str | None:
     """At start-up: show the recovery dialog if a session was left, and act on the choice.
 
@@ -394,33 +592,67 @@ def offer_recovery(adapter: SessionAdapter, parent: QWidget | None = None) -> st
 class ProgressDialog(QProgressDialog):
     """Shows an adapter's progress; its Cancel button cancels the open/resume.
 
-    Closes itself when the verb finishes or fails.
+    While Cancel cannot apply (a close that commits, an abort, the end of an open),
+    the button and Escape are disabled, the label says why (``cancel_refusal``) and
+    closing the dialog is refused: it never hides while its verb goes on. Closes
+    itself when the verb finishes or fails.
     """
 
     def __init__(self, adapter: SessionAdapter, title: str, parent: QWidget | None = None) -> None:
         super().__init__(title, "Cancel", 0, 100, parent)
         self.adapter = adapter
-        self.setWindowTitle(title)
-        self.setMinimumDuration(0)
-        self.setAutoClose(False)
-        self.setAutoReset(False)
-        self.setValue(0)
-        adapter.progress.connect(self._on_progress)
-        adapter.finished.connect(self._done)
-        adapter.failed.connect(self._done)
-        self.canceled.connect(adapter.cancel)
+        self._message = title
+        self._ended = False
+        _void(self.setWindowTitle, title)
+        _void(self.setMinimumDuration, 0)
+        _void(self.setAutoClose, False)
+        _void(self.setAutoReset, False)
+        _void(self.setValue, 0)
+        self._connections: list[tuple[Any, Callable[..., object]]] = [
+            (adapter.progress, self._on_progress),
+            (adapter.stateChanged, self._refresh),
+            (adapter.verbStarted, self._refresh),
+            (adapter.finished, self._done),
+            (adapter.failed, self._done),
+            (self.canceled, adapter.cancel),  # closing emits canceled: not for the next verb
+        ]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+        self._refresh()
 
     def _on_progress(self, message: str, percent: int) -> None:
-        self.setLabelText(message)
-        self.setValue(percent)
+        self._message = message
+        _void(self.setValue, percent)
+        self._refresh()
+
+    def _refresh(self, *_args: object) -> None:
+        reason = self.adapter.cancel_refusal()
+        button = self.findChild(QPushButton)
+        if button is not None:
+            _void(button.setEnabled, reason is None)
+        for shortcut in self.findChildren(QShortcut):  # Escape emits canceled
+            _void(shortcut.setEnabled, reason is None)
+        label = self._message if reason is None else f"{self._message}\n({reason})"
+        if label != self.labelText():
+            _void(self.setLabelText, label)
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt's name
+        """Refused while the verb runs and cannot be cancelled (it would only hide)."""
+        if not self._ended and self.adapter.cancel_refusal() is not None:
+            event.ignore()
+            return
+        super().closeEvent(event)
+
+    def reject(self) -> None:
+        """Escape: refused like ``closeEvent``."""
+        if not self._ended and self.adapter.cancel_refusal() is not None:
+            return
+        super().reject()
 
     def _done(self, *_args: object) -> None:
-        for signal, slot in (
-            (self.adapter.progress, self._on_progress),
-            (self.adapter.finished, self._done),
-            (self.adapter.failed, self._done),
-        ):
-            signal.disconnect(slot)
+        self._ended = True
+        for signal, slot in self._connections:
+            _disconnect(signal, slot)
         self.close()
 
 

@@ -121,8 +121,14 @@ class HostWindow(QMainWindow):
         QMessageBox.critical(self, f"{name} failed", str(exc))
 
     def closeEvent(self, event: object) -> None:  # noqa: N802 - Qt's name
-        """Leaving with a session open: it is saved for next time (the exit hook)."""
-        if self.adapter.state is SessionState.ACTIVE:
+        """Leaving with a session open: it is saved for next time (the exit hook).
+
+        Leaving while a verb runs: the adapter finishes it before the program ends
+        (a close commits; an open is cancelled).
+        """
+        if self.adapter.busy:
+            self.log.addItem(f"quitting: {self.adapter.verb} finishes first")
+        elif self.adapter.state is SessionState.ACTIVE:
             self.log.addItem("quitting with the session open: saved for recovery")
         super().closeEvent(event)  # type: ignore[arg-type]
 

@@ -243,6 +243,7 @@ class CrashHooks:
         now = swap_wakeup_fd(self._prev_wakeup)
         if now != self._writer.fileno():
             swap_wakeup_fd(now)  # the host set its own after ours: keep theirs
+        self._forward_unread()
         if self._remove_console is not None:
             self._remove_console()
             self._remove_console = None
@@ -258,6 +259,21 @@ class CrashHooks:
         self._reader = self._writer = None
         with contextlib.suppress(Exception):  # also at interpreter shutdown (a collected session)
             log.debug("crash_hooks_removed")
+
+    def _forward_unread(self) -> None:
+        """Under the lock, before our channel closes: signal bytes no one read yet (the
+        event loop reads after the handler ran) go on to the host's wake-up fd."""
+        reader = self._reader
+        if reader is None:
+            return
+        reader.setblocking(False)
+        try:
+            while data := reader.recv(64):
+                self._take(data, None)
+        except OSError:
+            pass  # nothing left (BlockingIOError), or closed
+        finally:
+            reader.setblocking(True)
 
     def _start_relay(self) -> None:
         assert self._reader is not None
@@ -330,6 +346,8 @@ class CrashHooks:
         """Read the wake-up socket without blocking (the event loop's notifier calls this).
 
         The Python handler itself runs on the main thread as soon as the slot runs Python.
+        If the host set its own handler for the signal after ours, ours never runs: the
+        save runs here (bounded), and the host's handler does what the host wants.
         """
         reader = self._reader
         if reader is None:
@@ -341,7 +359,24 @@ class CrashHooks:
             return
         finally:
             reader.setblocking(True)
-        self._take(data, None)
+        signum = self._take(data, None)
+        if (
+            signum is None
+            or signum in self._host_handles
+            or current_handler(signum) is self._handler
+        ):
+            return
+        with self._lock:
+            self._real_pending.pop(signum, None)  # handled here: no real signal for a wake
+            self._in_signal = True  # a close meanwhile restores below, not by a wake
+        try:
+            self.run(_signal_name(signum))
+        finally:
+            self._in_signal = False
+        with self._lock:
+            if not self.live_sessions() and self._previous is not None:
+                self._uninstall()
+        self._join_stopped()
 
     def _take(self, data: bytes, stop: threading.Event | None) -> int | None:
         """Forward real signal bytes to the host's wake-up fd; the first real signal we
@@ -366,6 +401,27 @@ class CrashHooks:
         # Only the signals we hooked end a session: a host's own SIGUSR1 or SIGCHLD
         # handler writes its byte to the same wake-up fd (issue 20).
         return next((b for b in real if b in hooked), None)
+
+    def reclaim_wakeup_fd(self) -> bool:
+        """Main thread: if the host made another fd the wake-up fd after ours, make ours
+        the wake-up fd again and chain to the host's (real signal bytes are forwarded to
+        it, and it is put back when the hooks come down). True if it was replaced.
+
+        The wake-up fd contract: while the hooks are installed the interpreter's wake-up
+        fd is ours; a host that sets its own (``signal.set_wakeup_fd``) before or after
+        the first session still gets every signal's byte, forwarded by us once we read
+        it; ``agent.qt`` calls this every second and on every signal.
+        """
+        with self._lock:
+            if self._previous is None or self._writer is None or not on_main_thread():
+                return False
+            ours = self._writer.fileno()
+            now = swap_wakeup_fd(ours)
+            if now == ours:
+                return False
+            self._prev_wakeup = now
+        log.info("crash_hooks_wakeup_fd_chained", host_fd=now)
+        return True
 
     def host_handles(self, *signums: int) -> None:
         """The host acts on these signals itself (e.g. Ctrl-C closes): no save, just chain."""
@@ -401,7 +457,14 @@ class CrashHooks:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The Python handler (main thread): save (bounded), then the host's own action."""
-        real = self._real_pending.get(signum, 0) > 0 or self._unread_signal()
+        # A wake-up fd the host set after ours got the signal's byte instead of us: then
+        # only a request of our own (counted in _wakes) is not a real signal.
+        replaced = self.reclaim_wakeup_fd()
+        real = (
+            (replaced and self._wakes == 0)
+            or self._real_pending.get(signum, 0) > 0
+            or self._unread_signal()
+        )
         if not real and self._wakes == 0:
             # Neither our request nor a byte seen yet: the relay may hold it between its
             # read and its count. A stale request (hooks re-installed since) shows none.

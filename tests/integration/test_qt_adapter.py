@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from PySide6.QtCore import QThread, QThreadPool, QTimer
-from PySide6.QtWidgets import QApplication, QMessageBox
+import shiboken6
+from PySide6.QtCore import QObject, Qt, QThread, QThreadPool, QTimer
+from PySide6.QtWidgets import QApplication, QMessageBox, QPushButton
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, SessionCancelledError
@@ -27,6 +29,7 @@ from agent.qt import (
 from agent.session import PlantDesignSession
 from agent.state import SessionState
 from agent.store.base import ObjectStore
+from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -176,3 +179,110 @@ def test_the_recovery_dialog_lists_every_unsaved_change_and_discard_confirms(
         adapter.discard(info.session_id, confirm_loss=info.unsaved)
     assert adapter.check_previous_crash() is None
     assert not work.exists()
+
+
+def test_the_recovery_dialog_names_a_deleted_file_deleted(
+    qtbot: Any, adapter: SessionAdapter, s3_store: ObjectStore, tmp_path: Path
+) -> None:
+    """A deletion streamed to staging was listed "(uploaded, not committed)" (issue 20)."""
+    _seed(s3_store, tmp_path / "seed", files=2)
+    config = _config(tmp_path / "m")
+    first = PlantDesignSession(config, store=s3_store)
+    work = first.open(P, "admin", STAGE)
+    (work / "f0.bin").unlink()
+    journal = first._journal
+    assert journal is not None
+    assert wait_for(lambda: "f0.bin" in journal.staged(), timeout=30)
+    assert "delete" == journal.staged()["f0.bin"].op
+    first.emergency_save("test")
+    info = adapter.check_previous_crash()
+    assert info is not None and ["f0.bin"] == info.unsaved
+    dialog = RecoveryDialog(info)
+    qtbot.addWidget(dialog)
+    assert ["f0.bin  (deleted, not committed)"] == [
+        dialog.files.item(i).text() for i in range(dialog.files.count())
+    ]
+
+
+def test_cancel_during_close_is_disabled_says_why_and_the_dialog_stays_until_committed(
+    qtbot: Any, adapter: SessionAdapter, s3_store: ObjectStore
+) -> None:
+    """Cancel, Escape or closing the dialog while close commits: the dialog hid while the
+    commit went on, with nothing telling the user that Cancel did not apply (issue 20)."""
+    with qtbot.waitSignal(adapter.finished, timeout=WAIT_MS) as opened:
+        adapter.open(P, "admin", STAGE, watch=False)
+    (Path(opened.args[1]) / "edit.dwg").write_bytes(b"edited")
+    release = threading.Event()
+
+    def hold_upload(message: str, _pct: int) -> None:
+        # On the worker: the upload waits until the test has tried to cancel.
+        if message.startswith("Uploading"):
+            release.wait(timeout=30)
+
+    adapter.session.progress.connect(hold_upload)
+    dialog = ProgressDialog(adapter, "Closing")
+    qtbot.addWidget(dialog)
+    dialog.show()
+    results: list[str] = []
+    adapter.finished.connect(lambda name, _result: results.append(name))
+    adapter.failed.connect(lambda name, _exc: results.append(f"failed {name}"))
+    adapter.close()
+    try:
+        qtbot.waitUntil(lambda: dialog.labelText().startswith("Uploading"), timeout=WAIT_MS)
+        button = dialog.findChild(QPushButton)
+        assert button is not None
+        assert not button.isEnabled()
+        assert "committing: cannot be cancelled" in dialog.labelText()
+        assert not adapter.can_cancel()
+        qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+        qtbot.keyClick(dialog, Qt.Key.Key_Escape)
+        dialog.close()
+        QApplication.processEvents()
+        assert dialog.isVisible(), "the dialog hid while the commit went on"
+        assert not dialog.wasCanceled()
+    finally:
+        release.set()
+    qtbot.waitUntil(lambda: bool(results), timeout=WAIT_MS)
+    assert ["close"] == results
+    assert not dialog.isVisible()
+    assert b"edited" == s3_store.get(KEYS.committed("edit.dwg")).body
+
+
+def test_a_verb_ending_after_its_adapter_was_deleted_emits_into_nothing(
+    qapp: QApplication,
+    pool: QThreadPool,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    *,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The window (and with it the adapter) deleted while a worker runs: its last signals
+    raised "Signal source has been deleted" on the worker (issue 20)."""
+    config = _config(tmp_path / "m")
+    window = QObject()
+    a = SessionAdapter(
+        parent=window,
+        pool=pool,
+        crash_handling=False,
+        session_factory=lambda: PlantDesignSession(config, store=s3_store),
+    )
+    session = a.session
+    deleted = threading.Event()
+
+    def hold(_state: object) -> None:
+        # On the worker: open goes on only once the adapter is gone.
+        deleted.wait(timeout=30)
+
+    session.state_changed.connect(hold)
+    a.open(P, "admin", STAGE, watch=False)
+    shiboken6.delete(window)
+    assert not shiboken6.isValid(a)
+    deleted.set()
+    assert pool.waitForDone(WAIT_MS)
+    qapp.processEvents()
+    err = capfd.readouterr().err
+    assert "RuntimeError" not in err and "signal_slot_failed" not in err, err
+    assert [] == [r.getMessage() for r in caplog.records if "signal_slot_failed" in r.getMessage()]
+    assert SessionState.ACTIVE is session.state
+    session.close()
