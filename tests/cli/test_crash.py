@@ -404,8 +404,6 @@ _DEFAULT_CASES = {
     ("5-history-written", "discard"),
     ("6-intent-done", "other-open"),
 }
-_PHASES_TRIED: set[str] = set()
-_PHASES_HIT: set[str] = set()
 
 
 class _Bucket:
@@ -489,7 +487,6 @@ def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
 
 def _kill_in_phase(admin: Agent, proxy: FaultProxy, phase: str, pid: int) -> None:
     """Hold the phase's first request in the proxy, kill -9 the agent while it waits."""
-    _PHASES_TRIED.add(phase)
     rule = proxy.add(Rule(Delay(3600), name=phase, **_PHASES[phase]))
     before = len(proxy.seen)
     closing = admin.popen("close", "--json", "--allow-mass-delete")
@@ -504,7 +501,6 @@ def _kill_in_phase(admin: Agent, proxy: FaultProxy, phase: str, pid: int) -> Non
     proxy.remove(rule)
     assert 1 == rule.fired and not rule.delivered.is_set()
     assert _DONE_BEFORE[phase] == _applied(proxy.seen[before:]), "killed in another phase"
-    _PHASES_HIT.add(phase)
 
 
 def _recover(verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str, bytes]) -> None:
@@ -585,12 +581,10 @@ def test_kill_9_in_each_commit_phase_is_rolled_forward(
     _kill_phase_trial(phase, verb, s3_env, fault_proxy, tmp_path)
 
 
-def test_kill_9_phase_trials_hit_every_commit_phase() -> None:
-    """Each phase trial that ran was killed inside its phase; the default ones cover them all."""
-    assert set(_PHASES) == {phase for phase, _verb in _DEFAULT_CASES}
-    if not _PHASES_TRIED:
-        pytest.skip("no kill-phase trial ran in this session")
-    assert _PHASES_TRIED == _PHASES_HIT
+def test_the_default_kill_9_phase_cases_cover_every_commit_phase() -> None:
+    """One default case per phase (each trial asserts it was killed inside its phase:
+    a count kept across tests would not survive the suite's parallel workers)."""
+    assert sorted(_PHASES) == sorted(phase for phase, _verb in _DEFAULT_CASES)
 
 
 @pytest.mark.parametrize("output", ["text", "json"])
