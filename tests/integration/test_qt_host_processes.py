@@ -305,3 +305,19 @@ def test_signals_the_host_handles_do_not_quit_the_app_at_the_end_of_a_later_clos
     _close_then_quit(h, s3_store)
     assert 1 == h.events().count("interrupt"), h.lines
     assert PlantDesignSession(s3_config(s3_env, tmp_path / "m")).check_previous_crash() is None
+
+
+def test_sighup_leaves_the_session_of_a_qt_host_started_under_nohup_active(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """Under ``nohup`` SIGHUP is ignored from the start: the adapter's hooks replaced
+    that, and a SIGHUP saved and ended the session (issue 20)."""
+    h = _host(hosts, "own-signals", s3_env, tmp_path / "m", launcher=("nohup",))
+    work = Path(h.read("ready")["ready"])
+    _edit(work)
+    h.proc.send_signal(signal.SIGHUP)
+    # Delivered after SIGHUP (a lower number, sent first): a handler of SIGHUP ran first.
+    h.proc.send_signal(signal.SIGUSR1)
+    assert "ACTIVE" == h.read("state", timeout=60)["state"], h.lines
+    _close_then_quit(h, s3_store)
+    assert PlantDesignSession(s3_config(s3_env, tmp_path / "m")).check_previous_crash() is None
