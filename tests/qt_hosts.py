@@ -20,6 +20,13 @@ Modes:
   writes ``EDITS`` and starts close, and while its upload runs (held until the
   window is gone) the user closes the window: the last window closing quits the
   application, and the window (with the adapter) goes when ``exec()`` returns.
+* ``own-signals [term-after]``: a host with signal handlers of its own: SIGINT set
+  before the adapter and declared its own (``crash.host_handles``): Ctrl-C prints
+  ``interrupt`` and quits only when no session is ACTIVE; SIGUSR1 prints the
+  session's ``state``; with ``term-after`` a SIGTERM handler set after the adapter
+  (it only notes the signal). Reads commands on stdin: ``close`` (prints
+  ``closed`` when it finished) and ``quit`` (prints ``quit-asked``, then quits).
+  Quitting prints ``about-to-quit``. Also the host started under ``nohup``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import QApplication, QMainWindow
 
 from agent.qt import ProgressDialog, SessionAdapter
+from agent.session import crash
 from agent.state import SessionState
 
 P, STAGE = "Kraftwerk_1234567", "planning"
@@ -226,9 +234,55 @@ def _quit_during_close(app: QApplication) -> int:
     return code
 
 
-def main(mode: str) -> int:
+def _own_signals(app: QApplication, term_after: bool) -> int:
+    adapters: list[SessionAdapter] = []
+
+    def on_interrupt(_signum: int, _frame: FrameType | None) -> None:
+        active = bool(adapters) and adapters[0].state is SessionState.ACTIVE
+        _say(event="interrupt", active=active)
+        if not active:
+            app.quit()  # Ctrl-C quits, unless the user must close a session first
+
+    def on_usr1(_signum: int, _frame: FrameType | None) -> None:
+        _say(state=adapters[0].state.name if adapters else None)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    crash.host_handles("SIGINT")
+    adapter = SessionAdapter()
+    adapters.append(adapter)
+    if term_after:
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: _say(event="term"))
+
+    def on_finished(name: str, result: object) -> None:
+        if name == "open":
+            _say(ready=str(result))
+        else:
+            _say(closed=name)
+
+    def on_command() -> None:
+        for command in os.read(0, 4096).decode().split():
+            if command == "close":
+                adapter.close()
+            elif command == "quit":
+                _say(event="quit-asked")
+                app.quit()
+
+    commands = QSocketNotifier(0, QSocketNotifier.Type.Read)
+    commands.activated.connect(lambda *_: on_command())
+    adapter.finished.connect(on_finished)
+    adapter.failed.connect(lambda name, exc: _say(failed=name, error=str(exc)))
+    app.aboutToQuit.connect(lambda: _say(event="about-to-quit"))
+    adapter.open(P, "admin", STAGE)
+    app.exec()
+    return 0
+
+
+def main(mode: str, *flags: str) -> int:
     """Run one host."""
     app = QApplication([])
+    if mode == "own-signals":
+        return _own_signals(app, "term-after" in flags)
     if mode == "refcounts":
         return _refcounts(app)
     if mode == "wakeup-after":
@@ -243,4 +297,4 @@ def main(mode: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

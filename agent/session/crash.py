@@ -137,6 +137,9 @@ class CrashHooks:
         self._wakes = 0  # handler calls of our own requests, for the main thread to swallow
         # Real signal bytes seen, per signal, not yet handled by our handler on the main thread.
         self._real_pending: dict[int, int] = {}
+        # Bytes of signals our handler already handled while they were still unread in
+        # the socket (an event loop reads after the handler ran): not counted when read.
+        self._handled_unread: dict[int, int] = {}
         self._in_signal = False  # a signal is being handled: the handler restores at its end
         self._warned = False
         self._host_handles: set[int] = set()  # signals the host acts on itself (no save)
@@ -251,6 +254,7 @@ class CrashHooks:
         self._restore_requested = False
         self._tokens = self._wakes = 0
         self._real_pending = {}
+        self._handled_unread = {}
         if self._loop_reader is not None:
             self._loop_reader(None)
         self._stop_relay()
@@ -393,14 +397,19 @@ class CrashHooks:
                     self._tokens -= 1  # our own request to the main thread, not a signal
                     continue
                 real.append(b)
+            fresh = bytearray()
             for b in real:
+                if self._handled_unread.get(b, 0) > 0:
+                    self._handled_unread[b] -= 1  # its handler ran already: only forwarded
+                    continue
+                fresh.append(b)
                 self._real_pending[b] = self._real_pending.get(b, 0) + 1
         if not real:
             return None
         forward_wakeup(self._prev_wakeup, bytes(real))
         # Only the signals we hooked end a session: a host's own SIGUSR1 or SIGCHLD
         # handler writes its byte to the same wake-up fd (issue 20).
-        return next((b for b in real if b in hooked), None)
+        return next((b for b in fresh if b in hooked), None)
 
     def reclaim_wakeup_fd(self) -> bool:
         """Main thread: if the host made another fd the wake-up fd after ours, make ours
@@ -479,7 +488,7 @@ class CrashHooks:
             real = real or self._real_pending.get(signum, 0) > 0
             ours = self._wakes > 0
             self._wakes = 0  # one call covers every request made before it
-            self._real_pending.pop(signum, None)
+            self._consume(signum, real=real)
             if ours and not real:
                 self._restore_requested = False
                 # Our own request (off-main close): restore if nothing is left to protect.
@@ -510,6 +519,18 @@ class CrashHooks:
             terminator(signum)
             return
         end_by_signal(signum, previous, frame)
+
+    def _consume(self, signum: int, *, real: bool) -> None:
+        """Under the lock, as our handler takes ``signum``: its count is used up, and
+        (a real signal) so are its bytes still unread in the socket. Counted when read
+        later, they made a stale count, and the next request of our own (a close
+        restoring the handlers) was taken for that signal: the host's handler called
+        again, or the application quit at the end of a normal close (issue 20)."""
+        self._real_pending.pop(signum, None)
+        if not real or self._reader is None:
+            return
+        waiting = [b for b in peek_wakeup(self._reader) if b != 0][self._tokens :]
+        self._handled_unread[signum] = waiting.count(signum)
 
     def _unread_signal(self) -> bool:
         """True if a real signal's byte waits in the socket (the relay has not read it yet)."""

@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 class QtHost:
     """One child host process and the JSON lines it printed."""
 
-    def __init__(self, mode: str, env: dict[str, str], base: Path) -> None:
+    def __init__(
+        self, mode: str, env: dict[str, str], base: Path, launcher: tuple[str, ...] = ()
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.qt_hosts", mode],
+            [*launcher, sys.executable, "-m", "tests.qt_hosts", *mode.split()],
             cwd=ROOT,
             env={
                 **os.environ,
@@ -122,8 +124,14 @@ def hosts() -> Iterator[list[QtHost]]:
         h.kill()
 
 
-def _host(hosts: list[QtHost], mode: str, env: dict[str, str], base: Path) -> QtHost:
-    h = QtHost(mode, env, base)
+def _host(
+    hosts: list[QtHost],
+    mode: str,
+    env: dict[str, str],
+    base: Path,
+    launcher: tuple[str, ...] = (),
+) -> QtHost:
+    h = QtHost(mode, env, base, launcher)
     hosts.append(h)
     return h
 
@@ -256,3 +264,60 @@ def test_sigterm_saves_through_the_adapter_when_the_host_set_its_handler_after_t
     info = PlantDesignSession(config).check_previous_crash()
     assert info is not None and "SIGTERM" == info.reason
     _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
+
+
+def _close_then_quit(h: QtHost, store: ObjectStore) -> None:
+    """Close through the host; the host is still running after it, and quits when asked."""
+    h.send("close")
+    assert "close" == h.read("closed")["closed"], h.lines
+    for rel, data in EDITS.items():
+        assert data == store.get(KEYS.committed(rel)).body
+    assert "released" == _lock_state(store)
+    h.send("quit")
+    assert 0 == h.finish(timeout=60), h.err[-3000:]
+    assert ["quit-asked", "about-to-quit"] == h.events()[-2:], (
+        f"the application quit before the host asked it to: {h.lines}"
+    )
+
+
+@pytest.mark.parametrize("term_after", [False, True], ids=["hooks", "host-sigterm-after"])
+def test_signals_the_host_handles_do_not_quit_the_app_at_the_end_of_a_later_close(
+    s3_env: dict[str, str],
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    hosts: list[QtHost],
+    term_after: bool,
+) -> None:
+    """A host's own SIGUSR1, and a Ctrl-C its own handler took (``host_handles``), left
+    a count of real signals that no handler of ours used up: the close's request to
+    restore the handlers was then taken for a signal, and the application quit at the
+    end of a normal close; with the host's SIGTERM handler set after the session the
+    host's Ctrl-C handler was called again (it quits once no session is ACTIVE)
+    (issue 20)."""
+    mode = "own-signals term-after" if term_after else "own-signals"
+    h = _host(hosts, mode, s3_env, tmp_path / "m")
+    work = Path(h.read("ready")["ready"])
+    _edit(work)
+    h.proc.send_signal(signal.SIGINT)
+    assert {"event": "interrupt", "active": True} == h.read("event", timeout=60)
+    h.proc.send_signal(signal.SIGUSR1)
+    assert "ACTIVE" == h.read("state", timeout=60)["state"]
+    _close_then_quit(h, s3_store)
+    assert 1 == h.events().count("interrupt"), h.lines
+    assert PlantDesignSession(s3_config(s3_env, tmp_path / "m")).check_previous_crash() is None
+
+
+def test_sighup_leaves_the_session_of_a_qt_host_started_under_nohup_active(
+    s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path, hosts: list[QtHost]
+) -> None:
+    """Under ``nohup`` SIGHUP is ignored from the start: the adapter's hooks replaced
+    that, and a SIGHUP saved and ended the session (issue 20)."""
+    h = _host(hosts, "own-signals", s3_env, tmp_path / "m", launcher=("nohup",))
+    work = Path(h.read("ready")["ready"])
+    _edit(work)
+    h.proc.send_signal(signal.SIGHUP)
+    # Delivered after SIGHUP (a lower number, sent first): a handler of SIGHUP ran first.
+    h.proc.send_signal(signal.SIGUSR1)
+    assert "ACTIVE" == h.read("state", timeout=60)["state"], h.lines
+    _close_then_quit(h, s3_store)
+    assert PlantDesignSession(s3_config(s3_env, tmp_path / "m")).check_previous_crash() is None
