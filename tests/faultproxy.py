@@ -444,6 +444,7 @@ class FaultProxy:
         self._profile: LinkProfile | None = None
         self._reset_rng = random.Random(0)
         self._holding = 0
+        self._late = 0
         self._stats = LinkStats(held_requests=0, held_answers=0, peak_held=0, resets=0)
         self._ids = itertools.count(1)
         self._accepter = threading.Thread(
@@ -575,8 +576,23 @@ class FaultProxy:
         finally:
             conn.close()
 
+    @property
+    def late_in_flight(self) -> int:
+        """Requests held by a ``Delay`` rule and not yet delivered (or dropped at stop)."""
+        with self._lock:
+            return self._late
+
     def _deliver_late(self, request: _Request, action: Delay, rule: Rule) -> None:
         """Hold, then deliver on a fresh connection; the client's own has timed out."""
+        with self._lock:
+            self._late += 1
+        try:
+            self._deliver_late_now(request, action, rule)
+        finally:
+            with self._lock:
+                self._late -= 1
+
+    def _deliver_late_now(self, request: _Request, action: Delay, rule: Rule) -> None:
         deadline = time.monotonic() + action.seconds
         while not rule.released.wait(0.05) and time.monotonic() < deadline:
             if self._stopping.is_set():

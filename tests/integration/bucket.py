@@ -106,6 +106,20 @@ class Truth:
             out[key[len(base) :]] = data
         return out
 
+    def assert_content_consistent(self) -> dict[str, bytes]:
+        """The truth of a content-addressed stage: every manifest entry's object in
+        ``.objects/`` holds the entry's bytes. Returns the files by path, read from there
+        (the plain tree is a view of this, repaired by the next lock holder)."""
+        out = {}
+        for rel, entry in self.manifest()["files"].items():
+            data = self.get(f"{P}/.objects/{entry['sha256']}")
+            assert data is not None, f"{rel}: no object for its content in .objects/"
+            assert (entry["size"], entry["sha256"]) == (len(data), sha(data)), (
+                f"{rel}: the object under its hash holds other bytes"
+            )
+            out[rel] = data
+        return out
+
     def assert_consistent(self) -> dict[str, bytes]:
         """The committed stage equals exactly its manifest; returns the committed files."""
         files = self.manifest()["files"]

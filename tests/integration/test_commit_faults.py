@@ -653,8 +653,12 @@ def _random_sessions(
                     continue
         expected.update(edits)
         with faults.paused():
+            # The truth is manifest + objects, whole after every close. The plain tree is
+            # a view: a late copy or delete of an earlier session may land after this
+            # close (a PUT held past the client's timeout, issue 18); the next lock
+            # holder's check repairs it, and the end of the run checks it strictly.
             try:
-                committed = truth.assert_consistent()
+                committed = truth.assert_content_consistent()
             except AssertionError as exc:
                 inconsistent.append(f"session {n}: {exc}")
                 continue
@@ -662,11 +666,25 @@ def _random_sessions(
                 if committed.get(rel) != data:
                     lost.append(f"session {n}: {rel} is not the last saved version")
             expected = dict(committed)
+            with contextlib.suppress(AssertionError):
+                if truth.assert_consistent() == committed:
+                    continue
+            print(f"session {n}: the plain tree differs (a late write), to be repaired")
     faults.off()
     fired = len(fault_proxy.faults())
     share = fired / max(1, faults.requests_with_faults_on)
     print(f"faults: {fired} of {faults.requests_with_faults_on} requests ({share:.0%})")
     assert share >= 0.2
+    # Every late write has landed; then a lock holder's check makes the view whole.
+    assert wait_for(lambda: fault_proxy.late_in_flight == 0, timeout=60)
+    checker = via_proxy()
+    checker.open(P, "admin", STAGE, watch=False)
+    checker.close()  # waits for the check the open started
+    try:
+        if truth.assert_consistent() != expected:
+            lost.append("the plain tree is whole but not the last saved versions")
+    except AssertionError as exc:
+        inconsistent.append(f"after a lock holder's check: {exc}")
     for problem in (*lost, *inconsistent, *stuck):
         print(problem)
     assert ([], [], []) == (lost, inconsistent, stuck), f"seed {seed}"
