@@ -23,8 +23,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from agent.config import AgentConfig
+from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.state import SessionState
+from agent.store.base import ObjectStore
 from tests.conftest import proxy_config, s3_config
 from tests.faultproxy import FaultProxy
 from tests.servers import MotoServer, S3Server, SeaweedServer
@@ -202,6 +204,36 @@ def direct(s3_env: dict[str, str], tmp_path: Path) -> Iterator[MakeSession]:
 
     yield make
     cleanup(made)
+
+
+def lock_state(store: ObjectStore) -> str:
+    """The stage lock's ``state`` (``held``, ``released``), read through ``store``."""
+    state = json.loads(store.get(StageKeys(P, STAGE).lock).body)["state"]
+    assert isinstance(state, str)
+    return state
+
+
+def resume_and_close_commits(
+    env: dict[str, str], base: Path, store: ObjectStore, work: Path, edits: dict[str, bytes]
+) -> None:
+    """After a signal a host handled: a handled crash with the lock released and every
+    edit in the backup; resume, close: every edit committed."""
+    config = s3_config(env, base, lock={"heartbeat_interval": 3600, "stale_after": 7200})
+    info = PlantDesignSession(config).check_previous_crash()
+    assert info is not None, "the crash left nothing to recover"
+    assert "handled" == info.kind, "the signal was not seen: nothing was saved"
+    assert info.lock_released
+    assert "released" == lock_state(store)
+    assert set(edits) <= set(info.unsaved)
+    assert info.backup_path is not None
+    for rel, data in edits.items():
+        assert data == (info.backup_path / rel).read_bytes(), f"{rel} is not in the backup"
+    session = PlantDesignSession(config)
+    assert work == session.resume(info.session_id, watch=False)
+    session.close()
+    keys = StageKeys(P, STAGE)
+    for rel, data in edits.items():
+        assert data == store.get(keys.committed(rel)).body
 
 
 def write_files(root: Path, files: dict[str, bytes]) -> None:

@@ -24,6 +24,7 @@ from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
+from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
@@ -118,38 +119,6 @@ def _start(hosts: list[Host], mode: str, env: dict[str, str], base: Path) -> tup
     return h, Path(h.read()["ready"])
 
 
-def _edit(work: Path) -> None:
-    for rel, data in EDITS.items():
-        (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        (work / rel).write_bytes(data)
-
-
-def _lock_state(store: ObjectStore) -> str:
-    state = json.loads(store.get(KEYS.lock).body)["state"]
-    assert isinstance(state, str)
-    return state
-
-
-def _resume_and_close_commits_every_edit(
-    env: dict[str, str], base: Path, store: ObjectStore, work: Path
-) -> None:
-    config = s3_config(env, base, lock={"heartbeat_interval": 3600, "stale_after": 7200})
-    info = PlantDesignSession(config).check_previous_crash()
-    assert info is not None, "the crash left nothing to recover"
-    assert "handled" == info.kind, "the signal was not seen: nothing was saved"
-    assert info.lock_released
-    assert "released" == _lock_state(store)
-    assert set(EDITS) <= set(info.unsaved)
-    assert info.backup_path is not None
-    for rel, data in EDITS.items():
-        assert data == (info.backup_path / rel).read_bytes(), f"{rel} is not in the backup"
-    session = PlantDesignSession(config)
-    assert work == session.resume(info.session_id, watch=False)
-    session.close()
-    for rel, data in EDITS.items():
-        assert data == store.get(KEYS.committed(rel)).body
-
-
 @pytest.fixture
 def qt() -> None:
     """These hosts need PySide6 (the ``qt`` extra)."""
@@ -163,11 +132,11 @@ def test_sigterm_to_an_idle_qt_host_with_only_the_seeds_calls_saves_and_releases
 ) -> None:
     """Qt idles in C++ (no Python timer): the relay saves, releases, and ends the process."""
     h, work = _start(hosts, mode, host_env, tmp_path / "m")
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGTERM)
     code = h.finish()
     assert code in (128 + signal.SIGTERM, -signal.SIGTERM), h.stderr()
-    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(host_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 @pytest.mark.usefixtures("qt")
@@ -176,13 +145,13 @@ def test_a_qt_hosts_own_sigterm_handler_is_chained_and_it_quits_cleanly(
 ) -> None:
     """Host's wake-up fd + notifier + handler: saved first, then its handler, aboutToQuit, 0."""
     h, work = _start(hosts, "qt-own-handler", host_env, tmp_path / "m")
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGTERM)
     code = h.finish()
     assert 0 == code, h.stderr()
     events = [line["event"] for line in h.lines if "event" in line]
     assert ["host-handler", "about-to-quit", "exited"] == events
-    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(host_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 @pytest.mark.usefixtures("qt")
@@ -196,11 +165,11 @@ def test_the_qt_adapter_saves_on_the_gui_thread_then_quits_the_app(
 ) -> None:
     """Through agent.qt: the notifier wakes the loop, save, then app.quit(): aboutToQuit, 0."""
     h, work = _start(hosts, "qt-adapter", host_env, tmp_path / "m")
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(sig)
     assert 0 == h.finish(), h.stderr()
     assert ["about-to-quit", "exited"] == [line["event"] for line in h.lines if "event" in line]
-    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(host_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -213,11 +182,11 @@ def test_each_termination_signal_saves_a_plain_python_host(
 ) -> None:
     """A plain host blocked in Event.wait(): saved, then the default action ends it."""
     h, work = _start(hosts, "plain-idle", host_env, tmp_path / "m")
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(sig)
     code = h.finish()
     assert code != 0
-    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(host_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 def test_a_plain_host_that_exits_without_closing_is_saved_at_exit(
@@ -225,12 +194,12 @@ def test_a_plain_host_that_exits_without_closing_is_saved_at_exit(
 ) -> None:
     """Returning from main with the session ACTIVE: the exit hook saves it."""
     h, work = _start(hosts, "plain-exit", host_env, tmp_path / "m")
-    _edit(work)
+    write_files(work, EDITS)
     assert h.proc.stdin is not None
     h.proc.stdin.write("\n")
     h.proc.stdin.flush()
     assert 0 == h.finish(), h.stderr()
-    _resume_and_close_commits_every_edit(host_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(host_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 def test_open_on_the_main_thread_close_on_a_worker_restores_handlers_and_collects(
@@ -263,7 +232,7 @@ def test_sigkill_with_unsynced_edits_lists_them_and_discard_asks_first(
 ) -> None:
     """kill -9: pending is computed from the folder; the working folder is the backup."""
     h, work = _start(hosts, "plain-idle", host_env, tmp_path / "m")
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGKILL)
     h.finish()
     config = s3_config(host_env, tmp_path / "m")
@@ -278,7 +247,7 @@ def test_sigkill_with_unsynced_edits_lists_them_and_discard_asks_first(
         PlantDesignSession(config).discard(info.session_id)
     assert set(EDITS) <= set(refused.value.files)
     assert all((work / rel).exists() for rel in EDITS), "a refused discard deleted files"
-    assert "held" == _lock_state(s3_store), "kill -9: nobody released the lock"
+    assert "held" == lock_state(s3_store), "kill -9: nobody released the lock"
     PlantDesignSession(config).discard(info.session_id, confirm_loss=info.unsaved)
     assert not work.exists()
 
@@ -306,7 +275,7 @@ def test_ctrl_c_in_a_foreground_cli_session_still_closes_cleanly(
     try:
         assert proc.stdout is not None
         work = Path(json.loads(proc.stdout.readline())["path"])
-        _edit(work)
+        write_files(work, EDITS)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)
     finally:

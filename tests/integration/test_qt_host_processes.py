@@ -21,6 +21,7 @@ from agent.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
+from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 from tests.qt_hosts import EDITS
 
 P, STAGE = "Kraftwerk_1234567", "planning"
@@ -136,18 +137,6 @@ def _host(
     return h
 
 
-def _edit(work: Path) -> None:
-    for rel, data in EDITS.items():
-        (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        (work / rel).write_bytes(data)
-
-
-def _lock_state(store: ObjectStore) -> str:
-    state = json.loads(store.get(KEYS.lock).body)["state"]
-    assert isinstance(state, str)
-    return state
-
-
 def _seed(env: dict[str, str], base: Path, files: int) -> None:
     session = PlantDesignSession(s3_config(env, base))
     work = session.open(P, "seeder", STAGE, watch=False)
@@ -188,26 +177,9 @@ def test_closing_the_main_window_during_close_finishes_the_commit_before_the_pro
     assert ["about-to-quit", "exited"] == h.events()
     for rel, data in EDITS.items():
         assert data == s3_store.get(KEYS.committed(rel)).body
-    assert "released" == _lock_state(s3_store)
+    assert "released" == lock_state(s3_store)
     config = s3_config(s3_env, tmp_path / "m")
     assert PlantDesignSession(config).check_previous_crash() is None
-
-
-def _resume_and_close_commits_every_edit(
-    env: dict[str, str], base: Path, store: ObjectStore, work: Path
-) -> None:
-    config = s3_config(env, base, lock={"heartbeat_interval": 3600, "stale_after": 7200})
-    info = PlantDesignSession(config).check_previous_crash()
-    assert info is not None, "the signal left nothing to recover"
-    assert "handled" == info.kind, "the signal was not seen: nothing was saved"
-    assert info.lock_released
-    assert "released" == _lock_state(store)
-    assert set(EDITS) <= set(info.unsaved)
-    session = PlantDesignSession(config)
-    assert work == session.resume(info.session_id, watch=False)
-    session.close()
-    for rel, data in EDITS.items():
-        assert data == store.get(KEYS.committed(rel)).body
 
 
 def test_sigterm_reaches_the_adapter_when_the_host_sets_its_wakeup_fd_after_the_session(
@@ -218,13 +190,13 @@ def test_sigterm_reaches_the_adapter_when_the_host_sets_its_wakeup_fd_after_the_
     their own, and SIGTERM was lost: no save, the process not ended (issue 20)."""
     h = _host(hosts, "wakeup-after", s3_env, tmp_path / "m")
     work = Path(h.read("ready")["ready"])
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGTERM)
     assert 0 == h.finish(timeout=60), h.err[-3000:]
     assert ["about-to-quit", "exited"] == h.events()
     exited = next(line for line in h.lines if line.get("event") == "exited")
     assert [int(signal.SIGTERM)] == exited["host_bytes"], "the host's wake-up fd missed it"
-    _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(s3_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 def test_the_adapter_takes_back_a_wakeup_fd_nobody_reads_and_forwards_the_signal_to_it(
@@ -236,13 +208,13 @@ def test_the_adapter_takes_back_a_wakeup_fd_nobody_reads_and_forwards_the_signal
     ready = h.read("ready")
     assert ready["reclaimed"], "the adapter did not take the wake-up fd back"
     work = Path(ready["ready"])
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGTERM)
     assert 0 == h.finish(timeout=60), h.err[-3000:]
     assert ["about-to-quit", "exited"] == h.events()
     exited = next(line for line in h.lines if line.get("event") == "exited")
     assert [int(signal.SIGTERM)] == exited["host_bytes"], "not forwarded to the host's fd"
-    _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(s3_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 def test_sigterm_saves_through_the_adapter_when_the_host_set_its_handler_after_the_session(
@@ -252,7 +224,7 @@ def test_sigterm_saves_through_the_adapter_when_the_host_set_its_handler_after_t
     loop's notifier only read the byte, so nothing was saved (issue 20)."""
     h = _host(hosts, "handler-after", s3_env, tmp_path / "m")
     work = Path(h.read("ready")["ready"])
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGTERM)
     h.read("event", timeout=60)  # the host's handler ran
     saved = h.read("event", timeout=60)
@@ -263,7 +235,7 @@ def test_sigterm_saves_through_the_adapter_when_the_host_set_its_handler_after_t
     config = s3_config(s3_env, tmp_path / "m")
     info = PlantDesignSession(config).check_previous_crash()
     assert info is not None and "SIGTERM" == info.reason
-    _resume_and_close_commits_every_edit(s3_env, tmp_path / "m", s3_store, work)
+    resume_and_close_commits(s3_env, tmp_path / "m", s3_store, work, EDITS)
 
 
 def _close_then_quit(h: QtHost, store: ObjectStore) -> None:
@@ -272,7 +244,7 @@ def _close_then_quit(h: QtHost, store: ObjectStore) -> None:
     assert "close" == h.read("closed")["closed"], h.lines
     for rel, data in EDITS.items():
         assert data == store.get(KEYS.committed(rel)).body
-    assert "released" == _lock_state(store)
+    assert "released" == lock_state(store)
     h.send("quit")
     assert 0 == h.finish(timeout=60), h.err[-3000:]
     assert ["quit-asked", "about-to-quit"] == h.events()[-2:], (
@@ -297,7 +269,7 @@ def test_signals_the_host_handles_do_not_quit_the_app_at_the_end_of_a_later_clos
     mode = "own-signals term-after" if term_after else "own-signals"
     h = _host(hosts, mode, s3_env, tmp_path / "m")
     work = Path(h.read("ready")["ready"])
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGINT)
     assert {"event": "interrupt", "active": True} == h.read("event", timeout=60)
     h.proc.send_signal(signal.SIGUSR1)
@@ -314,7 +286,7 @@ def test_sighup_leaves_the_session_of_a_qt_host_started_under_nohup_active(
     that, and a SIGHUP saved and ended the session (issue 20)."""
     h = _host(hosts, "own-signals", s3_env, tmp_path / "m", launcher=("nohup",))
     work = Path(h.read("ready")["ready"])
-    _edit(work)
+    write_files(work, EDITS)
     h.proc.send_signal(signal.SIGHUP)
     # Delivered after SIGHUP (a lower number, sent first): a handler of SIGHUP ran first.
     h.proc.send_signal(signal.SIGUSR1)

@@ -97,22 +97,11 @@ def test_delete_and_move_while_streaming_are_applied_at_commit(
     store: ObjectStore, tmp_path: Path
 ) -> None:
     """A deleted file is removed at commit; a moved one is a delete plus a put."""
-    config = load_config(
-        paths={"base_dir": str(tmp_path / "seed")},
-        lock={"heartbeat_interval": 3600, "stale_after": 7200},
+    s = _seeded(
+        store, tmp_path, {name: name.encode() for name in ("a.txt", "b.txt", "c.txt", "d.txt")}
     )
-    seed = PlantDesignSession(config, store=store)
-    work = seed.open(P, "seeder", STAGE, watch=False)
-    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
-        (work / name).write_text(name)
-    seed.close()
-    config2 = load_config(
-        paths={"base_dir": str(tmp_path / "m2")},
-        lock={"heartbeat_interval": 3600, "stale_after": 7200},
-        watch={"debounce": 0.1, "max_delay": 1.0, "min_interval_per_path": 0.2},
-    )
-    s = PlantDesignSession(config2, store=store)
-    work = s.open(P, "admin", STAGE)
+    work = s.work_path
+    assert work is not None
     (work / "a.txt").unlink()
     (work / "sub").mkdir()
     os.replace(work / "b.txt", work / "sub" / "b.txt")
