@@ -23,8 +23,9 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from agent.store.base import ObjectStore
 from agent.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
 from agent.watcher import Watcher
 
-__all__ = ["Streamer", "describe_unsupported", "special_kind"]
+__all__ = ["Held", "Streamer", "describe_unsupported", "special_kind"]
 
 log = get_logger(__name__)
 
@@ -53,6 +54,15 @@ _FULL_PASS_INTERVAL = 1.0  # a full read of the pending rows at least this often
 _GROWING_TRIES = 2  # a file changing during this many upload tries is sent as a copy
 _COPY_CHUNK = 1 << 20
 _LINKED_CHECK_INTERVAL = 1.0  # the names of files with several hard links: stat this often
+
+
+@dataclass
+class Held:
+    """What the watcher reported while close committed: paths, and subtrees to rescan
+    (``""`` is the whole folder)."""
+
+    paths: set[str] = field(default_factory=set)
+    subtrees: set[str] = field(default_factory=set)
 
 
 def special_kind(st: os.stat_result | FileStat) -> str:
@@ -148,6 +158,12 @@ class Streamer:
         self._full_pass = True  # read every pending row at the next dispatch
         self._thread: threading.Thread | None = None
         self._watcher: Watcher | None = None
+        # The watcher's ``losses`` when the folder was last known whole (a full rescan, or a
+        # start on a folder just built) with the watcher running: while it holds, the
+        # events alone tell what changed, and close needs no walk (``watch_trusted``).
+        self._trusted_at: int | None = None
+        # While close commits, what the watcher reports is held here, not journalled.
+        self._hold: Held | None = None
         self.uploads = 0
         self.reused = 0
         """Files whose content the store held already: checked, nothing sent."""
@@ -169,6 +185,8 @@ class Streamer:
             self.start_watching()
         if reconcile:
             self.rescan("")
+        elif self._watcher is not None:  # the caller knows the folder: whole from here on
+            self._trusted_at = self._watcher.losses
 
     @property
     def is_watching(self) -> bool:
@@ -185,9 +203,74 @@ class Streamer:
 
     def stop_watching(self) -> None:
         """Stop the watcher (the uploader keeps going until ``stop``)."""
+        self._trusted_at = None
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+
+    def watch_trusted(self) -> bool:
+        """True if the watcher has run in ``events`` mode, losing nothing, since the folder
+        was last known whole: every change it has taken in is journalled or on its way."""
+        watcher = self._watcher
+        return (
+            watcher is not None
+            and self._trusted_at is not None
+            and watcher.mode == "events"
+            and watcher.losses == self._trusted_at
+        )
+
+    def caught_up(self, timeout: float) -> bool:
+        """True if the watcher is trusted (``watch_trusted``) and has taken in every event of
+        a change made before this call (``Watcher.barrier``): then the events alone tell
+        what changed, and no walk of the folder is needed."""
+        watcher = self._watcher
+        return (
+            self.watch_trusted()
+            and watcher is not None
+            and watcher.barrier(timeout)
+            and self.watch_trusted()
+        )
+
+    def flush_watcher(self, timeout: float) -> bool:
+        """Deliver what the watcher holds now (to the journal, or to the hold)."""
+        return self._watcher is None or self._watcher.flush(timeout=timeout)
+
+    def hold(self) -> None:
+        """From now on what the watcher reports is held, not journalled nor sent (close's
+        commit); ``held`` reads it, ``release`` journals it after a failed commit."""
+        with self._known_lock:
+            if self._hold is None:
+                self._hold = Held()
+
+    def held(self) -> Held | None:
+        """What was reported since ``hold`` (a copy; the hold stays)."""
+        with self._known_lock:
+            h = self._hold
+            return None if h is None else Held(set(h.paths), set(h.subtrees))
+
+    def release(self) -> None:
+        """End the hold and journal what it kept (the commit failed: the session goes on)."""
+        with self._known_lock:
+            h, self._hold = self._hold, None
+        if h is None:
+            return
+        if "" in h.subtrees:
+            self.rescan("")
+            return
+        for subtree in sorted(h.subtrees):
+            self.rescan(subtree)
+        if h.paths:
+            self.on_dirty(h.paths)
+
+    def _held_back(self, paths: Iterable[str] = (), subtree: str | None = None) -> bool:
+        """Keep ``paths`` (or ``subtree``) in the hold if there is one; True if so."""
+        with self._known_lock:
+            if self._hold is None:
+                return False
+            self._hold.paths.update(paths)
+            if subtree is not None:
+                self._hold.subtrees.add(subtree)
+            return True
 
     def pause(self) -> None:
         """Stop sending (the lock is lost); rows stay pending in the journal."""
@@ -230,6 +313,12 @@ class Streamer:
         as they are instead of a second ``lstat`` of each path. ``other_names``: a changed
         file with several names (hard links) has its other known names looked at too.
         """
+        if not self._held_back(paths):
+            self._intake(paths, scanned, other_names=other_names)
+
+    def _intake(
+        self, paths: set[str], scanned: Mapping[str, FileStat] | None, *, other_names: bool
+    ) -> None:
         items: list[Change] = []
         linked: set[int] = set()
         for rel in sorted(paths):
@@ -303,6 +392,11 @@ class Streamer:
             for rel, kind in sorted(others.items())
         ]
 
+    def others(self) -> dict[str, str]:
+        """The links and special files in the folder: path -> what it is."""
+        with self._known_lock:
+            return dict(self._others)
+
     def _note_links(self, rel: str, st: os.stat_result | FileStat) -> bool:
         """Remember ``rel`` under its inode if the file has several names; True if so."""
         with self._known_lock:
@@ -356,6 +450,10 @@ class Streamer:
 
     def rescan(self, subtree: str = "") -> None:
         """Compare a subtree with what the store holds; journal the differences."""
+        if self._held_back(subtree=subtree):
+            return
+        watcher = self._watcher
+        losses = watcher.losses if watcher is not None and not subtree else None
         others: list[str] = []
         current = scan(
             self.root, self.rules, subtree, others=others, identity=self._folder.identity
@@ -378,6 +476,8 @@ class Streamer:
         if dirty:
             log.info("rescan_found_changes", subtree=subtree, paths=len(dirty))
             self.on_dirty(dirty, current)
+        if losses is not None:  # the whole folder compared while watched: trusted from here
+            self._trusted_at = losses
 
     # -------------------------------------------------------------- uploader
 

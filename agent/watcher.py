@@ -40,6 +40,7 @@ to polling at once (``mode``, ``mode_reason``): every watch is added in one plac
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -76,7 +77,7 @@ except (ImportError, OSError):  # pragma: no cover - no inotify on this platform
 
 from agent.config import WatchConfig
 from agent.errors import LocalFileError
-from agent.ignore import IgnoreRules
+from agent.ignore import IgnoreRules, temp_name_for
 from agent.log import get_logger
 from agent.retry import delay_after
 
@@ -107,6 +108,7 @@ _HEALTH_INTERVAL = 2.0  # how often the delivery thread checks that the observer
 # Waits when the consumer's callback keeps failing: 0.2 s doubling, at most 5 s.
 _DELIVERY_BACKOFF = wait_exponential(multiplier=0.2, max=5.0)
 _STOP_DEADLINE = 10.0
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _RESCAN_MAX_DELAY_FACTOR = 10  # a busy subtree is rescanned after max_delay * 10 at the latest
 
 
@@ -390,6 +392,10 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._started = False
         self._polling_reason: str | None = None  # why the folder is polled (set once)
+        # How often events may have been lost (a queue overflow, a dead observer, a switch
+        # to polling): while it stays put, the events alone tell what changed (``losses``).
+        self._losses = 0
+        self._barriers: dict[str, threading.Event] = {}  # marker path -> set when seen
         self._switch_to_polling = threading.Event()
 
     # ------------------------------------------------------------- lifecycle
@@ -498,6 +504,7 @@ class Watcher:
         """Ask the delivery thread to switch to polling (the first reason is kept)."""
         if self._polling_reason is not None:
             return
+        self._losses += 1
         self._polling_reason = why
         log.warning("watch_failed_polling", path=str(self.root), reason=why)
         self._switch_to_polling.set()
@@ -545,6 +552,9 @@ class Watcher:
         raws = [event.src_path]
         if getattr(event, "dest_path", ""):
             raws.append(event.dest_path)
+        if self._barriers and (seen := self._barriers.get(os.fsdecode(event.src_path))):
+            seen.set()  # every event queued before the marker's has been taken in
+            return
         now = self._clock()
         with self._lock:
             was_idle = not self._debouncer.dirty_count and not self._debouncer.rescan_count
@@ -559,7 +569,37 @@ class Watcher:
         if was_idle:
             self._kick.set()
 
+    def barrier(self, timeout: float) -> bool:
+        """True once every event of a change made before this call has been taken in.
+
+        The kernel hands events over in order, but a moment late: a file saved just
+        before close may not have reached the watcher yet. So a marker (one of our temp
+        names, never sent) is made and removed in the root, and this waits for its event:
+        every event queued before it has been taken in by then. False (the caller walks
+        the folder instead) if the folder is not watched by events, the marker cannot
+        be made, or its event does not come within ``timeout``.
+        """
+        if self.mode != "events":
+            return False
+        marker = temp_name_for(self.root / "watch-barrier")
+        seen = threading.Event()
+        self._barriers[os.fspath(marker)] = seen
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_NOFOLLOW, 0o600)
+            os.close(fd)
+            marker.unlink()
+            return seen.wait(timeout)
+        except OSError as exc:
+            log.warning("watch_barrier_failed", path=str(self.root), error=str(exc))
+            return False
+        finally:
+            del self._barriers[os.fspath(marker)]
+            with contextlib.suppress(OSError):
+                marker.unlink(missing_ok=True)  # made, but not removed: an error between
+
     def _request_rescan(self, subtree: str, *, reason: str) -> None:
+        """Events were lost (watchdog said so): rescan ``subtree``."""
+        self._losses += 1
         log.warning("watch_rescan_requested", path=str(self.root), subtree=subtree, reason=reason)
         with self._lock:
             self._debouncer.request_rescan(subtree, self._clock())
@@ -655,6 +695,13 @@ class Watcher:
         return "polling" if isinstance(observer, PollingObserver) else "events"
 
     @property
+    def losses(self) -> int:
+        """How many times events may have been lost so far (queue overflow, a dead observer,
+        the switch to polling). A consumer that knew the folder whole when this read N, and
+        reads N again in ``events`` mode, knows every change since from the events alone."""
+        return self._losses
+
+    @property
     def mode_reason(self) -> str | None:
         """Why the folder is polled (``mode`` is ``polling``), else None."""
         return self._polling_reason if self.mode == "polling" else None
@@ -669,6 +716,7 @@ class Watcher:
             if observer.is_alive() and all(e.is_alive() for e in emitters):
                 return
             dead_before = isinstance(observer, _DeadObserver)
+            self._losses += 1
             if not dead_before:
                 log.error("watch_observer_died", path=str(self.root))
                 self._stop_observer(observer)

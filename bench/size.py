@@ -81,7 +81,9 @@ def _seed(bench: Bench, projekt: str, files: int) -> None:
         pass
     finally:
         store.close()
-    seed = PlantDesignSession(bench.config(f"size-seed-{files}", transfer={"cache_enabled": False}))
+    seed = PlantDesignSession(
+        bench.config(f"size-seed-{files}", transfer={"cache_enabled": False, "close_timeout": 3600})
+    )
     work = seed.open(projekt, "bench", "planning", watch=False)
     for i in range(files):
         folder = work / f"d{i // 1000:03d}"

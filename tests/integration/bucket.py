@@ -32,6 +32,7 @@ from tests.faultproxy import FaultProxy
 from tests.servers import MotoServer, S3Server, SeaweedServer
 
 P, STAGE = "Kraftwerk_1234567", "planning"
+KEYS = StageKeys(P, STAGE)
 FAST_WATCH = {"debounce": 0.05, "max_delay": 0.5, "min_interval_per_path": 0.1}
 
 
@@ -246,6 +247,14 @@ def seed_stage(direct: MakeSession, files: dict[str, bytes]) -> None:
     s = direct("seed")
     write_files(s.open(P, "seeder", STAGE, watch=False), files)
     s.close()
+
+
+def committed_files(store: ObjectStore) -> dict[str, bytes]:
+    """The stage's plain tree as ``store`` lists it: path -> bytes."""
+    return {
+        KEYS.rel_from_committed(o.key): store.get(o.key).body
+        for o in store.list(KEYS.committed_prefix)
+    }
 
 
 def folder_files(root: Path) -> dict[str, bytes]:
