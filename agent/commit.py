@@ -429,7 +429,7 @@ class Commit:
         if now is not None and current_etag and now.commit_id == intent.commit_id:
             log.info("commit_manifest_already_written", commit_id=intent.commit_id)
             committed = Committed(now, current_etag)
-            self._record_history(intent, now.to_bytes())
+            self._record_history(intent, now.to_bytes(), current_etag)
         elif current_etag != intent.base_manifest_etag:
             raise ConflictError(
                 f"{self.keys.projekt_id}/{self.keys.stage} holds a manifest that is neither the "
@@ -472,7 +472,7 @@ class Commit:
             self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
         manifest = intent.result(base, dict(zip(order, etags, strict=True)))
         assert manifest.write_id is not None
-        body = manifest.to_bytes()  # once: the history entry is the same bytes
+        body = manifest.to_bytes()
         try:
             written = put_fenced(
                 self.store,
@@ -487,7 +487,7 @@ class Commit:
                 f"someone else committed {self.keys.projekt_id}/{self.keys.stage} during this "
                 "commit; the manifest was not overwritten"
             ) from exc
-        self._record_history(intent, body)
+        self._record_history(intent, body, written.etag)
         log.info(
             "session_committed",
             session_id=intent.session_id,
@@ -540,11 +540,28 @@ class Commit:
             return False
         return True
 
-    def _record_history(self, intent: CommitIntent, body: bytes) -> None:
-        """Write the commit's manifest into the history (idempotent: same key, same bytes)."""
+    def _record_history(self, intent: CommitIntent, body: bytes, manifest_etag: str) -> None:
+        """Write the commit's manifest into the history (idempotent: same key, same bytes).
+
+        A server-side copy of the manifest just written, pinned to its ETag: the bytes are
+        not sent twice (a 100,000-file manifest is 16 MB, 1.3 s on a 100 Mbit/s link).
+        A copy refused, or answered with another ETag (a store that ignores the pin, a
+        manifest replaced since), is replaced by a PUT of ``body``.
+        """
         if intent.history_key is None:
             return
         try:
+            try:
+                copied = self.store.copy(
+                    self.keys.manifest,
+                    intent.history_key,
+                    if_source_etag=manifest_etag,
+                    size=len(body),
+                )
+                if copied.etag == manifest_etag:
+                    return
+            except (PreconditionFailedError, NotFoundError):
+                pass
             self.store.put_bytes(intent.history_key, body)
         except StoreError as exc:
             # The commit itself is complete; only its history entry is missing.

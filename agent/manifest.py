@@ -17,13 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    SerializerFunctionWrapHandler,
-    ValidationError,
-    model_serializer,
-)
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from agent.errors import PermanentStoreError
@@ -64,13 +58,6 @@ class ManifestEntry:
     etag: str
     executable: bool = False
     """The file's executable bit (POSIX), restored on download; omitted from JSON if False."""
-
-    @model_serializer(mode="wrap")
-    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        data: dict[str, object] = handler(self)
-        if not self.executable:
-            data.pop("executable", None)
-        return data
 
 
 class Manifest(BaseModel):
@@ -123,10 +110,16 @@ class Manifest(BaseModel):
     def to_bytes(self) -> bytes:
         """Stable JSON (paths sorted), so equal manifests have equal bytes.
 
-        Serialized by pydantic-core: for 10,000 files ``json.dumps`` took ~0.1 s of a close.
+        Fields at their default are left out (an entry's ``executable: false``, an unset
+        ``committed_by``): pydantic-core writes it all without a Python call per entry.
+        100,000 files took 1 s with a per-entry serializer and a sorted copy, 0.3 s now;
+        a manifest already in order (as parsed, or as a commit leaves it) is not copied.
         """
-        ordered = self.model_copy(update={"files": dict(sorted(self.files.items()))})
-        return ordered.model_dump_json().encode()
+        paths = list(self.files)
+        ordered = self
+        if paths != sorted(paths):
+            ordered = self.model_copy(update={"files": dict(sorted(self.files.items()))})
+        return ordered.model_dump_json(exclude_defaults=True).encode()
 
     @property
     def total_bytes(self) -> int:

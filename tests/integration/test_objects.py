@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.state import SessionState
-from tests.faultproxy import Delay, FaultProxy, Rule, Seen
+from tests.faultproxy import Delay, FaultProxy, Rule, Seen, Status
 from tests.integration.bucket import (
     STAGE,
     MakeSession,
@@ -101,6 +101,40 @@ def test_a_close_of_streamed_changes_makes_one_copy_per_file_and_a_constant_rest
         }
     assert others[0] == others[1], f"other requests grow with the files: {others}"
     assert others[0] <= 16, others
+    truth.assert_consistent()
+
+
+def test_close_fences_with_a_head_and_keeps_its_history_entry_by_a_copy(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """A stage still at the session's base: close reads no manifest body (a HEAD says
+    so; the manifest write stays fenced by If-Match), and the history entry is a
+    server-side copy of the manifest just written (at 100,000 files that is 16 MB not
+    fetched and 16 MB not sent again)."""
+    seed_stage(direct, {f"f{i:03d}.txt": b"seeded" for i in range(10)})
+    seen, _files = _close_requests(via_proxy, fault_proxy, 3, 0)
+    manifest = f"/{P}/{STAGE}.manifest.json"
+    assert [] == [s.method for s in seen if s.method == "GET" and s.path.endswith(manifest)]
+    assert [] != [s.method for s in seen if s.method == "HEAD" and s.path.endswith(manifest)]
+    history = [s for s in seen if s.method == "PUT" and f"/.history/{STAGE}/" in s.path]
+    assert [True] == ["x-amz-copy-source" in s.headers for s in history], history
+    entries = truth.listing(f"{P}/.history/{STAGE}/")
+    assert truth.get(entries[-1]) == truth.get(f"{P}/{STAGE}.manifest.json")
+
+
+def test_a_history_copy_that_meets_another_manifest_is_written_from_the_bytes(
+    via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
+) -> None:
+    """The copy is pinned to the ETag the commit wrote: refused (the manifest moved
+    since, or the store refuses), the entry is PUT from the commit's own bytes."""
+    seed_stage(direct, {f"f{i:03d}.txt": b"seeded" for i in range(10)})
+    rule = fault_proxy.add(
+        Rule(Status(412), method="PUT", path=f"/.history/{STAGE}/", headers=("x-amz-copy-source",))
+    )
+    _close_requests(via_proxy, fault_proxy, 3, 0)
+    assert 1 == rule.fired
+    entries = truth.listing(f"{P}/.history/{STAGE}/")
+    assert truth.get(entries[-1]) == truth.get(f"{P}/{STAGE}.manifest.json")
     truth.assert_consistent()
 
 

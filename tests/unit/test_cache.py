@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from agent.cache import StageCache
@@ -48,6 +49,23 @@ def test_prune_evicts_least_recent_copies_beyond_the_bound(tmp_path: Path) -> No
     cache = StageCache(tmp_path / "cache", max_bytes=150)
     old = _folder(tmp_path / "a", {"f": b"x" * 100})
     cache.put("P", "old", old, _snap(old, "f"))
+    new = _folder(tmp_path / "b", {"f": b"y" * 100})
+    cache.put("P", "new", new, _snap(new, "f"))
+    assert {} == cache.take("P", "old", tmp_path / "c")
+    assert "f" in cache.take("P", "new", tmp_path / "d")
+
+
+def test_prune_counts_an_entry_an_older_agent_wrote_without_its_size_file(
+    tmp_path: Path,
+) -> None:
+    """Prune reads each entry's small size file, not its snapshot; an entry without
+    one (an older agent's) is counted from its snapshot, and evicted by age as ever."""
+    cache = StageCache(tmp_path / "cache", max_bytes=150)
+    old = _folder(tmp_path / "a", {"f": b"x" * 100})
+    cache.put("P", "old", old, _snap(old, "f"))
+    size_file = tmp_path / "cache" / "P" / "old" / "size.json"
+    assert 100 == json.loads(size_file.read_bytes())["bytes"]
+    size_file.unlink()
     new = _folder(tmp_path / "b", {"f": b"y" * 100})
     cache.put("P", "new", new, _snap(new, "f"))
     assert {} == cache.take("P", "old", tmp_path / "c")

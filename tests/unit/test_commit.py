@@ -217,7 +217,11 @@ def test_a_commit_on_a_content_addressed_base_copies_nothing_but_the_changes() -
         inner, _stage(inner, {"a.txt": b"A2"}), ["b.txt"], commit=second, base=base
     )
     second.apply(intent2, etag2)
-    assert [(KEYS.version(_sha(b"A2")), KEYS.committed("a.txt"))] == copied
+    history = intent2.history_key
+    assert [(KEYS.version(_sha(b"A2")), KEYS.committed("a.txt"))] == [
+        (src, dst) for src, dst in copied if dst != history
+    ]
+    assert [(KEYS.manifest, history)] == [(src, dst) for src, dst in copied if dst == history]
     assert {} == intent2.keeps
     assert b"A1" == inner.objects[KEYS.version(_sha(b"A1"))]  # the old version, kept free
     assert b"B1" == inner.objects[KEYS.version(_sha(b"B1"))]
