@@ -19,7 +19,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pydantic_core import from_json, to_json
+from pydantic_core import from_json
 
 from agent.ignore import IgnoreRules
 from agent.keys import is_plain, unsupported_reason, validate_name
@@ -112,10 +112,9 @@ class StageCache:
         try:
             shutil.rmtree(entry, ignore_errors=True)
             entry.mkdir(parents=True)
-            files = {rel: e.to_list() for rel, e in snapshot.items()}
             now = time.time_ns()
-            # pydantic-core's JSON: 100,000 entries in a third of ``json.dumps``'s time.
-            (entry / "snapshot.json").write_bytes(to_json({"cached_at_ns": now, "files": files}))
+            files = LocalEntry.many_to_json(snapshot)
+            (entry / "snapshot.json").write_bytes(b'{"cached_at_ns":%d,"files":%s}' % (now, files))
             # What ``prune`` needs, so it does not parse every snapshot (16 MB at 100,000 files).
             total = sum(e.size for e in snapshot.values())
             (entry / "size.json").write_text(json.dumps({"cached_at_ns": now, "bytes": total}))

@@ -24,7 +24,7 @@ from typing import Literal
 
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic_core import from_json, to_json
+from pydantic_core import from_json
 
 from agent.errors import InsecureStateError, LocalFileError, SessionError
 from agent.keys import validate_name
@@ -174,9 +174,7 @@ class SessionStore:
 
     def save_base(self, session_id: str, files: dict[str, LocalEntry]) -> None:
         """Write the snapshot of the working copy as the session started."""
-        data = {rel: e.to_list() for rel, e in files.items()}
-        # pydantic-core's JSON: 100,000 entries in a third of ``json.dumps``'s time.
-        write_private_file(self.folder(session_id) / "base.json", to_json(data))
+        write_private_file(self.folder(session_id) / "base.json", LocalEntry.many_to_json(files))
 
     def load_base(self, session_id: str) -> dict[str, LocalEntry]:
         """Read the snapshot written by ``save_base`` (empty if there is none)."""

@@ -202,10 +202,11 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
             path=str(record.work_path),
         )
     else:
+        files = manifest.files
         snapshot = {
             rel: e
             for rel, e in known.items()
-            if rel in manifest.files and manifest.files[rel].sha256 == e.sha256
+            if (m := files.get(rel)) is not None and m.sha256 == e.sha256
         }
         kept = s.cache.put(
             keys.projekt_id, keys.stage, record.work_path, snapshot, unsynced=unsynced
