@@ -487,6 +487,11 @@ class AgentClient:
         an hour per progress step for ``close``/``abort``).
         """
         path = self._endpoint()
+        pid = self.record.agent_pid
+        if pid is not None and not pid_alive(pid):
+            # Whatever listens at the path now is not this session's agent (a socket some
+            # other program left there would take the request and never answer).
+            raise self._gone("is not running")
         try:
             token = _token_path(self.records, self.record.session_id).read_text().strip()
         except OSError as exc:

@@ -308,12 +308,16 @@ def test_a_journal_damaged_under_the_background_agent_is_rebuilt_by_agent_close(
     assert ["a.txt", "b.txt"] == json.loads(closed.stdout)["uploaded"]
 
 
+@pytest.mark.parametrize("kind", ["folder", "file", "another program's socket"])
 def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceback(
-    run: Run, agent_env: dict[str, str]
+    run: Run, agent_env: dict[str, str], kind: str
 ) -> None:
-    """A folder where the agent's socket goes: `recover --resume` says what is in the way and
-    what to do (no internal error); once it is removed, the resume works."""
+    """A folder or a file where the agent's socket goes: `status` and `close` say the agent
+    is not running, `recover --resume` says what is in the way and what to do (no internal
+    error); once it is removed, the resume works. A socket some other program of ours left
+    there (listening or not) is replaced: the resume works at once."""
     import signal
+    import socket
 
     from agent.platform import pid_alive
 
@@ -323,12 +327,37 @@ def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceba
     runtime = Path(agent_env["AGENT_PATHS__RUNTIME_DIR"])
     [sock] = runtime.glob("*.sock")
     sock.unlink()
-    sock.mkdir()
-    resumed = run("recover", "--resume")
-    assert resumed.returncode not in (0, 70), resumed.stderr
-    assert "is taken by something that is not this agent's socket" in resumed.stderr
-    assert "Traceback" not in resumed.stderr
-    sock.rmdir()
+    squatter = None
+    if kind == "folder":
+        sock.mkdir()
+    elif kind == "file":
+        sock.write_text("not a socket")
+    else:
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        squatter.bind(str(sock))
+        squatter.listen(1)
+    try:
+        status = run("status", "--json")
+        assert 0 == status.returncode, status.stderr
+        assert "not running" == json.loads(status.stdout)["sessions"][0]["agent"]
+        closed = run("close")
+        assert 17 == closed.returncode, closed.stderr
+        assert "agent recover" in closed.stderr and "Traceback" not in closed.stderr
+        resumed = run("recover", "--resume")
+        if squatter is not None:
+            assert 0 == resumed.returncode, resumed.stderr
+            assert 0 == run("abort").returncode
+            return
+        assert resumed.returncode not in (0, 70), resumed.stderr
+        assert "is taken by something that is not this agent's socket" in resumed.stderr
+        assert "Traceback" not in resumed.stderr
+    finally:
+        if squatter is not None:
+            squatter.close()
+    if sock.is_dir():
+        sock.rmdir()
+    else:
+        sock.unlink()
     assert 0 == run("recover", "--resume").returncode
     assert 0 == run("abort").returncode
 
