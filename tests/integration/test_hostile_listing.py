@@ -9,6 +9,7 @@ and ``agent history list`` as real processes whose peak memory is measured.
 
 from __future__ import annotations
 
+import os
 import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -187,6 +188,7 @@ def _cli_env(hostile: HostileS3, tmp_path: Path, **store: str) -> dict[str, str]
         "AGENT_RETRY__ATTEMPTS": "2",
         "AGENT_RETRY__INITIAL_BACKOFF": "0.01",
         "AGENT_RETRY__MAX_BACKOFF": "0.02",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the agent under test
     }
     env.update({f"AGENT_STORE__{k.upper()}": v for k, v in store.items()})
     return env
