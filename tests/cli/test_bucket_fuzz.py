@@ -4,12 +4,12 @@ intents, history keys and entries and kept versions (issue 19).
 ``open``, ``lock show``, ``lock unlock --force`` and ``recover`` run against
 random bucket content; so do ``history``, ``history --path``, ``show`` and
 ``history prune --dry-run`` against random intents (of the agent's shape with
-one to three crafted fields), history keys and entries, and ``.objects/`` bodies. Every run ends with a documented exit code (never 70,
-the internal error), and no file named by the bucket lands outside the working
-folder. Seeded and bounded in examples and in time. The commands
-run in-process through ``agent.cli.main`` (a subprocess per command would cost
-a second each); an ``open`` that succeeds starts a real background agent,
-which ``abort`` ends.
+one to three crafted fields), history keys and entries, and ``.objects/`` bodies.
+Every run ends with a documented exit code (never 70, the internal error), and
+no file named by the bucket lands outside the working folder. Seeded and
+bounded in examples and in time. The commands run in-process through
+``agent.cli.main`` (a subprocess per command would cost a second each); an
+``open`` that succeeds starts a real background agent, which ``abort`` ends.
 """
 
 from __future__ import annotations
