@@ -362,6 +362,34 @@ def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceba
     assert 0 == run("abort").returncode
 
 
+def test_status_of_a_live_agent_that_does_not_answer_says_so_and_names_what_works(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """The agent runs but cannot be reached (its socket gone): `status` does not say "not
+    running", and `close` names a way out that works while it runs (stop it, then
+    `recover --resume`), not a `recover` that refuses a live agent."""
+    import signal
+
+    from agent.platform import pid_alive
+
+    info = json.loads(run("open", "P6", "--user", "admin", "--stage", "s1", "--json").stdout)
+    pid = int(info["agent_pid"])
+    [sock] = Path(agent_env["AGENT_PATHS__RUNTIME_DIR"]).glob("*.sock")
+    sock.unlink()
+    row = json.loads(run("status", "--json").stdout)["sessions"][0]
+    assert "not answering" == row["agent"], row
+    text = run("status").stdout
+    assert "agent=not answering" in text and f"kill {pid}" in text, text
+    closed = run("close")
+    assert 17 == closed.returncode, closed.stderr
+    assert f"kill {pid}" in closed.stderr and "recover --resume" in closed.stderr
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not pid_alive(pid), timeout=30)
+    assert "not running" == json.loads(run("status", "--json").stdout)["sessions"][0]["agent"]
+    assert 0 == run("recover", "--resume").returncode
+    assert 0 == run("abort").returncode
+
+
 def test_a_second_home_of_the_same_user_cannot_open_a_stage_a_live_agent_holds(
     run: Run, agent_env: dict[str, str], tmp_path: Path
 ) -> None:
