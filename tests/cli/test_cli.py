@@ -390,6 +390,26 @@ def test_status_of_a_live_agent_that_does_not_answer_says_so_and_names_what_work
     assert 0 == run("abort").returncode
 
 
+def test_store_max_manifest_bytes_is_the_limit_a_manifest_is_read_with(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """`store.max_manifest_bytes` is what a manifest is read with: a 40-file stage's
+    manifest over a limit of 1 KiB is refused naming the limit (exit 7); with the
+    default the same open works (the setting used to be read nowhere)."""
+    first = run("open", "P7", "--user", "admin", "--stage", "s1", "--json")
+    assert 0 == first.returncode, first.stderr
+    work = Path(json.loads(first.stdout)["path"])
+    for i in range(40):
+        (work / f"file{i:02d}.txt").write_text(f"content {i}")
+    assert 0 == run("close").returncode
+    small = dict(agent_env, AGENT_STORE__MAX_MANIFEST_BYTES="1024")
+    refused = run("open", "P7", "--user", "admin", "--stage", "s1", env=small)
+    assert 7 == refused.returncode, refused.stdout + refused.stderr
+    assert "P7/s1.manifest.json" in refused.stderr and "1024 bytes" in refused.stderr
+    assert 0 == run("open", "P7", "--user", "admin", "--stage", "s1").returncode
+    assert 0 == run("abort").returncode
+
+
 def test_a_second_home_of_the_same_user_cannot_open_a_stage_a_live_agent_holds(
     run: Run, agent_env: dict[str, str], tmp_path: Path
 ) -> None:
