@@ -428,7 +428,12 @@ def _status_lines(row: dict[str, Any]) -> list[str]:
         lines.append(f"  lock heartbeat {row['heartbeat_age_seconds']}s ago")
     if row.get("last_upload_at"):
         lines.append(f"  last upload {row['last_upload_at']} ({row.get('uploads', 0)} uploads)")
-    if row["agent"] != "running":
+    if row["agent"] == "not answering":
+        lines.append(
+            f"  the background agent (pid {row['agent_pid']}) runs but does not answer: wait; "
+            f"if it stays so, stop it (`kill {row['agent_pid']}`), then `agent recover --resume`"
+        )
+    elif row["agent"] != "running":
         lines.append("  the background agent is not running: `agent recover` resumes or discards")
     if row.get("error"):
         lines.append(f"  PROBLEM: {row['error']}")
@@ -511,6 +516,7 @@ def status_cmd() -> None:
     """Sessions open on this machine: state, lock, pending changes, last upload, errors."""
     from agent.daemon import AgentClient
     from agent.errors import AgentUnreachableError
+    from agent.platform import pid_alive
     from agent.records import SessionStore
 
     config = _obj().config
@@ -532,7 +538,8 @@ def status_cmd() -> None:
             row.update(AgentClient(r, config.paths).call("status"))
             row["agent"] = "running"
         except AgentUnreachableError as exc:
-            row["agent"] = "not running"
+            alive = r.agent_pid is not None and pid_alive(r.agent_pid)
+            row["agent"] = "not answering" if alive else "not running"
             row["agent_error"] = exc.format_message()
         except AgentError as exc:  # it answered, with an error: it runs, and says what is wrong
             row["agent"] = "running"

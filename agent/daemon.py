@@ -441,10 +441,17 @@ class AgentClient:
 
     def _gone(self, why: str) -> AgentUnreachableError:
         r = self.record
+        if r.agent_pid is not None and pid_alive(r.agent_pid):
+            # `agent recover` refuses a session whose agent runs: name what works.
+            way = (
+                f"It still runs: wait and try again; if it stays so, stop it (`kill "
+                f"{r.agent_pid}`), then `agent recover --resume` brings the session back"
+            )
+        else:
+            way = "run `agent recover` to resume or discard the session"
         return AgentUnreachableError(
             f"the background agent of {r.projekt_id}/{r.stage} (session {r.session_id}, "
-            f"pid {r.agent_pid}) {why}. Your files and the journal are kept: run "
-            "`agent recover` to resume or discard the session"
+            f"pid {r.agent_pid}) {why}. Your files and the journal are kept: {way}"
         )
 
     def _endpoint(self) -> Path:
@@ -487,6 +494,11 @@ class AgentClient:
         an hour per progress step for ``close``/``abort``).
         """
         path = self._endpoint()
+        pid = self.record.agent_pid
+        if pid is not None and not pid_alive(pid):
+            # Whatever listens at the path now is not this session's agent (a socket some
+            # other program left there would take the request and never answer).
+            raise self._gone("is not running")
         try:
             token = _token_path(self.records, self.record.session_id).read_text().strip()
         except OSError as exc:

@@ -34,6 +34,7 @@ from agent.errors import (
     InvalidNameError,
     NotFoundError,
     ObjectTooLargeError,
+    PermanentStoreError,
     StoreError,
     VersionNotFoundError,
 )
@@ -104,14 +105,30 @@ def find_commit(commits: Sequence[CommitInfo], ref: str, keys: StageKeys) -> Com
 
 
 def read_commit(store: ObjectStore, commit: CommitInfo) -> Manifest:
-    """The manifest a commit wrote."""
+    """The manifest a commit wrote; ``VersionNotFoundError`` when it is gone or damaged."""
     try:
         data = store.get(commit.key)
     except NotFoundError as exc:
         raise VersionNotFoundError(
             f"commit {commit.commit_id} was pruned from the history meanwhile"
         ) from exc
-    return Manifest.parse(data.body, key=commit.key)
+    try:
+        return Manifest.parse(data.body, key=commit.key)
+    except PermanentStoreError as exc:  # bucket input that is not a manifest
+        raise VersionNotFoundError(
+            f"the history entry of commit #{commit.seq} ({commit.commit_id}) is damaged, so "
+            f"that commit cannot be shown or restored: {exc}"
+        ) from exc
+
+
+def _read_or_skip(store: ObjectStore, commit: CommitInfo) -> Manifest | None:
+    """``read_commit``, or ``None`` (with a warning) for an entry that is gone, damaged
+    or over the size limit: one bad entry hides that commit, not the file's history."""
+    try:
+        return read_commit(store, commit)
+    except (VersionNotFoundError, ObjectTooLargeError) as exc:
+        log.warning("history_entry_skipped", key=commit.key, error=str(exc))
+        return None
 
 
 def file_versions(
@@ -121,10 +138,12 @@ def file_versions(
 
     Reads the commits' manifests in parallel (``workers`` at a time).
     """
-    manifests = Transfers(store, workers).map(list(commits), lambda c: read_commit(store, c))
+    manifests = Transfers(store, workers).map(list(commits), lambda c: _read_or_skip(store, c))
     out: list[FileVersion] = []
     last: tuple[str, bool] | None = None
     for commit, manifest in zip(commits, manifests, strict=True):
+        if manifest is None:
+            continue
         entry = manifest.files.get(rel)
         now = (entry.sha256, entry.executable) if entry is not None else None
         if now != last and not (now is None and last is None):

@@ -57,6 +57,9 @@ share the rate as they would share a real link (``link(None)`` lifts it).
   reset with that probability, drawn from ``random.Random(seed)``; the store never
   sees it (as ``RESET_BEFORE``). It is recorded in ``seen`` with rule ``"link"``.
 
+``proxy.clock_offset = 600`` moves the ``Date`` of every answer 600 s ahead (a
+store whose clock runs ahead of this machine's; negative: behind).
+
 Requests are relayed byte for byte (headers included), except that ``Expect``
 is dropped (the proxy already said 100 Continue); SigV4 does not sign it.
 Threads are named ``pdagent-proxy-*``, so the thread-leak check sees them.
@@ -74,6 +77,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from email.utils import formatdate, parsedate_to_datetime
 from typing import IO, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -447,6 +451,8 @@ class FaultProxy:
         self._late = 0
         self._stats = LinkStats(held_requests=0, held_answers=0, peak_held=0, resets=0)
         self._ids = itertools.count(1)
+        self.clock_offset = 0.0
+        """Seconds added to the ``Date`` of every answer (the store's clock, as told)."""
         self._accepter = threading.Thread(
             target=self._accept_loop, name="pdagent-proxy-accept", daemon=True
         )
@@ -711,6 +717,20 @@ class FaultProxy:
             self._seen.append(seen)
 
 
+def _shift_date(answer: bytes, seconds: float) -> bytes:
+    """``answer`` with its ``Date`` header ``seconds`` later (the body untouched)."""
+    head_end = answer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return answer
+
+    def shifted(match: re.Match[bytes]) -> bytes:
+        when = parsedate_to_datetime(match[2].decode("latin-1")).timestamp() + seconds
+        return match[1] + formatdate(when, usegmt=True).encode()
+
+    head = re.sub(rb"(?im)^(date:[ \t]*)([^\r\n]+)", shifted, answer[:head_end])
+    return head + answer[head_end:]
+
+
 class _Connection:
     """One client connection and its upstream connection."""
 
@@ -751,6 +771,8 @@ class _Connection:
             self.upstream = _Upstream(proxy.upstream, proxy._track, proxy._untrack)
         answer, upstream_close = self.upstream.exchange(request)
         proxy._record(request, rule, int(answer.split(b" ", 2)[1]))
+        if proxy.clock_offset:
+            answer = _shift_date(answer, proxy.clock_offset)
         if upstream_close:
             self.upstream.close()
             self.upstream = None

@@ -25,7 +25,9 @@ Every request is accepted whatever its signature (no SigV4 check). Path-style:
   (with ``delimiter``: the objects directly in it and its sub-prefixes).
 
 An object in ``objects`` is answered with its bytes; one in ``huge_objects``
-with that many bytes (generated, never held), sent until the client hangs up.
+with that many bytes (generated, never held), sent until the client hangs up;
+one in ``undeclared_objects`` the same without a ``Content-Length`` (read until
+the connection closes).
 HEAD of the bucket answers 200 with a ``Date``. ``requests`` counts requests
 by kind. Threads are named ``pdagent-hostile-*`` (the thread-leak check sees them).
 
@@ -93,6 +95,7 @@ class HostileS3:
         self.keys: list[str] = []
         self.objects: dict[str, bytes] = {}
         self.huge_objects: dict[str, int] = {}
+        self.undeclared_objects: dict[str, int] = {}
         self.huge_size = 1024**3
         self.trickle_interval = 1.0
         self.requests: Counter[str] = Counter()
@@ -200,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif key in owner.huge_objects:
                 owner.count("get")
                 self._huge(owner.huge_objects[key], declared=True, unit=b" " * 65536)
+            elif key in owner.undeclared_objects:
+                owner.count("get")
+                self._huge(owner.undeclared_objects[key], declared=False, unit=b" " * 65536)
             elif key in owner.objects:
                 owner.count("get")
                 self._send(owner.objects[key], "application/json")
@@ -237,7 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _level(owner: HostileS3, prefix: str, delimiter: str) -> bytes:
         """One complete page of every known key under ``prefix`` (rolled up by ``delimiter``)."""
-        keys = sorted({*owner.keys, *owner.objects, *owner.huge_objects})
+        keys = sorted({*owner.keys, *owner.objects, *owner.huge_objects, *owner.undeclared_objects})
         objects, subs = [], set()
         for key in keys:
             if not key.startswith(prefix):
@@ -276,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Connection"] = "close"
             self.close_connection = True
         self._head(200, headers)
-        if not declared:
+        if not declared and unit.startswith(b"<"):  # a listing page
             self.wfile.write(f'<?xml version="1.0"?><ListBucketResult xmlns="{_NS}">'.encode())
         sent = 0
         while sent < size and not self.server_owner.stopping.is_set():

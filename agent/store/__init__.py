@@ -24,6 +24,7 @@ def open_store(config: AgentConfig) -> ObjectStore:
             location.path,
             create=not config.store.url,
             multipart_threshold=config.transfer.multipart_threshold,
+            max_small=int(config.store.max_manifest_bytes),
         )
     from agent.store.s3 import S3Store
 

@@ -59,8 +59,16 @@ def _decode(rel: Path) -> str:
 class LocalStore:
     """An ``ObjectStore`` in a local (or network-shared) folder."""
 
-    def __init__(self, root: Path, *, create: bool = False, multipart_threshold: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        create: bool = False,
+        multipart_threshold: int = 0,
+        max_small: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self.root = root
+        self._max_small = max_small
         if not root.is_dir():
             if not create:
                 raise BucketMissingError(
@@ -151,8 +159,11 @@ class LocalStore:
 
     # -------------------------------------------------------------- protocol
 
-    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
-        """Read an object whole (at most ``max_bytes``, else ``ObjectTooLargeError``)."""
+    def get(self, key: str, *, max_bytes: int | None = None) -> ObjectData:
+        """Read an object whole (at most ``max_bytes``, by default the configured
+        ``store.max_manifest_bytes``, else ``ObjectTooLargeError``)."""
+        if max_bytes is None:
+            max_bytes = self._max_small
         path = self._path(key)
         with self._lock(key):
             try:
@@ -166,10 +177,11 @@ class LocalStore:
         return ObjectData(key=key, body=body, etag=etag, server_time=self._now())
 
     def get_many(
-        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+        self, keys: Sequence[str], *, max_bytes: int | None = None
     ) -> list[ObjectData | None]:
         """Read many objects (one after another: a local disk gains nothing)."""
-        return get_each(functools.partial(self.get, max_bytes=max_bytes), keys, max_bytes)
+        limit = self._max_small if max_bytes is None else max_bytes
+        return get_each(functools.partial(self.get, max_bytes=limit), keys, limit)
 
     def head(self, key: str) -> ObjectInfo:
         """Size and ETag."""

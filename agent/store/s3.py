@@ -56,7 +56,6 @@ from agent.errors import (
 )
 from agent.retry import call_with_retries
 from agent.store.base import (
-    DEFAULT_MAX_BYTES,
     Level,
     ObjectData,
     ObjectInfo,
@@ -349,6 +348,7 @@ class S3Store:
         self._page_size = config.list_page_size
         self._list_max_pages = config.list_max_pages
         self._list_deadline = config.list_deadline
+        self._max_small = int(config.max_manifest_bytes)
         REQUEST_SLOTS.resize(transfer.max_requests)
         # Parallel parts of one file; each part takes one of the process-wide slots.
         self._per_file = min(_PARTS_PER_FILE, transfer.max_requests)
@@ -598,8 +598,12 @@ class S3Store:
 
     # ----------------------------------------------------------- protocol
 
-    def get(self, key: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ObjectData:
-        """Read a small object whole: at most ``max_bytes``, else ``ObjectTooLargeError``."""
+    def get(self, key: str, *, max_bytes: int | None = None) -> ObjectData:
+        """Read a small object whole: at most ``max_bytes`` (default: the configured
+        ``store.max_manifest_bytes``), else ``ObjectTooLargeError``."""
+        return self._get(key, self._max_small if max_bytes is None else max_bytes)
+
+    def _get(self, key: str, max_bytes: int) -> ObjectData:
 
         def do() -> ObjectData:
             if self._signed is not None:
@@ -623,8 +627,12 @@ class S3Store:
             raise ObjectTooLargeError(key, exc.size, max_bytes) from exc
 
     def get_many(
-        self, keys: Sequence[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+        self, keys: Sequence[str], *, max_bytes: int | None = None
     ) -> list[ObjectData | None]:
+        """``_get_many`` with the configured limit unless the caller names one."""
+        return self._get_many(keys, self._max_small if max_bytes is None else max_bytes)
+
+    def _get_many(self, keys: Sequence[str], max_bytes: int) -> list[ObjectData | None]:
         """Read many small objects at once (``None`` for each one absent).
 
         obstore's async GETs on one event loop (in a thread of their own, so a host

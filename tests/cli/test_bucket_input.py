@@ -8,6 +8,7 @@ download at the size the manifest names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -180,3 +181,29 @@ def test_a_crafted_commit_intent_is_refused_and_never_executed(
     after = sorted(o.key for o in s3_store.list(""))
     assert [k for k in after if k not in before] == [KEYS.lock], "it wrote more than the lock"
     assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
+
+
+@pytest.mark.parametrize("source", ["staging", "objects"])
+def test_an_intent_naming_another_sessions_id_deletes_none_of_its_staged_files(
+    run: Run, s3_store: ObjectStore, source: str
+) -> None:
+    """An intent of the right shape that names another session (whose staging an older
+    agent left under ``.sessions/``): whether the next open rolls it forward or refuses
+    it, that session's staged files are all still there, and so is every object in
+    ``.objects/`` (the roll-forward used to delete the named session's staging prefix)."""
+    other = "20260101T000000-0123abcd"
+    staged = {f"Bucket_1/.sessions/{other}/a.txt": b"x", f"Bucket_1/.sessions/{other}/b.txt": b"y"}
+    for key, body in staged.items():
+        s3_store.put_bytes(key, body)
+    sha = hashlib.sha256(b"x").hexdigest()
+    s3_store.put_bytes(f"Bucket_1/.objects/{sha}", b"x")
+    etag = s3_store.head(f"Bucket_1/.sessions/{other}/a.txt").etag
+    copies = {"a.txt": {"size": 1, "sha256": sha, "etag": etag}}
+    s3_store.put_bytes(KEYS.intent, _intent(session_id=other, source=source, copies=copies))
+    result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    if result.returncode == 0:
+        assert 0 == run("abort").returncode
+    assert result.returncode in (0, 13, 18), result.stderr
+    left = {o.key for o in s3_store.list("Bucket_1/")}
+    assert set(staged) <= left, "staged files of another session were deleted"
+    assert f"Bucket_1/.objects/{sha}" in left

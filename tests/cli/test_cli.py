@@ -308,12 +308,16 @@ def test_a_journal_damaged_under_the_background_agent_is_rebuilt_by_agent_close(
     assert ["a.txt", "b.txt"] == json.loads(closed.stdout)["uploaded"]
 
 
+@pytest.mark.parametrize("kind", ["folder", "file", "another program's socket"])
 def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceback(
-    run: Run, agent_env: dict[str, str]
+    run: Run, agent_env: dict[str, str], kind: str
 ) -> None:
-    """A folder where the agent's socket goes: `recover --resume` says what is in the way and
-    what to do (no internal error); once it is removed, the resume works."""
+    """A folder or a file where the agent's socket goes: `status` and `close` say the agent
+    is not running, `recover --resume` says what is in the way and what to do (no internal
+    error); once it is removed, the resume works. A socket some other program of ours left
+    there (listening or not) is replaced: the resume works at once."""
     import signal
+    import socket
 
     from agent.platform import pid_alive
 
@@ -323,13 +327,86 @@ def test_something_else_at_the_agents_socket_path_is_a_clear_error_not_a_traceba
     runtime = Path(agent_env["AGENT_PATHS__RUNTIME_DIR"])
     [sock] = runtime.glob("*.sock")
     sock.unlink()
-    sock.mkdir()
-    resumed = run("recover", "--resume")
-    assert resumed.returncode not in (0, 70), resumed.stderr
-    assert "is taken by something that is not this agent's socket" in resumed.stderr
-    assert "Traceback" not in resumed.stderr
-    sock.rmdir()
+    squatter = None
+    if kind == "folder":
+        sock.mkdir()
+    elif kind == "file":
+        sock.write_text("not a socket")
+    else:
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        squatter.bind(str(sock))
+        squatter.listen(1)
+    try:
+        status = run("status", "--json")
+        assert 0 == status.returncode, status.stderr
+        assert "not running" == json.loads(status.stdout)["sessions"][0]["agent"]
+        closed = run("close")
+        assert 17 == closed.returncode, closed.stderr
+        assert "agent recover" in closed.stderr and "Traceback" not in closed.stderr
+        resumed = run("recover", "--resume")
+        if squatter is not None:
+            assert 0 == resumed.returncode, resumed.stderr
+            assert 0 == run("abort").returncode
+            return
+        assert resumed.returncode not in (0, 70), resumed.stderr
+        assert "is taken by something that is not this agent's socket" in resumed.stderr
+        assert "Traceback" not in resumed.stderr
+    finally:
+        if squatter is not None:
+            squatter.close()
+    if sock.is_dir():
+        sock.rmdir()
+    else:
+        sock.unlink()
     assert 0 == run("recover", "--resume").returncode
+    assert 0 == run("abort").returncode
+
+
+def test_status_of_a_live_agent_that_does_not_answer_says_so_and_names_what_works(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """The agent runs but cannot be reached (its socket gone): `status` does not say "not
+    running", and `close` names a way out that works while it runs (stop it, then
+    `recover --resume`), not a `recover` that refuses a live agent."""
+    import signal
+
+    from agent.platform import pid_alive
+
+    info = json.loads(run("open", "P6", "--user", "admin", "--stage", "s1", "--json").stdout)
+    pid = int(info["agent_pid"])
+    [sock] = Path(agent_env["AGENT_PATHS__RUNTIME_DIR"]).glob("*.sock")
+    sock.unlink()
+    row = json.loads(run("status", "--json").stdout)["sessions"][0]
+    assert "not answering" == row["agent"], row
+    text = run("status").stdout
+    assert "agent=not answering" in text and f"kill {pid}" in text, text
+    closed = run("close")
+    assert 17 == closed.returncode, closed.stderr
+    assert f"kill {pid}" in closed.stderr and "recover --resume" in closed.stderr
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not pid_alive(pid), timeout=30)
+    assert "not running" == json.loads(run("status", "--json").stdout)["sessions"][0]["agent"]
+    assert 0 == run("recover", "--resume").returncode
+    assert 0 == run("abort").returncode
+
+
+def test_store_max_manifest_bytes_is_the_limit_a_manifest_is_read_with(
+    run: Run, agent_env: dict[str, str]
+) -> None:
+    """`store.max_manifest_bytes` is what a manifest is read with: a 40-file stage's
+    manifest over a limit of 1 KiB is refused naming the limit (exit 7); with the
+    default the same open works (the setting used to be read nowhere)."""
+    first = run("open", "P7", "--user", "admin", "--stage", "s1", "--json")
+    assert 0 == first.returncode, first.stderr
+    work = Path(json.loads(first.stdout)["path"])
+    for i in range(40):
+        (work / f"file{i:02d}.txt").write_text(f"content {i}")
+    assert 0 == run("close").returncode
+    small = dict(agent_env, AGENT_STORE__MAX_MANIFEST_BYTES="1024")
+    refused = run("open", "P7", "--user", "admin", "--stage", "s1", env=small)
+    assert 7 == refused.returncode, refused.stdout + refused.stderr
+    assert "P7/s1.manifest.json" in refused.stderr and "1024 bytes" in refused.stderr
+    assert 0 == run("open", "P7", "--user", "admin", "--stage", "s1").returncode
     assert 0 == run("abort").returncode
 
 

@@ -622,6 +622,45 @@ def test_abort_after_a_failed_close_says_the_commit_was_finished(
     assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
 
 
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_recover_discard_after_a_failed_close_and_a_crash_says_the_commit_was_finished(
+    s3_env: dict[str, str],
+    fault_proxy: FaultProxy,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    output: str,
+) -> None:
+    """A close cut after two copies, then the agent is killed: `agent recover --discard`
+    finishes the commit and says so (not "discarded ... removed"), in text and --json."""
+    admin = Agent(_env(tmp_path / "base", proxy_env(s3_env, fault_proxy)))
+    opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
+    work, pid = Path(opened["path"]), int(opened["agent_pid"])
+    for i in range(5):
+        (work / f"f{i}.txt").write_bytes(f"saved {i}".encode())
+    admin.run("flush")
+    rule = fault_proxy.add(
+        Rule(Status(500), method="PUT", headers=("x-amz-copy-source",), skip=2, times=None)
+    )
+    failed = admin.run("close", "--json", check=False)
+    assert 0 != failed.returncode and rule.fired >= 1
+    fault_proxy.remove(rule)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: _dead(pid), timeout=10)
+    if output == "json":
+        discarded = admin.json("recover", "--discard", "--yes")
+        assert discarded["committed"] is True
+        commit_id = discarded["commit_id"]
+    else:
+        text = admin.run("recover", "--discard", "--yes").stdout
+        assert "your changes are committed" in text, text
+        assert "uncommitted changes removed" not in text, text
+        commit_id = text.split("interrupted commit ", 1)[1].split(" ", 1)[0]
+    manifest = json.loads(s3_store.get(KEYS.manifest).body)
+    assert manifest["commit_id"] == commit_id
+    assert {f"f{i}.txt" for i in range(5)} == set(manifest["files"])
+    assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
+
+
 def test_a_delete_the_journal_had_not_recorded_before_kill_9_stays_deleted(
     agent: Agent, s3_store: ObjectStore
 ) -> None:

@@ -130,3 +130,36 @@ def test_a_history_key_with_an_impossible_date_is_skipped_not_a_crash(
                 "--output", str(tmp_path / "v1.dwg"))  # fmt: skip
     assert 0 == shown.returncode, shown.stderr
     assert b"v1" == (tmp_path / "v1.dwg").read_bytes()
+    restored = run("restore", P, "plan.dwg", "--stage", STAGE, "--commit", "#1", "--json", "--yes")
+    assert 0 == restored.returncode, restored.stderr
+    assert ["plan.dwg"] == json.loads(restored.stdout)["written"]
+    after = json.loads(run("history", P, "--stage", STAGE, "--json").stdout)["commits"]
+    assert [1, 2, 3] == [c["seq"] for c in after]
+
+
+def test_one_damaged_history_entry_hides_that_entry_not_the_history(
+    run: Run, tmp_path: Path
+) -> None:
+    """A history entry whose body is not a manifest (a well-formed key): `history --path`
+    lists the file's other versions and warns, `show` and `restore` of a good commit work;
+    only that commit is "not there" (exit 21), never exit 7 or 70 for the whole history."""
+    _session(run, "alice", {"plan.dwg": b"v1"})
+    _session(run, "bob", {"plan.dwg": b"v2"})
+    store = LocalStore(tmp_path / "base" / "store")
+    [second] = [o.key for o in store.list(f"{P}/.history/{STAGE}/") if "/0000000002~" in o.key]
+    store.put_bytes(second, b"\x1b[2J not a manifest")
+    versions = run("history", P, "--stage", STAGE, "--path", "plan.dwg", "--json")
+    assert 0 == versions.returncode, versions.stderr
+    assert [1] == [v["seq"] for v in json.loads(versions.stdout)["versions"]]
+    assert "\x1b" not in versions.stderr
+    shown = run("show", P, "--stage", STAGE, "--commit", "#1", "--path", "plan.dwg",
+                "--output", str(tmp_path / "v1.dwg"))  # fmt: skip
+    assert 0 == shown.returncode, shown.stderr
+    assert b"v1" == (tmp_path / "v1.dwg").read_bytes()
+    damaged = run("show", P, "--stage", STAGE, "--commit", "#2", "--path", "plan.dwg",
+                  "--output", str(tmp_path / "v2.dwg"))  # fmt: skip
+    assert 21 == damaged.returncode, damaged.stderr
+    assert "Traceback" not in damaged.stderr
+    restored = run("restore", P, "plan.dwg", "--stage", STAGE, "--commit", "#1", "--json", "--yes")
+    assert 0 == restored.returncode, restored.stderr
+    assert ["plan.dwg"] == json.loads(restored.stdout)["written"]

@@ -9,6 +9,7 @@ and ``agent history list`` as real processes whose peak memory is measured.
 
 from __future__ import annotations
 
+import os
 import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -187,6 +188,7 @@ def _cli_env(hostile: HostileS3, tmp_path: Path, **store: str) -> dict[str, str]
         "AGENT_RETRY__ATTEMPTS": "2",
         "AGENT_RETRY__INITIAL_BACKOFF": "0.01",
         "AGENT_RETRY__MAX_BACKOFF": "0.02",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the agent under test
     }
     env.update({f"AGENT_STORE__{k.upper()}": v for k, v in store.items()})
     return env
@@ -228,3 +230,54 @@ def test_agent_commands_on_a_hostile_listing_exit_8_within_bounds(
     assert 8 == ran.returncode, ran.stderr[-2000:]
     assert says in ran.stderr
     assert ran.max_rss < MEMORY_BOUND, f"peak {ran.max_rss / MiB:.0f} MiB"
+
+
+_MODES = ["endless", "same_token", "no_progress", "empty", "trickle", "huge", "huge_undeclared",
+          "bomb"]  # fmt: skip
+_COMMANDS = [
+    ("locks",),
+    ("history", "list", "Kraftwerk_1", "--stage", "planning"),
+    ("history", "prune", "Kraftwerk_1", "--dry-run"),
+    ("open", "Kraftwerk_1", "--user", "admin", "--stage", "planning"),
+    ("lock", "show", "Kraftwerk_1", "--stage", "planning"),
+]
+_DOCUMENTED = set(range(23)) - {1}
+
+
+@pytest.mark.timeout(600)
+def test_random_commands_on_random_hostile_listings_end_documented_within_bounds(
+    hostile: HostileS3, tmp_path: Path
+) -> None:
+    """A seeded draw of listing behaviours (endless and repeated tokens, pages going nowhere,
+    trickled, huge and entity-bomb pages) and commands (locks, history, prune, open, lock
+    show), as real processes: each ends with a documented exit (never 70, never killed
+    by the time bound) and stays under 300 MiB. The seed is printed."""
+    import os
+    import random
+
+    chosen = int(os.environ.get("PDAGENT_HOSTILE_SEED", random.randrange(2**31)))
+    print(f"hostile listing seed {chosen} (PDAGENT_HOSTILE_SEED={chosen} repeats it)")
+    rng = random.Random(chosen)
+    hostile.trickle_interval = 1.0
+    for _ in range(6):
+        mode, command = rng.choice(_MODES), rng.choice(_COMMANDS)
+        hostile.listing = mode
+        ran = run_measured(
+            [sys.executable, "-m", "agent", *command],
+            env=_cli_env(hostile, tmp_path, list_max_pages="60", list_deadline="3"),
+            cwd=tmp_path,
+            timeout=100,
+        )
+        what = f"seed {chosen}: {mode} / agent {' '.join(command)} -> {ran.returncode}"
+        print(what, f"{ran.max_rss / MiB:.0f} MiB", ran.stderr.strip()[-160:])
+        assert ran.returncode in _DOCUMENTED, f"{what}\n{ran.stderr[-2000:]}"
+        assert "Traceback" not in ran.stderr, f"{what}\n{ran.stderr[-2000:]}"
+        assert ran.max_rss < MEMORY_BOUND, f"{what}: peak {ran.max_rss / MiB:.0f} MiB"
+        if ran.returncode == 0 and command[0] == "open":
+            abort = run_measured(
+                [sys.executable, "-m", "agent", "abort"],
+                env=_cli_env(hostile, tmp_path),
+                cwd=tmp_path,
+                timeout=100,
+            )
+            assert abort.returncode in _DOCUMENTED, abort.stderr[-2000:]

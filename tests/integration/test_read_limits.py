@@ -10,16 +10,21 @@ folder store, and the hostile endpoint of ``tests/hostile.py``.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import tracemalloc
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from agent.config import LockConfig, load_config
 from agent.errors import LockCorruptError, ObjectTooLargeError
+from agent.keys import CommitInfo, StageKeys
 from agent.lock import read_lock
+from agent.manifest import Manifest, ManifestEntry
 from agent.store import open_store
 from agent.store.base import LOCK_MAX_BYTES, ObjectStore
 from tests.hostile import HostileS3, run_measured
@@ -123,10 +128,61 @@ def test_agent_locks_over_40_lock_bodies_of_16_mib_stays_under_300_mib(
         "AGENT_STORE__ENDPOINT_URL": hostile.endpoint,
         "AGENT_STORE__REGION": "us-east-1",
         "AGENT_RETRY__ATTEMPTS": "2",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the agent under test
     }
     ran = run_measured([sys.executable, "-m", "agent", "locks"], env=env, cwd=tmp_path, timeout=100)
     assert 0 == ran.returncode, ran.stderr[-2000:]
     rows = [line for line in ran.stdout.splitlines() if "Proj_" in line]
     assert 40 == len(rows), ran.stdout
     assert all("CORRUPT" in row for row in rows), ran.stdout
+    assert ran.max_rss < 300 * MiB, f"peak {ran.max_rss / MiB:.0f} MiB"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("declared", [True, False], ids=["stated-size", "no-content-length"])
+def test_agent_show_of_a_4_byte_version_under_a_300_mib_object_stays_under_300_mib(
+    hostile: HostileS3, tmp_path: Path, *, declared: bool
+) -> None:
+    """The history says ``plan.dwg`` is 4 bytes; ``.objects/{sha256}`` and the plain key
+    answer 300 MiB (with or without a ``Content-Length``). ``agent show`` reads no more
+    than the manifest's size of each, says the version is not there (exit 21) and stays
+    under 300 MiB (issue 19: 679 MiB)."""
+    keys = StageKeys("P", "planning")
+    sha = hashlib.sha256(b"good").hexdigest()
+    manifest = Manifest(
+        version=2,
+        files={"plan.dwg": ManifestEntry(size=4, sha256=sha, etag="e" * 32)},
+        commit_id="c" * 32,
+        seq=1,
+    )
+    info = CommitInfo(1, "c" * 32, datetime(2026, 1, 1, tzinfo=UTC), "alice", 1, 0, 0, 4)
+    hostile.objects["p/" + info.key_in(keys)] = manifest.to_bytes()
+    big = hostile.huge_objects if declared else hostile.undeclared_objects
+    big["p/" + keys.version(sha)] = 300 * MiB
+    big["p/" + keys.committed("plan.dwg")] = 300 * MiB
+    env = {
+        **hostile.env(),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AGENT_PATHS__BASE_DIR": str(tmp_path / "base"),
+        "AGENT_STORE__URL": "s3://bucket/p",
+        "AGENT_STORE__ENDPOINT_URL": hostile.endpoint,
+        "AGENT_STORE__REGION": "us-east-1",
+        "AGENT_RETRY__ATTEMPTS": "2",
+        # the agent under test, wherever it is imported from (a worktree, a checkout)
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
+    out = tmp_path / "old.dwg"
+    ran = run_measured(
+        [sys.executable, "-m", "agent", "show", "P", "--stage", "planning", "--commit", "#1",
+         "--path", "plan.dwg", "--output", str(out)],
+        env=env,
+        cwd=tmp_path,
+        timeout=100,
+    )  # fmt: skip
+    assert 21 == ran.returncode, ran.stderr[-2000:]
+    assert "no longer kept" in ran.stderr
+    assert not out.exists()
     assert ran.max_rss < 300 * MiB, f"peak {ran.max_rss / MiB:.0f} MiB"

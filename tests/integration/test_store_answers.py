@@ -9,11 +9,13 @@ answers ``501 NotImplemented`` (it cannot lock), and a wrong local clock is
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from agent.errors import AgentError, PermanentStoreError, UnsafeStoreError
+from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
 from tests.conftest import PROXY_READ_TIMEOUT, proxy_config
 from tests.faultproxy import Delay, FaultProxy, Rule, Status
@@ -144,3 +146,22 @@ def test_an_open_that_failed_with_its_release_lost_does_not_lock_out_the_next_op
     again = _session(s3_env, fault_proxy, tmp_path)
     assert "committed" == (again.open(P, "admin", STAGE, watch=False) / "a.txt").read_text()
     again.abort()
+
+
+def test_commit_and_lock_times_are_on_the_stores_clock_when_this_machines_is_behind(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The store's answers say it is 20 minutes later than this machine thinks (its ``Date``
+    through the proxy): the commit's history time is the store's, like the lock's heartbeat,
+    not this machine's (issue 19: history used the client's clock, locks the store's)."""
+    fault_proxy.clock_offset = 20 * 60
+    session = _session(s3_env, fault_proxy, tmp_path)
+    work = session.open(P, "admin", STAGE, watch=False)
+    (work / "a.txt").write_text("saved")
+    session.close()
+    [commit] = _session(s3_env, fault_proxy, tmp_path).history(P, STAGE)
+    assert isinstance(commit, CommitInfo)
+    lock = json.loads(session.store.get(StageKeys(P, STAGE).lock).body)
+    heartbeat = datetime.fromisoformat(lock["heartbeat_at"])
+    assert abs(commit.committed_at - heartbeat) < timedelta(minutes=5), (commit, lock)
+    assert commit.committed_at - datetime.now(UTC) > timedelta(minutes=10), commit
