@@ -1,6 +1,6 @@
 """``python -m agent`` runs the CLI."""
 
-from agent.cli import main
+from agent.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -75,8 +75,8 @@ from PySide6.QtWidgets import (
 from agent.config import AgentConfig
 from agent.errors import SessionCancelledError
 from agent.log import get_logger
-from agent.recovery import RecoveryInfo
 from agent.session import PlantDesignSession, crash
+from agent.session.recovery import RecoveryInfo
 from agent.state import SessionState
 
 log = get_logger(__name__)

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from agent.commit import Commit
-from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.commit import Commit
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.store import open_store
 from bench.common import median, timed
 

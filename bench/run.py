@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.config import AgentConfig, load_config
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store import open_store
 from agent.store.base import ObjectStore
 from bench.common import median, timed
@@ -701,7 +701,7 @@ def bench_folder(bench: Bench) -> None:
     """Issue 8: folder operations into a watched copy: uploads per file, time to all staged."""
     import zipfile
 
-    from agent.transfer import Transfers, Upload
+    from agent.folder.transfer import Transfers, Upload
 
     table = "folder: 2000 x 4 KiB into a watched copy"
     count = 2000

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import NotFoundError
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store import open_store
 from bench.common import median, timed
 
@@ -47,7 +47,7 @@ _RSS_CHILD = """
 import json, os, resource, sys, tracemalloc
 from agent.config import load_config
 from agent.errors import NotFoundError
-from agent.keys import StageKeys
+from agent.stage.keys import StageKeys
 from agent.session import PlantDesignSession
 from agent.store import open_store
 trace = os.environ.get("PDAGENT_BENCH_TRACEMALLOC") == "1"

@@ -62,7 +62,7 @@ from agent.platform import (
     spawn_detached,
     write_private_file,
 )
-from agent.records import SessionRecord, SessionStore
+from agent.session.records import SessionRecord, SessionStore
 from agent.signals import Signal
 
 __all__ = [

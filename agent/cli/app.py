@@ -209,7 +209,7 @@ def open_cmd(
         _run_foreground(session, info)
         return
     session.detach()
-    from agent.daemon import spawn_agent
+    from agent.agentd.server import spawn_agent
 
     try:
         record = spawn_agent(_obj().config_path, record.session_id, config)
@@ -222,7 +222,7 @@ def open_cmd(
 
 
 def _run_foreground(session: Any, info: dict[str, Any]) -> None:
-    from agent.daemon import AgentServer
+    from agent.agentd.server import AgentServer
     from agent.platform import set_interrupt_handler
     from agent.session import crash
 
@@ -284,7 +284,7 @@ def _say_now(text: str) -> None:
 @click.argument("session_id")
 def serve_cmd(session_id: str) -> None:
     """Run the background agent of SESSION_ID (started by `agent open`)."""
-    from agent.daemon import AgentServer
+    from agent.agentd.server import AgentServer
 
     config = _obj().config
     session = _session_cls().attach(config, session_id=session_id)
@@ -303,8 +303,8 @@ def serve_cmd(session_id: str) -> None:
 
 
 def _client(projekt_id: str | None, stage: str | None) -> Any:
-    from agent.daemon import AgentClient
-    from agent.records import SessionStore
+    from agent.agentd.server import AgentClient
+    from agent.session.records import SessionStore
 
     config = _obj().config
     record = SessionStore(config.paths.state_dir).find_one(projekt_id, stage)
@@ -485,7 +485,7 @@ def _printable_value(value: object) -> object:
 
 
 def _stage_check_lines(check: object) -> list[str]:
-    """What the lock holder's check of the stage's plain tree found (``agent.repair``)."""
+    """What the lock holder's check of the stage's plain tree found (``agent.stage.repair``)."""
     if check == "running":
         return ["  checking the stage's files in the store against its manifest"]
     if not isinstance(check, dict):
@@ -514,10 +514,10 @@ def _stage_check_lines(check: object) -> list[str]:
 @_json_option
 def status_cmd() -> None:
     """Sessions open on this machine: state, lock, pending changes, last upload, errors."""
-    from agent.daemon import AgentClient
+    from agent.agentd.server import AgentClient
     from agent.errors import AgentUnreachableError
     from agent.platform import pid_alive
-    from agent.records import SessionStore
+    from agent.session.records import SessionStore
 
     config = _obj().config
     rows: list[dict[str, Any]] = []
@@ -599,7 +599,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
         path = session.resume(session_id, take_over=take_over, watch=False)
     record = session.record
     session.detach()
-    from agent.daemon import spawn_agent
+    from agent.agentd.server import spawn_agent
 
     spawn_agent(_obj().config_path, record.session_id, config)
     _emit(
@@ -627,7 +627,7 @@ def _store_label(config: AgentConfig) -> str:
 def doctor_cmd() -> None:
     """Check the store: reachability, credentials, bucket, conditional writes, the copy
     condition (a warning when ignored), clock skew."""
-    from agent.doctor import run_checks
+    from agent.cli.doctor import run_checks
 
     config = _obj().config
     checks = run_checks(config)
@@ -657,8 +657,8 @@ def lock_group() -> None:
 @_json_option
 def lock_show(projekt_id: str, stage: str) -> None:
     """Show who holds a stage's lock, since when, and its heartbeat."""
-    from agent.keys import StageKeys
-    from agent.lock import read_lock
+    from agent.stage.keys import StageKeys
+    from agent.stage.lock import read_lock
     from agent.store import open_store
 
     keys = StageKeys(projekt_id, stage)
@@ -684,9 +684,9 @@ def lock_unlock(
     projekt_id: str, stage: str, force: bool, reason: str, operator: str | None
 ) -> None:
     """Break a stage lock (operator). Recorded in the lock body and the log."""
-    from agent.keys import StageKeys
-    from agent.lock import force_unlock
     from agent.platform import machine_name
+    from agent.stage.keys import StageKeys
+    from agent.stage.lock import force_unlock
     from agent.store import open_store
 
     if not force:
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints, logs and exits
         import structlog
 
-        structlog.get_logger("agent.cli").exception("internal_error")
+        structlog.get_logger("agent.cli.app").exception("internal_error")
         _report_error(
             state, "InternalError", f"internal error: {exc!r} (details in the log)", EXIT_INTERNAL
         )
@@ -753,4 +753,4 @@ def _report_error(state: _Ctx, kind: str, message: str, code: int) -> None:
 
 
 # Commands in their own modules register themselves on ``cli`` when imported.
-from agent import cli_history  # noqa: E402, F401
+from agent.cli import history as cli_history  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """``agent history`` / ``show`` / ``restore`` / ``history prune`` / ``locks`` (issue 11).
 
-Registered on the ``agent`` group by ``agent.cli``; thin over
+Registered on the ``agent`` group by ``agent.cli.app``; thin over
 ``PlantDesignSession.history``, ``show``, ``restore``, ``prune_history`` and
 ``list_locks``.
 """
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from agent.cli import _emit, _json_option, _obj, _progress, _session_cls, cli
+from agent.cli.app import _emit, _json_option, _obj, _progress, _session_cls, cli
 from agent.config import default_user
-from agent.history import FileVersion
-from agent.keys import CommitInfo
+from agent.stage.history import FileVersion
+from agent.stage.keys import CommitInfo
 from agent.text import printable, printable_lines
 
 if TYPE_CHECKING:

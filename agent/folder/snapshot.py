@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import AgentError, WorkFolderReplacedError
-from agent.ignore import IgnoreRules
-from agent.keys import HAS_DIR_FD, FolderIdentity, WorkFolder, is_plain
+from agent.folder.ignore import IgnoreRules
 from agent.log import get_logger
+from agent.stage.keys import HAS_DIR_FD, FolderIdentity, WorkFolder, is_plain
 
 __all__ = ["FileStat", "diff", "scan"]
 

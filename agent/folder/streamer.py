@@ -32,17 +32,17 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
-from agent.ignore import IgnoreRules
-from agent.journal import Change, Journal
-from agent.keys import FolderIdentity, StageKeys, WorkFolder, printable, unsupported_reason
+from agent.folder.ignore import IgnoreRules
+from agent.folder.journal import Change, Journal
+from agent.folder.snapshot import FileStat, scan
+from agent.folder.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
+from agent.folder.watcher import Watcher
 from agent.log import get_logger
-from agent.manifest import LocalEntry, Manifest, fd_sha256
 from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
-from agent.snapshot import FileStat, scan
+from agent.stage.keys import FolderIdentity, StageKeys, WorkFolder, printable, unsupported_reason
+from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
 from agent.store.base import ObjectStore
-from agent.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
-from agent.watcher import Watcher
 
 __all__ = ["Held", "Streamer", "describe_unsupported", "special_kind"]
 

@@ -77,7 +77,7 @@ except (ImportError, OSError):  # pragma: no cover - no inotify on this platform
 
 from agent.config import WatchConfig
 from agent.errors import LocalFileError
-from agent.ignore import IgnoreRules, temp_name_for
+from agent.folder.ignore import IgnoreRules, temp_name_for
 from agent.log import get_logger
 from agent.retry import delay_after
 

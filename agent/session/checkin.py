@@ -1,4 +1,4 @@
-"""Closing a session: flush, fence, commit through ``agent.commit``, release (``close``)."""
+"""Closing a session: flush, fence, commit through ``agent.stage.commit``, release (``close``)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commit import (
-    Commit,
-    CommitIntent,
-    StagedCopy,
-    read_manifest,
-)
 from agent.errors import (
     AgentError,
     ConflictError,
@@ -29,10 +23,20 @@ from agent.errors import (
     TransferError,
     WorkFolderReplacedError,
 )
-from agent.journal import Staged
-from agent.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.folder.journal import Staged
+from agent.folder.snapshot import FileStat, scan
+from agent.folder.streamer import Held, Streamer
+from agent.folder.transfer import Progress, Transfers, Upload
 from agent.log import get_logger
-from agent.manifest import (
+from agent.session import runtime, versions
+from agent.stage.commit import (
+    Commit,
+    CommitIntent,
+    StagedCopy,
+    read_manifest,
+)
+from agent.stage.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.stage.manifest import (
     LocalEntry,
     Manifest,
     ManifestEntry,
@@ -40,11 +44,7 @@ from agent.manifest import (
     file_sha256,
     is_unchanged,
 )
-from agent.session import runtime, versions
-from agent.snapshot import FileStat, scan
 from agent.state import SessionState
-from agent.sync import Held, Streamer
-from agent.transfer import Progress, Transfers, Upload
 
 log = get_logger(__name__)
 
@@ -448,7 +448,7 @@ def _pending_bytes(streamer: Streamer) -> int:
 def _commit(
     s: PlantDesignSession, keys: StageKeys, allow_mass_delete: bool
 ) -> tuple[dict[str, Staged], list[str], Manifest, str | None]:
-    """The commit protocol (``agent.commit``) on this session's staged changes."""
+    """The commit protocol (``agent.stage.commit``) on this session's staged changes."""
     assert s.record is not None and s._journal is not None
     committer = _committer(s, keys, reupload=True)
     previous, finished = committer.settle()

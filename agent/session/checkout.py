@@ -10,9 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commit import (
-    read_manifest,
-)
 from agent.errors import (
     InvalidNameError,
     LocalFileError,
@@ -20,8 +17,16 @@ from agent.errors import (
     SessionCancelledError,
     SessionError,
 )
-from agent.journal import Journal
-from agent.keys import (
+from agent.folder.journal import Journal
+from agent.folder.snapshot import scan
+from agent.folder.transfer import Download, Progress, Transfers
+from agent.log import get_logger
+from agent.platform import folds_case, machine_name
+from agent.session.records import SessionRecord, new_session_id
+from agent.stage.commit import (
+    read_manifest,
+)
+from agent.stage.keys import (
     StageKeys,
     WorkFolder,
     case_collisions,
@@ -29,14 +34,9 @@ from agent.keys import (
     unsupported_reason,
     validate_name,
 )
-from agent.lock import RemoteLock
-from agent.log import get_logger
-from agent.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
-from agent.platform import folds_case, machine_name
-from agent.records import SessionRecord, new_session_id
-from agent.snapshot import scan
+from agent.stage.lock import RemoteLock
+from agent.stage.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.state import SessionState
-from agent.transfer import Download, Progress, Transfers
 
 log = get_logger(__name__)
 

@@ -78,7 +78,7 @@ from agent.platform import (
     swap_wakeup_fd,
     wake_main_thread,
 )
-from agent.recovery import RecoveryInfo, copy_pending, local_changes, write_info
+from agent.session.recovery import RecoveryInfo, copy_pending, local_changes, write_info
 from agent.state import SessionState
 
 if TYPE_CHECKING:

@@ -6,20 +6,20 @@ import shutil
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from agent.commit import (
-    read_intent,
-    remove_staging,
-)
 from agent.errors import (
     AgentError,
     LockLostError,
     SessionError,
     UnsavedWorkError,
 )
-from agent.journal import Journal
-from agent.keys import StageKeys
-from agent.lock import RemoteLock
+from agent.folder.journal import Journal
 from agent.log import get_logger
+from agent.stage.commit import (
+    read_intent,
+    remove_staging,
+)
+from agent.stage.keys import StageKeys
+from agent.stage.lock import RemoteLock
 from agent.state import SessionState
 
 log = get_logger(__name__)

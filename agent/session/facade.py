@@ -32,29 +32,29 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.cache import StageCache
-from agent.commit import Commit, StagedCopy
 from agent.config import AgentConfig, load_config
 from agent.errors import LockLostError, SessionError
-from agent.history import FileVersion, PrunePlan
-from agent.ignore import IgnoreRules
-from agent.journal import Journal
-from agent.keys import CommitInfo, StageKeys, WorkFolder
-from agent.lock import Heartbeat, Holder, RemoteLock
-from agent.lockboard import LockRow, list_locks
+from agent.folder.cache import StageCache
+from agent.folder.ignore import IgnoreRules
+from agent.folder.journal import Journal
+from agent.folder.streamer import Streamer
 from agent.log import get_logger
-from agent.manifest import LocalEntry, Manifest
 from agent.platform import machine_name, on_main_thread
-from agent.records import SessionRecord, SessionStore
-from agent.recovery import RecoveryInfo
-from agent.repair import RepairReport
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
 from agent.session.checkin import CloseReport
+from agent.session.records import SessionRecord, SessionStore
+from agent.session.recovery import RecoveryInfo
 from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
+from agent.stage.commit import Commit, StagedCopy
+from agent.stage.history import FileVersion, PrunePlan
+from agent.stage.keys import CommitInfo, StageKeys, WorkFolder
+from agent.stage.lock import Heartbeat, Holder, RemoteLock
+from agent.stage.lockboard import LockRow, list_locks
+from agent.stage.manifest import LocalEntry, Manifest
+from agent.stage.repair import RepairReport
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store
-from agent.sync import Streamer
 
 __all__ = ["CloseReport", "PlantDesignSession"]
 
@@ -105,7 +105,7 @@ class PlantDesignSession:
         self._journal: Journal | None = None
         self._streamer: Streamer | None = None
         self._base_files: dict[str, LocalEntry] = {}
-        # The background check of the stage's plain tree (agent.repair) and what it found.
+        # The background check of the stage's plain tree (agent.stage.repair) and what it found.
         self._repair: tuple[threading.Thread, threading.Event] | None = None
         self.repair_report: RepairReport | None = None
         # Set by abort()/discard() when they finished this session's interrupted commit

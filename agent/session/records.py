@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import from_json
 
 from agent.errors import InsecureStateError, LocalFileError, SessionError
-from agent.keys import validate_name
 from agent.log import get_logger
-from agent.manifest import LocalEntry, Manifest
 from agent.platform import ensure_private_dir, make_private_dirs, write_private_file
+from agent.stage.keys import validate_name
+from agent.stage.manifest import LocalEntry, Manifest
 
 __all__ = ["Phase", "SessionRecord", "SessionStore"]
 

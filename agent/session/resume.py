@@ -8,27 +8,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commit import (
-    Committed,
-    read_manifest,
-)
 from agent.errors import (
     AgentError,
     SessionCancelledError,
     SessionError,
 )
-from agent.journal import Journal
-from agent.keys import StageKeys, WorkFolder, folder_identity, local_path_for, unsupported_reason
-from agent.lock import RemoteLock
+from agent.folder.journal import Journal
+from agent.folder.merge import plan_merge
+from agent.folder.snapshot import scan
+from agent.folder.transfer import Download, Progress, Transfers
 from agent.log import get_logger
-from agent.manifest import LocalEntry, Manifest, fd_sha256
-from agent.merge import plan_merge
-from agent.records import SessionRecord
-from agent.recovery import LocalChanges, RecoveryInfo, local_changes
-from agent.recovery import find_orphans as orphans_on_disk
-from agent.snapshot import scan
+from agent.session.records import SessionRecord
+from agent.session.recovery import LocalChanges, RecoveryInfo, local_changes
+from agent.session.recovery import find_orphans as orphans_on_disk
+from agent.stage.commit import (
+    Committed,
+    read_manifest,
+)
+from agent.stage.keys import (
+    StageKeys,
+    WorkFolder,
+    folder_identity,
+    local_path_for,
+    unsupported_reason,
+)
+from agent.stage.lock import RemoteLock
+from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
 from agent.state import SessionState
-from agent.transfer import Download, Progress, Transfers
 
 log = get_logger(__name__)
 

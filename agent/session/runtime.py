@@ -6,20 +6,20 @@ import contextlib
 import threading
 from typing import TYPE_CHECKING
 
-from agent.commit import read_manifest
 from agent.errors import (
     AgentError,
     JournalCorruptError,
     LockLostError,
 )
-from agent.journal import Journal
-from agent.keys import StageKeys
-from agent.lock import Heartbeat
+from agent.folder.journal import Journal
+from agent.folder.streamer import Streamer
 from agent.log import get_logger
-from agent.manifest import Manifest, ManifestEntry
-from agent.repair import RepairReport, repair_stage
+from agent.stage.commit import read_manifest
+from agent.stage.keys import StageKeys
+from agent.stage.lock import Heartbeat
+from agent.stage.manifest import Manifest, ManifestEntry
+from agent.stage.repair import RepairReport, repair_stage
 from agent.state import SessionState
-from agent.sync import Streamer
 
 log = get_logger(__name__)
 
@@ -57,7 +57,7 @@ def start_streaming(s: PlantDesignSession, *, watch: bool = True) -> None:
 
 
 def _start_repair(s: PlantDesignSession) -> None:
-    """Check the stage's plain tree against its manifest in the background (``agent.repair``).
+    """Check the stage's plain tree against its manifest in the background (``agent.stage.repair``).
 
     The process that streams holds the lock for the whole session, so the check runs
     there once per session, after the folder is handed over; close waits for it before

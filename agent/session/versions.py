@@ -1,4 +1,4 @@
-"""History, show, restore and prune for the facade (issue 11): ``agent.history`` applied.
+"""History, show, restore and prune for the facade (issue 11): ``agent.stage.history`` applied.
 
 ``restore`` is an ordinary session: it takes the lock with ``open``, puts the old
 versions into the working folder and commits them with ``close``, so a restore is
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.commit import read_manifest
 from agent.errors import ConflictError, StoreError, VersionNotFoundError
-from agent.history import (
+from agent.folder.snapshot import scan
+from agent.log import get_logger
+from agent.stage.commit import read_manifest
+from agent.stage.history import (
     FileVersion,
     PrunePlan,
     apply_prune,
@@ -29,10 +31,8 @@ from agent.history import (
     read_commit,
     stages_with_history,
 )
-from agent.keys import CommitInfo, StageKeys, WorkFolder, validate_rel_path
-from agent.log import get_logger
-from agent.manifest import Manifest, ManifestEntry
-from agent.snapshot import scan
+from agent.stage.keys import CommitInfo, StageKeys, WorkFolder, validate_rel_path
+from agent.stage.manifest import Manifest, ManifestEntry
 
 if TYPE_CHECKING:
     from agent.session import PlantDesignSession

@@ -40,7 +40,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.cas import new_write_id, put_fenced
 from agent.errors import (
     CommitBlockedError,
     ConflictError,
@@ -51,11 +50,12 @@ from agent.errors import (
     PreconditionFailedError,
     StoreError,
 )
-from agent.keys import CommitInfo, StageKeys, printable, validate_name, validate_rel_path
+from agent.folder.transfer import Progress, Transfers
 from agent.log import get_logger
-from agent.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
+from agent.stage.cas import new_write_id, put_fenced
+from agent.stage.keys import CommitInfo, StageKeys, printable, validate_name, validate_rel_path
+from agent.stage.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
 from agent.store.base import ObjectStore, WriteResult
-from agent.transfer import Progress, Transfers
 
 __all__ = [
     "Commit",

@@ -1,9 +1,9 @@
 """Version history (issue 11): every commit can be looked at and brought back.
 
-R2 keeps no object versions, so the commit keeps them itself (``agent.commit``):
+R2 keeps no object versions, so the commit keeps them itself (``agent.stage.commit``):
 
 - ``{projekt_id}/.history/{stage}/{seq}~{when}~{commit_id}~...~{user}.json`` (see
-  ``agent.keys.CommitInfo``)
+  ``agent.stage.keys.CommitInfo``)
   holds each commit's full manifest (with its parent's id). Everything ``agent
   history`` shows is in the key, so listing 1,000 commits is one listing request,
   not 1,000 reads.
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from agent.commit import read_intent, read_manifest
 from agent.config import HistoryConfig
 from agent.errors import (
     InvalidNameError,
@@ -38,11 +37,12 @@ from agent.errors import (
     StoreError,
     VersionNotFoundError,
 )
-from agent.keys import CommitInfo, StageKeys
+from agent.folder.transfer import Transfers
 from agent.log import get_logger
-from agent.manifest import Manifest, ManifestEntry
+from agent.stage.commit import read_intent, read_manifest
+from agent.stage.keys import CommitInfo, StageKeys
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
-from agent.transfer import Transfers
 
 __all__ = [
     "CommitInfo",
@@ -248,7 +248,7 @@ def plan_prune(
     than any request can be delayed, so a late DELETE never meets a new object; an old
     object that a commit came to need after this plan is checked again by
     ``apply_prune``, and one a DELETE removed anyway is restored from the plain tree by
-    the next lock holder (``agent.repair``).
+    the next lock holder (``agent.stage.repair``).
     """
     now = now or store.server_time()
     plan = PrunePlan(projekt_id=projekt_id)

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from agent.cas import new_write_id, put_fenced, read_back, write_id_of
 from agent.config import LockConfig
 from agent.errors import (
     AgentError,
@@ -38,6 +37,7 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.platform import pid_alive
+from agent.stage.cas import new_write_id, put_fenced, read_back, write_id_of
 from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore, WriteResult
 from agent.text import printable
 

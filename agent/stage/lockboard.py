@@ -14,10 +14,10 @@ from typing import Literal
 
 from agent.config import LockConfig
 from agent.errors import InvalidNameError, LockCorruptError, ObjectTooLargeError
-from agent.keys import StageKeys, validate_name
-from agent.lock import judge_lock
+from agent.folder.transfer import Transfers
+from agent.stage.keys import StageKeys, validate_name
+from agent.stage.lock import judge_lock
 from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore
-from agent.transfer import Transfers
 
 __all__ = ["LockRow", "list_locks"]
 

@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agent.errors import AgentError, NotFoundError, PreconditionFailedError
-from agent.keys import StageKeys, printable
+from agent.folder.transfer import Transfers
 from agent.log import get_logger
-from agent.manifest import Manifest, ManifestEntry
+from agent.stage.keys import StageKeys, printable
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectInfo, ObjectStore
-from agent.transfer import Transfers
 
 __all__ = ["RepairReport", "repair_stage"]
 

@@ -1,6 +1,6 @@
 """The store boundary: the ``ObjectStore`` protocol every backend implements.
 
-Keys given to a store are relative to its configured prefix (see ``agent.keys``);
+Keys given to a store are relative to its configured prefix (see ``agent.stage.keys``);
 ETags are plain strings without the quotes S3 puts around them. Backends raise
 only ``agent.errors`` classes: ``NotFoundError`` for a missing object,
 ``PreconditionFailedError`` when ``if_none_match``/``if_match`` did not hold

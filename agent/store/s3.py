@@ -365,7 +365,7 @@ class S3Store:
                 retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
-                # Commit copies run COPY_POOL_FACTOR x workers wide (agent.commit).
+                # Commit copies run COPY_POOL_FACTOR x workers wide (agent.stage.commit).
                 max_pool_connections=transfer.workers * 3 + 4,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",

@@ -8,7 +8,7 @@ one to three crafted fields), history keys and entries, and ``.objects/`` bodies
 Every run ends with a documented exit code (never 70, the internal error), and
 no file named by the bucket lands outside the working folder. Seeded and
 bounded in examples and in time. The commands run in-process through
-``agent.cli.main`` (a subprocess per command would cost a second each); an
+``agent.cli.app.main`` (a subprocess per command would cost a second each); an
 ``open`` that succeeds starts a real background agent, which ``abort`` ends.
 """
 
@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from agent.cli import main
-from agent.keys import CommitInfo, StageKeys
+from agent.cli.app import main
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.store.base import ObjectStore
 
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.keys import StageKeys
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

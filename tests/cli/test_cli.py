@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.doctor import COPY_CHECK
+from agent.cli.doctor import COPY_CHECK
 from agent.store.local import LocalStore
 from tests.cli.conftest import Run
 from tests.servers import RcloneS3Server
@@ -23,9 +23,9 @@ from tests.waiting import wait_for
 def test_help_lists_the_commands_and_does_not_import_boto3(agent_env: dict[str, str]) -> None:
     """--help works and the CLI's import path stays free of boto3 and watchdog."""
     code = (
-        "import sys, agent.cli\n"
+        "import sys, agent.cli.app\n"
         "from click.testing import CliRunner\n"
-        "r = CliRunner().invoke(agent.cli.cli, ['--help'])\n"
+        "r = CliRunner().invoke(agent.cli.app.cli, ['--help'])\n"
         "print(r.output)\n"
         "print('boto3' in sys.modules, 'watchdog' in sys.modules)\n"
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.keys import StageKeys
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_env
 from tests.faultproxy import Delay, FaultProxy, Rule, Seen, Status

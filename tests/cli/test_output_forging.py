@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.keys import StageKeys
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.cli.conftest import Run
 from tests.conftest import s3_config

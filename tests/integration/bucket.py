@@ -23,8 +23,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from agent.config import AgentConfig
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.state import SessionState
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_config, s3_config

@@ -17,7 +17,7 @@ from agent.platform import (
     ensure_private_dir,
     write_private_file,
 )
-from agent.records import SessionStore
+from agent.session.records import SessionStore
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_a_record_naming_another_session_is_refused(tmp_path: Path) -> None:
 
 def test_crash_backup_folders_are_private(loose_umask: None, tmp_path: Path) -> None:
     """The recovery copy of pending files lives in 0700 folders whatever the umask."""
-    from agent.recovery import copy_pending
+    from agent.session.recovery import copy_pending
 
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)

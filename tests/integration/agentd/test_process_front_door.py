@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_env, s3_config
 from tests.faultproxy import Delay, FaultProxy, Rule
@@ -25,7 +25,7 @@ from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes"}
 AFTER_SHUTDOWN = "cannot schedule new futures after interpreter shutdown"
 

@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 
 from agent.config import load_config
 from agent.errors import NotFoundError, WorkFolderReplacedError
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
 from tests.waiting import wait_for
@@ -135,7 +135,7 @@ def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(
 ) -> None:
     """Another client takes the lock: the heartbeat signals it, streaming stops, close refuses."""
     from agent.errors import LockLostError
-    from agent.lock import Holder, RemoteLock, force_unlock
+    from agent.stage.lock import Holder, RemoteLock, force_unlock
     from agent.store import open_store
 
     config = s3_config(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.config import WatchConfig
-from agent.watcher import Watcher
+from agent.folder.watcher import Watcher
 
 WATCH = WatchConfig(debounce=0.1, max_delay=1.0, min_interval_per_path=0.2, rescan_interval=3600)
 DEADLINE = 10.0
@@ -336,7 +336,7 @@ def test_a_watch_limit_falls_back_to_polling_and_says_so(
     """inotify refusing more watches (ENOSPC) makes a real polling observer take over."""
     import errno
 
-    from agent import watcher as watcher_module
+    from agent.folder import watcher as watcher_module
 
     class _LimitReached:
         """inotify at fs.inotify.max_user_watches: scheduling the watch is refused."""
@@ -435,7 +435,7 @@ _UNWATCHABLE = """
 import os, sys, time
 from pathlib import Path
 from agent.config import WatchConfig
-from agent.watcher import Watcher
+from agent.folder.watcher import Watcher
 base = Path(sys.argv[1])
 root = base / "work"
 root.mkdir()
@@ -464,9 +464,9 @@ def test_a_folder_that_may_not_be_read_is_polled_and_says_so() -> None:
     import tempfile
 
     setpriv = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
     probe = subprocess.run(
-        [*setpriv, sys.executable, "-c", "import agent.watcher"],
+        [*setpriv, sys.executable, "-c", "import agent.folder.watcher"],
         capture_output=True,
         text=True,
         timeout=120,

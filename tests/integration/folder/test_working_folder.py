@@ -22,9 +22,9 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.errors import InvalidNameError, LocalFileError
-from agent.keys import StageKeys
-from agent.manifest import Manifest, ManifestEntry
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
 from tests.waiting import wait_for
 

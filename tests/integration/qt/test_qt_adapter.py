@@ -19,7 +19,6 @@ from PySide6.QtWidgets import QApplication, QMessageBox, QPushButton
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, SessionCancelledError
-from agent.keys import StageKeys
 from agent.qt import (
     ProgressDialog,
     RecoveryDialog,
@@ -27,6 +26,7 @@ from agent.qt import (
     uninstall_crash_handling,
 )
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.state import SessionState
 from agent.store.base import ObjectStore
 from tests.waiting import wait_for

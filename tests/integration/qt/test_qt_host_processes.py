@@ -17,8 +17,8 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
 from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
@@ -26,7 +26,7 @@ from tests.qt_hosts import EDITS
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class QtHost:

@@ -14,15 +14,15 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, SessionCancelledError
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.state import SessionState
 from agent.store.base import ObjectStore
 from tests.waiting import wait_for
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _config(base: Path) -> AgentConfig:

@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 
 from agent.errors import UnsavedWorkError
-from agent.keys import StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
 from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes", "new.step": b"new part"}
 
 

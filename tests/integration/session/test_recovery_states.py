@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.commit import Commit, StagedCopy, read_intent, read_manifest
 from agent.config import AgentConfig, load_config
 from agent.errors import CommitBlockedError, SessionError
-from agent.keys import StageKeys
-from agent.manifest import Manifest
 from agent.session import PlantDesignSession
+from agent.stage.commit import Commit, StagedCopy, read_intent, read_manifest
+from agent.stage.keys import StageKeys
+from agent.stage.manifest import Manifest
 from agent.state import SessionState
 from agent.store.base import ObjectStore
 

@@ -18,9 +18,9 @@ from agent.errors import (
     PreviousCrashError,
     SessionError,
 )
-from agent.keys import StageKeys
-from agent.manifest import Manifest
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
+from agent.stage.manifest import Manifest
 from agent.state import SessionState
 from agent.store.base import ObjectStore
 from tests.integration.conftest import MakeSession

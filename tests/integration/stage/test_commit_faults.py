@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError
-from agent.keys import CommitInfo
 from agent.session import PlantDesignSession
+from agent.stage.keys import CommitInfo
 from tests.conftest import proxy_config
 from tests.faultproxy import (
     LOSE_ANSWER,
@@ -255,7 +255,7 @@ def test_force_unlock_retries_when_a_live_heartbeat_renews_in_between(
     tmp_path: Path,
 ) -> None:
     """An operator's break that meets a renewal (412) reads again and succeeds."""
-    from agent.lock import force_unlock
+    from agent.stage.lock import force_unlock
     from agent.store import open_store
 
     alice = via_proxy()
@@ -515,7 +515,7 @@ def test_resume_after_someone_elses_commit_of_another_file_keeps_our_edit(
 
 
 # ------------------------------------------------------------------ stress
-# ``pytest -m stress tests/integration/test_commit_faults.py -s`` prints the seed;
+# ``pytest -m stress tests/integration/stage/test_commit_faults.py -s`` prints the seed;
 # ``PDAGENT_STRESS_SEED=<seed>`` replays the same fault draws (thread timing still varies).
 
 USERS = ("alice", "bob", "carol")

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from agent.errors import ConflictError, VersionNotFoundError
-from agent.history import FileVersion
-from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.history import FileVersion
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.store.base import ObjectStore
 from tests.integration.conftest import MakeSession
 from tests.waiting import wait_for

@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import LockConfig, load_config
 from agent.errors import LockCorruptError, LockHeldError, LockLostError, UnsafeStoreError
-from agent.lock import (
+from agent.stage.lock import (
     Heartbeat,
     Holder,
     LockBody,

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.doctor import COPY_CHECK
-from agent.keys import StageKeys
+from agent.cli.doctor import COPY_CHECK
 from agent.session import PlantDesignSession
+from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
 from tests.conftest import s3_config
 from tests.integration.bucket import (

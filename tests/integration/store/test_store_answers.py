@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError, PermanentStoreError, UnsafeStoreError
-from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import CommitInfo, StageKeys
 from tests.conftest import PROXY_READ_TIMEOUT, proxy_config
 from tests.faultproxy import Delay, FaultProxy, Rule, Status
 from tests.waiting import wait_for

@@ -193,8 +193,8 @@ def test_requests_in_flight_never_exceed_the_process_wide_limit(
     s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     """max_requests 2 with 4 workers: ranged parts of four files never run more than 2 at once."""
+    from agent.folder.transfer import Download, Transfers
     from agent.store.s3 import REQUEST_SLOTS
-    from agent.transfer import Download, Transfers
 
     store = _big_store(s3_env, fault_proxy, tmp_path, max_requests=2, workers=4)
     try:
@@ -215,7 +215,7 @@ def test_the_capability_probe_writes_each_probe_key_once_and_is_refused_once(
     wan_store: ObjectStore, fault_proxy: FaultProxy
 ) -> None:
     """R2's one write a second per key: the probe uses a key per step, never three writes to one."""
-    from agent.lock import probe_conditional_writes
+    from agent.stage.lock import probe_conditional_writes
 
     probe_conditional_writes(wan_store)
     puts = [s.path for s in fault_proxy.seen if s.method == "PUT" and "pdagent-probe" in s.path]

@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from agent import platform
-from agent.daemon import (
+from agent.agentd.server import (
     MAX_REQUEST_BYTES,
     ProtocolError,
     decode_frame_length,

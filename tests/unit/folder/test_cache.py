@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.cache import StageCache
-from agent.ignore import IgnoreRules
-from agent.manifest import LocalEntry, file_sha256
+from agent.folder.cache import StageCache
+from agent.folder.ignore import IgnoreRules
+from agent.stage.manifest import LocalEntry, file_sha256
 
 
 def _folder(root: Path, files: dict[str, bytes]) -> Path:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import DEFAULT_IGNORE
-from agent.ignore import IgnoreRules, is_temporary, temp_name_for
+from agent.folder.ignore import IgnoreRules, is_temporary, temp_name_for
 
 RULES = IgnoreRules(DEFAULT_IGNORE)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import JournalCorruptError, SessionError
-from agent.journal import Journal
+from agent.folder.journal import Journal
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_a_record_survives_kill_9_right_after_it_returns(tmp_path: Path) -> None
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from agent.journal import Journal\n"
+        "from agent.folder.journal import Journal\n"
         f"j = Journal.open(Path({str(path)!r}))\n"
         "for i in range(50): j.record(f'f{i}', 'put')\n"
         # kill -9 alone keeps what reached the OS; a power cut keeps only what was fsync'd

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.merge import MergePlan, plan_merge
+from agent.folder.merge import MergePlan, plan_merge
 
 A = (1, "a" * 64)
 A2 = (2, "b" * 64)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from agent.errors import SessionCancelledError
-from agent.transfer import Progress
+from agent.folder.transfer import Progress
 
 
 class Clock:
@@ -24,7 +24,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr("agent.transfer.time.monotonic", c)
+    monkeypatch.setattr("agent.folder.transfer.time.monotonic", c)
     return c
 
 

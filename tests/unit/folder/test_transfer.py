@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import LocalFileError, PermanentStoreError, TransientStoreError
+from agent.folder.transfer import Download, Progress, Transfers, Upload, content_type_for
 from agent.store.base import ObjectInfo, ProgressFn, WriteResult
-from agent.transfer import Download, Progress, Transfers, Upload, content_type_for
 from tests.fakes import FaultyStore, MemoryStore
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from agent.config import load_config
 from agent.errors import LocalFileError, TransientStoreError
-from agent.keys import CommitInfo, StageKeys
 from agent.session import PlantDesignSession
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.state import SessionState
 from agent.store.base import ObjectInfo, ProgressFn
 from tests.fakes import FaultyStore, MemoryStore

@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from agent.cas import new_write_id, put_fenced
-from agent.commit import Commit, StagedCopy, read_intent, read_manifest
 from agent.config import LockConfig
 from agent.errors import (
     CommitBlockedError,
@@ -24,9 +22,11 @@ from agent.errors import (
     PreconditionFailedError,
     TransientStoreError,
 )
-from agent.keys import StageKeys
-from agent.lock import Holder, RemoteLock
-from agent.manifest import Manifest, ManifestEntry
+from agent.stage.cas import new_write_id, put_fenced
+from agent.stage.commit import Commit, StagedCopy, read_intent, read_manifest
+from agent.stage.keys import StageKeys
+from agent.stage.lock import Holder, RemoteLock
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import WriteResult
 from tests.fakes import FaultyStore, MemoryStore
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from agent.config import HistoryConfig
-from agent.history import kept
-from agent.keys import CommitInfo, StageKeys
-from agent.manifest import Manifest, ManifestEntry, summarize
+from agent.stage.history import kept
+from agent.stage.keys import CommitInfo, StageKeys
+from agent.stage.manifest import Manifest, ManifestEntry, summarize
 
 KEYS = StageKeys("P1", "planning")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

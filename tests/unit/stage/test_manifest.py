@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import InvalidNameError, PermanentStoreError
-from agent.manifest import (
+from agent.folder.snapshot import FileStat
+from agent.stage.manifest import (
     LocalEntry,
     Manifest,
     ManifestEntry,
@@ -17,7 +18,6 @@ from agent.manifest import (
     is_unchanged,
     plan_open,
 )
-from agent.snapshot import FileStat
 
 
 def _m(**files: tuple[int, str]) -> Manifest:
