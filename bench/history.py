@@ -41,7 +41,7 @@ def history_steps_off() -> Iterator[None]:
     """The commit without its history steps (this process only; for the side-by-side)."""
     saved = Commit._keep, Commit._record_history
     Commit._keep = lambda self, intent, rel: None  # type: ignore[method-assign]
-    Commit._record_history = lambda self, intent, body: None  # type: ignore[method-assign]
+    Commit._record_history = lambda self, intent, body, manifest_etag: None  # type: ignore[method-assign]
     try:
         yield
     finally:
