@@ -85,6 +85,9 @@ class PlantDesignSession:
         # Problems the user must know about while ACTIVE (lock lost, uploads failing).
         self.error: Signal[str] = Signal("error")
         self.lock_lost: LockLostError | None = None
+        # The last close's refusal of a crafted commit intent (issue 19), until a close
+        # gets past it: it blocks every commit to the stage, so status shows it.
+        self.intent_refused: str | None = None
         self._state = SessionState.IDLE
         self._state_since = time.monotonic()
         self._state_lock = threading.Lock()
