@@ -623,14 +623,23 @@ def _store_label(config: AgentConfig) -> str:
 
 
 @cli.command("doctor")
+@click.argument("projekt_id", required=False)
+@click.option(
+    "--stage", default=None, help="Also check this stage's commit intent (needs PROJEKT)."
+)
 @_json_option
-def doctor_cmd() -> None:
+def doctor_cmd(projekt_id: str | None, stage: str | None) -> None:
     """Check the store: reachability, credentials, bucket, conditional writes, the copy
-    condition (a warning when ignored), clock skew."""
+    condition (a warning when ignored), clock skew; with PROJEKT --stage STAGE also the
+    stage's commit intent (a refused one fails)."""
     from agent.cli.doctor import run_checks
+    from agent.stage.keys import StageKeys
 
+    if (projekt_id is None) != (stage is None):
+        raise click.UsageError("checking a stage needs both PROJEKT and --stage")
     config = _obj().config
-    checks = run_checks(config)
+    keys = StageKeys(projekt_id, stage) if projekt_id is not None and stage is not None else None
+    checks = run_checks(config, stage=keys)
     ok = all(c.ok for c in checks)
     lines = [f"store: {_store_label(config)}"]
     lines += [
@@ -656,7 +665,11 @@ def lock_group() -> None:
 @click.option("--stage", required=True)
 @_json_option
 def lock_show(projekt_id: str, stage: str) -> None:
-    """Show who holds a stage's lock, since when, and its heartbeat."""
+    """Show who holds a stage's lock, since when, and its heartbeat; and the stage's
+    commit intent: none, finished, unfinished (the next lock holder finishes it) or
+    refused (exit 18: never executed, it blocks every commit to the stage)."""
+    from agent.errors import IntentRefusedError
+    from agent.stage.commit import inspect_intent
     from agent.stage.keys import StageKeys
     from agent.stage.lock import read_lock
     from agent.store import open_store
@@ -665,12 +678,25 @@ def lock_show(projekt_id: str, stage: str) -> None:
     store = open_store(_obj().config)
     try:
         status = read_lock(store, keys.lock, _obj().config.lock)
+        intent = inspect_intent(store, keys)
     finally:
         store.close()
-    if status is None:
-        _emit({"key": keys.lock, "lock": None}, f"{keys.lock}: no lock object (never locked)")
-        return
-    _emit({"key": keys.lock, "lock": status.as_dict()}, "\n".join(status.describe()))
+    lines = (
+        [f"{keys.lock}: no lock object (never locked)"]
+        if status is None
+        else list(status.describe())
+    )
+    lines.append(f"commit intent: {intent.describe()}")
+    _emit(
+        {
+            "key": keys.lock,
+            "lock": None if status is None else status.as_dict(),
+            "intent": intent.as_dict(),
+        },
+        "\n".join(lines),
+    )
+    if intent.state == "refused":
+        raise click.exceptions.Exit(IntentRefusedError.exit_code)
 
 
 @lock_group.command("unlock")

@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 from itertools import islice
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, PreconditionFailedError
+from agent.errors import AgentError, IntentRefusedError, PreconditionFailedError
+from agent.stage.commit import inspect_intent
+from agent.stage.keys import StageKeys
 from agent.stage.lock import probe_conditional_writes
 from agent.store import ObjectStore, open_store
 
@@ -85,6 +87,7 @@ def _check_conditional(store: ObjectStore) -> Check:
     )
 
 
+INTENT_CHECK = "commit intent"
 COPY_CHECK = "copy condition (x-amz-copy-source-if-match)"
 
 
@@ -124,8 +127,26 @@ def _check_copy_condition(store: ObjectStore) -> Check:
             store.delete_many([src, dst])
 
 
-def run_checks(config: AgentConfig) -> list[Check]:
-    """Run every check against the configured store."""
+def _check_intent(store: ObjectStore, keys: StageKeys) -> Check:
+    """The stage's commit intent, checked as the next lock holder checks it: a refused
+    one (never executed) blocks every commit to the stage, so the check fails."""
+    try:
+        finding = inspect_intent(store, keys)
+    except AgentError as exc:
+        return _fail(INTENT_CHECK, exc)
+    if finding.state == "refused":
+        return Check(
+            INTENT_CHECK,
+            False,
+            f"{keys.intent} {finding.describe()}",
+            IntentRefusedError.exit_code,
+            found=f"refused: {finding.problem}",
+        )
+    return Check(INTENT_CHECK, True, f"{keys.intent}: {finding.describe()}", found=finding.state)
+
+
+def run_checks(config: AgentConfig, *, stage: StageKeys | None = None) -> list[Check]:
+    """Run every check against the configured store (and ``stage``'s intent, if given)."""
     try:
         store = open_store(config)
     except AgentError as exc:
@@ -134,11 +155,14 @@ def run_checks(config: AgentConfig) -> list[Check]:
         listing = _check_listing(store)
         if not listing.ok:
             return [listing]
-        return [
+        checks = [
             listing,
             _check_conditional(store),
             _check_copy_condition(store),
             _check_clock(store),
         ]
+        if stage is not None:
+            checks.append(_check_intent(store, stage))
+        return checks
     finally:
         store.close()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from agent.errors import (
     AgentError,
     ConflictError,
+    IntentRefusedError,
     JournalCorruptError,
     LockLostError,
     MassDeleteError,
@@ -451,7 +452,12 @@ def _commit(
     """The commit protocol (``agent.stage.commit``) on this session's staged changes."""
     assert s.record is not None and s._journal is not None
     committer = _committer(s, keys, reupload=True)
-    previous, finished = committer.settle()
+    try:
+        previous, finished = committer.settle()
+    except IntentRefusedError as exc:
+        s.intent_refused = str(exc)  # status shows it until a close gets past it
+        raise
+    s.intent_refused = None
     if finished is not None and finished.manifest.session_id == s.record.session_id:
         _adopt_new_base(s, finished.manifest, finished.etag)
     base, current = _check_base(s, keys, previous)

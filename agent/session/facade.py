@@ -85,6 +85,8 @@ class PlantDesignSession:
         # Problems the user must know about while ACTIVE (lock lost, uploads failing).
         self.error: Signal[str] = Signal("error")
         self.lock_lost: LockLostError | None = None
+        # A close's refusal of a crafted commit intent, shown by status until one gets past it.
+        self.intent_refused: str | None = None
         self._state = SessionState.IDLE
         self._state_since = time.monotonic()
         self._state_lock = threading.Lock()

@@ -243,6 +243,9 @@ def status(s: PlantDesignSession) -> dict[str, object]:
     if s._heartbeat is not None and s._heartbeat.last_error is not None:
         out["lock_error"] = s._heartbeat.last_error
         problems.append(f"lock renewal failing: {s._heartbeat.last_error}")
+    if s.intent_refused is not None:
+        out["intent_refused"] = s.intent_refused
+        problems.append(f"close refused: {s.intent_refused}")
     problems += _stage_check_status(s, out)
     try:
         problems += _streaming_status(s, out)

@@ -61,9 +61,11 @@ __all__ = [
     "Commit",
     "CommitIntent",
     "Committed",
+    "IntentFinding",
     "Reupload",
     "StagedCopy",
     "check_intent",
+    "inspect_intent",
     "read_intent",
     "read_manifest",
     "remove_staging",
@@ -195,6 +197,67 @@ def read_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str]
     it, and one this agent would not write is refused (``IntentRefusedError``), left in
     place and never executed.
     """
+    found = _load_intent(store, keys)
+    if found is None:
+        return None
+    intent, etag = found
+    problem = check_intent(intent, keys)
+    if problem is not None:
+        log.error("commit_intent_refused", key=keys.intent, problem=problem)
+        raise IntentRefusedError(
+            f"the commit intent {keys.intent} is refused: {problem}. It was not executed and "
+            "is left in place; nobody can commit to the stage until an operator compares the "
+            "stage with its manifest and removes it"
+        )
+    return intent, etag
+
+
+@dataclass(frozen=True)
+class IntentFinding:
+    """What ``agent lock show`` and ``agent doctor --stage`` report of a stage's intent."""
+
+    state: Literal["none", "finished", "unfinished", "refused"]
+    """``unfinished``: a started commit the next lock holder finishes; ``refused``: one
+    this agent would not write (never executed, it blocks every commit to the stage)."""
+    problem: str | None = None
+    """Why it is refused (``check_intent``)."""
+    commit_id: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        """For ``--json``."""
+        return {"state": self.state, "problem": self.problem, "commit_id": self.commit_id}
+
+    def describe(self) -> str:
+        """One line for a user (bucket text escaped)."""
+        if self.state == "refused":
+            return (
+                f"REFUSED: {printable(self.problem or '')} (never executed, left in place; no "
+                "commit to the stage is possible until an operator removes it)"
+            )
+        if self.state == "unfinished":
+            return f"unfinished (commit {self.commit_id}; the next lock holder finishes it)"
+        return self.state
+
+
+def inspect_intent(store: ObjectStore, keys: StageKeys) -> IntentFinding:
+    """The stage's commit intent, checked as ``read_intent`` checks it, acting on nothing.
+
+    An intent that does not parse raises ``PermanentStoreError`` as in ``read_intent``.
+    """
+    found = _load_intent(store, keys)
+    if found is None:
+        return IntentFinding("none")
+    intent = found[0]
+    problem = check_intent(intent, keys)
+    if problem is not None:
+        return IntentFinding("refused", problem=problem)
+    if intent.state == "done":
+        return IntentFinding("finished", commit_id=intent.commit_id)
+    return IntentFinding("unfinished", commit_id=intent.commit_id)
+
+
+def _load_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str] | None:
+    """The stage's intent as parsed (not yet checked) and its ETag, ``None`` if none."""
     try:
         data = store.get(keys.intent)
     except NotFoundError:
@@ -207,14 +270,6 @@ def read_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str]
             "commit to the stage until an operator restores it from the bucket's versioning "
             "or removes it after checking the stage against its manifest"
         ) from exc
-    problem = check_intent(intent, keys)
-    if problem is not None:
-        log.error("commit_intent_refused", key=keys.intent, problem=problem)
-        raise IntentRefusedError(
-            f"the commit intent {keys.intent} is refused: {problem}. It was not executed and "
-            "is left in place; nobody can commit to the stage until an operator compares the "
-            "stage with its manifest and removes it"
-        )
     return intent, data.etag
 
 

@@ -207,3 +207,114 @@ def test_an_intent_naming_another_sessions_id_deletes_none_of_its_staged_files(
     left = {o.key for o in s3_store.list("Bucket_1/")}
     assert set(staged) <= left, "staged files of another session were deleted"
     assert f"Bucket_1/.objects/{sha}" in left
+
+
+def _lock_show(run: Run, *more: str) -> subprocess.CompletedProcess[str]:
+    return run("lock", "show", "Bucket_1", "--stage", "planning", *more)
+
+
+def test_lock_show_names_a_refused_commit_intent_and_exits_18(
+    run: Run, s3_store: ObjectStore
+) -> None:
+    """A crafted intent (its history key names another stage's lock): `lock show` prints
+    the lock and says the intent is refused and why, in text and --json, exit 18; the
+    intent is left in place."""
+    crafted = CRAFTED_INTENTS["history key on another stage's lock"]
+    s3_store.put_bytes(KEYS.lock, _lock())
+    s3_store.put_bytes(KEYS.intent, crafted)
+    shown = _lock_show(run)
+    assert 18 == shown.returncode, shown.stderr
+    assert "held by bob on ws-7" in shown.stdout
+    assert "commit intent: REFUSED" in shown.stdout
+    assert "its history key is not this stage's entry" in shown.stdout
+    as_json = _lock_show(run, "--json")
+    assert 18 == as_json.returncode, as_json.stderr
+    intent = json.loads(as_json.stdout)["intent"]
+    assert "refused" == intent["state"]
+    assert "its history key is not this stage's entry" in intent["problem"]
+    assert crafted == s3_store.get(KEYS.intent).body
+
+
+def test_lock_show_escapes_the_problem_of_a_refused_intent(run: Run, s3_store: ObjectStore) -> None:
+    """A path with control characters in a refused intent: shown escaped, no forged line."""
+    s3_store.put_bytes(
+        KEYS.intent,
+        _intent(deletes=["../\x1b[2J\nerror: forged"]),
+    )
+    shown = _lock_show(run)
+    assert 18 == shown.returncode, shown.stderr
+    assert "\x1b" not in shown.stdout
+    assert "\\x1b[2J" in shown.stdout
+    assert not any(line.startswith("error: forged") for line in shown.stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("body", "state"),
+    [(None, "none"), (_intent(), "unfinished"), (_intent(state="done"), "finished")],
+)
+def test_lock_show_reports_an_acceptable_commit_intent_and_exits_0(
+    run: Run, s3_store: ObjectStore, body: bytes | None, state: str
+) -> None:
+    """No intent, a finished one, or an unfinished one the next holder would finish: named
+    in text and --json, exit 0 (even with no lock object at all)."""
+    if body is not None:
+        s3_store.put_bytes(KEYS.intent, body)
+    shown = _lock_show(run)
+    assert 0 == shown.returncode, shown.stderr
+    assert f"commit intent: {state}" in shown.stdout
+    as_json = _lock_show(run, "--json")
+    assert 0 == as_json.returncode, as_json.stderr
+    assert state == json.loads(as_json.stdout)["intent"]["state"]
+
+
+def test_doctor_with_a_stage_fails_on_a_refused_commit_intent(
+    run: Run, s3_store: ObjectStore
+) -> None:
+    """`doctor --stage`: the check "commit intent" names the refused intent and why, and
+    fails (exit 18); without a stage there is no such check."""
+    s3_store.put_bytes(KEYS.intent, CRAFTED_INTENTS["history key on another stage's lock"])
+    checked = run("doctor", "Bucket_1", "--stage", "planning", "--json")
+    assert 18 == checked.returncode, checked.stderr
+    answer = json.loads(checked.stdout)
+    assert answer["ok"] is False
+    [check] = [c for c in answer["checks"] if c["name"] == "commit intent"]
+    assert check["ok"] is False
+    assert check["found"].startswith("refused: its history key is not this stage's entry")
+    text = run("doctor", "Bucket_1", "--stage", "planning")
+    assert 18 == text.returncode, text.stderr
+    [line] = [x for x in text.stdout.splitlines() if x.startswith("[FAIL] commit intent:")]
+    assert f"{KEYS.intent} REFUSED: its history key is not this stage's entry" in line
+    plain = run("doctor", "--json")
+    assert "commit intent" not in [c["name"] for c in json.loads(plain.stdout)["checks"]]
+
+
+def test_doctor_with_a_stage_passes_without_a_commit_intent(
+    run: Run, s3_store: ObjectStore
+) -> None:
+    """`doctor --stage` on a stage no commit has touched: "commit intent" found none, ok."""
+    checked = run("doctor", "Bucket_1", "--stage", "planning", "--json")
+    answer = json.loads(checked.stdout)
+    [check] = [c for c in answer["checks"] if c["name"] == "commit intent"]
+    assert check == {**check, "ok": True, "found": "none"}
+    assert 0 == checked.returncode, checked.stdout
+
+
+def test_status_shows_a_close_refused_for_a_crafted_intent(run: Run, s3_store: ObjectStore) -> None:
+    """An intent crafted while a session is open: close refuses it (exit 18) and `agent
+    status` then shows the refusal as a problem of the session, text and --json."""
+    opened = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    assert 0 == opened.returncode, opened.stderr
+    try:
+        s3_store.put_bytes(KEYS.intent, CRAFTED_INTENTS["history key on another stage's lock"])
+        closed = run("close")
+        assert 18 == closed.returncode, closed.stderr
+        status = run("status")
+        assert 0 == status.returncode, status.stderr
+        assert "PROBLEM: close refused: the commit intent" in status.stdout
+        assert "is refused: its history key is not this stage's entry" in status.stdout
+        [row] = json.loads(run("status", "--json").stdout)["sessions"]
+        assert "is refused" in row["intent_refused"]
+        assert "close refused: the commit intent" in row["error"]
+    finally:
+        s3_store.delete_many([KEYS.intent])
+        run("abort")
