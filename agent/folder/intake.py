@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Change, Journal
+from agent.folder.sender import StoredFile
 from agent.folder.snapshot import FileStat, scan
 from agent.log import get_logger
 from agent.stage.keys import WorkFolder, printable, unsupported_reason
-from agent.stage.manifest import LocalEntry, Manifest
+from agent.stage.manifest import LocalEntry
 
 if TYPE_CHECKING:
     from agent.folder.watcher import Watcher
@@ -65,7 +66,7 @@ class Intake:
 
     if TYPE_CHECKING:  # the streamer's, set in ``Streamer.__init__``
         root: Path
-        base: Manifest
+        base: Mapping[str, StoredFile]
         journal: Journal
         rules: IgnoreRules
         _folder: WorkFolder
@@ -160,7 +161,7 @@ class Intake:
             if kind is not None:
                 self._others[rel] = kind
         if kind is not None and kind != before:
-            committed = rel in self.base.files
+            committed = rel in self.base
             log.warning(
                 "not_synchronised",
                 path=printable(rel),
@@ -174,7 +175,7 @@ class Intake:
         with self._known_lock:
             others = dict(self._others)
         return [
-            {"path": printable(rel), "reason": kind, "deletes_committed": rel in self.base.files}
+            {"path": printable(rel), "reason": kind, "deletes_committed": rel in self.base}
             for rel, kind in sorted(others.items())
         ]
 
@@ -232,7 +233,7 @@ class Intake:
         with self._known_lock:
             if rel in self._known:
                 return True
-        return rel in self.base.files or self.journal.staged_entry(rel) is not None
+        return rel in self.base or self.journal.staged_entry(rel) is not None
 
     def rescan(self, subtree: str = "") -> None:
         """Compare a subtree with what the store holds; journal the differences."""

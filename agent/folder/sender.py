@@ -13,9 +13,10 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
 from agent.folder.journal import Journal
@@ -23,10 +24,10 @@ from agent.folder.snapshot import FileStat
 from agent.folder.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
 from agent.log import get_logger
 from agent.platform import executable_bit
-from agent.stage.keys import StageKeys, WorkFolder, printable
-from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
+from agent.stage.keys import WorkFolder, printable
+from agent.stage.manifest import LocalEntry, fd_sha256
 
-__all__ = ["Sender"]
+__all__ = ["ContentKeys", "Sender", "StoredFile"]
 
 log = get_logger(__name__)
 
@@ -34,13 +35,38 @@ _GROWING_TRIES = 2  # a file changing during this many upload tries is sent as a
 _COPY_CHUNK = 1 << 20
 
 
+class ContentKeys(Protocol):
+    """Where content is stored: ``.objects/{sha256}`` of the project (``StageKeys`` is one)."""
+
+    @property
+    def objects_prefix(self) -> str: ...
+
+    def version(self, sha256: str) -> str: ...
+
+
+class StoredFile(Protocol):
+    """What the store holds for a committed file (``ManifestEntry`` is one)."""
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def executable(self) -> bool: ...
+
+    @property
+    def etag(self) -> str: ...
+
+
 class Sender:
     """The sending of ``Streamer`` (a mixin: it shares the streamer's tables and locks)."""
 
     if TYPE_CHECKING:  # the streamer's, set in ``Streamer.__init__``
-        keys: StageKeys
+        keys: ContentKeys
         session_id: str
-        base: Manifest
+        base: Mapping[str, StoredFile]
         journal: Journal
         uploads: int
         reused: int
@@ -65,7 +91,7 @@ class Sender:
             if staged.op != "put":
                 return None
             return (staged.sha256, staged.size, staged.executable)
-        base = self.base.files.get(rel)
+        base = self.base.get(rel)
         return (base.sha256, base.size, base.executable) if base is not None else None
 
     def _put(self, rel: str, seq: int) -> bool:
@@ -209,7 +235,7 @@ class Sender:
         """The ETag of ``.objects/{sha256}`` as the base manifest or this session knows it."""
         with self._known_lock:
             if self._stored is None:
-                self._stored = {e.sha256: e.etag for e in self.base.files.values() if e.etag}
+                self._stored = {e.sha256: e.etag for e in self.base.values() if e.etag}
                 for staged in self.journal.staged().values():
                     if staged.op == "put" and staged.etag:
                         self._stored[staged.sha256] = staged.etag

@@ -23,7 +23,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,17 +35,24 @@ from agent.errors import AgentError
 from agent.folder.ignore import IgnoreRules
 from agent.folder.intake import Intake, describe_unsupported, special_kind
 from agent.folder.journal import Journal
-from agent.folder.sender import Sender
+from agent.folder.sender import ContentKeys, Sender, StoredFile
 from agent.folder.transfer import Transfers
 from agent.folder.watcher import Watcher
 from agent.log import get_logger
 from agent.platform import held_by_another_program
 from agent.retry import backoff, delay_after
-from agent.stage.keys import FolderIdentity, StageKeys, WorkFolder, printable
-from agent.stage.manifest import LocalEntry, Manifest
+from agent.stage.keys import FolderIdentity, WorkFolder, printable
+from agent.stage.manifest import LocalEntry
 from agent.store.base import ObjectStore
 
-__all__ = ["Held", "Streamer", "describe_unsupported", "special_kind"]
+__all__ = [
+    "ContentKeys",
+    "Held",
+    "StoredFile",
+    "Streamer",
+    "describe_unsupported",
+    "special_kind",
+]
 
 log = get_logger(__name__)
 
@@ -71,12 +78,12 @@ class Streamer(Intake, Sender):
         self,
         *,
         root: Path,
-        keys: StageKeys,
+        keys: ContentKeys,
         session_id: str,
         store: ObjectStore,
         journal: Journal,
         config: AgentConfig,
-        base: Manifest,
+        base: Mapping[str, StoredFile],
         known: dict[str, LocalEntry],
         on_error: Callable[[str], None] | None = None,
         identity: FolderIdentity | None = None,
@@ -91,7 +98,7 @@ class Streamer(Intake, Sender):
         self._backoff = backoff(config.retry, cap=_MAX_BACKOFF)
         # A file an editor holds is retried often enough to send it soon after it is freed.
         self._wait_backoff = backoff(config.retry, cap=_MAX_WAIT_BACKOFF)
-        self.base = base
+        self.base = base  # the committed files (the base manifest's): path -> what is stored
         self.rules = IgnoreRules((*config.watch.ignore, *config.watch.extra_ignore))
         self._known = dict(known)
         for rel, staged in journal.staged().items():
