@@ -22,7 +22,8 @@ that another process keeps locked longer than the busy timeout (never a silent
 hang). Using a journal after ``close`` raises ``SessionError``.
 
 The file is stamped with ``PRAGMA application_id`` so that a stray database is
-never mistaken for a journal (or silently extended with our tables).
+never mistaken for a journal (or silently extended with our tables): the schema,
+its checks on open and the marks of the group commit live in ``journal_schema``.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, cast
 
 from agent.errors import JournalCorruptError, SessionError
+from agent.folder.journal_schema import Mark, apply_mark, create_private, prepare
 from agent.log import get_logger
-from agent.platform import create_private_file, make_private_dirs
 
 __all__ = ["Change", "Entry", "Journal", "Op", "ShortChange", "Staged"]
 
@@ -53,40 +54,6 @@ ShortChange = tuple[str, Op, int | None, int | None]
 """``(path, op, size, mtime_ns)``: a change without ctime and inode (never a no-op put)."""
 
 _OPS = frozenset({"put", "delete"})
-_APPLICATION_ID = 0x70644A31  # "pdJ1": marks the file as one of our journals
-_SCHEMA_VERSION = 1
-_TABLES = frozenset({"pending", "staged", "meta", "counter"})
-
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS pending (
-    path TEXT PRIMARY KEY,
-    op TEXT NOT NULL CHECK (op IN ('put', 'delete')),
-    seq INTEGER NOT NULL,
-    size INTEGER,
-    mtime_ns INTEGER,
-    recorded_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    ctime_ns INTEGER,
-    inode INTEGER
-);
-CREATE TABLE IF NOT EXISTS staged (
-    path TEXT PRIMARY KEY,
-    op TEXT NOT NULL CHECK (op IN ('put', 'delete')),
-    etag TEXT,
-    size INTEGER,
-    sha256 TEXT,
-    mtime_ns INTEGER,
-    executable INTEGER
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
-INSERT OR IGNORE INTO counter (id, seq) VALUES (1, 0);
-PRAGMA application_id = {_APPLICATION_ID};
-PRAGMA user_version = {_SCHEMA_VERSION};
-COMMIT;
-"""  # noqa: S608 - two int constants, no input
 
 
 @dataclass(frozen=True)
@@ -138,7 +105,7 @@ class Journal:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._marks: list[_Mark] = []
+        self._marks: list[Mark] = []
         self._marks_lock = threading.Lock()
         self._marking = False
 
@@ -146,14 +113,14 @@ class Journal:
     def open(cls, path: Path, *, busy_timeout: float = 10.0) -> Journal:
         """Open the journal at ``path``, creating it (and its folder) if it does not exist."""
         try:
-            _create_private(path)
+            create_private(path)
             conn = sqlite3.connect(
                 path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
             )
         except (OSError, sqlite3.Error) as exc:
             raise cls._error(path, exc) from exc
         try:
-            cls._prepare(path, conn)
+            prepare(path, conn)
         except sqlite3.Error as exc:
             conn.close()
             raise cls._error(path, exc) from exc
@@ -171,36 +138,6 @@ class Journal:
             if part.exists():
                 os.replace(part, aside.with_name(aside.name + suffix))
         return aside
-
-    @staticmethod
-    def _prepare(path: Path, conn: sqlite3.Connection) -> None:
-        """Check that ``conn`` is a sound journal (or a new file) and set it up."""
-        (app_id,) = conn.execute("PRAGMA application_id").fetchone()
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        # app_id 0 with exactly our tables: a journal written before the stamp existed.
-        if app_id != _APPLICATION_ID and not (app_id == 0 and tables <= _TABLES):
-            raise JournalCorruptError(
-                f"{path} is not a journal of this agent (an unrelated SQLite database, "
-                f"application_id {app_id:#x}); it was left untouched. Move it away, then "
-                "`agent recover --resume` rebuilds the pending list from the working folder"
-            )
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            # A filesystem without shared memory (some network shares): still durable.
-            log.warning("journal_not_wal", path=str(path), mode=mode and mode[0])
-        conn.execute("PRAGMA synchronous=FULL")
-        if app_id != _APPLICATION_ID or tables != _TABLES:
-            conn.executescript(_SCHEMA)
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(pending)")}
-        if "inode" not in columns:  # a journal from before issue 8
-            conn.execute("ALTER TABLE pending ADD COLUMN ctime_ns INTEGER")
-            conn.execute("ALTER TABLE pending ADD COLUMN inode INTEGER")
-        staged_columns = {r[1] for r in conn.execute("PRAGMA table_info(staged)")}
-        if "executable" not in staged_columns:  # a journal from before the executable bit
-            conn.execute("ALTER TABLE staged ADD COLUMN executable INTEGER")
-        row = conn.execute("PRAGMA quick_check").fetchone()
-        if row is None or row[0] != "ok":
-            raise sqlite3.DatabaseError(f"quick_check: {row and row[0]}")
 
     @staticmethod
     def _error(path: Path, exc: BaseException) -> JournalCorruptError:
@@ -364,7 +301,7 @@ class Journal:
         for it. Ten uploaders each committing alone spent more time queued for the
         write lock than uploading.
         """
-        mark = _Mark(path, seq, etag, size, sha256, mtime_ns, executable, deleted, unchanged)
+        mark = Mark(path, seq, etag, size, sha256, mtime_ns, executable, deleted, unchanged)
         with self._marks_lock:
             self._marks.append(mark)
             leader = not self._marking
@@ -388,7 +325,7 @@ class Journal:
             try:
                 with self._tx(durable=False) as conn:
                     for mark in batch:
-                        mark.result = _apply_mark(conn, mark)
+                        mark.result = apply_mark(conn, mark)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter, re-raised there
                 for mark in batch:
                     mark.error = exc
@@ -490,7 +427,7 @@ class Journal:
 
     def backup(self, dest: Path) -> None:
         """A consistent copy of the journal at ``dest`` (SQLite's online backup)."""
-        _create_private(dest)
+        create_private(dest)
         target = sqlite3.connect(dest)
         try:
             with self._lock:
@@ -542,67 +479,3 @@ def _staged(row: tuple[object, ...]) -> Staged:
         mtime_ns=cast("int | None", mtime_ns),
         executable=None if executable is None else bool(executable),
     )
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 in a 0700 folder before SQLite opens it.
-
-    SQLite would create it with the umask's mode; its ``-wal``/``-shm`` files take
-    the database file's mode, so the whole journal stays owner-only (issue 9).
-    """
-    make_private_dirs(path.parent)
-    try:
-        fd = create_private_file(path)
-    except FileExistsError:
-        return
-    os.close(fd)
-
-
-@dataclass
-class _Mark:
-    """One ``mark_done`` waiting for its group commit."""
-
-    path: str
-    seq: int
-    etag: str | None
-    size: int | None
-    sha256: str | None
-    mtime_ns: int | None
-    executable: bool | None
-    deleted: bool
-    unchanged: bool
-    result: bool = False
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _apply_mark(conn: sqlite3.Connection, mark: _Mark) -> bool:
-    """``mark_done``'s statements for one row, inside the caller's transaction."""
-    cur = conn.execute("DELETE FROM pending WHERE path = ? AND seq = ?", (mark.path, mark.seq))
-    if cur.rowcount == 0:
-        return False
-    if mark.unchanged:
-        pass
-    elif mark.etag is not None:
-        conn.execute(
-            "INSERT OR REPLACE INTO staged"
-            " (path, op, etag, size, sha256, mtime_ns, executable)"
-            " VALUES (?, 'put', ?, ?, ?, ?, ?)",
-            (
-                mark.path,
-                mark.etag,
-                mark.size or 0,
-                mark.sha256 or "",
-                mark.mtime_ns,
-                mark.executable,
-            ),
-        )
-    elif mark.deleted:
-        conn.execute(
-            "INSERT OR REPLACE INTO staged (path, op, etag, size, sha256, mtime_ns)"
-            " VALUES (?, 'delete', NULL, 0, '', NULL)",
-            (mark.path,),
-        )
-    else:
-        conn.execute("DELETE FROM staged WHERE path = ?", (mark.path,))
-    return True

@@ -125,7 +125,7 @@ def _ensure_streamer(s: PlantDesignSession, *, watch: bool, reconcile: bool = Tr
             store=s.store,
             journal=s._journal,
             config=s.config,
-            base=base,
+            base=base.files,
             known=s._base_files,
             on_error=s._note_error,
         )

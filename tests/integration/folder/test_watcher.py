@@ -336,7 +336,7 @@ def test_a_watch_limit_falls_back_to_polling_and_says_so(
     """inotify refusing more watches (ENOSPC) makes a real polling observer take over."""
     import errno
 
-    from agent.folder import watcher as watcher_module
+    from agent.folder import observer as observer_module
 
     class _LimitReached:
         """inotify at fs.inotify.max_user_watches: scheduling the watch is refused."""
@@ -350,7 +350,7 @@ def test_a_watch_limit_falls_back_to_polling_and_says_so(
         def is_alive(self) -> bool:
             return False
 
-    monkeypatch.setattr(watcher_module, "Observer", _LimitReached)
+    monkeypatch.setattr(observer_module, "Observer", _LimitReached)
     root, c, w = start_watcher()
     assert w.mode == "polling"
     (root / "saved.dwg").write_bytes(b"seen by polling")

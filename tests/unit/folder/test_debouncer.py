@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agent.folder.watcher import Debouncer
+from agent.folder.debounce import Debouncer
 
 TICK = 0.02
 
