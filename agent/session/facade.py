@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from agent import __version__
 from agent.config import AgentConfig, load_config
 from agent.errors import LockLostError, SessionError
 from agent.folder.cache import StageCache
@@ -55,6 +54,7 @@ from agent.stage.manifest import LocalEntry, Manifest
 from agent.stage.repair import RepairReport
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store
+from agent.version import __version__
 
 __all__ = ["CloseReport", "PlantDesignSession"]
 
