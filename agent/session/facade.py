@@ -40,9 +40,9 @@ from agent.folder.streamer import Streamer
 from agent.log import get_logger
 from agent.platform import machine_name, on_main_thread
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
-from agent.session.checkin import CloseReport
 from agent.session.records import SessionRecord, SessionStore
 from agent.session.recovery import RecoveryInfo
+from agent.session.reports import CloseReport
 from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
 from agent.stage.commit import Commit, StagedCopy
