@@ -1,6 +1,6 @@
 """pd-session-agent: check-out / check-in of plant-design project stages in S3/R2.
 
-The public names are re-exported here; ``tests/unit/test_exported_members.py`` pins them.
+The public names are re-exported here; ``tests/unit/test_public_api.py`` pins them.
 The session machinery is imported on first use, so ``import agent`` (and
 ``agent status`` / ``--help``) stays cheap: no boto3, no watchdog.
 """
@@ -8,8 +8,6 @@ The session machinery is imported on first use, so ``import agent`` (and
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-
-__version__ = "0.1.0"
 
 from agent.config import AgentConfig, load_config
 from agent.errors import (
@@ -27,6 +25,7 @@ from agent.errors import (
 )
 from agent.log import library_defaults
 from agent.state import SessionState
+from agent.version import __version__
 
 if TYPE_CHECKING:
     from agent.session import CloseReport, PlantDesignSession

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import click
 
-from agent import __version__
 from agent.config import AgentConfig, default_user, load_config
 from agent.errors import AgentError
 from agent.text import printable, printable_lines
+from agent.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
 

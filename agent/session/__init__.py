@@ -1,9 +1,11 @@
 """The session layer: ``PlantDesignSession`` (``facade``), one module per verb, records, recovery.
 
-Verbs: ``checkout`` (open), ``checkin`` (close and the commit), ``runtime`` (streaming,
-heartbeat, flush, status), ``resume`` (crash recovery and merge), ``discard`` (abort,
-discard), ``crash`` (the emergency save), ``versions`` (history, show, restore, prune).
-``records`` and ``recovery`` are the session's files on this machine.
+Verbs: ``checkout`` (open), ``checkin`` (close and the commit; ``closing`` holds its
+flush and the look at the folder after the commit), ``runtime`` (streaming, heartbeat,
+flush, status), ``resume`` (crash recovery and merge), ``discard`` (abort, discard),
+``crash`` (the emergency save), ``versions`` (history, show, restore, prune). ``reports``
+is what the verbs hand back (``CloseReport``). ``records`` and ``recovery`` are the
+session's files on this machine.
 
 The facade is imported on first use, so ``agent status`` (which reads ``records``)
 does not import watchdog or the store.

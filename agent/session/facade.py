@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from agent import __version__
 from agent.config import AgentConfig, load_config
 from agent.errors import LockLostError, SessionError
 from agent.folder.cache import StageCache
@@ -41,9 +40,9 @@ from agent.folder.streamer import Streamer
 from agent.log import get_logger
 from agent.platform import machine_name, on_main_thread
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
-from agent.session.checkin import CloseReport
 from agent.session.records import SessionRecord, SessionStore
 from agent.session.recovery import RecoveryInfo
+from agent.session.reports import CloseReport
 from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
 from agent.stage.commit import Commit, StagedCopy
@@ -55,6 +54,7 @@ from agent.stage.manifest import LocalEntry, Manifest
 from agent.stage.repair import RepairReport
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store
+from agent.version import __version__
 
 __all__ = ["CloseReport", "PlantDesignSession"]
 

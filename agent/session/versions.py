@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from agent.errors import ConflictError, StoreError, VersionNotFoundError
 from agent.folder.snapshot import scan
 from agent.log import get_logger
+from agent.session.reports import CloseReport
 from agent.stage.commit import read_manifest
 from agent.stage.history import (
     FileVersion,
@@ -36,7 +37,6 @@ from agent.stage.manifest import Manifest, ManifestEntry
 
 if TYPE_CHECKING:
     from agent.session import PlantDesignSession
-    from agent.session.checkin import CloseReport
 
 log = get_logger(__name__)
 

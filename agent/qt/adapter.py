@@ -1,50 +1,9 @@
-"""The Qt (PySide6) adapter: a ``QObject`` with Qt signals, workers off the GUI thread,
-crash handling for an event loop, and two ready dialogs (``pip install pd-session-agent[qt]``).
-
-::
-
-    app = QApplication(sys.argv)
-    adapter = SessionAdapter(config)          # on the GUI thread
-    adapter.stateChanged.connect(...)         # all signals arrive on the GUI thread
-    adapter.finished.connect(on_finished)     # ("open", Path) ... ("close", CloseReport)
-    adapter.failed.connect(on_failed)         # ("open", SessionCancelledError(...)) ...
-    offer_recovery(adapter, window)           # at start-up: the recovery dialog if needed
-    adapter.open("Kraftwerk_1234567", "admin", "planning")   # returns at once
-
-Threading rules: every verb (``open``, ``close``, ``abort``, ``resume``, ``discard``)
-runs on a ``QThreadPool`` worker and returns at once; ``cancel()`` stops an open or
-resume that is running. The session's own signals are emitted on worker threads;
-the adapter re-emits them as Qt signals, which Qt delivers to GUI-thread receivers
-as queued calls. ``check_previous_crash()`` only reads local files and runs on the
-calling thread.
-
-Crash handling: the adapter makes the wake-up socket of ``agent.session.crash`` be
-read by a ``QSocketNotifier`` on the GUI thread. A SIGTERM/SIGINT/SIGHUP then wakes
-the event loop, the emergency save runs on the GUI thread (bounded by
-``recovery.crash_timeout``), and then the host's previous handler runs, or
-``QApplication.quit()`` where the default action would have ended the process:
-``aboutToQuit`` runs, and no ``SystemExit`` is ever raised inside a slot.
-
-The wake-up fd: while a session is protected, the interpreter's wake-up fd
-(``signal.set_wakeup_fd``) is the crash hooks' socket. A host may set its own,
-before or after the adapter: the GUI thread takes the wake-up fd back within a
-second (and at every verb, and when the signal's Python handler runs) and
-chains to the host's, which gets each signal's byte (the signal number, as
-Python writes it) forwarded once the hooks read it, and is put back when the
-last session ends. A handler the host sets for a signal after the adapter's
-session replaces ours: the notifier's read then runs the save, and the host's
-handler does the rest (quitting, or not).
-
-Quitting: at ``aboutToQuit`` a verb that runs is finished first (an open or
-resume is cancelled; a close commits), so the interpreter never shuts down
-under it; its ``finished``/``failed`` is delivered then.
+"""``SessionAdapter``: a ``PlantDesignSession`` for a Qt GUI, its workers, and the crash
+notifier that lets the event loop read the crash hooks' wake-up socket (see ``agent.qt``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,36 +18,15 @@ from PySide6.QtCore import (
     QTimer,
     Signal,
 )
-from PySide6.QtGui import QCloseEvent, QShortcut
-from PySide6.QtWidgets import (
-    QDialog,
-    QDialogButtonBox,
-    QLabel,
-    QListWidget,
-    QMessageBox,
-    QProgressDialog,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
 
 from agent.config import AgentConfig
-from agent.errors import SessionCancelledError
 from agent.log import get_logger
+from agent.qt.refs import _DROPS_NONE, _DROPS_TRUE, _emit, _void
 from agent.session import PlantDesignSession, crash
 from agent.session.recovery import RecoveryInfo
 from agent.state import SessionState
 
 log = get_logger(__name__)
-
-__all__ = [
-    "ProgressDialog",
-    "RecoveryDialog",
-    "SessionAdapter",
-    "install_crash_handling",
-    "offer_recovery",
-]
-
 
 _CANCELLABLE = (
     SessionState.IDLE,
@@ -108,64 +46,6 @@ _NOT_CANCELLABLE = {
 
 # How often the GUI thread checks that the wake-up fd is still the crash hooks'.
 _RECLAIM_EVERY_MS = 1000
-
-
-class _Probe(QObject):
-    ping = Signal()
-
-
-def _incref(obj: object) -> None:
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
-
-
-def _drops(call: Callable[[], object], obj: object) -> bool:
-    """True if ``call()`` lowers ``obj``'s reference count by one (a binding's bug).
-
-    PySide6 6.12.0 returns ``True`` from ``SignalInstance.emit`` and ``None`` from every
-    void method without a reference of their own (6.11.3 does not): each call from
-    Python lowers the count, and a long-running host ends in "deallocating True".
-    Measured once, one call at a time; another thread may move the count meanwhile,
-    so six of the eight must agree. What the probe itself took is given back.
-    """
-    dropped = 0
-    for _ in range(8):
-        before = sys.getrefcount(obj)
-        call()
-        dropped += before - sys.getrefcount(obj) == 1
-    if dropped < 6:
-        return False
-    for _ in range(dropped):
-        _incref(obj)
-    return True
-
-
-def _probe_binding() -> tuple[bool, bool]:
-    probe = _Probe()
-    return _drops(probe.ping.emit, True), _drops(lambda: probe.setObjectName("probe"), None)
-
-
-_DROPS_TRUE, _DROPS_NONE = _probe_binding()
-
-
-def _emit(signal: Any, *args: object) -> None:
-    """``signal.emit(*args)``; every Qt signal this module emits goes through here."""
-    result = signal.emit(*args)
-    if _DROPS_TRUE and result is True:
-        _incref(result)
-
-
-def _disconnect(signal: Any, slot: Callable[..., object]) -> None:
-    """``signal.disconnect(slot)`` (6.12.0's returns ``True`` without a reference, too)."""
-    result = signal.disconnect(slot)
-    if _DROPS_TRUE and result is True:
-        _incref(result)
-
-
-def _void(method: Callable[..., object], *args: object) -> None:
-    """Call a void Qt method; every one this module calls repeatedly goes through here."""
-    result = method(*args)
-    if _DROPS_NONE and result is None:
-        _incref(result)
 
 
 class _Relay(QObject):
@@ -481,181 +361,3 @@ class SessionAdapter(QObject):
         # A verb that ended a session on a worker could not restore signal handlers
         # there; the GUI thread can, now.
         crash.hooks().release_if_unused()
-
-
-class RecoveryDialog(QDialog):
-    """What an interrupted session left, and the choice: Resume, Discard or Later.
-
-    ``choice`` is ``"resume"``, ``"discard"`` (the user confirmed the listed losses)
-    or ``"later"``.
-    """
-
-    def __init__(self, info: RecoveryInfo, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.info = info
-        self.choice = "later"
-        self.setWindowTitle("Unfinished editing session")
-        layout = QVBoxLayout(self)
-        how = (
-            "The program ended while this session was open; its work was saved."
-            if info.kind == "handled"
-            else "The program ended without saving this session (killed or power loss); "
-            "the working folder is still on disk."
-        )
-        layout.addWidget(
-            QLabel(
-                f"<b>{info.projekt_id}</b> / {info.stage} (user {info.user}), "
-                f"{info.crashed_at:%Y-%m-%d %H:%M} UTC<br>{how}"
-            )
-        )
-        layout.addWidget(QLabel(f"Backup of the files: {info.backup_path or 'none'}"))
-        unsaved = info.unsaved
-        layout.addWidget(
-            QLabel(
-                f"{len(unsaved)} change(s) are not in the store yet:"
-                if unsaved
-                else "Every change is in the store."
-            )
-        )
-        self.files = QListWidget(self)
-        for rel in unsaved:
-            self.files.addItem(f"{rel}  ({change_state(info, rel)})")
-        layout.addWidget(self.files)
-        buttons = QDialogButtonBox(self)
-        self.resume_button = QPushButton("Resume", self)
-        self.discard_button = QPushButton("Discard…", self)
-        self.later_button = QPushButton("Later", self)
-        buttons.addButton(self.resume_button, QDialogButtonBox.ButtonRole.AcceptRole)
-        buttons.addButton(self.discard_button, QDialogButtonBox.ButtonRole.DestructiveRole)
-        buttons.addButton(self.later_button, QDialogButtonBox.ButtonRole.RejectRole)
-        self.resume_button.clicked.connect(self._resume)
-        self.discard_button.clicked.connect(self._discard)
-        self.later_button.clicked.connect(self.reject)
-        layout.addWidget(buttons)
-
-    def _resume(self) -> None:
-        self.choice = "resume"
-        self.accept()
-
-    def _discard(self) -> None:
-        if self.confirm_discard():
-            self.choice = "discard"
-            self.accept()
-
-    def confirm_discard(self) -> bool:
-        """Ask before losing changes (none to lose: no question)."""
-        unsaved = self.info.unsaved
-        if not unsaved:
-            return True
-        shown = "\n".join(unsaved[:20]) + ("\n…" if len(unsaved) > 20 else "")
-        answer = QMessageBox.warning(
-            self,
-            "Discard changes",
-            f"These {len(unsaved)} change(s) will be lost for good:\n\n{shown}",
-            QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
-            QMessageBox.StandardButton.Cancel,
-        )
-        return answer == QMessageBox.StandardButton.Discard
-
-
-def change_state(info: RecoveryInfo, rel: str) -> str:
-    """How the recovery dialog names an unsaved change: ``"deleted, not committed"``
-    (in neither the backup nor the working folder), ``"only here"`` (the store has no
-    copy) or ``"uploaded, not committed"`` (in this session's staging only)."""
-    if rel in info.deleted:
-        return "deleted, not committed"
-    parts = rel.split("/")
-    folders = [p for p in (info.backup_path, info.work_path) if p is not None]
-    if not any(os.path.lexists(folder.joinpath(*parts)) for folder in folders):
-        return "deleted, not committed"
-    return "only here" if rel in info.pending else "uploaded, not committed"
-
-
-def offer_recovery(adapter: SessionAdapter, parent: QWidget | None = None) -> str | None:
-    """At start-up: show the recovery dialog if a session was left, and act on the choice.
-
-    Returns the choice (``None`` when there was nothing to recover). Resume and discard
-    run on a worker (``adapter.finished`` / ``adapter.failed`` report them).
-    """
-    info = adapter.check_previous_crash()
-    if info is None:
-        return None
-    dialog = RecoveryDialog(info, parent)
-    dialog.exec()
-    if dialog.choice == "resume":
-        adapter.resume(info.session_id)
-    elif dialog.choice == "discard":
-        adapter.discard(info.session_id, confirm_loss=info.unsaved)
-    return dialog.choice
-
-
-class ProgressDialog(QProgressDialog):
-    """Shows an adapter's progress; its Cancel button cancels the open/resume.
-
-    While Cancel cannot apply (a close that commits, an abort, the end of an open),
-    the button and Escape are disabled, the label says why (``cancel_refusal``) and
-    closing the dialog is refused: it never hides while its verb goes on. Closes
-    itself when the verb finishes or fails.
-    """
-
-    def __init__(self, adapter: SessionAdapter, title: str, parent: QWidget | None = None) -> None:
-        super().__init__(title, "Cancel", 0, 100, parent)
-        self.adapter = adapter
-        self._message = title
-        self._ended = False
-        _void(self.setWindowTitle, title)
-        _void(self.setMinimumDuration, 0)
-        _void(self.setAutoClose, False)
-        _void(self.setAutoReset, False)
-        _void(self.setValue, 0)
-        self._connections: list[tuple[Any, Callable[..., object]]] = [
-            (adapter.progress, self._on_progress),
-            (adapter.stateChanged, self._refresh),
-            (adapter.verbStarted, self._refresh),
-            (adapter.finished, self._done),
-            (adapter.failed, self._done),
-            (self.canceled, adapter.cancel),  # closing emits canceled: not for the next verb
-        ]
-        for signal, slot in self._connections:
-            signal.connect(slot)
-        self._refresh()
-
-    def _on_progress(self, message: str, percent: int) -> None:
-        self._message = message
-        _void(self.setValue, percent)
-        self._refresh()
-
-    def _refresh(self, *_args: object) -> None:
-        reason = self.adapter.cancel_refusal()
-        button = self.findChild(QPushButton)
-        if button is not None:
-            _void(button.setEnabled, reason is None)
-        for shortcut in self.findChildren(QShortcut):  # Escape emits canceled
-            _void(shortcut.setEnabled, reason is None)
-        label = self._message if reason is None else f"{self._message}\n({reason})"
-        if label != self.labelText():
-            _void(self.setLabelText, label)
-
-    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt's name
-        """Refused while the verb runs and cannot be cancelled (it would only hide)."""
-        if not self._ended and self.adapter.cancel_refusal() is not None:
-            event.ignore()
-            return
-        super().closeEvent(event)
-
-    def reject(self) -> None:
-        """Escape: refused like ``closeEvent``."""
-        if not self._ended and self.adapter.cancel_refusal() is not None:
-            return
-        super().reject()
-
-    def _done(self, *_args: object) -> None:
-        self._ended = True
-        for signal, slot in self._connections:
-            _disconnect(signal, slot)
-        self.close()
-
-
-def is_cancelled(exc: object) -> bool:
-    """True if a ``failed`` signal's exception is a cancellation (not an error to show)."""
-    return isinstance(exc, SessionCancelledError)
