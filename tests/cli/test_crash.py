@@ -449,7 +449,9 @@ def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int]:
     for s in seen:
         if s.rule is not None or s.status is None or not 200 <= s.status < 300:
             continue
-        if s.method == "PUT" and "x-amz-copy-source" in s.headers:
+        if s.method == "PUT" and "/.history/" in s.path:
+            history += 1  # a copy of the manifest just written (a PUT of it if refused)
+        elif s.method == "PUT" and "x-amz-copy-source" in s.headers:
             if "/.objects/" in s.path:
                 kept += 1
             else:
@@ -458,8 +460,6 @@ def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int]:
             intents += 1
         elif s.method == "PUT" and s.path.endswith(".manifest.json"):
             manifests += 1
-        elif s.method == "PUT" and "/.history/" in s.path:
-            history += 1
         elif s.method == "DELETE" or (s.method == "POST" and "delete" in s.query):
             deletes = 1
     return kept, copies, intents, deletes, manifests, history
