@@ -23,7 +23,7 @@ from pydantic_core import from_json
 
 from agent.folder.ignore import IgnoreRules
 from agent.log import get_logger
-from agent.stage.keys import is_plain, unsupported_reason, validate_name
+from agent.names import is_plain, unsupported_reason, validate_name
 from agent.stage.manifest import LocalEntry, file_sha256, is_unchanged
 
 __all__ = ["StageCache", "set_aside_unsynced"]

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from agent.errors import AgentError, WorkFolderReplacedError
 from agent.folder.ignore import IgnoreRules
+from agent.folder.workfolder import HAS_DIR_FD, FolderIdentity, WorkFolder
 from agent.log import get_logger
-from agent.stage.keys import HAS_DIR_FD, FolderIdentity, WorkFolder, is_plain
+from agent.names import is_plain
 
 __all__ = ["FileStat", "diff", "scan"]
 

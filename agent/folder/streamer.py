@@ -37,10 +37,12 @@ from agent.folder.journal import Change, Journal
 from agent.folder.snapshot import FileStat, scan
 from agent.folder.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
 from agent.folder.watcher import Watcher
+from agent.folder.workfolder import FolderIdentity, WorkFolder
 from agent.log import get_logger
+from agent.names import printable, unsupported_reason
 from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
-from agent.stage.keys import FolderIdentity, StageKeys, WorkFolder, printable, unsupported_reason
+from agent.stage.keys import StageKeys
 from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
 from agent.store.base import ObjectStore
 

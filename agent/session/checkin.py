@@ -27,7 +27,9 @@ from agent.folder.journal import Staged
 from agent.folder.snapshot import FileStat, scan
 from agent.folder.streamer import Held, Streamer
 from agent.folder.transfer import Progress, Transfers, Upload
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
+from agent.names import printable, unsupported_reason
 from agent.session import runtime, versions
 from agent.stage.commit import (
     Commit,
@@ -35,7 +37,7 @@ from agent.stage.commit import (
     StagedCopy,
     read_manifest,
 )
-from agent.stage.keys import StageKeys, WorkFolder, printable, unsupported_reason
+from agent.stage.keys import StageKeys
 from agent.stage.manifest import (
     LocalEntry,
     Manifest,

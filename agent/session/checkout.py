@@ -20,20 +20,15 @@ from agent.errors import (
 from agent.folder.journal import Journal
 from agent.folder.snapshot import scan
 from agent.folder.transfer import Download, Progress, Transfers
+from agent.folder.workfolder import WorkFolder, folder_identity
 from agent.log import get_logger
+from agent.names import case_collisions, unsupported_reason, validate_name
 from agent.platform import folds_case, machine_name
 from agent.session.records import SessionRecord, new_session_id
 from agent.stage.commit import (
     read_manifest,
 )
-from agent.stage.keys import (
-    StageKeys,
-    WorkFolder,
-    case_collisions,
-    folder_identity,
-    unsupported_reason,
-    validate_name,
-)
+from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
 from agent.stage.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
 from agent.state import SessionState

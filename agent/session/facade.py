@@ -38,6 +38,7 @@ from agent.folder.cache import StageCache
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Journal
 from agent.folder.streamer import Streamer
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
 from agent.platform import machine_name, on_main_thread
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
@@ -48,7 +49,7 @@ from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
 from agent.stage.commit import Commit, StagedCopy
 from agent.stage.history import FileVersion, PrunePlan
-from agent.stage.keys import CommitInfo, StageKeys, WorkFolder
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.lock import Heartbeat, Holder, RemoteLock
 from agent.stage.lockboard import LockRow, list_locks
 from agent.stage.manifest import LocalEntry, Manifest

@@ -52,8 +52,9 @@ from agent.errors import (
 )
 from agent.folder.transfer import Progress, Transfers
 from agent.log import get_logger
+from agent.names import printable, validate_name, validate_rel_path
 from agent.stage.cas import new_write_id, put_fenced
-from agent.stage.keys import CommitInfo, StageKeys, printable, validate_name, validate_rel_path
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
 from agent.store.base import ObjectStore, WriteResult
 

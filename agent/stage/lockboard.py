@@ -15,7 +15,8 @@ from typing import Literal
 from agent.config import LockConfig
 from agent.errors import InvalidNameError, LockCorruptError, ObjectTooLargeError
 from agent.folder.transfer import Transfers
-from agent.stage.keys import StageKeys, validate_name
+from agent.names import validate_name
+from agent.stage.keys import StageKeys
 from agent.stage.lock import judge_lock
 from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore
 

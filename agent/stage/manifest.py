@@ -22,8 +22,8 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import to_json
 
 from agent.errors import PermanentStoreError
+from agent.names import validate_rel_path
 from agent.platform import executable_bit
-from agent.stage.keys import validate_rel_path
 
 __all__ = [
     "CONTENT_ADDRESSED",

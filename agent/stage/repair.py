@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from agent.errors import AgentError, NotFoundError, PreconditionFailedError
 from agent.folder.transfer import Transfers
 from agent.log import get_logger
-from agent.stage.keys import StageKeys, printable
+from agent.names import printable
+from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectInfo, ObjectStore
 
