@@ -29,7 +29,7 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FileStat:
-    """The stat tuple that change detection compares (see ``manifest.LocalEntry``)."""
+    """The stat tuple that change detection compares (see ``entries.LocalEntry``)."""
 
     size: int
     mtime_ns: int

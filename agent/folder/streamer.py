@@ -32,6 +32,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
+from agent.folder.entries import LocalEntry, fd_sha256
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Change, Journal
 from agent.folder.snapshot import FileStat, scan
@@ -43,7 +44,7 @@ from agent.names import printable, unsupported_reason
 from agent.platform import executable_bit, held_by_another_program
 from agent.retry import backoff, delay_after
 from agent.stage.keys import StageKeys
-from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
+from agent.stage.manifest import Manifest
 from agent.store.base import ObjectStore
 
 __all__ = ["Held", "Streamer", "describe_unsupported", "special_kind"]

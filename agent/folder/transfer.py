@@ -34,11 +34,11 @@ from agent.errors import (
     TransferError,
     TransientStoreError,
 )
+from agent.folder.entries import LocalEntry, fd_sha256, file_sha256, object_etag
 from agent.folder.ignore import temp_name_for
 from agent.folder.snapshot import FileStat
 from agent.folder.workfolder import HAS_DIR_FD, WorkFolder, fd_path
 from agent.log import get_logger
-from agent.stage.manifest import LocalEntry, fd_sha256, file_sha256, object_etag
 from agent.store.base import ObjectInfo, ObjectStore, WriteResult
 
 __all__ = [

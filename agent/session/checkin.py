@@ -23,6 +23,7 @@ from agent.errors import (
     TransferError,
     WorkFolderReplacedError,
 )
+from agent.folder.entries import LocalEntry, fd_sha256, file_sha256, is_unchanged
 from agent.folder.journal import Staged
 from agent.folder.snapshot import FileStat, scan
 from agent.folder.streamer import Held, Streamer
@@ -38,14 +39,7 @@ from agent.stage.commit import (
     read_manifest,
 )
 from agent.stage.keys import StageKeys
-from agent.stage.manifest import (
-    LocalEntry,
-    Manifest,
-    ManifestEntry,
-    fd_sha256,
-    file_sha256,
-    is_unchanged,
-)
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.state import SessionState
 
 log = get_logger(__name__)

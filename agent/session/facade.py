@@ -35,6 +35,7 @@ from agent import __version__
 from agent.config import AgentConfig, load_config
 from agent.errors import LockLostError, SessionError
 from agent.folder.cache import StageCache
+from agent.folder.entries import LocalEntry
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Journal
 from agent.folder.streamer import Streamer
@@ -52,7 +53,7 @@ from agent.stage.history import FileVersion, PrunePlan
 from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.lock import Heartbeat, Holder, RemoteLock
 from agent.stage.lockboard import LockRow, list_locks
-from agent.stage.manifest import LocalEntry, Manifest
+from agent.stage.manifest import Manifest
 from agent.stage.repair import RepairReport
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store

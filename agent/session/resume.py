@@ -13,6 +13,7 @@ from agent.errors import (
     SessionCancelledError,
     SessionError,
 )
+from agent.folder.entries import LocalEntry, fd_sha256
 from agent.folder.journal import Journal
 from agent.folder.merge import plan_merge
 from agent.folder.snapshot import scan
@@ -29,7 +30,7 @@ from agent.stage.commit import (
 )
 from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
-from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
+from agent.stage.manifest import Manifest
 from agent.state import SessionState
 
 log = get_logger(__name__)
