@@ -27,7 +27,7 @@ from agent.folder.entries import LocalEntry, fd_sha256, file_sha256, is_unchange
 from agent.folder.journal import Staged
 from agent.folder.snapshot import FileStat, scan
 from agent.folder.streamer import Held, Streamer
-from agent.folder.transfer import Progress, Transfers, Upload
+from agent.folder.transfer import Transfers, Upload
 from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
 from agent.names import printable, unsupported_reason
@@ -41,6 +41,7 @@ from agent.stage.commit import (
 from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.state import SessionState
+from agent.store.parallel import Progress
 
 log = get_logger(__name__)
 

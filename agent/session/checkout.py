@@ -22,7 +22,7 @@ from agent.errors import (
 from agent.folder.entries import LocalEntry, StatLike, file_sha256, is_unchanged
 from agent.folder.journal import Journal
 from agent.folder.snapshot import scan
-from agent.folder.transfer import Download, Progress, Transfers
+from agent.folder.transfer import Download, Transfers
 from agent.folder.workfolder import WorkFolder, folder_identity
 from agent.log import get_logger
 from agent.names import case_collisions, unsupported_reason, validate_name
@@ -35,6 +35,7 @@ from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.state import SessionState
+from agent.store.parallel import Progress
 
 log = get_logger(__name__)
 

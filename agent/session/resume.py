@@ -17,7 +17,7 @@ from agent.folder.entries import LocalEntry, fd_sha256
 from agent.folder.journal import Journal
 from agent.folder.merge import plan_merge
 from agent.folder.snapshot import scan
-from agent.folder.transfer import Download, Progress, Transfers
+from agent.folder.transfer import Download, Transfers
 from agent.folder.workfolder import WorkFolder, folder_identity, local_path_for
 from agent.log import get_logger
 from agent.names import unsupported_reason
@@ -32,6 +32,7 @@ from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
 from agent.stage.manifest import Manifest
 from agent.state import SessionState
+from agent.store.parallel import Progress
 
 log = get_logger(__name__)
 

@@ -50,13 +50,13 @@ from agent.errors import (
     PreconditionFailedError,
     StoreError,
 )
-from agent.folder.transfer import Progress, Transfers
 from agent.log import get_logger
 from agent.names import printable, validate_name, validate_rel_path
 from agent.stage.cas import new_write_id, put_fenced
 from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.manifest import CONTENT_ADDRESSED, Manifest, ManifestEntry, summarize_changes
 from agent.store.base import ObjectStore, WriteResult
+from agent.store.parallel import Parallel, Progress
 
 __all__ = [
     "Commit",
@@ -467,7 +467,7 @@ class Commit:
             return etag
 
         # ``workers = 1`` stays one at a time (serial transfers, as the crash tests use).
-        pool = Transfers(self.store, self.workers * COPY_POOL_FACTOR if self.workers > 1 else 1)
+        pool = Parallel(self.workers * COPY_POOL_FACTOR if self.workers > 1 else 1)
         etags = pool.map(order + only_kept, copy_one, progress)[: len(order)]
         if intent.deletes:
             self.store.delete_many([self.keys.committed(rel) for rel in intent.deletes])
