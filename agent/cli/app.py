@@ -658,7 +658,7 @@ def lock_group() -> None:
 def lock_show(projekt_id: str, stage: str) -> None:
     """Show who holds a stage's lock, since when, and its heartbeat."""
     from agent.stage.keys import StageKeys
-    from agent.stage.lock import read_lock
+    from agent.stage.lockbody import read_lock
     from agent.store import open_store
 
     keys = StageKeys(projekt_id, stage)
@@ -686,7 +686,7 @@ def lock_unlock(
     """Break a stage lock (operator). Recorded in the lock body and the log."""
     from agent.platform import machine_name
     from agent.stage.keys import StageKeys
-    from agent.stage.lock import force_unlock
+    from agent.stage.locktools import force_unlock
     from agent.store import open_store
 
     if not force:

@@ -15,7 +15,7 @@ from itertools import islice
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, PreconditionFailedError
-from agent.stage.lock import probe_conditional_writes
+from agent.stage.locktools import probe_conditional_writes
 from agent.store import ObjectStore, open_store
 
 __all__ = ["Check", "run_checks"]

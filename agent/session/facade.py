@@ -51,8 +51,9 @@ from agent.signals import Signal
 from agent.stage.commit import Commit, StagedCopy
 from agent.stage.history import FileVersion, PrunePlan
 from agent.stage.keys import CommitInfo, StageKeys
-from agent.stage.lock import Heartbeat, Holder, RemoteLock
+from agent.stage.lock import Heartbeat, RemoteLock
 from agent.stage.lockboard import LockRow, list_locks
+from agent.stage.lockbody import Holder
 from agent.stage.manifest import Manifest
 from agent.stage.repair import RepairReport
 from agent.state import SessionState, check_transition

@@ -16,7 +16,7 @@ from agent.config import LockConfig
 from agent.errors import InvalidNameError, LockCorruptError, ObjectTooLargeError
 from agent.names import validate_name
 from agent.stage.keys import StageKeys
-from agent.stage.lock import judge_lock
+from agent.stage.lockbody import judge_lock
 from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore
 from agent.store.parallel import Parallel
 

@@ -25,7 +25,8 @@ from agent.errors import (
 from agent.stage.cas import new_write_id, put_fenced
 from agent.stage.commit import Commit, StagedCopy, read_intent, read_manifest
 from agent.stage.keys import StageKeys
-from agent.stage.lock import Holder, RemoteLock
+from agent.stage.lock import RemoteLock
+from agent.stage.lockbody import Holder
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import WriteResult
 from tests.fakes import FaultyStore, MemoryStore
