@@ -32,12 +32,8 @@ from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
 from agent.names import printable, unsupported_reason
 from agent.session import runtime, versions
-from agent.stage.commit import (
-    Commit,
-    CommitIntent,
-    StagedCopy,
-    read_manifest,
-)
+from agent.stage.commit import Commit
+from agent.stage.intent import CommitIntent, StagedCopy, read_manifest
 from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.state import SessionState

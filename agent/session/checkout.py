@@ -28,9 +28,7 @@ from agent.log import get_logger
 from agent.names import case_collisions, unsupported_reason, validate_name
 from agent.platform import folds_case, machine_name
 from agent.session.records import SessionRecord, new_session_id
-from agent.stage.commit import (
-    read_manifest,
-)
+from agent.stage.intent import read_manifest
 from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
 from agent.stage.manifest import Manifest, ManifestEntry

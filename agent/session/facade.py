@@ -48,8 +48,9 @@ from agent.session.records import SessionRecord, SessionStore
 from agent.session.recovery import RecoveryInfo
 from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
-from agent.stage.commit import Commit, StagedCopy
+from agent.stage.commit import Commit
 from agent.stage.history import FileVersion, PrunePlan
+from agent.stage.intent import StagedCopy
 from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.lock import Heartbeat, RemoteLock
 from agent.stage.lockboard import LockRow, list_locks

@@ -24,10 +24,8 @@ from agent.names import unsupported_reason
 from agent.session.records import SessionRecord
 from agent.session.recovery import LocalChanges, RecoveryInfo, local_changes
 from agent.session.recovery import find_orphans as orphans_on_disk
-from agent.stage.commit import (
-    Committed,
-    read_manifest,
-)
+from agent.stage.commit import Committed
+from agent.stage.intent import read_manifest
 from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
 from agent.stage.manifest import Manifest

@@ -19,7 +19,6 @@ from agent.folder.snapshot import scan
 from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
 from agent.names import validate_rel_path
-from agent.stage.commit import read_manifest
 from agent.stage.history import (
     FileVersion,
     PrunePlan,
@@ -33,6 +32,7 @@ from agent.stage.history import (
     read_commit,
     stages_with_history,
 )
+from agent.stage.intent import read_manifest
 from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 

@@ -38,7 +38,7 @@ from agent.errors import (
     VersionNotFoundError,
 )
 from agent.log import get_logger
-from agent.stage.commit import read_intent, read_manifest
+from agent.stage.intent import read_intent, read_manifest
 from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
