@@ -669,9 +669,9 @@ def lock_show(projekt_id: str, stage: str) -> None:
     commit intent: none, finished, unfinished (the next lock holder finishes it) or
     refused (exit 18: never executed, it blocks every commit to the stage)."""
     from agent.errors import IntentRefusedError
-    from agent.stage.commit import inspect_intent
+    from agent.stage.intent import inspect_intent
     from agent.stage.keys import StageKeys
-    from agent.stage.lock import read_lock
+    from agent.stage.lockbody import read_lock
     from agent.store import open_store
 
     keys = StageKeys(projekt_id, stage)
@@ -712,7 +712,7 @@ def lock_unlock(
     """Break a stage lock (operator). Recorded in the lock body and the log."""
     from agent.platform import machine_name
     from agent.stage.keys import StageKeys
-    from agent.stage.lock import force_unlock
+    from agent.stage.locktools import force_unlock
     from agent.store import open_store
 
     if not force:

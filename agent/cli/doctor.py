@@ -15,9 +15,9 @@ from itertools import islice
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, IntentRefusedError, PreconditionFailedError
-from agent.stage.commit import inspect_intent
+from agent.stage.intent import inspect_intent
 from agent.stage.keys import StageKeys
-from agent.stage.lock import probe_conditional_writes
+from agent.stage.locktools import probe_conditional_writes
 from agent.store import ObjectStore, open_store
 
 __all__ = ["Check", "run_checks"]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from pydantic_core import from_json
 
+from agent.folder.entries import LocalEntry, file_sha256, is_unchanged
 from agent.folder.ignore import IgnoreRules
 from agent.log import get_logger
-from agent.stage.keys import is_plain, unsupported_reason, validate_name
-from agent.stage.manifest import LocalEntry, file_sha256, is_unchanged
+from agent.names import is_plain, unsupported_reason, validate_name
 
 __all__ = ["StageCache", "set_aside_unsynced"]
 

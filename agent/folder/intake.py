@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
+from agent.folder.entries import LocalEntry
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Change, Journal
 from agent.folder.sender import StoredFile
 from agent.folder.snapshot import FileStat, scan
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
-from agent.stage.keys import WorkFolder, printable, unsupported_reason
-from agent.stage.manifest import LocalEntry
+from agent.names import printable, unsupported_reason
 
 if TYPE_CHECKING:
     from agent.folder.watcher import Watcher

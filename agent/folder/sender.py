@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import AgentError, LocalFileError, WorkFolderReplacedError
+from agent.folder.entries import LocalEntry, fd_sha256
 from agent.folder.journal import Journal
 from agent.folder.snapshot import FileStat
 from agent.folder.transfer import FileKeptChangingError, Transfers, Upload, Uploaded, same_stat
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
+from agent.names import printable
 from agent.platform import executable_bit
-from agent.stage.keys import WorkFolder, printable
-from agent.stage.manifest import LocalEntry, fd_sha256
 
 __all__ = ["ContentKeys", "Sender", "StoredFile"]
 

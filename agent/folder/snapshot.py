@@ -18,8 +18,9 @@ from pathlib import Path
 
 from agent.errors import AgentError, WorkFolderReplacedError
 from agent.folder.ignore import IgnoreRules
+from agent.folder.workfolder import HAS_DIR_FD, FolderIdentity, WorkFolder
 from agent.log import get_logger
-from agent.stage.keys import HAS_DIR_FD, FolderIdentity, WorkFolder, is_plain
+from agent.names import is_plain
 
 __all__ = ["FileStat", "diff", "scan"]
 
@@ -28,7 +29,7 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FileStat:
-    """The stat tuple that change detection compares (see ``manifest.LocalEntry``)."""
+    """The stat tuple that change detection compares (see ``entries.LocalEntry``)."""
 
     size: int
     mtime_ns: int

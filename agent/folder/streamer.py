@@ -32,17 +32,18 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.folder.entries import LocalEntry
 from agent.folder.ignore import IgnoreRules
 from agent.folder.intake import Intake, describe_unsupported, special_kind
 from agent.folder.journal import Journal
 from agent.folder.sender import ContentKeys, Sender, StoredFile
 from agent.folder.transfer import Transfers
 from agent.folder.watcher import Watcher
+from agent.folder.workfolder import FolderIdentity, WorkFolder
 from agent.log import get_logger
+from agent.names import printable
 from agent.platform import held_by_another_program
 from agent.retry import backoff, delay_after
-from agent.stage.keys import FolderIdentity, WorkFolder, printable
-from agent.stage.manifest import LocalEntry
 from agent.store.base import ObjectStore
 
 __all__ = [

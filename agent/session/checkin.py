@@ -15,24 +15,19 @@ from agent.errors import (
     MassDeleteError,
     NotFoundError,
 )
+from agent.folder.entries import fd_sha256
 from agent.folder.journal import Staged
 from agent.folder.transfer import Transfers, Upload
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
+from agent.names import printable
 from agent.session import runtime, versions
 from agent.session.closing import flush_all, folder_after_commit, release_hold
 from agent.session.reports import CloseReport
-from agent.stage.commit import (
-    Commit,
-    CommitIntent,
-    StagedCopy,
-    read_manifest,
-)
-from agent.stage.keys import StageKeys, WorkFolder, printable
-from agent.stage.manifest import (
-    Manifest,
-    ManifestEntry,
-    fd_sha256,
-)
+from agent.stage.commit import Commit
+from agent.stage.intent import CommitIntent, StagedCopy, read_manifest
+from agent.stage.keys import StageKeys
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.state import SessionState
 
 log = get_logger(__name__)

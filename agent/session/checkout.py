@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,26 +19,21 @@ from agent.errors import (
     SessionCancelledError,
     SessionError,
 )
+from agent.folder.entries import LocalEntry, StatLike, file_sha256, is_unchanged
 from agent.folder.journal import Journal
 from agent.folder.snapshot import scan
-from agent.folder.transfer import Download, Progress, Transfers
+from agent.folder.transfer import Download, Transfers
+from agent.folder.workfolder import WorkFolder, folder_identity
 from agent.log import get_logger
+from agent.names import case_collisions, unsupported_reason, validate_name
 from agent.platform import folds_case, machine_name
 from agent.session.records import SessionRecord, new_session_id
-from agent.stage.commit import (
-    read_manifest,
-)
-from agent.stage.keys import (
-    StageKeys,
-    WorkFolder,
-    case_collisions,
-    folder_identity,
-    unsupported_reason,
-    validate_name,
-)
+from agent.stage.intent import read_manifest
+from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
-from agent.stage.manifest import LocalEntry, Manifest, ManifestEntry, file_sha256, plan_open
+from agent.stage.manifest import Manifest, ManifestEntry
 from agent.state import SessionState
+from agent.store.parallel import Progress
 
 log = get_logger(__name__)
 
@@ -303,3 +300,64 @@ def _refuse_case_clashes(keys: StageKeys, rels: Iterable[str], parent: Path) -> 
             f"{parent} treats them as one name, so one would overwrite the other. Rename or "
             "remove one of them in the bucket, or open the stage on a case-sensitive folder"
         )
+
+
+@dataclass
+class OpenPlan:
+    """What ``open`` must do to make a local folder equal a manifest.
+
+    ``kept`` holds the refreshed entry of each kept file (its current stat).
+    """
+
+    download: list[str] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    kept: dict[str, LocalEntry] = field(default_factory=dict)
+
+    @property
+    def is_noop(self) -> bool:
+        """True when the local folder already equals the manifest."""
+        return not self.download and not self.remove
+
+
+def plan_open(
+    manifest: Manifest | Mapping[str, tuple[int, str | None]],
+    local: Mapping[str, LocalEntry],
+    current: Mapping[str, StatLike],
+    hasher: Callable[[str], str] | None = None,
+) -> OpenPlan:
+    """Compare a cached copy with the manifest (or ``path -> (size, sha256)``, ``None``
+    for a sha256 not known: such a file is always downloaded).
+
+    ``local`` is the snapshot recorded when the copy was cached (with hashes);
+    ``current`` is a fresh scan of the folder (``path -> stat``). A file is kept only
+    if it is unchanged since the snapshot (``is_unchanged``: the stat tuple, or, when
+    only ctime/inode moved, ``hasher(path)``; without a hasher such a file is
+    downloaded) and the snapshot's sha256 equals the manifest's; everything else in
+    the manifest is downloaded, and local files the manifest does not name are removed.
+    """
+    plan = OpenPlan()
+    wanted = (
+        {rel: (e.size, e.sha256) for rel, e in manifest.files.items()}
+        if isinstance(manifest, Manifest)
+        else manifest
+    )
+    for rel, (size, sha256) in sorted(wanted.items()):
+        snap = local.get(rel)
+        now = current.get(rel)
+        if (
+            snap is not None
+            and now is not None
+            and sha256 is not None
+            and snap.sha256 == sha256
+            and snap.size == size
+            and is_unchanged(snap, now, partial(hasher, rel) if hasher else str)
+        ):
+            plan.keep.append(rel)
+            # The snapshot's own entry when the whole stat tuple is the same (a cached
+            # copy put back untouched): no second entry per file.
+            plan.kept[rel] = snap if snap.matches(now) else LocalEntry.from_stat(now, snap.sha256)
+        else:
+            plan.download.append(rel)
+    plan.remove = sorted(set(current) - set(wanted))
+    return plan

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import AgentError, JournalCorruptError, TransferError, WorkFolderReplacedError
+from agent.folder.entries import LocalEntry, file_sha256, is_unchanged
 from agent.folder.snapshot import FileStat, scan
 from agent.folder.streamer import Held, Streamer
-from agent.folder.transfer import Progress
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
+from agent.names import unsupported_reason
 from agent.session import runtime
-from agent.stage.keys import WorkFolder, unsupported_reason
-from agent.stage.manifest import LocalEntry, Manifest, file_sha256, is_unchanged
+from agent.stage.manifest import Manifest
+from agent.store.parallel import Progress
 
 if TYPE_CHECKING:
     from agent.session import PlantDesignSession

@@ -14,10 +14,8 @@ from agent.errors import (
 )
 from agent.folder.journal import Journal
 from agent.log import get_logger
-from agent.stage.commit import (
-    read_intent,
-    remove_staging,
-)
+from agent.stage.commit import remove_staging
+from agent.stage.intent import read_intent
 from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
 from agent.state import SessionState

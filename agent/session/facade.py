@@ -34,9 +34,11 @@ from pathlib import Path
 from agent.config import AgentConfig, load_config
 from agent.errors import LockLostError, SessionError
 from agent.folder.cache import StageCache
+from agent.folder.entries import LocalEntry
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Journal
 from agent.folder.streamer import Streamer
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
 from agent.platform import machine_name, on_main_thread
 from agent.session import checkin, checkout, crash, discard, resume, runtime, versions
@@ -45,12 +47,14 @@ from agent.session.recovery import RecoveryInfo
 from agent.session.reports import CloseReport
 from agent.session.versions import RestorePlan, RestoreReport
 from agent.signals import Signal
-from agent.stage.commit import Commit, StagedCopy
+from agent.stage.commit import Commit
 from agent.stage.history import FileVersion, PrunePlan
-from agent.stage.keys import CommitInfo, StageKeys, WorkFolder
-from agent.stage.lock import Heartbeat, Holder, RemoteLock
+from agent.stage.intent import StagedCopy
+from agent.stage.keys import CommitInfo, StageKeys
+from agent.stage.lock import Heartbeat, RemoteLock
 from agent.stage.lockboard import LockRow, list_locks
-from agent.stage.manifest import LocalEntry, Manifest
+from agent.stage.lockbody import Holder
+from agent.stage.manifest import Manifest
 from agent.stage.repair import RepairReport
 from agent.state import SessionState, check_transition
 from agent.store import ObjectStore, open_store

@@ -27,10 +27,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import from_json
 
 from agent.errors import InsecureStateError, LocalFileError, SessionError
+from agent.folder.entries import LocalEntry
 from agent.log import get_logger
+from agent.names import validate_name
 from agent.platform import ensure_private_dir, make_private_dirs, write_private_file
-from agent.stage.keys import validate_name
-from agent.stage.manifest import LocalEntry, Manifest
+from agent.stage.manifest import Manifest
 
 __all__ = ["Phase", "SessionRecord", "SessionStore"]
 

@@ -28,14 +28,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import AgentError, SessionError
+from agent.folder.entries import LocalEntry, fd_sha256
 from agent.folder.ignore import IgnoreRules
 from agent.folder.journal import Journal
 from agent.folder.snapshot import scan
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
+from agent.names import unsupported_reason
 from agent.platform import machine_name, make_private_dirs, pid_alive, write_private_file
 from agent.session.records import SessionRecord, SessionStore
-from agent.stage.keys import WorkFolder, unsupported_reason
-from agent.stage.manifest import LocalEntry, fd_sha256
 
 __all__ = [
     "LocalChanges",

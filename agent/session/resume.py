@@ -13,28 +13,24 @@ from agent.errors import (
     SessionCancelledError,
     SessionError,
 )
+from agent.folder.entries import LocalEntry, fd_sha256
 from agent.folder.journal import Journal
 from agent.folder.merge import plan_merge
 from agent.folder.snapshot import scan
-from agent.folder.transfer import Download, Progress, Transfers
+from agent.folder.transfer import Download, Transfers
+from agent.folder.workfolder import WorkFolder, folder_identity, local_path_for
 from agent.log import get_logger
+from agent.names import unsupported_reason
 from agent.session.records import SessionRecord
 from agent.session.recovery import LocalChanges, RecoveryInfo, local_changes
 from agent.session.recovery import find_orphans as orphans_on_disk
-from agent.stage.commit import (
-    Committed,
-    read_manifest,
-)
-from agent.stage.keys import (
-    StageKeys,
-    WorkFolder,
-    folder_identity,
-    local_path_for,
-    unsupported_reason,
-)
+from agent.stage.commit import Committed
+from agent.stage.intent import read_manifest
+from agent.stage.keys import StageKeys
 from agent.stage.lock import RemoteLock
-from agent.stage.manifest import LocalEntry, Manifest, fd_sha256
+from agent.stage.manifest import Manifest
 from agent.state import SessionState
+from agent.store.parallel import Progress
 
 log = get_logger(__name__)
 

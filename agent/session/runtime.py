@@ -14,7 +14,7 @@ from agent.errors import (
 from agent.folder.journal import Journal
 from agent.folder.streamer import Streamer
 from agent.log import get_logger
-from agent.stage.commit import read_manifest
+from agent.stage.intent import read_manifest
 from agent.stage.keys import StageKeys
 from agent.stage.lock import Heartbeat
 from agent.stage.manifest import Manifest, ManifestEntry

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from agent.errors import ConflictError, StoreError, VersionNotFoundError
 from agent.folder.snapshot import scan
+from agent.folder.workfolder import WorkFolder
 from agent.log import get_logger
+from agent.names import validate_rel_path
 from agent.session.reports import CloseReport
-from agent.stage.commit import read_manifest
 from agent.stage.history import (
     FileVersion,
     PrunePlan,
@@ -32,7 +33,8 @@ from agent.stage.history import (
     read_commit,
     stages_with_history,
 )
-from agent.stage.keys import CommitInfo, StageKeys, WorkFolder, validate_rel_path
+from agent.stage.intent import read_manifest
+from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 
 if TYPE_CHECKING:

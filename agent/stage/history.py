@@ -37,12 +37,12 @@ from agent.errors import (
     StoreError,
     VersionNotFoundError,
 )
-from agent.folder.transfer import Transfers
 from agent.log import get_logger
-from agent.stage.commit import read_intent, read_manifest
+from agent.stage.intent import read_intent, read_manifest
 from agent.stage.keys import CommitInfo, StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectStore
+from agent.store.parallel import Parallel
 
 __all__ = [
     "CommitInfo",
@@ -138,7 +138,7 @@ def file_versions(
 
     Reads the commits' manifests in parallel (``workers`` at a time).
     """
-    manifests = Transfers(store, workers).map(list(commits), lambda c: _read_or_skip(store, c))
+    manifests = Parallel(workers).map(list(commits), lambda c: _read_or_skip(store, c))
     out: list[FileVersion] = []
     last: tuple[str, bool] | None = None
     for commit, manifest in zip(commits, manifests, strict=True):
@@ -260,7 +260,7 @@ def plan_prune(
         plan.kept_commits += len(keep)
         keep_ids = {c.commit_id for c in keep}
         plan.commits += [c for c in commits if c.commit_id not in keep_ids]
-        manifests = Transfers(store, workers).map(keep, lambda c: read_commit(store, c))
+        manifests = Parallel(workers).map(keep, lambda c: read_commit(store, c))
         for manifest in manifests:
             needed.update(e.sha256 for e in manifest.files.values())
     prefix = f"{projekt_id}/.objects/"

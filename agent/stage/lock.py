@@ -9,50 +9,30 @@ one CAS wins; the other re-reads and sees the winner.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from agent.config import LockConfig
 from agent.errors import (
     AgentError,
-    LockCorruptError,
     LockError,
     LockHeldError,
     LockLostError,
-    NotFoundError,
-    ObjectTooLargeError,
     PreconditionFailedError,
-    StoreError,
-    UnsafeStoreError,
 )
 from agent.log import get_logger
 from agent.platform import pid_alive
-from agent.stage.cas import new_write_id, put_fenced, read_back, write_id_of
-from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore, WriteResult
+from agent.stage.cas import new_write_id, put_fenced
+from agent.stage.lockbody import Holder, LockBody, LockStatus, _age, read_lock
+from agent.stage.locktools import ensure_store_is_safe
+from agent.store.base import ObjectStore, WriteResult
 from agent.text import printable
 
-__all__ = [
-    "Heartbeat",
-    "Holder",
-    "LockBody",
-    "LockStatus",
-    "RemoteLock",
-    "ensure_store_is_safe",
-    "force_unlock",
-    "judge_lock",
-    "probe_conditional_writes",
-    "read_lock",
-]
+__all__ = ["Heartbeat", "RemoteLock"]
 
 log = get_logger(__name__)
 
@@ -60,243 +40,12 @@ _CAS_ROUNDS = 8
 _REMEMBERED_WRITES = 32
 _DATE_RESOLUTION = timedelta(seconds=2)
 
-
-class LockBody(BaseModel):
-    """What the lock object says.
-
-    The body comes from the bucket, where anyone with write access can put
-    anything: it is validated as data (issue 9). Dates without a timezone are
-    read as UTC (DESIGN.md says the lock's dates are UTC; an older or foreign
-    writer that left the offset out meant UTC), so they compare with the store's
-    clock instead of crashing; the optional fields may be missing in any
-    combination (``broken_by`` without ``broken_at`` is shown as "at an unknown time").
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    state: Literal["held", "released"]
-    user: str
-    machine: str
-    since: datetime
-    expires: datetime
-    heartbeat_at: datetime
-    session_id: str | None = None
-    pid: int | None = None
-    agent_version: str | None = None
-    broken_by: str | None = None
-    broken_at: datetime | None = None
-    broken_reason: str | None = None
-    previous_holder: str | None = None
-    write_id: str | None = None
-    """Unique per write: how a writer recognises its own write when the answer was lost."""
-
-    @field_validator("since", "expires", "heartbeat_at", "broken_at", mode="after")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        """A naive date is UTC; an aware one is converted to UTC."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-    def to_bytes(self) -> bytes:
-        """JSON as stored."""
-        return self.model_dump_json(indent=1).encode()
-
-
-def _when(value: datetime | None) -> str:
-    return "an unknown time" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC"
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who asks for the lock."""
-
-    user: str
-    machine: str
-    pid: int
-    session_id: str
-    agent_version: str
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}min"
-    return f"{seconds / 3600:.1f}h"
-
-
-@dataclass(frozen=True)
-class LockStatus:
-    """A lock as read, judged by the store's clock at the time of the read."""
-
-    key: str
-    body: LockBody
-    etag: str
-    server_time: datetime
-    stale_after: float
-
-    @property
-    def is_expired(self) -> bool:
-        """The lock's ``expires`` has passed on the store's clock."""
-        return self.server_time >= self.body.expires
-
-    @property
-    def heartbeat_age(self) -> float:
-        """Seconds since the holder last renewed (store clock)."""
-        return (self.server_time - self.body.heartbeat_at).total_seconds()
-
-    @property
-    def is_stale(self) -> bool:
-        """The holder's heartbeat is older than ``stale_after``: it appears gone."""
-        return self.heartbeat_age > self.stale_after
-
-    @property
-    def is_free(self) -> bool:
-        """Released or expired: anyone may take it by CAS."""
-        return self.body.state == "released" or self.is_expired
-
-    def describe(self) -> list[str]:
-        """Readable lines for ``agent lock show`` and error messages."""
-        b = self.body
-        p = printable
-        key = p(self.key)
-        if b.state == "released":
-            lines = [f"{key}: free (released; last holder {p(b.user)} on {p(b.machine)})"]
-            if b.broken_by:
-                lines.append(
-                    f"  broken by {p(b.broken_by)} at {_when(b.broken_at)}: "
-                    f"{p(b.broken_reason)} (holder was {p(b.previous_holder)})"
-                )
-            return lines
-        gone = " - holder appears gone" if self.is_stale else ""
-        expired = " (EXPIRED: free to take)" if self.is_expired else ""
-        return [
-            f"{key}: held by {p(b.user)} on {p(b.machine)}{expired}",
-            f"  since {_when(b.since)}, expires {_when(b.expires)}",
-            f"  last heartbeat {_age(self.heartbeat_age)} ago{gone}",
-            f"  session {p(b.session_id)}, pid {b.pid}, agent {p(b.agent_version)}",
-        ]
-
-    def as_dict(self) -> dict[str, object]:
-        """For ``--json``."""
-        return {
-            "body": json.loads(self.body.model_dump_json()),
-            "etag": self.etag,
-            "server_time": self.server_time.isoformat(),
-            "expired": self.is_expired,
-            "stale": self.is_stale,
-            "heartbeat_age_seconds": round(self.heartbeat_age, 1),
-        }
-
-
-def _corrupt(key: str, why: str) -> LockCorruptError:
-    projekt, _, rest = key.partition("/")
-    stage = rest.removesuffix(".lock.json")
-    return LockCorruptError(
-        f"the lock {printable(key)} does not parse as a lock ({why}); nobody can take it "
-        f"until an operator runs `agent lock unlock {printable(projekt)} --stage "
-        f"{printable(stage)} --force`, which overwrites it by compare-and-swap"
-    )
-
-
-def _parse(key: str, data: bytes) -> LockBody:
-    try:
-        return LockBody.model_validate_json(data)
-    except (ValidationError, ValueError) as exc:
-        raise _corrupt(key, type(exc).__name__) from exc
-
-
-def read_lock(store: ObjectStore, key: str, config: LockConfig) -> LockStatus | None:
-    """Read and judge a lock; ``None`` when no lock object exists."""
-    try:
-        data = store.get(key, max_bytes=LOCK_MAX_BYTES)
-    except NotFoundError:
-        return None
-    except ObjectTooLargeError as exc:
-        raise _corrupt(key, f"{exc.size or 'more than ' + str(exc.limit)} bytes") from exc
-    return judge_lock(key, data, config)
-
-
-def judge_lock(key: str, data: ObjectData, config: LockConfig) -> LockStatus:
-    """A lock object as read (``LockCorruptError`` if its body is not a lock)."""
-    return LockStatus(
-        key=key,
-        body=_parse(key, data.body),
-        etag=data.etag,
-        server_time=data.server_time,
-        stale_after=config.stale_after,
-    )
-
-
-_SAFE: set[str] = set()
-_SAFE_LOCK = threading.Lock()
-
 # Sessions of this process whose lock keeper is live (acquired, not yet released or
 # given up). A lock held under our name and pid by a session *not* in here was left
 # behind by a session of this process that ended without its release landing (an
 # open that failed half-way while the store was failing): it may be re-entered.
 _LIVE: set[str] = set()
-
-
-def probe_conditional_writes(store: ObjectStore, key_prefix: str = ".pdagent-probe") -> None:
-    """Refuse a store that does not honour ``If-None-Match`` and ``If-Match``.
-
-    Writes a probe object (with a write id, so a lost answer is resolved by reading
-    it back), then tries a second put-if-absent and a put with a wrong ETag on it;
-    both must be refused, which the read-back proves: the object must still hold the
-    first write. The probe object is deleted afterwards, whatever happened.
-    """
-    # One key per step (R2 takes about one write a second to one key): each key is
-    # written once, then refused once, with the other key's write in between.
-    keys = [f"{key_prefix}/{new_write_id()}.json" for _ in range(2)]
-    problems = []
-    try:
-        ids = [new_write_id() for _ in keys]
-        firsts = [
-            put_fenced(store, key, _probe_body(wid), wid, if_none_match=True)
-            for key, wid in zip(keys, ids, strict=True)
-        ]
-        steps: list[tuple[str, dict[str, Any]]] = [
-            ("a second If-None-Match put on the same key", {"if_none_match": True}),
-            ("a put with a wrong If-Match ETag", {"if_match": firsts[1].etag + "0"}),
-        ]
-        for key, first_id, (what, kwargs) in zip(keys, ids, steps, strict=True):
-            with contextlib.suppress(PreconditionFailedError):
-                store.put_bytes(
-                    key, _probe_body(new_write_id()), content_type="application/json", **kwargs
-                )
-            current = read_back(store, key)
-            if current is None or write_id_of(current.body) != first_id:
-                problems.append(f"{what} was accepted")
-    finally:
-        for key in keys:
-            with contextlib.suppress(StoreError):
-                store.delete(key)
-    if problems:
-        raise UnsafeStoreError(
-            f"the store {store.description} does not honour conditional writes ("
-            + "; ".join(problems)
-            + "), so a lock there gives no mutual exclusion: locking is refused. Use a store "
-            "with conditional writes (R2, S3, MinIO, SeaweedFS)"
-        )
-
-
-def _probe_body(write_id: str) -> bytes:
-    return json.dumps({"probe": True, "write_id": write_id}).encode()
-
-
-def ensure_store_is_safe(store: ObjectStore) -> None:
-    """Run the capability probe once per process and store."""
-    with _SAFE_LOCK:
-        if store.description in _SAFE:
-            return
-    probe_conditional_writes(store)
-    with _SAFE_LOCK:
-        _SAFE.add(store.description)
+_LIVE_LOCK = threading.Lock()
 
 
 class RemoteLock:
@@ -464,7 +213,7 @@ class RemoteLock:
         if body.session_id == self.holder.session_id:
             return True
         if body.pid == os.getpid():
-            with _SAFE_LOCK:
+            with _LIVE_LOCK:
                 return body.session_id not in _LIVE
         return body.pid is None or not pid_alive(body.pid)
 
@@ -580,7 +329,7 @@ class RemoteLock:
             self._live(False)
 
     def _live(self, live: bool) -> None:
-        with _SAFE_LOCK:
+        with _LIVE_LOCK:
             (_LIVE.add if live else _LIVE.discard)(self.holder.session_id)
 
     def abandon(self) -> None:
@@ -591,98 +340,6 @@ class RemoteLock:
         """
         with self._mutex:
             self._live(False)
-
-
-_FORCE_TRIES = 5
-
-
-def force_unlock(
-    store: ObjectStore,
-    key: str,
-    *,
-    operator: str,
-    machine: str,
-    reason: str,
-    config: LockConfig | None = None,
-) -> LockStatus:
-    """An operator's explicit break: ``released`` by CAS, recording who and why.
-
-    A live holder's heartbeat may renew between our read and our write: read again
-    and retry (a few times) instead of failing on the first 412.
-    """
-    for attempt in range(1, _FORCE_TRIES + 1):
-        try:
-            return _force_unlock_once(
-                store, key, operator=operator, machine=machine, reason=reason, config=config
-            )
-        except PreconditionFailedError as exc:
-            if attempt == _FORCE_TRIES:
-                raise LockError(
-                    f"the lock {key} changed {_FORCE_TRIES} times while it was being broken "
-                    "(its holder is renewing it right now); try again, or ask its holder to close"
-                ) from exc
-            log.info("lock_forced_unlock_retry", key=key, attempt=attempt)
-    raise AssertionError("unreachable")
-
-
-def _force_unlock_once(
-    store: ObjectStore,
-    key: str,
-    *,
-    operator: str,
-    machine: str,
-    reason: str,
-    config: LockConfig | None = None,
-) -> LockStatus:
-    config = config or LockConfig()
-    try:
-        data = store.get(key, max_bytes=LOCK_MAX_BYTES)
-    except NotFoundError as exc:
-        raise NotFoundError(f"there is no lock {key} to unlock") from exc
-    except ObjectTooLargeError:
-        # Overwritten unread, by compare-and-swap on the ETag its HEAD states.
-        data = ObjectData(key, b"", store.head(key).etag, store.server_time())
-    now = data.server_time
-    try:
-        old = LockBody.model_validate_json(data.body)
-        previous = f"{old.user}@{old.machine} (session {old.session_id})"
-        body = old.model_copy(
-            update={
-                "state": "released",
-                "broken_by": f"{operator}@{machine}",
-                "broken_at": now,
-                "broken_reason": reason,
-                "previous_holder": previous,
-                "write_id": new_write_id(),
-            }
-        )
-    except (ValidationError, ValueError):
-        previous = "unreadable lock body"
-        body = LockBody(
-            state="released",
-            user=operator,
-            machine=machine,
-            since=now,
-            expires=now,
-            heartbeat_at=now,
-            broken_by=f"{operator}@{machine}",
-            broken_at=now,
-            broken_reason=reason,
-            previous_holder=previous,
-            write_id=new_write_id(),
-        )
-    assert body.write_id is not None
-    result = put_fenced(store, key, body.to_bytes(), body.write_id, if_match=data.etag)
-    log.warning(
-        "lock_forced_unlock", key=key, operator=operator, previous_holder=previous, reason=reason
-    )
-    return LockStatus(
-        key=key,
-        body=body,
-        etag=result.etag,
-        server_time=result.server_time,
-        stale_after=config.stale_after,
-    )
 
 
 class Heartbeat:

@@ -14,10 +14,11 @@ from typing import Literal
 
 from agent.config import LockConfig
 from agent.errors import InvalidNameError, LockCorruptError, ObjectTooLargeError
-from agent.folder.transfer import Transfers
-from agent.stage.keys import StageKeys, validate_name
-from agent.stage.lock import judge_lock
+from agent.names import validate_name
+from agent.stage.keys import StageKeys
+from agent.stage.lockbody import judge_lock
 from agent.store.base import LOCK_MAX_BYTES, ObjectData, ObjectStore
+from agent.store.parallel import Parallel
 
 __all__ = ["LockRow", "list_locks"]
 
@@ -126,7 +127,7 @@ def list_locks(
 ) -> list[LockRow]:
     """Every stage lock (of ``projekt_ids``, or of every project), by project and stage."""
     projects = list(projekt_ids) or _projects(store)
-    pool = Transfers(store, workers)
+    pool = Parallel(workers)
     stages = [keys for found in pool.map(projects, lambda p: _stages(store, p)) for keys in found]
     oversized: dict[str, int | None] = {}
     try:

@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agent.errors import AgentError, NotFoundError, PreconditionFailedError
-from agent.folder.transfer import Transfers
 from agent.log import get_logger
-from agent.stage.keys import StageKeys, printable
+from agent.names import printable
+from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import ObjectInfo, ObjectStore
+from agent.store.parallel import Parallel
 
 __all__ = ["RepairReport", "repair_stage"]
 
@@ -143,7 +144,7 @@ def _repair(
         if objects is not None
         else []
     )
-    pool = Transfers(store, workers)
+    pool = Parallel(workers)
 
     def recopy(rel: str) -> None:
         if stop.is_set():

@@ -26,7 +26,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.errors import PreconditionFailedError
-from agent.stage.lock import probe_conditional_writes
+from agent.stage.locktools import probe_conditional_writes
 from agent.store import open_store
 from agent.store.base import ObjectStore
 

@@ -135,7 +135,9 @@ def test_heartbeat_finding_the_lock_taken_stops_streaming_and_close_refuses(
 ) -> None:
     """Another client takes the lock: the heartbeat signals it, streaming stops, close refuses."""
     from agent.errors import LockLostError
-    from agent.stage.lock import Holder, RemoteLock, force_unlock
+    from agent.stage.lock import RemoteLock
+    from agent.stage.lockbody import Holder
+    from agent.stage.locktools import force_unlock
     from agent.store import open_store
 
     config = s3_config(

@@ -14,7 +14,8 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.errors import CommitBlockedError, SessionError
 from agent.session import PlantDesignSession
-from agent.stage.commit import Commit, StagedCopy, read_intent, read_manifest
+from agent.stage.commit import Commit
+from agent.stage.intent import StagedCopy, read_intent, read_manifest
 from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest
 from agent.state import SessionState

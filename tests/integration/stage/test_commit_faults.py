@@ -255,7 +255,7 @@ def test_force_unlock_retries_when_a_live_heartbeat_renews_in_between(
     tmp_path: Path,
 ) -> None:
     """An operator's break that meets a renewal (412) reads again and succeeds."""
-    from agent.stage.lock import force_unlock
+    from agent.stage.locktools import force_unlock
     from agent.store import open_store
 
     alice = via_proxy()

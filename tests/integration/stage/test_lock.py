@@ -13,15 +13,9 @@ import pytest
 
 from agent.config import LockConfig, load_config
 from agent.errors import LockCorruptError, LockHeldError, LockLostError, UnsafeStoreError
-from agent.stage.lock import (
-    Heartbeat,
-    Holder,
-    LockBody,
-    RemoteLock,
-    force_unlock,
-    probe_conditional_writes,
-    read_lock,
-)
+from agent.stage.lock import Heartbeat, RemoteLock
+from agent.stage.lockbody import Holder, LockBody, read_lock
+from agent.stage.locktools import force_unlock, probe_conditional_writes
 from agent.store.base import ObjectStore
 
 KEY = "Kraftwerk_1234567/planning.lock.json"

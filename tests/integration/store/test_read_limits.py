@@ -23,7 +23,7 @@ import pytest
 from agent.config import LockConfig, load_config
 from agent.errors import LockCorruptError, ObjectTooLargeError
 from agent.stage.keys import CommitInfo, StageKeys
-from agent.stage.lock import read_lock
+from agent.stage.lockbody import read_lock
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store import open_store
 from agent.store.base import LOCK_MAX_BYTES, ObjectStore

@@ -215,7 +215,7 @@ def test_the_capability_probe_writes_each_probe_key_once_and_is_refused_once(
     wan_store: ObjectStore, fault_proxy: FaultProxy
 ) -> None:
     """R2's one write a second per key: the probe uses a key per step, never three writes to one."""
-    from agent.stage.lock import probe_conditional_writes
+    from agent.stage.locktools import probe_conditional_writes
 
     probe_conditional_writes(wan_store)
     puts = [s.path for s in fault_proxy.seen if s.method == "PUT" and "pdagent-probe" in s.path]

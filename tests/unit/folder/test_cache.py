@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from agent.folder.cache import StageCache
+from agent.folder.entries import LocalEntry, file_sha256
 from agent.folder.ignore import IgnoreRules
-from agent.stage.manifest import LocalEntry, file_sha256
 
 
 def _folder(root: Path, files: dict[str, bytes]) -> Path:

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from agent.errors import SessionCancelledError
-from agent.folder.transfer import Progress
+from agent.store.parallel import Progress
 
 
 class Clock:
@@ -24,7 +24,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr("agent.folder.transfer.time.monotonic", c)
+    monkeypatch.setattr("agent.store.parallel.time.monotonic", c)
     return c
 
 

@@ -12,7 +12,7 @@ from agent.config import DEFAULT_IGNORE
 from agent.errors import WorkFolderReplacedError
 from agent.folder.ignore import IgnoreRules, temp_name_for
 from agent.folder.snapshot import FileStat, diff, scan
-from agent.stage.keys import WorkFolder, folder_identity
+from agent.folder.workfolder import WorkFolder, folder_identity
 
 RULES = IgnoreRules(DEFAULT_IGNORE)
 

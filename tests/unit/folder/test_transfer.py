@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.errors import LocalFileError, PermanentStoreError, TransientStoreError
-from agent.folder.transfer import Download, Progress, Transfers, Upload, content_type_for
+from agent.folder.transfer import Download, Transfers, Upload, content_type_for
 from agent.store.base import ObjectInfo, ProgressFn, WriteResult
+from agent.store.parallel import Progress
 from tests.fakes import FaultyStore, MemoryStore
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import SessionError
+from agent.folder.entries import LocalEntry
 from agent.session.records import SessionStore
-from agent.stage.manifest import LocalEntry
 
 
 def test_start_snapshot_round_trips_ctime_and_inode(tmp_path: Path) -> None:

@@ -23,9 +23,11 @@ from agent.errors import (
     TransientStoreError,
 )
 from agent.stage.cas import new_write_id, put_fenced
-from agent.stage.commit import Commit, StagedCopy, read_intent, read_manifest
+from agent.stage.commit import Commit
+from agent.stage.intent import StagedCopy, read_intent, read_manifest
 from agent.stage.keys import StageKeys
-from agent.stage.lock import Holder, RemoteLock
+from agent.stage.lock import RemoteLock
+from agent.stage.lockbody import Holder
 from agent.stage.manifest import Manifest, ManifestEntry
 from agent.store.base import WriteResult
 from tests.fakes import FaultyStore, MemoryStore

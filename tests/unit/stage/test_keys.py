@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.errors import InvalidNameError, LocalFileError
-from agent.stage.keys import StageKeys, WorkFolder, local_path_for, validate_name, validate_rel_path
+from agent.folder.workfolder import WorkFolder, local_path_for
+from agent.names import validate_name, validate_rel_path
+from agent.stage.keys import StageKeys
 
 
 def test_key_layout_matches_design() -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from agent.errors import LockCorruptError
-from agent.stage.lock import LockBody, LockStatus, _parse
+from agent.stage.lockbody import LockBody, LockStatus, _parse
 
 _NAIVE = {
     "state": "held",

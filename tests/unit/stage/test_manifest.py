@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 
 from agent.errors import InvalidNameError, PermanentStoreError
+from agent.folder.entries import LocalEntry, file_sha256, is_unchanged
 from agent.folder.snapshot import FileStat
-from agent.stage.manifest import (
-    LocalEntry,
-    Manifest,
-    ManifestEntry,
-    file_sha256,
-    is_unchanged,
-    plan_open,
-)
+from agent.session.checkout import plan_open
+from agent.stage.manifest import Manifest, ManifestEntry
 
 
 def _m(**files: tuple[int, str]) -> Manifest:

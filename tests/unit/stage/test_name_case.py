@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from agent.errors import InvalidNameError
+from agent.names import case_collisions
 from agent.platform import folds_case
 from agent.session import checkout
-from agent.stage.keys import StageKeys, case_collisions
+from agent.stage.keys import StageKeys
 
 
 def test_case_collisions_groups_full_paths_that_differ_only_in_case() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from agent.config import LockConfig
-from agent.stage.lock import Holder, RemoteLock
+from agent.stage.lock import RemoteLock
+from agent.stage.lockbody import Holder
 from agent.store import s3
 from agent.store.local import LocalStore
 from agent.store.s3 import RequestSlots, _date, _obstore_answer, part_ranges, part_size
