@@ -1,4 +1,4 @@
-"""The background agent: one process per open session, and the client that talks to it.
+"""The background agent: one process per open session (the client is ``agentd.client``).
 
 ``agent open`` downloads the working copy, then starts this process detached
 from the terminal. It holds the lock heartbeat, the watcher and the uploader, and
@@ -28,16 +28,11 @@ exactly one ``{"ok": RESULT}`` or ``{"error": {"type", "message", "exit_code"}}`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
-import json
 import os
 import secrets
 import selectors
 import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,60 +41,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import errors
-from agent.config import AgentConfig, PathsConfig
-from agent.errors import AgentError, AgentUnreachableError, InsecureStateError, SessionError
-from agent.log import get_logger
-from agent.platform import (
-    bind_control_socket,
-    check_private_dir,
-    connect_control_socket,
-    current_uid,
-    ensure_private_dir,
-    open_private_append,
-    peer_uid,
-    pid_alive,
-    spawn_detached,
-    write_private_file,
+from agent.agentd.control import (
+    _HEADER,
+    MAX_REQUEST_BYTES,
+    ProtocolError,
+    _error_frame,
+    _error_reply,
+    _float,
+    _private_control_dir,
+    _token_path,
+    control_path,
+    decode_frame_length,
+    decode_message,
+    encode_message,
 )
+from agent.config import AgentConfig
+from agent.errors import AgentError, SessionError
+from agent.log import get_logger
+from agent.platform import bind_control_socket, current_uid, peer_uid, write_private_file
 from agent.session.records import SessionRecord, SessionStore
 from agent.signals import Signal
 
-__all__ = [
-    "MAX_REQUEST_BYTES",
-    "AgentClient",
-    "AgentServer",
-    "ProtocolError",
-    "SessionLike",
-    "decode_frame_length",
-    "encode_message",
-    "spawn_agent",
-]
+__all__ = ["AgentServer", "SessionLike"]
 
 log = get_logger(__name__)
 
-TOKEN_NAME = "token"  # noqa: S105 - a file name, not a secret
-MAX_REQUEST_BYTES = 64 * 1024
-MAX_REPLY_BYTES = 16 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 5.0
 """A connection must deliver its whole authenticated request within this."""
 SEND_TIMEOUT = 10.0
 """A reply (or progress line) a client does not read within this drops the client."""
-STATUS_TIMEOUT = 2.0
-"""``status`` and ``ping`` answer within this, or the agent "does not respond"."""
 MAX_PENDING = 128
 """Connections still sending their request; beyond this the oldest is dropped."""
 WORKERS = 4
-_HEADER = struct.Struct(">I")
 _REFUSED = "the agent refused the request: wrong token (the token file is not this agent's)"
-# Spawned agents outlive us by design; keeping their Popen objects alive stops
-# Popen.__del__ from warning that a child is "still running".
-_SPAWNED: list[subprocess.Popen[bytes]] = []
-_READY_TIMEOUT = 30.0
-
-
-class ProtocolError(Exception):
-    """A peer broke the framing or sent something that is not a request (internal)."""
 
 
 class SessionLike(Protocol):
@@ -121,55 +95,6 @@ class SessionLike(Protocol):
     def close(self, *, allow_mass_delete: bool = False, skip_unsupported: bool = False) -> Any: ...
 
     def abort(self) -> None: ...
-
-
-def encode_message(message: dict[str, Any], limit: int = MAX_REPLY_BYTES) -> bytes:
-    """One frame: 4-byte big-endian length, then the JSON object as UTF-8."""
-    data = json.dumps(message, default=str, separators=(",", ":")).encode()
-    if len(data) > limit:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {limit}")
-    return _HEADER.pack(len(data)) + data
-
-
-def decode_frame_length(header: bytes, limit: int) -> int:
-    """The body length a frame header announces; ``ProtocolError`` beyond ``limit``."""
-    (length,) = _HEADER.unpack(header)
-    if length > limit:
-        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
-    return int(length)
-
-
-def decode_message(body: bytes) -> dict[str, Any]:
-    """A frame's body as a JSON object; anything else is a ``ProtocolError``."""
-    try:
-        message = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"not a JSON message ({type(exc).__name__})") from exc
-    if not isinstance(message, dict):
-        raise ProtocolError("a message must be a JSON object")
-    return message
-
-
-def control_path(paths: PathsConfig, session_id: str) -> Path:
-    """The socket of one session's agent: short (the 108-byte limit), unique per base folder."""
-    digest = hashlib.sha256(f"{paths.state_dir}\0{session_id}".encode()).hexdigest()[:24]
-    return paths.control_dir / f"{digest}.sock"
-
-
-def _token_path(store: SessionStore, session_id: str) -> Path:
-    return store.folder(session_id) / TOKEN_NAME
-
-
-def _private_control_dir(paths: PathsConfig) -> Path:
-    folder = paths.control_dir
-    problem = ensure_private_dir(folder)
-    if problem is not None:
-        raise InsecureStateError(
-            f"the control folder {folder} {problem}: another user could impersonate or "
-            f"intercept the background agent. Remove it (or `chmod 700 {folder}` if it is "
-            "yours) or set paths.runtime_dir to a private folder"
-        )
-    return folder
 
 
 @dataclass
@@ -415,205 +340,3 @@ class AgentServer:
             self.session.abort()
             return {"aborted": True, "finished_commit": self.session.finished_commit}
         raise SessionError(f"unknown agent command {cmd[:40]!r}")
-
-
-def _float(value: object, default: float) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 86400:
-        return float(value)
-    return default
-
-
-def _error_reply(kind: str, message: str, code: int) -> dict[str, Any]:
-    return {"error": {"type": kind, "message": message, "exit_code": code}}
-
-
-def _error_frame(kind: str, message: str, code: int) -> bytes:
-    return encode_message(_error_reply(kind, message, code))
-
-
-class AgentClient:
-    """Talks to the background agent of one recorded session."""
-
-    def __init__(self, record: SessionRecord, paths: PathsConfig) -> None:
-        self.record = record
-        self.paths = paths
-        self.records = SessionStore(paths.state_dir)
-
-    def _gone(self, why: str) -> AgentUnreachableError:
-        r = self.record
-        if r.agent_pid is not None and pid_alive(r.agent_pid):
-            # `agent recover` refuses a session whose agent runs: name what works.
-            way = (
-                f"It still runs: wait and try again; if it stays so, stop it (`kill "
-                f"{r.agent_pid}`), then `agent recover --resume` brings the session back"
-            )
-        else:
-            way = "run `agent recover` to resume or discard the session"
-        return AgentUnreachableError(
-            f"the background agent of {r.projekt_id}/{r.stage} (session {r.session_id}, "
-            f"pid {r.agent_pid}) {why}. Your files and the journal are kept: {way}"
-        )
-
-    def _endpoint(self) -> Path:
-        address = self.record.agent_address
-        if not address:
-            raise self._gone("was never started")
-        path = Path(address)
-        expected = control_path(self.paths, self.record.session_id)
-        # The runtime folder may differ between the shell that opened the session and
-        # this one (XDG_RUNTIME_DIR set or not): any private folder of ours will do,
-        # and the listener's uid is checked once connected.
-        if path.name != expected.name or not path.is_absolute():
-            raise AgentUnreachableError(
-                f"the session record {self.record.session_id} names the agent address "
-                f"{address!r}, not this session's socket {expected.name}: the record is not "
-                "trusted. `agent recover` resumes or discards the session"
-            )
-        try:
-            problem = check_private_dir(path.parent)
-        except FileNotFoundError as exc:
-            raise self._gone("left no control socket") from exc
-        if problem is not None:
-            raise InsecureStateError(
-                f"the control folder {path.parent} {problem}: refusing to talk through it"
-            )
-        return path
-
-    def call(
-        self,
-        cmd: str,
-        args: dict[str, Any] | None = None,
-        *,
-        on_progress: Callable[[str, int], None] | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        """Send one request; return its result or raise the agent's error class.
-
-        ``timeout`` bounds the wait for each message of the answer (default: 2 s
-        for ``status``/``ping``, the flush timeout plus a margin for ``flush``,
-        an hour per progress step for ``close``/``abort``).
-        """
-        path = self._endpoint()
-        pid = self.record.agent_pid
-        if pid is not None and not pid_alive(pid):
-            # Whatever listens at the path now is not this session's agent (a socket some
-            # other program left there would take the request and never answer).
-            raise self._gone("is not running")
-        try:
-            token = _token_path(self.records, self.record.session_id).read_text().strip()
-        except OSError as exc:
-            raise self._gone("left no token") from exc
-        per_message = timeout if timeout is not None else _default_timeout(cmd, args)
-        try:
-            sock = connect_control_socket(path, min(per_message, STATUS_TIMEOUT))
-        except TimeoutError as exc:
-            raise self._gone(
-                f"does not respond (no connection within {STATUS_TIMEOUT:.0f} s)"
-            ) from exc
-        except OSError as exc:
-            alive = self.record.agent_pid is not None and pid_alive(self.record.agent_pid)
-            raise self._gone("does not answer" if alive else "is not running") from exc
-        with sock:
-            uid = peer_uid(sock)
-            mine = current_uid()
-            if uid is not None and mine is not None and uid != mine:
-                raise AgentUnreachableError(
-                    f"the listener at {path} belongs to uid {uid}, not to you: refusing it"
-                )
-            sock.settimeout(per_message)
-            try:
-                sock.sendall(
-                    encode_message(
-                        {"token": token, "cmd": cmd, "args": args or {}}, MAX_REQUEST_BYTES
-                    )
-                )
-                while True:
-                    message = _read_message(sock)
-                    progress = message.get("progress")
-                    if progress is not None:
-                        if (
-                            on_progress is not None
-                            and isinstance(progress, list)
-                            and len(progress) == 2
-                        ):
-                            on_progress(str(progress[0]), _int(progress[1]))
-                        continue
-                    break
-            except TimeoutError as exc:
-                raise self._gone(
-                    f"does not respond (no answer within {per_message:.0f} s)"
-                ) from exc
-            except (OSError, ProtocolError) as exc:
-                raise self._gone(f"stopped while answering ({exc})") from exc
-        if "error" in message:
-            raise _error_from(message["error"])
-        if "ok" not in message:
-            raise self._gone("answered something that is not a reply")
-        return message["ok"]
-
-
-def _default_timeout(cmd: str, args: dict[str, Any] | None) -> float:
-    if cmd in ("status", "ping"):
-        return STATUS_TIMEOUT
-    if cmd == "flush":
-        return _float((args or {}).get("timeout"), 60.0) + 30.0
-    return 3600.0
-
-
-def _int(value: object) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ProtocolError("the agent closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def _read_message(sock: socket.socket) -> dict[str, Any]:
-    length = decode_frame_length(_read_exact(sock, _HEADER.size), MAX_REPLY_BYTES)
-    return decode_message(_read_exact(sock, length))
-
-
-def _error_from(err: object) -> AgentError:
-    """The agent's error as our class (only ``AgentError`` subclasses, by name)."""
-    if not isinstance(err, dict):
-        return AgentError("the agent reported an unreadable error")
-    cls = getattr(errors, str(err.get("type")), AgentError)
-    if not (isinstance(cls, type) and issubclass(cls, AgentError)):
-        cls = AgentError
-    return cls(str(err.get("message")))
-
-
-def spawn_agent(config_path: Path | None, session_id: str, config: AgentConfig) -> SessionRecord:
-    """Start the background agent for ``session_id`` and wait until it answers."""
-    argv = [sys.executable, "-m", "agent"]
-    if config_path is not None:
-        argv += ["--config", str(config_path)]
-    argv += ["_serve", session_id]
-    records = SessionStore(config.paths.state_dir)
-    _private_control_dir(config.paths)  # refuse here (exit 20), not in the detached child
-    log_path = records.folder(session_id) / "agent.out"
-    fd = open_private_append(log_path)
-    with os.fdopen(fd, "ab") as out:
-        proc = spawn_detached(argv, out)
-    _SPAWNED.append(proc)
-    deadline = time.monotonic() + _READY_TIMEOUT
-    while time.monotonic() < deadline:
-        record = records.load(session_id)
-        if record.agent_pid == proc.pid and record.agent_address:
-            AgentClient(record, config.paths).call("ping", timeout=10.0)
-            return record
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise AgentUnreachableError(
-                f"the background agent exited at start (code {proc.returncode}): {tail.strip()}"
-            )
-        time.sleep(0.05)
-    raise AgentUnreachableError(
-        f"the background agent did not answer within {_READY_TIMEOUT:.0f}s; see {log_path}"
-    )

@@ -209,7 +209,7 @@ def open_cmd(
         _run_foreground(session, info)
         return
     session.detach()
-    from agent.agentd.server import spawn_agent
+    from agent.agentd.client import spawn_agent
 
     try:
         record = spawn_agent(_obj().config_path, record.session_id, config)
@@ -303,7 +303,7 @@ def serve_cmd(session_id: str) -> None:
 
 
 def _client(projekt_id: str | None, stage: str | None) -> Any:
-    from agent.agentd.server import AgentClient
+    from agent.agentd.client import AgentClient
     from agent.session.records import SessionStore
 
     config = _obj().config
@@ -514,7 +514,7 @@ def _stage_check_lines(check: object) -> list[str]:
 @_json_option
 def status_cmd() -> None:
     """Sessions open on this machine: state, lock, pending changes, last upload, errors."""
-    from agent.agentd.server import AgentClient
+    from agent.agentd.client import AgentClient
     from agent.errors import AgentUnreachableError
     from agent.platform import pid_alive
     from agent.session.records import SessionStore
@@ -599,7 +599,7 @@ def recover_cmd(session_id: str | None, action: str | None, yes: bool, take_over
         path = session.resume(session_id, take_over=take_over, watch=False)
     record = session.record
     session.detach()
-    from agent.agentd.server import spawn_agent
+    from agent.agentd.client import spawn_agent
 
     spawn_agent(_obj().config_path, record.session_id, config)
     _emit(

@@ -194,7 +194,7 @@ def test_requests_in_flight_never_exceed_the_process_wide_limit(
 ) -> None:
     """max_requests 2 with 4 workers: ranged parts of four files never run more than 2 at once."""
     from agent.folder.transfer import Download, Transfers
-    from agent.store.s3 import REQUEST_SLOTS
+    from agent.store.s3_parts import REQUEST_SLOTS
 
     store = _big_store(s3_env, fault_proxy, tmp_path, max_requests=2, workers=4)
     try:

@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from agent import platform
-from agent.agentd.server import (
+from agent.agentd.control import (
     MAX_REQUEST_BYTES,
     ProtocolError,
     decode_frame_length,

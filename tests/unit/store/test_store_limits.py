@@ -10,9 +10,11 @@ from structlog.testing import capture_logs
 from agent.config import LockConfig
 from agent.stage.lock import RemoteLock
 from agent.stage.lockbody import Holder
-from agent.store import s3
+from agent.store import s3_client
 from agent.store.local import LocalStore
-from agent.store.s3 import RequestSlots, _date, _obstore_answer, part_ranges, part_size
+from agent.store.s3_client import _date
+from agent.store.s3_errors import _obstore_answer
+from agent.store.s3_parts import RequestSlots, part_ranges, part_size
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -102,7 +104,7 @@ def test_an_obstore_connection_error_is_known_by_its_http_error_kind() -> None:
 
 def test_an_answer_without_a_date_warns_once_and_uses_the_local_clock() -> None:
     """The store sent no ``Date``: a warning (once), then the local clock."""
-    s3._WARNED_NO_DATE.clear()  # once per process: an earlier test may have warned
+    s3_client._WARNED_NO_DATE.clear()  # once per process: an earlier test may have warned
     with capture_logs() as logs:
         _date({"ResponseMetadata": {"HTTPHeaders": {}}})
         _date({"ResponseMetadata": {"HTTPHeaders": {}}})

@@ -1,0 +1,123 @@
+"""Processes: this machine's name, whether a pid lives, starting the agent detached
+(Windows' creation flags included), and ending at once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, NoReturn
+
+from agent.platform import IS_WINDOWS
+
+
+def machine_name() -> str:
+    """This machine's name as recorded in locks (the host name)."""
+    return socket.gethostname() or "unknown-host"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with ``pid`` exists on this machine."""
+    if pid <= 0:
+        return False
+    if IS_WINDOWS:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined,unused-ignore]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) still answers kill(0).
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def detach_creationflags() -> int:
+    """``Popen(creationflags=...)`` that detach a child from our console (Windows; else 0).
+
+    On POSIX, ``Popen(start_new_session=True)`` does the same; see ``spawn_detached``.
+    """
+    if IS_WINDOWS:
+        return windows_detach_flags(breakaway=True)
+    return 0
+
+
+def spawn_detached(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` detached from our terminal and process group, output to ``log``.
+
+    On Windows the child also breaks away from a kill-on-close job the caller may
+    run in; a job that forbids breakaway answers ACCESS_DENIED, and the start is
+    retried without it (the agent then lives as long as that job).
+    """
+
+    def start(flags: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+            start_new_session=not IS_WINDOWS,
+            creationflags=flags,
+        )
+
+    return spawn_with_breakaway_fallback(start, windows=IS_WINDOWS)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once (after a bounded crash save, from any thread).
+
+    Also from a signal handler that interrupted a write of a log handler: whatever
+    flushing the logs raises, the process ends.
+    """
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    os._exit(code)
+
+
+# --- Windows seams (on paper: exercised with the OS calls faked) ------------------------
+#
+# A detached agent starts in a new process group without a console and breaks away
+# from a kill-on-close job where the job allows it (the named pipe: ``channel``).
+
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+DETACHED_PROCESS = 0x00000008
+CREATE_BREAKAWAY_FROM_JOB = 0x01000000
+_ERROR_ACCESS_DENIED = 5
+
+
+def windows_detach_flags(*, breakaway: bool) -> int:
+    """``creationflags`` of a detached agent: new group, no console, maybe breakaway."""
+    flags = CREATE_NEW_PROCESS_GROUP | DETACHED_PROCESS
+    return flags | CREATE_BREAKAWAY_FROM_JOB if breakaway else flags
+
+
+def spawn_with_breakaway_fallback(
+    start: Callable[[int], subprocess.Popen[bytes]], *, windows: bool
+) -> subprocess.Popen[bytes]:
+    """``start(creationflags)``; on Windows retry without breakaway if the job denies it."""
+    if not windows:
+        return start(0)
+    try:
+        return start(windows_detach_flags(breakaway=True))
+    except OSError as exc:
+        if getattr(exc, "winerror", None) != _ERROR_ACCESS_DENIED:
+            raise
+    return start(windows_detach_flags(breakaway=False))

@@ -1,0 +1,110 @@
+"""Parts and request slots, shared by both engines of ``agent.store.s3``.
+
+A large file moves (and a large object is copied) as equal parts in parallel; each
+part request takes a slot of the process-wide ``REQUEST_SLOTS``, so many files at
+once never open more requests than ``transfer.max_requests``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+# R2 and S3 allow 10,000 parts; 9,000 leaves room, and parts stay equal-sized.
+_MAX_PARTS = 9000
+_PARTS_PER_FILE = 8
+
+
+def part_size(size: int, configured: int) -> int:
+    """The part size for one file: ``max(configured, ceil(size / 9000))``, all parts equal."""
+    return max(configured, -(-size // _MAX_PARTS))
+
+
+def part_ranges(size: int, part: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of ``part`` bytes (the last one shorter) covering ``size``."""
+    return [(start, min(start + part, size)) for start in range(0, size, part)]
+
+
+class RequestSlots:
+    """A weighted semaphore: how many transfer requests are in flight, process-wide.
+
+    One instance per process (``REQUEST_SLOTS``); each file's parallel parts take
+    one slot each, so 10 workers x 8 parts never become 80 requests at once.
+    Lock and manifest requests do not queue here: a lock renewal must never wait
+    behind a slow bulk transfer.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._cond = threading.Condition()
+        self._capacity = capacity
+        self._used = 0
+        self.peak = 0
+        """The most slots in use at once so far (tests reset it)."""
+
+    @property
+    def capacity(self) -> int:
+        """How many slots there are."""
+        return self._capacity
+
+    def resize(self, capacity: int) -> None:
+        """Set the number of slots (the config's ``transfer.max_requests``)."""
+        with self._cond:
+            self._capacity = capacity
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold_up_to(self, most: int) -> Iterator[int]:
+        """Take between 1 and ``most`` slots, as many as are free; yields how many."""
+        with self._cond:
+            while self._used >= self._capacity:
+                self._cond.wait()
+            weight = max(1, min(most, self._capacity - self._used))
+            self._used += weight
+            self.peak = max(self.peak, self._used)
+        try:
+            yield weight
+        finally:
+            with self._cond:
+                self._used -= weight
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, weight: int = 1) -> Iterator[None]:
+        """Take ``weight`` slots (at most all of them) for the duration of a request."""
+        with self._cond:
+            weight = max(1, min(weight, self._capacity))
+            while self._used + weight > self._capacity:
+                self._cond.wait()
+            self._used += weight
+            self.peak = max(self.peak, self._used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= weight
+                self._cond.notify_all()
+
+
+REQUEST_SLOTS = RequestSlots(32)
+
+
+def _run_parallel(workers: int, calls: Sequence[Callable[[], None]]) -> None:
+    """Run ``calls`` on ``workers`` threads; on a failure cancel the rest and raise it."""
+    if len(calls) == 1 or workers == 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(calls)), thread_name_prefix="pdagent-part"
+    ) as pool:
+        futures: list[Future[None]] = [pool.submit(call) for call in calls]
+        _done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in not_done:
+            fut.cancel()
+        wait(not_done)
+        for fut in futures:
+            error = None if fut.cancelled() else fut.exception()
+            if error is not None:
+                raise error
