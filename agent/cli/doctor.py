@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 
+import click
+
+from agent.cli.common import _emit, _json_option, _obj, _store_label
 from agent.config import AgentConfig
 from agent.errors import AgentError, IntentRefusedError, PreconditionFailedError
 from agent.stage.intent import inspect_intent
@@ -20,7 +23,7 @@ from agent.stage.keys import StageKeys
 from agent.stage.locktools import probe_conditional_writes
 from agent.store import ObjectStore, open_store
 
-__all__ = ["Check", "run_checks"]
+__all__ = ["Check", "doctor_cmd", "run_checks"]
 
 MAX_SKEW_SECONDS = 60.0
 
@@ -166,3 +169,33 @@ def run_checks(config: AgentConfig, *, stage: StageKeys | None = None) -> list[C
         return checks
     finally:
         store.close()
+
+
+@click.command("doctor")
+@click.argument("projekt_id", required=False)
+@click.option(
+    "--stage", default=None, help="Also check this stage's commit intent (needs PROJEKT)."
+)
+@_json_option
+def doctor_cmd(projekt_id: str | None, stage: str | None) -> None:
+    """Check the store: reachability, credentials, bucket, conditional writes, the copy
+    condition (a warning when ignored), clock skew; with PROJEKT --stage STAGE also the
+    stage's commit intent (a refused one fails)."""
+    if (projekt_id is None) != (stage is None):
+        raise click.UsageError("checking a stage needs both PROJEKT and --stage")
+    config = _obj().config
+    keys = StageKeys(projekt_id, stage) if projekt_id is not None and stage is not None else None
+    checks = run_checks(config, stage=keys)
+    ok = all(c.ok for c in checks)
+    lines = [f"store: {_store_label(config)}"]
+    lines += [
+        f"[{'FAIL' if not c.ok else 'warn' if c.warning else 'ok'}] {c.name}: {c.detail}"
+        for c in checks
+    ]
+    _emit(
+        {"store": _store_label(config), "ok": ok, "checks": [c.as_dict() for c in checks]},
+        "\n".join(lines),
+    )
+    if not ok:
+        failed = next(c for c in checks if not c.ok)
+        raise click.exceptions.Exit(failed.exit_code)

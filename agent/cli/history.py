@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from agent.cli.app import _emit, _json_option, _obj, _progress, _session_cls, cli
+from agent.cli.common import _emit, _json_option, _obj, _progress, _session_cls
 from agent.config import default_user
 from agent.stage.history import FileVersion
 from agent.stage.keys import CommitInfo
@@ -51,7 +51,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-@cli.group("history", cls=_DefaultGroup)
+@click.group("history", cls=_DefaultGroup)
 def history_group() -> None:
     """The commits of a stage, the versions of a file, and retention.
 
@@ -107,7 +107,7 @@ def history_prune(projekt_id: str, dry_run: bool) -> None:
     _emit({**plan.as_dict(), "dry_run": dry_run}, text)
 
 
-@cli.command("show")
+@click.command("show")
 @click.argument("projekt_id")
 @click.option("--stage", required=True, help="The stage, e.g. planning.")
 @click.option("--commit", "commit", required=True, help="Commit id (6+ characters) or #SEQ.")
@@ -147,7 +147,7 @@ def _plan_text(where: str, plan: RestorePlan) -> str:
     return "\n".join(lines)
 
 
-@cli.command("restore")
+@click.command("restore")
 @click.argument("projekt_id")
 @click.argument("paths", nargs=-1)
 @click.option("--stage", required=True, help="The stage, e.g. planning.")
@@ -199,7 +199,7 @@ def restore_cmd(  # click passes every parameter by name
     )
 
 
-@cli.command("locks")
+@click.command("locks")
 @click.argument("projekt_ids", nargs=-1)
 @_json_option
 def locks_cmd(projekt_ids: tuple[str, ...]) -> None:

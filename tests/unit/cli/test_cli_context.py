@@ -29,7 +29,7 @@ def test_json_mode_does_not_leak_into_the_next_invocation(
 def test_status_text_shows_a_newline_from_the_bucket_escaped_on_its_own_line() -> None:
     """A newline or ESC inside a value (a lock holder's name in an error, a repaired key)
     is shown escaped: it cannot forge a line of `agent status`."""
-    from agent.cli.app import _status_lines
+    from agent.cli.status import _status_lines
 
     row = {
         "projekt_id": "P",
