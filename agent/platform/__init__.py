@@ -6,17 +6,13 @@ names are imported from here (``from agent.platform import ...``); they live in
 ``files`` (private files and folders, the executable bit, case folding),
 ``processes`` (machine name, pid liveness, detached start, ending at once),
 ``termination`` (signal handlers, the wake-up fd, the Windows console handler)
-and ``channel`` (the control socket or named pipe, the peer's uid).
+and ``channel`` (the control socket or named pipe, the peer's uid); ``system`` says
+which operating system this is (``IS_WINDOWS``).
 """
 
 from __future__ import annotations
 
-import sys
-
-IS_WINDOWS = sys.platform == "win32"
-
-# The submodules read IS_WINDOWS from here, so they are imported after it.
-from agent.platform.channel import (  # noqa: E402
+from agent.platform.channel import (
     FILE_FLAG_FIRST_PIPE_INSTANCE,
     PIPE_ACCESS_DUPLEX,
     PIPE_REJECT_REMOTE_CLIENTS,
@@ -28,7 +24,7 @@ from agent.platform.channel import (  # noqa: E402
     windows_pipe_name,
     windows_pipe_sddl,
 )
-from agent.platform.files import (  # noqa: E402
+from agent.platform.files import (
     PRIVATE_DIR_MODE,
     PRIVATE_FILE_MODE,
     check_private_dir,
@@ -43,7 +39,7 @@ from agent.platform.files import (  # noqa: E402
     set_executable,
     write_private_file,
 )
-from agent.platform.processes import (  # noqa: E402
+from agent.platform.processes import (
     CREATE_BREAKAWAY_FROM_JOB,
     CREATE_NEW_PROCESS_GROUP,
     DETACHED_PROCESS,
@@ -55,7 +51,8 @@ from agent.platform.processes import (  # noqa: E402
     spawn_with_breakaway_fallback,
     windows_detach_flags,
 )
-from agent.platform.termination import (  # noqa: E402
+from agent.platform.system import IS_WINDOWS
+from agent.platform.termination import (
     SignalHandler,
     at_threads_exit,
     current_handler,

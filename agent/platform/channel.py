@@ -9,8 +9,8 @@ import stat
 from pathlib import Path
 
 from agent.errors import LocalFileError
-from agent.platform import IS_WINDOWS
 from agent.platform.files import PRIVATE_FILE_MODE
+from agent.platform.system import IS_WINDOWS
 
 
 def bind_control_socket(path: Path, backlog: int = 64) -> socket.socket:

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from agent.platform import IS_WINDOWS
+from agent.platform.system import IS_WINDOWS
 
 
 def executable_bit(st_mode: int) -> bool | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, NoReturn
 
-from agent.platform import IS_WINDOWS
+from agent.platform.system import IS_WINDOWS
 
 
 def machine_name() -> str:

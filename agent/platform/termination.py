@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from agent.platform import IS_WINDOWS
+from agent.platform.system import IS_WINDOWS
 
 
 def termination_signals() -> Sequence[signal.Signals]:

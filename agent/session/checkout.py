@@ -37,10 +37,6 @@ from agent.store.parallel import Progress
 
 log = get_logger(__name__)
 
-_MASS_DELETE_FRACTION = 0.5
-# How long `abort` waits for a running close (or resume) before refusing.
-_ABORT_WAIT = 2.0
-
 
 if TYPE_CHECKING:
     from agent.session import PlantDesignSession

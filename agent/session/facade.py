@@ -64,10 +64,6 @@ __all__ = ["CloseReport", "PlantDesignSession"]
 
 log = get_logger(__name__)
 
-_MASS_DELETE_FRACTION = 0.5
-# How long `abort` waits for a running close (or resume) before refusing.
-_ABORT_WAIT = 2.0
-
 
 class PlantDesignSession:
     """One user's editing session on one project stage.

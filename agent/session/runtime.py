@@ -23,9 +23,6 @@ from agent.state import SessionState
 
 log = get_logger(__name__)
 
-_MASS_DELETE_FRACTION = 0.5
-# How long `abort` waits for a running close (or resume) before refusing.
-_ABORT_WAIT = 2.0
 # How long an abort, detach or crash save waits for a stopped stage check's last request.
 _REPAIR_CANCEL_WAIT = 5.0
 
