@@ -141,6 +141,25 @@ class HostileS3:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    def cli_env(self, home: Path, **extra: str) -> dict[str, str]:
+        """The environment of an ``agent`` process against this endpoint: a private HOME
+        and base folder, no AWS files, two tries, the agent under test on PYTHONPATH
+        (a worktree or a checkout); ``extra`` adds or overrides variables."""
+        return {
+            **self.env(),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AGENT_PATHS__BASE_DIR": str(home / "base"),
+            "AGENT_STORE__URL": "s3://bucket/p",
+            "AGENT_STORE__ENDPOINT_URL": self.endpoint,
+            "AGENT_STORE__REGION": "us-east-1",
+            "AGENT_RETRY__ATTEMPTS": "2",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+            **extra,
+        }
+
     def __enter__(self) -> HostileS3:
         return self.start()
 

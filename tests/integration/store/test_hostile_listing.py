@@ -174,24 +174,13 @@ def test_an_xml_entity_bomb_in_a_listing_is_refused_as_malformed(
 
 
 def _cli_env(hostile: HostileS3, tmp_path: Path, **store: str) -> dict[str, str]:
-    env = {
-        **hostile.env(),
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-        "AGENT_PATHS__BASE_DIR": str(tmp_path / "base"),
-        "AGENT_STORE__URL": "s3://bucket/p",
-        "AGENT_STORE__ENDPOINT_URL": hostile.endpoint,
-        "AGENT_STORE__REGION": "us-east-1",
-        "AGENT_STORE__READ_TIMEOUT": "2",
-        "AGENT_RETRY__ATTEMPTS": "2",
-        "AGENT_RETRY__INITIAL_BACKOFF": "0.01",
-        "AGENT_RETRY__MAX_BACKOFF": "0.02",
-        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the agent under test
-    }
-    env.update({f"AGENT_STORE__{k.upper()}": v for k, v in store.items()})
-    return env
+    return hostile.cli_env(
+        tmp_path,
+        AGENT_STORE__READ_TIMEOUT="2",
+        AGENT_RETRY__INITIAL_BACKOFF="0.01",
+        AGENT_RETRY__MAX_BACKOFF="0.02",
+        **{f"AGENT_STORE__{k.upper()}": v for k, v in store.items()},
+    )
 
 
 @pytest.mark.timeout(120)
@@ -252,7 +241,6 @@ def test_random_commands_on_random_hostile_listings_end_documented_within_bounds
     trickled, huge and entity-bomb pages) and commands (locks, history, prune, open, lock
     show), as real processes: each ends with a documented exit (never 70, never killed
     by the time bound) and stays under 300 MiB. The seed is printed."""
-    import os
     import random
 
     chosen = int(os.environ.get("PDAGENT_HOSTILE_SEED", random.randrange(2**31)))

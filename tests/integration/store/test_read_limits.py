@@ -11,7 +11,6 @@ folder store, and the hostile endpoint of ``tests/hostile.py``.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import tracemalloc
 from collections.abc import Iterator
@@ -117,19 +116,7 @@ def test_agent_locks_over_40_lock_bodies_of_16_mib_stays_under_300_mib(
     """40 stages whose locks are 16 MiB each: ``agent locks`` lists them corrupt, under 300 MiB."""
     for i in range(40):
         hostile.huge_objects[f"p/Proj_{i:02d}/planning.lock.json"] = 16 * MiB
-    env = {
-        **hostile.env(),
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-        "AGENT_PATHS__BASE_DIR": str(tmp_path / "base"),
-        "AGENT_STORE__URL": "s3://bucket/p",
-        "AGENT_STORE__ENDPOINT_URL": hostile.endpoint,
-        "AGENT_STORE__REGION": "us-east-1",
-        "AGENT_RETRY__ATTEMPTS": "2",
-        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the agent under test
-    }
+    env = hostile.cli_env(tmp_path)
     ran = run_measured([sys.executable, "-m", "agent", "locks"], env=env, cwd=tmp_path, timeout=100)
     assert 0 == ran.returncode, ran.stderr[-2000:]
     rows = [line for line in ran.stdout.splitlines() if "Proj_" in line]
@@ -160,20 +147,7 @@ def test_agent_show_of_a_4_byte_version_under_a_300_mib_object_stays_under_300_m
     big = hostile.huge_objects if declared else hostile.undeclared_objects
     big["p/" + keys.version(sha)] = 300 * MiB
     big["p/" + keys.committed("plan.dwg")] = 300 * MiB
-    env = {
-        **hostile.env(),
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-        "AGENT_PATHS__BASE_DIR": str(tmp_path / "base"),
-        "AGENT_STORE__URL": "s3://bucket/p",
-        "AGENT_STORE__ENDPOINT_URL": hostile.endpoint,
-        "AGENT_STORE__REGION": "us-east-1",
-        "AGENT_RETRY__ATTEMPTS": "2",
-        # the agent under test, wherever it is imported from (a worktree, a checkout)
-        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-    }
+    env = hostile.cli_env(tmp_path)
     out = tmp_path / "old.dwg"
     ran = run_measured(
         [sys.executable, "-m", "agent", "show", "P", "--stage", "planning", "--commit", "#1",
