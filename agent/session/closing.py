@@ -11,7 +11,6 @@ import os
 import stat
 import threading
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import AgentError, JournalCorruptError, TransferError, WorkFolderReplacedError
@@ -101,7 +100,7 @@ def _changed_among(
         if s.rules.is_ignored(rel):
             continue
         if unsupported_reason(rel) is not None:  # a name the store cannot hold: kept aside
-            if _lstat(streamer.root.joinpath(*rel.split("/"))) is not None:
+            if os.path.lexists(streamer.root.joinpath(*rel.split("/"))):
                 unsynced.append(rel)
             continue
         st = _lstat(folder, rel)
@@ -116,11 +115,11 @@ def _changed_among(
     return changed, unsynced
 
 
-def _lstat(where: Path | WorkFolder, rel: str = "") -> os.stat_result | None:
-    """``lstat`` of a raw path, or of ``rel`` in the working folder (never through a
-    link); None if there is nothing (or nothing the folder's rules let us look at)."""
+def _lstat(folder: WorkFolder, rel: str) -> os.stat_result | None:
+    """``lstat`` of ``rel`` in the working folder (never through a link); None if there
+    is nothing there (or nothing the folder's rules let us look at)."""
     try:
-        return where.lstat() if isinstance(where, Path) else where.path(rel).lstat()
+        return folder.path(rel).lstat()
     except (OSError, AgentError):
         return None
 
