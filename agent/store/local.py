@@ -41,6 +41,7 @@ from agent.store.base import (
 __all__ = ["LocalStore"]
 
 _CHUNK = 1024 * 1024
+_MOVE_TRIES = 50  # a prune racing one write takes at most one try; many at once, a few
 _DIR, _OBJ, _ETAG, _META = ".d", ".o", ".etag", ".meta"
 
 
@@ -140,18 +141,37 @@ class LocalStore:
                 out.flush()
                 os.fsync(out.fileno())
             etag = digest.hexdigest()
-            target.parent.mkdir(parents=True, exist_ok=True)
             etag_tmp = fd_path.with_suffix(".etag")
             etag_tmp.write_text(etag)
             meta_tmp = fd_path.with_suffix(".meta")
             meta_tmp.write_text(json.dumps(dict(metadata or {})))
-            os.replace(fd_path, target)
+            self._move_in(fd_path, target)
             os.replace(etag_tmp, target.parent / (target.name + _ETAG))
             os.replace(meta_tmp, target.parent / (target.name + _META))
             return etag
         finally:
             for leftover in (fd_path, fd_path.with_suffix(".etag"), fd_path.with_suffix(".meta")):
                 leftover.unlink(missing_ok=True)
+
+    def _move_in(self, source: Path, target: Path) -> None:
+        """Rename ``source`` onto ``target``, creating its folder.
+
+        A delete of a neighbouring key prunes a folder it emptied; one that does so
+        between our ``mkdir`` and our rename makes the rename fail with the folder
+        gone. The object itself then stands in the folder, so a prune cannot take it
+        again once the rename succeeded: make the folder again and retry.
+        """
+        for _ in range(_MOVE_TRIES - 1):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(source, target)
+            except FileNotFoundError:
+                if not source.exists():
+                    raise
+                continue
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
 
     @staticmethod
     def _now() -> datetime:
