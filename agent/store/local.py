@@ -157,21 +157,20 @@ class LocalStore:
         """Rename ``source`` onto ``target``, creating its folder.
 
         A delete of a neighbouring key prunes a folder it emptied; one that does so
-        between our ``mkdir`` and our rename makes the rename fail with the folder
-        gone. The object itself then stands in the folder, so a prune cannot take it
-        again once the rename succeeded: make the folder again and retry.
+        between our ``mkdir`` and our rename makes the rename fail with the folder gone
+        (or ``mkdir`` itself fail: it saw the folder, then found it gone). Once the
+        rename succeeded the object stands in the folder and no prune can take it:
+        make the folder again and retry.
         """
-        for _ in range(_MOVE_TRIES - 1):
-            target.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, _MOVE_TRIES + 1):
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
-            except FileNotFoundError:
-                if not source.exists():
+            except (FileNotFoundError, FileExistsError):
+                if attempt == _MOVE_TRIES or not source.exists():
                     raise
-                continue
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
+            else:
+                return
 
     @staticmethod
     def _now() -> datetime:
