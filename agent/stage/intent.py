@@ -21,7 +21,7 @@ from agent.errors import (
     IntentRefusedError,
     InvalidNameError,
     NotFoundError,
-    PermanentStoreError,
+    ObjectTooLargeError,
 )
 from agent.log import get_logger
 from agent.names import printable, validate_name, validate_rel_path
@@ -145,15 +145,15 @@ def read_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str]
     """The commit intent of the stage and its ETag, ``None`` if no commit ever wrote one.
 
     The intent is bucket input: it is checked (``check_intent``) before anything acts on
-    it, and one this agent would not write is refused (``IntentRefusedError``), left in
-    place and never executed.
+    it, and one this agent would not write (or that is no intent at all: not JSON, the
+    wrong shape, over the size limit) is refused (``IntentRefusedError``), left in place
+    and never executed.
     """
-    found = _load_intent(store, keys)
+    found = _examine_intent(store, keys)
     if found is None:
         return None
-    intent, etag = found
-    problem = check_intent(intent, keys)
-    if problem is not None:
+    intent, etag, problem = found
+    if intent is None or problem is not None:
         log.error("commit_intent_refused", key=keys.intent, problem=problem)
         raise IntentRefusedError(
             f"the commit intent {keys.intent} is refused: {problem}. It was not executed and "
@@ -191,37 +191,55 @@ class IntentFinding:
 
 
 def inspect_intent(store: ObjectStore, keys: StageKeys) -> IntentFinding:
-    """The stage's commit intent, checked as ``read_intent`` checks it, acting on nothing.
-
-    An intent that does not parse raises ``PermanentStoreError`` as in ``read_intent``.
-    """
-    found = _load_intent(store, keys)
+    """The stage's commit intent, checked as ``read_intent`` checks it, acting on nothing."""
+    found = _examine_intent(store, keys)
     if found is None:
         return IntentFinding("none")
-    intent = found[0]
-    problem = check_intent(intent, keys)
-    if problem is not None:
+    intent, _etag, problem = found
+    if intent is None or problem is not None:
         return IntentFinding("refused", problem=problem)
     if intent.state == "done":
         return IntentFinding("finished", commit_id=intent.commit_id)
     return IntentFinding("unfinished", commit_id=intent.commit_id)
 
 
-def _load_intent(store: ObjectStore, keys: StageKeys) -> tuple[CommitIntent, str] | None:
-    """The stage's intent as parsed (not yet checked) and its ETag, ``None`` if none."""
+def _examine_intent(
+    store: ObjectStore, keys: StageKeys
+) -> tuple[CommitIntent | None, str, str | None] | None:
+    """The stage's intent (``None`` if it is no intent at all), its ETag and what is
+    wrong with it (``None``: nothing); ``None`` if the stage has no intent."""
     try:
         data = store.get(keys.intent)
     except NotFoundError:
         return None
+    except ObjectTooLargeError as exc:
+        told = f"{exc.size} bytes" if exc.size is not None else f"more than {exc.limit} bytes"
+        return (
+            None,
+            "",
+            (
+                f"it is {told}, over the limit of {exc.limit} bytes for an object read whole "
+                "(store.max_manifest_bytes), so it was not read"
+            ),
+        )
     try:
         intent = CommitIntent.model_validate_json(data.body)
-    except (ValidationError, ValueError) as exc:
-        raise PermanentStoreError(
-            f"the commit intent {keys.intent} does not parse ({type(exc).__name__}); nobody can "
-            "commit to the stage until an operator restores it from the bucket's versioning "
-            "or removes it after checking the stage against its manifest"
-        ) from exc
-    return intent, data.etag
+    except ValidationError as exc:
+        return None, data.etag, f"it does not parse as a commit intent ({_first_error(exc)})"
+    except ValueError as exc:
+        return None, data.etag, f"it does not parse as a commit intent ({type(exc).__name__})"
+    return intent, data.etag, check_intent(intent, keys)
+
+
+def _first_error(exc: ValidationError) -> str:
+    """Where and why the body is not an intent: pydantic's first error, without the input."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if not errors:
+        return "ValidationError"
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f"; {len(errors) - 1} more" if len(errors) > 1 else ""
+    return f"{where + ': ' if where else ''}{first['msg']}{more}"
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")

@@ -61,10 +61,12 @@ def s3_run(s3_env: dict[str, str], tmp_path: Path) -> Run:
     env.update(s3_env)
     env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
 
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    def _run(
+        *args: str, more_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "agent", *args],
-            env=env,
+            env={**env, **(more_env or {})},
             capture_output=True,
             text=True,
             timeout=120,

@@ -162,22 +162,36 @@ CRAFTED_INTENTS = {
     "a session id that is a path": _intent(session_id="../../other"),
 }
 
+SMALL_LIMIT = {"AGENT_STORE__MAX_MANIFEST_BYTES": "4096"}
+"""The size limit of an object read whole, small enough that an oversized intent is cheap."""
 
-@pytest.mark.parametrize("case", sorted(CRAFTED_INTENTS))
+UNPARSEABLE_INTENTS = {
+    "not JSON": b"\xff\xfe{not json at all",
+    "a JSON list": b'[{"state": "applying"}]',
+    "JSON of the wrong shape": json.dumps({"state": "applying", "copies": 7}).encode(),
+    "over the size limit": _intent(deletes=[f"d/{i:05d}.txt" for i in range(600)]),
+}
+"""Intent bodies that are no commit intent at all: refused as a crafted one is (with
+``SMALL_LIMIT``: the last is over it, so it is not even read)."""
+
+
+@pytest.mark.parametrize("case", sorted({**CRAFTED_INTENTS, **UNPARSEABLE_INTENTS}))
 def test_a_crafted_commit_intent_is_refused_and_never_executed(
     run: Run, s3_store: ObjectStore, case: str
 ) -> None:
-    """An intent naming keys outside its stage, unsafe paths or impossible ids: the next
-    open refuses it (exit 18, saying why), writes nothing it names, and leaves it in place."""
+    """An intent naming keys outside its stage, unsafe paths or impossible ids, or one that
+    does not parse at all: the next open refuses it (exit 18, saying why), writes nothing
+    it names, and leaves it in place."""
+    body = {**CRAFTED_INTENTS, **UNPARSEABLE_INTENTS}[case]
     other_lock = _lock(user="carol")
     s3_store.put_bytes("Bucket_1/detail.lock.json", other_lock)
-    s3_store.put_bytes(KEYS.intent, CRAFTED_INTENTS[case])
+    s3_store.put_bytes(KEYS.intent, body)
     before = sorted(o.key for o in s3_store.list(""))
-    result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
+    result = run("open", "Bucket_1", "--user", "alice", "--stage", "planning", more_env=SMALL_LIMIT)
     assert 18 == result.returncode, result.stderr
     assert "is refused" in result.stderr
     assert other_lock == s3_store.get("Bucket_1/detail.lock.json").body
-    assert CRAFTED_INTENTS[case] == s3_store.get(KEYS.intent).body
+    assert body == s3_store.get(KEYS.intent).body
     after = sorted(o.key for o in s3_store.list(""))
     assert [k for k in after if k not in before] == [KEYS.lock], "it wrote more than the lock"
     assert "released" == json.loads(s3_store.get(KEYS.lock).body)["state"]
@@ -209,8 +223,10 @@ def test_an_intent_naming_another_sessions_id_deletes_none_of_its_staged_files(
     assert f"Bucket_1/.objects/{sha}" in left
 
 
-def _lock_show(run: Run, *more: str) -> subprocess.CompletedProcess[str]:
-    return run("lock", "show", "Bucket_1", "--stage", "planning", *more)
+def _lock_show(
+    run: Run, *more: str, more_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run("lock", "show", "Bucket_1", "--stage", "planning", *more, more_env=more_env)
 
 
 def test_lock_show_names_a_refused_commit_intent_and_exits_18(
@@ -233,6 +249,29 @@ def test_lock_show_names_a_refused_commit_intent_and_exits_18(
     assert "refused" == intent["state"]
     assert "its history key is not this stage's entry" in intent["problem"]
     assert crafted == s3_store.get(KEYS.intent).body
+
+
+@pytest.mark.parametrize("case", sorted(UNPARSEABLE_INTENTS))
+def test_lock_show_reports_an_unparseable_commit_intent_as_refused_and_exits_18(
+    run: Run, s3_store: ObjectStore, case: str
+) -> None:
+    """An intent that is no commit intent at all (not JSON, a list, the wrong fields, over
+    the size limit): `lock show` reports it refused, as a crafted one, in text and --json,
+    exit 18 (not 7, a store error), and it is left in place."""
+    body = UNPARSEABLE_INTENTS[case]
+    s3_store.put_bytes(KEYS.lock, _lock())
+    s3_store.put_bytes(KEYS.intent, body)
+    shown = _lock_show(run, more_env=SMALL_LIMIT)
+    assert 18 == shown.returncode, shown.stderr
+    assert "held by bob on ws-7" in shown.stdout
+    [line] = [x for x in shown.stdout.splitlines() if x.startswith("commit intent: REFUSED: ")]
+    as_json = _lock_show(run, "--json", more_env=SMALL_LIMIT)
+    assert 18 == as_json.returncode, as_json.stderr
+    intent = json.loads(as_json.stdout)["intent"]
+    assert "refused" == intent["state"]
+    assert intent["problem"]
+    assert line.startswith(f"commit intent: REFUSED: {intent['problem']}")
+    assert body == s3_store.get(KEYS.intent).body
 
 
 def test_lock_show_escapes_the_problem_of_a_refused_intent(run: Run, s3_store: ObjectStore) -> None:
@@ -288,6 +327,24 @@ def test_doctor_with_a_stage_fails_on_a_refused_commit_intent(
     assert "commit intent" not in [c["name"] for c in json.loads(plain.stdout)["checks"]]
 
 
+@pytest.mark.parametrize("case", sorted(UNPARSEABLE_INTENTS))
+def test_doctor_with_a_stage_reports_an_unparseable_commit_intent_as_refused(
+    run: Run, s3_store: ObjectStore, case: str
+) -> None:
+    """`doctor --stage` on an intent that is no commit intent at all: the check "commit
+    intent" fails as for a crafted one (refused, exit 18), not as a store error."""
+    s3_store.put_bytes(KEYS.intent, UNPARSEABLE_INTENTS[case])
+    checked = run("doctor", "Bucket_1", "--stage", "planning", "--json", more_env=SMALL_LIMIT)
+    assert 18 == checked.returncode, checked.stderr
+    [check] = [c for c in json.loads(checked.stdout)["checks"] if c["name"] == "commit intent"]
+    assert check["ok"] is False
+    assert check["found"].startswith("refused: ")
+    text = run("doctor", "Bucket_1", "--stage", "planning", more_env=SMALL_LIMIT)
+    assert 18 == text.returncode, text.stderr
+    [line] = [x for x in text.stdout.splitlines() if x.startswith("[FAIL] commit intent:")]
+    assert f"{KEYS.intent} REFUSED: " in line
+
+
 def test_doctor_with_a_stage_passes_without_a_commit_intent(
     run: Run, s3_store: ObjectStore
 ) -> None:
@@ -299,19 +356,30 @@ def test_doctor_with_a_stage_passes_without_a_commit_intent(
     assert 0 == checked.returncode, checked.stdout
 
 
-def test_status_shows_a_close_refused_for_a_crafted_intent(run: Run, s3_store: ObjectStore) -> None:
-    """An intent crafted while a session is open: close refuses it (exit 18) and `agent
-    status` then shows the refusal as a problem of the session, text and --json."""
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (CRAFTED_INTENTS["history key on another stage's lock"], "its history key is not"),
+        (UNPARSEABLE_INTENTS["not JSON"], "it does not parse as a commit intent"),
+    ],
+    ids=["crafted", "unparseable"],
+)
+def test_status_shows_a_close_refused_for_a_crafted_intent(
+    run: Run, s3_store: ObjectStore, body: bytes, problem: str
+) -> None:
+    """An intent crafted while a session is open (a wrong one, or one that does not parse):
+    close refuses it (exit 18) and `agent status` then shows the refusal as a problem of
+    the session, text and --json."""
     opened = run("open", "Bucket_1", "--user", "alice", "--stage", "planning")
     assert 0 == opened.returncode, opened.stderr
     try:
-        s3_store.put_bytes(KEYS.intent, CRAFTED_INTENTS["history key on another stage's lock"])
+        s3_store.put_bytes(KEYS.intent, body)
         closed = run("close")
         assert 18 == closed.returncode, closed.stderr
         status = run("status")
         assert 0 == status.returncode, status.stderr
         assert "PROBLEM: close refused: the commit intent" in status.stdout
-        assert "is refused: its history key is not this stage's entry" in status.stdout
+        assert f"is refused: {problem}" in status.stdout
         [row] = json.loads(run("status", "--json").stdout)["sessions"]
         assert "is refused" in row["intent_refused"]
         assert "close refused: the commit intent" in row["error"]
