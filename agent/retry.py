@@ -4,12 +4,18 @@ Only ``TransientStoreError`` is retried (connection errors, timeouts, 5xx,
 throttling); 4xx and failed preconditions never are. Waits grow exponentially
 with jitter. ``sleep`` is injectable so tests assert the exact waits without
 waiting (tenacity's ``nap`` seam).
+
+``stop_retrying_on(event)``: on the calling thread, inside the ``with``, the requests
+are retried only until ``event`` is set (a wait ends at once; the last error is
+raised) and none starts once it is (the streamer's uploads when the process ends).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from tenacity import (
@@ -17,6 +23,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_when_event_set,
     wait_exponential,
     wait_random,
 )
@@ -26,10 +33,33 @@ from agent.config import RetryConfig
 from agent.errors import TransientStoreError
 from agent.log import get_logger
 
-__all__ = ["backoff", "call_with_retries", "delay_after", "make_retrying"]
+__all__ = [
+    "backoff",
+    "call_with_retries",
+    "delay_after",
+    "make_retrying",
+    "stop_retrying_on",
+]
 
 log = get_logger(__name__)
 T = TypeVar("T")
+
+_scope = threading.local()  # ``stop``: the event of the innermost ``stop_retrying_on``
+
+
+@contextmanager
+def stop_retrying_on(stop: threading.Event) -> Iterator[None]:
+    """On this thread, inside: no request is retried (nor started) once ``stop`` is set."""
+    outer = getattr(_scope, "stop", None)
+    _scope.stop = stop
+    try:
+        yield
+    finally:
+        _scope.stop = outer
+
+
+class _StoppedError(Exception):
+    """The wait before a retry ended because the scope's event was set."""
 
 
 def backoff(config: RetryConfig, *, cap: float | None = None) -> wait_base:
@@ -55,9 +85,14 @@ def delay_after(wait: wait_base, failures: int) -> float:
 
 
 def make_retrying(
-    config: RetryConfig, *, sleep: Callable[[float], None] = time.sleep, what: str = ""
+    config: RetryConfig,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    what: str = "",
+    stop: threading.Event | None = None,
 ) -> Retrying:
-    """A tenacity ``Retrying`` for one request (re-raises the last error)."""
+    """A tenacity ``Retrying`` for one request (re-raises the last error); ``stop`` ends
+    the retries once set (a wait in progress raises ``_StoppedError``)."""
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -77,11 +112,24 @@ def make_retrying(
             return 0.0  # a stale pooled connection: a fresh one needs no backoff
         return float(waits(state))
 
+    nap = sleep
+    if stop is not None:
+
+        def nap(seconds: float) -> None:
+            if sleep is time.sleep:
+                stop.wait(seconds)
+            else:
+                sleep(seconds)
+            if stop.is_set():
+                raise _StoppedError
+
     return Retrying(
-        stop=stop_after_attempt(config.attempts),
+        stop=stop_after_attempt(config.attempts)
+        if stop is None
+        else stop_after_attempt(config.attempts) | stop_when_event_set(stop),
         wait=wait,
         retry=retry_if_exception_type(TransientStoreError),
-        sleep=sleep,
+        sleep=nap,
         reraise=True,
         before_sleep=before_sleep,
     )
@@ -94,5 +142,28 @@ def call_with_retries(
     sleep: Callable[[float], None] = time.sleep,
     what: str = "",
 ) -> T:
-    """Call ``fn`` under the policy; the last ``TransientStoreError`` is raised after the tries."""
-    return make_retrying(config, sleep=sleep, what=what)(fn)
+    """Call ``fn`` under the policy; the last ``TransientStoreError`` is raised after the tries.
+
+    Inside ``stop_retrying_on(event)`` with ``event`` set, nothing is sent
+    (``TransientStoreError``), and a retry's wait ends as it is set (the last error).
+    """
+    stop: threading.Event | None = getattr(_scope, "stop", None)
+    if stop is None:
+        return make_retrying(config, sleep=sleep, what=what)(fn)
+    if stop.is_set():
+        raise TransientStoreError(f"not sent ({what or 'a request'}): the sending was stopped")
+    last: list[BaseException] = []
+
+    def attempt() -> T:
+        try:
+            return fn()
+        except BaseException as exc:
+            last[:] = [exc]
+            raise
+
+    try:
+        return make_retrying(config, sleep=sleep, what=what, stop=stop)(attempt)
+    except _StoppedError:
+        pass  # the last error is raised outside: its own cause, no context of ours
+    log.info("store_retry_stopped", key=what)
+    raise last[0]

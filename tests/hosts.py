@@ -17,6 +17,9 @@ Modes:
 * ``plain-idle``: a plain Python host blocked in ``Event.wait()``.
 * ``plain-exit``: a plain Python host that returns from main without closing
   when a line arrives on stdin (the exit hook saves).
+* ``plain-close-fails``: a plain Python host that, when a line arrives on stdin, calls
+  ``close()`` (the test has made the store unreachable: it fails), prints
+  ``{"close_failed": <error class>}`` and returns from main (the exit hook saves).
 * ``plain-wake-race``: a close on a worker asks the main thread to restore the
   handlers, and a second session opens before the main thread runs Python.
 * ``plain-cycles``: 20 x (open on the main thread, close on a worker); prints
@@ -36,6 +39,7 @@ import weakref
 from pathlib import Path
 from types import FrameType
 
+from agent.errors import AgentError
 from agent.session import PlantDesignSession
 from tests.waiting import wait_for
 
@@ -171,6 +175,13 @@ def main(mode: str) -> int:
     _say(ready=str(work))
     if mode == "plain-exit":
         sys.stdin.readline()
+        return 0
+    if mode == "plain-close-fails":
+        sys.stdin.readline()
+        try:
+            session.close()
+        except AgentError as exc:
+            _say(close_failed=type(exc).__name__)
         return 0
     threading.Event().wait()
     return 0

@@ -32,6 +32,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.folder import exiting
 from agent.folder.entries import LocalEntry
 from agent.folder.ignore import IgnoreRules
 from agent.folder.intake import Intake, describe_unsupported, special_kind
@@ -43,7 +44,7 @@ from agent.folder.workfolder import FolderIdentity, WorkFolder
 from agent.log import get_logger
 from agent.names import printable
 from agent.platform import held_by_another_program
-from agent.retry import backoff, delay_after
+from agent.retry import backoff, delay_after, stop_retrying_on
 from agent.store.base import ObjectStore
 
 __all__ = [
@@ -129,6 +130,8 @@ class Streamer(Intake, Sender):
         self._wake = threading.Event()
         self._paused = False
         self._stop = threading.Event()
+        # Set when the uploads are given up (``abandon``): a request in flight is not retried.
+        self._give_up = threading.Event()
         self._idle = threading.Condition()
         self._retry_at: dict[str, float] = {}
         self._redo: set[str] = set()  # finished with newer work waiting: dispatch again
@@ -159,6 +162,7 @@ class Streamer(Intake, Sender):
         )
         self._thread = threading.Thread(target=self._run, name="pdagent-uploader", daemon=True)
         self._thread.start()
+        exiting.track(self)
         if watch:
             self.start_watching()
         if reconcile:
@@ -257,9 +261,11 @@ class Streamer(Intake, Sender):
     def stop(self, *, wait: bool = True) -> None:
         """Stop watcher and uploader; pending rows stay in the journal.
 
-        ``wait=False`` (the crash path, which has seconds): do not wait for uploads
-        in flight; a hung request must not keep a terminating process alive.
+        ``wait=False`` (the crash path, which has seconds): give the uploads up
+        (``abandon``); a hung request must not keep a terminating process alive.
         """
+        if not wait:
+            self.abandon()
         self.stop_watching()
         self._stop.set()
         self._wake.set()
@@ -271,6 +277,22 @@ class Streamer(Intake, Sender):
             self._pool = None
         if wait:  # a copy left by a crash in the middle of one goes with the next stop
             shutil.rmtree(self._copies, ignore_errors=True)
+        exiting.untrack(self)
+
+    def abandon(self) -> None:
+        """Give the uploads up, from any thread, at once (the process is ending).
+
+        Uploads that have not started are cancelled; one in flight ends with its current
+        request (it is not retried, and makes no other). Their rows stay pending in the
+        journal: the next resume sends them. Nothing is waited for.
+        """
+        self._give_up.set()
+        self._stop.set()
+        self._wake.set()
+        pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        exiting.untrack(self)
 
     # -------------------------------------------------------------- uploader
 
@@ -313,7 +335,7 @@ class Streamer(Intake, Sender):
         last read and the paths whose upload finished with newer work waiting: during
         a burst of 2,000 files a full read after each wake-up made dispatch quadratic.
         """
-        if self._paused:
+        if self._paused or self._stop.is_set():
             return
         now = time.monotonic()
         with self._flight_lock:
@@ -363,7 +385,8 @@ class Streamer(Intake, Sender):
         with self._flight_lock:
             self._started[rel] = time.monotonic()
         try:
-            done = self._put(rel, seq) if op == "put" else self._delete(rel, seq)
+            with stop_retrying_on(self._give_up):
+                done = self._put(rel, seq) if op == "put" else self._delete(rel, seq)
         except Exception as exc:  # noqa: BLE001 - the uploader must never die of one file
             self._failed(rel, seq, attempts, exc)
             return True

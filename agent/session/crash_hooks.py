@@ -21,6 +21,7 @@ from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from agent.folder import exiting
 from agent.log import get_logger
 from agent.platform import (
     SignalHandler,
@@ -373,6 +374,8 @@ def hooks() -> CrashHooks:
 
 def _at_exit() -> None:
     _HOOKS.run("atexit")
+    # Saved (or out of time): what is still queued to send stays in the journal.
+    exiting.abandon_all()
 
 
 _threads_exit_hook = False

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from agent.config import RetryConfig
 from agent.errors import AccessDeniedError, PreconditionFailedError, TransientStoreError
-from agent.retry import backoff, call_with_retries, delay_after
+from agent.retry import backoff, call_with_retries, delay_after, stop_retrying_on
 
 CFG = RetryConfig(attempts=5, initial_backoff=0.2, max_backoff=1.0, jitter=0)
 
@@ -94,3 +96,51 @@ def test_a_connection_closed_before_any_answer_is_retried_at_once_then_backed_of
 
     assert "ok" == call_with_retries(stale_then_fine, CFG, sleep=waits.append)
     assert [0.0, 0.4] == waits
+
+
+def test_once_the_scopes_event_is_set_a_request_is_not_retried_and_its_error_raised() -> None:
+    """Inside ``stop_retrying_on``: the event set during a failed request's wait ends the
+    retries with that request's error (no further attempt, the wait cut short)."""
+    stop = threading.Event()
+    calls = 0
+
+    def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise TransientStoreError(f"timeout {calls}") from OSError("no answer")
+
+    def wait(_seconds: float) -> None:
+        stop.set()  # the process ends while the request waits for its retry
+
+    with stop_retrying_on(stop), pytest.raises(TransientStoreError, match="timeout 1") as err:
+        call_with_retries(down, CFG, sleep=wait)
+    assert 1 == calls
+    assert isinstance(err.value.__cause__, OSError), "the error's own cause is kept"
+
+
+def test_once_the_scopes_event_is_set_no_request_starts_and_other_threads_retry_on() -> None:
+    """With the event already set nothing is sent; outside the scope (another thread, or
+    after it) the retries are as ever; the wait itself ends when the event is set."""
+    stop = threading.Event()
+    stop.set()
+    sent: list[str] = []
+    with stop_retrying_on(stop), pytest.raises(TransientStoreError, match="sending was stopped"):
+        call_with_retries(lambda: sent.append("x"), CFG, sleep=lambda _s: None)
+    assert [] == sent
+    outside: list[float] = []
+
+    def flaky() -> str:
+        if len(outside) < 2:
+            raise TransientStoreError("503")
+        return "ok"
+
+    assert "ok" == call_with_retries(flaky, CFG, sleep=outside.append)
+    late = threading.Event()
+    threading.Timer(0.05, late.set).start()
+    slow = RetryConfig(attempts=3, initial_backoff=3600, max_backoff=3600, jitter=0)
+
+    def never() -> None:
+        raise TransientStoreError("down")
+
+    with stop_retrying_on(late), pytest.raises(TransientStoreError, match="down"):
+        call_with_retries(never, slow)  # the real sleep: an hour, unless the event ends it
