@@ -20,6 +20,7 @@ Modes:
 * ``plain-close-fails``: a plain Python host that, when a line arrives on stdin, calls
   ``close()`` (the test has made the store unreachable: it fails), prints
   ``{"close_failed": <error class>}`` and returns from main (the exit hook saves).
+  ``plain-close-fails-unhooked``: the same with ``crash_hooks=False`` (no save at exit).
 * ``plain-wake-race``: a close on a worker asks the main thread to restore the
   handlers, and a second session opens before the main thread runs Python.
 * ``plain-cycles``: 20 x (open on the main thread, close on a worker); prints
@@ -170,13 +171,14 @@ def main(mode: str) -> int:
         return _plain_cycles()
     if mode == "plain-wake-race":
         return _wake_race()
-    session = PlantDesignSession()
-    work = session.open(P, "admin", STAGE)
+    hooked = mode != "plain-close-fails-unhooked"
+    session = PlantDesignSession(crash_hooks=hooked)
+    work = session.open(P, "admin", STAGE, crash_hooks=hooked)
     _say(ready=str(work))
     if mode == "plain-exit":
         sys.stdin.readline()
         return 0
-    if mode == "plain-close-fails":
+    if mode.startswith("plain-close-fails"):
         sys.stdin.readline()
         try:
             session.close()

@@ -34,13 +34,23 @@ EXIT_DEADLINE = 60.0
 REQUEST_TIMEOUT = 10
 
 
+# The host's mode, and the kind of crash it leaves: saved at exit, or (no hooks) not.
+MODES = {"crash-hooks": ("plain-close-fails", "handled"),
+         "no-crash-hooks": ("plain-close-fails-unhooked", "unseen")}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MODES))
 def test_a_host_whose_close_failed_on_a_dead_store_exits_promptly_and_resume_commits_all(
-    s3_env: dict[str, str], fault_proxy: FaultProxy, s3_store: ObjectStore, tmp_path: Path
+    s3_env: dict[str, str],
+    fault_proxy: FaultProxy,
+    s3_store: ObjectStore,
+    tmp_path: Path,
+    case: str,
 ) -> None:
     """Every request hangs (the store is unreachable), 300 files are saved (most of their
     uploads queued), close() fails and the host returns from main: it exits within the
-    deadline, the lock is not released, and resume (the store reachable again) commits
-    every file."""
+    deadline (saved at exit, or with no crash hooks not), the lock is not released, and
+    resume (the store reachable again) commits every file."""
     env = {
         **proxy_env(s3_env, fault_proxy),
         "AGENT_TRANSFER__CLOSE_TIMEOUT": "3",
@@ -49,7 +59,8 @@ def test_a_host_whose_close_failed_on_a_dead_store_exits_promptly_and_resume_com
         "AGENT_STORE__READ_TIMEOUT": str(REQUEST_TIMEOUT),
     }
     base = tmp_path / "m"
-    h = Host("plain-close-fails", env, base)
+    mode, kind = MODES[case]
+    h = Host(mode, env, base)
     try:
         work = Path(h.read()["ready"])
         dead = fault_proxy.add(Rule(Delay(3600), times=None, name="unreachable"))
@@ -76,6 +87,7 @@ def test_a_host_whose_close_failed_on_a_dead_store_exits_promptly_and_resume_com
     config = s3_config(s3_env, base, lock={"heartbeat_interval": 3600, "stale_after": 7200})
     info = PlantDesignSession(config).check_previous_crash()
     assert info is not None, "the exit left nothing to recover"
+    assert kind == info.kind
     assert set(files) <= set(info.unsaved), "the journal lost unsent changes"
     session = PlantDesignSession(config)
     assert work == session.resume(info.session_id, watch=False)
