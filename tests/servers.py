@@ -84,6 +84,18 @@ class S3Server:
         """The server's command line."""
         raise NotImplementedError
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server process used so far; ``None`` where
+        ``/proc`` does not tell (the benchmark prints it beside the clients' CPU)."""
+        if self._proc is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def client(self, *, read_timeout: float = 30.0) -> object:
         """A boto3 S3 client for set-up work (creating buckets, checking objects)."""
         return boto3.client(
