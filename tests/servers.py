@@ -161,11 +161,20 @@ class S3Server:
             client.close()  # type: ignore[attr-defined]
 
     def stop(self) -> None:
-        """Terminate by PID (kill after a deadline) and remove the data folder."""
+        """Terminate by PID (kill after a deadline) and remove the data folder.
+
+        A server on a folder of its own is killed at once: its data is deleted next, so
+        a graceful shutdown (SeaweedFS takes 2-10 s to flush volumes nobody will read)
+        only held up the end of the test run and the tests that stop a server.
+        """
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
+            graceful = not self._own_dir
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM) if hasattr(os, "killpg") else proc.terminate()
+                if not hasattr(os, "killpg"):
+                    proc.terminate() if graceful else proc.kill()
+                else:
+                    os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

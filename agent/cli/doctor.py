@@ -12,16 +12,18 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import click
 
 from agent.cli.common import _emit, _json_option, _obj, _store_label
 from agent.config import AgentConfig
 from agent.errors import AgentError, IntentRefusedError, PreconditionFailedError
-from agent.stage.intent import inspect_intent
-from agent.stage.keys import StageKeys
-from agent.stage.locktools import probe_conditional_writes
-from agent.store import ObjectStore, open_store
+
+if TYPE_CHECKING:
+    # The store and stage modules are imported when doctor runs, not by every command.
+    from agent.stage.keys import StageKeys
+    from agent.store import ObjectStore
 
 __all__ = ["Check", "doctor_cmd", "run_checks"]
 
@@ -79,6 +81,8 @@ def _check_clock(store: ObjectStore) -> Check:
 
 
 def _check_conditional(store: ObjectStore) -> Check:
+    from agent.stage.locktools import probe_conditional_writes
+
     try:
         probe_conditional_writes(store)
     except AgentError as exc:
@@ -133,6 +137,8 @@ def _check_copy_condition(store: ObjectStore) -> Check:
 def _check_intent(store: ObjectStore, keys: StageKeys) -> Check:
     """The stage's commit intent, checked as the next lock holder checks it: a refused
     one (never executed) blocks every commit to the stage, so the check fails."""
+    from agent.stage.intent import inspect_intent
+
     try:
         finding = inspect_intent(store, keys)
     except AgentError as exc:
@@ -150,6 +156,8 @@ def _check_intent(store: ObjectStore, keys: StageKeys) -> Check:
 
 def run_checks(config: AgentConfig, *, stage: StageKeys | None = None) -> list[Check]:
     """Run every check against the configured store (and ``stage``'s intent, if given)."""
+    from agent.store import open_store
+
     try:
         store = open_store(config)
     except AgentError as exc:
@@ -183,6 +191,8 @@ def doctor_cmd(projekt_id: str | None, stage: str | None) -> None:
     stage's commit intent (a refused one fails)."""
     if (projekt_id is None) != (stage is None):
         raise click.UsageError("checking a stage needs both PROJEKT and --stage")
+    from agent.stage.keys import StageKeys
+
     config = _obj().config
     keys = StageKeys(projekt_id, stage) if projekt_id is not None and stage is not None else None
     checks = run_checks(config, stage=keys)

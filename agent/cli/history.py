@@ -15,12 +15,12 @@ import click
 
 from agent.cli.common import _emit, _json_option, _obj, _progress, _session_cls
 from agent.config import default_user
-from agent.stage.history import FileVersion
-from agent.stage.keys import CommitInfo
 from agent.text import printable, printable_lines
 
 if TYPE_CHECKING:
+    # The stage modules are imported when a history command runs, not by every command.
     from agent.session.versions import RestorePlan
+    from agent.stage.keys import CommitInfo
 
 
 class _DefaultGroup(click.Group):
@@ -72,12 +72,16 @@ def history_list(projekt_id: str, stage: str, path: str | None) -> None:
     session = _session_cls()(_obj().config)
     found = session.history(projekt_id, stage, path)
     if path is None:
+        from agent.stage.keys import CommitInfo
+
         commits = [c for c in found if isinstance(c, CommitInfo)]
         lines = [_commit_line(c) for c in commits] or [
             f"{projekt_id}/{stage} has no history yet (it starts with the next commit)"
         ]
         _emit({"commits": [c.as_dict() for c in commits]}, "\n".join(lines))
         return
+    from agent.stage.history import FileVersion
+
     versions = [v for v in found if isinstance(v, FileVersion)]
     lines = [
         _commit_line(v.commit)

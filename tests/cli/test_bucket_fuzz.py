@@ -36,6 +36,12 @@ DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
 KEYS = StageKeys("Fuzz_1", "planning")
 MARK = "fzq"
 BUDGET_SECONDS = 90.0
+# Examples per fuzz test: a seeded share in the default run, all of them under -m stress
+# (the same seed: the default examples are the first of the stress run's).
+EXAMPLES = pytest.mark.parametrize(
+    "examples",
+    [pytest.param(12, id="default"), pytest.param(40, marks=pytest.mark.stress, id="stress")],
+)
 
 _PIECES = ["a", "b", "/", ".", "..", "\\", ":", "~$", " ", "\x00", "\x1b[2J", "\r", "\n", "\u202e"]
 _texts = st.lists(st.sampled_from([*_PIECES, "\u00e9", "\u4e2d", MARK]), max_size=10).map("".join)
@@ -139,11 +145,13 @@ def _files_outside(root: Path, allowed: Path) -> list[str]:
     ]
 
 
+@EXAMPLES
 def test_hostile_bucket_content_never_crashes_the_cli(
     s3_env: dict[str, str],
     s3_store: ObjectStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    examples: int,
 ) -> None:
     """Random lock bodies, manifests, objects and key names: documented exits, nothing escapes."""
     base = tmp_path / "base"
@@ -159,7 +167,7 @@ def test_hostile_bucket_content_never_crashes_the_cli(
     runs: list[int] = []
 
     @settings(
-        max_examples=40,
+        max_examples=examples,
         deadline=None,
         derandomize=False,
         database=None,
@@ -320,11 +328,13 @@ def _peak_rss() -> int:
     return 0
 
 
+@EXAMPLES
 def test_hostile_intents_history_and_kept_versions_never_crash_the_cli(
     s3_env: dict[str, str],
     s3_store: ObjectStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    examples: int,
 ) -> None:
     """Random commit intents, history keys and entries, kept versions in ``.objects/``:
     ``open`` (and ``abort``), ``history``, ``history --path``, ``show``, ``history prune
@@ -347,7 +357,7 @@ def test_hostile_intents_history_and_kept_versions_never_crash_the_cli(
     runs: list[int] = []
 
     @settings(
-        max_examples=30,
+        max_examples=examples,
         deadline=None,
         derandomize=False,
         database=None,

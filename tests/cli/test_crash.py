@@ -32,6 +32,9 @@ from tests.waiting import wait_for
 P, STAGE = "Kraftwerk_1234567", "planning"
 KEYS = StageKeys(P, STAGE)
 TRIALS = int(os.environ.get("PDAGENT_CRASH_TRIALS", "8"))
+# The seeds of the default run, one of each kind of moment (the rest run under -m stress):
+# 0 kills mid-edit (4th of 16 edits), 2 after the last edit, 6 inside the close's commit.
+DEFAULT_SEEDS = frozenset({0, 2, 6})
 STRESS_TRIALS = 200
 
 
@@ -162,7 +165,13 @@ def _crash_trial(agent: Agent, store: ObjectStore, seed: int) -> None:
     assert expected == _committed(store), f"seed {seed}: committed copy differs from local"
 
 
-@pytest.mark.parametrize("seed", range(TRIALS))
+def _trial(seed: int) -> Any:
+    return pytest.param(
+        seed, marks=[] if seed in DEFAULT_SEEDS else [pytest.mark.stress], id=f"{seed}"
+    )
+
+
+@pytest.mark.parametrize("seed", [_trial(seed) for seed in range(TRIALS)])
 def test_kill_9_at_random_moments_loses_no_saved_change(
     agent: Agent, s3_store: ObjectStore, seed: int
 ) -> None:
@@ -579,6 +588,18 @@ def test_kill_9_in_each_commit_phase_is_rolled_forward(
 ) -> None:
     """kill -9 while the proxy holds a commit phase's request; recovery finishes that commit."""
     _kill_phase_trial(phase, verb, s3_env, fault_proxy, tmp_path)
+
+
+def test_the_default_random_kill_9_seeds_kill_mid_edit_after_the_edits_and_in_a_commit() -> None:
+    """The default share of the random trials keeps each kind of moment (see ``_crash_trial``)."""
+    kinds = set()
+    for seed in DEFAULT_SEEDS:
+        rng = random.Random(1000 + seed)
+        ops = rng.randint(3, 25)
+        kill_at = rng.randint(0, ops)
+        during_commit = rng.random() < 0.3
+        kinds.add("commit" if during_commit else "after" if kill_at == ops else "mid-edit")
+    assert {"mid-edit", "after", "commit"} == kinds
 
 
 def test_the_default_kill_9_phase_cases_cover_every_commit_phase() -> None:

@@ -234,20 +234,25 @@ _DOCUMENTED = set(range(23)) - {1}
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "draws",
+    [pytest.param(3, id="default"), pytest.param(12, marks=pytest.mark.stress, id="stress")],
+)
 def test_random_commands_on_random_hostile_listings_end_documented_within_bounds(
-    hostile: HostileS3, tmp_path: Path
+    hostile: HostileS3, tmp_path: Path, draws: int
 ) -> None:
     """A seeded draw of listing behaviours (endless and repeated tokens, pages going nowhere,
     trickled, huge and entity-bomb pages) and commands (locks, history, prune, open, lock
-    show), as real processes: each ends with a documented exit (never 70, never killed
-    by the time bound) and stays under 300 MiB. The seed is printed."""
+    show), as real processes (3 draws by default, 12 under -m stress): each ends with a
+    documented exit (never 70, never killed by the time bound) and stays under 300 MiB.
+    The seed is printed."""
     import random
 
     chosen = int(os.environ.get("PDAGENT_HOSTILE_SEED", random.randrange(2**31)))
     print(f"hostile listing seed {chosen} (PDAGENT_HOSTILE_SEED={chosen} repeats it)")
     rng = random.Random(chosen)
     hostile.trickle_interval = 1.0
-    for _ in range(6):
+    for _ in range(draws):
         mode, command = rng.choice(_MODES), rng.choice(_COMMANDS)
         hostile.listing = mode
         ran = run_measured(
