@@ -8,6 +8,7 @@ nothing from the machine's own AWS config leaks in.
 
 from __future__ import annotations
 
+import compileall
 import gc
 import os
 import threading
@@ -24,6 +25,21 @@ from agent.store.base import ObjectStore
 from agent.store.local import LocalStore
 from tests.faultproxy import FaultProxy
 from tests.servers import MotoServer, RcloneS3Server, SeaweedServer, free_port
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the package once, in the controller, before any worker starts.
+
+    The suite starts hundreds of agent processes; where ``PYTHONDONTWRITEBYTECODE`` is
+    set (as on the project's machines) each of them compiled every module it imported
+    again, about 0.13 s per process. ``compileall`` writes the cache files whatever that
+    variable says, and Python reads them either way.
+    """
+    if not hasattr(config, "workerinput"):
+        root = Path(__file__).parent.parent
+        for package in ("agent", "tests"):  # tests: the helper processes import it too
+            compileall.compile_dir(root / package, quiet=1)
+
 
 # Qt tests (pytest-qt, the Qt host children) draw nowhere: no display is needed.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
