@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from agent.errors import AgentError, SessionCancelledError, TransferError
@@ -119,26 +119,36 @@ class Parallel:
             if progress is not None:
                 progress.finish()
             return []
-        results: dict[int, R] = {}
+        results: list[R | None] = [None] * len(items)
+        window = max(1, self.workers) * 4
         with ThreadPoolExecutor(
             max_workers=min(self.workers, len(items)), thread_name_prefix="pdagent-xfer"
         ) as pool:
-            futures: dict[Future[R], int] = {
-                pool.submit(fn, item): index for index, item in enumerate(items)
-            }
-            done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-            failures = [f for f in done if f.exception() is not None]
+            # At most ``window`` items in flight: not a Future per item held at once
+            # (100,000 of them during a cold open of a large stage).
+            running: dict[Future[R], int] = {}
+            failures: list[tuple[int, Future[R]]] = []
+            pending = iter(enumerate(items))
+            while True:
+                if not failures:
+                    for index, item in pending:
+                        running[pool.submit(fn, item)] = index
+                        if len(running) >= window:
+                            break
+                if not running:
+                    break
+                # On a failure nothing more is submitted (what has not started is
+                # cancelled): wait for every running one, then raise the first error.
+                done, _ = wait(running, return_when=ALL_COMPLETED if failures else FIRST_COMPLETED)
+                _collect(done, running, results, failures)
+                if failures:
+                    for fut in running:
+                        fut.cancel()
             if failures:
-                for fut in not_done:
-                    fut.cancel()
-                wait(not_done)
-                failures = [f for f in futures if not f.cancelled() and f.exception() is not None]
-                self._raise_first(failures, len(items))
-            for fut, index in futures.items():
-                results[index] = fut.result()
+                self._raise_first([f for _, f in sorted(failures, key=lambda x: x[0])], len(items))
         if progress is not None:
             progress.finish()
-        return [results[i] for i in range(len(items))]
+        return results  # type: ignore[return-value]  # every slot was filled
 
     @staticmethod
     def _raise_first(failures: Iterable[Future[R]], total: int) -> None:
@@ -158,3 +168,20 @@ class Parallel:
             failed=len(errors),
             last_exception=first,
         ) from first
+
+
+def _collect(
+    done: Iterable[Future[R]],
+    running: dict[Future[R], int],
+    results: list[R | None],
+    failures: list[tuple[int, Future[R]]],
+) -> None:
+    """Move the ``done`` futures out of ``running``: a result to its slot, a failure listed."""
+    for fut in done:
+        index = running.pop(fut)
+        if fut.cancelled():
+            continue
+        if fut.exception() is not None:
+            failures.append((index, fut))
+        else:
+            results[index] = fut.result()

@@ -35,6 +35,21 @@ def test_put_then_take_moves_the_copy_back_with_its_snapshot(tmp_path: Path) -> 
     assert {} == cache.take("P", "planning", tmp_path / "w3"), "an entry is taken only once"
 
 
+def test_take_shares_the_hash_strings_of_the_manifest_it_is_given(tmp_path: Path) -> None:
+    """A snapshot entry whose sha256 is the manifest's holds the manifest's string (one copy
+    of each hash in memory); a different sha256 is kept as the snapshot says."""
+    cache = StageCache(tmp_path / "cache", max_bytes=10_000)
+    work = _folder(tmp_path / "w1", {"a.txt": b"abc", "b.txt": b"xy"})
+    snap = _snap(work, "a.txt", "b.txt")
+    cache.put("P", "planning", work, snap)
+    same = "".join(snap["a.txt"].sha256)  # equal, but another string object
+    known: dict[str, tuple[int, str | None]] = {"a.txt": (3, same), "b.txt": (2, "0" * 64)}
+    taken = cache.take("P", "planning", tmp_path / "w2", known=known)
+    assert snap == taken
+    assert taken["a.txt"].sha256 is same
+    assert taken["b.txt"].sha256 == snap["b.txt"].sha256
+
+
 def test_disabled_cache_removes_the_folder(tmp_path: Path) -> None:
     """With the cache off, put just removes the working folder."""
     cache = StageCache(tmp_path / "cache", max_bytes=10_000, enabled=False)
