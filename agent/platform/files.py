@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from agent.platform.system import IS_WINDOWS
@@ -152,8 +153,9 @@ def _open_private(path: Path, flags: int) -> int:
     return fd
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by this user only (0600 on POSIX), atomically.
+def write_private_file(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or pieces written one by one) to ``path`` readable by this
+    user only (0600 on POSIX), atomically.
 
     The bytes go to a fresh random temp name beside ``path`` created with
     ``O_EXCL | O_NOFOLLOW`` (whatever was planted at a guessable name is never
@@ -171,9 +173,10 @@ def write_private_file(path: Path, data: bytes) -> None:
         raise FileExistsError(f"no free temp name beside {path}")
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for piece in (data,) if isinstance(data, bytes) else data:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -13,7 +13,6 @@ from agent.errors import (
     IntentRefusedError,
     LockLostError,
     MassDeleteError,
-    NotFoundError,
 )
 from agent.folder.entries import fd_sha256
 from agent.folder.journal import Staged
@@ -231,7 +230,7 @@ def _check_base(
     Also the stage's manifest and ETag as read (``None`` for a stage without one).
     """
     assert s.record is not None
-    current, etag = _base_if_unchanged(s, keys) or read_manifest(s.store, keys)
+    current, etag = runtime.base_if_unchanged(s, keys) or read_manifest(s.store, keys)
     if etag != s.record.base_manifest_etag:
         ours = (
             current is not None
@@ -252,23 +251,6 @@ def _check_base(
         s._base_manifest = current
         return current, (current, etag)
     return s._base_manifest or _load_base_manifest_unchecked(s), (None, None)
-
-
-def _base_if_unchanged(
-    s: PlantDesignSession, keys: StageKeys
-) -> tuple[Manifest | None, str | None] | None:
-    """The session's base manifest and ETag if the stage's manifest still has that ETag
-    (a HEAD, not a GET: a 100,000-file manifest is 16 MB to fetch and 0.8 s to parse);
-    None when it must be read. The manifest write stays fenced by ``If-Match``."""
-    assert s.record is not None
-    base, etag = s._base_manifest, s.record.base_manifest_etag
-    if base is None or etag is None:
-        return None
-    try:
-        found = s.store.head(keys.manifest).etag
-    except NotFoundError:
-        return None
-    return (base, etag) if found == etag else None
 
 
 def _staged_changes(s: PlantDesignSession, base: Manifest) -> tuple[dict[str, Staged], list[str]]:

@@ -231,6 +231,9 @@ def _download(
     for rel in unstorable:
         del current[rel]
     plan = plan_open(expected, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
+    # The plan holds what is kept of the snapshot; the scan is not needed again. Freed
+    # before the downloads and the session's snapshot are made (19 MiB at 100,000 files).
+    del snapshot, current
     for rel in plan.remove:
         folder.unlink(rel)
     items = [

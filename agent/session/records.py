@@ -175,7 +175,9 @@ class SessionStore:
 
     def save_base(self, session_id: str, files: dict[str, LocalEntry]) -> None:
         """Write the snapshot of the working copy as the session started."""
-        write_private_file(self.folder(session_id) / "base.json", LocalEntry.many_to_json(files))
+        write_private_file(
+            self.folder(session_id) / "base.json", LocalEntry.many_to_json_chunks(files)
+        )
 
     def load_base(self, session_id: str) -> dict[str, LocalEntry]:
         """Read the snapshot written by ``save_base`` (empty if there is none)."""

@@ -1,0 +1,40 @@
+"""``LocalEntry``'s JSON form written in pieces reads back as the whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_core import from_json
+
+from agent.folder.entries import LocalEntry
+from agent.platform.files import write_private_file
+
+
+def _entries(n: int) -> dict[str, LocalEntry]:
+    return {
+        f"d{i // 7}/f{i}.txt": LocalEntry(
+            i, 10**18 + i, f"{i:064x}", 10**18 - i, 10**9 + i, i % 2 == 0
+        )
+        for i in range(n)
+    }
+
+
+@pytest.mark.parametrize(("count", "per"), [(0, 4), (1, 4), (4, 4), (9, 4), (10, 1)])
+def test_snapshot_json_written_in_pieces_is_the_whole_json(count: int, per: int) -> None:
+    entries = _entries(count)
+    pieces = list(LocalEntry.many_to_json_chunks(entries, per=per))
+    assert b"".join(pieces) == LocalEntry.many_to_json(entries)
+    parsed = from_json(b"".join(pieces))
+    assert {rel: LocalEntry.from_list(v) for rel, v in parsed.items()} == entries
+    assert len(pieces) == 2 + -(-count // per)  # braces, and one piece per ``per`` entries
+
+
+def test_a_private_file_written_from_pieces_holds_them_all_in_order(tmp_path: Path) -> None:
+    target = tmp_path / "state" / "base.json"
+    entries = _entries(100)
+    write_private_file(target, LocalEntry.many_to_json_chunks(entries, per=7))
+    assert target.read_bytes() == LocalEntry.many_to_json(entries)
+    assert {
+        rel: LocalEntry.from_list(v) for rel, v in from_json(target.read_bytes()).items()
+    } == entries
