@@ -121,8 +121,10 @@ class StageCache:
             shutil.rmtree(entry, ignore_errors=True)
             entry.mkdir(parents=True)
             now = time.time_ns()
-            files = LocalEntry.many_to_json(snapshot)
-            (entry / "snapshot.json").write_bytes(b'{"cached_at_ns":%d,"files":%s}' % (now, files))
+            with (entry / "snapshot.json").open("wb") as out:  # in pieces, not 16 MB at once
+                out.write(b'{"cached_at_ns":%d,"files":' % now)
+                out.writelines(LocalEntry.many_to_json_chunks(snapshot))
+                out.write(b"}")
             # What ``prune`` needs, so it does not parse every snapshot (16 MB at 100,000 files).
             total = sum(e.size for e in snapshot.values())
             (entry / "size.json").write_text(json.dumps({"cached_at_ns": now, "bytes": total}))

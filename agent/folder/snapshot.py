@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,10 @@ from agent.folder.workfolder import HAS_DIR_FD, FolderIdentity, WorkFolder
 from agent.log import get_logger
 from agent.names import is_plain
 
-__all__ = ["FileStat", "diff", "scan"]
+__all__ = ["FileStat", "diff", "scan", "scan_each"]
+
+Found = Callable[[str, os.stat_result], None]
+"""What a walk calls with each regular file met: its POSIX path and ``lstat``."""
 
 log = get_logger(__name__)
 
@@ -96,25 +99,46 @@ def scan(
     ``WorkFolderReplacedError`` instead of reading as an empty (all deleted) folder.
     """
     out: dict[str, FileStat] = {}
+
+    def found(rel: str, st: os.stat_result) -> None:
+        out[rel] = FileStat.of(st)
+
+    scan_each(root, rules, found, subtree, others=others, identity=identity)
+    return out
+
+
+def scan_each(
+    root: Path,
+    rules: IgnoreRules,
+    found: Found,
+    subtree: str = "",
+    *,
+    others: list[str] | None = None,
+    identity: FolderIdentity | None = None,
+) -> None:
+    """``scan``, handing each file to ``found`` as it is met instead of returning them all:
+    a caller that only decides per file (``open``'s plan) holds no stat per file (at
+    100,000 files the whole scan was 19-26 MiB of an open's peak)."""
     start = root
     WorkFolder(root, identity).check_identity()
     if subtree:
         start = root.joinpath(*subtree.split("/"))
         st = _subtree_stat(root, rules, subtree, start)
         if st is None:
-            return out
+            return
         if stat.S_ISREG(st.st_mode):
-            return {subtree: FileStat.of(st)}
+            found(subtree, st)
+            return
     if HAS_DIR_FD:
         try:
             with WorkFolder(root, identity).open_dir(subtree) as fd:
-                _walk_fd(fd, subtree, rules, out, others)
+                _walk_fd(fd, subtree, rules, found, others)
         except WorkFolderReplacedError:
             raise
         except (OSError, AgentError) as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("scan_folder_unreadable", path=subtree or ".", error=str(exc))
-        return out
+        return
     stack: list[tuple[str, str]] = [(os.fspath(start), subtree)]  # pragma: no cover - Windows
     while stack:  # pragma: no cover - Windows
         folder, rel_folder = stack.pop()
@@ -122,10 +146,9 @@ def scan(
             if stat.S_ISDIR(st.st_mode):
                 stack.append((path, rel))
             elif stat.S_ISREG(st.st_mode):
-                out[rel] = FileStat.of(st)
+                found(rel, st)
             elif others is not None:
                 others.append(rel)
-    return out
 
 
 def _subtree_stat(
@@ -154,13 +177,13 @@ def _walk_fd(
     fd: int,
     rel_folder: str,
     rules: IgnoreRules,
-    out: dict[str, FileStat],
+    found: Found,
     others: list[str] | None,
 ) -> None:
     """Depth first from an open folder descriptor; at most one descriptor per level is open."""
     for rel, name, st in _entries(fd, rel_folder, rules, others):
         if stat.S_ISREG(st.st_mode):
-            out[rel] = FileStat.of(st)
+            found(rel, st)
         elif stat.S_ISDIR(st.st_mode):
             try:
                 child = os.open(name, _DIR_FLAGS, dir_fd=fd)
@@ -169,7 +192,7 @@ def _walk_fd(
                     log.warning("scan_folder_unreadable", path=rel, error=str(exc))
                 continue
             try:
-                _walk_fd(child, rel, rules, out, others)
+                _walk_fd(child, rel, rules, found, others)
             finally:
                 os.close(child)
         elif others is not None:  # a FIFO, socket or device: never read

@@ -8,11 +8,43 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, NoReturn
 
 from agent.platform.system import IS_WINDOWS
+
+_TRIM: list[Callable[[int], int] | None] = []
+
+
+def release_free_memory() -> None:
+    """Give memory this process freed back to the system, where the C library keeps it.
+
+    glibc (Linux) keeps freed heap pages mapped: after a 16 MB manifest was read and
+    parsed, ~30 MiB freed by the parse stayed in the process (``malloc_trim`` returns
+    them; at 100,000 files the open's peak was 25-35 MiB higher without it). Elsewhere
+    (Windows, macOS, musl) a no-op: their allocators return large freed blocks themselves.
+    """
+    if not _TRIM:
+        _TRIM.append(_find_malloc_trim())
+    trim = _TRIM[0]
+    if trim is not None:
+        trim(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if IS_WINDOWS or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+    return trim
 
 
 def machine_name() -> str:

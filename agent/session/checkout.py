@@ -21,12 +21,12 @@ from agent.errors import (
 )
 from agent.folder.entries import LocalEntry, StatLike, file_sha256, is_unchanged
 from agent.folder.journal import Journal
-from agent.folder.snapshot import scan
+from agent.folder.snapshot import scan_each
 from agent.folder.transfer import Download, Transfers
 from agent.folder.workfolder import WorkFolder, folder_identity
 from agent.log import get_logger
 from agent.names import case_collisions, unsupported_reason, validate_name
-from agent.platform import folds_case, machine_name
+from agent.platform import folds_case, machine_name, release_free_memory
 from agent.session.records import SessionRecord, new_session_id
 from agent.stage.intent import read_manifest
 from agent.stage.keys import StageKeys
@@ -197,6 +197,7 @@ def _download(
 ) -> tuple[str | None, dict[str, LocalEntry]]:
     """Bring ``work`` to the committed stage; ``base``: the manifest read already."""
     manifest, etag = base if base is not None else read_manifest(s.store, keys)
+    release_free_memory()  # what the manifest's body and parse left (~30 MiB at 100,000 files)
     if manifest is None:
         # No manifest yet: a stage written by the old module, or a new one.
         sizes = {
@@ -215,25 +216,7 @@ def _download(
     folder.check_root()  # a linked work path would make downloads land outside (issue 8)
     folder.check_names(expected, key_of=keys.committed)  # refuse unusable names up front
     _refuse_case_clashes(keys, expected, work.parent)
-    snapshot = s.cache.take(keys.projekt_id, keys.stage, work, set_aside=False, known=expected)
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
-    others: list[str] = []
-    current = scan(work, s.rules, others=others)
-    # Links, special files and unstorable names (a cache written before issue 8) are set
-    # aside, never put in place nor deleted as "not in the manifest".
-    unstorable = [
-        rel for rel in current if rel not in expected and unsupported_reason(rel) is not None
-    ]
-    s.cache.set_aside(work, others + unstorable)
-    for rel in unstorable:
-        del current[rel]
-    plan = plan_open(expected, snapshot, current, hasher=lambda r: file_sha256(folder.path(r)))
-    # The plan holds what is kept of the snapshot; the scan is not needed again. Freed
-    # before the downloads and the session's snapshot are made (19 MiB at 100,000 files).
-    del snapshot, current
+    plan = _plan_folder(s, keys, work, expected)
     for rel in plan.remove:
         folder.unlink(rel)
     items = [
@@ -280,6 +263,41 @@ def _download(
         bytes=total,
     )
     return etag, files
+
+
+def _plan_folder(
+    s: PlantDesignSession,
+    keys: StageKeys,
+    work: Path,
+    expected: Mapping[str, tuple[int, str | None]],
+) -> OpenPlan:
+    """Put the cached copy (if any) at ``work`` and judge each of its files against
+    ``expected``; what the store cannot hold is set aside. The cached snapshot is freed
+    on return: the plan holds what is kept of it."""
+    folder = WorkFolder(work)
+    snapshot = s.cache.take(keys.projekt_id, keys.stage, work, set_aside=False, known=expected)
+    release_free_memory()  # what the cached snapshot's parse left
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalFileError(f"cannot create the working folder {work}: {exc.strerror}") from exc
+    others: list[str] = []
+    unstorable: list[str] = []
+    planner = OpenPlanner(expected, snapshot, hasher=lambda r: file_sha256(folder.path(r)))
+
+    def found(rel: str, st: os.stat_result) -> None:
+        # Links, special files and unstorable names (a cache written before issue 8) are
+        # set aside, never put in place nor deleted as "not in the manifest".
+        if rel not in expected and unsupported_reason(rel) is not None:
+            unstorable.append(rel)
+        else:
+            planner.see(rel, st)
+
+    # Each file is judged as the walk meets it: no stat per file is held (at 100,000
+    # files the whole scan was 19-26 MiB of the open's peak).
+    scan_each(work, s.rules, found, others=others)
+    s.cache.set_aside(work, others + unstorable)
+    return planner.finish()
 
 
 def _refuse_case_clashes(keys: StageKeys, rels: Iterable[str], parent: Path) -> None:
@@ -329,37 +347,65 @@ def plan_open(
     hasher: Callable[[str], str] | None = None,
 ) -> OpenPlan:
     """Compare a cached copy with the manifest (or ``path -> (size, sha256)``, ``None``
-    for a sha256 not known: such a file is always downloaded).
+    for a sha256 not known: such a file is always downloaded); see ``OpenPlanner``.
 
-    ``local`` is the snapshot recorded when the copy was cached (with hashes);
-    ``current`` is a fresh scan of the folder (``path -> stat``). A file is kept only
-    if it is unchanged since the snapshot (``is_unchanged``: the stat tuple, or, when
-    only ctime/inode moved, ``hasher(path)``; without a hasher such a file is
-    downloaded) and the snapshot's sha256 equals the manifest's; everything else in
-    the manifest is downloaded, and local files the manifest does not name are removed.
+    ``current`` is a fresh scan of the folder (``path -> stat``).
     """
-    plan = OpenPlan()
-    wanted = _Wanted(manifest.files) if isinstance(manifest, Manifest) else manifest
-    for rel in sorted(wanted):
-        size, sha256 = wanted[rel]
-        snap = local.get(rel)
-        now = current.get(rel)
+    planner = OpenPlanner(manifest, local, hasher)
+    for rel, st in current.items():
+        planner.see(rel, st)
+    return planner.finish()
+
+
+class OpenPlanner:
+    """Builds an ``OpenPlan`` from the folder's files one by one, as a walk meets them.
+
+    ``local`` is the snapshot recorded when the copy was cached (with hashes). A file is
+    kept only if it is unchanged since the snapshot (``is_unchanged``: the stat tuple,
+    or, when only ctime/inode moved, ``hasher(path)``; without a hasher such a file is
+    downloaded) and the snapshot's sha256 equals the manifest's; everything else in the
+    manifest is downloaded, and local files the manifest does not name are removed.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest | Mapping[str, tuple[int, str | None]],
+        local: Mapping[str, LocalEntry],
+        hasher: Callable[[str], str] | None = None,
+    ) -> None:
+        self._wanted = _Wanted(manifest.files) if isinstance(manifest, Manifest) else manifest
+        self._local = local
+        self._hasher = hasher
+        self._plan = OpenPlan()
+
+    def see(self, rel: str, now: StatLike) -> None:
+        """One file of the folder as it is now."""
+        if rel not in self._wanted:
+            self._plan.remove.append(rel)
+            return
+        size, sha256 = self._wanted[rel]
+        snap = self._local.get(rel)
+        hasher = self._hasher
         if (
             snap is not None
-            and now is not None
             and sha256 is not None
             and snap.sha256 == sha256
             and snap.size == size
             and is_unchanged(snap, now, partial(hasher, rel) if hasher else str)
         ):
-            plan.keep.append(rel)
             # The snapshot's own entry when the whole stat tuple is the same (a cached
             # copy put back untouched): no second entry per file.
-            plan.kept[rel] = snap if snap.matches(now) else LocalEntry.from_stat(now, snap.sha256)
-        else:
-            plan.download.append(rel)
-    plan.remove = sorted(rel for rel in current if rel not in wanted)
-    return plan
+            keep = snap if snap.matches(now) else LocalEntry.from_stat(now, snap.sha256)
+            self._plan.kept[rel] = keep
+
+    def finish(self) -> OpenPlan:
+        """The plan, its lists in path order; every file not seen and kept is downloaded."""
+        plan = self._plan
+        kept = plan.kept
+        plan.keep = sorted(kept)
+        plan.download = sorted(rel for rel in self._wanted if rel not in kept)
+        plan.remove.sort()
+        return plan
 
 
 class _Wanted(Mapping[str, tuple[int, str | None]]):

@@ -107,6 +107,36 @@ def repair_stage(
     return report
 
 
+def _compare_plain(
+    store: ObjectStore, keys: StageKeys, manifest: Manifest
+) -> tuple[list[str], list[str]]:
+    """``(paths whose plain key is missing or differs, keys the manifest does not name)``."""
+    prefix = keys.committed_prefix
+    files = manifest.files
+    unseen = set(files)
+    damaged: list[str] = []
+    extras: list[str] = []
+    for info in store.list(prefix):
+        rel = info.key[len(prefix) :]
+        entry = files.get(rel)
+        if entry is not None:
+            unseen.discard(rel)
+            if _differs(entry, info):
+                damaged.append(rel)
+        elif not info.key.endswith("/"):  # a folder marker holds no file
+            extras.append(info.key)
+    return sorted(unseen.union(damaged)), extras  # a key listed twice is repaired once
+
+
+def _missing_objects(store: ObjectStore, keys: StageKeys, manifest: Manifest) -> set[str]:
+    """The sha256 of each content the manifest needs that ``.objects/`` does not list."""
+    prefix = keys.objects_prefix
+    needed = {e.sha256 for e in manifest.files.values()}
+    for info in store.list(prefix):
+        needed.discard(info.key[len(prefix) :])
+    return needed
+
+
 def _repair(
     store: ObjectStore,
     keys: StageKeys,
@@ -116,33 +146,22 @@ def _repair(
     workers: int,
     stop: threading.Event,
 ) -> None:
-    prefix = keys.committed_prefix
+    # Both listings are compared page by page as they come, against sets of the
+    # manifest's own strings: at 100,000 files, holding an ObjectInfo per listed object
+    # (both listings) was ~100 MiB on top of the session's.
     with ThreadPoolExecutor(1, thread_name_prefix="pdagent-repair-list") as ahead:
-        objects_listed = (
-            ahead.submit(lambda: {i.key: i for i in store.list(keys.objects_prefix)})
+        objects_missing = (
+            ahead.submit(_missing_objects, store, keys, manifest)
             if manifest.content_addressed
             else None
         )
-        plain: dict[str, ObjectInfo] = {}
-        extras: list[str] = []
-        for info in store.list(prefix):
-            rel = info.key[len(prefix) :]
-            if rel in manifest.files:
-                plain[rel] = info
-            elif not info.key.endswith("/"):  # a folder marker holds no file
-                extras.append(info.key)
-        objects = objects_listed.result() if objects_listed is not None else None
+        damaged, extras = _compare_plain(store, keys, manifest)
+        needed = objects_missing.result() if objects_missing is not None else set()
     if stop.is_set():
         return
-    damaged = sorted(rel for rel, e in manifest.files.items() if _differs(e, plain.get(rel)))
-    missing_objects = (
-        sorted(
-            rel
-            for rel, e in manifest.files.items()
-            if keys.version(e.sha256) not in objects and rel not in damaged
-        )
-        if objects is not None
-        else []
+    damaged_set = set(damaged)
+    missing_objects = sorted(
+        rel for rel, e in manifest.files.items() if e.sha256 in needed and rel not in damaged_set
     )
     pool = Parallel(workers)
 
