@@ -7,7 +7,9 @@ For each stage size (10,000 and 100,000 files of 1-4 KiB; ``--sizes`` picks):
 * close with no change (the same);
 * warm re-open (the cached copy is current: nothing to download);
 * the peak RSS of a warm re-open, in a process of its own (``VmHWM``; with
-  ``PDAGENT_BENCH_TRACEMALLOC=1`` that process prints its 15 largest allocation sites).
+  ``PDAGENT_BENCH_TRACEMALLOC=1`` that process prints its 15 largest allocation sites),
+  unwatched, and watched until the open's background check of the plain tree is done
+  (what a host's process holds); each child closes unchanged, so the cache stays warm.
 
 Run through ``bench/run.py --only size [--sizes 10000,100000]``. A profile of one
 close or re-open is written with ``--profile DIR`` (cProfile, sorted by cumulative time).
@@ -44,31 +46,34 @@ TARGETS = {
 }
 
 _RSS_CHILD = """
-import json, os, resource, sys, tracemalloc
+import json, os, resource, sys, time, tracemalloc
 from agent.config import load_config
-from agent.errors import NotFoundError
-from agent.stage.keys import StageKeys
 from agent.session import PlantDesignSession
-from agent.store import open_store
 trace = os.environ.get("PDAGENT_BENCH_TRACEMALLOC") == "1"
+watch = sys.argv[3] == "watch"
 if trace:
     tracemalloc.start(8)
 config = load_config(**json.loads(sys.argv[1]))
 s = PlantDesignSession(config, crash_hooks=False)
-s.open(sys.argv[2], "bench", "planning", watch=False, crash_hooks=False)
+s.open(sys.argv[2], "bench", "planning", watch=watch, crash_hooks=False)
+if watch:  # the background check of the plain tree, as a host's open runs it
+    deadline = time.monotonic() + 600
+    while s.status().get("stage_check") in (None, "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
 if trace:
     current, peak = tracemalloc.get_traced_memory()
     print(f"traced now {current / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB", file=sys.stderr)
     for stat in tracemalloc.take_snapshot().statistics("lineno")[:15]:
         print(stat, file=sys.stderr)
-s.abort()
 # VmHWM: this address space's peak. ru_maxrss is not reset by exec, so a child of a big
 # bench process would report its parent's size (it read 640 MiB where VmHWM says 260).
 try:
     with open("/proc/self/status") as status:
-        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
+        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 except OSError:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+s.close()  # nothing changed: the copy goes back to the cache, the next open is warm too
+print(peak_kib)
 """
 
 
@@ -117,8 +122,9 @@ def _profile(fn: Callable[[], object], where: Path | None, name: str) -> float:
     return took
 
 
-def _rss_of_open(bench: Bench, name: str, projekt: str) -> float:
-    """MiB: the peak RSS of a process that re-opens the stage (warm) and aborts."""
+def _rss_of_open(bench: Bench, name: str, projekt: str, *, watch: bool) -> float:
+    """MiB: the peak RSS of a process that re-opens the stage (warm; ``watch``: watched,
+    until the background check of the plain tree is done), measured before it closes."""
     config = bench.config(name)
     sections = {
         "store": {
@@ -130,7 +136,14 @@ def _rss_of_open(bench: Bench, name: str, projekt: str) -> float:
         "lock": {"heartbeat_interval": 3600, "stale_after": 7200},
     }
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, json.dumps(sections), projekt],
+        [
+            sys.executable,
+            "-c",
+            _RSS_CHILD,
+            json.dumps(sections),
+            projekt,
+            "watch" if watch else "no-watch",
+        ],
         env={**bench.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         capture_output=True,
         text=True,
@@ -176,7 +189,8 @@ def bench_size(bench: Bench, sizes: tuple[int, ...] = SIZES, profile: Path | Non
             s.open(projekt, "bench", "planning")
             _wait_streamed(s)
             close0.append(_profile(s.close, profile if run == 0 else None, f"close0-{files}"))
-        rss = _rss_of_open(bench, user, projekt)
+        rss = _rss_of_open(bench, user, projekt, watch=False)
+        rss_watched = _rss_of_open(bench, user, projekt, watch=True)
         target = TARGETS.get(files, {})
         table = f"size: a stage of {files:,} files (1-4 KiB)"
 
@@ -187,3 +201,9 @@ def bench_size(bench: Bench, sizes: tuple[int, ...] = SIZES, profile: Path | Non
         bench.add(table, "close with no change", median(close0), "")
         bench.add(table, "warm re-open", median(reopen), note("reopen"))
         bench.add(table, "re-open peak RSS (MiB, not s)", rss, note("rss", "MiB"))
+        bench.add(
+            table,
+            "watched re-open and its stage check, peak RSS (MiB)",
+            rss_watched,
+            note("rss", "MiB"),
+        )
