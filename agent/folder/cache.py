@@ -193,8 +193,9 @@ def _read_snapshot(
     snapshot: dict[str, LocalEntry] = {}
     for rel in rels:
         value = raw.pop(rel)
-        if isinstance(value, list) and len(value) > 2 and rel in known:
-            sha = known[rel][1]
+        wanted = known.get(rel)
+        if wanted is not None and isinstance(value, list) and len(value) > 2:
+            sha = wanted[1]
             if sha is not None and sha == value[2]:
                 value[2] = sha
         snapshot[rel] = LocalEntry.from_list(value)

@@ -380,23 +380,21 @@ class OpenPlanner:
 
     def see(self, rel: str, now: StatLike) -> None:
         """One file of the folder as it is now."""
-        if rel not in self._wanted:
+        wanted = self._wanted.get(rel)
+        if wanted is None:
             self._plan.remove.append(rel)
             return
-        size, sha256 = self._wanted[rel]
+        size, sha256 = wanted
         snap = self._local.get(rel)
+        if snap is None or sha256 is None or snap.sha256 != sha256 or snap.size != size:
+            return
+        if snap.matches(now):
+            # A cached copy put back untouched: the snapshot's own entry, no second one.
+            self._plan.kept[rel] = snap
+            return
         hasher = self._hasher
-        if (
-            snap is not None
-            and sha256 is not None
-            and snap.sha256 == sha256
-            and snap.size == size
-            and is_unchanged(snap, now, partial(hasher, rel) if hasher else str)
-        ):
-            # The snapshot's own entry when the whole stat tuple is the same (a cached
-            # copy put back untouched): no second entry per file.
-            keep = snap if snap.matches(now) else LocalEntry.from_stat(now, snap.sha256)
-            self._plan.kept[rel] = keep
+        if is_unchanged(snap, now, partial(hasher, rel) if hasher else str):
+            self._plan.kept[rel] = LocalEntry.from_stat(now, snap.sha256)
 
     def finish(self) -> OpenPlan:
         """The plan, its lists in path order; every file not seen and kept is downloaded."""
@@ -422,6 +420,12 @@ class _Wanted(Mapping[str, tuple[int, str | None]]):
 
     def __contains__(self, rel: object) -> bool:
         return rel in self._files
+
+    def get(  # type: ignore[override]  # one lookup, not Mapping's try/except around two
+        self, rel: str, default: None = None
+    ) -> tuple[int, str | None] | None:
+        entry = self._files.get(rel)
+        return None if entry is None else (entry.size, entry.sha256)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
