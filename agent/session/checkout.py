@@ -285,17 +285,26 @@ def _plan_folder(
     unstorable: list[str] = []
     planner = OpenPlanner(expected, snapshot, hasher=lambda r: file_sha256(folder.path(r)))
 
+    failed: list[Exception] = []
+
     def found(rel: str, st: os.stat_result) -> None:
         # Links, special files and unstorable names (a cache written before issue 8) are
         # set aside, never put in place nor deleted as "not in the manifest".
+        if failed:
+            return
         if rel not in expected and unsupported_reason(rel) is not None:
             unstorable.append(rel)
-        else:
+            return
+        try:
             planner.see(rel, st)
+        except Exception as exc:  # noqa: BLE001 - raised below, not read as an unreadable folder
+            failed.append(exc)
 
     # Each file is judged as the walk meets it: no stat per file is held (at 100,000
     # files the whole scan was 19-26 MiB of the open's peak).
     scan_each(work, s.rules, found, others=others)
+    if failed:  # a file that could not be hashed fails the open, as before the walk judged
+        raise failed[0]
     s.cache.set_aside(work, others + unstorable)
     return planner.finish()
 

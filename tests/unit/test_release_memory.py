@@ -35,4 +35,3 @@ def test_freed_heap_is_given_back_to_the_system() -> None:
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
     before, after = (int(v) for v in out.stdout.split())
     assert before - after > 100 * 1024, (before, after)  # of ~200 MB freed, most returned
-

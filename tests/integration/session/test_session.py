@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from agent.errors import (
     PreviousCrashError,
     SessionError,
 )
-from agent.session import PlantDesignSession
+from agent.session import PlantDesignSession, checkout
 from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest
 from agent.state import SessionState
@@ -143,6 +144,39 @@ def test_reopening_an_unchanged_copy_downloads_nothing(
     work = third.open(P, "admin", STAGE)
     assert [KEYS.committed("f5.txt")] == downloads
     assert b"three" == (work / "f3.txt").read_bytes()
+    third.abort()
+
+
+def test_a_cached_file_that_cannot_be_read_fails_the_open_and_leaves_nothing(
+    make_session: MakeSession, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-open judges each cached file as its walk meets it; a file that must be hashed
+    (its ctime moved) and cannot be read fails the open, as before the walk judged: it is
+    not taken for an unreadable folder that ends the walk early (files after it would be
+    neither checked nor removed)."""
+    _seed(make_session, {f"f{i}.txt": str(i).encode() for i in range(20)})
+    first = make_session()
+    first.open(P, "admin", STAGE)
+    first.close()
+    (cached,) = first.cache.root.glob("*/*/files/f3.txt")
+    st = cached.stat()
+    os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same times, a new ctime
+    real = checkout.file_sha256
+
+    def unreadable(path: Path) -> str:
+        if path.name == "f3.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(checkout, "file_sha256", unreadable)
+    second = make_session()
+    with pytest.raises(PermissionError):
+        second.open(P, "admin", STAGE)
+    assert SessionState.CLOSED == second.state
+    monkeypatch.undo()
+    third = make_session("m2")  # the lock was given back
+    work = third.open(P, "bob", STAGE)
+    assert b"3" == (work / "f3.txt").read_bytes()
     third.abort()
 
 
