@@ -19,6 +19,7 @@ from agent.errors import (
     PreviousCrashError,
     SessionError,
 )
+from agent.folder.entries import file_sha256
 from agent.session import PlantDesignSession, checkout
 from agent.stage.keys import StageKeys
 from agent.stage.manifest import Manifest
@@ -161,7 +162,7 @@ def test_a_cached_file_that_cannot_be_read_fails_the_open_and_leaves_nothing(
     (cached,) = first.cache.root.glob("*/*/files/f3.txt")
     st = cached.stat()
     os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same times, a new ctime
-    real = checkout.file_sha256
+    real = file_sha256
 
     def unreadable(path: Path) -> str:
         if path.name == "f3.txt":
