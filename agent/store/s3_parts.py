@@ -93,6 +93,7 @@ REQUEST_SLOTS = RequestSlots(32)
 
 _READ = 1024 * 1024
 _POSITIONAL = hasattr(os, "pread") and hasattr(os, "pwrite")
+_PREADV = hasattr(os, "preadv")
 _SEEK_LOCK = threading.Lock()  # where there is no pread/pwrite (Windows): seek + read/write
 
 
@@ -134,6 +135,7 @@ class InOrderDigest:
         self._busy = False  # a thread is hashing
         self._lock = threading.Lock()
         self._sha = hashlib.sha256()
+        self._buf: memoryview | None = None  # read into by the one hashing thread
 
     def written(self, index: int) -> None:
         """Range ``index`` is wholly in the file; hash what is now a complete prefix."""
@@ -158,8 +160,17 @@ class InOrderDigest:
             raise
 
     def _hash(self, start: int, end: int) -> None:
+        # One buffer, read into again and again: a fresh 1 MiB ``bytes`` per read is a
+        # fresh mapping of memory, faulted in and zeroed by the kernel every time.
+        if self._buf is None:
+            self._buf = memoryview(bytearray(_READ))
         while start < end:
-            chunk = read_at(self._fd, min(_READ, end - start), start)
+            size = min(_READ, end - start)
+            if _PREADV:
+                got = os.preadv(self._fd, [self._buf[:size]], start)
+                chunk = self._buf[:got]
+            else:  # pragma: no cover - macOS before 11, Windows
+                chunk = memoryview(read_at(self._fd, size, start))
             if not chunk:
                 raise OSError(f"the file ends at {start} bytes, before the {end} written")
             self._sha.update(chunk)
