@@ -14,6 +14,7 @@ import errno
 import functools
 import mimetypes
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -232,11 +233,14 @@ class Transfers(Parallel):
             tmp = via / tmp_name if via is not None else item.dest.with_name(tmp_name)
             try:
                 info: ObjectInfo = self.store.download_file(item.key, tmp, progress=on_bytes)
-                fd = os.open(tmp_name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=dfd)
-                try:
-                    digest = self._verify(item, info, os.fstat(fd).st_size, fd_sha256(fd))
-                finally:
-                    os.close(fd)
+                if info.sha256 is not None:  # hashed as the store wrote it: no second read
+                    digest = self._verify(item, info, _file_size(tmp_name, dfd), info.sha256)
+                else:
+                    fd = os.open(tmp_name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=dfd)
+                    try:
+                        digest = self._verify(item, info, os.fstat(fd).st_size, fd_sha256(fd))
+                    finally:
+                        os.close(fd)
                 os.replace(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException:
                 with suppress(OSError):
@@ -249,7 +253,7 @@ class Transfers(Parallel):
         try:
             item.dest.parent.mkdir(parents=True, exist_ok=True)
             info: ObjectInfo = self.store.download_file(item.key, tmp, progress=on_bytes)
-            digest = self._verify(item, info, tmp.stat().st_size, file_sha256(tmp))
+            digest = self._verify(item, info, tmp.stat().st_size, info.sha256 or file_sha256(tmp))
             os.replace(tmp, item.dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -450,6 +454,14 @@ class Transfers(Parallel):
             return
         with self.folder.open_file(item.rel) as opened:
             yield opened
+
+
+def _file_size(name: str, dfd: int) -> int:
+    """The size of the plain file ``name`` in the folder ``dfd`` (a link is refused)."""
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.ELOOP, "not a plain file (replaced while it was written?)", name)
+    return st.st_size
 
 
 def same_stat(a: os.stat_result, b: os.stat_result) -> bool:

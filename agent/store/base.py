@@ -54,6 +54,9 @@ class ObjectInfo:
     last_modified: datetime | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     """User metadata (``x-amz-meta-*``, lower-case names); filled by ``head`` only."""
+    sha256: str | None = None
+    """The sha256 of the bytes ``download_file`` wrote, when the store hashed them as it
+    wrote them (read back from the file in order); ``None``: the caller hashes the file."""
 
 
 Level = tuple[list[ObjectInfo], list[str]]
@@ -197,7 +200,8 @@ class ObjectStore(Protocol):
     ) -> ObjectInfo:
         """Write the object's bytes to ``dest`` (the caller passes a temp path and renames).
 
-        Returns size and ETag of what was read. ``NotFoundError`` if absent.
+        Returns size and ETag of what was read (and, where the store hashed the bytes
+        as it wrote them, their sha256). ``NotFoundError`` if absent.
         """
         ...
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
+import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,9 +46,11 @@ from agent.store.s3_errors import _DEBUG_MARK, _cut, _obstore_answer, _translate
 from agent.store.s3_parts import (
     _PARTS_PER_FILE,
     REQUEST_SLOTS,
+    InOrderDigest,
     _run_parallel,
     part_ranges,
     part_size,
+    write_at,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +63,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _CHUNK = 1024 * 1024
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
 _NO_WHOLE_REQUEST_LIMIT = timedelta(days=7)
 
 
@@ -307,23 +312,27 @@ class S3Data:
         """Stream an object into ``dest`` (obstore); a large one as parallel ranged GETs.
 
         The first GET learns the size: a small object is streamed from it whole; of
-        one above the multipart threshold it gives the first part only, and the rest
-        is read as equal ranges into ``dest`` in parallel, each range its own retried
-        request pinned to the ETag, so a failure re-reads one range, not the file.
+        one above the multipart threshold it gives the first part only, while the
+        other parts are read at once as ranges into ``dest``, each range its own
+        retried request pinned to the ETag, so a failure re-reads one range, not the
+        file. The answer carries the sha256 of the bytes written: a small object's
+        hashed as they are written, a large one's read back in order while the later
+        ranges still arrive (``InOrderDigest``), not in a second pass afterwards.
         """
 
-        def first() -> ObjectInfo | tuple[int, str]:
+        def first() -> ObjectInfo | tuple[Any, int, str]:
             written = 0
+            sha = hashlib.sha256()
             try:
                 result = obstore.get(self._data, key)
                 meta = result.meta
                 size = int(meta["size"])
                 if size > self._store.transfer.multipart_threshold:
-                    self._first_part(key, result, dest, size, progress)
-                    return size, str(meta.get("e_tag") or "")
+                    return result, size, str(meta.get("e_tag") or "")
                 with dest.open("wb") as out:
                     for chunk in result.stream(min_chunk_size=_CHUNK):
                         out.write(chunk)
+                        sha.update(chunk)
                         written += len(chunk)
                         if progress is not None:
                             progress(len(chunk))
@@ -335,65 +344,59 @@ class S3Data:
                 if written and progress is not None:
                     progress(-written)
                 raise _cut(key, written, size)
-            return ObjectInfo(key=key, size=written, etag=_unquote(meta.get("e_tag") or ""))
+            etag = _unquote(meta.get("e_tag") or "")
+            return ObjectInfo(key=key, size=written, etag=etag, sha256=sha.hexdigest())
 
         got = self._data_call(key, first)
         if isinstance(got, ObjectInfo):
             return got
-        size, etag = got
-        self._download_ranges(key, dest, size, etag, progress)
-        return ObjectInfo(key=key, size=size, etag=_unquote(etag))
-
-    def _first_part(
-        self, key: str, result: Any, dest: Path, size: int, progress: ProgressFn | None
-    ) -> None:
-        """Write the first part of a large object from the first GET's answer; drop the rest."""
-        part = part_size(size, self._store.transfer.multipart_chunksize)
-        written = 0
-        try:
-            with dest.open("wb") as out:
-                out.truncate(size)
-                for chunk in result.stream(min_chunk_size=_CHUNK):
-                    take = memoryview(chunk)[: part - written]
-                    out.write(take)
-                    written += len(take)
-                    if progress is not None:
-                        progress(len(take))
-                    if written >= part:
-                        break  # the rest of this answer is dropped with it
-        except BaseException:
-            if written and progress is not None:
-                progress(-written)
-            raise
-        if written < part:
-            if progress is not None:
-                progress(-written)
-            raise _cut(key, written, part)
+        answer, size, etag = got
+        digest = self._download_ranges(key, dest, size, etag, answer=answer, progress=progress)
+        return ObjectInfo(key=key, size=size, etag=_unquote(etag), sha256=digest)
 
     def _download_ranges(
-        self, key: str, dest: Path, size: int, etag: str, progress: ProgressFn | None
-    ) -> None:
-        """All ranges but the first (``download_file``'s first GET wrote that one)."""
-        ranges = part_ranges(size, part_size(size, self._store.transfer.multipart_chunksize))[1:]
-        lock = threading.Lock()
-        with dest.open("r+b") as out:
+        self,
+        key: str,
+        dest: Path,
+        size: int,
+        etag: str,
+        *,
+        answer: Any,
+        progress: ProgressFn | None,
+    ) -> str:
+        """Every range of a large object into ``dest`` in parallel; the file's sha256.
 
-            def read_range(start: int, end: int) -> None:
+        Range 0 is first read from ``answer`` (the first GET's, which goes on past it:
+        the rest is dropped), on a retry by a ranged GET like the others.
+        """
+        ranges = part_ranges(size, part_size(size, self._store.transfer.multipart_chunksize))
+        opened = [answer]
+        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _O_BINARY | _O_CLOEXEC, 0o666)
+        try:
+            os.ftruncate(fd, size)
+            digest = InOrderDigest(fd, ranges)
+
+            def read_range(index: int) -> None:
+                start, end = ranges[index]
+
                 def do() -> None:
+                    got = opened.pop() if index == 0 and opened else None
+                    whole = got is not None  # the first GET's answer: more than the range
                     pos = start
                     more = False
                     try:
-                        result = obstore.get(
-                            self._data, key, options={"range": (start, end), "if_match": etag}
-                        )
-                        for chunk in result.stream(min_chunk_size=_CHUNK):
+                        if got is None:
+                            got = obstore.get(
+                                self._data, key, options={"range": (start, end), "if_match": etag}
+                            )
+                        for chunk in got.stream(min_chunk_size=_CHUNK):
                             take = memoryview(chunk)[: end - pos]
-                            with lock:
-                                out.seek(pos)
-                                out.write(take)
+                            write_at(fd, take, pos)
                             pos += len(take)
                             if progress is not None:
                                 progress(len(take))
+                            if whole and pos >= end:
+                                break  # the rest of the first answer is dropped with it
                             if len(take) < len(chunk):
                                 more = True  # past the range: not the answer asked for
                                 break
@@ -404,15 +407,17 @@ class S3Data:
                     if pos != end or more:
                         if progress is not None:
                             progress(start - pos)
-                        got = f"more than {end - start}" if more else str(pos - start)
-                        raise _cut(key, got, end - start, f" (range {start}-{end})")
+                        got_n = f"more than {end - start}" if more else str(pos - start)
+                        raise _cut(key, got_n, end - start, f" (range {start}-{end})")
 
                 self._data_call(key, do)
+                digest.written(index)  # outside the request's slot: hashing is local work
 
-            _run_parallel(
-                self._store._per_file,
-                [functools.partial(read_range, start, end) for start, end in ranges],
-            )
+            reads = [functools.partial(read_range, i) for i in range(len(ranges))]
+            _run_parallel(self._store._per_file, reads)
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
 
     def close(self) -> None:
         """Drop the obstore store (its connections close with it)."""

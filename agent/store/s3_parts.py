@@ -8,6 +8,8 @@ once never open more requests than ``transfer.max_requests``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -88,6 +90,100 @@ class RequestSlots:
 
 
 REQUEST_SLOTS = RequestSlots(32)
+
+_READ = 1024 * 1024
+_POSITIONAL = hasattr(os, "pread") and hasattr(os, "pwrite")
+_PREADV = hasattr(os, "preadv")
+_SEEK_LOCK = threading.Lock()  # where there is no pread/pwrite (Windows): seek + read/write
+
+
+def write_at(fd: int, data: memoryview, pos: int) -> None:
+    """Write all of ``data`` at offset ``pos`` of ``fd`` (threads write other ranges at once)."""
+    while data:
+        if _POSITIONAL:
+            done = os.pwrite(fd, data, pos)
+        else:  # pragma: no cover - Windows
+            with _SEEK_LOCK:
+                os.lseek(fd, pos, os.SEEK_SET)
+                done = os.write(fd, data)
+        data, pos = data[done:], pos + done
+
+
+def read_at(fd: int, size: int, pos: int) -> bytes:
+    """Up to ``size`` bytes at offset ``pos`` of ``fd``."""
+    if _POSITIONAL:
+        return os.pread(fd, size, pos)
+    with _SEEK_LOCK:  # pragma: no cover - Windows
+        os.lseek(fd, pos, os.SEEK_SET)
+        return os.read(fd, size)
+
+
+class InOrderDigest:
+    """The sha256 of a file written as ranges in any order, computed while they arrive.
+
+    A range is hashed (read back from the file: the bytes on disk are what is verified)
+    as soon as it and every range before it are written, by the thread whose range
+    completed that prefix; one thread hashes at a time, in order. When the last range
+    is written only the ranges after the last gap remain to be hashed, not the file.
+    """
+
+    def __init__(self, fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+        self._fd = fd
+        self._ranges = ranges
+        self._written = [False] * len(ranges)
+        self._next = 0  # the first range not hashed yet
+        self._busy = False  # a thread is hashing
+        self._lock = threading.Lock()
+        self._sha = hashlib.sha256()
+        self._buf: memoryview | None = None  # read into by the one hashing thread
+
+    def written(self, index: int) -> None:
+        """Range ``index`` is wholly in the file; hash what is now a complete prefix."""
+        with self._lock:
+            self._written[index] = True
+            if self._busy:
+                return  # the hashing thread sees it before it stops
+            self._busy = True
+        try:
+            while True:
+                with self._lock:
+                    if self._next == len(self._ranges) or not self._written[self._next]:
+                        self._busy = False
+                        return
+                    start, end = self._ranges[self._next]
+                self._hash(start, end)
+                with self._lock:
+                    self._next += 1
+        except BaseException:
+            with self._lock:
+                self._busy = False
+            raise
+
+    def _hash(self, start: int, end: int) -> None:
+        # One buffer, read into again and again: a fresh 1 MiB ``bytes`` per read is a
+        # fresh mapping of memory, faulted in and zeroed by the kernel every time.
+        if self._buf is None:
+            self._buf = memoryview(bytearray(_READ))
+        while start < end:
+            size = min(_READ, end - start)
+            if _PREADV:
+                got = os.preadv(self._fd, [self._buf[:size]], start)
+                chunk = self._buf[:got]
+            else:  # pragma: no cover - macOS before 11, Windows
+                chunk = memoryview(read_at(self._fd, size, start))
+            if not chunk:
+                raise OSError(f"the file ends at {start} bytes, before the {end} written")
+            self._sha.update(chunk)
+            start += len(chunk)
+
+    def hexdigest(self) -> str:
+        """The digest of the whole file (every range written and hashed)."""
+        with self._lock:
+            if self._next != len(self._ranges):
+                raise RuntimeError(
+                    f"{len(self._ranges) - self._next} of {len(self._ranges)} ranges not hashed"
+                )
+        return self._sha.hexdigest()
 
 
 def _run_parallel(workers: int, calls: Sequence[Callable[[], None]]) -> None:

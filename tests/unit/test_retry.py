@@ -144,3 +144,32 @@ def test_once_the_scopes_event_is_set_no_request_starts_and_other_threads_retry_
 
     with stop_retrying_on(late), pytest.raises(TransientStoreError, match="down"):
         call_with_retries(never, slow)  # the real sleep: an hour, unless the event ends it
+
+
+def test_a_call_that_succeeds_at_once_builds_no_policy_and_a_failed_one_is_its_attempt_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first try runs without tenacity (its setup cost as much as a small download's
+    work); after a transient failure the policy runs on, that failure counted as attempt 1."""
+    from agent import retry
+
+    real = retry.make_retrying
+    built: list[str] = []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        built.append("policy")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(retry, "make_retrying", counting)
+    assert "ok" == call_with_retries(lambda: "ok", CFG)
+    assert [] == built
+    outcomes = iter([TransientStoreError("503"), None])
+    waits: list[float] = []
+
+    def once_flaky() -> str:
+        if (exc := next(outcomes)) is not None:
+            raise exc
+        return "ok"
+
+    assert "ok" == call_with_retries(once_flaky, CFG, sleep=waits.append)
+    assert (["policy"], [0.2]) == (built, waits)
