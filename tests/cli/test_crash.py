@@ -24,7 +24,7 @@ import pytest
 
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
-from tests.conftest import proxy_env
+from tests.conftest import proxy_env, s3_config
 from tests.faultproxy import Delay, FaultProxy, Rule, Seen, Status
 from tests.servers import HoldingProxy, SeaweedServer
 from tests.waiting import wait_for
@@ -474,13 +474,23 @@ def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int]:
     return kept, copies, intents, deletes, manifests, history
 
 
-def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
-    """A committed base of four files, then a session that changes six and deletes two."""
-    opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
-    work = Path(opened["path"])
+def _commit_base(s3_env: dict[str, str], base: Path) -> None:
+    """The committed base of four files, by the library in this process, from ``base``.
+
+    Only what follows is the test's (the CLI, its agent, the kill): an open and a close
+    by the CLI here cost two agent processes and an agent start.
+    """
+    from agent.session import PlantDesignSession
+
+    session = PlantDesignSession(s3_config(s3_env, base))
+    work = session.open(P, "admin", STAGE, watch=False, crash_hooks=False)
     for i in range(4):
         (work / f"base{i}.dwg").write_bytes(f"base {i} ".encode() + os.urandom(2048))
-    admin.json("close")
+    session.close()
+
+
+def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
+    """A session that changes six and deletes two of the base's four files."""
     opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
     work, pid = Path(opened["path"]), int(opened["agent_pid"])
     (work / "base0.dwg").write_bytes(b"changed 0 " + os.urandom(4096))
@@ -547,6 +557,7 @@ def _kill_phase_trial(
         )
     )
     bob = Agent(_env(tmp_path / "bob", through))
+    _commit_base(s3_env, tmp_path / "base")
     work, pid, expected = _start_session(admin)
     _kill_in_phase(admin, proxy, phase, pid)
     _recover(verb, admin, bob, work, expected)
