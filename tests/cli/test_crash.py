@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,16 @@ def _dead(pid: int) -> bool:
     from agent.platform import pid_alive
 
     return not pid_alive(pid)
+
+
+def _expired(read_lock: Callable[[], bytes]) -> bool:
+    """The lock's ``expires`` is over a second past (the store's ``Date`` has 1 s steps).
+
+    Waited for before another user's open is tried: each refused try is a whole CLI
+    process; the tries go on until one opens, as before.
+    """
+    expires = datetime.fromisoformat(json.loads(read_lock())["expires"])
+    return datetime.now(UTC) > expires + timedelta(seconds=1)
 
 
 def _edit(rng: random.Random, work: Path, step: int) -> None:
@@ -253,7 +264,7 @@ def test_crash_handler_finishes_in_time_when_the_store_is_unreachable(tmp_path: 
 
 
 def test_resume_for_a_stage_now_locked_by_someone_else_keeps_the_recovery_data(
-    agent: Agent, s3_env: dict[str, str], tmp_path: Path
+    agent: Agent, s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
 ) -> None:
     """kill -9, then someone takes the expired lock: resume refuses clearly, keeps everything."""
     short = Agent(
@@ -270,6 +281,7 @@ def test_resume_for_a_stage_now_locked_by_someone_else_keeps_the_recovery_data(
     short.run("flush")
     os.kill(pid, signal.SIGKILL)
     bob = Agent(_env(tmp_path / "bob", s3_env))
+    _wait(lambda: _expired(lambda: s3_store.get(KEYS.lock).body), timeout=30)
     assert _wait(
         lambda: bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode == 0,
         timeout=30,
@@ -301,6 +313,7 @@ def test_fencing_a_stopped_holder_cannot_overwrite_a_newer_commit(
     os.kill(pid, signal.SIGSTOP)
     try:
         bob = Agent(_env(tmp_path / "bob", s3_env))
+        _wait(lambda: _expired(lambda: s3_store.get(KEYS.lock).body), timeout=30)
         assert _wait(
             lambda: (
                 bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode == 0
@@ -522,7 +535,9 @@ def _kill_in_phase(admin: Agent, proxy: FaultProxy, phase: str, pid: int) -> Non
     assert _DONE_BEFORE[phase] == _applied(proxy.seen[before:]), "killed in another phase"
 
 
-def _recover(verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str, bytes]) -> None:
+def _recover(
+    verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str, bytes], *, bucket: _Bucket
+) -> None:
     """Recover the killed session as ``verb`` says (the second user is ``bob``)."""
     if verb == "resume-close":
         admin.json("recover", "--resume")
@@ -537,6 +552,7 @@ def _recover(verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str
                 0 == bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode
             )
 
+        _wait(lambda: _expired(lambda: bucket.get(f"{STAGE}.lock.json")), timeout=30)
         assert _wait(bob_opened, timeout=30), "the killed session's lock never expired"
         bob.run("abort")
 
@@ -560,9 +576,9 @@ def _kill_phase_trial(
     _commit_base(s3_env, tmp_path / "base")
     work, pid, expected = _start_session(admin)
     _kill_in_phase(admin, proxy, phase, pid)
-    _recover(verb, admin, bob, work, expected)
-
     bucket = _Bucket(s3_env)
+    _recover(verb, admin, bob, work, expected, bucket=bucket)
+
     manifest = bucket.json(f"{STAGE}.manifest.json")
     committed = bucket.committed()
     assert set(manifest["files"]) == set(committed), "the stage is not exactly one manifest"
