@@ -487,8 +487,9 @@ def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int]:
     return kept, copies, intents, deletes, manifests, history
 
 
-def _commit_base(s3_env: dict[str, str], base: Path) -> None:
-    """The committed base of four files, by the library in this process, from ``base``.
+def _commit_base(s3_env: dict[str, str], base: Path, files: dict[str, bytes]) -> None:
+    """Commit ``files`` as admin from the base folder ``base``, by the library in this
+    process: a test's starting point, not what it is about.
 
     Only what follows is the test's (the CLI, its agent, the kill): an open and a close
     by the CLI here cost two agent processes and an agent start.
@@ -497,8 +498,9 @@ def _commit_base(s3_env: dict[str, str], base: Path) -> None:
 
     session = PlantDesignSession(s3_config(s3_env, base))
     work = session.open(P, "admin", STAGE, watch=False, crash_hooks=False)
-    for i in range(4):
-        (work / f"base{i}.dwg").write_bytes(f"base {i} ".encode() + os.urandom(2048))
+    for rel, data in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data)
     session.close()
 
 
@@ -573,7 +575,8 @@ def _kill_phase_trial(
         )
     )
     bob = Agent(_env(tmp_path / "bob", through))
-    _commit_base(s3_env, tmp_path / "base")
+    base = {f"base{i}.dwg": f"base {i} ".encode() + os.urandom(2048) for i in range(4)}
+    _commit_base(s3_env, tmp_path / "base", base)
     work, pid, expected = _start_session(admin)
     _kill_in_phase(admin, proxy, phase, pid)
     bucket = _Bucket(s3_env)
@@ -710,17 +713,13 @@ def test_recover_discard_after_a_failed_close_and_a_crash_says_the_commit_was_fi
 
 
 def test_a_delete_the_journal_had_not_recorded_before_kill_9_stays_deleted(
-    agent: Agent, s3_store: ObjectStore
+    agent: Agent, s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
 ) -> None:
     """A file deleted just before kill -9 (the watcher still held the event: a long debounce
     makes the window certain) is listed as deleted, not restored by resume, and committed
     as a delete by close."""
-    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    work = Path(opened["path"])
-    (work / "keep.txt").write_text("kept")
-    (work / "docs").mkdir()
-    (work / "docs" / "gone.txt").write_text("deleted by the user")
-    agent.json("close")
+    base = {"keep.txt": b"kept", "docs/gone.txt": b"deleted by the user"}
+    _commit_base(s3_env, tmp_path / "base", base)
     slow = Agent(dict(agent.env, AGENT_WATCH__DEBOUNCE="600", AGENT_WATCH__MAX_DELAY="600"))
     opened = slow.json("open", P, "--user", "admin", "--stage", STAGE)
     work, pid = Path(opened["path"]), int(opened["agent_pid"])
@@ -745,13 +744,9 @@ def test_a_restore_of_a_lost_folder_that_fails_midway_is_finished_by_the_next_re
     on one file: that file was never here, so the next resume downloads it (it is not
     taken for a file the user deleted)."""
     agent = Agent(_env(tmp_path / "base", s3_env))
+    _commit_base(s3_env, tmp_path / "base", {"a.txt": b"A", "b.txt": b"B"})
     opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    work = Path(opened["path"])
-    (work / "a.txt").write_text("A")
-    (work / "b.txt").write_text("B")
-    agent.json("close")
-    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    pid = int(opened["agent_pid"])
+    work, pid = Path(opened["path"]), int(opened["agent_pid"])
     os.kill(pid, signal.SIGKILL)
     assert _wait(lambda: _dead(pid))
     import shutil
