@@ -2,7 +2,8 @@
 
 The public names are re-exported here; ``tests/unit/test_public_api.py`` pins them.
 The session machinery is imported on first use, so ``import agent`` (and
-``agent status`` / ``--help``) stays cheap: no boto3, no watchdog.
+``agent status`` / ``--help``) stays cheap: no boto3, no watchdog, and no structlog
+before the first event is logged.
 """
 
 from __future__ import annotations

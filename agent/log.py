@@ -23,17 +23,17 @@ the file). Old files are pruned when a process starts: older than
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 from agent.config import LogConfig
 from agent.platform import make_private_dirs, open_private_append
@@ -46,6 +46,7 @@ __all__ = [
     "library_defaults",
     "log_folder",
     "redact",
+    "structlog_without_rich",
 ]
 
 _KEEP_DAYS = 14
@@ -96,8 +97,27 @@ def _escaped(render: Callable[..., Any]) -> Callable[..., Any]:
     return escaped
 
 
+def structlog_without_rich() -> None:
+    """Import structlog, without rich, in a process of our own (the CLI, the background agent).
+
+    structlog imports rich when it is imported, only to offer rich tracebacks: about
+    0.1 s of every command's start, for tracebacks ``configure_logging`` renders plain.
+    A host that imported structlog or rich already keeps them as they are; rich itself
+    stays importable (the CLI's progress bars use it).
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # Python's "not installed" marker
+    try:
+        import structlog  # noqa: F401 - imported for its side effect: now without rich
+    finally:
+        del sys.modules["rich"]
+
+
 def configure_logging(config: LogConfig, state_dir: Path | None, *, console: bool = True) -> None:
     """Configure structlog + stdlib logging once for this process."""
+    import structlog
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -143,7 +163,11 @@ def configure_logging(config: LogConfig, state_dir: Path | None, *, console: boo
         console_handler.setLevel(config.console_level.upper())
         console_handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
-                processor=_escaped(structlog.dev.ConsoleRenderer(colors=False)),
+                processor=_escaped(
+                    structlog.dev.ConsoleRenderer(
+                        colors=False, exception_formatter=structlog.dev.plain_traceback
+                    )
+                ),
                 foreign_pre_chain=shared,
             )
         )
@@ -165,14 +189,18 @@ def library_defaults() -> None:
     logging.getLogger("watchdog").addHandler(logging.NullHandler())
 
 
-# The stdlib way of our events while the host has not configured structlog.
-_STDLIB_PROCESSORS: list[Any] = [
-    structlog.stdlib.filter_by_level,  # below the logger's level: no work at all
-    structlog.contextvars.merge_contextvars,
-    redact,
-    structlog.processors.format_exc_info,
-    structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
-]
+@functools.cache
+def _stdlib_processors() -> list[Any]:
+    """The stdlib way of our events while the host has not configured structlog."""
+    import structlog
+
+    return [
+        structlog.stdlib.filter_by_level,  # below the logger's level: no work at all
+        structlog.contextvars.merge_contextvars,
+        redact,
+        structlog.processors.format_exc_info,
+        structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+    ]
 
 
 class LibraryLogger:
@@ -184,15 +212,15 @@ class LibraryLogger:
         self._name = name
         self._context = dict(context or {})
         self._host: Any = None
-        self._own = structlog.stdlib.BoundLogger(
-            logging.getLogger(name), _STDLIB_PROCESSORS, self._context
-        )
+        self._own: Any = None  # made on the first event: structlog is imported then
 
     def bind(self, **values: Any) -> LibraryLogger:
         """A logger that adds ``values`` to every event."""
         return LibraryLogger(self._name, {**self._context, **values})
 
     def _emit(self, method: str, event: str, values: dict[str, Any]) -> None:
+        import structlog
+
         if structlog.is_configured():
             try:
                 if self._host is None:
@@ -202,6 +230,10 @@ class LibraryLogger:
                 return
             except Exception:  # noqa: BLE001, S110 - the host's pipeline refused it: ours takes it
                 pass
+        if self._own is None:
+            self._own = structlog.stdlib.BoundLogger(
+                logging.getLogger(self._name), _stdlib_processors(), self._context
+            )
         getattr(self._own, method)(event, **values)
 
     def debug(self, event: str, **values: Any) -> None:

@@ -43,6 +43,9 @@ STATUS_TIMEOUT = 2.0
 # Popen.__del__ from warning that a child is "still running".
 _SPAWNED: list[subprocess.Popen[bytes]] = []
 _READY_TIMEOUT = 30.0
+# How often the start waits to look for the agent's published address again: the
+# agent starts in about a second; a look is one small file read.
+_READY_POLL = 0.01
 
 
 class AgentClient:
@@ -202,7 +205,7 @@ def spawn_agent(config_path: Path | None, session_id: str, config: AgentConfig) 
             raise AgentUnreachableError(
                 f"the background agent exited at start (code {proc.returncode}): {tail.strip()}"
             )
-        time.sleep(0.05)
+        time.sleep(_READY_POLL)
     raise AgentUnreachableError(
         f"the background agent did not answer within {_READY_TIMEOUT:.0f}s; see {log_path}"
     )

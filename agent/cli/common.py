@@ -38,8 +38,9 @@ class _Ctx:
     def config(self) -> AgentConfig:
         if self._config is None:
             self._config = load_config(self.config_path)
-            from agent.log import configure_logging
+            from agent.log import configure_logging, structlog_without_rich
 
+            structlog_without_rich()  # this process is ours: no rich tracebacks to offer
             configure_logging(
                 self._config.log.model_copy(
                     update={"console_level": "debug" if self.verbose > 1 else "info"}

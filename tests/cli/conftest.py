@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -21,25 +22,26 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 """``run("status", "--json")``: the ``agent`` command in a subprocess, never raising."""
 
 
-@pytest.fixture
-def agent_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """An environment whose agent writes only under tmp_path and reads no user config.
+@contextmanager
+def cli_env(base: Path) -> Iterator[dict[str, str]]:
+    """An environment whose agent writes only under ``base`` and reads no user config.
 
-    The control sockets go to a runtime folder of this test's own (short, under
-    /tmp, so a socket path fits), so a test that opens it up touches no other run,
-    and no socket outlives the test.
+    The control sockets go to a runtime folder of its own (short, under /tmp, so a
+    socket path fits), so a test that opens it up touches no other run, and no socket
+    outlives the environment.
     """
     runtime = Path(tempfile.mkdtemp(prefix="pdr-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "AWS_"))}
-    env["AGENT_PATHS__BASE_DIR"] = str(tmp_path / "base")
+    env["AGENT_PATHS__BASE_DIR"] = str(base)
     env["AGENT_PATHS__RUNTIME_DIR"] = str(runtime)
-    yield env
-    shutil.rmtree(runtime, ignore_errors=True)
+    try:
+        yield env
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
-@pytest.fixture
-def run(agent_env: dict[str, str]) -> Run:
-    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
+def cli_runner(agent_env: dict[str, str]) -> Run:
+    """``run``: ``agent ARGS`` in ``agent_env`` (or the ``env`` given), never raising."""
 
     def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -52,6 +54,19 @@ def run(agent_env: dict[str, str]) -> Run:
         )
 
     return _run
+
+
+@pytest.fixture
+def agent_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """``cli_env`` under tmp_path: the test's own agent state and control sockets."""
+    with cli_env(tmp_path / "base") as env:
+        yield env
+
+
+@pytest.fixture
+def run(agent_env: dict[str, str]) -> Run:
+    """Run ``agent ARGS`` and return the completed process (never raises on exit codes)."""
+    return cli_runner(agent_env)
 
 
 @pytest.fixture
@@ -76,7 +91,7 @@ def s3_run(s3_env: dict[str, str], tmp_path: Path) -> Run:
     return _run
 
 
-def _agents_under(folder: Path) -> list[int]:
+def agents_under(folder: Path) -> list[int]:
     """Live ``agent _serve`` processes whose base dir lies in ``folder`` (Linux /proc)."""
     found = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
@@ -105,7 +120,12 @@ def _gone(pid: int) -> bool:
 def _no_agent_left_running(tmp_path: Path) -> Iterator[None]:
     """After closing, aborting or being killed, a test's background agents are gone."""
     yield
-    left = [p for p in _agents_under(tmp_path) if not wait_for(partial(_gone, p), 10)]
+    assert [] == stop_agents_under(tmp_path), "background agents still running after the test"
+
+
+def stop_agents_under(folder: Path) -> list[int]:
+    """The agents under ``folder`` that did not end within 10 s, killed (-9) then."""
+    left = [p for p in agents_under(folder) if not wait_for(partial(_gone, p), 10)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
-    assert [] == left, "background agents still running after the test"
+    return left

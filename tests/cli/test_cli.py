@@ -21,20 +21,29 @@ from tests.waiting import wait_for
 
 
 def test_help_lists_the_commands_and_does_not_import_boto3(agent_env: dict[str, str]) -> None:
-    """--help works and the CLI's import path stays free of boto3 and watchdog."""
+    """--help works and the CLI's import path stays free of boto3 and watchdog.
+
+    Nor does it import structlog (--help logs nothing), and a command that logs imports
+    structlog without rich (rich stays importable, for the progress bars).
+    """
     code = (
         "import sys, agent.cli.app\n"
         "from click.testing import CliRunner\n"
         "r = CliRunner().invoke(agent.cli.app.cli, ['--help'])\n"
         "print(r.output)\n"
-        "print('boto3' in sys.modules, 'watchdog' in sys.modules)\n"
+        "print('boto3' in sys.modules, 'watchdog' in sys.modules, 'structlog' in sys.modules)\n"
+        "s = CliRunner().invoke(agent.cli.app.cli, ['status'])\n"
+        "assert 0 == s.exit_code, s.output\n"
+        "import structlog.dev\n"
+        "print('rich' in sys.modules, structlog.dev.rich is None)\n"
+        "import rich.progress\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env=agent_env, capture_output=True, text=True, check=True
     ).stdout
     for command in ("open", "close", "abort", "status", "doctor", "lock"):
         assert command in out
-    assert out.strip().endswith("False False")
+    assert ["False False False", "False True"] == out.strip().splitlines()[-2:]
 
 
 def test_open_status_close_round_trip(run: Run, tmp_path: Path) -> None:

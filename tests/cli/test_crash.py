@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
-from tests.conftest import proxy_env
+from tests.conftest import proxy_env, s3_config
 from tests.faultproxy import Delay, FaultProxy, Rule, Seen, Status
 from tests.servers import HoldingProxy, SeaweedServer
 from tests.waiting import wait_for
@@ -113,6 +114,16 @@ def _dead(pid: int) -> bool:
     from agent.platform import pid_alive
 
     return not pid_alive(pid)
+
+
+def _expired(read_lock: Callable[[], bytes]) -> bool:
+    """The lock's ``expires`` is over a second past (the store's ``Date`` has 1 s steps).
+
+    Waited for before another user's open is tried: each refused try is a whole CLI
+    process; the tries go on until one opens, as before.
+    """
+    expires = datetime.fromisoformat(json.loads(read_lock())["expires"])
+    return datetime.now(UTC) > expires + timedelta(seconds=1)
 
 
 def _edit(rng: random.Random, work: Path, step: int) -> None:
@@ -253,7 +264,7 @@ def test_crash_handler_finishes_in_time_when_the_store_is_unreachable(tmp_path: 
 
 
 def test_resume_for_a_stage_now_locked_by_someone_else_keeps_the_recovery_data(
-    agent: Agent, s3_env: dict[str, str], tmp_path: Path
+    agent: Agent, s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
 ) -> None:
     """kill -9, then someone takes the expired lock: resume refuses clearly, keeps everything."""
     short = Agent(
@@ -270,6 +281,7 @@ def test_resume_for_a_stage_now_locked_by_someone_else_keeps_the_recovery_data(
     short.run("flush")
     os.kill(pid, signal.SIGKILL)
     bob = Agent(_env(tmp_path / "bob", s3_env))
+    _wait(lambda: _expired(lambda: s3_store.get(KEYS.lock).body), timeout=30)
     assert _wait(
         lambda: bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode == 0,
         timeout=30,
@@ -301,6 +313,7 @@ def test_fencing_a_stopped_holder_cannot_overwrite_a_newer_commit(
     os.kill(pid, signal.SIGSTOP)
     try:
         bob = Agent(_env(tmp_path / "bob", s3_env))
+        _wait(lambda: _expired(lambda: s3_store.get(KEYS.lock).body), timeout=30)
         assert _wait(
             lambda: (
                 bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode == 0
@@ -474,13 +487,25 @@ def _applied(seen: list[Seen]) -> tuple[int, int, int, int, int, int]:
     return kept, copies, intents, deletes, manifests, history
 
 
+def _commit_base(s3_env: dict[str, str], base: Path, files: dict[str, bytes]) -> None:
+    """Commit ``files`` as admin from the base folder ``base``, by the library in this
+    process: a test's starting point, not what it is about.
+
+    Only what follows is the test's (the CLI, its agent, the kill): an open and a close
+    by the CLI here cost two agent processes and an agent start.
+    """
+    from agent.session import PlantDesignSession
+
+    session = PlantDesignSession(s3_config(s3_env, base))
+    work = session.open(P, "admin", STAGE, watch=False, crash_hooks=False)
+    for rel, data in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data)
+    session.close()
+
+
 def _start_session(admin: Agent) -> tuple[Path, int, dict[str, bytes]]:
-    """A committed base of four files, then a session that changes six and deletes two."""
-    opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
-    work = Path(opened["path"])
-    for i in range(4):
-        (work / f"base{i}.dwg").write_bytes(f"base {i} ".encode() + os.urandom(2048))
-    admin.json("close")
+    """A session that changes six and deletes two of the base's four files."""
     opened = admin.json("open", P, "--user", "admin", "--stage", STAGE)
     work, pid = Path(opened["path"]), int(opened["agent_pid"])
     (work / "base0.dwg").write_bytes(b"changed 0 " + os.urandom(4096))
@@ -512,7 +537,9 @@ def _kill_in_phase(admin: Agent, proxy: FaultProxy, phase: str, pid: int) -> Non
     assert _DONE_BEFORE[phase] == _applied(proxy.seen[before:]), "killed in another phase"
 
 
-def _recover(verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str, bytes]) -> None:
+def _recover(
+    verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str, bytes], *, bucket: _Bucket
+) -> None:
     """Recover the killed session as ``verb`` says (the second user is ``bob``)."""
     if verb == "resume-close":
         admin.json("recover", "--resume")
@@ -527,6 +554,7 @@ def _recover(verb: str, admin: Agent, bob: Agent, work: Path, expected: dict[str
                 0 == bob.run("open", P, "--user", "bob", "--stage", STAGE, check=False).returncode
             )
 
+        _wait(lambda: _expired(lambda: bucket.get(f"{STAGE}.lock.json")), timeout=30)
         assert _wait(bob_opened, timeout=30), "the killed session's lock never expired"
         bob.run("abort")
 
@@ -547,11 +575,13 @@ def _kill_phase_trial(
         )
     )
     bob = Agent(_env(tmp_path / "bob", through))
+    base = {f"base{i}.dwg": f"base {i} ".encode() + os.urandom(2048) for i in range(4)}
+    _commit_base(s3_env, tmp_path / "base", base)
     work, pid, expected = _start_session(admin)
     _kill_in_phase(admin, proxy, phase, pid)
-    _recover(verb, admin, bob, work, expected)
-
     bucket = _Bucket(s3_env)
+    _recover(verb, admin, bob, work, expected, bucket=bucket)
+
     manifest = bucket.json(f"{STAGE}.manifest.json")
     committed = bucket.committed()
     assert set(manifest["files"]) == set(committed), "the stage is not exactly one manifest"
@@ -683,17 +713,13 @@ def test_recover_discard_after_a_failed_close_and_a_crash_says_the_commit_was_fi
 
 
 def test_a_delete_the_journal_had_not_recorded_before_kill_9_stays_deleted(
-    agent: Agent, s3_store: ObjectStore
+    agent: Agent, s3_env: dict[str, str], s3_store: ObjectStore, tmp_path: Path
 ) -> None:
     """A file deleted just before kill -9 (the watcher still held the event: a long debounce
     makes the window certain) is listed as deleted, not restored by resume, and committed
     as a delete by close."""
-    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    work = Path(opened["path"])
-    (work / "keep.txt").write_text("kept")
-    (work / "docs").mkdir()
-    (work / "docs" / "gone.txt").write_text("deleted by the user")
-    agent.json("close")
+    base = {"keep.txt": b"kept", "docs/gone.txt": b"deleted by the user"}
+    _commit_base(s3_env, tmp_path / "base", base)
     slow = Agent(dict(agent.env, AGENT_WATCH__DEBOUNCE="600", AGENT_WATCH__MAX_DELAY="600"))
     opened = slow.json("open", P, "--user", "admin", "--stage", STAGE)
     work, pid = Path(opened["path"]), int(opened["agent_pid"])
@@ -718,13 +744,9 @@ def test_a_restore_of_a_lost_folder_that_fails_midway_is_finished_by_the_next_re
     on one file: that file was never here, so the next resume downloads it (it is not
     taken for a file the user deleted)."""
     agent = Agent(_env(tmp_path / "base", s3_env))
+    _commit_base(s3_env, tmp_path / "base", {"a.txt": b"A", "b.txt": b"B"})
     opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    work = Path(opened["path"])
-    (work / "a.txt").write_text("A")
-    (work / "b.txt").write_text("B")
-    agent.json("close")
-    opened = agent.json("open", P, "--user", "admin", "--stage", STAGE)
-    pid = int(opened["agent_pid"])
+    work, pid = Path(opened["path"]), int(opened["agent_pid"])
     os.kill(pid, signal.SIGKILL)
     assert _wait(lambda: _dead(pid))
     import shutil

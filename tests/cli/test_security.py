@@ -1,9 +1,10 @@
 """Local attacks on a real background agent (issue 9).
 
-Each test opens a session on the embedded store, attacks the agent's control
-channel or state folder the way another program or user on the machine could,
-and then checks the session is unharmed: the agent is alive, the lock is still
-held by the session, and a save still streams to the store.
+Each test attacks a session on the embedded store, its agent's control channel or
+state folder, the way another program or user on the machine could, and then checks
+the session is unharmed: the agent is alive, the lock is still held by the session,
+and a save still streams to the store. The attacks that leave everything as they
+found it share one session per module (``attacked``); the rest open their own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.platform import pid_alive
-from tests.cli.conftest import Run
+from tests.cli.conftest import Run, cli_env, cli_runner, stop_agents_under
 from tests.waiting import wait_for
 
 
@@ -60,6 +61,10 @@ class Opened:
         [row] = json.loads(self.run("status", "--json").stdout)["sessions"]
         assert ("running", 0) == (row["agent"], row["pending"])
 
+    def logged(self, event: str) -> int:
+        """How many times ``event`` is in the log files so far."""
+        return sum(p.read_text().count(event) for p in (self.base / "state" / "logs").glob("*.log"))
+
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(10)
@@ -74,6 +79,28 @@ def opened(run: Run, tmp_path: Path) -> Iterator[Opened]:
     yield session
     if pid_alive(session.pid):
         run("abort")
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Opened]:
+    """One session for the attacks that leave everything as they found it.
+
+    Each of those tests attacks it and then checks it unharmed (``assert_unharmed``),
+    so a harm is found by the test that did it; opening a session per attack cost
+    each an open and an abort (two agent starts). Aborted at the end; its agent must
+    be gone then.
+    """
+    base = tmp_path_factory.mktemp("attacked")
+    with cli_env(base / "base") as env:
+        run = cli_runner(env)
+        session = Opened(run, base / "base")
+        try:
+            yield session
+        finally:
+            if pid_alive(session.pid):
+                aborted = run("abort")
+                assert 0 == aborted.returncode, aborted.stderr
+            assert [] == stop_agents_under(base), "the attacked session's agent outlived it"
 
 
 def _frame(message: dict[str, Any]) -> bytes:
@@ -107,28 +134,29 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def test_connect_and_close_at_once_does_not_end_the_session(opened: Opened) -> None:
+def test_connect_and_close_at_once_does_not_end_the_session(attacked: Opened) -> None:
     """A client that connects and hangs up at once (a port scanner) changes nothing."""
     for _ in range(20):
-        opened.connect().close()
-    opened.assert_unharmed()
+        attacked.connect().close()
+    attacked.assert_unharmed()
 
 
-def test_an_http_request_is_dropped_and_the_session_goes_on(opened: Opened) -> None:
+def test_an_http_request_is_dropped_and_the_session_goes_on(attacked: Opened) -> None:
     """A browser's or health checker's GET is not a request: dropped, no answer."""
-    with opened.connect() as sock:
+    with attacked.connect() as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert _closed_by_peer(sock)
-    opened.assert_unharmed()
+    attacked.assert_unharmed()
 
 
 def test_two_hundred_connections_of_random_bytes_leave_the_agent_serving(
-    opened: Opened,
+    attacked: Opened,
 ) -> None:
     """Random bytes (bad lengths, huge lengths, garbage JSON) are each dropped."""
     rng = random.Random(9)
+    bad_before = attacked.logged("control_client_bad_request")  # the attack's own, below
     for i in range(200):
-        with opened.connect() as sock:
+        with attacked.connect() as sock:
             if i % 4 == 0:
                 payload = struct.pack(">I", rng.randrange(2**20, 2**32))  # over the cap
             elif i % 4 == 1:
@@ -142,42 +170,41 @@ def test_two_hundred_connections_of_random_bytes_leave_the_agent_serving(
                 sock.recv(4096)
             except OSError:
                 pass  # dropped while we were still sending: that is the point
-    opened.assert_unharmed()
-    logged = "".join(p.read_text() for p in (opened.base / "state" / "logs").glob("*.log"))
-    assert "control_client_bad_request" in logged
+    attacked.assert_unharmed()
+    assert attacked.logged("control_client_bad_request") > bad_before
 
 
-def test_a_silent_connection_does_not_stall_status(opened: Opened, run: Run) -> None:
+def test_a_silent_connection_does_not_stall_status(attacked: Opened) -> None:
     """While a client holds a connection open and sends nothing, status still answers."""
-    with opened.connect() as silent:
-        status = run("status", "--json")
+    with attacked.connect() as silent:
+        status = attacked.run("status", "--json")
         assert 0 == status.returncode, status.stderr
         [row] = json.loads(status.stdout)["sessions"]
         assert "running" == row["agent"]
         # The silent client is dropped once its handshake deadline passes.
         silent.settimeout(30)
         assert _closed_by_peer(silent)
-    opened.assert_unharmed()
+    attacked.assert_unharmed()
 
 
-def test_a_wrong_token_is_refused_and_ends_nothing(opened: Opened) -> None:
+def test_a_wrong_token_is_refused_and_ends_nothing(attacked: Opened) -> None:
     """A well-formed ``abort`` with a wrong token is refused; the session stays open."""
-    with opened.connect() as sock:
+    with attacked.connect() as sock:
         sock.sendall(_frame({"token": "0" * 64, "cmd": "abort", "args": {}}))
         reply = _read_reply(sock)
     assert "wrong token" in reply["error"]["message"]
-    with opened.connect() as sock:
+    with attacked.connect() as sock:
         sock.sendall(_frame({"cmd": "close"}))  # no token at all
         assert "wrong token" in _read_reply(sock)["error"]["message"]
-    opened.assert_unharmed()
+    attacked.assert_unharmed()
 
 
-def test_the_right_token_answers_over_the_raw_protocol(opened: Opened) -> None:
+def test_the_right_token_answers_over_the_raw_protocol(attacked: Opened) -> None:
     """The protocol is plain framed JSON: with the session's token, ping answers."""
-    with opened.connect() as sock:
-        sock.sendall(_frame({"token": opened.token, "cmd": "ping", "args": {}}))
+    with attacked.connect() as sock:
+        sock.sendall(_frame({"token": attacked.token, "cmd": "ping", "args": {}}))
         reply = _read_reply(sock)
-    assert {"pid": opened.pid} == reply["ok"]
+    assert {"pid": attacked.pid} == reply["ok"]
 
 
 def _nobody() -> tuple[int, int]:
@@ -190,7 +217,7 @@ def _nobody() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def test_a_peer_of_another_uid_is_refused_even_with_the_token(opened: Opened) -> None:
+def test_a_peer_of_another_uid_is_refused_even_with_the_token(attacked: Opened) -> None:
     """SO_PEERCRED: a process of another user is dropped although it has the token.
 
     The socket's folder and file are opened up for the test, so only the peer
@@ -199,11 +226,11 @@ def test_a_peer_of_another_uid_is_refused_even_with_the_token(opened: Opened) ->
     if os.geteuid() != 0:
         pytest.skip("switching to another uid needs root (the tests run as an ordinary user)")
     uid, gid = _nobody()
-    folder = opened.socket.parent
-    old_dir, old_sock = folder.stat().st_mode, opened.socket.stat().st_mode
+    folder = attacked.socket.parent
+    old_dir, old_sock = folder.stat().st_mode, attacked.socket.stat().st_mode
     folder.chmod(0o711)
-    opened.socket.chmod(0o777)
-    token = opened.token
+    attacked.socket.chmod(0o777)
+    token = attacked.token
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through its exit status
@@ -213,7 +240,7 @@ def test_a_peer_of_another_uid_is_refused_even_with_the_token(opened: Opened) ->
                 os.setuid(uid)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(10)
-                sock.connect(str(opened.socket))
+                sock.connect(str(attacked.socket))
                 try:
                     sock.sendall(_frame({"token": token, "cmd": "abort", "args": {}}))
                     code = 0 if _closed_by_peer(sock) else 1
@@ -225,40 +252,40 @@ def test_a_peer_of_another_uid_is_refused_even_with_the_token(opened: Opened) ->
         _, status = os.waitpid(pid, 0)
     finally:
         folder.chmod(stat.S_IMODE(old_dir))
-        opened.socket.chmod(stat.S_IMODE(old_sock))
+        attacked.socket.chmod(stat.S_IMODE(old_sock))
     assert 0 == os.waitstatus_to_exitcode(status)
-    opened.assert_unharmed()
+    attacked.assert_unharmed()
 
 
-def test_a_loosened_state_folder_is_refused_with_exit_20(opened: Opened, run: Run) -> None:
+def test_a_loosened_state_folder_is_refused_with_exit_20(attacked: Opened) -> None:
     """A state folder others can write to: every command refuses it, naming folder and fix."""
-    state = opened.base / "state"
+    state = attacked.base / "state"
     state.chmod(0o777)
     try:
-        refused = run("status")
+        refused = attacked.run("status")
         assert 20 == refused.returncode, refused.stderr
         assert str(state) in refused.stderr
         assert "chmod 700" in refused.stderr
-        assert 20 == run("close").returncode
+        assert 20 == attacked.run("close").returncode
     finally:
         state.chmod(0o700)
-    opened.assert_unharmed()
+    attacked.assert_unharmed()
 
 
-def test_a_forged_record_address_is_not_trusted(opened: Opened, run: Run, tmp_path: Path) -> None:
+def test_a_forged_record_address_is_not_trusted(attacked: Opened, tmp_path: Path) -> None:
     """A record pointing at someone else's listener: the client refuses to talk to it."""
     listener_path = Path(f"/tmp/pdt-forged-{os.getpid()}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(listener_path))
     listener.listen(1)
     listener.settimeout(0.1)
-    record_path = opened.folder / "session.json"
+    record_path = attacked.folder / "session.json"
     good = record_path.read_bytes()
     forged = json.loads(good)
     forged["agent_address"] = str(listener_path)
     record_path.write_text(json.dumps(forged))
     try:
-        status = run("status", "--json")
+        status = attacked.run("status", "--json")
         [row] = json.loads(status.stdout)["sessions"]
         assert "not trusted" in row["agent_error"]
         with pytest.raises(TimeoutError):
@@ -267,7 +294,7 @@ def test_a_forged_record_address_is_not_trusted(opened: Opened, run: Run, tmp_pa
         record_path.write_bytes(good)
         listener.close()
         listener_path.unlink()
-    opened.assert_unharmed()
+    attacked.assert_unharmed()
 
 
 def test_a_forged_record_cannot_make_abort_delete_outside_the_base_folder(
@@ -347,22 +374,20 @@ def test_everything_under_the_state_folder_is_owner_only(
     assert 0o600 == stat.S_IMODE(opened.socket.stat().st_mode)
 
 
-def test_status_says_the_agent_does_not_respond_when_it_is_stopped(
-    opened: Opened, run: Run
-) -> None:
+def test_status_says_the_agent_does_not_respond_when_it_is_stopped(attacked: Opened) -> None:
     """A stopped (SIGSTOP) agent: status answers within its bound, saying so."""
     import signal
 
-    os.kill(opened.pid, signal.SIGSTOP)
+    os.kill(attacked.pid, signal.SIGSTOP)
     try:
-        status = run("status", "--json")
+        status = attacked.run("status", "--json")
     finally:
-        os.kill(opened.pid, signal.SIGCONT)
+        os.kill(attacked.pid, signal.SIGCONT)
     assert 0 == status.returncode, status.stderr
     [row] = json.loads(status.stdout)["sessions"]
     assert "does not respond" in row["agent_error"]
-    assert wait_for(lambda: pid_alive(opened.pid), 5)
-    opened.assert_unharmed()
+    assert wait_for(lambda: pid_alive(attacked.pid), 5)
+    attacked.assert_unharmed()
 
 
 def test_a_control_folder_others_can_write_to_is_refused(
