@@ -29,6 +29,7 @@ Modes:
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import os
@@ -165,6 +166,8 @@ def _wake_race() -> int:
 
 def main(mode: str) -> int:
     """Run one host."""
+    # A test that finds this host hung asks for every thread's stack (Host._diagnose).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     if mode.startswith("qt-"):
         return _qt_host(mode)
     if mode == "plain-cycles":

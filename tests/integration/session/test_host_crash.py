@@ -8,6 +8,7 @@ commits every one of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,8 +78,18 @@ class Host:
         return self.err
 
     def finish(self, timeout: float = 60) -> int:
-        """Wait for the host to end (reading its output meanwhile); its exit status."""
-        out, self.err = self.proc.communicate(timeout=timeout)
+        """Wait for the host to end (reading its output meanwhile); its exit status.
+
+        A host still running after ``timeout`` fails the test with what it was doing:
+        its signal state (``/proc``) and every thread's stack (``faulthandler`` on
+        SIGUSR2, registered by ``tests.hosts``), then it is killed.
+        """
+        try:
+            out, self.err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the host is still running after {timeout} s\n{self._diagnose()}"
+            ) from None
         for raw in out.splitlines():
             try:
                 data = json.loads(raw)
@@ -87,6 +98,22 @@ class Host:
             if isinstance(data, dict):
                 self.lines.append(data)
         return self.proc.returncode
+
+    def _diagnose(self) -> str:
+        """The running host's signal masks and its threads' stacks; the host is ended."""
+        try:
+            with Path(f"/proc/{self.proc.pid}/status").open() as status:
+                sig = "".join(line for line in status if line.startswith(("Sig", "Shd")))
+        except OSError as exc:
+            sig = f"(no /proc status: {exc})"
+        with contextlib.suppress(OSError):
+            self.proc.send_signal(signal.SIGUSR2)
+        try:
+            out, err = self.proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return f"{sig}stdout:\n{out[-4000:]}\nstderr (stacks at the end):\n{err[-12000:]}"
 
     def kill(self) -> None:
         """Make sure the process is gone."""
