@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -15,8 +16,6 @@ from typing import IO, NoReturn
 
 from agent.platform.system import IS_WINDOWS
 
-_TRIM: list[Callable[[int], int] | None] = []
-
 
 def release_free_memory() -> None:
     """Give memory this process freed back to the system, where the C library keeps it.
@@ -26,13 +25,12 @@ def release_free_memory() -> None:
     them; at 100,000 files the open's peak was 25-35 MiB higher without it). Elsewhere
     (Windows, macOS, musl) a no-op: their allocators return large freed blocks themselves.
     """
-    if not _TRIM:
-        _TRIM.append(_find_malloc_trim())
-    trim = _TRIM[0]
+    trim = _find_malloc_trim()
     if trim is not None:
         trim(0)
 
 
+@functools.cache
 def _find_malloc_trim() -> Callable[[int], int] | None:
     if IS_WINDOWS or not sys.platform.startswith("linux"):
         return None

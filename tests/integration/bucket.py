@@ -26,6 +26,7 @@ from agent.config import AgentConfig
 from agent.session import PlantDesignSession
 from agent.stage.keys import StageKeys
 from agent.state import SessionState
+from agent.store import open_store
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_config, s3_config
 from tests.faultproxy import FaultProxy
@@ -279,3 +280,21 @@ def other_user_sees(
     assert committed == got
     if expected is not None:
         assert expected == got
+
+
+@pytest.fixture
+def ranged_store(
+    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> Iterator[ObjectStore]:
+    """Through the proxy; multipart from 1 MiB with 5 MiB parts, so 11 MiB is three ranges."""
+    mib = 1024 * 1024
+    store = open_store(
+        proxy_config(
+            s3_env,
+            fault_proxy,
+            tmp_path / "cfg",
+            transfer={"multipart_threshold": mib, "multipart_chunksize": 5 * mib},
+        )
+    )
+    yield store
+    store.close()

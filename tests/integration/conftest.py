@@ -11,11 +11,12 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.session import PlantDesignSession
 from agent.store.base import ObjectStore
-from tests.integration.bucket import direct, moto_truth, truth, via_proxy
+from tests.integration.bucket import direct, moto_truth, ranged_store, truth, via_proxy
 
 __all__ = [
     "direct",
     "moto_truth",
+    "ranged_store",
     "truth",
     "via_proxy",
 ]  # fixtures of tests.integration.bucket, for all

@@ -11,14 +11,12 @@ Everything runs against the real SeaweedFS through the fault proxy.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.errors import TransientStoreError
 from agent.session import PlantDesignSession
-from agent.store import open_store
 from agent.store.base import ObjectStore
 from tests.conftest import PROXY_RETRY, proxy_config
 from tests.faultproxy import CutBody, FaultProxy, Rule
@@ -27,34 +25,17 @@ MiB = 1024 * 1024
 SMALL = 200_000
 
 
-@pytest.fixture
-def cut_store(
-    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
-) -> Iterator[ObjectStore]:
-    """Through the proxy; multipart from 1 MiB with 5 MiB parts, so 11 MiB is three ranges."""
-    store = open_store(
-        proxy_config(
-            s3_env,
-            fault_proxy,
-            tmp_path / "cfg",
-            transfer={"multipart_threshold": MiB, "multipart_chunksize": 5 * MiB},
-        )
-    )
-    yield store
-    store.close()
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 def test_a_small_download_cut_mid_body_is_retried_and_the_bytes_arrive(
-    cut_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path, reset: bool
+    ranged_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path, reset: bool
 ) -> None:
     """The GET's body stops after 1,000 of 200,000 bytes (closed or reset): read again, whole."""
     data = os.urandom(SMALL)
-    cut_store.put_bytes("cut/a.dwg", data)
+    ranged_store.put_bytes("cut/a.dwg", data)
     rule = fault_proxy.add(Rule(CutBody(1000, reset=reset), method="GET", path=r"a\.dwg$"))
     moved: list[int] = []
-    info = cut_store.download_file("cut/a.dwg", tmp_path / "out", progress=moved.append)
+    info = ranged_store.download_file("cut/a.dwg", tmp_path / "out", progress=moved.append)
     assert 1 == rule.fired
     assert data == (tmp_path / "out").read_bytes()
     assert (SMALL, SMALL) == (info.size, sum(moved))
@@ -63,28 +44,28 @@ def test_a_small_download_cut_mid_body_is_retried_and_the_bytes_arrive(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 def test_a_small_download_cut_every_time_ends_transient_after_the_retry_budget(
-    cut_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path, reset: bool
+    ranged_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path, reset: bool
 ) -> None:
     """Every GET cut short: exactly the budget's tries, then TransientStoreError (exit 8)."""
-    cut_store.put_bytes("cut/a.dwg", os.urandom(SMALL))
+    ranged_store.put_bytes("cut/a.dwg", os.urandom(SMALL))
     rule = fault_proxy.add(
         Rule(CutBody(1000, reset=reset), method="GET", path=r"a\.dwg$", times=None)
     )
     with pytest.raises(TransientStoreError) as info:
-        cut_store.download_file("cut/a.dwg", tmp_path / "out")
+        ranged_store.download_file("cut/a.dwg", tmp_path / "out")
     assert 8 == info.value.exit_code
     assert PROXY_RETRY["attempts"] == rule.fired
 
 
 @pytest.mark.timeout(60)
 def test_an_answer_shorter_than_its_length_with_nothing_cut_at_tcp_is_retried(
-    cut_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path
+    ranged_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     """Head promises 200,000 bytes, the body is empty before the close: retried, bytes arrive."""
     data = os.urandom(SMALL)
-    cut_store.put_bytes("cut/a.dwg", data)
+    ranged_store.put_bytes("cut/a.dwg", data)
     rule = fault_proxy.add(Rule(CutBody(0), method="GET", path=r"a\.dwg$"))
-    cut_store.download_file("cut/a.dwg", tmp_path / "out")
+    ranged_store.download_file("cut/a.dwg", tmp_path / "out")
     assert 1 == rule.fired
     assert data == (tmp_path / "out").read_bytes()
 
@@ -92,7 +73,7 @@ def test_an_answer_shorter_than_its_length_with_nothing_cut_at_tcp_is_retried(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 def test_a_ranged_download_re_reads_only_the_range_that_was_cut(
-    cut_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path, reset: bool
+    ranged_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path, reset: bool
 ) -> None:
     """11 MiB: the first GET, ranges of 5 MiB and 1 MiB; one range cut once: it alone again.
 
@@ -102,7 +83,7 @@ def test_a_ranged_download_re_reads_only_the_range_that_was_cut(
     """
     data = os.urandom(11 * MiB)
     (tmp_path / "src").write_bytes(data)
-    cut_store.upload_file("big/model.step", tmp_path / "src")
+    ranged_store.upload_file("big/model.step", tmp_path / "src")
     rule = fault_proxy.add(
         Rule(
             CutBody(MiB // 2, reset=reset),
@@ -112,7 +93,7 @@ def test_a_ranged_download_re_reads_only_the_range_that_was_cut(
         )
     )
     moved: list[int] = []
-    info = cut_store.download_file("big/model.step", tmp_path / "out", progress=moved.append)
+    info = ranged_store.download_file("big/model.step", tmp_path / "out", progress=moved.append)
     assert 1 == rule.fired
     gets = [s for s in fault_proxy.seen if s.method == "GET" and "model.step" in s.path]
     assert 1 + 2 + 1 == len(gets), "the first GET, two ranges, the cut range once more"
@@ -122,11 +103,11 @@ def test_a_ranged_download_re_reads_only_the_range_that_was_cut(
 
 @pytest.mark.timeout(60)
 def test_a_ranged_download_whose_range_is_always_cut_ends_transient(
-    cut_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path
+    ranged_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     """Every ranged GET is cut: each range spends its budget, then TransientStoreError."""
     (tmp_path / "src").write_bytes(os.urandom(11 * MiB))
-    cut_store.upload_file("big/model.step", tmp_path / "src")
+    ranged_store.upload_file("big/model.step", tmp_path / "src")
     rule = fault_proxy.add(
         Rule(
             CutBody(MiB // 2),
@@ -137,23 +118,23 @@ def test_a_ranged_download_whose_range_is_always_cut_ends_transient(
         )
     )
     with pytest.raises(TransientStoreError) as info:
-        cut_store.download_file("big/model.step", tmp_path / "out")
+        ranged_store.download_file("big/model.step", tmp_path / "out")
     assert 8 == info.value.exit_code
     assert rule.fired >= PROXY_RETRY["attempts"]
 
 
 @pytest.mark.timeout(60)
 def test_the_first_get_of_a_large_download_cut_inside_its_first_part_is_retried(
-    cut_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path
+    ranged_store: ObjectStore, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     """The size-learning first GET is cut 1 MiB into its first part: read again, all arrive."""
     data = os.urandom(11 * MiB)
     (tmp_path / "src").write_bytes(data)
-    cut_store.upload_file("big/model.step", tmp_path / "src")
+    ranged_store.upload_file("big/model.step", tmp_path / "src")
     rule = fault_proxy.add(
         Rule(CutBody(MiB), method="GET", path=r"model\.step$", no_headers=("Range",))
     )
-    cut_store.download_file("big/model.step", tmp_path / "out")
+    ranged_store.download_file("big/model.step", tmp_path / "out")
     assert 1 == rule.fired
     assert data == (tmp_path / "out").read_bytes()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,29 +19,10 @@ from agent.errors import ContentMismatchError
 from agent.folder.ignore import is_temporary
 from agent.folder.transfer import Download, Transfers
 from agent.folder.workfolder import WorkFolder
-from agent.store import open_store
 from agent.store.base import ObjectStore
-from tests.conftest import proxy_config
 from tests.faultproxy import CutBody, FaultProxy, Rule
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def ranged_store(
-    s3_env: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
-) -> Iterator[ObjectStore]:
-    """Through the proxy; multipart from 1 MiB with 5 MiB parts: 11 MiB is three ranges."""
-    store = open_store(
-        proxy_config(
-            s3_env,
-            fault_proxy,
-            tmp_path / "cfg",
-            transfer={"multipart_threshold": MiB, "multipart_chunksize": 5 * MiB},
-        )
-    )
-    yield store
-    store.close()
 
 
 def _sha(data: bytes) -> str:

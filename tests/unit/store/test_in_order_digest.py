@@ -6,11 +6,22 @@ import hashlib
 import os
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from agent.store.s3_parts import InOrderDigest, part_ranges, write_at
+
+
+@contextmanager
+def _opened(path: Path, flags: int) -> Iterator[int]:
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _write_ranges(path: Path, data: bytes, order: list[int], part: int) -> str:
@@ -58,8 +69,7 @@ def test_the_digest_is_of_the_bytes_in_the_file_read_back_not_of_what_was_meant(
     ranges = part_ranges(len(data), 1000)
     path = tmp_path / "f"
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with _opened(path, os.O_RDWR) as fd:
         digest = InOrderDigest(fd, ranges)
         digest.written(2)  # not hashed yet: ranges 0 and 1 are not in
         write_at(fd, memoryview(b"X"), 2500)
@@ -67,34 +77,26 @@ def test_the_digest_is_of_the_bytes_in_the_file_read_back_not_of_what_was_meant(
         digest.written(0)
         changed = data[:2500] + b"X" + data[2501:]
         assert hashlib.sha256(changed).hexdigest() == digest.hexdigest()
-    finally:
-        os.close(fd)
 
 
 def test_a_digest_with_a_range_not_written_is_refused(tmp_path: Path) -> None:
     """Asking before every range is in raises instead of giving the digest of a prefix."""
     path = tmp_path / "f"
     path.write_bytes(b"a" * 300)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _opened(path, os.O_RDONLY) as fd:
         digest = InOrderDigest(fd, part_ranges(300, 100))
         digest.written(0)
         digest.written(2)
         with pytest.raises(RuntimeError, match="2 of 3 ranges not hashed"):
             digest.hexdigest()
-    finally:
-        os.close(fd)
 
 
 def test_a_file_shorter_than_a_written_range_is_an_os_error(tmp_path: Path) -> None:
     """A range said written whose bytes are not in the file (cut under us) is not hashed."""
     path = tmp_path / "f"
     path.write_bytes(b"a" * 150)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _opened(path, os.O_RDONLY) as fd:
         digest = InOrderDigest(fd, part_ranges(300, 100))
         digest.written(0)
         with pytest.raises(OSError, match="ends at 150 bytes"):
             digest.written(1)
-    finally:
-        os.close(fd)
