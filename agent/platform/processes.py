@@ -1,16 +1,19 @@
 """Processes: this machine's name, whether a pid lives, starting the agent detached
-(Windows' creation flags included), and ending at once."""
+(Windows' creation flags included), ending at once, and this process's memory (freed heap
+given back, the cyclic garbage collector paused over per-file work)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -43,6 +46,42 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         return None
     return trim
+
+
+class _GcPause:
+    """Counted pauses of the cyclic garbage collector, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._was_enabled:
+                    gc.enable()
+
+
+paused_gc = _GcPause()
+"""``with paused_gc():`` no cyclic collection runs inside (reference counting still frees).
+
+For short, local, per-file work that builds a structure per file of a stage (the plan of
+an open, its entries, ``base.json``): at 100,000 files the collector's full passes, run
+again each time the heap grew by a quarter, were 0.4-0.5 s of a 3.4 s warm re-open.
+Never around transfers (a long download would hold every cycle the HTTP stack leaves).
+Pauses nest and may overlap across threads: the collector comes back when the last ends,
+and only if it was enabled when the first began (a host that disabled it keeps it off).
+"""
 
 
 def machine_name() -> str:

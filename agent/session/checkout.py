@@ -26,7 +26,7 @@ from agent.folder.transfer import Download, Transfers
 from agent.folder.workfolder import WorkFolder, folder_identity
 from agent.log import get_logger
 from agent.names import case_collisions, unsupported_reason, validate_name
-from agent.platform import folds_case, machine_name, release_free_memory
+from agent.platform import folds_case, machine_name, paused_gc, release_free_memory
 from agent.session.records import SessionRecord, new_session_id
 from agent.stage.intent import read_manifest
 from agent.stage.keys import StageKeys
@@ -130,7 +130,10 @@ def _open_locked(
         s._update_record(lock_etag=lock.etag)
         # The manifest is read beside the check for an unfinished commit (one round
         # trip instead of two); it is read again only if a commit was finished here.
-        with ThreadPoolExecutor(1, thread_name_prefix="pdagent-manifest") as ahead:
+        with (
+            paused_gc(),  # the manifest's parse: an object per file
+            ThreadPoolExecutor(1, thread_name_prefix="pdagent-manifest") as ahead,
+        ):
             manifest_read = ahead.submit(read_manifest, s.store, keys)
             finished = s._committer(keys, reupload=False).settle()[1]
             base = manifest_read.result() if finished is None else None
@@ -143,7 +146,8 @@ def _open_locked(
         _check_cancel(s)
         base_etag, base_files = _download(s, keys, work, base)
         _check_cancel(s)
-        s.records.save_base(session_id, base_files)
+        with paused_gc():
+            s.records.save_base(session_id, base_files)
         s._update_record(
             phase="active",
             base_manifest_etag=base_etag,
@@ -196,7 +200,10 @@ def _download(
     base: tuple[Manifest | None, str | None] | None = None,
 ) -> tuple[str | None, dict[str, LocalEntry]]:
     """Bring ``work`` to the committed stage; ``base``: the manifest read already."""
-    manifest, etag = base if base is not None else read_manifest(s.store, keys)
+    if base is None:
+        with paused_gc():
+            base = read_manifest(s.store, keys)
+    manifest, etag = base
     release_free_memory()  # what the manifest's body and parse left (~30 MiB at 100,000 files)
     if manifest is None:
         # No manifest yet: a stage written by the old module, or a new one.
@@ -214,9 +221,10 @@ def _download(
     s._base_manifest = manifest
     folder = WorkFolder(work)
     folder.check_root()  # a linked work path would make downloads land outside (issue 8)
-    folder.check_names(expected, key_of=keys.committed)  # refuse unusable names up front
-    _refuse_case_clashes(keys, expected, work.parent)
-    plan = _plan_folder(s, keys, work, expected)
+    with paused_gc():  # per-file work of this process alone (the transfers run the GC)
+        folder.check_names(expected, key_of=keys.committed)  # refuse unusable names up front
+        _refuse_case_clashes(keys, expected, work.parent)
+        plan = _plan_folder(s, keys, work, expected)
     for rel in plan.remove:
         folder.unlink(rel)
 
@@ -235,19 +243,8 @@ def _download(
     progress = Progress(f"Downloading {len(items)} files", total, s.progress.emit, cancel=s._cancel)
     transfers = Transfers(s.store, s.config.transfer.workers, folder=folder)
     digests = transfers.download(items, progress)
-    files: dict[str, LocalEntry] = {}
-    entries = manifest.files if manifest else {}
-    for rel in plan.keep:
-        kept = plan.kept.pop(rel)
-        wanted_x = (was := entries.get(rel)) is not None and was.executable
-        if kept.executable is not None and kept.executable != wanted_x:
-            kept = LocalEntry.from_stat(folder.set_executable(rel, wanted_x), kept.sha256)
-        files[rel] = kept
-    for rel, digest in zip(plan.download, digests, strict=True):
-        # A download is a new file, not executable: open it again only to set the bit.
-        wanted_x = (was := entries.get(rel)) is not None and was.executable
-        st = folder.set_executable(rel, True) if wanted_x else folder.path(rel).stat()
-        files[rel] = LocalEntry.from_stat(st, digest)
+    with paused_gc():
+        files = _entries_after(folder, manifest, plan, digests)
     if manifest is None and expected:
         s._base_manifest = Manifest(
             files={
@@ -265,6 +262,27 @@ def _download(
         bytes=total,
     )
     return etag, files
+
+
+def _entries_after(
+    folder: WorkFolder, manifest: Manifest | None, plan: OpenPlan, digests: Sequence[str]
+) -> dict[str, LocalEntry]:
+    """The entry of every file of the working copy once ``plan`` was carried out (the
+    executable bits set as the manifest says)."""
+    files: dict[str, LocalEntry] = {}
+    entries = manifest.files if manifest else {}
+    for rel in plan.keep:
+        kept = plan.kept.pop(rel)
+        wanted_x = (was := entries.get(rel)) is not None and was.executable
+        if kept.executable is not None and kept.executable != wanted_x:
+            kept = LocalEntry.from_stat(folder.set_executable(rel, wanted_x), kept.sha256)
+        files[rel] = kept
+    for rel, digest in zip(plan.download, digests, strict=True):
+        # A download is a new file, not executable: open it again only to set the bit.
+        wanted_x = (was := entries.get(rel)) is not None and was.executable
+        st = folder.set_executable(rel, True) if wanted_x else folder.path(rel).stat()
+        files[rel] = LocalEntry.from_stat(st, digest)
+    return files
 
 
 def _plan_folder(

@@ -38,3 +38,37 @@ def test_a_private_file_written_from_pieces_holds_them_all_in_order(tmp_path: Pa
     assert {
         rel: LocalEntry.from_list(v) for rel, v in from_json(target.read_bytes()).items()
     } == entries
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [1, 2, "a" * 64],  # the oldest form: size, mtime, sha256
+        [1, 2, "a" * 64, 3],
+        [1, 2, "a" * 64, None, None, None],
+        [1, 2, "a" * 64, 3, 4, True],
+    ],
+)
+def test_every_written_form_of_an_entry_reads_back(raw: list[object]) -> None:
+    entry = LocalEntry.from_list(raw)
+    assert list(entry)[: len(raw)] == raw
+    assert all(v is None for v in list(entry)[len(raw) :])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [1, 2],
+        [1, 2, "a", 3, 4, True, "extra"],
+        [True, 2, "a"],  # a bool is no size
+        [1.0, 2, "a"],
+        [1, 2, 3],
+        [1, 2, "a", "3"],
+        [1, 2, "a", 3, 4, 1],  # the executable flag is a bool
+        {"size": 1},
+        "1,2,a",
+    ],
+)
+def test_an_entry_of_another_shape_is_refused_by_type(raw: object) -> None:
+    with pytest.raises(TypeError, match="not a local entry"):
+        LocalEntry.from_list(raw)  # type: ignore[arg-type]
