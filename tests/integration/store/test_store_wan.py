@@ -22,7 +22,7 @@ from agent.errors import (
 from agent.store import open_store
 from agent.store.base import ObjectStore
 from tests.conftest import proxy_config
-from tests.faultproxy import RESET_BEFORE, FaultProxy, Rule, Status, Throttle
+from tests.faultproxy import RESET_BEFORE, FaultProxy, LinkProfile, Rule, Status, Throttle
 
 
 @pytest.fixture
@@ -266,3 +266,21 @@ def test_a_bulk_read_of_a_key_that_keeps_failing_raises_and_never_says_absent(
     with pytest.raises(TransientStoreError):
         wan_store.get_many(keys)
     assert rule.fired >= 2  # the bulk GET and the retried reads
+
+
+def test_the_capability_probe_writes_its_two_keys_at_once(
+    wan_store: ObjectStore, fault_proxy: FaultProxy
+) -> None:
+    """Each probe request is a round trip (30 ms or more to an office): the two keys'
+    requests overlap, so the probe costs four round trips, not eight."""
+    from agent.stage.locktools import probe_conditional_writes
+
+    fault_proxy.link_profile(LinkProfile(latency=0.3))
+    try:
+        probe_conditional_writes(wan_store)
+        stats = fault_proxy.link_stats
+    finally:
+        fault_proxy.link_profile(None)
+    assert stats.held_requests >= 8
+    assert stats.peak_held >= 2, "every probe request waited for the one before it"
+    assert [] == list(wan_store.list(".pdagent-probe/"))
