@@ -108,7 +108,7 @@ class TransientStoreError(StoreError):
 
     exit_code = 8
     retry_at_once: bool = False
-    """The first retry need not wait: a pooled connection the store had already closed
+    """The first retries need not wait: a pooled connection the store had already closed
     (a stale keep-alive) failed before the request reached the store."""
 
 

@@ -45,6 +45,8 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 _scope = threading.local()  # ``stop``: the event of the innermost ``stop_retrying_on``
+# Stale-connection failures retried without a wait before the backoff starts.
+_AT_ONCE = 2
 
 
 @contextmanager
@@ -108,8 +110,11 @@ def make_retrying(
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        if state.attempt_number == 1 and getattr(exc, "retry_at_once", False):
-            return 0.0  # a stale pooled connection: a fresh one needs no backoff
+        if state.attempt_number <= _AT_ONCE and getattr(exc, "retry_at_once", False):
+            # A stale pooled connection: the next needs no backoff. The connections of
+            # one pool went idle together (a long upload ran on the other client), so
+            # the retry may meet a second stale one (seen at 4 x 64 MiB: 0.4-0.8 s waits).
+            return 0.0
         return float(waits(state))
 
     nap = sleep

@@ -80,22 +80,23 @@ def test_delay_after_follows_the_strategy_and_its_cap() -> None:
 
 
 def test_a_connection_closed_before_any_answer_is_retried_at_once_then_backed_off() -> None:
-    """A stale pooled connection (closed by the store while idle) is retried without a wait;
-    if the fresh connection fails too, the usual backoff follows."""
+    """A stale pooled connection (closed by the store while idle) is retried without a wait,
+    and so is a second one (the pool's connections went idle together); if a third fails
+    too, the usual backoff follows."""
     waits: list[float] = []
     calls = 0
 
     def stale_then_fine() -> str:
         nonlocal calls
         calls += 1
-        if calls < 3:
+        if calls < 4:
             error = TransientStoreError("Connection was closed before we received a response")
             error.retry_at_once = True
             raise error
         return "ok"
 
     assert "ok" == call_with_retries(stale_then_fine, CFG, sleep=waits.append)
-    assert [0.0, 0.4] == waits
+    assert [0.0, 0.0, 0.8] == waits
 
 
 def test_once_the_scopes_event_is_set_a_request_is_not_retried_and_its_error_raised() -> None:
