@@ -130,11 +130,8 @@ def _open_locked(
         s._update_record(lock_etag=lock.etag)
         # The manifest is read beside the check for an unfinished commit (one round
         # trip instead of two); it is read again only if a commit was finished here.
-        with (
-            paused_gc(),  # the manifest's parse: an object per file
-            ThreadPoolExecutor(1, thread_name_prefix="pdagent-manifest") as ahead,
-        ):
-            manifest_read = ahead.submit(read_manifest, s.store, keys)
+        with ThreadPoolExecutor(1, thread_name_prefix="pdagent-manifest") as ahead:
+            manifest_read = ahead.submit(_read_manifest, s, keys)
             finished = s._committer(keys, reupload=False).settle()[1]
             base = manifest_read.result() if finished is None else None
         if finished is not None:
@@ -174,6 +171,13 @@ def _open_locked(
     return work
 
 
+def _read_manifest(s: PlantDesignSession, keys: StageKeys) -> tuple[Manifest | None, str | None]:
+    """The stage's manifest and its ETag; the collector paused over its parse (an object
+    per file), not over whatever runs beside it for longer (a roll-forward's copies)."""
+    with paused_gc():
+        return read_manifest(s.store, keys)
+
+
 def _check_cancel(s: PlantDesignSession) -> None:
     if s._cancel.is_set():
         raise SessionCancelledError("cancelled")
@@ -200,10 +204,7 @@ def _download(
     base: tuple[Manifest | None, str | None] | None = None,
 ) -> tuple[str | None, dict[str, LocalEntry]]:
     """Bring ``work`` to the committed stage; ``base``: the manifest read already."""
-    if base is None:
-        with paused_gc():
-            base = read_manifest(s.store, keys)
-    manifest, etag = base
+    manifest, etag = base if base is not None else _read_manifest(s, keys)
     release_free_memory()  # what the manifest's body and parse left (~30 MiB at 100,000 files)
     if manifest is None:
         # No manifest yet: a stage written by the old module, or a new one.
