@@ -11,6 +11,7 @@ from __future__ import annotations
 import compileall
 import gc
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -67,13 +68,16 @@ def _reset_structlog() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools).
+    """A test must stop every thread it started (watchers, uploaders, heartbeats, pools),
+    and leave the crash hooks down (the next test starts with the process's own handlers).
 
-    Sessions the test dropped are collected first: the crash hooks' relay thread
-    stops when the last session that registered them is gone (or only never-opened
-    ones are left).
+    Sessions the test dropped are collected first: a session made on the main thread
+    installs the hooks, and one only the cyclic GC frees keeps them (and their relay
+    thread) until it is collected or only never-opened ones are left.
     """
     before = set(threading.enumerate())
+    crash = sys.modules.get("agent.session.crash")  # not imported: never installed
+    up_before = crash is not None and crash.hooks().installed  # an earlier test's failure
     yield
     leaked = [
         t
@@ -83,11 +87,11 @@ def _no_thread_leaks() -> Iterator[None]:
         # A foreign thread that ran Python (a QThreadPool worker) stays listed for good.
         and not isinstance(t, threading._DummyThread)
     ]
-    if any(t.name == "pdagent-crash-relay" for t in leaked):
+    crash = sys.modules.get("agent.session.crash")
+    if crash is not None and crash.hooks().installed:
         gc.collect()
         # A session a fixture still holds that never opened (IDLE: no lock, no files)
-        # keeps the hooks' relay; the test is over, so it is unregistered here.
-        from agent.session import crash
+        # keeps the hooks; the test is over, so it is unregistered here.
         from agent.state import SessionState
 
         for idle in crash.hooks().live_sessions():
@@ -97,6 +101,9 @@ def _no_thread_leaks() -> Iterator[None]:
         t.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert [] == still, f"threads left running: {still}"
+    if crash is not None and not up_before:
+        live = [str(s.state) for s in crash.hooks().live_sessions()]
+        assert not crash.hooks().installed, f"crash hooks left installed by sessions {live}"
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,13 @@ Modes:
   handlers, and a second session opens before the main thread runs Python.
 * ``plain-cycles``: 20 x (open on the main thread, close on a worker); prints
   whether the host's handler came back each time and whether sessions were collected.
+* ``plain-replaced-close``: the host has a wake-up fd of its own; after open it sets its
+  own handler for every signal the hooks set, then closes on a worker; prints whether
+  the relay thread ended once the main thread ran Python again, the threads, whether
+  the wake-up fd is the host's again, then raises SIGTERM itself: its handler prints
+  ``host-handler`` (only then) and the signal's byte reaches its wake-up fd.
+* ``signal-state``: prints the handler of each termination signal as it started
+  (``default_int_handler``, ``SIG_DFL`` or ``SIG_IGN``), and exits.
 """
 
 from __future__ import annotations
@@ -142,6 +149,62 @@ def _plain_cycles() -> int:
     return 0
 
 
+def _replaced_close() -> int:
+    """The host replaces every handler the hooks set; the last close runs on a worker."""
+    host_reader, host_writer = socket.socketpair()
+    host_writer.setblocking(False)
+    signal.set_wakeup_fd(host_writer.fileno())
+    ignored = [n for n in ("SIGINT", "SIGHUP") if _handler(n) == signal.SIG_IGN]
+    session = PlantDesignSession()
+    session.open(P, "admin", STAGE, watch=False)
+    hooked = [n for n in ("SIGTERM", "SIGINT", "SIGHUP") if callable(_handler(n))]
+
+    def host(signum: int, _frame: FrameType | None) -> None:
+        _say(event="host-handler", signal=signum)
+
+    for name in hooked:
+        signal.signal(getattr(signal, name), host)
+    closer = threading.Thread(target=session.close)
+    closer.start()
+    closer.join()
+    del session
+    gc.collect()
+    # From here the main thread runs Python: the hooks come down now.
+    ended = wait_for(
+        lambda: all(t.name != "pdagent-crash-relay" for t in threading.enumerate()), timeout=10
+    )
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    _say(
+        ignored=ignored,
+        hooked=hooked,
+        relay_ended=ended,
+        threads=sorted(t.name for t in threading.enumerate()),
+        wakeup_is_hosts=wakeup == host_writer.fileno(),
+        handlers_kept=all(_handler(n) is host for n in hooked),
+    )
+    signal.raise_signal(signal.SIGTERM)  # the host's handler runs on the way back
+    host_reader.settimeout(10)
+    _say(host_wakeup=list(host_reader.recv(64)))
+    return 0
+
+
+def _handler(name: str) -> object:
+    return signal.getsignal(getattr(signal, name))
+
+
+def _signal_state() -> int:
+    def name(handler: object) -> str:
+        if handler is signal.default_int_handler:
+            return "default_int_handler"
+        if handler == signal.SIG_DFL:
+            return "SIG_DFL"
+        return "SIG_IGN" if handler == signal.SIG_IGN else repr(handler)
+
+    _say(**{n: name(_handler(n)) for n in ("SIGINT", "SIGHUP", "SIGTERM")})
+    return 0
+
+
 def _wake_race() -> int:
     """Close on a worker asks the main thread to restore; a new open comes first."""
     first = PlantDesignSession()
@@ -174,6 +237,10 @@ def main(mode: str) -> int:
         return _plain_cycles()
     if mode == "plain-wake-race":
         return _wake_race()
+    if mode == "plain-replaced-close":
+        return _replaced_close()
+    if mode == "signal-state":
+        return _signal_state()
     hooked = mode != "plain-close-fails-unhooked"
     session = PlantDesignSession(crash_hooks=hooked)
     work = session.open(P, "admin", STAGE, crash_hooks=hooked)

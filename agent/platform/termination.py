@@ -11,6 +11,9 @@ from __future__ import annotations
 import _thread
 import atexit
 import contextlib
+import functools
+import itertools
+import logging
 import os
 import signal
 import socket
@@ -158,6 +161,62 @@ def wake_main_thread(signum: int) -> bool:
         return False
     _thread.interrupt_main(signal.Signals(signum))
     return True
+
+
+def run_on_main_thread(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` on the main thread the next time it runs Python; from any thread.
+
+    No signal is sent and no signal handler runs: CPython's ``Py_AddPendingCall``
+    (stable ABI), the queue the interpreter runs at its next check for signals, on the
+    main thread. Returns False where there is none (not CPython) or its queue is full.
+    An exception from ``callback`` is logged, never raised into whatever the main thread
+    is running.
+    """
+    api = _pending_call_api()
+    if api is None:
+        return False
+    add_pending, callback_type = api
+    key = next(_call_keys)
+
+    def call(_arg: object) -> int:
+        try:
+            callback()
+        except Exception:
+            logging.getLogger(__name__).exception("main_thread_call_failed")
+        finally:
+            _calls_ran.append(key)  # its C callback is let go by a later request, not here
+        return 0
+
+    with _calls_lock:
+        while _calls_ran:
+            _calls_waiting.pop(_calls_ran.pop(), None)
+        c_call = _calls_waiting[key] = callback_type(call)  # alive until it ran
+        if add_pending(c_call, None) == 0:
+            return True
+        del _calls_waiting[key]
+    return False
+
+
+# C callbacks queued by ``run_on_main_thread``, kept alive until they ran (freeing one
+# while it runs would free the code it returns through).
+_calls_lock = threading.Lock()
+_calls_waiting: dict[int, Any] = {}
+_calls_ran: list[int] = []
+_call_keys = itertools.count()
+
+
+@functools.cache
+def _pending_call_api() -> tuple[Callable[[Any, None], int], Any] | None:
+    try:
+        import ctypes
+
+        add_pending = ctypes.pythonapi.Py_AddPendingCall
+    except (ImportError, AttributeError):  # pragma: no cover - not CPython, or no ctypes
+        return None
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    add_pending.argtypes = [callback_type, ctypes.c_void_p]
+    add_pending.restype = ctypes.c_int
+    return add_pending, callback_type
 
 
 def install_console_handler(handler: Callable[[str], None]) -> Callable[[], None]:

@@ -25,7 +25,11 @@ socket and the relay thread that reads it are ``crash_relay``'s.
 * When the last session closes, aborts, is saved or is collected, the previous
   handlers and wake-up fd are put back, from whichever thread that happens: off
   the main thread the main thread is asked (``_thread.interrupt_main``) to do it
-  the next time it runs Python. A handler the host set after ours is left alone.
+  the next time it runs Python. A handler the host set after ours is left alone;
+  if the host replaced every one of ours (SIGINT and SIGHUP ignored, its own
+  SIGTERM handler), the request goes through the interpreter's queue of calls for
+  the main thread instead (``Py_AddPendingCall``): no signal, no handler of the
+  host's runs for it, and the relay thread ends all the same.
 
 The host's say (issue 20):
 

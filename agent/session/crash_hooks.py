@@ -34,6 +34,7 @@ from agent.platform import (
     is_ignored,
     on_main_thread,
     open_wakeup_channel,
+    run_on_main_thread,
     set_handler,
     set_termination_handlers,
     swap_wakeup_fd,
@@ -155,7 +156,21 @@ class CrashHooks:
                     self._wakeup.tokens -= 1
                     self._wakes -= 1
                 return
+        # The host replaced every handler of ours: no handler to wake the main thread by
+        # (and none of the host's may run for nothing). The interpreter's queue of calls
+        # for the main thread takes the hooks down instead.
+        if run_on_main_thread(self._restore_on_main):
+            self._restore_requested = True
+            return
         log.info("crash_hooks_replaced_by_host")
+
+    def _restore_on_main(self) -> None:
+        """Main thread, as a close on another thread asked: the hooks down if unused."""
+        with self._lock:
+            self._restore_requested = False
+            if self._previous is not None and not self.live_sessions():
+                self._uninstall()
+        self._wakeup.join_stopped()
 
     # -- installing ------------------------------------------------------------------
 
@@ -306,13 +321,15 @@ class CrashHooks:
             self._wakeup.join_stopped()
             return
         self._handled_at = time.monotonic()
+        # Read first: the hooks may come down while the save runs (a restore the main
+        # thread runs from the interpreter's queue of pending calls).
+        previous = (self._previous or {}).get(signum, signal.SIG_DFL)
         self._in_signal = True
         try:
             if signum not in self._host_handles:
                 self.run(_signal_name(signum))
         finally:
             self._in_signal = False
-        previous = (self._previous or {}).get(signum, signal.SIG_DFL)
         terminator = self._wakeup.terminator
         with self._lock:
             if not self.live_sessions() and self._previous is not None:

@@ -19,6 +19,7 @@ import pytest
 from agent.session import PlantDesignSession
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
+from tests.children import as_from_a_terminal
 from tests.conftest import proxy_env, s3_config
 from tests.faultproxy import Delay, FaultProxy, Rule
 from tests.waiting import wait_for
@@ -128,7 +129,7 @@ def test_ctrl_c_while_the_foreground_cli_prints_its_folder_closes_and_commits(
     os.set_blocking(writer, True)
     argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", *argv],
+        as_from_a_terminal([sys.executable, "-m", "agent", *argv]),
         env=_env(s3_env, base),
         stdout=writer,
         stderr=subprocess.PIPE,
@@ -161,7 +162,7 @@ def test_ctrl_c_the_instant_the_foreground_folder_is_read_closes_cleanly(
     base = tmp_path / "m"
     argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", *argv],
+        as_from_a_terminal([sys.executable, "-m", "agent", *argv]),
         env=_env(s3_env, base),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -193,7 +194,7 @@ def test_ctrl_c_during_the_foreground_close_warns_then_leaves_it_for_recover(
     env = _env(proxy_env(s3_env, fault_proxy), base, AGENT_STORE__READ_TIMEOUT="60")
     argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", *argv],
+        as_from_a_terminal([sys.executable, "-m", "agent", *argv]),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -240,7 +241,7 @@ def test_ctrl_c_during_the_foreground_close_warns_then_leaves_it_for_recover(
 
 def _host(mode: str, env: dict[str, str], *prefix: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*prefix, sys.executable, "-m", "tests.signal_hosts", mode],
+        as_from_a_terminal([*prefix, sys.executable, "-m", "tests.signal_hosts", mode]),
         cwd=ROOT,
         env=env,
         stdin=subprocess.PIPE,

@@ -20,6 +20,7 @@ pytest.importorskip("PySide6")
 from agent.session import PlantDesignSession
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
+from tests.children import as_from_a_terminal
 from tests.conftest import s3_config
 from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 from tests.qt_hosts import EDITS
@@ -36,7 +37,7 @@ class QtHost:
         self, mode: str, env: dict[str, str], base: Path, launcher: tuple[str, ...] = ()
     ) -> None:
         self.proc = subprocess.Popen(
-            [*launcher, sys.executable, "-m", "tests.qt_hosts", *mode.split()],
+            as_from_a_terminal([*launcher, sys.executable, "-m", "tests.qt_hosts", *mode.split()]),
             cwd=ROOT,
             env={
                 **os.environ,

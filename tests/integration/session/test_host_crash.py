@@ -24,6 +24,7 @@ from agent.errors import UnsavedWorkError
 from agent.session import PlantDesignSession
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
+from tests.children import as_from_a_terminal
 from tests.conftest import s3_config
 from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 
@@ -36,7 +37,10 @@ EDITS = {"plan.dwg": b"edited plan", "sub/notes.txt": b"notes", "new.step": b"ne
 class Host:
     """One child host process and the JSON lines it printed."""
 
-    def __init__(self, mode: str, env: dict[str, str], base: Path) -> None:
+    def __init__(
+        self, mode: str, env: dict[str, str], base: Path, ignored: tuple[str, ...] = ()
+    ) -> None:
+        """``ignored``: signals the host starts with ignored (else as from a terminal)."""
         self.env = {
             **os.environ,
             **env,
@@ -48,7 +52,7 @@ class Host:
             "PYTHONPATH": str(ROOT),
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.hosts", mode],
+            as_from_a_terminal([sys.executable, "-m", "tests.hosts", mode], ignored),
             cwd=ROOT,
             env=self.env,
             stdin=subprocess.PIPE,
@@ -229,11 +233,13 @@ def test_a_plain_host_that_exits_without_closing_is_saved_at_exit(
     resume_and_close_commits(host_env, tmp_path / "m", s3_store, work, EDITS)
 
 
+@pytest.mark.parametrize("ignored", [(), ("SIGINT", "SIGHUP")], ids=["all-hooked", "nohup-bg"])
 def test_open_on_the_main_thread_close_on_a_worker_restores_handlers_and_collects(
-    host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
+    ignored: tuple[str, ...], host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
 ) -> None:
-    """20 cycles: the host's handler comes back each time, sessions are collected, no threads."""
-    h = Host("plain-cycles", host_env, tmp_path / "m")
+    """20 cycles: the host's handler comes back each time, sessions are collected, no
+    threads; also when SIGTERM is the only signal hooked (a background job under nohup)."""
+    h = Host("plain-cycles", host_env, tmp_path / "m", ignored=ignored)
     hosts.append(h)
     result = h.read()
     assert 0 == h.finish(), h.stderr()
@@ -241,6 +247,60 @@ def test_open_on_the_main_thread_close_on_a_worker_restores_handlers_and_collect
     assert 20 == result["collected"]
     assert result["later_kept"], "close overwrote a handler the host set after open"
     assert ["MainThread"] == result["threads"]
+
+
+def test_the_last_close_on_a_worker_takes_the_hooks_down_though_the_host_replaced_them(
+    host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
+) -> None:
+    """SIGINT and SIGHUP ignored (only SIGTERM hooked), the host's own SIGTERM handler set
+    after open, close on a worker: no handler of ours is left to wake the main thread
+    with, yet the relay thread ends and the host's wake-up fd is back once the main
+    thread runs Python; the host's handler runs only for the real SIGTERM it raises."""
+    h = Host("plain-replaced-close", host_env, tmp_path / "m", ignored=("SIGINT", "SIGHUP"))
+    hosts.append(h)
+    result = h.read()
+    assert 0 == h.finish(), h.stderr()
+    assert ["SIGINT", "SIGHUP"] == result["ignored"]
+    assert ["SIGTERM"] == result["hooked"]
+    assert result["relay_ended"], result["threads"]
+    assert ["MainThread"] == result["threads"]
+    assert result["wakeup_is_hosts"], "the host's wake-up fd was not put back"
+    assert result["handlers_kept"], "close overwrote a handler the host set after open"
+    host_calls = [line for line in h.lines if line.get("event") == "host-handler"]
+    assert [{"event": "host-handler", "signal": int(signal.SIGTERM)}] == host_calls
+    assert [int(signal.SIGTERM)] == h.lines[-1]["host_wakeup"]
+    assert "crash_hooks_replaced_by_host" not in h.stderr()
+
+
+@contextlib.contextmanager
+def _ignoring(*signums: signal.Signals) -> Iterator[None]:
+    """The test process ignores ``signums`` meanwhile (as under ``nohup pytest &``)."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_a_host_starts_with_a_terminals_signal_handlers_whatever_the_test_process_ignores(
+    host_env: dict[str, str], tmp_path: Path, hosts: list[Host]
+) -> None:
+    """pytest started under ``nohup ... &`` ignores SIGINT and SIGHUP; a host it starts
+    does not (it would outlive the SIGINT/SIGHUP a test ends it with), but for a signal
+    the test has it ignore on purpose."""
+    with _ignoring(signal.SIGINT, signal.SIGHUP):
+        plain = Host("signal-state", host_env, tmp_path / "m")
+        nohup = Host("signal-state", host_env, tmp_path / "m", ignored=("SIGHUP",))
+    hosts += [plain, nohup]
+    assert {"SIGINT": "default_int_handler", "SIGHUP": "SIG_DFL", "SIGTERM": "SIG_DFL"} == (
+        plain.read()
+    )
+    assert {"SIGINT": "default_int_handler", "SIGHUP": "SIG_IGN", "SIGTERM": "SIG_DFL"} == (
+        nohup.read()
+    )
+    assert 0 == plain.finish(), plain.stderr()
+    assert 0 == nohup.finish(), nohup.stderr()
 
 
 def test_a_restore_request_is_not_taken_for_a_signal_when_a_new_session_opened_meanwhile(
@@ -293,7 +353,7 @@ def test_ctrl_c_in_a_foreground_cli_session_still_closes_cleanly(
     }
     argv = ["open", P, "--user", "admin", "--stage", STAGE, "--foreground", "--json"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", *argv],
+        as_from_a_terminal([sys.executable, "-m", "agent", *argv]),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
