@@ -12,8 +12,14 @@ command (the same process: its pid is the one the test signals).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import queue
+import subprocess
 import sys
+import threading
 from collections.abc import Sequence
+from typing import IO, Any
 
 TERMINATION = ("SIGINT", "SIGHUP", "SIGTERM")
 
@@ -41,3 +47,74 @@ def as_from_a_terminal(argv: Sequence[str], ignored: Sequence[str] = ()) -> list
     if unknown:
         raise ValueError(f"not a termination signal: {sorted(unknown)}")
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER, ",".join(ignored), *argv]
+
+
+class ChildOutput:
+    """A child's stdout, as JSON lines, and its stderr, read on threads as they come.
+
+    Reading lines from ``proc.stdout`` and then calling ``communicate()`` loses lines:
+    ``communicate`` reads the pipe itself, not what the text wrapper's buffer already
+    holds, so a line that arrived in the same chunk as the one read last was dropped
+    (a host handler's line printed right after the report before it: a test failing
+    about one run in two). Here every byte is read by one reader per stream.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read_out, args=(proc.stdout,), daemon=True),
+            threading.Thread(target=self._read_err, args=(proc.stderr,), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_out(self, stream: IO[str]) -> None:
+        try:
+            for raw in stream:
+                self.out.append(raw)
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    self._lines.put(data)
+        except (OSError, ValueError):
+            pass  # closed by kill()
+        finally:
+            self._lines.put(None)
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    def _read_err(self, stream: IO[str]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.err.extend(stream)
+        with contextlib.suppress(OSError):
+            stream.close()
+
+    def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next JSON object line; None once stdout ended; ``queue.Empty`` on timeout."""
+        return self._lines.get(timeout=timeout)
+
+    def rest(self, timeout: float = 10) -> list[dict[str, Any]]:
+        """Once the child ended: its JSON lines not taken by ``next`` yet."""
+        for reader in self._readers:
+            reader.join(timeout)
+        rest: list[dict[str, Any]] = []
+        while True:
+            try:
+                data = self._lines.get_nowait()
+            except queue.Empty:
+                return rest
+            if data is not None:
+                rest.append(data)
+
+    def stdout(self) -> str:
+        """Everything it wrote to stdout so far."""
+        return "".join(self.out)
+
+    def stderr(self) -> str:
+        """Everything it wrote to stderr so far."""
+        return "".join(self.err)

@@ -3,12 +3,13 @@ a host's own wake-up fd. Each host is a child (``tests/qt_hosts.py``)."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ pytest.importorskip("PySide6")
 from agent.session import PlantDesignSession
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
-from tests.children import as_from_a_terminal
+from tests.children import ChildOutput, as_from_a_terminal
 from tests.conftest import s3_config
 from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 from tests.qt_hosts import EDITS
@@ -56,32 +57,26 @@ class QtHost:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.output = ChildOutput(self.proc)
         self.lines: list[dict[str, Any]] = []
         self.err = ""
 
     def read(self, key: str, timeout: float = 120) -> dict[str, Any]:
         """The next JSON line that has ``key`` (the others are kept in ``lines``); a host
         that prints none within ``timeout`` seconds is killed (the test then fails)."""
-        killer = threading.Timer(timeout, self.proc.kill)
-        killer.start()
-        try:
-            return self._read(key)
-        finally:
-            killer.cancel()
-
-    def _read(self, key: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                data = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self.lines.append(data)
-                if key in data:
-                    return data
-        self.finish()
-        raise AssertionError(f"host ended without {key!r}: {self.lines} {self.err}")
+                data = self.output.next(max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                data = None
+            if data is None:
+                self.finish()
+                raise AssertionError(f"host ended without {key!r}: {self.lines} {self.err}")
+            self.lines.append(data)
+            if key in data:
+                return data
 
     def send(self, line: str) -> None:
         """A line on the host's stdin."""
@@ -90,20 +85,21 @@ class QtHost:
         self.proc.stdin.flush()
 
     def finish(self, timeout: float = 120) -> int:
-        """Wait for the host to end (reading its output meanwhile); its exit status."""
+        """Wait for the host to end (its stdin closed, as ``communicate`` does); its exit
+        status, and every line it printed in ``lines``."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         try:
-            out, self.err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGABRT)  # its stacks on stderr (faulthandler)
-            out, self.err = self.proc.communicate()
-            raise AssertionError(f"host hung: {out} {self.err[-5000:]}") from None
-        for raw in out.splitlines():
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self.lines.append(data)
+            self.proc.wait()
+            self.output.rest()
+            out, err = self.output.stdout(), self.output.stderr()
+            raise AssertionError(f"host hung: {out} {err[-5000:]}") from None
+        self.lines += self.output.rest()
+        self.err = self.output.stderr()
         return self.proc.returncode
 
     def events(self) -> list[str]:
@@ -114,7 +110,12 @@ class QtHost:
         """Make sure the process is gone."""
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait()
+        self.output.rest()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 @pytest.fixture

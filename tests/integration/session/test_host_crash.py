@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from agent.errors import UnsavedWorkError
 from agent.session import PlantDesignSession
 from agent.stage.keys import StageKeys
 from agent.store.base import ObjectStore
-from tests.children import as_from_a_terminal
+from tests.children import ChildOutput, as_from_a_terminal
 from tests.conftest import s3_config
 from tests.integration.bucket import lock_state, resume_and_close_commits, write_files
 
@@ -60,47 +61,47 @@ class Host:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.output = ChildOutput(self.proc)
         self.lines: list[dict[str, Any]] = []
         self.err = ""
 
-    def read(self) -> dict[str, Any]:
+    def read(self, timeout: float = 120) -> dict[str, Any]:
         """The next JSON line (skipping anything else the host printed)."""
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self.lines.append(data)
-                return data
-        self.finish()
-        raise AssertionError(f"host ended early: {self.err}")
+        try:
+            data = self.output.next(timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"the host printed nothing for {timeout} s\n{self._diagnose()}"
+            ) from None
+        if data is None:
+            self.finish()
+            raise AssertionError(f"host ended early: {self.err}")
+        self.lines.append(data)
+        return data
 
     def stderr(self) -> str:
         """What the host wrote to stderr (after ``finish``)."""
         return self.err
 
     def finish(self, timeout: float = 60) -> int:
-        """Wait for the host to end (reading its output meanwhile); its exit status.
+        """Wait for the host to end (its stdin closed, as ``communicate`` does); its exit
+        status, and every line it printed in ``lines``.
 
         A host still running after ``timeout`` fails the test with what it was doing:
         its signal state (``/proc``) and every thread's stack (``faulthandler`` on
         SIGUSR2, registered by ``tests.hosts``), then it is killed.
         """
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         try:
-            out, self.err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"the host is still running after {timeout} s\n{self._diagnose()}"
             ) from None
-        for raw in out.splitlines():
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self.lines.append(data)
+        self.lines += self.output.rest()
+        self.err = self.output.stderr()
         return self.proc.returncode
 
     def _diagnose(self) -> str:
@@ -113,10 +114,12 @@ class Host:
         with contextlib.suppress(OSError):
             self.proc.send_signal(signal.SIGUSR2)
         try:
-            out, err = self.proc.communicate(timeout=5)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, err = self.proc.communicate()
+            self.proc.wait()
+        self.output.rest()
+        out, err = self.output.stdout(), self.output.stderr()
         return f"{sig}stdout:\n{out[-4000:]}\nstderr (stacks at the end):\n{err[-12000:]}"
 
     def kill(self) -> None:
@@ -124,9 +127,11 @@ class Host:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):  # communicate()d
+        self.output.rest()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 @pytest.fixture
