@@ -61,6 +61,7 @@ class ChildOutput:
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None and proc.stderr is not None
+        self._proc = proc
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.out: list[str] = []
         self.err: list[str] = []
@@ -110,6 +111,18 @@ class ChildOutput:
                 return rest
             if data is not None:
                 rest.append(data)
+
+    def kill(self) -> None:
+        """Make sure the child is gone, its output read and its pipes closed."""
+        proc = self._proc
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        self.rest()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     def stdout(self) -> str:
         """Everything it wrote to stdout so far."""

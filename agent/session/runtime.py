@@ -51,15 +51,15 @@ def start_streaming(s: PlantDesignSession, *, watch: bool = True) -> None:
         streamer.start_watching()
     if s._heartbeat is None:
         _start_heartbeat(s)
-    _start_repair(s)
+    start_check(s)
 
 
-def _start_repair(s: PlantDesignSession) -> None:
+def start_check(s: PlantDesignSession) -> None:
     """Check the stage's plain tree against its manifest in the background (``agent.stage.repair``).
 
-    The process that streams holds the lock for the whole session, so the check runs
-    there once per session, after the folder is handed over; close waits for it before
-    committing, abort and detach stop it.
+    The process that holds the lock runs the check once per session, after the folder is
+    handed over: with streaming (``start_streaming``), or after an unwatched open or
+    resume; close waits for it before committing, abort and detach stop it.
     """
     if s._repair is not None or s.record is None:
         return

@@ -124,14 +124,7 @@ class Host:
 
     def kill(self) -> None:
         """Make sure the process is gone."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.output.rest()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        self.output.kill()
 
 
 @pytest.fixture

@@ -199,6 +199,31 @@ def test_a_plain_tool_deleting_or_overwriting_committed_files_is_repaired_by_the
     alice.abort()
 
 
+@pytest.mark.parametrize("finish", ["close", "close-after-edit"])
+def test_an_unwatched_open_still_repairs_the_plain_tree_before_its_close(
+    direct: MakeSession, truth: Truth, finish: str
+) -> None:
+    """``open(watch=False)`` (a script, the bench, the random fault sessions' last holder)
+    holds the lock too: its close leaves the plain tree whole, not only a watched one's.
+    Before, only streaming started the check, so an unwatched open and close left a
+    damaged plain object in place (the random fault sessions, seed 3925404437)."""
+    files = {"a.txt": b"alpha", "b/b.txt": b"bravo", "c.txt": b"charlie"}
+    seed_stage(direct, files)
+    truth.delete(f"{P}/{STAGE}/a.txt")
+    truth.put(f"{P}/{STAGE}/b/b.txt", b"overwritten by a sync tool, longer than bravo")
+    alice = direct("alice")
+    work = alice.open(P, "alice", STAGE, watch=False)
+    assert files == folder_files(work)
+    if finish == "close-after-edit":
+        write_files(work, {"c.txt": b"charlie, edited"})
+        files = {**files, "c.txt": b"charlie, edited"}
+    alice.close()
+    assert files == truth.assert_consistent()
+    found = alice.status()["stage_check"]
+    assert isinstance(found, dict)
+    assert ["a.txt", "b/b.txt"] == found["recopied"]
+
+
 def test_a_watched_open_reads_the_manifest_body_once_and_its_check_still_repairs(
     via_proxy: MakeSession, direct: MakeSession, truth: Truth, fault_proxy: FaultProxy
 ) -> None:
