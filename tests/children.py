@@ -112,6 +112,19 @@ class ChildOutput:
             if data is not None:
                 rest.append(data)
 
+    def ended(self, timeout: float) -> bool:
+        """Close the child's stdin (as ``communicate`` does) and wait for it to end; False
+        if it still runs after ``timeout`` seconds."""
+        proc = self._proc
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def kill(self) -> None:
         """Make sure the child is gone, its output read and its pipes closed."""
         proc = self._proc

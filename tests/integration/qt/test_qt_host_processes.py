@@ -3,7 +3,6 @@ a host's own wake-up fd. Each host is a child (``tests/qt_hosts.py``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import signal
@@ -87,17 +86,12 @@ class QtHost:
     def finish(self, timeout: float = 120) -> int:
         """Wait for the host to end (its stdin closed, as ``communicate`` does); its exit
         status, and every line it printed in ``lines``."""
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        if not self.output.ended(timeout):
             self.proc.send_signal(signal.SIGABRT)  # its stacks on stderr (faulthandler)
             self.proc.wait()
             self.output.rest()
             out, err = self.output.stdout(), self.output.stderr()
-            raise AssertionError(f"host hung: {out} {err[-5000:]}") from None
+            raise AssertionError(f"host hung: {out} {err[-5000:]}")
         self.lines += self.output.rest()
         self.err = self.output.stderr()
         return self.proc.returncode

@@ -91,15 +91,8 @@ class Host:
         its signal state (``/proc``) and every thread's stack (``faulthandler`` on
         SIGUSR2, registered by ``tests.hosts``), then it is killed.
         """
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"the host is still running after {timeout} s\n{self._diagnose()}"
-            ) from None
+        if not self.output.ended(timeout):
+            raise AssertionError(f"the host is still running after {timeout} s\n{self._diagnose()}")
         self.lines += self.output.rest()
         self.err = self.output.stderr()
         return self.proc.returncode
