@@ -98,7 +98,7 @@ def _close(s: PlantDesignSession, allow_mass_delete: bool, skip_unsupported: boo
         # A link or another folder in its place: nothing of it is sent, moved or committed.
         s._work_folder().check_identity()
         streamer, walked = flush_all(s, streamer)
-        runtime.finish_repair(s, cancel=False)  # the commit alone writes plain keys now
+        runtime.check_before_commit(s)  # the commit alone writes plain keys now
         unsupported = streamer.check_storable(skip=skip_unsupported)
         # From here on the lock keeper writes for close alone: the heartbeat rests.
         s._stop_heartbeat()

@@ -27,7 +27,6 @@ from agent.folder.workfolder import WorkFolder, folder_identity
 from agent.log import get_logger
 from agent.names import case_collisions, unsupported_reason, validate_name
 from agent.platform import folds_case, machine_name, paused_gc, release_free_memory
-from agent.session import runtime
 from agent.session.records import SessionRecord, new_session_id
 from agent.stage.intent import read_manifest
 from agent.stage.keys import StageKeys
@@ -167,8 +166,6 @@ def _open_locked(
         # Nobody has the path yet: the folder is exactly base_files, no need to walk it.
         s._fresh_folder = True
         s.start_streaming()
-    else:
-        runtime.start_check(s)  # the lock holder's check of the plain tree all the same
     s._set_state(SessionState.ACTIVE)
     bound.info("session_opened", path=str(work), files=len(base_files))
     return work

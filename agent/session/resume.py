@@ -21,7 +21,6 @@ from agent.folder.transfer import Download, Transfers
 from agent.folder.workfolder import WorkFolder, folder_identity, local_path_for
 from agent.log import get_logger
 from agent.names import unsupported_reason
-from agent.session import runtime
 from agent.session.records import SessionRecord
 from agent.session.recovery import LocalChanges, RecoveryInfo, local_changes
 from agent.session.recovery import find_orphans as orphans_on_disk
@@ -158,7 +157,6 @@ def _resume(s: PlantDesignSession, session_id: str | None, *, take_over: bool, w
         s.start_streaming()
     else:
         s._ensure_streamer(watch=False)
-        runtime.start_check(s)  # the lock holder's check of the plain tree all the same
     s._set_state(SessionState.ACTIVE)
     log.info("session_resumed", session_id=session_id, pending=len(info.pending))
     return s.record.work_path

@@ -57,9 +57,9 @@ def start_streaming(s: PlantDesignSession, *, watch: bool = True) -> None:
 def start_check(s: PlantDesignSession) -> None:
     """Check the stage's plain tree against its manifest in the background (``agent.stage.repair``).
 
-    The process that holds the lock runs the check once per session, after the folder is
-    handed over: with streaming (``start_streaming``), or after an unwatched open or
-    resume; close waits for it before committing, abort and detach stop it.
+    The process that holds the lock runs the check once per session: with streaming
+    (``start_streaming``, after the folder is handed over), or at the close of an
+    unwatched session; close waits for it before committing, abort and detach stop it.
     """
     if s._repair is not None or s.record is None:
         return
@@ -105,6 +105,14 @@ def base_if_unchanged(
     except NotFoundError:
         return None
     return (base, etag) if found == etag else None
+
+
+def check_before_commit(s: PlantDesignSession) -> None:
+    """The lock holder's check of the plain tree, finished: started with streaming, or
+    here for an unwatched session (not at its open: a CLI open hands the session to the
+    agent process, whose streaming runs the check)."""
+    start_check(s)
+    finish_repair(s, cancel=False)
 
 
 def finish_repair(s: PlantDesignSession, *, cancel: bool) -> None:
